@@ -1,0 +1,73 @@
+"""Shared fixtures: the bundled SmolLM2 model, and tiny models built from a config.
+
+Nothing here touches the network: the Hub is switched off for the whole session.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from auxiliary.model_loading import DEFAULT_CPU_MODEL, load_tokenizer, resolve_model_path
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def bundled_model_path() -> str:
+    """Folder of the converted bundled SmolLM2-135M-Instruct (converted once per machine)."""
+    return resolve_model_path(DEFAULT_CPU_MODEL)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(bundled_model_path):
+    """SmolLM2's ChatML tokenizer, left padding, pad = eos."""
+    return load_tokenizer(bundled_model_path)
+
+
+def build_tiny_llama(tokenizer, seed: int = 0, **overrides):
+    """A 2-layer Llama with the chat tokenizer's vocabulary, random weights (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**settings))
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory, chat_tokenizer) -> str:
+    """A tiny Llama + the chat tokenizer saved as a normal HF folder, loadable by path."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_llama(chat_tokenizer).save_pretrained(folder)
+    chat_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture()
+def tiny_model(chat_tokenizer):
+    return build_tiny_llama(chat_tokenizer)
