@@ -1,0 +1,195 @@
+"""Chat rendering and batched sampling with a local Hugging Face model.
+
+One implementation, used by the policy (``OnlineSDPOUpdater``), the local user simulator and judge
+(``HFChatBackend``) and the signal analysis. Two rules hold everywhere:
+
+* Every call states its sampling parameters explicitly (``SamplingParams``). transformers fills any
+  generation field left unset from the model's ``generation_config.json`` (Qwen3 ships T=0.6,
+  top-p 0.95, top-k 20), which silently changes the sampling distribution; here every field that
+  shapes the distribution is set, so nothing is inherited.
+* The exact sampled token ids travel with the text (``Generation.token_ids``), ending with the stop
+  token only when the model emitted one, so scoring never re-tokenizes decoded text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+# Passed to every chat template: Qwen3-style templates read it (thinking off, as in the reference);
+# templates that do not use the variable ignore it.
+DEFAULT_CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one generation call.
+
+    Attributes:
+        max_new_tokens: upper bound on generated tokens (the stop token counts).
+        temperature: softmax temperature; ``0`` means greedy decoding.
+        top_p: nucleus sampling mass; ``1.0`` disables it.
+        top_k: keep the k most likely tokens; ``0`` disables it.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_generation_config(self, stop_token_ids: list[int], pad_token_id: int):
+        """A GenerationConfig with every distribution-shaping field set (nothing inherited)."""
+        from transformers import GenerationConfig
+
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=not self.greedy,
+            temperature=1.0 if self.greedy else self.temperature,
+            top_p=1.0 if self.greedy else self.top_p,
+            top_k=0 if self.greedy else self.top_k,
+            min_p=0.0,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            num_beams=1,
+            eos_token_id=list(stop_token_ids),
+            pad_token_id=pad_token_id,
+        )
+
+
+@dataclass
+class Generation:
+    """One sampled completion.
+
+    Attributes:
+        token_ids: the sampled ids, through the stop token inclusive when the model emitted one.
+        text: ``token_ids`` decoded with special tokens skipped.
+        finished: True when the model emitted a stop token; False when cut at ``max_new_tokens``.
+    """
+
+    token_ids: list[int]
+    text: str
+    finished: bool
+
+
+def encode_chat(
+    tokenizer,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool = True,
+    max_length: int | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> list[int]:
+    """Render ``messages`` with the tokenizer's chat template and tokenize without adding specials.
+
+    Longer than ``max_length`` → the oldest tokens are dropped (left truncation), so the end of the
+    conversation and the generation prompt survive.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; use an instruct/chat model"
+        )
+    kwargs = {**DEFAULT_CHAT_TEMPLATE_KWARGS, **(chat_template_kwargs or {})}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_length is not None and len(ids) > max_length:
+        ids = ids[-max_length:]
+    return ids
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's eos plus any eos ids in the model's generation config (Qwen lists two)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return sorted(i for i in ids if i is not None)
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists into (ids, attention_mask) tensors."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on ``device`` when ``dtype`` is a half type, else a no-op."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    contexts: list[list[int]],
+    sampling: SamplingParams,
+    *,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[Generation]:
+    """Sample one completion per context (token-id lists), batched with left padding and a KV cache.
+
+    Contexts are grouped by length to limit padding; results come back in input order.
+    """
+    if not contexts:
+        return []
+    if any(len(c) == 0 for c in contexts):
+        raise ValueError("cannot generate from an empty context")
+    device = next(model.parameters()).device
+    stops = stop_token_ids(model, tokenizer)
+    config = sampling.to_generation_config(stops, tokenizer.pad_token_id)
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+    results: list[Generation | None] = [None] * len(contexts)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            ids, mask = left_pad([contexts[i] for i in chunk], tokenizer.pad_token_id)
+            with autocast_context(device, autocast_dtype):
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                )
+            new_tokens = out[:, ids.shape[1] :].tolist()
+            for row, index in enumerate(chunk):
+                results[index] = _cut_at_stop(new_tokens[row], stops, tokenizer)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _cut_at_stop(tokens: list[int], stops: list[int], tokenizer) -> Generation:
+    stop_set = set(stops)
+    for position, token in enumerate(tokens):
+        if token in stop_set:
+            kept = tokens[: position + 1]
+            return Generation(kept, tokenizer.decode(kept, skip_special_tokens=True), finished=True)
+    return Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), finished=False)
