@@ -1,0 +1,405 @@
+"""Evaluation helpers for the online loop: prompts in, win-rate statistics, results files and plots out.
+
+Used by ``eval_online_sdpo.py`` (and the checkpoint evaluator) in this order:
+
+1. ``load_prompts`` reads a JSONL file with a string field per row (``prompt`` by default);
+   ``filter_by_prompt_tokens`` drops prompts whose rendered chat form is too long;
+   ``select_prompts`` takes a seeded random subset (same permutation as the reference's
+   ``datasets.Dataset.shuffle(seed=...)``, so the same file and seed give the same prompts).
+2. ``compute_metrics`` turns the judge's per-example decisions into the win-rate dictionary stored
+   in ``eval_history`` (reference spec §5.4.3, plus ``winrate_inc_ties``, which the reference only
+   printed); ``format_metrics_line`` is its one-line console form.
+3. ``write_json_atomic`` rewrites the results file after every evaluation (temp file + rename, so a
+   crash never leaves a half-written file), ``next_run_index`` numbers runs ``<run_name>_<idx>.json``,
+   ``plot_winrate`` redraws the win-rate curve, and ``save_completions_snapshot`` appends a few
+   truncated completions per evaluation to a JSONL file inside the run's own output folder (the
+   reference wrote to a hard-coded ``~/output/sdpo/``).
+
+JSON has no NaN or infinity; ``to_json_safe`` maps them to ``null`` and every writer here uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from auxiliary.generation import encode_chat
+
+logger = logging.getLogger(__name__)
+
+# Judge decisions: which completion the judge preferred after both presentation orders agreed.
+CURRENT_WINS = 0  # completion A: the policy being trained
+BASELINE_WINS = 1  # completion B: the baseline (the policy before training, or --baseline_model)
+TIE = -1  # a tie, an unparsable judgement, or the two presentation orders disagreeing
+DECISION_VALUES = (CURRENT_WINS, BASELINE_WINS, TIE)
+
+
+class DataError(ValueError):
+    """An input data file cannot be used; the message names the file (and line) and what to do."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts: load, length-filter, select
+# --------------------------------------------------------------------------------------------------
+
+
+def load_prompts(path: str | os.PathLike, field: str = "prompt") -> list[str]:
+    """Read the stripped string ``field`` of every row of a JSONL file, in file order.
+
+    Blank lines are skipped. Anything else that is not a JSON object with a non-empty string
+    ``field`` raises ``DataError`` naming the file and the 1-based line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: prompt file not found; pass an existing JSONL file with a {field!r} field per line")
+    prompts = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{path}:{line_number}: not valid JSON ({error.msg} at column {error.colno}); "
+                    "each line must be one JSON object — fix or delete that line"
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path}:{line_number}: expected a JSON object with a {field!r} field, got {type(row).__name__}"
+                )
+            if field not in row:
+                present = ", ".join(repr(key) for key in list(row)[:10]) or "none"
+                raise DataError(
+                    f"{path}:{line_number}: no {field!r} field (fields present: {present}); "
+                    "choose the field that holds the prompt text or fix the file"
+                )
+            value = row[field]
+            if not isinstance(value, str):
+                raise DataError(
+                    f"{path}:{line_number}: field {field!r} must be a string, got {type(value).__name__}; "
+                    "convert multi-turn data to a single prompt string first"
+                )
+            if not value.strip():
+                raise DataError(f"{path}:{line_number}: field {field!r} is empty; remove that row")
+            prompts.append(value.strip())
+    if not prompts:
+        raise DataError(f"{path}: no prompts (the file is empty or has only blank lines)")
+    return prompts
+
+
+def filter_by_prompt_tokens(prompts: Sequence[str], tokenizer, max_prompt_tokens: int) -> tuple[list[str], int]:
+    """Keep prompts whose single-user-turn chat rendering (generation prompt included) fits the budget.
+
+    The token count is that of exactly what the policy is later fed (``encode_chat``, thinking off),
+    so "≤ max_prompt_tokens" holds for the real model input. Returns ``(kept, n_dropped)``, order kept.
+    """
+    if max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    kept = [
+        prompt
+        for prompt in prompts
+        if len(encode_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True))
+        <= max_prompt_tokens
+    ]
+    return kept, len(prompts) - len(kept)
+
+
+def select_prompts(prompts: Sequence[str], n: int, seed: int, *, label: str) -> list[str]:
+    """The first ``n`` prompts after a seeded shuffle.
+
+    The shuffle is ``numpy.random.default_rng(seed).permutation(len(prompts))`` — the permutation
+    ``datasets.Dataset.shuffle(seed=seed)`` uses, so selections match the reference implementation.
+    With fewer than ``n`` prompts available, logs a warning naming ``label`` and both counts and
+    returns all of them (shuffled); the caller records ``len(result)`` as the real size.
+    """
+    if n < 0:
+        raise ValueError(f"{label}: number of prompts to select must be >= 0, got {n}")
+    if len(prompts) < n:
+        logger.warning(
+            "%s: requested %d prompts but only %d are available (after filtering); using all %d",
+            label,
+            n,
+            len(prompts),
+            len(prompts),
+        )
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    return [prompts[i] for i in order[:n]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Win-rate statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def compute_metrics(decisions: Sequence[int], *, seed: int, n_bootstrap: int = 10_000) -> dict:
+    """Win rate of the current policy over the baseline from pairwise judge decisions.
+
+    ``decisions``: 0 = current (A) wins, 1 = baseline (B) wins, -1 = tie / inconsistent / unparsed.
+
+    Returns (percentages in 0..100, plain Python numbers):
+        n: number of decisions.
+        wins_a, wins_b, ties: counts.
+        coverage: share of decisive outcomes, 1 - ties / n.
+        n_effective: wins_a + wins_b, the decisive outcomes the win rate is computed from.
+        winrate_a: 100 * wins_a / n_effective (ties excluded); NaN when n_effective == 0.
+        se: analytic standard error 100 * sqrt(p (1 - p) / n_effective); 0 when n_effective == 1,
+            NaN when n_effective == 0.
+        se_bootstrap: 100 * std (ddof=1) of ``n_bootstrap`` means of decisive outcomes resampled
+            with replacement (``numpy.random.default_rng(seed)``); NaN when n_effective == 0 (the
+            reference drops the key there; a fixed key set keeps every eval_history entry alike).
+        winrate_inc_ties: 100 * (wins_a + 0.5 * ties) / n rounded to 2 decimals — ties count as half
+            a win; defined (50.0) even when every outcome is a tie.
+    """
+    invalid = sorted({repr(d) for d in decisions if d not in DECISION_VALUES})
+    if invalid:
+        raise ValueError(
+            f"decisions must be 0 (current wins), 1 (baseline wins) or -1 (tie); got {', '.join(invalid)}"
+        )
+    if len(decisions) == 0:
+        raise ValueError("no decisions to score: the evaluation set is empty")
+    if n_bootstrap < 2:
+        raise ValueError(f"n_bootstrap must be >= 2 for a standard deviation, got {n_bootstrap}")
+    n = len(decisions)
+    wins_a = sum(1 for d in decisions if d == CURRENT_WINS)
+    wins_b = sum(1 for d in decisions if d == BASELINE_WINS)
+    ties = n - wins_a - wins_b
+    n_effective = wins_a + wins_b
+
+    if n_effective == 0:
+        winrate_a = se = se_bootstrap = math.nan
+    else:
+        p = wins_a / n_effective
+        winrate_a = 100.0 * p
+        se = 100.0 * math.sqrt(p * (1.0 - p) / n_effective) if n_effective > 1 else 0.0
+        # 1.0 marks a current-policy win; resample the decisive outcomes n_effective at a time. All
+        # draws are made at once (n_bootstrap x n_effective: ~16 MB for 10k x 100 decisive outcomes).
+        outcomes = np.array([1.0 if d == CURRENT_WINS else 0.0 for d in decisions if d != TIE])
+        rng = np.random.default_rng(seed)
+        bootstrap_means = rng.choice(outcomes, size=(n_bootstrap, n_effective), replace=True).mean(axis=1)
+        se_bootstrap = 100.0 * float(np.std(bootstrap_means, ddof=1))
+
+    return {
+        "n": n,
+        "wins_a": wins_a,
+        "wins_b": wins_b,
+        "ties": ties,
+        "coverage": 1.0 - ties / n,
+        "winrate_a": winrate_a,
+        "se": se,
+        "se_bootstrap": se_bootstrap,
+        "n_effective": n_effective,
+        "winrate_inc_ties": round(100.0 * (wins_a + 0.5 * ties) / n, 2),
+    }
+
+
+def _format_number(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def format_metrics_line(metrics: dict, label: str) -> str:
+    """One console line, e.g. ``[concise] step 3: winrate 62.5% ± 7.7 (boot 7.7) | inc_ties 58.0% | ...``."""
+    step = f" step {metrics['step']}" if "step" in metrics else ""
+    parts = [
+        f"[{label}]{step}: winrate {_format_number(metrics.get('winrate_a'), '.1f')}%"
+        f" ± {_format_number(metrics.get('se'), '.1f')}"
+        f" (boot {_format_number(metrics.get('se_bootstrap'), '.1f')})",
+        f"inc_ties {_format_number(metrics.get('winrate_inc_ties'), '.1f')}%",
+        f"A/B/tie {metrics.get('wins_a')}/{metrics.get('wins_b')}/{metrics.get('ties')}",
+        f"coverage {_format_number(metrics.get('coverage'), '.2f')}",
+        f"n_eff {metrics.get('n_effective')}/{metrics.get('n')}",
+    ]
+    if "n_unparsed" in metrics:
+        parts.append(f"unparsed {metrics['n_unparsed']}")
+    return " | ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Results files
+# --------------------------------------------------------------------------------------------------
+
+
+def to_json_safe(obj):
+    """A copy of ``obj`` that strict JSON can hold: NaN/±inf → None, numpy scalars/arrays → Python.
+
+    Dicts, lists and tuples are converted recursively (tuples become lists); other values are
+    returned unchanged, so something JSON cannot encode still fails loudly when written.
+    """
+    if isinstance(obj, dict):
+        return {key: to_json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json_safe(value) for value in obj]
+    if isinstance(obj, np.ndarray):
+        return to_json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_json_safe(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def next_run_index(directory: str | os.PathLike, run_name: str) -> int:
+    """Smallest integer ``idx >= 1`` such that ``<directory>/<run_name>_<idx>.json`` does not exist."""
+    directory = Path(directory)
+    index = 1
+    while (directory / f"{run_name}_{index}.json").exists():
+        index += 1
+    return index
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """Call ``write(temp_path)`` on a temp file beside ``path``, then rename it over ``path``.
+
+    Same folder → same filesystem → ``os.replace`` is atomic: readers see the old file or the new
+    one, never a partial one. The temp file is removed if writing fails.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temp_name)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented strict JSON (NaN/inf as null) to ``path`` atomically; creates folders."""
+    # Serialize first: an unencodable value raises before any file is touched.
+    text = json.dumps(to_json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+    def write(temp_name: str) -> None:
+        with open(temp_name, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    _replace_atomically(Path(path), write)
+
+
+def save_completions_snapshot(
+    path: str | os.PathLike,
+    step: int,
+    prompts: Sequence[str],
+    current: Sequence[str],
+    baseline: Sequence[str],
+    n: int = 10,
+    max_chars: int = 300,
+) -> None:
+    """Append ``{"step", "prompt", "current", "baseline"}`` lines for the first ``n`` eval prompts.
+
+    Every text is cut to ``max_chars`` characters: a quick look at how completions drift across
+    evaluations (the full completions go in the completions JSON). ``path`` should sit in the run's
+    output folder; parent folders are created.
+    """
+    if not len(prompts) == len(current) == len(baseline):
+        raise ValueError(
+            "prompts, current and baseline must have equal lengths, "
+            f"got {len(prompts)}, {len(current)}, {len(baseline)}"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        for prompt, current_text, baseline_text in list(zip(prompts, current, baseline))[:n]:
+            row = {
+                "step": step,
+                "prompt": prompt[:max_chars],
+                "current": current_text[:max_chars],
+                "baseline": baseline_text[:max_chars],
+            }
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Plot
+# --------------------------------------------------------------------------------------------------
+
+SECONDARY_PREFIX = "secondary_"
+
+
+def _curve(eval_history: Sequence[dict], style_key: str | None) -> tuple[list, list, list]:
+    """(steps, win rates, SEs) of one judged style, skipping evaluations where it has no finite win rate."""
+    steps, winrates, ses = [], [], []
+    for entry in eval_history:
+        metrics = entry if style_key is None else entry.get(style_key)
+        winrate = None if metrics is None else metrics.get("winrate_a")
+        if winrate is None or not math.isfinite(winrate):
+            continue
+        se = metrics.get("se")
+        steps.append(entry["step"])
+        winrates.append(winrate)
+        ses.append(se if se is not None and math.isfinite(se) else 0.0)
+    return steps, winrates, ses
+
+
+def plot_winrate(
+    eval_history: Sequence[dict],
+    path: str | os.PathLike,
+    *,
+    primary_style: str = "primary",
+    title: str | None = None,
+) -> None:
+    """Plot win rate ± SE (ties excluded) against interaction step, one line per judged style.
+
+    Each ``eval_history`` entry holds ``step`` and the primary judge's metrics at the top level, and
+    each secondary judge's metrics under ``secondary_<style>``. Points with a NaN/None win rate (all
+    ties) are skipped; a lone point is drawn as a marker with its error bar. The figure is written
+    atomically, format taken from the file extension (PNG by default).
+    """
+    # The object-oriented API renders with the Agg canvas without touching pyplot's global backend.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    secondary_keys = []
+    for entry in eval_history:
+        for key in entry:
+            if key.startswith(SECONDARY_PREFIX) and key not in secondary_keys:
+                secondary_keys.append(key)
+
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    axes.axhline(50.0, color="grey", linestyle="--", linewidth=1, label="50% (no preference)")
+    markers = "osD^v<>p*h"
+    curves = [(primary_style, None)] + [(key[len(SECONDARY_PREFIX) :], key) for key in secondary_keys]
+    all_steps = sorted({entry["step"] for entry in eval_history})
+    spacing = min(np.diff(all_steps)) if len(all_steps) > 1 else 1
+    for position, (name, key) in enumerate(curves):
+        steps, winrates, ses = _curve(eval_history, key)
+        if not steps:
+            continue
+        # Styles are judged at the same steps; a small sideways shift keeps their error bars apart.
+        shift = (position - (len(curves) - 1) / 2) * 0.03 * spacing
+        axes.errorbar(
+            [step + shift for step in steps],
+            winrates,
+            yerr=ses,
+            label=name,
+            marker=markers[position % len(markers)],
+            linewidth=2 if key is None else 1.2,
+            capsize=3,
+        )
+    if len(all_steps) == 1:
+        # Otherwise matplotlib zooms into a sub-unit range around the lone step.
+        axes.set_xlim(all_steps[0] - 1, all_steps[0] + 1)
+    axes.set_ylim(0, 100)
+    axes.set_xlabel("interaction step")
+    axes.set_ylabel("win rate vs baseline (%, ties excluded)")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize="small")
+    if title:
+        axes.set_title(title)
+
+    path = Path(path)
+    image_format = path.suffix.lstrip(".") or "png"
+    _replace_atomically(path, lambda temp_name: figure.savefig(temp_name, format=image_format, dpi=120))
