@@ -48,6 +48,8 @@ def build_tiny_llama(tokenizer, seed: int = 0, **overrides):
         num_key_value_heads=2,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
+        # Large init so the random model's distributions depend on the context (signals not ~0).
+        initializer_range=0.3,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -1,0 +1,381 @@
+"""Online SDPO learner: generate a response, take the user's follow-up, update immediately.
+
+    updater = OnlineSDPOUpdater(OnlineSDPOConfig(model_name_or_path="smollm2-135m-instruct"))
+    messages = [{"role": "user", "content": "Explain TCP in two sentences."}]
+    response = updater.generate_response(messages)          # Generation: text + exact token ids
+    metrics = updater.train_step(messages, response, "Too long, and skip the emojis.")
+
+One interaction = one (x, y, o) tuple; ``train_step_batch`` takes several. The teacher is the same
+network with the follow-up placed in the last user turn (``sdpo_core.build_hindsight_messages``),
+evaluated without gradient with the current weights at every step.
+
+Deliberate choices (and reference traps avoided):
+  * the exact generated token ids are scored; EOS is part of y only when the model emitted it;
+  * trainable weights stay fp32 (autocast for compute) unless ``fp32_master_weights=False``;
+  * log-softmax in fp32; sampling parameters explicit on every generate call;
+  * checkpoints hold the LoRA adapter (or the model), tokenizer and ``training_state.pt`` (optimizer,
+    step, RNG states) and are enough to resume; a merged full model is written only on request.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from auxiliary.generation import Generation, SamplingParams, autocast_context, encode_chat, generate
+from auxiliary.model_loading import load_model_and_tokenizer, resolve_device, resolve_dtype
+from online_sdpo_updater_config import OnlineSDPOConfig
+from sdpo_core import (
+    build_hindsight_messages,
+    format_token_table,
+    full_distillation_loss,
+    masked_mean,
+    masked_std,
+    pad_contexts_and_completions,
+    score_completions,
+    simple_signal_loss,
+)
+
+logger = logging.getLogger(__name__)
+
+TRAINING_STATE_FILE = "training_state.pt"
+CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
+
+
+class EmptyResponseError(ValueError):
+    """The response to train on has no tokens (or only whitespace); there is nothing to score."""
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The ``step_<n>`` folder with the largest n that holds a training state, or None."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return None
+    found = [
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if (m := CHECKPOINT_NAME.match(p.name)) and (p / TRAINING_STATE_FILE).is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+class OnlineSDPOUpdater:
+    """Holds the policy, its optimizer and the step counter; see the module docstring."""
+
+    def __init__(self, config: OnlineSDPOConfig, *, model=None, tokenizer=None, resume_from: str | Path | None = None):
+        """Load (or take) the model, wrap it with LoRA when asked, build the optimizer.
+
+        ``resume_from`` = a checkpoint folder written by ``save_checkpoint``: weights (or adapter),
+        optimizer state, step and RNG states are restored from it.
+        """
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.compute_dtype = resolve_dtype(config.torch_dtype)
+        self.step = 0
+        self.metrics_history: list[dict] = []
+        self._wandb_run = None
+
+        resume_path = Path(resume_from) if resume_from else None
+        if resume_path is not None and not (resume_path / TRAINING_STATE_FILE).is_file():
+            raise FileNotFoundError(f"{resume_path} is not a checkpoint (no {TRAINING_STATE_FILE}); pass a step_<n> folder")
+        full_weights_dtype = torch.float32 if config.fp32_master_weights else self.compute_dtype
+        storage_dtype = self.compute_dtype if config.use_lora else full_weights_dtype
+        if model is None:
+            weights_source = config.model_name_or_path
+            if resume_path is not None and not config.use_lora:
+                weights_source = str(resume_path)
+            model, loaded_tokenizer = load_model_and_tokenizer(
+                weights_source, dtype=storage_dtype, device=self.device, attn_implementation=config.attn_implementation
+            )
+            tokenizer = tokenizer or loaded_tokenizer
+        elif tokenizer is None:
+            raise ValueError("pass the tokenizer together with a model")
+        self.tokenizer = tokenizer
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if config.use_lora:
+                model.enable_input_require_grads()
+        if config.use_lora:
+            model = self._wrap_lora(model, resume_path)
+        self.model = model.to(self.device)
+        self.model.train()
+        weights_dtype = next(p.dtype for p in self.model.parameters() if p.requires_grad)
+        self.autocast_dtype = self.compute_dtype if weights_dtype != self.compute_dtype else None
+        self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = self._build_optimizer()
+        n_trainable = sum(p.numel() for p in self.trainable_parameters)
+        n_total = sum(p.numel() for p in self.model.parameters())
+        logger.info(
+            "policy %s on %s: %.1fM / %.1fM trainable params, weights %s, autocast %s",
+            config.model_name_or_path, self.device, n_trainable / 1e6, n_total / 1e6, weights_dtype, self.autocast_dtype,
+        )
+        if resume_path is not None:
+            self._load_training_state(resume_path)
+
+    # ------------------------------------------------------------------ setup
+
+    def _wrap_lora(self, model, resume_path: Path | None):
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if resume_path is not None:
+            return PeftModel.from_pretrained(model, resume_path, is_trainable=True)
+        lora = LoraConfig(
+            r=self.config.lora_r,
+            lora_alpha=self.config.lora_alpha,
+            lora_dropout=self.config.lora_dropout,
+            target_modules=list(self.config.lora_target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            return get_peft_model(model, lora)
+        except ValueError as error:
+            raise ValueError(f"LoRA could not be attached ({error}); set lora_target_modules to module names of this model") from error
+
+    def _build_optimizer(self):
+        cfg = self.config
+        kwargs = dict(
+            lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay
+        )
+        if cfg.optimizer == "adamw_8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as error:
+                raise ImportError("optimizer 'adamw_8bit' needs bitsandbytes: pip install bitsandbytes (CUDA), or use 'adamw'") from error
+            return bnb.optim.AdamW8bit(self.trainable_parameters, **kwargs)
+        return torch.optim.AdamW(self.trainable_parameters, **kwargs)
+
+    # ------------------------------------------------------------------ generation
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """The training-time sampling parameters of the config."""
+        cfg = self.config
+        if not cfg.do_sample:
+            return SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+        return SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+
+    def encode_context(self, messages: list[dict]) -> list[int]:
+        return encode_chat(
+            self.tokenizer, messages, max_length=self.config.max_context_length, chat_template_kwargs=self.config.chat_template_kwargs
+        )
+
+    def generate(self, batch_messages: list[list[dict]], sampling: SamplingParams | None = None) -> list[Generation]:
+        """One sampled response per conversation, batched (``generation_batch_size``)."""
+        contexts = [self.encode_context(messages) for messages in batch_messages]
+        return generate(
+            self.model,
+            self.tokenizer,
+            contexts,
+            sampling or self.sampling,
+            batch_size=self.config.generation_batch_size,
+            autocast_dtype=self.autocast_dtype,
+        )
+
+    def generate_response(self, messages: list[dict], sampling: SamplingParams | None = None) -> Generation:
+        return self.generate([messages], sampling)[0]
+
+    # ------------------------------------------------------------------ training
+
+    def completion_ids(self, response: Generation | str) -> list[int]:
+        """Token ids to score: a Generation's exact ids; a string (e.g. logged text) is tokenized and
+        EOS appended, as a logged assistant turn ended there."""
+        if isinstance(response, Generation):
+            ids = list(response.token_ids)
+            if not ids or not response.text.strip():
+                raise EmptyResponseError("the response is empty (no text was generated); skip this interaction")
+        elif isinstance(response, str):
+            if not response.strip():
+                raise EmptyResponseError("the response is empty; skip this interaction")
+            ids = self.tokenizer(response.rstrip() + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        else:
+            raise TypeError(f"response must be a Generation or a str, got {type(response).__name__}")
+        if len(ids) > self.config.max_new_tokens:
+            raise ValueError(
+                f"the response has {len(ids)} tokens, more than the completion budget max_new_tokens="
+                f"{self.config.max_new_tokens}; raise max_new_tokens or shorten the response"
+            )
+        return ids
+
+    def train_step(self, messages_before_response: list[dict], assistant_response: Generation | str, user_follow_up: str) -> dict:
+        """One interaction (x, y, o) → ``train_steps_per_example`` optimizer steps. Returns metrics."""
+        return self.train_step_batch([messages_before_response], [assistant_response], [user_follow_up])
+
+    def train_step_batch(self, batch_messages: list[list[dict]], responses: list, follow_ups: list[str]) -> dict:
+        """Several interactions in one batch (per-sequence token mean, then batch mean)."""
+        if not (len(batch_messages) == len(responses) == len(follow_ups)) or not batch_messages:
+            raise ValueError("train_step_batch needs equally many (non-zero) conversations, responses and follow-ups")
+        cfg = self.config
+        started = time.perf_counter()
+        completions = [self.completion_ids(r) for r in responses]
+        student_contexts = [self.encode_context(m) for m in batch_messages]
+        teacher_contexts = [
+            self.encode_context(build_hindsight_messages(m, o, variant="online", template=cfg.hindsight_block_template))
+            for m, o in zip(batch_messages, follow_ups)
+        ]
+        pad = self.tokenizer.pad_token_id
+        student_batch = pad_contexts_and_completions(student_contexts, completions, pad, ignore_first_k=cfg.ignore_first_k).to(self.device)
+        teacher_batch = pad_contexts_and_completions(teacher_contexts, completions, pad, ignore_first_k=cfg.ignore_first_k).to(self.device)
+
+        timings = {"student_forward": 0.0, "teacher_forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        self.model.train()
+        for _ in range(cfg.train_steps_per_example):
+            loss, step_metrics = self._loss(student_batch, teacher_batch, timings)
+            tick = time.perf_counter()
+            loss.backward()
+            timings["backward"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            grad_norm = self._clip_gradients()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            timings["optimizer"] += time.perf_counter() - tick
+
+        self.step += 1
+        metrics = {
+            **step_metrics,
+            "completion_tokens": sum(map(len, completions)),
+            "loss_mode": cfg.loss_mode,
+            "step": self.step,
+            "grad_norm": grad_norm,
+            "loss": float(loss.detach()),
+            "train_steps_per_example": cfg.train_steps_per_example,
+            "train_time_s": round(time.perf_counter() - started, 2),
+            **{f"{phase}_time_s": round(seconds, 3) for phase, seconds in timings.items()},
+        }
+        self.metrics_history.append(metrics)
+        self._log_to_wandb(metrics)
+        if cfg.checkpoint_every_n_steps and self.step % cfg.checkpoint_every_n_steps == 0:
+            self.save_checkpoint()
+        return metrics
+
+    def _loss(self, student_batch, teacher_batch, timings: dict) -> tuple[torch.Tensor, dict]:
+        """Forward passes and the configured loss; adds seconds per phase into ``timings``."""
+        cfg = self.config
+        distill = cfg.loss_mode == "full_distillation"
+        tick = time.perf_counter()
+        with autocast_context(self.device, self.autocast_dtype):
+            student = score_completions(self.model, student_batch, topk=cfg.distillation_topk if distill else 0)
+        timings["student_forward"] += time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        # The teacher is read at the student's top-K tokens and at the sampled token (for the signal).
+        gather = None
+        if distill:
+            gather = torch.cat([student.topk_indices, student_batch.completion_ids.unsqueeze(-1)], dim=-1)
+        with torch.no_grad(), autocast_context(self.device, self.autocast_dtype):
+            teacher = score_completions(self.model, teacher_batch, gather_indices=gather)
+        timings["teacher_forward"] += time.perf_counter() - tick
+
+        mask = student.mask
+        teacher_logprobs = teacher.gathered_logprobs[..., -1] * mask if distill else teacher.logprobs
+        if distill:
+            loss, per_token_kl = full_distillation_loss(
+                student.topk_logprobs, teacher.gathered_logprobs[..., :-1], mask, add_tail=cfg.distillation_add_tail
+            )
+            extra = {"kl_mean": masked_mean(per_token_kl.detach(), mask)}
+        else:
+            loss, _ = simple_signal_loss(student.logprobs, teacher_logprobs, mask, signal_clip=cfg.signal_clip)
+            extra = {}
+        signal = (teacher_logprobs - student.logprobs).detach()
+        if cfg.print_token_table:
+            n = int(student_batch.completion_mask[0].sum().item()) + cfg.ignore_first_k
+            print(format_token_table(self.tokenizer, student_batch.completion_ids[0, :n].tolist(),
+                                     student.logprobs[0, :n].detach(), teacher_logprobs[0, :n]))
+        metrics = {
+            **extra,
+            "signal_mean": masked_mean(signal, mask),
+            "signal_std": masked_std(signal, mask),
+            "policy_logp_mean": masked_mean(student.logprobs.detach(), mask),
+            "critic_logp_mean": masked_mean(teacher_logprobs, mask),
+        }
+        return loss, metrics
+
+    def _clip_gradients(self) -> float:
+        """Pre-clip global gradient norm (clipping only when max_grad_norm > 0)."""
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm))
+
+    # ------------------------------------------------------------------ logging
+
+    def _log_to_wandb(self, metrics: dict) -> None:
+        if not self.config.log_to_wandb:
+            return
+        import wandb
+
+        if wandb.run is None:
+            self._wandb_run = wandb.init(
+                project=self.config.wandb_project, name=self.config.wandb_run_name, config=self.config.to_dict()
+            )
+        numeric = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+        wandb.log(numeric, step=self.step)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, tag: str | None = None) -> Path:
+        """Write ``<checkpoint_dir>/<tag or step_<n>>`` atomically, then prune old ``step_*`` folders."""
+        root = Path(self.config.checkpoint_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        target = root / (tag or f"step_{self.step}")
+        staging = root / f".{target.name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.model.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        if self.config.use_lora and self.config.save_merged_model:
+            self._save_merged(staging / "merged")
+        torch.save(
+            {
+                "optimizer_state_dict": self.optimizer.state_dict(),
+                "step": self.step,
+                "metrics_history": self.metrics_history,
+                "config": asdict(self.config),
+                "rng": {
+                    "python": random.getstate(),
+                    "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                },
+            },
+            staging / TRAINING_STATE_FILE,
+        )
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        self._prune_checkpoints(root)
+        logger.info("saved checkpoint %s", target)
+        return target
+
+    def _save_merged(self, path: Path) -> None:
+        """A standalone full model (adapter merged into a CPU copy), loadable by ``from_pretrained``."""
+        merged = copy.deepcopy(self.model).to("cpu").merge_and_unload()
+        merged.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    def _prune_checkpoints(self, root: Path) -> None:
+        keep = self.config.max_checkpoints
+        if not keep:
+            return
+        steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_NAME.match(p.name)))
+        for _, path in steps[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _load_training_state(self, path: Path) -> None:
+        state = torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer_state_dict"])
+        self.step = int(state["step"])
+        self.metrics_history = list(state.get("metrics_history", []))
+        rng = state.get("rng") or {}
+        if "python" in rng:
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        logger.info("resumed from %s at step %d", path, self.step)

@@ -1,0 +1,333 @@
+"""The SDPO math, in one place: hindsight contexts, per-token scoring, and the two loss modes.
+
+Online training, offline training and the signal analysis all call these functions.
+
+Notation (paper Eq. 1): x is the conversation up to the latest user turn, y the assistant response,
+o the user's next message. With one network π and the hindsight context x⊕o (o placed into x by a
+template), the per-token signal is
+
+    A_t = log π(y_t | x⊕o, y_<t) − log π(y_t | x, y_<t)            (teacher minus student)
+
+Loss modes:
+  * ``simple_signal``  — the paper's sampled-token policy gradient: L = −mean_t stopgrad(A_t)·log π(y_t|x,y_<t),
+    A_t optionally clipped to ±signal_clip; per-sequence token mean, then batch mean.
+  * ``full_distillation`` — the reference's default: reverse KL(student ‖ teacher) restricted to the
+    student's top-K tokens at each position plus one "tail" bucket holding the remaining mass (or,
+    without the tail, the top-K renormalised); per-sequence token mean, then batch mean.
+
+Scoring conventions: contexts are left-padded (left-truncated when too long), completions
+right-padded, position ids follow the attention mask, and log-softmax runs in fp32 on logits of the
+completion positions only (``logits_to_keep``), one sequence at a time so a large vocabulary never
+materialises a (batch × length × vocab) fp32 tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from auxiliary.generation import encode_chat
+
+# --------------------------------------------------------------------------------------------------
+# Hindsight contexts
+# --------------------------------------------------------------------------------------------------
+
+FOLLOW_UP_SLOT = "{follow_up}"
+
+HINDSIGHT_ONLINE_TEMPLATE = (
+    "\n\n=== HINDSIGHT CONTEXT ===\n"
+    "[What follows is the next message this user will send after reading your reply. "
+    "Let it shape how you answer the request above.]\n"
+    "{follow_up}"
+)
+HINDSIGHT_OFFLINE_V1_TEMPLATE = (
+    "\n\n[HINDSIGHT CONTEXT]\n"
+    "An earlier assistant reply to this request fell short, and the user reacted to it with the "
+    "message below. Taking that reaction into account, write a better answer to the original request.\n"
+    "Future User Message: {follow_up}"
+)
+HINDSIGHT_ASSISTANT_TURN_TEMPLATE = (
+    "=== HINDSIGHT CONTEXT ===\n"
+    "[What follows is the next message this user will send after reading your reply. "
+    "Let it shape how you answer the request above.]\n"
+    "{follow_up}"
+)
+
+
+@dataclass(frozen=True)
+class HindsightVariant:
+    """Where the follow-up goes and with which wording.
+
+    Attributes:
+        template: text with a ``{follow_up}`` slot.
+        placement: ``last_user`` appends to the content of the last user message (paper Table 1);
+            ``last_message`` appends to the last message whatever its role (reference offline v1);
+            ``assistant_turn`` adds a new assistant message holding the block (reference offline, new layout).
+    """
+
+    template: str
+    placement: str
+
+
+HINDSIGHT_VARIANTS = {
+    "online": HindsightVariant(HINDSIGHT_ONLINE_TEMPLATE, "last_user"),
+    "offline_v1": HindsightVariant(HINDSIGHT_OFFLINE_V1_TEMPLATE, "last_message"),
+    "offline_assistant": HindsightVariant(HINDSIGHT_ASSISTANT_TURN_TEMPLATE, "assistant_turn"),
+}
+
+
+def check_hindsight_template(template: str) -> None:
+    if template.count(FOLLOW_UP_SLOT) != 1:
+        raise ValueError(f"hindsight template must contain the slot {FOLLOW_UP_SLOT} exactly once: {template!r}")
+
+
+def build_hindsight_messages(
+    messages: list[dict], follow_up: str, *, variant: str = "online", template: str | None = None
+) -> list[dict]:
+    """Return a copy of ``messages`` with the follow-up ``o`` placed as the variant says.
+
+    ``template`` overrides the variant's wording (the placement stays the variant's).
+    """
+    if variant not in HINDSIGHT_VARIANTS:
+        raise ValueError(f"unknown hindsight variant {variant!r}: use one of {sorted(HINDSIGHT_VARIANTS)}")
+    if not isinstance(follow_up, str) or not follow_up.strip():
+        raise ValueError("the user follow-up is empty: there is no hindsight signal to learn from")
+    if not messages:
+        raise ValueError("cannot build a hindsight context for an empty conversation")
+    spec = HINDSIGHT_VARIANTS[variant]
+    wording = spec.template if template is None else template
+    check_hindsight_template(wording)
+    block = wording.replace(FOLLOW_UP_SLOT, follow_up.strip())
+    teacher = copy.deepcopy(messages)
+    if spec.placement == "assistant_turn":
+        teacher.append({"role": "assistant", "content": block})
+        return teacher
+    if spec.placement == "last_message":
+        target = len(teacher) - 1
+    else:
+        users = [i for i, m in enumerate(teacher) if m.get("role") == "user"]
+        if not users:
+            raise ValueError("the conversation has no user message to attach the follow-up to")
+        target = users[-1]
+    teacher[target]["content"] = teacher[target]["content"] + block
+    return teacher
+
+
+def encode_student_teacher_contexts(
+    tokenizer,
+    messages: list[dict],
+    follow_up: str,
+    *,
+    variant: str = "online",
+    template: str | None = None,
+    max_context_length: int | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> tuple[list[int], list[int]]:
+    """Token ids of the student context x and the teacher context x⊕o (generation prompt included)."""
+    teacher_messages = build_hindsight_messages(messages, follow_up, variant=variant, template=template)
+    encode = lambda m: encode_chat(  # noqa: E731 - one call site per context
+        tokenizer, m, max_length=max_context_length, chat_template_kwargs=chat_template_kwargs
+    )
+    return encode(messages), encode(teacher_messages)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-token scoring
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompletionBatch:
+    """Contexts (left-padded) followed by completions (right-padded), ready for one forward pass."""
+
+    input_ids: torch.Tensor  # (B, L + T)
+    attention_mask: torch.Tensor  # (B, L + T)
+    position_ids: torch.Tensor  # (B, L + T)
+    completion_ids: torch.Tensor  # (B, T)
+    completion_mask: torch.Tensor  # (B, T) float, 0 on padding and on ignored leading tokens
+
+    @property
+    def completion_width(self) -> int:
+        return self.completion_ids.shape[1]
+
+    def to(self, device) -> "CompletionBatch":
+        return CompletionBatch(*(t.to(device) for t in vars(self).values()))
+
+
+def pad_contexts_and_completions(
+    contexts: list[list[int]], completions: list[list[int]], pad_token_id: int, *, ignore_first_k: int = 0
+) -> CompletionBatch:
+    """Build a scoring batch. ``ignore_first_k`` masks the first k tokens of every completion."""
+    if len(contexts) != len(completions) or not contexts:
+        raise ValueError(f"need as many contexts as completions (got {len(contexts)} and {len(completions)})")
+    if any(len(c) == 0 for c in completions):
+        raise ValueError("cannot score an empty completion")
+    if any(len(c) == 0 for c in contexts):
+        raise ValueError("cannot score a completion under an empty context")
+    batch, ctx_width, comp_width = len(contexts), max(map(len, contexts)), max(map(len, completions))
+    input_ids = torch.full((batch, ctx_width + comp_width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros((batch, comp_width), dtype=torch.float32)
+    for row, (ctx, comp) in enumerate(zip(contexts, completions)):
+        input_ids[row, ctx_width - len(ctx) : ctx_width] = torch.tensor(ctx)
+        input_ids[row, ctx_width : ctx_width + len(comp)] = torch.tensor(comp)
+        attention_mask[row, ctx_width - len(ctx) : ctx_width + len(comp)] = 1
+        completion_mask[row, ignore_first_k : len(comp)] = 1.0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return CompletionBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        completion_ids=input_ids[:, ctx_width:].clone(),
+        completion_mask=completion_mask,
+    )
+
+
+@dataclass
+class TokenScores:
+    """Per-token log-probabilities of a completion batch (all fp32, zero where the mask is zero).
+
+    Attributes:
+        logprobs: (B, T) log π(y_t | context, y_<t) of the completion tokens.
+        mask: (B, T) 1.0 for scored tokens.
+        topk_logprobs / topk_indices: (B, T, K) this model's K most likely tokens, when asked for.
+        gathered_logprobs: (B, T, K') log-probs at caller-given indices, when asked for.
+    """
+
+    logprobs: torch.Tensor
+    mask: torch.Tensor
+    topk_logprobs: torch.Tensor | None = None
+    topk_indices: torch.Tensor | None = None
+    gathered_logprobs: torch.Tensor | None = None
+
+
+def score_completions(
+    model, batch: CompletionBatch, *, topk: int = 0, gather_indices: torch.Tensor | None = None
+) -> TokenScores:
+    """Log-probabilities of ``batch.completion_ids`` under ``model`` (differentiable unless in no_grad).
+
+    ``topk`` > 0 also returns the model's top-K log-probs per position; ``gather_indices`` (B, T, K')
+    returns the log-probs at those vocabulary indices (used to read the teacher at the student's top-K).
+    """
+    width = batch.completion_width
+    output = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        logits_to_keep=width + 1,
+    )
+    # Row i of `predictions` is the distribution of completion token i (the last logit predicts past y).
+    predictions = output.logits[:, -(width + 1) : -1, :]
+    logprobs, topk_values, topk_indices, gathered = [], [], [], []
+    for row in range(predictions.shape[0]):
+        row_logits = predictions[row].float()
+        normaliser = row_logits.logsumexp(dim=-1, keepdim=True)
+        logprobs.append(row_logits.gather(-1, batch.completion_ids[row].unsqueeze(-1)).squeeze(-1) - normaliser[:, 0])
+        if topk:
+            values, indices = row_logits.topk(topk, dim=-1)
+            topk_values.append(values - normaliser)
+            topk_indices.append(indices)
+        if gather_indices is not None:
+            gathered.append(row_logits.gather(-1, gather_indices[row]) - normaliser)
+    mask = batch.completion_mask.to(predictions.device)
+    return TokenScores(
+        logprobs=torch.stack(logprobs) * mask,
+        mask=mask,
+        topk_logprobs=torch.stack(topk_values) if topk else None,
+        topk_indices=torch.stack(topk_indices) if topk else None,
+        gathered_logprobs=torch.stack(gathered) if gather_indices is not None else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses (pure tensor functions)
+# --------------------------------------------------------------------------------------------------
+
+LOSS_MODES = ("simple_signal", "full_distillation")
+
+
+def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the last axis of each row counting only mask == 1 entries; an all-masked row gives 0."""
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def sdpo_signal(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A_t = log π(y_t|x⊕o) − log π(y_t|x), without gradient, zero on masked tokens."""
+    return (teacher_logprobs - student_logprobs).detach() * mask
+
+
+def simple_signal_loss(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor, *, signal_clip: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled-token policy gradient with the SDPO signal as per-token advantage.
+
+    Returns (loss, advantages). No baseline, no centring: the sign of A_t is the signal.
+    """
+    advantages = sdpo_signal(student_logprobs, teacher_logprobs, mask)
+    if signal_clip > 0:
+        advantages = advantages.clamp(-signal_clip, signal_clip)
+    loss = -masked_sequence_mean(advantages * student_logprobs, mask).mean()
+    return loss, advantages
+
+
+def tail_logprob(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """log(1 − Σ_k p_k): the log-mass outside the given K log-probs.
+
+    The log-sum-exp is capped just below 0 so the tail stays finite (≥ log(1e-7) ≈ −16.1) when the
+    K tokens hold (numerically) all the mass.
+    """
+    top_mass = topk_logprobs.logsumexp(dim=-1, keepdim=True).clamp(max=-1e-7)
+    return torch.log(-torch.expm1(top_mass))
+
+
+def topk_reverse_kl(
+    student_topk_logprobs: torch.Tensor, teacher_topk_logprobs: torch.Tensor, *, add_tail: bool = True
+) -> torch.Tensor:
+    """Per-position KL(student ‖ teacher) on the student's top-K support (last axis = K).
+
+    add_tail=True: K buckets + one bucket for the remaining mass of each distribution.
+    add_tail=False: both K-vectors renormalised to sum to one.
+    """
+    if add_tail:
+        student = torch.cat([student_topk_logprobs, tail_logprob(student_topk_logprobs)], dim=-1)
+        teacher = torch.cat([teacher_topk_logprobs, tail_logprob(teacher_topk_logprobs)], dim=-1)
+    else:
+        student = student_topk_logprobs - student_topk_logprobs.logsumexp(dim=-1, keepdim=True)
+        teacher = teacher_topk_logprobs - teacher_topk_logprobs.logsumexp(dim=-1, keepdim=True)
+    return (student.exp() * (student - teacher.detach())).sum(dim=-1)
+
+
+def full_distillation_loss(
+    student_topk_logprobs: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    add_tail: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K reverse-KL self-distillation. Returns (loss, per-token KL)."""
+    per_token_kl = topk_reverse_kl(student_topk_logprobs, teacher_topk_logprobs, add_tail=add_tail)
+    loss = masked_sequence_mean(per_token_kl, mask).mean()
+    return loss, per_token_kl
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over all scored tokens of the batch (a logging statistic)."""
+    return float((values * mask).sum() / mask.sum().clamp(min=1.0))
+
+
+def masked_std(values: torch.Tensor, mask: torch.Tensor) -> float:
+    selected = values[mask > 0]
+    return float(selected.std()) if selected.numel() > 1 else 0.0
+
+
+def format_token_table(tokenizer, token_ids, student_logprobs, teacher_logprobs, *, limit: int = 200) -> str:
+    """A readable per-token table (index, id, piece, log p(y|x), log p(y|x⊕o), signal) for debugging."""
+    lines = [f"{'idx':>4} {'id':>7} {'token':<16} {'logp_x':>8} {'logp_xo':>8} {'signal':>8}"]
+    for index, (token, lp_x, lp_xo) in enumerate(zip(token_ids[:limit], student_logprobs, teacher_logprobs)):
+        piece = tokenizer.convert_ids_to_tokens(int(token)).replace("\n", "\\n")
+        piece = piece if len(piece) <= 15 else piece[:12] + "..."
+        lines.append(f"{index:>4} {int(token):>7} {piece:<16} {float(lp_x):>8.3f} {float(lp_xo):>8.3f} {float(lp_xo - lp_x):>8.3f}")
+    return "\n".join(lines)
