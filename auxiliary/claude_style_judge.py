@@ -1,0 +1,34 @@
+"""The style judge on Claude through the Anthropic API (the reference's ``ClaudeStyleJudge``).
+
+Prompt, strict verdict parsing and the AB/BA protocol come from ``LLMStyleJudge``; transport,
+concurrency (all AB and BA requests of a batch share one thread pool) and retries from
+``AnthropicBackend``.
+"""
+
+from __future__ import annotations
+
+from auxiliary.backends import DEFAULT_ANTHROPIC_MODEL, AnthropicBackend, RetryPolicy
+from auxiliary.generation import SamplingParams
+from auxiliary.style_judge import LLMStyleJudge
+
+
+class ClaudeStyleJudge(LLMStyleJudge):
+    """``LLMStyleJudge`` over ``AnthropicBackend`` (greedy, 512 tokens by default)."""
+
+    def __init__(
+        self,
+        style: str,
+        *,
+        model: str = DEFAULT_ANTHROPIC_MODEL,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        max_concurrency: int = 16,
+        timeout: float = 60.0,
+        retry: RetryPolicy = RetryPolicy(),
+    ):
+        backend = AnthropicBackend(
+            model, api_key=api_key, base_url=base_url, max_concurrency=max_concurrency, timeout=timeout, retry=retry
+        )
+        super().__init__(backend, style, sampling=SamplingParams(max_new_tokens=max_tokens, temperature=temperature))
