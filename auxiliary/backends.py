@@ -392,7 +392,8 @@ class AnthropicBackend(RemoteChatBackend):
     """Claude through the Anthropic Messages API (``POST /v1/messages``).
 
     A leading system message becomes the ``system=`` field. ``top_p`` is sent only when below 1 and
-    ``top_k`` only when set: recent Claude models reject requests that set both temperature and top_p.
+    ``top_k`` only when set: recent Claude models reject requests that set both temperature and top_p
+    (and the newest reject any sampling field: the 400 then names the field).
     """
 
     api_key_env = "ANTHROPIC_API_KEY"
@@ -427,14 +428,16 @@ class AnthropicBackend(RemoteChatBackend):
     def _request(self, conversation: list[dict], sampling: SamplingParams) -> str:
         system, messages = _split_system(conversation)
         kwargs = {"model": self.model, "max_tokens": sampling.max_new_tokens, "messages": messages}
-        kwargs["temperature"] = sampling.temperature
         if system is not None:
             kwargs["system"] = system
+        # anthropic >= 1.0 dropped the sampling keywords from messages.create(); the API still takes
+        # them on models that support sampling, so they travel in the JSON body.
+        sampling_fields = {"temperature": sampling.temperature}
         if sampling.top_p < 1:
-            kwargs["top_p"] = sampling.top_p
+            sampling_fields["top_p"] = sampling.top_p
         if sampling.top_k > 0:
-            kwargs["top_k"] = sampling.top_k
-        response = self.client.messages.create(**kwargs)
+            sampling_fields["top_k"] = sampling.top_k
+        response = self.client.messages.create(**kwargs, extra_body=sampling_fields)
         return "".join(block.text for block in response.content if getattr(block, "type", None) == "text")
 
 

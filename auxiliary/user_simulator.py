@@ -67,7 +67,7 @@ STYLE_PERSONAS: dict[str, str] = {
         "language annoys you."
     ),
     "no_punctuation": (
-        "USER PROFILE: Punctuation-heavy writing bothers you a lot. You especially dislike commas, "
+        "USER PROFILE: You find punctuation-heavy writing tiresome. You especially dislike commas, "
         "semicolons, colons and em-dashes, and would rather read simple sentences that barely need them."
     ),
     "no_emojis": (
