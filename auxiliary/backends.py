@@ -33,9 +33,10 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import NamedTuple
 
 from auxiliary.generation import DEFAULT_CHAT_TEMPLATE_KWARGS, SamplingParams, encode_chat, generate
 
@@ -280,6 +281,8 @@ def _error_body_fields(error) -> tuple[str | None, str | None]:
     if not isinstance(body, dict):
         return getattr(error, "type", None), None
     message = body.get("message")
+    if isinstance(message, str) and len(message) > 300:
+        message = message[:299] + "…"
     return body.get("type") or getattr(error, "type", None), message if isinstance(message, str) else None
 
 
@@ -289,6 +292,15 @@ def _parse_retry_after(response) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None  # an HTTP date; rare enough that the computed backoff will do
+
+
+class SDKErrors(NamedTuple):
+    """The exception classes of one API client library."""
+
+    any_api: type  # base of everything the SDK raises for a failed request
+    status: type  # the server answered with an HTTP error status
+    connection: type  # no answer: refused, reset, DNS, ...
+    timeout: type  # no answer in time (a subclass of ``connection`` in both SDKs)
 
 
 class RemoteChatBackend(ChatBackend):
@@ -314,8 +326,8 @@ class RemoteChatBackend(ChatBackend):
         """Send one conversation; return the reply text ("" when the API returned no text)."""
 
     @abstractmethod
-    def _sdk_errors(self) -> tuple[type, type, type]:
-        """The SDK's (any API error, HTTP status error, connection-or-timeout error) classes."""
+    def _sdk_errors(self) -> SDKErrors:
+        """The exception classes of the client library this backend uses."""
 
     def generate(self, conversations: list[list[dict]], sampling: SamplingParams) -> list[str]:
         if not conversations:
@@ -334,7 +346,7 @@ class RemoteChatBackend(ChatBackend):
         return [future.result().strip() for future in futures]
 
     def _with_retry(self, conversation: list[dict], sampling: SamplingParams, abort: threading.Event) -> str:
-        api_error, _, _ = self._sdk_errors()
+        api_error = self._sdk_errors().any_api
         for attempt in range(self.retry.max_attempts):
             if abort.is_set():
                 raise BackendError(f"{self.name}: cancelled because another request in the batch failed")
@@ -344,17 +356,16 @@ class RemoteChatBackend(ChatBackend):
                 failure = self.classify(error)
             if not failure.retryable or attempt == self.retry.max_attempts - 1:
                 attempts = f"{attempt + 1} attempt{'s' if attempt else ''}"
-                raise BackendError(
-                    f"{self.name}: request failed after {attempts}: {failure.description}. {failure.hint}"
-                ) from None
+                message = f"{self.name}: request failed after {attempts}: {failure.description}. {failure.hint}"
+                raise BackendError(" ".join(message.split())) from None  # one line, whatever the server said
             self.retry.sleep(self.retry.delay(attempt, failure.retry_after, self._rng))
         raise AssertionError("unreachable: the loop returns or raises")
 
     def classify(self, error: Exception) -> Failure:
         """Decide whether an SDK error is worth another attempt, and what to tell the user if not."""
-        _, status_error, connection_error = self._sdk_errors()
-        if isinstance(error, connection_error):
-            if "timeout" in type(error).__name__.lower():
+        errors = self._sdk_errors()
+        if isinstance(error, errors.connection):
+            if isinstance(error, errors.timeout):
                 return Failure(
                     True,
                     f"no reply within {self.timeout:g}s (timeout)",
@@ -365,7 +376,7 @@ class RemoteChatBackend(ChatBackend):
                 f"connection error ({error})",
                 f"Check that {self.base_url or 'the API'} is reachable and the base URL is right.",
             )
-        if not isinstance(error, status_error):
+        if not isinstance(error, errors.status):
             return Failure(False, f"{type(error).__name__}: {error}", "This looks like a bug or an SDK mismatch.")
         status = error.status_code
         error_type, message = _error_body_fields(error)
@@ -374,7 +385,9 @@ class RemoteChatBackend(ChatBackend):
         if status == 429:
             return Failure(True, description, "Lower --max_concurrency or retry later.", retry_after)
         if status == 529 or status == 503:
-            return Failure(True, description, "The API is overloaded: retry later or lower --max_concurrency.", retry_after)
+            return Failure(
+                True, description, "The API is overloaded: retry later or lower --max_concurrency.", retry_after
+            )
         if status in RETRYABLE_STATUSES or status >= 500:
             return Failure(True, description, "Server-side error: retry later.", retry_after)
         if status == 401:
@@ -414,16 +427,16 @@ class AnthropicBackend(RemoteChatBackend):
         self.name = f"anthropic:{model}"
         api_key = api_key or os.environ.get(self.api_key_env)
         if not api_key:
-            raise BackendError(
-                f"{self.name}: no API key: set {self.api_key_env} (e.g. in .env) or pass --api_key"
-            )
+            raise BackendError(f"{self.name}: no API key: set {self.api_key_env} (e.g. in .env) or pass --api_key")
         # max_retries=0: the SDK's own retry loop would multiply with RetryPolicy.
         self.client = anthropic.Anthropic(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout)
 
     def _sdk_errors(self):
         import anthropic
 
-        return anthropic.APIError, anthropic.APIStatusError, anthropic.APIConnectionError
+        return SDKErrors(
+            anthropic.APIError, anthropic.APIStatusError, anthropic.APIConnectionError, anthropic.APITimeoutError
+        )
 
     def _request(self, conversation: list[dict], sampling: SamplingParams) -> str:
         system, messages = _split_system(conversation)
@@ -475,7 +488,7 @@ class OpenAICompatibleBackend(RemoteChatBackend):
     def _sdk_errors(self):
         import openai
 
-        return openai.APIError, openai.APIStatusError, openai.APIConnectionError
+        return SDKErrors(openai.APIError, openai.APIStatusError, openai.APIConnectionError, openai.APITimeoutError)
 
     def _request(self, conversation: list[dict], sampling: SamplingParams) -> str:
         extra_body = dict(self.extra_body)
@@ -527,7 +540,9 @@ class TokenBudget:
         available = max(0, self.max_tokens - overhead - marker_cost * len(fields))
         ids = [self._ids(text) for text in fields]
         limits = _share_fairly([len(i) for i in ids], available)
-        clipped = [text if len(i) <= limit else self._clip_middle(i, limit) for text, i, limit in zip(fields, ids, limits)]
+        clipped = [
+            text if len(i) <= limit else self._clip_middle(i, limit) for text, i, limit in zip(fields, ids, limits)
+        ]
         return build(*clipped)
 
     def _clip_middle(self, ids: list[int], limit: int) -> str:

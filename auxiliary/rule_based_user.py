@@ -150,14 +150,22 @@ def _check_opening_praise(text: str) -> list[Violation]:
     match = _OPENING_PRAISE.match(text.strip())
     if not match:
         return []
-    return [Violation(f"opens with praise or pleasantries ({_quote(match.group(0).strip())})", "skip the opening compliments")]
+    return [
+        Violation(
+            f"opens with praise or pleasantries ({_quote(match.group(0).strip())})", "skip the opening compliments"
+        )
+    ]
 
 
 def _check_closing_filler(text: str) -> list[Violation]:
     match = _CLOSING_FILLER.search(_last_sentences(text))
     if not match:
         return []
-    return [Violation(f"ends with filler ({_quote(match.group(0))})", "stop when the answer is done, without closing filler")]
+    return [
+        Violation(
+            f"ends with filler ({_quote(match.group(0))})", "stop when the answer is done, without closing filler"
+        )
+    ]
 
 
 def _check_follow_up_offer(text: str) -> list[Violation]:
@@ -252,7 +260,9 @@ def _check_hedges(text: str) -> list[Violation]:
     found = [w.lower() for w in _WORD.findall(text) if w.lower() in _HEDGES]
     if not found:
         return []
-    return [Violation(f"hedges with {_examples([repr(w) for w in found])}", "commit to an answer without hedging words")]
+    return [
+        Violation(f"hedges with {_examples([repr(w) for w in found])}", "commit to an answer without hedging words")
+    ]
 
 
 _RULES = {
@@ -366,6 +376,7 @@ class RuleBasedJudge(PairwiseJudge):
         verdicts = []
         for first, second in zip(firsts, seconds):
             violations_a, violations_b = check(self.style, first), check(self.style, second)
-            letter = "A" if len(violations_a) < len(violations_b) else "B" if len(violations_b) < len(violations_a) else "C"
+            count_a, count_b = len(violations_a), len(violations_b)
+            letter = "C" if count_a == count_b else "A" if count_a < count_b else "B"
             verdicts.append(f"{_describe('A', violations_a)}\n{_describe('B', violations_b)}\nJudgement: {letter}")
         return verdicts

@@ -91,12 +91,12 @@ class PairwiseJudge(ABC):
     def _raw_verdicts(self, prompts: list[str], firsts: list[str], seconds: list[str]) -> list[str]:
         """One verdict text per (prompt, response shown as A, response shown as B), in input order."""
 
-    def choose_batch_generated(self, prompts: list[str], completions_a: list[str], completions_b: list[str]) -> list[int]:
+    def choose_batch_generated(
+        self, prompts: list[str], completions_a: list[str], completions_b: list[str]
+    ) -> list[int]:
         """0 = A preferred, 1 = B preferred, −1 = tie / orders disagree / unparsed, per pair."""
         if not len(prompts) == len(completions_a) == len(completions_b):
-            raise ValueError(
-                f"lengths differ: {len(prompts)} prompts, {len(completions_a)} A, {len(completions_b)} B"
-            )
+            raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(completions_a)} A, {len(completions_b)} B")
         n = len(prompts)
         # Both orders in one batch: one engine call for vLLM, a full thread pool for the APIs.
         raw = self._raw_verdicts(prompts + prompts, completions_a + completions_b, completions_b + completions_a)

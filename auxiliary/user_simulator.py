@@ -76,9 +76,9 @@ STYLE_PERSONAS: dict[str, str] = {
     ),
     "short": "USER PROFILE: You want replies to be extremely short and to the point.",
     "less_filler_praise_sycophancy": (
-        "USER PROFILE: You dislike replies that open by complimenting you or your question (\"great "
-        "question\" and the like) and replies that close with filler such as \"I hope this helps\" or "
-        "\"let me know if you need anything else\". You want the answer and nothing around it."
+        'USER PROFILE: You dislike replies that open by complimenting you or your question ("great '
+        'question" and the like) and replies that close with filler such as "I hope this helps" or '
+        '"let me know if you need anything else". You want the answer and nothing around it.'
     ),
     "answer_directly_reduce_formatting": (
         "USER PROFILE: You want concise answers in short, plain text. Long lists and heavy markdown such as "
@@ -109,7 +109,7 @@ STYLE_PERSONAS: dict[str, str] = {
     "sycophantic_and_praise": (
         "USER PROFILE: You dislike flattery and people-pleasing. Replies should not open by praising you or "
         "your question, should not simply agree with you to be agreeable, and should not end with filler "
-        "such as \"hope this helps\"."
+        'such as "hope this helps".'
     ),
     "answer_first": (
         "USER PROFILE: You want every reply to begin with a short, direct answer that stands on its own, "
@@ -117,30 +117,25 @@ STYLE_PERSONAS: dict[str, str] = {
     ),
     "no_filler_followup": (
         "USER PROFILE: You dislike replies that end by offering more help or asking a follow-up question, "
-        "such as \"let me know if...\" or \"would you like me to...\"."
+        'such as "let me know if..." or "would you like me to...".'
     ),
     "high_initiative": (
         "USER PROFILE: You like an assistant that takes the lead in the conversation by asking you "
         "follow-up questions that move things forward."
     ),
     "committing": (
-        "USER PROFILE: You want one committed answer. Hedging words such as \"generally\", \"typically\", "
-        "\"often\" or \"usually\" annoy you."
+        'USER PROFILE: You want one committed answer. Hedging words such as "generally", "typically", '
+        '"often" or "usually" annoy you.'
     ),
-    "no_lists": (
-        "USER PROFILE: You dislike lists and markdown headers. You want answers written as plain paragraphs."
-    ),
+    "no_lists": "USER PROFILE: You dislike lists and markdown headers. You want answers written as plain paragraphs.",
     "more_lists": (
-        "USER PROFILE: Plain blocks of paragraphs bore you. You want answers organised with lists and "
-        "markdown headers."
+        "USER PROFILE: Plain blocks of paragraphs bore you. You want answers organised with lists and markdown headers."
     ),
     "more_formatting": (
         "USER PROFILE: You love richly formatted answers with lists, headers and other markdown; the more "
         "structure, the better."
     ),
-    "less_formatting": (
-        "USER PROFILE: You want answers with less formatting: fewer ### headers and no nested lists."
-    ),
+    "less_formatting": "USER PROFILE: You want answers with less formatting: fewer ### headers and no nested lists.",
     "opinionated": (
         "USER PROFILE: You want the assistant to take a clear position and to disagree with you when it "
         "thinks you are wrong. Lists of options and balanced trade-offs frustrate you."

@@ -17,13 +17,13 @@ to requests that do not carry that key.
 from __future__ import annotations
 
 import json
-from abc import ABC, abstractmethod
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 
 @dataclass
@@ -81,7 +81,8 @@ class _FakeServer(ABC):
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # A short poll interval so that leaving the context (shutdown) takes milliseconds, not 0.5 s.
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
     @property
     def port(self) -> int:
@@ -199,7 +200,10 @@ class FakeAnthropicServer(_FakeServer):
             "content": [{"type": "text", "text": text}] if text else [],
             "stop_reason": "end_turn",
             "stop_sequence": None,
-            "usage": {"input_tokens": len(json.dumps(body.get("messages", []))) // 4, "output_tokens": len(text.split())},
+            "usage": {
+                "input_tokens": len(json.dumps(body.get("messages", []))) // 4,
+                "output_tokens": len(text.split()),
+            },
         }
 
     def error_body(self, reply: Reply) -> dict:

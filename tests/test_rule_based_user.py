@@ -60,7 +60,9 @@ def test_checks_flag_the_bad_response_and_pass_the_good_one(style):
 
 def test_violation_reasons_are_specific():
     assert find_violations("no_emojis", "ok ✅ ✅ 📌") == ["uses emojis (✅, 📌)"]
-    reasons = find_violations("less_filler_praise_sycophancy", "What a great question! It is 4. Let me know if you need more.")
+    reasons = find_violations(
+        "less_filler_praise_sycophancy", "What a great question! It is 4. Let me know if you need more."
+    )
     assert reasons[0].startswith("opens with praise") and '"What a great question' in reasons[0]
     assert reasons[1].startswith("ends with filler") and "Let me know if" in reasons[1]
     assert find_violations("no_punctuation", "a, b, c; d") == ["uses commas (2), semicolons (1)"]

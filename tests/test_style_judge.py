@@ -159,7 +159,9 @@ def test_claude_judge_against_fake_api():
         return Reply(text="Plain text suits me.\nJudgement: A" if first.startswith("plain") else "Judgement: B")
 
     with FakeAnthropicServer(handler=handler) as server:
-        judge = ClaudeStyleJudge("no_emojis", api_key="k", base_url=server.base_url, retry=RetryPolicy(sleep=lambda s: None))
+        judge = ClaudeStyleJudge(
+            "no_emojis", api_key="k", base_url=server.base_url, retry=RetryPolicy(sleep=lambda s: None)
+        )
         assert judge.choose_batch_generated(["p", "q"], ["plain", "emoji 🎉"], ["emoji 🎉", "plain"]) == [0, 1]
     assert len(server.requests) == 4
     assert {b["max_tokens"] for b in server.bodies} == {512} and {b["temperature"] for b in server.bodies} == {0.0}

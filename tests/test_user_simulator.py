@@ -80,7 +80,9 @@ def test_alias_and_unknown_style():
 
 @pytest.mark.parametrize("variant", ["default", "claude"])
 def test_simulator_messages_hold_persona_request_and_response(variant):
-    messages = build_simulator_messages("no_emojis", "How do I boil an egg?", "Boil it ✅ for 9 minutes.", variant=variant)
+    messages = build_simulator_messages(
+        "no_emojis", "How do I boil an egg?", "Boil it ✅ for 9 minutes.", variant=variant
+    )
     assert [m["role"] for m in messages] == ["system", "user"]
     system, user = messages[0]["content"], messages[1]["content"]
     assert system.startswith(STYLE_PERSONAS["no_emojis"] + "\n\n")
