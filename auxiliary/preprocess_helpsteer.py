@@ -28,16 +28,16 @@ if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from auxiliary.preprocessing import (
-    DATA_DIR,
     FilterCounts,
     HubSource,
     LengthMeter,
     add_length_arguments,
+    add_out_dir_argument,
     add_source_arguments,
     cli_entry,
     describe_source,
     load_splits,
-    resolve_out_path,
+    make_parser,
     write_jsonl_atomic,
     write_stats,
 )
@@ -48,12 +48,8 @@ SKIP_REASONS = ("empty", "multi_turn", "prompt_too_long", "response_too_long", "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--out_dir",
-        help=f"Output folder for train.jsonl, validation.jsonl and preprocess_stats.json "
-        f"(default: {DATA_DIR / 'helpsteer_prompts'}).",
-    )
+    parser = make_parser(__doc__)
+    add_out_dir_argument(parser, "helpsteer_prompts", "train.jsonl, validation.jsonl and preprocess_stats.json")
     add_source_arguments(parser, SOURCE.name, SOURCE.splits)
     parser.add_argument("--max_prompt_length", type=int, default=2048, help="Skip prompts longer than this.")
     parser.add_argument("--max_response_length", type=int, default=2048, help="Skip rows whose response is longer.")
@@ -90,7 +86,7 @@ def select_prompts(rows, meter: LengthMeter, args: argparse.Namespace, counts: F
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    out_dir = resolve_out_path(args.out_dir, DATA_DIR / "helpsteer_prompts")
+    out_dir = Path(args.out_dir)
     meter = LengthMeter.from_args(args)
     splits = load_splits(SOURCE, args.dataset_path, revision=args.revision, cache_dir=args.cache_dir)
 

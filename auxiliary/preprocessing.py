@@ -38,7 +38,8 @@ Lengths (``LengthMeter``)
 Outputs (``write_jsonl_atomic``, ``write_json_atomic``, ``FilterCounts``)
     JSONL with ``ensure_ascii=False``, written to a temporary file in the target folder and renamed,
     so a crash never leaves a half-written file. Every script records scanned / written / skipped-per-
-    reason counts and its arguments in a ``.stats.json`` file beside its output.
+    reason counts and its arguments beside its output: ``<name>.stats.json`` next to an interaction
+    file, ``preprocess_stats.json`` in a folder of splits.
 """
 
 from __future__ import annotations
@@ -86,14 +87,15 @@ class PreprocessError(RuntimeError):
 
 
 def cli_entry(main: Callable[[Sequence[str] | None], None]) -> Callable[[Sequence[str] | None], int]:
-    """Wrap a script's ``main(argv)``: a ``PreprocessError`` becomes one ``error:`` line on stderr and
-    exit status 1, without a traceback."""
+    """Wrap a script's ``main(argv)``: a ``PreprocessError``, or a file that cannot be read or written
+    (missing folder, permissions, disk full, not UTF-8), becomes one ``error:`` line on stderr and exit
+    status 1, without a traceback."""
 
     @functools.wraps(main)
     def wrapped(argv: Sequence[str] | None = None) -> int:
         try:
             main(argv)
-        except PreprocessError as error:
+        except (PreprocessError, OSError, UnicodeDecodeError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
         return 0
@@ -104,6 +106,24 @@ def cli_entry(main: Callable[[Sequence[str] | None], None]) -> Callable[[Sequenc
 # --------------------------------------------------------------------------------------------------
 # Command-line pieces shared by the scripts
 # --------------------------------------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's layout and appends each flag's default when it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and not any(action.default is unset for unset in (None, False, argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
+
+
+def make_parser(description: str | None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+
+
+def add_out_dir_argument(parser: argparse.ArgumentParser, default_folder: str, contents: str) -> None:
+    parser.add_argument("--out_dir", default=str(DATA_DIR / default_folder), help=f"Output folder for {contents}.")
 
 
 def add_source_arguments(parser: argparse.ArgumentParser, hub_name: str, splits: Sequence[str]) -> None:
@@ -120,8 +140,8 @@ def add_source_arguments(parser: argparse.ArgumentParser, hub_name: str, splits:
         metavar="PATH",
         help=f"Local copy of {hub_name} instead of the Hub: {forms}.",
     )
-    parser.add_argument("--revision", help="Hub revision (branch, tag or commit) to load; default: the main branch.")
-    parser.add_argument("--cache_dir", help="datasets cache folder; default: $HF_DATASETS_CACHE.")
+    parser.add_argument("--revision", help="Hub revision (branch, tag or commit) to load; unset: the main branch.")
+    parser.add_argument("--cache_dir", help="datasets cache folder; unset: $HF_DATASETS_CACHE.")
 
 
 def add_length_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,11 +177,6 @@ def add_history_arguments(parser: argparse.ArgumentParser) -> None:
         default=4096,
         help="Skip conversations containing an assistant message longer than this (--length_unit).",
     )
-
-
-def resolve_out_path(path: str | None, default: Path) -> Path:
-    """``--out_dir`` as given (relative to the working directory), else the repo-relative default."""
-    return Path(path) if path else default
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,7 +285,12 @@ def _load_local_folder(path: Path, source: HubSource, cache_dir: str | None) -> 
     if (path / "dataset_dict.json").is_file():
         return dict(datasets.load_from_disk(str(path)))
     if (path / "state.json").is_file():
-        return {source.splits[0]: datasets.load_from_disk(str(path))} if len(source.splits) == 1 else {}
+        if len(source.splits) != 1:
+            raise PreprocessError(
+                f"{path} is one saved Dataset but {source.name} needs the splits {', '.join(source.splits)}: "
+                f"pass a saved DatasetDict or {' '.join(s + '=FOLDER' for s in source.splits)}"
+            )
+        return {source.splits[0]: datasets.load_from_disk(str(path))}
     configs = datasets.get_dataset_config_names(str(path))
     config = source.config if source.config in configs else None
     return dict(datasets.load_dataset(str(path), config, cache_dir=cache_dir))

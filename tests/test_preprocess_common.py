@@ -314,3 +314,14 @@ def test_unreachable_hub_fails_fast_in_cache_only_mode(monkeypatch, tmp_path):
     message = str(raised.value)
     assert "is unreachable" in message and "--dataset_path" in message and "\n" not in message
     assert datasets.config.HF_HUB_OFFLINE is False and constants.HF_HUB_OFFLINE is False
+
+
+def test_a_single_saved_dataset_cannot_stand_for_two_splits(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"prompt": ["a"]}).save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(PreprocessError, match="is one saved Dataset"):
+        load_splits(SPLITS, [str(tmp_path / "one")])
+    # ...but one saved Dataset per split works
+    found = load_splits(SPLITS, [f"train={tmp_path / 'one'}", f"validation={tmp_path / 'one'}"])
+    assert found["validation"].num_rows == 1

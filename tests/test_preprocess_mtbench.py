@@ -47,6 +47,14 @@ def test_other_seed_and_fraction():
     assert len(quarter["train"]) == 8 * round(0.25 * 10) and len(quarter["validation"]) == 80 - len(quarter["train"])
 
 
+def test_unwritable_output_is_a_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert preprocess_mtbench.main(["--out_dir", str(blocker / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
 def test_bad_question_file_is_a_one_line_error(tmp_path, capsys):
     bad = tmp_path / "question.jsonl"
     bad.write_text('{"question_id": 1, "category": "x", "turns": ["hi"]}\n{"question_id": 2}\n')
