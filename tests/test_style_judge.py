@@ -1,9 +1,6 @@
 """Judge prompt, strict verdict parsing, AB/BA combination, and the judges over scripted, HF, Claude
 (fake API) and vLLM (fake engine) backends."""
 
-import sys
-import types
-
 import pytest
 
 from auxiliary.backends import ChatBackend, RetryPolicy
@@ -18,8 +15,7 @@ from auxiliary.style_judge import (
 )
 from auxiliary.user_simulator import STYLE_PERSONAS
 from auxiliary.vllm_user_simulator import VLLMStyleJudge
-from tests.fakes import FakeAnthropicServer, Reply
-from tests.test_backends import FakeLLM, FakeVLLMSamplingParams
+from tests.fakes import FakeAnthropicServer, FakeLLM, Reply, install_fake_vllm
 
 
 class RoutingBackend(ChatBackend):
@@ -169,9 +165,7 @@ def test_claude_judge_against_fake_api():
 
 
 def test_vllm_judge_with_fake_engine(monkeypatch, chat_tokenizer):
-    module = types.ModuleType("vllm")
-    module.SamplingParams = FakeVLLMSamplingParams
-    monkeypatch.setitem(sys.modules, "vllm", module)
+    install_fake_vllm(monkeypatch)
     llm = FakeLLM(reply=lambda prompt: "Judgement: A")
     judge = VLLMStyleJudge(llm, chat_tokenizer, "no_emojis")
     assert judge.choose_batch_generated(["p", "q"], ["a1", "a2"], ["b1", "b2"]) == [-1, -1]  # always slot A

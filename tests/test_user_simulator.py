@@ -2,8 +2,6 @@
 simulators end to end."""
 
 import re
-import sys
-import types
 
 import pytest
 
@@ -23,8 +21,7 @@ from auxiliary.user_simulator import (
     resolve_style,
 )
 from auxiliary.vllm_user_simulator import VLLMStyleUserSimulator
-from tests.fakes import FakeAnthropicServer, Reply
-from tests.test_backends import FakeLLM, FakeVLLMSamplingParams
+from tests.fakes import FakeAnthropicServer, FakeLLM, Reply, install_fake_vllm
 
 NEW_TABLE = {
     "concise_casual_beginner", "detailed_professional_expert", "concise_casual_expert",
@@ -151,9 +148,7 @@ def test_claude_simulator_against_fake_api():
 
 
 def test_vllm_simulator_with_fake_engine(monkeypatch, chat_tokenizer):
-    module = types.ModuleType("vllm")
-    module.SamplingParams = FakeVLLMSamplingParams
-    monkeypatch.setitem(sys.modules, "vllm", module)
+    install_fake_vllm(monkeypatch)
     llm = FakeLLM(reply=lambda prompt: " No emojis, please. ")
     simulator = VLLMStyleUserSimulator(llm, chat_tokenizer, "no_emojis")
     assert simulator.generate_feedback(["q1", "q2"], ["a1", "a2"]) == ["No emojis, please."] * 2
