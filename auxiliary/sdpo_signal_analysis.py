@@ -1,0 +1,765 @@
+"""Per-token SDPO signal analysis: where does a user follow-up move the model's token probabilities?
+
+For each sampled case (a prompt x, an unrelated follow-up and a feedback follow-up) the script samples
+one answer y from x, keeps its exact token ids, and scores y under three contexts in one batched
+forward pass:
+
+    sig_unrel[t]  = log π(y_t | x⊕o_unrelated, y_<t) − log π(y_t | x, y_<t)
+    sig_follow[t] = log π(y_t | x⊕o_feedback,  y_<t) − log π(y_t | x, y_<t)
+
+(x⊕o = the hindsight context of ``sdpo_core``, H-online by default). The paper's claim (Section 4.3)
+is that sig_unrel ≈ 0 while a relevant follow-up gives large signed signals on the tokens it is about.
+
+Commands:
+
+    # GPU, the reference setting (Qwen3-8B, 24 cases, 256 new tokens at T=1.0, bf16)
+    ./scripts/run_signal_analysis.sh
+    python auxiliary/sdpo_signal_analysis.py --model Qwen/Qwen3-8B --out_dir out/signals
+
+    # CPU, the bundled SmolLM2-135M-Instruct (fp32; about a minute on 2 cores)
+    MODEL=smollm2-135m-instruct N_CASES=12 ./scripts/run_signal_analysis.sh --max_new_tokens 128 --min_y_tokens 48
+
+Outputs in ``--out_dir``:
+  * ``sdpo_signals.json`` — ``{"meta": {model, seed, max_new_tokens, temperature, do_sample, min_y_tokens,
+    cases_json, hindsight_variant, ...}, "cases": [{name, tag, raw_prompt, unrelated_followup,
+    followup_message, completion_text, n_tokens, completion_token_ids, completion_tokens, sig_unrel,
+    sig_follow, attempts, finished}], "skipped": [{name, tag, attempts, longest_n_tokens}]}``;
+  * ``summary.json`` and a console table — per case and overall (all cases, and per tag): mean |signal|
+    and mean signal for the unrelated and the feedback follow-up, and the ratio
+    mean|sig_unrel| / mean|sig_follow| (≈ 0 if unrelated follow-ups carry no signal);
+  * ``unrelated.png``, ``followup.png`` (one heatmap row per kept case, the first ``--max_cols`` tokens),
+    ``stacked.png`` (unrelated above feedback), ``side_by_side.png`` (unrelated left, feedback right),
+    ``case{N}_tokens.png`` (the first ``--token_n`` tokens of case N, 1-based heatmap row, coloured by
+    their two signals). Colours: RdBu on a TwoSlopeNorm(vmin, 0, vmax) — red = the follow-up makes the
+    token less likely, white ≈ unchanged, blue = more likely; values clipped to [vmin, vmax]; NaN
+    (row shorter than ``--max_cols``) white.
+
+Choices that differ from the reference script (spec §10):
+  * the default hindsight block is H-online (the paper's Table 1 form) instead of H-offline-v1;
+    ``--hindsight_variant offline_v1`` reproduces the reference;
+  * sampling uses T from the case file with top-p 1.0 and no top-k, stated explicitly (the reference
+    inherited Qwen3's generation config, top-p 0.95 / top-k 20);
+  * log-probs come from fp32 log-softmax (``sdpo_core.score_completions``), and the three contexts are
+    scored in one left-padded batch; contexts longer than 2048 tokens lose their oldest tokens;
+  * the default cases file is found relative to the repository root (the reference's path broke when
+    the script moved into ``auxiliary/``);
+  * a case whose answer stays shorter than ``--min_y_tokens`` after ``--max_retries`` extra samples is
+    listed under ``skipped`` instead of stopping the run; with ``do_sample`` false there is one attempt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from auxiliary.evaluation_helpers import write_json_atomic
+from auxiliary.generation import Generation, SamplingParams, encode_chat, generate
+from auxiliary.model_loading import ModelLoadError, load_model_and_tokenizer, resolve_device
+from sdpo_core import (
+    HINDSIGHT_VARIANTS,
+    encode_student_teacher_contexts,
+    pad_contexts_and_completions,
+    score_completions,
+    sdpo_signal,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CASES_JSON = REPO_ROOT / "auxiliary" / "signal_analysis_cases.json"
+MAX_CONTEXT_TOKENS = 2048
+
+# --------------------------------------------------------------------------------------------------
+# Cases file
+# --------------------------------------------------------------------------------------------------
+
+TOP_LEVEL_KEYS = ("version", "description", "defaults", "cases")
+DEFAULTS_KEYS = ("max_new_tokens", "temperature", "do_sample", "variant_suffix_pool")
+CASE_FIELDS = ("id", "tag", "raw_prompt", "unrelated_followup", "feedback_followup")
+CASE_TAGS = ("reinforce", "constrain")
+
+
+class CaseFileError(ValueError):
+    """The cases file cannot be used; the message names the file and every problem found."""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _non_empty_string(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _defaults_problems(defaults) -> list[str]:
+    if not isinstance(defaults, dict):
+        return [f"'defaults' must be an object, got {type(defaults).__name__}"]
+    problems = [f"defaults: missing field '{key}'" for key in DEFAULTS_KEYS if key not in defaults]
+    expected = ", ".join(DEFAULTS_KEYS)
+    problems += [f"defaults: unknown field '{key}' (expected {expected})" for key in defaults if key not in DEFAULTS_KEYS]
+    tokens = defaults.get("max_new_tokens", 1)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        problems.append(f"defaults: 'max_new_tokens' must be a positive integer, got {tokens!r}")
+    temperature = defaults.get("temperature", 1.0)
+    if not _is_number(temperature) or temperature < 0:
+        problems.append(f"defaults: 'temperature' must be a number >= 0, got {temperature!r}")
+    if not isinstance(defaults.get("do_sample", True), bool):
+        problems.append(f"defaults: 'do_sample' must be true or false, got {defaults['do_sample']!r}")
+    pool = defaults.get("variant_suffix_pool", ["x"])
+    if not isinstance(pool, list) or not pool or not all(_non_empty_string(s) for s in pool):
+        problems.append("defaults: 'variant_suffix_pool' must be a non-empty list of non-empty strings")
+    return problems
+
+
+def _case_problems(index: int, case, seen_ids: set) -> list[str]:
+    if not isinstance(case, dict):
+        return [f"case {index}: must be an object, got {type(case).__name__}"]
+    label = f"case {index} ({case['id']!r})" if _non_empty_string(case.get("id")) else f"case {index} (no id)"
+    problems = [f"{label}: missing field '{field}'" for field in CASE_FIELDS if field not in case]
+    problems += [f"{label}: unknown field '{key}' (expected {', '.join(CASE_FIELDS)})" for key in case if key not in CASE_FIELDS]
+    problems += [
+        f"{label}: field '{field}' must be a non-empty string"
+        for field in CASE_FIELDS
+        if field in case and not _non_empty_string(case[field])
+    ]
+    if _non_empty_string(case.get("tag")) and case["tag"] not in CASE_TAGS:
+        problems.append(f"{label}: tag {case['tag']!r} is not one of {', '.join(CASE_TAGS)}")
+    if _non_empty_string(case.get("id")):
+        if case["id"] in seen_ids:
+            problems.append(f"{label}: duplicate id")
+        seen_ids.add(case["id"])
+    return problems
+
+
+def validate_cases(data) -> list[str]:
+    """Every problem with a parsed cases file, one readable line each (empty list = valid)."""
+    if not isinstance(data, dict):
+        return [f"the top level must be an object with keys {', '.join(TOP_LEVEL_KEYS)}, got {type(data).__name__}"]
+    problems = [f"missing top-level key '{key}'" for key in TOP_LEVEL_KEYS if key not in data]
+    expected = ", ".join(TOP_LEVEL_KEYS)
+    problems += [f"unknown top-level key '{key}' (expected {expected})" for key in data if key not in TOP_LEVEL_KEYS]
+    if "version" in data and not _non_empty_string(data["version"]):
+        problems.append("'version' must be a non-empty string")
+    if "description" in data and not isinstance(data["description"], str):
+        problems.append("'description' must be a string")
+    if "defaults" in data:
+        problems += _defaults_problems(data["defaults"])
+    if "cases" in data:
+        cases = data["cases"]
+        if not isinstance(cases, list) or not cases:
+            problems.append("'cases' must be a non-empty list")
+        else:
+            seen_ids: set = set()
+            for index, case in enumerate(cases):
+                problems += _case_problems(index, case, seen_ids)
+    return problems
+
+
+def load_cases_file(path: str | os.PathLike) -> dict:
+    """Read and validate a cases file; raise ``CaseFileError`` listing every problem."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CaseFileError(f"cases file {path} does not exist (pass --cases_json or set CASES_JSON)") from None
+    except json.JSONDecodeError as error:
+        raise CaseFileError(f"cases file {path} is not valid JSON: {error}") from None
+    problems = validate_cases(data)
+    if problems:
+        listing = "\n".join(f"  - {problem}" for problem in problems)
+        raise CaseFileError(f"cases file {path} has {len(problems)} problem(s):\n{listing}")
+    return data
+
+
+@dataclass(frozen=True)
+class SampledCase:
+    """One analysed case: a base case with a length-encouraging suffix appended to its prompt."""
+
+    name: str
+    tag: str
+    prompt: str
+    unrelated_followup: str
+    feedback_followup: str
+
+
+def sample_cases(cases: list[dict], suffix_pool: list[str], n_cases: int, seed: int) -> list[SampledCase]:
+    """Draw ``n_cases`` (base case, suffix) pairs uniformly with replacement, named ``<id>_v<NN>``."""
+    rng = random.Random(seed)
+    sampled = []
+    for index in range(n_cases):
+        base = rng.choice(cases)
+        suffix = rng.choice(suffix_pool)
+        sampled.append(
+            SampledCase(
+                name=f"{base['id']}_v{index:02d}",
+                tag=base["tag"],
+                prompt=f"{base['raw_prompt'].rstrip()} {suffix.strip()}",
+                unrelated_followup=base["unrelated_followup"],
+                feedback_followup=base["feedback_followup"],
+            )
+        )
+    return sampled
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling and scoring
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampledAnswer:
+    """The outcome of sampling one case: the longest generation seen and how many tries it took."""
+
+    generation: Generation
+    attempts: int
+    accepted: bool
+
+
+def sample_long_answers(
+    model,
+    tokenizer,
+    contexts: list[list[int]],
+    sampling: SamplingParams,
+    *,
+    min_tokens: int,
+    max_retries: int,
+    batch_size: int,
+) -> list[SampledAnswer]:
+    """Sample one answer per context, resampling the short ones (fewer than ``min_tokens`` ids).
+
+    All pending contexts are sampled together each round, so retries cost one batched call per round.
+    Greedy decoding would repeat itself, so it gets a single attempt.
+    """
+    rounds = 1 if sampling.greedy else 1 + max_retries
+    longest: list[Generation | None] = [None] * len(contexts)
+    attempts = [0] * len(contexts)
+    pending = list(range(len(contexts)))
+    for _ in range(rounds):
+        generations = generate(model, tokenizer, [contexts[i] for i in pending], sampling, batch_size=batch_size)
+        still_short = []
+        for index, generation in zip(pending, generations):
+            attempts[index] += 1
+            if longest[index] is None or len(generation.token_ids) > len(longest[index].token_ids):
+                longest[index] = generation
+            if len(generation.token_ids) < min_tokens:
+                still_short.append(index)
+        pending = still_short
+        if not pending:
+            break
+    return [
+        SampledAnswer(generation=g, attempts=n, accepted=len(g.token_ids) >= min_tokens)
+        for g, n in zip(longest, attempts)
+    ]
+
+
+@torch.no_grad()
+def score_case_signals(
+    model,
+    tokenizer,
+    prompt: str,
+    completion_ids: list[int],
+    unrelated_followup: str,
+    feedback_followup: str,
+    *,
+    hindsight_variant: str = "online",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sig_unrel, sig_follow) of one completion, float32 arrays of length ``len(completion_ids)``.
+
+    y is scored under x, x⊕o_unrelated and x⊕o_feedback in one batch of three rows.
+    """
+    messages = [{"role": "user", "content": prompt}]
+    student, teacher_unrelated = encode_student_teacher_contexts(
+        tokenizer, messages, unrelated_followup, variant=hindsight_variant, max_context_length=MAX_CONTEXT_TOKENS
+    )
+    _, teacher_feedback = encode_student_teacher_contexts(
+        tokenizer, messages, feedback_followup, variant=hindsight_variant, max_context_length=MAX_CONTEXT_TOKENS
+    )
+    batch = pad_contexts_and_completions(
+        [student, teacher_unrelated, teacher_feedback], [completion_ids] * 3, tokenizer.pad_token_id
+    )
+    scores = score_completions(model, batch.to(next(model.parameters()).device))
+    student_logprobs = scores.logprobs[0:1].expand(2, -1)
+    signals = sdpo_signal(student_logprobs, scores.logprobs[1:], scores.mask[1:]).float().cpu().numpy()
+    return signals[0], signals[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def signal_statistics(sig_unrel: np.ndarray, sig_follow: np.ndarray) -> dict:
+    """Mean |signal| and mean signal of both follow-ups over the given tokens, and their |·| ratio."""
+    abs_unrel, abs_follow = float(np.abs(sig_unrel).mean()), float(np.abs(sig_follow).mean())
+    return {
+        "n_tokens": int(sig_unrel.size),
+        "mean_abs_unrel": abs_unrel,
+        "mean_unrel": float(sig_unrel.mean()),
+        "mean_abs_follow": abs_follow,
+        "mean_follow": float(sig_follow.mean()),
+        "abs_ratio_unrel_to_follow": abs_unrel / abs_follow if abs_follow > 0 else float("nan"),
+    }
+
+
+def summarize(cases: list[dict]) -> dict:
+    """Per-case statistics, then pooled over all tokens of all cases and of each tag."""
+    per_case = [
+        {"name": c["name"], "tag": c["tag"], **signal_statistics(np.asarray(c["sig_unrel"]), np.asarray(c["sig_follow"]))}
+        for c in cases
+    ]
+
+    def pooled(selected: list[dict]) -> dict | None:
+        if not selected:
+            return None
+        return signal_statistics(
+            np.concatenate([np.asarray(c["sig_unrel"]) for c in selected]),
+            np.concatenate([np.asarray(c["sig_follow"]) for c in selected]),
+        )
+
+    return {
+        "per_case": per_case,
+        "overall": pooled(cases),
+        "by_tag": {tag: pooled([c for c in cases if c["tag"] == tag]) for tag in CASE_TAGS},
+    }
+
+
+def format_summary_table(summary: dict) -> str:
+    """The console table of ``summarize``: one line per case, then the pooled rows."""
+    header = f"{'case':<44} {'tag':<9} {'tokens':>6} {'|unrel|':>8} {'unrel':>8} {'|follow|':>8} {'follow':>8} {'ratio':>6}"
+    lines = [header, "-" * len(header)]
+
+    def row(label: str, tag: str, stats: dict) -> str:
+        ratio = stats["abs_ratio_unrel_to_follow"]
+        return (
+            f"{label[:44]:<44} {tag:<9} {stats['n_tokens']:>6} {stats['mean_abs_unrel']:>8.3f} {stats['mean_unrel']:>8.3f} "
+            f"{stats['mean_abs_follow']:>8.3f} {stats['mean_follow']:>8.3f} {ratio:>6.2f}"
+        )
+
+    lines += [row(c["name"], c["tag"], c) for c in summary["per_case"]]
+    lines.append("-" * len(header))
+    for tag, stats in summary["by_tag"].items():
+        if stats is not None:
+            lines.append(row(f"all {tag} cases (pooled tokens)", tag, stats))
+    if summary["overall"] is not None:
+        lines.append(row("all cases (pooled tokens)", "", summary["overall"]))
+    lines.append("ratio = mean|sig_unrel| / mean|sig_follow|; signals in nats per token")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures (matplotlib object API on the Agg canvas: no pyplot global state)
+# --------------------------------------------------------------------------------------------------
+
+COLORMAP = "RdBu"
+FIGURE_DPI = 220
+TICK_STEP = 25
+TICK_FONTSIZE = 14
+SPINE_WIDTH = 2.2
+TOKEN_FONTSIZE = 14
+TOKEN_LABEL_FONTSIZE = 16
+LIGHT_BACKGROUND_LUMINANCE = 0.62
+
+
+def signal_matrix(rows: list[list[float]], max_cols: int, vmin: float, vmax: float) -> np.ndarray:
+    """(len(rows), max_cols) array of the first ``max_cols`` values per row, clipped; shorter rows NaN-padded."""
+    matrix = np.full((len(rows), max_cols), np.nan, dtype=np.float64)
+    for index, row in enumerate(rows):
+        values = np.asarray(row[:max_cols], dtype=np.float64)
+        matrix[index, : values.size] = np.clip(values, vmin, vmax)
+    return matrix
+
+
+def _norm_and_cmap(vmin: float, vmax: float):
+    from matplotlib import colormaps
+    from matplotlib.colors import TwoSlopeNorm
+
+    return TwoSlopeNorm(vmin=vmin, vcenter=0.0, vmax=vmax), colormaps[COLORMAP].with_extremes(bad="white")
+
+
+def _draw_heatmap(axes, matrix: np.ndarray, norm, cmap):
+    image = axes.imshow(np.ma.masked_invalid(matrix), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    axes.set_yticks([])
+    ticks = np.arange(0, matrix.shape[1], TICK_STEP)
+    axes.set_xticks(ticks)
+    axes.set_xticklabels([str(t) for t in ticks], fontsize=TICK_FONTSIZE)
+    for spine in axes.spines.values():
+        spine.set_color("black")
+        spine.set_linewidth(SPINE_WIDTH)
+    return image
+
+
+def _style_colorbar(colorbar, vmin: float, vmax: float) -> None:
+    colorbar.set_ticks([vmin, 0.0, vmax])
+    colorbar.set_ticklabels([f"{vmin:g}", "0", f"{vmax:+g}"])
+    colorbar.ax.tick_params(labelsize=TICK_FONTSIZE)
+
+
+def _save(figure, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    figure.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
+
+
+def plot_heatmap(matrix: np.ndarray, path: Path, vmin: float, vmax: float) -> None:
+    """One signal matrix with its colorbar (``unrelated.png`` / ``followup.png``)."""
+    from matplotlib.figure import Figure
+
+    norm, cmap = _norm_and_cmap(vmin, vmax)
+    figure = Figure(figsize=(12, 2.7))
+    axes = figure.add_subplot()
+    image = _draw_heatmap(axes, matrix, norm, cmap)
+    _style_colorbar(figure.colorbar(image, ax=axes, fraction=0.035, pad=0.02), vmin, vmax)
+    _save(figure, path)
+
+
+def plot_stacked(unrelated: np.ndarray, followup: np.ndarray, path: Path, vmin: float, vmax: float) -> None:
+    """Unrelated above feedback on a shared x axis, one colorbar spanning both rows."""
+    from matplotlib.figure import Figure
+
+    norm, cmap = _norm_and_cmap(vmin, vmax)
+    figure = Figure(figsize=(12, 5.4))
+    grid = figure.add_gridspec(2, 2, width_ratios=[1, 0.045], wspace=0.12, hspace=0.20)
+    top = figure.add_subplot(grid[0, 0])
+    bottom = figure.add_subplot(grid[1, 0], sharex=top)
+    image = _draw_heatmap(top, unrelated, norm, cmap)
+    _draw_heatmap(bottom, followup, norm, cmap)
+    top.tick_params(labelbottom=False)
+    _style_colorbar(figure.colorbar(image, cax=figure.add_subplot(grid[:, 1])), vmin, vmax)
+    _save(figure, path)
+
+
+def plot_side_by_side(unrelated: np.ndarray, followup: np.ndarray, path: Path, vmin: float, vmax: float) -> None:
+    """Unrelated (left) and feedback (right) panels sharing the y axis, colorbar on the right panel."""
+    from matplotlib.figure import Figure
+
+    norm, cmap = _norm_and_cmap(vmin, vmax)
+    figure = Figure(figsize=(12, 2.7))
+    left, right = figure.subplots(1, 2, sharey=True)
+    _draw_heatmap(left, unrelated, norm, cmap)
+    image = _draw_heatmap(right, followup, norm, cmap)
+    _style_colorbar(figure.colorbar(image, ax=right, fraction=0.035, pad=0.02), vmin, vmax)
+    _save(figure, path)
+
+
+def _monospace_has_glyph(character: str) -> bool:
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    font_file = font_manager.findfont(font_manager.FontProperties(family="monospace"))
+    return ord(character) in FT2Font(font_file).get_charmap()
+
+
+def token_display_text(piece: str, space_glyph: str = "␠") -> tuple[int, str]:
+    """(number of leading spaces, text to draw in the box) for one decoded token.
+
+    Newlines show as ⏎ and tabs as ⇥; a token of spaces only shows as ``space_glyph``; an empty token as ∅.
+    Leading spaces are returned separately so they can be drawn as a gap before the box.
+    """
+    text = piece.replace("\r", "").replace("\n", "⏎").replace("\t", "⇥")
+    if not text:
+        return 0, "∅"
+    if not text.strip(" "):
+        return 0, space_glyph
+    stripped = text.lstrip(" ")
+    return len(text) - len(stripped), stripped
+
+
+def plot_token_boxes(
+    pieces: list[str],
+    sig_unrel: list[float],
+    sig_follow: list[float],
+    case_number: int,
+    path: Path,
+    vmin: float,
+    vmax: float,
+) -> None:
+    """Two labelled rows of rounded token boxes coloured by each token's signal (``case{N}_tokens.png``).
+
+    The figure size follows the measured text extents, so long tokens never overlap.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.patches import FancyBboxPatch
+    from matplotlib.transforms import Affine2D
+
+    norm, cmap = _norm_and_cmap(vmin, vmax)
+    # DejaVu Sans Mono (matplotlib's default monospace) has no U+2420 "␠"; fall back to "␣".
+    space_glyph = "␠" if _monospace_has_glyph("␠") else "␣"
+    token_font = FontProperties(family="monospace", size=TOKEN_FONTSIZE)
+    label_font = FontProperties(size=TOKEN_LABEL_FONTSIZE)
+    renderer = FigureCanvasAgg(Figure(dpi=FIGURE_DPI)).get_renderer()
+    to_points = 72.0 / FIGURE_DPI
+
+    def measure(text: str, font) -> tuple[float, float, float]:
+        width, height, descent = renderer.get_text_width_height_descent(text, font, ismath=False)
+        return width * to_points, height * to_points, descent * to_points
+
+    margin, box_pad, box_gap, label_gap, row_gap = 10.0, 4.0, 5.0, 6.0, 14.0
+    char_width = measure("M" * 10, token_font)[0] / 10
+    _, line_height, line_descent = measure("Ag|⏎", token_font)
+    box_height = line_height + 2 * box_pad
+    display = [token_display_text(piece, space_glyph) for piece in pieces]
+    widths = [measure(text, token_font)[0] + 2 * box_pad for _, text in display]
+    boxes_width = sum(lead * char_width + width for (lead, _), width in zip(display, widths)) + box_gap * (len(display) - 1)
+    labels = [
+        f"Case {case_number} — {kind} — first {len(pieces)} tokens:" for kind in ("Unrelated", "Follow-up")
+    ]
+    label_sizes = [measure(label, label_font) for label in labels]
+    row_heights = [size[1] + label_gap + box_height for size in label_sizes]
+    fig_width = 2 * margin + max(boxes_width, *(size[0] for size in label_sizes))
+    fig_height = 2 * margin + sum(row_heights) + row_gap
+
+    figure = Figure(figsize=(fig_width / 72, fig_height / 72), dpi=FIGURE_DPI)
+    points = Affine2D().scale(1 / 72) + figure.dpi_scale_trans
+    top = fig_height - margin
+    rows = zip(labels, label_sizes, (sig_unrel, sig_follow), row_heights)
+    for label, (_, label_height, label_descent), values, row_height in rows:
+        figure.text(margin, top - label_height + label_descent, label, fontproperties=label_font, transform=points)
+        box_bottom = top - row_height
+        x = margin
+        for (lead, text), width, value in zip(display, widths, values):
+            x += lead * char_width
+            face = cmap(norm(float(np.clip(value, vmin, vmax))))
+            luminance = 0.2126 * face[0] + 0.7152 * face[1] + 0.0722 * face[2]
+            figure.add_artist(
+                FancyBboxPatch(
+                    (x, box_bottom),
+                    width,
+                    box_height,
+                    boxstyle="round,pad=0,rounding_size=4",
+                    facecolor=(*face[:3], 0.95),
+                    edgecolor=(0, 0, 0, 0.25),
+                    linewidth=0.8,
+                    transform=points,
+                )
+            )
+            figure.text(
+                x + box_pad,
+                box_bottom + box_pad + line_descent,
+                text,
+                fontproperties=token_font,
+                color="black" if luminance > LIGHT_BACKGROUND_LUMINANCE else "white",
+                transform=points,
+            )
+            x += width + box_gap
+        top = box_bottom - row_gap
+    _save(figure, path)
+
+
+def write_figures(cases: list[dict], out_dir: Path, args) -> list[Path]:
+    """Draw every figure for the kept cases; return the paths written."""
+    unrelated = signal_matrix([c["sig_unrel"] for c in cases], args.max_cols, args.vmin, args.vmax)
+    followup = signal_matrix([c["sig_follow"] for c in cases], args.max_cols, args.vmin, args.vmax)
+    written = [out_dir / name for name in ("unrelated.png", "followup.png", "stacked.png", "side_by_side.png")]
+    plot_heatmap(unrelated, written[0], args.vmin, args.vmax)
+    plot_heatmap(followup, written[1], args.vmin, args.vmax)
+    plot_stacked(unrelated, followup, written[2], args.vmin, args.vmax)
+    plot_side_by_side(unrelated, followup, written[3], args.vmin, args.vmax)
+    if 1 <= args.token_case_index <= len(cases):
+        case = cases[args.token_case_index - 1]
+        n = min(args.token_n, case["n_tokens"])
+        path = out_dir / f"case{args.token_case_index}_tokens.png"
+        plot_token_boxes(
+            case["completion_pieces"][:n],
+            case["sig_unrel"][:n],
+            case["sig_follow"][:n],
+            args.token_case_index,
+            path,
+            args.vmin,
+            args.vmax,
+        )
+        written.append(path)
+    else:
+        print(f"warning: --token_case_index {args.token_case_index} is outside 1..{len(cases)}; no token figure drawn")
+    return written
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        description="Per-token SDPO signal heatmaps: unrelated vs feedback follow-ups (spec §10).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # ---- inputs and outputs
+    parser.add_argument("--model", default=env("MODEL", "Qwen/Qwen3-8B"), help="Hub id, local folder or bundled alias ($MODEL)")
+    parser.add_argument("--cases_json", default=env("CASES_JSON", str(DEFAULT_CASES_JSON)), help="cases file ($CASES_JSON)")
+    parser.add_argument("--out_dir", default=env("OUT_DIR", "signal_analysis_out"), help="output folder ($OUT_DIR)")
+    parser.add_argument("--n_cases", type=int, default=env("N_CASES", "24"), help="cases to sample, with replacement ($N_CASES)")
+    parser.add_argument("--seed", type=int, default=env("SEED", "123"), help="seed for case sampling and generation ($SEED)")
+    parser.add_argument(
+        "--hindsight_variant", default="online", choices=sorted(HINDSIGHT_VARIANTS), help="hindsight block for x⊕o (sdpo_core)"
+    )
+    # ---- model
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="auto: bf16 on CUDA, fp32 on CPU"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    # ---- generation
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="override the cases file default")
+    parser.add_argument("--temperature", type=float, default=None, help="override the cases file default")
+    parser.add_argument(
+        "--min_y_tokens", type=int, default=80, help="resample answers shorter than this (ids, stop token included)"
+    )
+    parser.add_argument("--max_retries", type=int, default=6, help="extra samples for a short answer before the case is skipped")
+    parser.add_argument("--batch_size", type=int, default=8, help="generation batch size")
+    # ---- figures
+    parser.add_argument("--max_cols", type=int, default=120, help="tokens per heatmap row")
+    parser.add_argument("--vmin", type=float, default=-15.0, help="colour scale minimum (values below are clipped)")
+    parser.add_argument("--vmax", type=float, default=3.0, help="colour scale maximum (values above are clipped)")
+    parser.add_argument("--token_case_index", type=int, default=1, help="1-based heatmap row drawn as token boxes")
+    parser.add_argument("--token_n", type=int, default=15, help="tokens shown in the token-box figure")
+    args = parser.parse_args(argv)
+    if args.n_cases < 1 or args.min_y_tokens < 1 or args.max_retries < 0 or args.max_cols < 1 or args.token_n < 1:
+        parser.error("--n_cases, --min_y_tokens, --max_cols and --token_n must be >= 1, --max_retries >= 0")
+    if not args.vmin < 0 < args.vmax:
+        parser.error(f"need --vmin < 0 < --vmax (the colour scale is centred on 0), got {args.vmin} and {args.vmax}")
+    return args
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def run(args: argparse.Namespace) -> int:
+
+    started = time.time()
+    cases_file = load_cases_file(args.cases_json)
+    defaults = cases_file["defaults"]
+    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else defaults["max_new_tokens"]
+    temperature = args.temperature if args.temperature is not None else float(defaults["temperature"])
+    do_sample = defaults["do_sample"] and temperature > 0
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0, top_p=1.0, top_k=0)
+    if max_new_tokens < args.min_y_tokens:
+        print(f"warning: --max_new_tokens {max_new_tokens} < --min_y_tokens {args.min_y_tokens}: every case will be skipped")
+
+    cases = sample_cases(cases_file["cases"], defaults["variant_suffix_pool"], args.n_cases, args.seed)
+    device = resolve_device(args.device)
+    dtype = ("bfloat16" if device.type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device)
+    model.eval()
+    # Seeded after loading: weight initialisation inside from_pretrained may draw from the torch RNG.
+    seed_everything(args.seed)
+    print(f"model {args.model} on {device} ({dtype}); {len(cases)} cases; hindsight {args.hindsight_variant}; {sampling}")
+
+    contexts = [encode_chat(tokenizer, [{"role": "user", "content": c.prompt}], max_length=MAX_CONTEXT_TOKENS) for c in cases]
+    answers = sample_long_answers(
+        model,
+        tokenizer,
+        contexts,
+        sampling,
+        min_tokens=args.min_y_tokens,
+        max_retries=args.max_retries,
+        batch_size=args.batch_size,
+    )
+
+    kept, skipped = [], []
+    for case, answer in zip(cases, answers):
+        ids = answer.generation.token_ids
+        if not answer.accepted:
+            skipped.append({"name": case.name, "tag": case.tag, "attempts": answer.attempts, "longest_n_tokens": len(ids)})
+            print(f"skipped {case.name}: longest of {answer.attempts} answers has {len(ids)} < {args.min_y_tokens} tokens")
+            continue
+        sig_unrel, sig_follow = score_case_signals(
+            model,
+            tokenizer,
+            case.prompt,
+            ids,
+            case.unrelated_followup,
+            case.feedback_followup,
+            hindsight_variant=args.hindsight_variant,
+        )
+        if not sig_unrel.size == sig_follow.size == len(ids):
+            raise RuntimeError(f"{case.name}: signal lengths {sig_unrel.size}/{sig_follow.size} differ from {len(ids)} tokens")
+        kept.append(
+            {
+                "name": case.name,
+                "tag": case.tag,
+                "raw_prompt": case.prompt,
+                "unrelated_followup": case.unrelated_followup,
+                "followup_message": case.feedback_followup,
+                "completion_text": answer.generation.text,
+                "n_tokens": len(ids),
+                "completion_token_ids": list(ids),
+                "completion_tokens": tokenizer.convert_ids_to_tokens(list(ids)),
+                "sig_unrel": [round(float(v), 6) for v in sig_unrel],
+                "sig_follow": [round(float(v), 6) for v in sig_follow],
+                "attempts": answer.attempts,
+                "finished": answer.generation.finished,
+                # Decoded per token for the token-box figure; not part of the JSON.
+                "completion_pieces": [tokenizer.decode([i]) for i in ids],
+            }
+        )
+        print(
+            f"{case.name}: {len(ids)} tokens, mean|sig_unrel| {np.abs(sig_unrel).mean():.3f}, "
+            f"mean sig_follow {sig_follow.mean():+.3f}"
+        )
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "model": args.model,
+        "seed": args.seed,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "do_sample": do_sample,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "min_y_tokens": args.min_y_tokens,
+        "max_retries": args.max_retries,
+        "cases_json": str(Path(args.cases_json).resolve()),
+        "cases_version": cases_file["version"],
+        "n_cases_requested": args.n_cases,
+        "hindsight_variant": args.hindsight_variant,
+        "dtype": dtype,
+        "device": str(device),
+    }
+    json_cases = [{key: value for key, value in c.items() if key != "completion_pieces"} for c in kept]
+    write_json_atomic(out_dir / "sdpo_signals.json", {"meta": meta, "cases": json_cases, "skipped": skipped})
+    summary = summarize(kept)
+    write_json_atomic(out_dir / "summary.json", {"meta": meta, **summary, "skipped": skipped})
+    if not kept:
+        print(
+            f"error: no case reached {args.min_y_tokens} tokens; lower --min_y_tokens or raise --max_new_tokens. "
+            f"Wrote {out_dir / 'sdpo_signals.json'} (skipped list only), no figures."
+        )
+        return 1
+    print(format_summary_table(summary))
+    written = write_figures(kept, out_dir, args)
+    print(f"wrote {out_dir / 'sdpo_signals.json'}, {out_dir / 'summary.json'}, {', '.join(p.name for p in written)}")
+    print(f"kept {len(kept)} / {len(cases)} cases ({len(skipped)} skipped) in {time.time() - started:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (CaseFileError, ModelLoadError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
