@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 
 from auxiliary.model_loading import DTYPES
 from sdpo_core import HINDSIGHT_ONLINE_TEMPLATE, LOSS_MODES, check_hindsight_template
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 OPTIMIZERS = ("adamw", "adamw_8bit")
@@ -84,6 +87,11 @@ class OnlineSDPOConfig:
             False → greedy decoding.
         generation_batch_size (`int`, defaults to `8`):
             Prompts per batched ``generate`` call.
+        use_vllm (`bool`, defaults to `False`):
+            Generate with an in-process vLLM engine that loads the trained LoRA adapter after every
+            update (forces ``use_lora``; GPU only). Training stays on ``device``.
+        vllm_gpu_memory_utilization (`float`, defaults to `0.9`):
+            Share of GPU memory the vLLM engine may take (lower it when training shares the GPU).
 
     Parameters that control checkpointing and logging:
         checkpoint_dir (`str`, defaults to `"./live_checkpoints"`):
@@ -140,6 +148,8 @@ class OnlineSDPOConfig:
     top_k: int = 0
     do_sample: bool = True
     generation_batch_size: int = 8
+    use_vllm: bool = False
+    vllm_gpu_memory_utilization: float = 0.9
     # checkpointing and logging
     checkpoint_dir: str = "./live_checkpoints"
     checkpoint_every_n_steps: int = 10
@@ -183,6 +193,9 @@ class OnlineSDPOConfig:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.use_vllm and not self.use_lora:
+            logger.info("use_vllm: training LoRA adapters (vLLM follows the policy by hot-swapping the adapter)")
+            self.use_lora = True
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Online SDPO: interleaved training on simulated-user follow-ups and periodic pairwise evaluation.
+#
+#   ./scripts/eval_online_sdpo.sh                      # reference GPU setup (Qwen3-8B policy, Qwen3-32B user/judge, vLLM)
+#   MODEL=Qwen/Qwen3-4B STYLE=concise_casual_beginner DATA_DIR=./data/tldr_prompts_unique ./scripts/eval_online_sdpo.sh
+#   PRESET=cpu ./scripts/eval_online_sdpo.sh           # embedded SmolLM2-135M, rule-based user and judge, MT-Bench prompts
+#   ./scripts/eval_online_sdpo.sh --dry-run --eval_every 5   # print the command; extra arguments go to eval_online_sdpo.py
+#
+# Env (defaults): MODEL Qwen/Qwen3-8B | USER_MODEL Qwen/Qwen3-32B | STYLE no_emojis | EVAL_STYLES (empty)
+#   LR 5e-6 | LOSS_MODE full_distillation | TRAIN_N 15 | EVAL_N 100 | EVAL_EVERY 3 | TRAIN_STEPS_PER_EXAMPLE 1
+#   SEED 1234 | DATA_DIR data/helpsteer_prompts | BASELINE_MODEL (empty: the policy before training)
+#   RUN_NAME eval_online_sdpo | RUN_ID eval-online-sdpo-<timestamp> | OUTPUT_DIR $BASE_WORK/eval-online-sdpo/$RUN_ID
+#   BASE_WORK ${SCRATCH:-${TMPDIR:-/tmp}} | CACHE_DIR $BASE_WORK/hf-cache | PRESET (empty or cpu)
+# PRESET=cpu changes the defaults (each still overridable by its env var): MODEL smollm2-135m-instruct,
+#   rule-based user and judge, STYLE answer_directly_reduce_formatting, EVAL_STYLES "no_emojis less_filler_praise_sycophancy",
+#   LR 1e-4 with LoRA r 16, LOSS_MODE simple_signal, TRAIN_N 16, EVAL_N 24, EVAL_EVERY 4, 96 new tokens,
+#   DATA_DIR data/mtbench_prompts, OUTPUT_DIR runs/<RUN_ID>.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+sdpo_init "$@"
+
+PRESET="${PRESET:-}"
+RUN_ID="${RUN_ID:-eval-online-sdpo-$(date +%Y%m%d-%H%M%S)}"
+case "$PRESET" in
+  cpu)
+    MODEL="${MODEL:-smollm2-135m-instruct}"
+    STYLE="${STYLE:-answer_directly_reduce_formatting}"
+    EVAL_STYLES="${EVAL_STYLES-no_emojis less_filler_praise_sycophancy}"
+    LR="${LR:-1e-4}"
+    LOSS_MODE="${LOSS_MODE:-simple_signal}"
+    TRAIN_N="${TRAIN_N:-16}"
+    EVAL_N="${EVAL_N:-24}"
+    EVAL_EVERY="${EVAL_EVERY:-4}"
+    DATA_DIR="${DATA_DIR:-$REPO_ROOT/data/mtbench_prompts}"
+    OUTPUT_DIR="${OUTPUT_DIR:-$REPO_ROOT/runs/$RUN_ID}"
+    ;;
+  "") ;;
+  *) echo "error: unknown PRESET=$PRESET (use PRESET=cpu or leave it empty)" >&2; exit 1 ;;
+esac
+
+MODEL="${MODEL:-Qwen/Qwen3-8B}"
+USER_MODEL="${USER_MODEL:-Qwen/Qwen3-32B}"
+STYLE="${STYLE:-no_emojis}"
+EVAL_STYLES="${EVAL_STYLES:-}"
+LR="${LR:-5e-6}"
+LOSS_MODE="${LOSS_MODE:-full_distillation}"
+TRAIN_N="${TRAIN_N:-15}"
+EVAL_N="${EVAL_N:-100}"
+EVAL_EVERY="${EVAL_EVERY:-3}"
+TRAIN_STEPS_PER_EXAMPLE="${TRAIN_STEPS_PER_EXAMPLE:-1}"
+SEED="${SEED:-1234}"
+RUN_NAME="${RUN_NAME:-eval_online_sdpo}"
+DATA_DIR="${DATA_DIR:-$REPO_ROOT/data/helpsteer_prompts}"
+BASELINE_MODEL="${BASELINE_MODEL:-}"
+export OUTPUT_DIR="${OUTPUT_DIR:-$BASE_WORK/eval-online-sdpo/$RUN_ID}"
+
+read -r -a eval_styles <<< "$EVAL_STYLES"
+cmd=("$PYTHON" eval_online_sdpo.py
+  --model "$MODEL" --lr "$LR" --loss_mode "$LOSS_MODE" --style "$STYLE"
+  --train_jsonl "$DATA_DIR/train.jsonl" --val_jsonl "$DATA_DIR/validation.jsonl"
+  --train_n "$TRAIN_N" --eval_n "$EVAL_N" --eval_every "$EVAL_EVERY" --train_steps_per_example "$TRAIN_STEPS_PER_EXAMPLE"
+  --out_dir "$OUTPUT_DIR" --run_name "$RUN_NAME" --seed "$SEED" --eval_styles "${eval_styles[@]}")
+if [[ "$PRESET" == cpu ]]; then
+  cmd+=(--user_backend rule --judge_backend rule --use_lora --lora_r 16 --lora_alpha 32
+    --max_new_tokens 96 --eval_max_new_tokens 96 --device cpu --dtype bfloat16)
+else
+  cmd+=(--user_model_name_or_path "$USER_MODEL" --judge_local --user_vllm --use_lora --use_vllm
+    --debug_first_example --save_checkpoints)
+fi
+if [[ -n "$BASELINE_MODEL" ]]; then
+  cmd+=(--baseline_model "$BASELINE_MODEL")
+fi
+
+echo "[eval_online_sdpo] $(date '+%F %T') model=$MODEL style=$STYLE loss=$LOSS_MODE train_n=$TRAIN_N eval_n=$EVAL_N out=$OUTPUT_DIR preset=${PRESET:-none}" >&2
+sdpo_mkdir "$OUTPUT_DIR"
+sdpo_run "${cmd[@]}" "${SDPO_ARGS[@]}"
