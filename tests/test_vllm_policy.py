@@ -1,0 +1,75 @@
+"""Policy generation through vLLM (a fake engine with vLLM's call signatures; vLLM needs a GPU)."""
+
+import sys
+import types
+
+import pytest
+
+from auxiliary.generation import SamplingParams
+from tests.fakes import install_fake_vllm
+
+
+@pytest.fixture()
+def fake_policy_vllm(monkeypatch, chat_tokenizer):
+    """A vllm module whose LLM records generate calls and answers one finished + one truncated output."""
+    vllm = install_fake_vllm(monkeypatch)
+    eos = chat_tokenizer.eos_token_id
+
+    class FakePolicyLLM:
+        instances = []
+
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+            self.calls = []
+            FakePolicyLLM.instances.append(self)
+
+        def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+            self.calls.append((prompts, params, lora_request))
+            finished = types.SimpleNamespace(token_ids=[42, 43, eos], finish_reason="stop")
+            truncated = types.SimpleNamespace(token_ids=[44, 45], finish_reason="length")
+            outputs = [finished, truncated] * len(prompts)
+            return [types.SimpleNamespace(outputs=[o]) for o in outputs[: len(prompts)]]
+
+    vllm.LLM = FakePolicyLLM
+    lora = types.ModuleType("vllm.lora.request")
+    lora.LoRARequest = lambda name, id_, path: (name, id_, path)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
+    return FakePolicyLLM
+
+
+def test_vllm_policy_engine_follows_the_adapter_and_keeps_exact_ids(fake_policy_vllm, chat_tokenizer, tmp_path):
+    from auxiliary.vllm_policy import VLLMPolicyEngine
+
+    eos = chat_tokenizer.eos_token_id
+
+    engine = VLLMPolicyEngine("m", chat_tokenizer, max_lora_rank=8, gpu_memory_utilization=0.3, dtype="bfloat16", max_model_len=64)
+    assert engine.llm.kwargs["enable_lora"] and engine.llm.kwargs["max_lora_rank"] == 8
+    sampling = SamplingParams(max_new_tokens=5, temperature=1.0)
+    first = engine.generate([[1, 2], [3]], sampling, [eos])
+    assert [g.token_ids for g in first] == [[42, 43, eos], [44, 45]] and [g.finished for g in first] == [True, False]
+    assert engine.llm.calls[0][0] == [{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}] and engine.llm.calls[0][2] is None
+    assert engine.llm.calls[0][1].top_k == -1 and engine.llm.calls[0][1].max_tokens == 5
+    engine.load_adapter(tmp_path / "a")
+    engine.load_adapter(tmp_path / "a")
+    engine.generate([[1]], sampling, [eos])
+    assert engine.llm.calls[-1][2] == ("policy_v2", 2, str(tmp_path / "a"))
+
+
+def test_updater_generates_with_vllm_and_publishes_each_update(fake_policy_vllm, tiny_model_path, tmp_path):
+    from online_sdpo_updater import OnlineSDPOUpdater
+    from online_sdpo_updater_config import OnlineSDPOConfig
+
+    config = OnlineSDPOConfig(model_name_or_path=tiny_model_path, device="cpu", torch_dtype="float32", use_vllm=True, lora_r=4,
+                              lora_alpha=8, max_new_tokens=8, checkpoint_dir=str(tmp_path), checkpoint_every_n_steps=0)
+    assert config.use_lora
+    updater = OnlineSDPOUpdater(config)
+    engine = fake_policy_vllm.instances[-1]
+    messages = [{"role": "user", "content": "hi"}]
+    response = updater.generate_response(messages)
+    assert response.token_ids[:2] == [42, 43] and engine.calls[-1][2] is None
+    assert engine.calls[-1][0] == [{"prompt_token_ids": updater.encode_context(messages)}]
+    updater.train_step(messages, response, "Shorter.")
+    assert (tmp_path / "_live_adapter" / "adapter_config.json").is_file()
+    updater.generate_response(messages)
+    assert engine.calls[-1][2][1] == 1
