@@ -16,8 +16,14 @@ Commands:
     ./scripts/run_signal_analysis.sh
     python auxiliary/sdpo_signal_analysis.py --model Qwen/Qwen3-8B --out_dir out/signals
 
-    # CPU, the bundled SmolLM2-135M-Instruct (fp32; about a minute on 2 cores)
+    # CPU, the bundled SmolLM2-135M-Instruct (fp32): about 2 minutes on 2 cores
     MODEL=smollm2-135m-instruct N_CASES=12 ./scripts/run_signal_analysis.sh --max_new_tokens 128 --min_y_tokens 48
+    # On a machine shared with other jobs, one torch thread avoids OpenMP oversubscription (measured with
+    # other jobs running: 105 s with OMP_NUM_THREADS=1 vs 487 s with the default 2 threads; same output).
+    OMP_NUM_THREADS=1 MODEL=smollm2-135m-instruct N_CASES=12 ./scripts/run_signal_analysis.sh --max_new_tokens 128 --min_y_tokens 48
+
+The 135M model barely reads the follow-up, so on CPU the two heatmaps look alike; the run checks the
+pipeline, not the paper's claim (which needs an 8B-class model on a GPU).
 
 Outputs in ``--out_dir``:
   * ``sdpo_signals.json`` — ``{"meta": {model, seed, max_new_tokens, temperature, do_sample, min_y_tokens,
@@ -25,8 +31,10 @@ Outputs in ``--out_dir``:
     followup_message, completion_text, n_tokens, completion_token_ids, completion_tokens, sig_unrel,
     sig_follow, attempts, finished}], "skipped": [{name, tag, attempts, longest_n_tokens}]}``;
   * ``summary.json`` and a console table — per case and overall (all cases, and per tag): mean |signal|
-    and mean signal for the unrelated and the feedback follow-up, and the ratio
-    mean|sig_unrel| / mean|sig_follow| (≈ 0 if unrelated follow-ups carry no signal);
+    and mean signal for the unrelated and the feedback follow-up, the ratio
+    mean|sig_unrel| / mean|sig_follow| (≈ 0 if unrelated follow-ups carry no signal), and, to separate
+    the feedback's content from the mere presence of a hindsight block, mean|sig_follow − sig_unrel|
+    and the per-token correlation of the two signals;
   * ``unrelated.png``, ``followup.png`` (one heatmap row per kept case, the first ``--max_cols`` tokens),
     ``stacked.png`` (unrelated above feedback), ``side_by_side.png`` (unrelated left, feedback right),
     ``case{N}_tokens.png`` (the first ``--token_n`` tokens of case N, 1-based heatmap row, coloured by
@@ -300,8 +308,14 @@ def score_case_signals(
 
 
 def signal_statistics(sig_unrel: np.ndarray, sig_follow: np.ndarray) -> dict:
-    """Mean |signal| and mean signal of both follow-ups over the given tokens, and their |·| ratio."""
+    """Mean |signal| and mean signal of both follow-ups over the given tokens, and their |·| ratio.
+
+    Two more numbers separate what the feedback's *content* does from what any hindsight block does:
+    ``mean_abs_follow_minus_unrel`` (= mean |log π(y_t|x⊕o_feedback) − log π(y_t|x⊕o_unrelated)|) and
+    the per-token Pearson correlation of the two signals (NaN when either is constant).
+    """
     abs_unrel, abs_follow = float(np.abs(sig_unrel).mean()), float(np.abs(sig_follow).mean())
+    varies = sig_unrel.size > 1 and np.std(sig_unrel) > 0 and np.std(sig_follow) > 0
     return {
         "n_tokens": int(sig_unrel.size),
         "mean_abs_unrel": abs_unrel,
@@ -309,6 +323,8 @@ def signal_statistics(sig_unrel: np.ndarray, sig_follow: np.ndarray) -> dict:
         "mean_abs_follow": abs_follow,
         "mean_follow": float(sig_follow.mean()),
         "abs_ratio_unrel_to_follow": abs_unrel / abs_follow if abs_follow > 0 else float("nan"),
+        "mean_abs_follow_minus_unrel": float(np.abs(sig_follow - sig_unrel).mean()),
+        "corr_unrel_follow": float(np.corrcoef(sig_unrel, sig_follow)[0, 1]) if varies else float("nan"),
     }
 
 
@@ -336,14 +352,18 @@ def summarize(cases: list[dict]) -> dict:
 
 def format_summary_table(summary: dict) -> str:
     """The console table of ``summarize``: one line per case, then the pooled rows."""
-    header = f"{'case':<44} {'tag':<9} {'tokens':>6} {'|unrel|':>8} {'unrel':>8} {'|follow|':>8} {'follow':>8} {'ratio':>6}"
+    header = (
+        f"{'case':<44} {'tag':<9} {'tokens':>6} {'|unrel|':>8} {'unrel':>8} {'|follow|':>8} {'follow':>8} {'ratio':>6} "
+        f"{'|f-u|':>6} {'corr':>5}"
+    )
     lines = [header, "-" * len(header)]
 
     def row(label: str, tag: str, stats: dict) -> str:
         ratio = stats["abs_ratio_unrel_to_follow"]
         return (
             f"{label[:44]:<44} {tag:<9} {stats['n_tokens']:>6} {stats['mean_abs_unrel']:>8.3f} {stats['mean_unrel']:>8.3f} "
-            f"{stats['mean_abs_follow']:>8.3f} {stats['mean_follow']:>8.3f} {ratio:>6.2f}"
+            f"{stats['mean_abs_follow']:>8.3f} {stats['mean_follow']:>8.3f} {ratio:>6.2f} "
+            f"{stats['mean_abs_follow_minus_unrel']:>6.3f} {stats['corr_unrel_follow']:>5.2f}"
         )
 
     lines += [row(c["name"], c["tag"], c) for c in summary["per_case"]]
@@ -353,7 +373,10 @@ def format_summary_table(summary: dict) -> str:
             lines.append(row(f"all {tag} cases (pooled tokens)", tag, stats))
     if summary["overall"] is not None:
         lines.append(row("all cases (pooled tokens)", "", summary["overall"]))
-    lines.append("ratio = mean|sig_unrel| / mean|sig_follow|; signals in nats per token")
+    lines.append(
+        "signals in nats per token; ratio = mean|sig_unrel| / mean|sig_follow|; |f-u| = mean|sig_follow - sig_unrel| "
+        "(the part due to the feedback's content); corr = per-token correlation of the two signals"
+    )
     return "\n".join(lines)
 
 
