@@ -73,64 +73,116 @@ SUMMARY_FILE = "train_summary.json"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Offline SDPO on logged (x, y, o) interactions.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description="Offline SDPO on logged (x, y, o) interactions.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     # Data and model
-    parser.add_argument("--train_jsonl", required=True, help="interaction JSONL: prompt / completion / user_response per line")
-    parser.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="Hub id, local folder or bundled alias (smollm2-135m-instruct)")
-    parser.add_argument("--output_dir", default=os.environ.get("OUTPUT_DIR") or "./local_checkpoints",
-                        help="checkpoints, final_model/, reports (default: $OUTPUT_DIR, else ./local_checkpoints)")
-    parser.add_argument("--skip_bad_rows", action="store_true", help="skip and count malformed rows instead of stopping at the first")
+    parser.add_argument(
+        "--train_jsonl", required=True, help="interaction JSONL: prompt / completion / user_response per line"
+    )
+    parser.add_argument(
+        "--base_model", default=DEFAULT_BASE_MODEL, help="Hub id, local folder or bundled alias (smollm2-135m-instruct)"
+    )
+    parser.add_argument(
+        "--output_dir",
+        default=os.environ.get("OUTPUT_DIR") or "./local_checkpoints",
+        help="checkpoints, final_model/, reports (default: $OUTPUT_DIR, else ./local_checkpoints)",
+    )
+    parser.add_argument(
+        "--skip_bad_rows", action="store_true", help="skip and count malformed rows instead of stopping at the first"
+    )
     # SDPO
-    parser.add_argument("--hindsight_variant", default="online", choices=sorted(HINDSIGHT_VARIANTS),
-                        help="teacher context: online = o in the last user turn (paper Table 1); offline_v1 / offline_assistant = reference offline forms")
+    parser.add_argument(
+        "--hindsight_variant",
+        default="online",
+        choices=sorted(HINDSIGHT_VARIANTS),
+        help="teacher context: online = o in the last user turn (paper Table 1); offline_v1 / offline_assistant = reference offline forms",
+    )
     parser.add_argument("--hindsight_template", default=None, help="custom hindsight wording with a {follow_up} slot")
-    parser.add_argument("--loss_mode", default="simple_signal", choices=LOSS_MODES,
-                        help="simple_signal = sampled-token policy gradient (paper); full_distillation = top-K reverse KL (extension)")
-    parser.add_argument("--ignore_first_k", type=int, default=2, help="leave the first k completion tokens out of the loss")
+    parser.add_argument(
+        "--loss_mode",
+        default="simple_signal",
+        choices=LOSS_MODES,
+        help="simple_signal = sampled-token policy gradient (paper); full_distillation = top-K reverse KL (extension)",
+    )
+    parser.add_argument(
+        "--ignore_first_k", type=int, default=2, help="leave the first k completion tokens out of the loss"
+    )
     parser.add_argument("--signal_clip", type=float, default=0.0, help="clip A_t to +-signal_clip (0: off)")
     parser.add_argument("--distillation_topk", type=int, default=20, help="top-K support for full_distillation")
-    parser.add_argument("--max_context_length", type=int, default=2048, help="left-truncate contexts to this many tokens")
+    parser.add_argument(
+        "--max_context_length", type=int, default=2048, help="left-truncate contexts to this many tokens"
+    )
     parser.add_argument("--max_completion_length", type=int, default=2048, help="completion token budget, EOS included")
-    parser.add_argument("--overlong_completion", default="skip", choices=OVERLONG_POLICIES,
-                        help="skip: drop and count longer completions; truncate: train on the first tokens, without EOS")
+    parser.add_argument(
+        "--overlong_completion",
+        default="skip",
+        choices=OVERLONG_POLICIES,
+        help="skip: drop and count longer completions; truncate: train on the first tokens, without EOS",
+    )
     # Optimisation
     parser.add_argument("--learning_rate", type=float, default=2e-6)
     parser.add_argument("--batch_size", type=int, default=4, help="interactions per device per micro-batch")
     parser.add_argument("--grad_accum", type=int, default=8, help="micro-batches per optimizer step")
     parser.add_argument("--num_epochs", type=float, default=2.0)
-    parser.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (overrides epochs)")
+    parser.add_argument(
+        "--max_steps", type=int, default=-1, help="stop after this many optimizer steps (overrides epochs)"
+    )
     parser.add_argument("--lr_scheduler_type", default="cosine")
     parser.add_argument("--warmup_ratio", type=float, default=0.05, help="share of all steps spent warming up")
     parser.add_argument("--max_grad_norm", type=float, default=10.0)
     parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--optim", default="auto",
-                        help="auto = adamw_bnb_8bit with bitsandbytes on CUDA, else adamw_torch; or any transformers optimizer name")
+    parser.add_argument(
+        "--optim",
+        default="auto",
+        help="auto = adamw_bnb_8bit with bitsandbytes on CUDA, else adamw_torch; or any transformers optimizer name",
+    )
     parser.add_argument("--seed", type=int, default=42)
     # Precision and memory
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="compute dtype of the forward passes")
-    parser.add_argument("--weights_dtype", default="auto", choices=["auto", *sorted(DTYPES)],
-                        help="storage dtype of trained weights: auto = float32 on CPU (fp32 master weights + autocast), --dtype on GPU (reference)")
-    parser.add_argument("--no_gradient_checkpointing", action="store_true", help="keep activations (faster, more memory)")
-    parser.add_argument("--attn_implementation", default="auto", help="auto = flash_attention_2 when installed on CUDA, else sdpa")
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=sorted(DTYPES), help="compute dtype of the forward passes"
+    )
+    parser.add_argument(
+        "--weights_dtype",
+        default="auto",
+        choices=["auto", *sorted(DTYPES)],
+        help="storage dtype of trained weights: auto = float32 on CPU (fp32 master weights + autocast), --dtype on GPU (reference)",
+    )
+    parser.add_argument(
+        "--no_gradient_checkpointing", action="store_true", help="keep activations (faster, more memory)"
+    )
+    parser.add_argument(
+        "--attn_implementation", default="auto", help="auto = flash_attention_2 when installed on CUDA, else sdpa"
+    )
     parser.add_argument("--dataloader_num_workers", type=int, default=None, help="default: 4 on CUDA, 0 on CPU")
     # LoRA
-    parser.add_argument("--use_lora", action="store_true", help="train LoRA adapters instead of all weights (usually wants a larger lr)")
+    parser.add_argument(
+        "--use_lora", action="store_true", help="train LoRA adapters instead of all weights (usually wants a larger lr)"
+    )
     parser.add_argument("--lora_r", type=int, default=64)
     parser.add_argument("--lora_alpha", type=int, default=128)
     parser.add_argument("--lora_dropout", type=float, default=0.0)
     parser.add_argument("--lora_target_modules", nargs="+", default=list(DEFAULT_LORA_TARGET_MODULES))
-    parser.add_argument("--merge_lora", action="store_true", help="also write final_model_merged/ (adapter merged into the base)")
+    parser.add_argument(
+        "--merge_lora", action="store_true", help="also write final_model_merged/ (adapter merged into the base)"
+    )
     # Checkpoints and logging
     parser.add_argument("--save_steps", type=int, default=200)
     parser.add_argument("--save_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     parser.add_argument("--logging_steps", type=int, default=10)
     parser.add_argument("--report_to", default="wandb", choices=["wandb", "none"])
-    parser.add_argument("--run_name", default=os.environ.get("WANDB_NAME"), help="wandb run name (default: $WANDB_NAME)")
+    parser.add_argument(
+        "--run_name", default=os.environ.get("WANDB_NAME"), help="wandb run name (default: $WANDB_NAME)"
+    )
     parser.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT") or "offline-sdpo")
-    parser.add_argument("--resume_from_checkpoint", default=None,
-                        help="a checkpoint-<step> folder, or 'latest' (newest in --output_dir; starts fresh when there is none)")
-    parser.add_argument("--print_token_table_every", type=int, default=0, help="print a per-token signal table every N steps (0: off)")
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="a checkpoint-<step> folder, or 'latest' (newest in --output_dir; starts fresh when there is none)",
+    )
+    parser.add_argument(
+        "--print_token_table_every", type=int, default=0, help="print a per-token signal table every N steps (0: off)"
+    )
     return parser
 
 
@@ -181,7 +233,9 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     if value == "latest":
         return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
     if not (Path(value) / "trainer_state.json").is_file():
-        raise SystemExit(f"error: {value} is not a Trainer checkpoint (no trainer_state.json); pass a checkpoint-<step> folder or 'latest'")
+        raise SystemExit(
+            f"error: {value} is not a Trainer checkpoint (no trainer_state.json); pass a checkpoint-<step> folder or 'latest'"
+        )
     return value
 
 
@@ -236,15 +290,25 @@ def load_data(args, config: OfflineSDPOConfig, tokenizer) -> InteractionDataset:
         raise SystemExit(f"error: {error}") from None
     read = len(interactions) + report.total
     if args.overlong_completion == "skip":
-        interactions = drop_overlong_completions(interactions, OfflineSDPOCollator.from_config(tokenizer, config), report)
+        interactions = drop_overlong_completions(
+            interactions, OfflineSDPOCollator.from_config(tokenizer, config), report
+        )
     if not interactions:
         raise SystemExit(f"error: {args.train_jsonl}: every row was skipped ({dict(report.counts)})")
     if config.process_index == 0:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        summary = {"train_jsonl": str(args.train_jsonl), "rows_read": read, "rows_used": len(interactions), **report.as_dict()}
+        summary = {
+            "train_jsonl": str(args.train_jsonl),
+            "rows_read": read,
+            "rows_used": len(interactions),
+            **report.as_dict(),
+        }
         (Path(config.output_dir) / DATA_REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    print0(config, f"data: {len(interactions)} of {read} rows used; skipped {dict(report.counts) or 0}"
-                   f" (details in {DATA_REPORT_FILE})")
+    print0(
+        config,
+        f"data: {len(interactions)} of {read} rows used; skipped {dict(report.counts) or 0}"
+        f" (details in {DATA_REPORT_FILE})",
+    )
     for example in report.examples[:5]:
         print0(config, f"  skipped {example}")
     return InteractionDataset(interactions)
@@ -262,35 +326,55 @@ def load_policy(args, config: OfflineSDPOConfig, on_cuda: bool):
         attn = "flash_attention_2" if on_cuda and importlib.util.find_spec("flash_attn") else "sdpa"
     # Under FSDP / DeepSpeed the wrapper places (and shards) the weights; load them on the host.
     model, tokenizer = load_model_and_tokenizer(
-        args.base_model, dtype=weights_dtype, device="cpu" if sharded_launch() else config.device, attn_implementation=attn
+        args.base_model,
+        dtype=weights_dtype,
+        device="cpu" if sharded_launch() else config.device,
+        attn_implementation=attn,
     )
     if args.use_lora:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                          target_modules=list(args.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=list(args.lora_target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         try:
             model = get_peft_model(model, lora)
         except ValueError as error:
-            raise SystemExit(f"error: LoRA could not be attached ({error}); set --lora_target_modules to module names of this model") from None
+            raise SystemExit(
+                f"error: LoRA could not be attached ({error}); set --lora_target_modules to module names of this model"
+            ) from None
     stored = next(p.dtype for p in model.parameters() if p.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     autocast = f"autocast {args.dtype}" if stored != DTYPES[args.dtype] else "no autocast"
-    print0(config, f"model {args.base_model}: {trainable / 1e6:.1f}M of {total / 1e6:.1f}M params trainable, "
-                   f"trained weights {str(stored).removeprefix('torch.')}, {autocast}, attention {attn}")
+    print0(
+        config,
+        f"model {args.base_model}: {trainable / 1e6:.1f}M of {total / 1e6:.1f}M params trainable, "
+        f"trained weights {str(stored).removeprefix('torch.')}, {autocast}, attention {attn}",
+    )
     if stored == torch.bfloat16 and args.learning_rate < 1e-4:
-        print0(config, "note: bf16 weights round away most AdamW updates at this learning rate; "
-                       "--weights_dtype float32 keeps fp32 master weights (more memory)")
+        print0(
+            config,
+            "note: bf16 weights round away most AdamW updates at this learning rate; "
+            "--weights_dtype float32 keeps fp32 master weights (more memory)",
+        )
     return model, tokenizer
+
+
+def local_shard(parameter: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: the local shard of an FSDP2 DTensor (no communication), else itself."""
+    return parameter.to_local() if hasattr(parameter, "to_local") else parameter
 
 
 def write_summary(trainer: OfflineSDPOTrainer, config: OfflineSDPOConfig, args, extra: dict) -> dict:
     """Per-rank evidence (examples seen, checksum of the rank's trainable weights — identical across ranks
     under DDP, the local shard under FSDP / DeepSpeed) gathered to the main process; a collective."""
-    # An FSDP2 parameter is a DTensor: sum its local shard, no communication.
-    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731
-    checksum = sum(float(local(p).detach().double().sum()) for p in trainer.model.parameters() if p.requires_grad)
+    checksum = sum(float(local_shard(p).detach().double().sum()) for p in trainer.model.parameters() if p.requires_grad)
     evidence = torch.tensor([[float(trainer.examples_seen), checksum]], dtype=torch.float64, device=config.device)
     gathered = trainer.accelerator.gather(evidence).cpu().view(-1, 2)
     summary = {
@@ -317,7 +401,9 @@ def run(args, callbacks=()) -> dict:
         os.environ["WANDB_PROJECT"] = args.wandb_project
     optimizer, optimizer_reason = choose_optimizer(args.optim, on_cuda)
     config = build_config(args, on_cuda, optimizer)
-    print0(config, f"world size {config.world_size}, device {config.device}, optimizer {optimizer} ({optimizer_reason})")
+    print0(
+        config, f"world size {config.world_size}, device {config.device}, optimizer {optimizer} ({optimizer_reason})"
+    )
     resume = resolve_resume(args.resume_from_checkpoint, config.output_dir)
     if args.resume_from_checkpoint == "latest" and resume is None:
         print0(config, f"no checkpoint in {config.output_dir} yet: starting fresh")
@@ -331,11 +417,15 @@ def run(args, callbacks=()) -> dict:
     except ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None
     global_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
-    print0(config, f"global batch {global_batch} interactions per optimizer step "
-                   f"({config.per_device_train_batch_size} x {config.gradient_accumulation_steps} accumulation x {config.world_size} processes)")
+    print0(
+        config,
+        f"global batch {global_batch} interactions per optimizer step "
+        f"({config.per_device_train_batch_size} x {config.gradient_accumulation_steps} accumulation x {config.world_size} processes)",
+    )
 
-    trainer = OfflineSDPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                                 callbacks=list(callbacks) or None)
+    trainer = OfflineSDPOTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks) or None
+    )
     started = time.perf_counter()
     first_step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
     result = trainer.train(resume_from_checkpoint=resume)
@@ -344,21 +434,32 @@ def run(args, callbacks=()) -> dict:
 
     final_dir = Path(config.output_dir) / "final_model"
     trainer.save_model(str(final_dir))
-    print0(config, f"saved {final_dir}" + (" (LoRA adapter; see the module docstring to merge)" if args.use_lora else ""))
-    summary = write_summary(trainer, config, args, {
-        "optimizer": optimizer,
-        "resumed_from": resume,
-        "steps_this_session": steps,
-        "seconds_per_step": elapsed / steps if steps else None,
-        "train_metrics": result.metrics,
-    })
+    print0(
+        config, f"saved {final_dir}" + (" (LoRA adapter; see the module docstring to merge)" if args.use_lora else "")
+    )
+    summary = write_summary(
+        trainer,
+        config,
+        args,
+        {
+            "optimizer": optimizer,
+            "resumed_from": resume,
+            "steps_this_session": steps,
+            "seconds_per_step": elapsed / steps if steps else None,
+            "train_metrics": result.metrics,
+        },
+    )
     if args.use_lora and args.merge_lora and trainer.is_world_process_zero():
         merged_dir = Path(config.output_dir) / "final_model_merged"
         trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
         print0(config, f"saved {merged_dir}")
-    print0(config, f"done: {steps} optimizer steps in {elapsed:.1f}s"
-                   + (f" ({elapsed / steps:.2f} s/step)" if steps else "") + f"; examples per rank {summary['examples_seen_per_rank']}")
+    print0(
+        config,
+        f"done: {steps} optimizer steps in {elapsed:.1f}s"
+        + (f" ({elapsed / steps:.2f} s/step)" if steps else "")
+        + f"; examples per rank {summary['examples_seen_per_rank']}",
+    )
     return summary
 
 

@@ -159,14 +159,17 @@ class OfflineSDPOConfig(TrainingArguments):
     ``lr_scheduler_type="cosine"``, ``warmup_steps=0.05`` (a ratio), ``max_grad_norm=10.0``,
     ``activation_checkpointing=True``, ``logging_steps=10``, ``save_steps=200``, ``optim="adamw_torch"``
     (the entry script picks ``adamw_bnb_8bit`` when bitsandbytes and CUDA are available),
-    ``remove_unused_columns=False`` (the collator needs the raw message fields). ``bf16``/``fp16`` must
+    ``remove_unused_columns=False`` (the collator needs the raw message fields),
+    ``ddp_find_unused_parameters=False``. ``bf16``/``fp16`` must
     stay off: precision is ``compute_dtype`` (see the module docstring).
     """
 
     hindsight_variant: str = field(
         default="online",
-        metadata={"help": "Teacher context: online (paper Table 1) | offline_v1 | offline_assistant.",
-                  "choices": sorted(HINDSIGHT_VARIANTS)},
+        metadata={
+            "help": "Teacher context: online (paper Table 1) | offline_v1 | offline_assistant.",
+            "choices": sorted(HINDSIGHT_VARIANTS),
+        },
     )
     hindsight_template: str | None = field(
         default=None, metadata={"help": "Custom hindsight wording with a {follow_up} slot."}
@@ -175,7 +178,8 @@ class OfflineSDPOConfig(TrainingArguments):
     max_context_length: int = field(default=2048, metadata={"help": "Left-truncate contexts to this many tokens."})
     max_completion_length: int = field(default=2048, metadata={"help": "Completion token budget, EOS included."})
     overlong_completion: str = field(
-        default="skip", metadata={"help": "skip | truncate (truncated completions get no EOS).", "choices": OVERLONG_POLICIES}
+        default="skip",
+        metadata={"help": "skip | truncate (truncated completions get no EOS).", "choices": OVERLONG_POLICIES},
     )
     loss_mode: str = field(
         default="simple_signal", metadata={"help": "simple_signal | full_distillation.", "choices": LOSS_MODES}
@@ -185,9 +189,12 @@ class OfflineSDPOConfig(TrainingArguments):
     distillation_topk: int = field(default=20, metadata={"help": "Top-K support size for full_distillation."})
     distillation_add_tail: bool = field(default=True, metadata={"help": "Tail bucket for full_distillation."})
     compute_dtype: str = field(
-        default="bfloat16", metadata={"help": "Forward-pass dtype (autocast over fp32 weights).", "choices": sorted(DTYPES)}
+        default="bfloat16",
+        metadata={"help": "Forward-pass dtype (autocast over fp32 weights).", "choices": sorted(DTYPES)},
     )
-    print_token_table_every: int = field(default=0, metadata={"help": "Print a per-token table every N steps (0: off)."})
+    print_token_table_every: int = field(
+        default=0, metadata={"help": "Print a per-token table every N steps (0: off)."}
+    )
 
     learning_rate: float = field(default=2e-6, metadata={"help": "Peak learning rate."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Interactions per device per micro-batch."})
@@ -200,17 +207,26 @@ class OfflineSDPOConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Optimizer steps per logging window."})
     save_steps: float = field(default=200, metadata={"help": "Optimizer steps between checkpoints."})
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer name (transformers OptimizerNames)."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator reads raw rows."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the collator reads raw rows."}
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every trainable weight takes part in the student pass: no graph search."}
+    )
 
     def __post_init__(self):
         if self.hindsight_variant not in HINDSIGHT_VARIANTS:
-            raise ValueError(f"hindsight_variant must be one of {sorted(HINDSIGHT_VARIANTS)}, got {self.hindsight_variant!r}")
+            raise ValueError(
+                f"hindsight_variant must be one of {sorted(HINDSIGHT_VARIANTS)}, got {self.hindsight_variant!r}"
+            )
         if self.hindsight_template is not None:
             check_hindsight_template(self.hindsight_template)
         if self.loss_mode not in LOSS_MODES:
             raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {self.loss_mode!r}")
         if self.overlong_completion not in OVERLONG_POLICIES:
-            raise ValueError(f"overlong_completion must be one of {OVERLONG_POLICIES}, got {self.overlong_completion!r}")
+            raise ValueError(
+                f"overlong_completion must be one of {OVERLONG_POLICIES}, got {self.overlong_completion!r}"
+            )
         if self.ignore_first_k < 0:
             raise ValueError(f"ignore_first_k must be >= 0, got {self.ignore_first_k}")
         if self.max_context_length < 1 or self.max_completion_length < 1:
@@ -288,8 +304,12 @@ class Interaction:
     source: str  # "file:line"
 
     def as_row(self) -> dict:
-        return {"prompt": self.messages, "completion": {"role": "assistant", "content": self.completion},
-                "user_response": {"role": "user", "content": self.follow_up}, "source": self.source}
+        return {
+            "prompt": self.messages,
+            "completion": {"role": "assistant", "content": self.completion},
+            "user_response": {"role": "user", "content": self.follow_up},
+            "source": self.source,
+        }
 
 
 def parse_interaction(row, hindsight_variant: str) -> Interaction:
@@ -332,8 +352,9 @@ class BadRowReport:
         return {"skipped_total": self.total, "skipped_by_reason": dict(self.counts), "examples": self.examples}
 
 
-def load_interactions(path: str | Path, *, hindsight_variant: str = "online", skip_bad_rows: bool = False
-                      ) -> tuple[list[Interaction], BadRowReport]:
+def load_interactions(
+    path: str | Path, *, hindsight_variant: str = "online", skip_bad_rows: bool = False
+) -> tuple[list[Interaction], BadRowReport]:
     """Read an interaction JSONL file (spec §11.1). Blank lines are ignored.
 
     A malformed line or a row with a missing or mistyped field raises ``InteractionDataError`` naming
@@ -407,10 +428,12 @@ class OfflineSDPOCollator:
         if self.tokenizer.eos_token is None:
             raise ValueError("the tokenizer has no EOS token; the completion cannot be closed")
         if self.overlong_completion not in OVERLONG_POLICIES:
-            raise ValueError(f"overlong_completion must be one of {OVERLONG_POLICIES}, got {self.overlong_completion!r}")
+            raise ValueError(
+                f"overlong_completion must be one of {OVERLONG_POLICIES}, got {self.overlong_completion!r}"
+            )
 
     @classmethod
-    def from_config(cls, tokenizer, config: OfflineSDPOConfig) -> "OfflineSDPOCollator":
+    def from_config(cls, tokenizer, config: OfflineSDPOConfig) -> OfflineSDPOCollator:
         return cls(
             tokenizer,
             hindsight_variant=config.hindsight_variant,
@@ -463,8 +486,9 @@ class OfflineSDPOCollator:
         }
 
 
-def drop_overlong_completions(interactions: list[Interaction], collator: OfflineSDPOCollator, report: BadRowReport
-                              ) -> list[Interaction]:
+def drop_overlong_completions(
+    interactions: list[Interaction], collator: OfflineSDPOCollator, report: BadRowReport
+) -> list[Interaction]:
     """Keep rows whose completion fits ``max_completion_length`` (EOS included); count the others."""
     lengths = [len(ids) for ids in collator.encode_completions([i.completion for i in interactions])]
     kept = []
@@ -472,8 +496,11 @@ def drop_overlong_completions(interactions: list[Interaction], collator: Offline
         if length <= collator.max_completion_length:
             kept.append(interaction)
         else:
-            report.add("completion_too_long", interaction.source,
-                       f"{length} completion tokens > max_completion_length={collator.max_completion_length}")
+            report.add(
+                "completion_too_long",
+                interaction.source,
+                f"{length} completion tokens > max_completion_length={collator.max_completion_length}",
+            )
     return kept
 
 
@@ -507,16 +534,23 @@ class OfflineSDPOTrainer(Trainer):
     # compute_loss returns a per-micro-batch mean: Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model, args: OfflineSDPOConfig, train_dataset=None, processing_class=None,
-                 data_collator=None, **kwargs):
+    def __init__(
+        self, model, args: OfflineSDPOConfig, train_dataset=None, processing_class=None, data_collator=None, **kwargs
+    ):
         if not isinstance(args, OfflineSDPOConfig):
             raise TypeError(f"args must be an OfflineSDPOConfig, got {type(args).__name__}")
         if processing_class is None:
             raise ValueError("pass the tokenizer as processing_class: it renders the contexts and closes completions")
         if data_collator is None:
             data_collator = OfflineSDPOCollator.from_config(processing_class, args)
-        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
-                         data_collator=data_collator, **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            data_collator=data_collator,
+            **kwargs,
+        )
         self.compute_dtype = resolve_dtype(args.compute_dtype)
         self._metric_sums = torch.zeros(len(METRIC_NAMES), dtype=torch.float64)
         self._metric_counts = torch.zeros(len(METRIC_NAMES), dtype=torch.float64)
@@ -561,7 +595,9 @@ class OfflineSDPOTrainer(Trainer):
             metrics["kl_mean"] = masked_mean(per_token_kl.detach(), mask)
             advantages = (teacher_logprobs - student.logprobs).detach() * mask
         else:
-            loss, advantages = simple_signal_loss(student.logprobs, teacher_logprobs, mask, signal_clip=args.signal_clip)
+            loss, advantages = simple_signal_loss(
+                student.logprobs, teacher_logprobs, mask, signal_clip=args.signal_clip
+            )
         student_logprobs = student.logprobs.detach()
         signal = (teacher_logprobs - student_logprobs) * mask
         metrics.update(
@@ -586,9 +622,11 @@ class OfflineSDPOTrainer(Trainer):
                 columns.append(len(ids) - 1)
         if not rows:
             return {}
-        at_eos = lambda values: float(values[rows, columns].mean())  # noqa: E731 - three reads of one index
-        return {"eos_signal_mean": at_eos(advantages), "eos_logp_mean": at_eos(student_logprobs),
-                "eos_logratio_mean": at_eos(signal)}
+        return {
+            "eos_signal_mean": float(advantages[rows, columns].mean()),
+            "eos_logp_mean": float(student_logprobs[rows, columns].mean()),
+            "eos_logratio_mean": float(signal[rows, columns].mean()),
+        }
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training and self._window_start is None:
@@ -613,7 +651,9 @@ class OfflineSDPOTrainer(Trainer):
         self._metric_sums.zero_()
         self._metric_counts.zero_()
         return {
-            f"sdpo/{name}": float(totals[0, i] / totals[1, i]) for i, name in enumerate(METRIC_NAMES) if totals[1, i] > 0
+            f"sdpo/{name}": float(totals[0, i] / totals[1, i])
+            for i, name in enumerate(METRIC_NAMES)
+            if totals[1, i] > 0
         }
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
@@ -640,5 +680,11 @@ class OfflineSDPOTrainer(Trainer):
         length = len(inputs["completion_ids"][0])
         teacher_text = self.processing_class.decode(inputs["teacher_context_ids"][0])
         print(f"[sdpo] step {step}: teacher context (last 2000 chars):\n{teacher_text[-2000:]}")
-        print(format_token_table(self.processing_class, inputs["completion_ids"][0],
-                                 output.student_logprobs[0, :length], output.teacher_logprobs[0, :length]))
+        print(
+            format_token_table(
+                self.processing_class,
+                inputs["completion_ids"][0],
+                output.student_logprobs[0, :length],
+                output.teacher_logprobs[0, :length],
+            )
+        )
