@@ -170,7 +170,7 @@ def test_env_vars_are_the_cli_fallbacks(monkeypatch):
 # ------------------------------------------------------------------ signals
 
 
-@pytest.mark.parametrize("variant", ["online", "offline_v1"])
+@pytest.mark.parametrize("variant", ["online", "offline_v1", "offline_assistant"])
 def test_batched_signals_equal_differences_of_separate_scorer_calls(tiny_model, chat_tokenizer, variant):
     prompt, unrelated, feedback = "Write a haiku about rain.", "What time is it in Oslo?", "Too long, use fewer words."
     completion = chat_tokenizer("Grey clouds gather slow,\nsoft drops tap the window", add_special_tokens=False)["input_ids"]
