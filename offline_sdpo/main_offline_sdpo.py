@@ -318,9 +318,8 @@ def load_policy(args, config: OfflineSDPOConfig, on_cuda: bool):
     """The model to train (LoRA-wrapped when asked) and its tokenizer; weights dtype chosen per device."""
     weights_dtype = args.weights_dtype
     if weights_dtype == "auto":
-        weights_dtype = args.dtype if on_cuda else "float32"
-    if args.use_lora:
-        weights_dtype = args.dtype  # frozen base in the compute dtype; peft keeps the adapters in fp32
+        # LoRA: the frozen base in the compute dtype (peft keeps the adapters in fp32 either way).
+        weights_dtype = args.dtype if on_cuda or args.use_lora else "float32"
     attn = args.attn_implementation
     if attn == "auto":
         attn = "flash_attention_2" if on_cuda and importlib.util.find_spec("flash_attn") else "sdpa"
@@ -409,6 +408,12 @@ def run(args, callbacks=()) -> dict:
         print0(config, f"no checkpoint in {config.output_dir} yet: starting fresh")
     elif resume:
         print0(config, f"resuming from {resume}")
+    elif resolve_resume("latest", config.output_dir):
+        print0(
+            config,
+            f"note: {config.output_dir} already holds checkpoints; starting fresh, same-step checkpoints get "
+            "overwritten (--resume_from_checkpoint latest continues instead)",
+        )
 
     try:
         tokenizer = load_tokenizer(args.base_model)
