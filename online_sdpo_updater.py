@@ -31,18 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from auxiliary.generation import Generation, SamplingParams, autocast_context, encode_chat, generate, stop_token_ids
+from auxiliary.generation import Generation, SamplingParams, encode_chat, generate, stop_token_ids
 from auxiliary.model_loading import load_model_and_tokenizer, resolve_device, resolve_dtype
 from online_sdpo_updater_config import OnlineSDPOConfig
 from sdpo_core import (
     build_hindsight_messages,
     format_token_table,
-    full_distillation_loss,
     masked_mean,
     masked_std,
     pad_contexts_and_completions,
-    score_completions,
-    simple_signal_loss,
+    sdpo_loss,
 )
 
 logger = logging.getLogger(__name__)
@@ -282,44 +280,30 @@ class OnlineSDPOUpdater:
     def _loss(self, student_batch, teacher_batch, timings: dict) -> tuple[torch.Tensor, dict]:
         """Forward passes and the configured loss; adds seconds per phase into ``timings``."""
         cfg = self.config
-        distill = cfg.loss_mode == "full_distillation"
-        tick = time.perf_counter()
-        with autocast_context(self.device, self.autocast_dtype):
-            student = score_completions(self.model, student_batch, topk=cfg.distillation_topk if distill else 0)
-        timings["student_forward"] += time.perf_counter() - tick
-
-        tick = time.perf_counter()
-        # The teacher is read at the student's top-K tokens and at the sampled token (for the signal).
-        gather = None
-        if distill:
-            gather = torch.cat([student.topk_indices, student_batch.completion_ids.unsqueeze(-1)], dim=-1)
-        with torch.no_grad(), autocast_context(self.device, self.autocast_dtype):
-            teacher = score_completions(self.model, teacher_batch, gather_indices=gather)
-        timings["teacher_forward"] += time.perf_counter() - tick
-
-        mask = student.mask
-        teacher_logprobs = teacher.gathered_logprobs[..., -1] * mask if distill else teacher.logprobs
-        if distill:
-            loss, per_token_kl = full_distillation_loss(
-                student.topk_logprobs, teacher.gathered_logprobs[..., :-1], mask, add_tail=cfg.distillation_add_tail
-            )
-            extra = {"kl_mean": masked_mean(per_token_kl.detach(), mask)}
-        else:
-            loss, _ = simple_signal_loss(student.logprobs, teacher_logprobs, mask, signal_clip=cfg.signal_clip)
-            extra = {}
-        signal = (teacher_logprobs - student.logprobs).detach()
+        out = sdpo_loss(
+            self.model,
+            student_batch,
+            teacher_batch,
+            loss_mode=cfg.loss_mode,
+            distillation_topk=cfg.distillation_topk,
+            distillation_add_tail=cfg.distillation_add_tail,
+            signal_clip=cfg.signal_clip,
+            autocast_dtype=self.autocast_dtype,
+            timings=timings,
+        )
         if cfg.print_token_table:
             n = int(student_batch.completion_mask[0].sum().item()) + cfg.ignore_first_k
-            print(format_token_table(self.tokenizer, student_batch.completion_ids[0, :n].tolist(),
-                                     student.logprobs[0, :n].detach(), teacher_logprobs[0, :n]))
+            ids = student_batch.completion_ids[0, :n].tolist()
+            print(format_token_table(self.tokenizer, ids, out.student_logprobs[0, :n], out.teacher_logprobs[0, :n]))
         metrics = {
-            **extra,
-            "signal_mean": masked_mean(signal, mask),
-            "signal_std": masked_std(signal, mask),
-            "policy_logp_mean": masked_mean(student.logprobs.detach(), mask),
-            "critic_logp_mean": masked_mean(teacher_logprobs, mask),
+            "signal_mean": masked_mean(out.signal, out.mask),
+            "signal_std": masked_std(out.signal, out.mask),
+            "policy_logp_mean": masked_mean(out.student_logprobs, out.mask),
+            "critic_logp_mean": masked_mean(out.teacher_logprobs, out.mask),
         }
-        return loss, metrics
+        if out.kl_per_token is not None:
+            metrics["kl_mean"] = masked_mean(out.kl_per_token, out.mask)
+        return out.loss, metrics
 
     def _clip_gradients(self) -> float:
         """Pre-clip global gradient norm (clipping only when max_grad_norm > 0)."""

@@ -24,11 +24,12 @@ materialises a (batch × length × vocab) fp32 tensor.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import torch
 
-from auxiliary.generation import encode_chat
+from auxiliary.generation import autocast_context, encode_chat
 
 # --------------------------------------------------------------------------------------------------
 # Hindsight contexts
@@ -311,6 +312,78 @@ def full_distillation_loss(
     per_token_kl = topk_reverse_kl(student_topk_logprobs, teacher_topk_logprobs, add_tail=add_tail)
     loss = masked_sequence_mean(per_token_kl, mask).mean()
     return loss, per_token_kl
+
+
+@dataclass
+class SDPOLoss:
+    """One batch's SDPO loss and what the callers log.
+
+    Attributes:
+        loss: scalar to back-propagate.
+        student_logprobs / teacher_logprobs: (B, T) log π(y_t|x) and log π(y_t|x⊕o), detached.
+        mask: (B, T) scored tokens.
+        advantages: (B, T) the per-token weights of ``simple_signal`` (clipped when asked); in
+            ``full_distillation`` mode the raw signal.
+        kl_per_token: (B, T) detached per-position KL in ``full_distillation`` mode, else None.
+    """
+
+    loss: torch.Tensor
+    student_logprobs: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    kl_per_token: torch.Tensor | None = None
+
+    @property
+    def signal(self) -> torch.Tensor:
+        return (self.teacher_logprobs - self.student_logprobs) * self.mask
+
+
+def sdpo_loss(
+    model,
+    student_batch: CompletionBatch,
+    teacher_batch: CompletionBatch,
+    *,
+    loss_mode: str,
+    distillation_topk: int = 20,
+    distillation_add_tail: bool = True,
+    signal_clip: float = 0.0,
+    autocast_dtype: torch.dtype | None = None,
+    timings: dict | None = None,
+) -> SDPOLoss:
+    """Score y under x (with gradient) and x⊕o (same model, no gradient), then apply ``loss_mode``.
+
+    In ``full_distillation`` mode the teacher is read at the student's top-K tokens and at the
+    sampled token (for the signal), so only (B, T, K + 1) teacher values are kept. ``timings``, when
+    given, accumulates seconds under ``student_forward`` and ``teacher_forward``.
+    """
+    if loss_mode not in LOSS_MODES:
+        raise ValueError(f"unknown loss_mode {loss_mode!r}: use one of {list(LOSS_MODES)}")
+    distill = loss_mode == "full_distillation"
+    device = student_batch.input_ids.device
+    started = time.perf_counter()
+    with autocast_context(device, autocast_dtype):
+        student = score_completions(model, student_batch, topk=distillation_topk if distill else 0)
+    after_student = time.perf_counter()
+    gather = torch.cat([student.topk_indices, student_batch.completion_ids.unsqueeze(-1)], dim=-1) if distill else None
+    with torch.no_grad(), autocast_context(device, autocast_dtype):
+        teacher = score_completions(model, teacher_batch, gather_indices=gather)
+    if timings is not None:
+        timings["student_forward"] = timings.get("student_forward", 0.0) + after_student - started
+        timings["teacher_forward"] = timings.get("teacher_forward", 0.0) + time.perf_counter() - after_student
+    mask = student.mask
+    if distill:
+        teacher_logprobs = teacher.gathered_logprobs[..., -1] * mask
+        loss, kl_per_token = full_distillation_loss(
+            student.topk_logprobs, teacher.gathered_logprobs[..., :-1], mask, add_tail=distillation_add_tail
+        )
+        advantages = sdpo_signal(student.logprobs, teacher_logprobs, mask)
+        kl_per_token = kl_per_token.detach()
+    else:
+        teacher_logprobs = teacher.logprobs
+        loss, advantages = simple_signal_loss(student.logprobs, teacher_logprobs, mask, signal_clip=signal_clip)
+        kl_per_token = None
+    return SDPOLoss(loss, student.logprobs.detach(), teacher_logprobs.detach(), mask, advantages, kl_per_token)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

@@ -49,7 +49,6 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from auxiliary.generation import autocast_context
 from auxiliary.model_loading import DTYPES, resolve_dtype
 from sdpo_core import (
     HINDSIGHT_VARIANTS,
@@ -58,13 +57,11 @@ from sdpo_core import (
     check_hindsight_template,
     encode_student_teacher_contexts,
     format_token_table,
-    full_distillation_loss,
     masked_mean,
     masked_sequence_mean,
     masked_std,
     pad_contexts_and_completions,
-    score_completions,
-    simple_signal_loss,
+    sdpo_loss,
 )
 
 OVERLONG_POLICIES = ("skip", "truncate")
@@ -510,7 +507,7 @@ def drop_overlong_completions(
 
 
 @dataclass
-class SDPOLossOutput:
+class BatchLoss:
     """The loss of one micro-batch and its statistics (plain floats; EOS/KL entries only when defined)."""
 
     loss: torch.Tensor
@@ -565,7 +562,7 @@ class OfflineSDPOTrainer(Trainer):
             return None
         return self.compute_dtype
 
-    def sdpo_loss(self, model, inputs: dict) -> SDPOLossOutput:
+    def batch_loss(self, model, inputs: dict) -> BatchLoss:
         """Score y under x (with grad) and x⊕o (no grad) with the shared scorer; apply the shared loss."""
         args = self.args
         pad = self.processing_class.pad_token_id
@@ -575,31 +572,19 @@ class OfflineSDPOTrainer(Trainer):
         teacher_batch = pad_contexts_and_completions(
             inputs["teacher_context_ids"], inputs["completion_ids"], pad, ignore_first_k=args.ignore_first_k
         ).to(args.device)
-        distill = args.loss_mode == "full_distillation"
-        autocast = autocast_context(args.device, self.autocast_dtype(model))
-        with autocast:
-            student = score_completions(model, student_batch, topk=args.distillation_topk if distill else 0)
-        # In distillation mode the teacher is read at the student's top-K tokens and at the logged token.
-        gather = (
-            torch.cat([student.topk_indices, student_batch.completion_ids.unsqueeze(-1)], dim=-1) if distill else None
+        out = sdpo_loss(
+            model,
+            student_batch,
+            teacher_batch,
+            loss_mode=args.loss_mode,
+            distillation_topk=args.distillation_topk,
+            distillation_add_tail=args.distillation_add_tail,
+            signal_clip=args.signal_clip,
+            autocast_dtype=self.autocast_dtype(model),
         )
-        with torch.no_grad(), autocast_context(args.device, self.autocast_dtype(model)):
-            teacher = score_completions(model, teacher_batch, gather_indices=gather)
-        mask = student.mask
-        teacher_logprobs = teacher.gathered_logprobs[..., -1] * mask if distill else teacher.logprobs
-        metrics = {}
-        if distill:
-            loss, per_token_kl = full_distillation_loss(
-                student.topk_logprobs, teacher.gathered_logprobs[..., :-1], mask, add_tail=args.distillation_add_tail
-            )
-            metrics["kl_mean"] = masked_mean(per_token_kl.detach(), mask)
-            advantages = (teacher_logprobs - student.logprobs).detach() * mask
-        else:
-            loss, advantages = simple_signal_loss(
-                student.logprobs, teacher_logprobs, mask, signal_clip=args.signal_clip
-            )
-        student_logprobs = student.logprobs.detach()
-        signal = (teacher_logprobs - student_logprobs) * mask
+        loss, mask, advantages = out.loss, out.mask, out.advantages
+        student_logprobs, teacher_logprobs, signal = out.student_logprobs, out.teacher_logprobs, out.signal
+        metrics = {} if out.kl_per_token is None else {"kl_mean": masked_mean(out.kl_per_token, mask)}
         metrics.update(
             signal_mean=masked_mean(signal, mask),
             signal_std=masked_std(signal, mask),
@@ -610,7 +595,7 @@ class OfflineSDPOTrainer(Trainer):
             completion_tokens=sum(map(len, inputs["completion_ids"])) / len(inputs["completion_ids"]),
         )
         metrics.update(self._eos_metrics(inputs, student_logprobs, signal, advantages, mask))
-        return SDPOLossOutput(loss, metrics, student_logprobs, teacher_logprobs, mask)
+        return BatchLoss(loss, metrics, student_logprobs, teacher_logprobs, mask)
 
     @staticmethod
     def _eos_metrics(inputs, student_logprobs, signal, advantages, mask) -> dict:
@@ -631,7 +616,7 @@ class OfflineSDPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training and self._window_start is None:
             self._window_start = (time.perf_counter(), self.state.global_step)
-        output = self.sdpo_loss(model, inputs)
+        output = self.batch_loss(model, inputs)
         if model.training:
             self._record(output.metrics)
             self.examples_seen += len(inputs["completion_ids"])
@@ -671,7 +656,7 @@ class OfflineSDPOTrainer(Trainer):
         self._window_start = (now, self.state.global_step)
         return {"sdpo/seconds_per_step": (now - started) / (self.state.global_step - first_step)}
 
-    def _maybe_print_token_table(self, inputs, output: SDPOLossOutput) -> None:
+    def _maybe_print_token_table(self, inputs, output: BatchLoss) -> None:
         every = self.args.print_token_table_every
         step = self.state.global_step
         if not every or step % every or step == self._last_table_step or not self.is_world_process_zero():

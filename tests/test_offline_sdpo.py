@@ -205,7 +205,7 @@ def test_metrics_are_window_means_and_reset(chat_tokenizer, tmp_path):
     per_batch = []
     for rows in ([0, 1], [2, 3]):
         batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
-        per_batch.append(trainer.sdpo_loss(model, batch).metrics)
+        per_batch.append(trainer.batch_loss(model, batch).metrics)
         trainer.compute_loss(model, batch)
     logged = trainer.reduced_metrics()
     for name in (
