@@ -53,17 +53,23 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def to_generation_config(self, stop_token_ids: list[int], pad_token_id: int):
-        """A GenerationConfig with every distribution-shaping field set (nothing inherited)."""
+    def to_generation_config(self, stop_token_ids: list[int], pad_token_id: int, model_config=None):
+        """A GenerationConfig with every distribution-shaping field set (nothing inherited).
+
+        min_p is the one filter transformers applies whenever it is not None (even at 0.0, a full
+        softmax per step), so it is neutralised explicitly only when ``model_config`` (the model's
+        own generation config) would otherwise supply a value.
+        """
         from transformers import GenerationConfig
 
+        inherited_min_p = getattr(model_config, "min_p", None)
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens,
             do_sample=not self.greedy,
             temperature=1.0 if self.greedy else self.temperature,
             top_p=1.0 if self.greedy else self.top_p,
             top_k=0 if self.greedy else self.top_k,
-            min_p=0.0,
+            min_p=0.0 if inherited_min_p is not None else None,
             typical_p=1.0,
             epsilon_cutoff=0.0,
             eta_cutoff=0.0,
@@ -165,7 +171,7 @@ def generate(
         raise ValueError("cannot generate from an empty context")
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
-    config = sampling.to_generation_config(stops, tokenizer.pad_token_id)
+    config = sampling.to_generation_config(stops, tokenizer.pad_token_id, getattr(model, "generation_config", None))
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
     results: list[Generation | None] = [None] * len(contexts)
     was_training = model.training

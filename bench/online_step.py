@@ -78,11 +78,11 @@ class ReferenceStyleScoring:
     """Swap in the reference's scoring cost: logits and an fp32 log-softmax for every position."""
 
     def __enter__(self):
-        import online_sdpo_updater
+        import sdpo_core
 
-        self.module = online_sdpo_updater
-        self.original = online_sdpo_updater.score_completions
-        online_sdpo_updater.score_completions = self.full_vocab_scoring
+        self.module = sdpo_core
+        self.original = sdpo_core.score_completions
+        sdpo_core.score_completions = self.full_vocab_scoring
         return self
 
     def __exit__(self, *exc):
