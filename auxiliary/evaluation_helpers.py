@@ -24,12 +24,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from auxiliary.atomic_io import replace_atomically, to_json_safe, write_json_atomic  # noqa: F401 - part of this module's API
 from auxiliary.generation import encode_chat
 
 logger = logging.getLogger(__name__)
@@ -228,25 +228,6 @@ def format_metrics_line(metrics: dict, label: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def to_json_safe(obj):
-    """A copy of ``obj`` that strict JSON can hold: NaN/±inf → None, numpy scalars/arrays → Python.
-
-    Dicts, lists and tuples are converted recursively (tuples become lists); other values are
-    returned unchanged, so something JSON cannot encode still fails loudly when written.
-    """
-    if isinstance(obj, dict):
-        return {key: to_json_safe(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_json_safe(value) for value in obj]
-    if isinstance(obj, np.ndarray):
-        return to_json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        return to_json_safe(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def next_run_index(directory: str | os.PathLike, run_name: str) -> int:
     """Smallest integer ``idx >= 1`` such that ``<directory>/<run_name>_<idx>.json`` does not exist."""
     directory = Path(directory)
@@ -254,37 +235,6 @@ def next_run_index(directory: str | os.PathLike, run_name: str) -> int:
     while (directory / f"{run_name}_{index}.json").exists():
         index += 1
     return index
-
-
-def _replace_atomically(path: Path, write) -> None:
-    """Call ``write(temp_path)`` on a temp file beside ``path``, then rename it over ``path``.
-
-    Same folder → same filesystem → ``os.replace`` is atomic: readers see the old file or the new
-    one, never a partial one. The temp file is removed if writing fails.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp_name)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as indented strict JSON (NaN/inf as null) to ``path`` atomically; creates folders."""
-    # Serialize first: an unencodable value raises before any file is touched.
-    text = json.dumps(to_json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-
-    def write(temp_name: str) -> None:
-        with open(temp_name, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    _replace_atomically(Path(path), write)
 
 
 def save_completions_snapshot(
@@ -402,4 +352,4 @@ def plot_winrate(
 
     path = Path(path)
     image_format = path.suffix.lstrip(".") or "png"
-    _replace_atomically(path, lambda temp_name: figure.savefig(temp_name, format=image_format, dpi=120))
+    replace_atomically(path, lambda handle: figure.savefig(handle, format=image_format, dpi=120), binary=True)

@@ -51,7 +51,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -59,6 +58,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from auxiliary.atomic_io import write_json_atomic, write_jsonl_atomic  # noqa: F401 - part of this module's API
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
@@ -637,42 +638,6 @@ class JsonRecordStream:
 # --------------------------------------------------------------------------------------------------
 # Outputs and statistics
 # --------------------------------------------------------------------------------------------------
-
-
-def _replace_atomically(path: Path, write: Callable[[object], None]) -> None:
-    """Write through a temp file in the target folder, then rename it over ``path`` (same filesystem →
-    atomic: readers see the old file or the complete new one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file private (0600); give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)
-        with open(descriptor, "w", encoding="utf-8") as handle:
-            write(handle)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
-def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> int:
-    """Write ``rows`` (consumed lazily) as UTF-8 JSON Lines, atomically; returns the number of rows."""
-    count = 0
-
-    def write(handle) -> None:
-        nonlocal count
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-
-    _replace_atomically(Path(path), write)
-    return count
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    _replace_atomically(Path(path), lambda handle: handle.write(json.dumps(obj, ensure_ascii=False, indent=2) + "\n"))
 
 
 class FilterCounts:

@@ -1,7 +1,6 @@
 """The signal analysis: cases-file validation, signals against independent forward passes, the
 output schema and figures of a full run on a tiny model, skipped short answers, and the shell script."""
 
-import copy
 import json
 import os
 import subprocess

@@ -1,0 +1,79 @@
+"""Crash-safe file writing, shared by the results writers and the preprocessors (no torch import).
+
+Every writer goes through a temp file in the target folder and ``os.replace``: same filesystem, so
+the rename is atomic and a reader (or a crash) sees the old file or the complete new one, never a
+partial one. JSON is written strictly: NaN and ±inf become ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+
+def to_json_safe(obj):
+    """A copy of ``obj`` that strict JSON can hold: NaN/±inf → None, numpy scalars/arrays → Python.
+
+    Dicts, lists and tuples are converted recursively (tuples become lists); other values are
+    returned unchanged, so something JSON cannot encode still fails loudly when written.
+    """
+    if isinstance(obj, dict):
+        return {key: to_json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json_safe(value) for value in obj]
+    if isinstance(obj, np.ndarray):
+        return to_json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_json_safe(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def replace_atomically(path: str | os.PathLike, write: Callable[[object], None], *, binary: bool = False) -> None:
+    """Call ``write(handle)`` on a temp file beside ``path`` (UTF-8 text, or bytes with ``binary``),
+    fsync it, rename it over ``path``. Creates missing folders; removes the temp file if writing fails.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp creates the file private (0600); give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp_name, 0o666 & ~umask)
+        with open(descriptor, "wb") if binary else open(descriptor, "w", encoding="utf-8") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented strict JSON (NaN/inf as null) atomically."""
+    # Serialise first: an unencodable value raises before any file is touched.
+    text = json.dumps(to_json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    replace_atomically(path, lambda handle: handle.write(text))
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    """Write ``rows`` (consumed lazily) as UTF-8 JSON Lines, atomically; returns the number of rows."""
+    count = 0
+
+    def write(handle) -> None:
+        nonlocal count
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+
+    replace_atomically(path, write)
+    return count
