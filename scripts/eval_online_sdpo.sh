@@ -12,7 +12,7 @@
 #   RUN_NAME eval_online_sdpo | RUN_ID eval-online-sdpo-<timestamp> | OUTPUT_DIR $BASE_WORK/eval-online-sdpo/$RUN_ID
 #   BASE_WORK ${SCRATCH:-${TMPDIR:-/tmp}} | CACHE_DIR $BASE_WORK/hf-cache | PRESET (empty or cpu)
 # PRESET=cpu changes the defaults (each still overridable by its env var): MODEL smollm2-135m-instruct,
-#   rule-based user and judge, STYLE answer_directly_reduce_formatting, EVAL_STYLES "no_emojis less_filler_praise_sycophancy",
+#   rule-based user and judge, STYLE short, EVAL_STYLES "no_lists answer_directly_reduce_formatting",
 #   LR 1e-4 with LoRA r 16, LOSS_MODE simple_signal, TRAIN_N 16, EVAL_N 24, EVAL_EVERY 4, 96 new tokens,
 #   DATA_DIR data/mtbench_prompts, OUTPUT_DIR runs/<RUN_ID>.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -23,8 +23,8 @@ RUN_ID="${RUN_ID:-eval-online-sdpo-$(date +%Y%m%d-%H%M%S)}"
 case "$PRESET" in
   cpu)
     MODEL="${MODEL:-smollm2-135m-instruct}"
-    STYLE="${STYLE:-answer_directly_reduce_formatting}"
-    EVAL_STYLES="${EVAL_STYLES-no_emojis less_filler_praise_sycophancy}"
+    STYLE="${STYLE:-short}"
+    EVAL_STYLES="${EVAL_STYLES-no_lists answer_directly_reduce_formatting}"
     LR="${LR:-1e-4}"
     LOSS_MODE="${LOSS_MODE:-simple_signal}"
     TRAIN_N="${TRAIN_N:-16}"
