@@ -174,3 +174,15 @@ def test_killed_run_resumed_keeps_all_finished_interactions(tmp_path, prompt_fil
     assert after["training_metrics"][:2] == before
     assert [m["feedback"] for m in after["training_metrics"]] == ["Shorter.", "Plainer.", "Good.", "Good."]
     assert [m["step"] for m in after["training_metrics"]] == [1, 2, 3, 4]
+
+
+def test_wandb_offline_logs_training_and_evaluation(tmp_path, prompt_files, tiny_model_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train, val = prompt_files
+    out = tmp_path / "run"
+    args = base_args(tiny_model_path, train, val, out, user_backend="rule", judge_backend="rule", train_n=2, eval_n=2, eval_every=2, wandb=True)
+    assert eval_online_sdpo.main(args) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    history = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    assert b"train/loss" in history and b"eval/winrate_inc_ties" in history
