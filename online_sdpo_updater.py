@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import random
 import re
 import shutil
@@ -318,8 +319,13 @@ class OnlineSDPOUpdater:
         import wandb
 
         if wandb.run is None:
+            # An explicit dir: wandb caches its settings per process, so WANDB_DIR changes after a first
+            # run would otherwise be ignored.
             self._wandb_run = wandb.init(
-                project=self.config.wandb_project, name=self.config.wandb_run_name, config=self.config.to_dict()
+                project=self.config.wandb_project,
+                name=self.config.wandb_run_name,
+                config=self.config.to_dict(),
+                dir=os.environ.get("WANDB_DIR") or self.config.checkpoint_dir,
             )
         numeric = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
         wandb.log(numeric, step=self.step)

@@ -108,6 +108,7 @@ class OnlineSDPOConfig:
         log_to_wandb (`bool`, defaults to `False`), wandb_project (`str`, defaults to `"live-sdpo"`),
         wandb_run_name (`str` or `None`, defaults to `None`):
             Log every step's metrics to Weights & Biases (``WANDB_MODE=offline`` works without network).
+            Local files go to ``$WANDB_DIR``, else ``checkpoint_dir``.
     """
 
     # model
