@@ -17,8 +17,8 @@ Loss modes:
 
 Scoring conventions: contexts are left-padded (left-truncated when too long), completions
 right-padded, position ids follow the attention mask, and log-softmax runs in fp32 on logits of the
-completion positions only (``logits_to_keep``), one sequence at a time so a large vocabulary never
-materialises a (batch × length × vocab) fp32 tensor.
+completion positions only (``logits_to_keep``), in chunks of sequences small enough that a large
+vocabulary never materialises more than ``FP32_LOGIT_ELEMENTS`` fp32 logits at once.
 """
 
 from __future__ import annotations
@@ -186,6 +186,10 @@ def pad_contexts_and_completions(
     )
 
 
+# Largest fp32 logit block materialised at once (1 GiB): bounds memory for 150k-token vocabularies.
+FP32_LOGIT_ELEMENTS = 2**28
+
+
 @dataclass
 class TokenScores:
     """Per-token log-probabilities of a completion batch (all fp32, zero where the mask is zero).
@@ -220,26 +224,36 @@ def score_completions(
         use_cache=False,
         logits_to_keep=width + 1,
     )
-    # Row i of `predictions` is the distribution of completion token i (the last logit predicts past y).
-    predictions = output.logits[:, -(width + 1) : -1, :]
+    # Position t of `logits` predicts completion token t; the last one predicts past y and is dropped
+    # from the (small) results rather than sliced off the logits, whose slice backward would zero-fill
+    # a full-size gradient.
+    logits = output.logits[:, -(width + 1) :, :]
+    batch_size, positions, vocab = logits.shape
+    targets = torch.nn.functional.pad(batch.completion_ids.to(logits.device), (0, 1))
+    extra_target = gather_indices[:, :1] if gather_indices is not None else None
+    indices = torch.cat([gather_indices, extra_target], dim=1) if gather_indices is not None else None
+    # fp32 log-softmax over as many sequences at once as fit the element budget.
+    rows_per_chunk = max(1, FP32_LOGIT_ELEMENTS // (positions * vocab))
     logprobs, topk_values, topk_indices, gathered = [], [], [], []
-    for row in range(predictions.shape[0]):
-        row_logits = predictions[row].float()
-        normaliser = row_logits.logsumexp(dim=-1, keepdim=True)
-        logprobs.append(row_logits.gather(-1, batch.completion_ids[row].unsqueeze(-1)).squeeze(-1) - normaliser[:, 0])
+    for start, chunk in zip(range(0, batch_size, rows_per_chunk), logits.split(rows_per_chunk, dim=0)):
+        chunk_logits = chunk.float()
+        normaliser = chunk_logits.logsumexp(dim=-1, keepdim=True)
+        rows = slice(start, start + chunk.shape[0])
+        logprobs.append((chunk_logits.gather(-1, targets[rows].unsqueeze(-1)) - normaliser).squeeze(-1))
         if topk:
-            values, indices = row_logits.topk(topk, dim=-1)
+            values, top = chunk_logits.topk(topk, dim=-1)
             topk_values.append(values - normaliser)
-            topk_indices.append(indices)
-        if gather_indices is not None:
-            gathered.append(row_logits.gather(-1, gather_indices[row]) - normaliser)
-    mask = batch.completion_mask.to(predictions.device)
+            topk_indices.append(top)
+        if indices is not None:
+            gathered.append(chunk_logits.gather(-1, indices[rows]) - normaliser)
+    mask = batch.completion_mask.to(logits.device)
+    drop_last = slice(0, width)
     return TokenScores(
-        logprobs=torch.stack(logprobs) * mask,
+        logprobs=torch.cat(logprobs)[:, drop_last] * mask,
         mask=mask,
-        topk_logprobs=torch.stack(topk_values) if topk else None,
-        topk_indices=torch.stack(topk_indices) if topk else None,
-        gathered_logprobs=torch.stack(gathered) if gather_indices is not None else None,
+        topk_logprobs=torch.cat(topk_values)[:, drop_last] if topk else None,
+        topk_indices=torch.cat(topk_indices)[:, drop_last] if topk else None,
+        gathered_logprobs=torch.cat(gathered)[:, drop_last] if indices is not None else None,
     )
 
 

@@ -259,3 +259,22 @@ def test_one_signal_step_moves_tokens_in_the_direction_of_the_signal():
     optimizer.step()
     after = torch.log_softmax(logits.detach(), -1)
     assert after[0, 1] > math.log(0.2) and after[1, 4] < math.log(0.2)
+
+
+def test_chunked_fp32_scoring_equals_one_chunk(tiny_model, chat_tokenizer, monkeypatch):
+    """Several sequences per fp32 chunk or one per chunk: same values, same gradients."""
+    import sdpo_core
+
+    contexts, completions = _example_ids(chat_tokenizer)
+    batch = pad_contexts_and_completions(contexts, completions, chat_tokenizer.pad_token_id)
+    results = []
+    for budget in (2**28, 1):
+        monkeypatch.setattr(sdpo_core, "FP32_LOGIT_ELEMENTS", budget)
+        tiny_model.zero_grad()
+        scores = score_completions(tiny_model, batch, topk=3)
+        gathered = score_completions(tiny_model, batch, gather_indices=scores.topk_indices.detach()).gathered_logprobs
+        (scores.logprobs.sum() + scores.topk_logprobs.sum()).backward()
+        grad = tiny_model.get_input_embeddings().weight.grad.clone()
+        results.append((scores.logprobs.detach(), scores.topk_logprobs.detach(), gathered.detach(), grad))
+    for one, many in zip(*results):
+        torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
