@@ -1,0 +1,501 @@
+"""Evaluate saved checkpoints against a baseline model, judged by several user personas (no training).
+
+For every checkpoint the policy answers the same held-out prompts once, and one judge per style
+compares each answer with the baseline's answer to the same prompt, in both orders (a verdict counts
+only when both orders agree). A checkpoint is either a full model folder (``config.json`` + weights)
+or a LoRA adapter folder (``adapter_config.json``), as ``OnlineSDPOUpdater.save_checkpoint`` writes
+them (``<run dir>/checkpoints/step_<n>``, ``checkpoints/last``, or the ``merged`` sub-folder of a
+checkpoint saved with ``save_merged_model``); an adapter is applied to the base model its
+``adapter_config.json`` names.
+
+GPU (the reference setup, via the script: vLLM policy, Qwen3-32B judge on a vLLM engine):
+    CHECKPOINTS="runs/x/checkpoints/step_5 runs/x/checkpoints/step_10" BASELINE_MODEL=Qwen/Qwen3-8B \
+        ./scripts/eval_checkpoints.sh
+CPU (embedded SmolLM2-135M, rule-based judge, 24 MT-Bench prompts; about 2 minutes for two checkpoints
+on 2 cores), e.g. on checkpoints of a quickstart run made with ``--save_checkpoints``:
+    CHECKPOINTS="runs/<id>/checkpoints/step_8 runs/<id>/checkpoints/step_16" PRESET=cpu ./scripts/eval_checkpoints.sh
+Direct:
+    python auxiliary/eval_checkpoints.py --checkpoints runs/x/checkpoints/step_8 --baseline_model smollm2-135m-instruct \
+        --val_jsonl data/mtbench_prompts/validation.jsonl --eval_styles short no_lists --judge_backend rule \
+        --device cpu --eval_n 24 --eval_max_new_tokens 96 --run_name ckpt_demo --out_dir runs/ckpt_demo
+
+Order of work: every checkpoint path is checked first (one error line per unusable path, before any
+model is loaded); then the judges are built, the baseline answers once, and each checkpoint in turn is
+loaded, answers, is judged with every style and is freed. The results file is rewritten after every
+checkpoint, so a crash keeps the finished ones.
+
+Seed: ``--seed`` (default 424242, the reference's) selects the evaluation prompts and seeds sampling
+(re-seeded before each model, so a checkpoint's answers do not depend on its place in the list). The
+online loop selects its evaluation prompts with seed 1234, so the default evaluates a *different*
+subset of the validation file than the training run did; ``--seed 1234`` (with the same --val_jsonl,
+--eval_n and --max_prompt_tokens) evaluates the training run's subset.
+
+Outputs in ``--out_dir`` (``<idx>`` = the smallest unused integer >= 1):
+    <run_name>_<idx>.json
+        meta: baseline_model, checkpoints, eval_styles, eval_n (used), eval_n_requested, val_jsonl,
+              max_prompt_tokens, eval_max_new_tokens, temperature, seed, use_vllm, judge_local,
+              judge_model ("local" for the user-model judge, "rule-based", or the API model), user_model,
+              run_name, baseline_avg_completion_len (characters)
+        results: one entry per finished checkpoint, in order:
+              checkpoint (path as given), checkpoint_name (folder name), kind ("full" or "lora_adapter"),
+              base_model (adapters; else null), load_time_s, gen_time_s, avg_completion_len (characters),
+              eval_styles: {style: {n, wins_a, wins_b, ties, coverage, winrate_a (ties excluded, %), se,
+              se_bootstrap, n_effective, winrate_inc_ties (ties as half, %), n_unparsed, judge_time_s}}
+              ("a" = the checkpoint, "b" = the baseline; NaN written as null)
+    <run_name>_completions_<idx>.json
+        prompts, baseline (answers), checkpoints: [{checkpoint, completions}] (rewritten with the results)
+A table of win rates per checkpoint and style is printed at the end.
+
+Deliberate differences from the reference: checkpoints may be LoRA adapters (the reference needed merged
+16 GB folders); all paths are validated before any work; with --use_vllm one engine serves every adapter
+(hot-swapped) instead of one engine per checkpoint; judges are built before the baseline, so a missing key
+or model fails before generation (peak memory is unchanged: the judge coexists with each checkpoint
+anyway); the evaluation is batched; sampling parameters are explicit; `n_unparsed` is stored; the
+results file is written after every checkpoint; completions are kept; --eval_styles defaults to the three
+styles of the reference script instead of being required; judges can be local, vLLM, OpenAI-compatible,
+Anthropic or rule-based (the flags of eval_online_sdpo.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib.util
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python auxiliary/eval_checkpoints.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from auxiliary.backends import BackendError
+from auxiliary.evaluation_helpers import DataError, compute_metrics, format_metrics_line, next_run_index, write_json_atomic
+from auxiliary.generation import encode_chat, generate
+from auxiliary.model_loading import ModelLoadError, load_model_and_tokenizer, load_tokenizer, resolve_dtype, resolve_model_path
+from auxiliary.participants import Participants, add_participant_arguments, build_participants, resolve_judge_backend, resolve_user_backend
+from auxiliary.rule_based_user import RULE_BASED_STYLES
+from auxiliary.style_judge import PairwiseJudge
+from auxiliary.user_simulator import DEFAULT_EVAL_STYLES, resolve_style
+from eval_online_sdpo import eval_sampling, generate_in_batches, load_split, seed_everything
+
+logger = logging.getLogger("eval_checkpoints")
+
+FULL_MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+SUMMARY_STYLE_WIDTH = 40
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path cannot be evaluated; the message names the path and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint to evaluate.
+
+    Attributes:
+        given: the path as passed on the command line (recorded in the results).
+        path: the folder.
+        base_model: for a LoRA adapter, the model it applies to (from ``adapter_config.json``); None for
+            a full model folder.
+        lora_rank: the adapter's rank ``r`` (None for a full model).
+    """
+
+    given: str
+    path: Path
+    base_model: str | None = None
+    lora_rank: int | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base_model is not None
+
+    @property
+    def kind(self) -> str:
+        return "lora_adapter" if self.is_adapter else "full"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # ---- what to compare
+    compared = parser.add_argument_group("checkpoints and baseline")
+    compared.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint folders: full models or LoRA adapters (e.g. <run>/checkpoints/step_5)")
+    compared.add_argument("--baseline_model", required=True, help="the model every checkpoint is compared with: HF id, local folder or bundled alias")
+    compared.add_argument("--eval_styles", nargs="+", default=list(DEFAULT_EVAL_STYLES), help="personas judging every checkpoint (default: %(default)s)")
+    # ---- data
+    data = parser.add_argument_group("data")
+    data.add_argument("--val_jsonl", required=True, help="evaluation prompts (JSONL with a string field 'prompt')")
+    data.add_argument("--eval_n", type=int, default=100, help="number of evaluation prompts")
+    data.add_argument("--max_prompt_tokens", type=int, default=2048, help="drop prompts longer than this once chat-rendered (baseline tokenizer)")
+    data.add_argument("--seed", type=int, default=424242, help="prompt selection and sampling seed; the online loop uses 1234 (pass it to evaluate the training run's subset)")
+    # ---- generation
+    generation = parser.add_argument_group("generation")
+    generation.add_argument("--eval_max_new_tokens", type=int, default=2048, help="generation budget per answer")
+    generation.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (top-p 1, no top-k; 0 = greedy)")
+    generation.add_argument("--dtype", default="bfloat16", help="weights dtype of the baseline and checkpoints (float32 for exact fp32 checkpoints)")
+    generation.add_argument("--device", default="auto", help="device of the baseline and checkpoint models: auto, cpu, cuda, cuda:1, ...")
+    generation.add_argument("--generation_batch_size", type=int, default=8, help="prompts per batched generate call (transformers)")
+    generation.add_argument("--use_vllm", action="store_true", help="generate with one vLLM engine on the adapters' base model, swapping in each LoRA adapter (adapter checkpoints only)")
+    generation.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.9, help="GPU memory share of the policy vLLM engine")
+    # ---- judges
+    add_participant_arguments(parser)
+    # ---- outputs
+    outputs = parser.add_argument_group("outputs")
+    outputs.add_argument("--out_dir", default="./eval", help="where the results and completions files go")
+    outputs.add_argument("--run_name", required=True, help="results file prefix")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _looks_like_local_path(name: str) -> bool:
+    # Hub ids are "org/name"; anything absolute, relative-marked or deeper is a filesystem path.
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def _checkpoint_hint(path: Path) -> str:
+    """Names of checkpoint folders inside ``path`` (or its ``checkpoints/``), for a pointer in the error."""
+    folders = [p for parent in (path, path / "checkpoints") if parent.is_dir() for p in sorted(parent.iterdir()) if p.is_dir()]
+    found = [str(p.relative_to(path)) for p in folders if (p / "config.json").is_file() or (p / "adapter_config.json").is_file()]
+    return f"; checkpoints inside it: {', '.join(found[:6])}" if found else ""
+
+
+def inspect_checkpoint(given: str) -> Checkpoint:
+    """Classify ``given`` as a full model or a LoRA adapter folder, or raise ``CheckpointError``."""
+    path = Path(given).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {given}: no such folder")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {given}: not a folder (pass the checkpoint folder, not a file inside it)")
+    adapter_config = path / "adapter_config.json"
+    if adapter_config.is_file():
+        try:
+            settings = json.loads(adapter_config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"checkpoint {given}: adapter_config.json is not valid JSON ({error})") from None
+        base = settings.get("base_model_name_or_path") if isinstance(settings, dict) else None
+        if not base:
+            raise CheckpointError(f"checkpoint {given}: adapter_config.json names no base_model_name_or_path")
+        if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
+            raise CheckpointError(f"checkpoint {given}: LoRA adapter without weights (no {' or '.join(ADAPTER_WEIGHTS)})")
+        if _looks_like_local_path(base) and not Path(base).expanduser().is_dir():
+            raise CheckpointError(f"checkpoint {given}: its base model {base} (adapter_config.json) does not exist")
+        return Checkpoint(given=given, path=path, base_model=base, lora_rank=settings.get("r"))
+    if (path / "config.json").is_file():
+        if not any((path / name).is_file() for name in FULL_MODEL_WEIGHTS):
+            raise CheckpointError(f"checkpoint {given}: config.json but no model weights (no {', '.join(FULL_MODEL_WEIGHTS)})")
+        return Checkpoint(given=given, path=path)
+    raise CheckpointError(
+        f"checkpoint {given}: neither a model folder (config.json) nor a LoRA adapter (adapter_config.json){_checkpoint_hint(path)}"
+    )
+
+
+def inspect_checkpoints(paths: list[str], use_vllm: bool) -> list[Checkpoint]:
+    """Every checkpoint, validated; all problems are collected into one ``CheckpointError`` (a line each)."""
+    checkpoints, problems = [], []
+    for given in paths:
+        try:
+            checkpoints.append(inspect_checkpoint(given))
+        except CheckpointError as error:
+            problems.append(str(error))
+    if not problems and use_vllm:
+        full = [c.given for c in checkpoints if not c.is_adapter]
+        bases = {resolve_model_path(c.base_model) for c in checkpoints if c.is_adapter}
+        if full:
+            problems.append(f"--use_vllm evaluates LoRA adapters on one engine; {', '.join(full)} is a full model: drop --use_vllm or pass adapter folders")
+        elif len(bases) > 1:
+            problems.append(f"--use_vllm needs adapters of one base model, got {', '.join(sorted(bases))}: evaluate each base in its own run")
+    if problems:
+        raise CheckpointError("\n".join(problems))
+    return checkpoints
+
+
+def validate_styles(styles: list[str], judge_kind: str) -> list[str]:
+    """Canonical, de-duplicated style names; a rule-based judge also needs styles it can check."""
+    names = list(dict.fromkeys(resolve_style(s) for s in styles))
+    if judge_kind == "rule":
+        unchecked = [s for s in names if s not in RULE_BASED_STYLES]
+        if unchecked:
+            raise ValueError(f"the rule-based judge cannot check {', '.join(unchecked)}; rule-based styles: {', '.join(RULE_BASED_STYLES)}")
+    return names
+
+
+def require_vllm(wanted_by: list[str]) -> None:
+    """Fail before any work when a vLLM option is set but vLLM is not installed."""
+    if wanted_by and importlib.util.find_spec("vllm") is None:
+        raise ValueError(f"{', '.join(wanted_by)} needs vLLM, which is not installed (pip install -r requirements-vllm.txt, GPU only); drop the option to use transformers")
+
+
+# --------------------------------------------------------------------------------------------------
+# Judges and metrics (shared with eval_incontext_oracle.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def build_judges(args, styles: list[str]) -> Participants:
+    """One judge per style from the user/judge flags of ``add_participant_arguments``.
+
+    ``build_participants`` always builds a simulated user too, which evaluation never asks for. When
+    the judge does not run on the user's model, that unused simulator is put on the judge's own kind of
+    backend, so it needs no key, model or memory beyond what the judge needs.
+    """
+    judge_args = copy.copy(args)
+    judge_kind = resolve_judge_backend(args)
+    if judge_kind in ("rule", "anthropic", "openai"):
+        judge_args.user_backend = judge_kind
+        if judge_kind == "openai":
+            judge_args.user_model_name_or_path = args.judge_model
+    return build_participants(judge_args, styles[0], styles[1:])
+
+
+def judge_against_baseline(judge: PairwiseJudge, prompts: list[str], completions: list[str], baseline: list[str], seed: int) -> dict:
+    """Win-rate metrics of ``completions`` (A) over ``baseline`` (B) under one judge, both orders."""
+    started = time.perf_counter()
+    decisions = judge.choose_batch_generated(prompts, completions, baseline)
+    return {
+        **compute_metrics(decisions, seed=seed),
+        "n_unparsed": judge.last_n_unparsed,
+        "judge_time_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def average_chars(texts: list[str]) -> float:
+    return round(float(np.mean([len(t) for t in texts])), 1) if texts else 0.0
+
+
+def free_accelerator_memory() -> None:
+    """Collect the just-dropped model and hand its cached GPU memory back."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _percent(value, unit: str = "%") -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.1f}{unit}"
+
+
+def format_style_line(style: str, metrics: dict) -> str:
+    """``<style padded to 40> winrate=xx.x% +/-y.y (inc_ties=zz.z%)`` (the reference's table row)."""
+    return (
+        f"{style:<{SUMMARY_STYLE_WIDTH}} winrate={_percent(metrics['winrate_a'])} +/-{_percent(metrics['se'], '')}"
+        f" (inc_ties={_percent(metrics['winrate_inc_ties'])})"
+    )
+
+
+def format_summary_table(results: list[dict]) -> str:
+    """Per checkpoint a header line, then one indented ``format_style_line`` per style."""
+    lines = []
+    for entry in results:
+        lines.append(f"{entry['checkpoint_name']} ({entry['checkpoint']})")
+        lines.extend(f"  {format_style_line(style, metrics)}" for style, metrics in entry["eval_styles"].items())
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+
+
+def _autocast_dtype(model, dtype: torch.dtype) -> torch.dtype | None:
+    # peft keeps adapter weights in fp32 over a bf16 base; autocast computes them in the compute
+    # dtype as the updater did during training, without merging (merging into bf16 weights would
+    # round away small adapter deltas).
+    return dtype if any(p.dtype != dtype for p in model.parameters()) else None
+
+
+def hf_answers(model, tokenizer, prompts: list[str], args, label: str) -> list[str]:
+    """One sampled answer per prompt from a transformers model, batched, with a progress bar."""
+    sampling = eval_sampling(args)
+    autocast = _autocast_dtype(model, resolve_dtype(args.dtype))
+
+    def generate_batch(batch):
+        contexts = [encode_chat(tokenizer, messages, max_length=args.max_prompt_tokens) for messages in batch]
+        return generate(model, tokenizer, contexts, sampling, batch_size=args.generation_batch_size, autocast_dtype=autocast)
+
+    seed_everything(args.seed)
+    return generate_in_batches(generate_batch, prompts, args.generation_batch_size, label)
+
+
+def load_checkpoint_model(checkpoint: Checkpoint, args):
+    """(model, tokenizer) of a checkpoint; an adapter is applied, unmerged, to its base model."""
+    try:
+        if not checkpoint.is_adapter:
+            return load_model_and_tokenizer(str(checkpoint.path), dtype=args.dtype, device=args.device)
+        from peft import PeftModel
+
+        model, tokenizer = load_model_and_tokenizer(checkpoint.base_model, dtype=args.dtype, device=args.device)
+        model = PeftModel.from_pretrained(model, checkpoint.path)
+        if (checkpoint.path / "tokenizer_config.json").is_file():  # save_checkpoint stores the tokenizer with the adapter
+            tokenizer = load_tokenizer(str(checkpoint.path))
+        return model, tokenizer
+    except (ModelLoadError, OSError, RuntimeError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"checkpoint {checkpoint.given}: could not be loaded ({first_line})") from error
+
+
+class VLLMAdapterPolicy:
+    """One vLLM engine on the adapters' base model; ``use`` swaps in a checkpoint's adapter."""
+
+    def __init__(self, base_model: str, tokenizer, max_lora_rank: int, args):
+        from auxiliary.vllm_policy import VLLMPolicyEngine
+
+        self.tokenizer = tokenizer
+        self.args = args
+        self.engine = VLLMPolicyEngine(
+            resolve_model_path(base_model),
+            tokenizer,
+            max_lora_rank=max_lora_rank,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            dtype=args.dtype,
+            max_model_len=args.max_prompt_tokens + args.eval_max_new_tokens,
+            seed=args.seed,
+        )
+
+    def use(self, checkpoint: Checkpoint) -> None:
+        self.engine.load_adapter(checkpoint.path)
+
+    def answers(self, prompts: list[str], label: str) -> list[str]:
+        sampling = eval_sampling(self.args)
+        stops = [self.tokenizer.eos_token_id]
+
+        def generate_batch(batch):
+            return self.engine.generate([encode_chat(self.tokenizer, m, max_length=self.args.max_prompt_tokens) for m in batch], sampling, stops)
+
+        # vLLM schedules a whole list best: one call for all prompts.
+        return generate_in_batches(generate_batch, prompts, max(1, len(prompts)), label)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+def run(args, checkpoints: list[Checkpoint], styles: list[str], results_path: Path, completions_path: Path) -> dict:
+    tokenizer = load_tokenizer(args.baseline_model)
+    prompts = load_split(args.val_jsonl, tokenizer, args.eval_n, args, "eval")
+    if not prompts:
+        raise DataError(f"{args.val_jsonl}: no prompts left after filtering to {args.max_prompt_tokens} tokens")
+    participants = build_judges(args, styles)
+
+    # With --use_vllm the baseline answers on the engine when it is the adapters' base model; otherwise it
+    # answers with transformers first and is freed before the engine claims its share of the GPU.
+    baseline_on_engine = args.use_vllm and resolve_model_path(args.baseline_model) == resolve_model_path(checkpoints[0].base_model)
+    started = time.perf_counter()
+    if not baseline_on_engine:
+        model, tokenizer = load_model_and_tokenizer(args.baseline_model, dtype=args.dtype, device=args.device)
+        baseline = hf_answers(model, tokenizer, prompts, args, "baseline")
+        del model
+        free_accelerator_memory()
+    vllm_policy = None
+    if args.use_vllm:
+        base = checkpoints[0].base_model
+        vllm_policy = VLLMAdapterPolicy(base, load_tokenizer(base), max(c.lora_rank or 1 for c in checkpoints), args)
+    if baseline_on_engine:
+        baseline = vllm_policy.answers(prompts, "baseline")
+    logger.info("baseline: %d answers in %.1f s, mean %.0f chars", len(baseline), time.perf_counter() - started, average_chars(baseline))
+
+    results = {
+        "meta": {
+            "baseline_model": args.baseline_model,
+            "checkpoints": [c.given for c in checkpoints],
+            "eval_styles": styles,
+            "eval_n": len(prompts),
+            "eval_n_requested": args.eval_n,
+            "val_jsonl": args.val_jsonl,
+            "max_prompt_tokens": args.max_prompt_tokens,
+            "eval_max_new_tokens": args.eval_max_new_tokens,
+            "temperature": args.temperature,
+            "seed": args.seed,
+            "use_vllm": args.use_vllm,
+            "judge_local": args.judge_local,
+            "judge_model": participants.judge_label,
+            "user_model": args.user_model_name_or_path,
+            "run_name": args.run_name,
+            "baseline_avg_completion_len": average_chars(baseline),
+        },
+        "results": [],
+    }
+    completions = {"prompts": prompts, "baseline": baseline, "checkpoints": []}
+
+    def save() -> None:
+        write_json_atomic(results_path, results)
+        write_json_atomic(completions_path, completions)
+
+    save()
+    for number, checkpoint in enumerate(checkpoints, start=1):
+        label = f"checkpoint {number}/{len(checkpoints)} {checkpoint.path.name}"
+        started = time.perf_counter()
+        if vllm_policy is not None:
+            vllm_policy.use(checkpoint)
+            load_time = time.perf_counter() - started
+            started = time.perf_counter()
+            answers = vllm_policy.answers(prompts, label)
+        else:
+            model, tokenizer = load_checkpoint_model(checkpoint, args)
+            load_time = time.perf_counter() - started
+            started = time.perf_counter()
+            answers = hf_answers(model, tokenizer, prompts, args, label)
+            del model
+            free_accelerator_memory()
+        gen_time = time.perf_counter() - started
+        per_style = {}
+        for style, judge in participants.judges.items():
+            per_style[style] = judge_against_baseline(judge, prompts, answers, baseline, args.seed)
+            print(format_metrics_line(per_style[style], f"{checkpoint.path.name} | {style}"))
+        results["results"].append(
+            {
+                "checkpoint": checkpoint.given,
+                "checkpoint_name": checkpoint.path.name,
+                "kind": checkpoint.kind,
+                "base_model": checkpoint.base_model,
+                "load_time_s": round(load_time, 1),
+                "gen_time_s": round(gen_time, 1),
+                "avg_completion_len": average_chars(answers),
+                "eval_styles": per_style,
+            }
+        )
+        completions["checkpoints"].append({"checkpoint": checkpoint.given, "completions": answers})
+        save()
+    return results
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        checkpoints = inspect_checkpoints(args.checkpoints, args.use_vllm)
+        styles = validate_styles(args.eval_styles, resolve_judge_backend(args))
+        judge_on_vllm = resolve_judge_backend(args) == "user" and resolve_user_backend(args) == "vllm"
+        require_vllm([flag for flag, on in (("--use_vllm", args.use_vllm), ("--user_vllm (local judge)", judge_on_vllm)) if on])
+    except ValueError as error:  # CheckpointError included: one line per unusable path
+        for line in str(error).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+    out_dir = Path(args.out_dir)
+    index = next_run_index(out_dir, args.run_name)
+    results_path = out_dir / f"{args.run_name}_{index}.json"
+    completions_path = out_dir / f"{args.run_name}_completions_{index}.json"
+    try:
+        results = run(args, checkpoints, styles, results_path, completions_path)
+    except (CheckpointError, DataError, ModelLoadError, BackendError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        if results_path.is_file():
+            print(f"finished checkpoints so far: {results_path}", file=sys.stderr)
+        return 1
+    print(format_summary_table(results["results"]))
+    print(f"results: {results_path}\ncompletions: {completions_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
