@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import sys
 import time
 from pathlib import Path
@@ -49,14 +48,16 @@ from tqdm.auto import tqdm
 from auxiliary.backends import BackendError
 from auxiliary.evaluation_helpers import (
     DataError,
+    answer_in_batches,
     compute_metrics,
-    filter_by_prompt_tokens,
     format_metrics_line,
-    load_prompts,
+    generation_texts,
+    load_split,
     next_run_index,
     plot_winrate,
     save_completions_snapshot,
-    select_prompts,
+    seed_everything,
+    user_turn,
     write_json_atomic,
 )
 from auxiliary.generation import SamplingParams, encode_chat, generate
@@ -133,10 +134,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_config(args) -> OnlineSDPOConfig:
@@ -206,28 +203,16 @@ def start_or_resume(args) -> tuple[argparse.Namespace, RunFiles, dict | None]:
     return args, files, None
 
 
-def load_split(path: str, tokenizer, n: int, args, label: str) -> list[str]:
-    prompts = load_prompts(path)
-    kept, dropped = filter_by_prompt_tokens(prompts, tokenizer, args.max_prompt_tokens)
-    if dropped:
-        logger.info("%s: dropped %d prompts longer than %d tokens", label, dropped, args.max_prompt_tokens)
-    return select_prompts(kept, n, args.seed, label=label)
 
 
-def user_turn(prompt: str) -> list[dict]:
-    return [{"role": "user", "content": prompt}]
+
+
+
+
 
 
 def eval_sampling(args) -> SamplingParams:
     return SamplingParams(max_new_tokens=args.eval_max_new_tokens, temperature=args.temperature, top_p=1.0)
-
-
-def generate_in_batches(generate_batch, prompts: list[str], batch_size: int, label: str) -> list[str]:
-    """Answers for ``prompts`` with a progress bar over batches."""
-    texts: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=label, unit="batch", leave=False):
-        texts.extend(g.text.strip() for g in generate_batch([user_turn(p) for p in prompts[start : start + batch_size]]))
-    return texts
 
 
 def baseline_completions(args, files: RunFiles, eval_prompts: list[str], updater: OnlineSDPOUpdater) -> list[str]:
@@ -238,16 +223,17 @@ def baseline_completions(args, files: RunFiles, eval_prompts: list[str], updater
             return stored["completions"]
         raise SystemExit(f"error: {files.baseline} was made for other eval prompts; start a new run")
     sampling = eval_sampling(args)
+    conversations = [user_turn(p) for p in eval_prompts]
     if not args.baseline_model or args.baseline_model == args.model:
-        texts = generate_in_batches(lambda b: updater.generate(b, sampling), eval_prompts, args.generation_batch_size, "baseline")
+        texts = answer_in_batches(lambda b: generation_texts(updater.generate(b, sampling)), conversations, args.generation_batch_size, "baseline")
     else:
         model, tokenizer = load_model_and_tokenizer(args.baseline_model, dtype=args.dtype, device=args.device)
 
-        def generate_batch(batch):
+        def answer_batch(batch):
             contexts = [encode_chat(tokenizer, m, max_length=4096) for m in batch]
-            return generate(model, tokenizer, contexts, sampling, batch_size=args.generation_batch_size)
+            return generation_texts(generate(model, tokenizer, contexts, sampling, batch_size=args.generation_batch_size))
 
-        texts = generate_in_batches(generate_batch, eval_prompts, args.generation_batch_size, "baseline")
+        texts = answer_in_batches(answer_batch, conversations, args.generation_batch_size, "baseline")
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -260,7 +246,9 @@ def evaluate(args, updater, participants: Participants, eval_prompts, baseline, 
     """Judge the current policy against the baseline with every style; returns (metrics, completions)."""
     started = time.perf_counter()
     sampling = eval_sampling(args)
-    current = generate_in_batches(lambda b: updater.generate(b, sampling), eval_prompts, args.generation_batch_size, "eval generation")
+    current = answer_in_batches(
+        lambda b: generation_texts(updater.generate(b, sampling)), [user_turn(p) for p in eval_prompts], args.generation_batch_size, "eval generation"
+    )
     gen_time = time.perf_counter() - started
     primary_style = resolve_style(args.style)
     metrics: dict = {}
@@ -294,8 +282,8 @@ def run(args, files: RunFiles, previous: dict | None) -> dict:
     updater = OnlineSDPOUpdater(config, resume_from=resume_from)
     done = int(updater.extra_state.get("interactions_done", 0)) if resume_from else 0
 
-    train_prompts = load_split(args.train_jsonl, updater.tokenizer, args.train_n, args, "train")
-    eval_prompts = load_split(args.val_jsonl, updater.tokenizer, args.eval_n, args, "eval")
+    train_prompts = load_split(args.train_jsonl, updater.tokenizer, args.train_n, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, label="train")
+    eval_prompts = load_split(args.val_jsonl, updater.tokenizer, args.eval_n, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, label="eval")
     if not eval_prompts or not train_prompts:
         raise DataError(f"no prompts left after filtering ({len(train_prompts)} train, {len(eval_prompts)} eval); check the files and --max_prompt_tokens")
 

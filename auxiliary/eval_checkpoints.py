@@ -59,7 +59,6 @@ Anthropic or rule-based (the flags of eval_online_sdpo.py).
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import importlib.util
 import json
@@ -77,14 +76,24 @@ import numpy as np
 import torch
 
 from auxiliary.backends import BackendError
-from auxiliary.evaluation_helpers import DataError, compute_metrics, format_metrics_line, next_run_index, write_json_atomic
-from auxiliary.generation import encode_chat, generate
+from auxiliary.evaluation_helpers import (
+    DataError,
+    answer_in_batches,
+    compute_metrics,
+    format_metrics_line,
+    generation_texts,
+    load_split,
+    next_run_index,
+    seed_everything,
+    user_turn,
+    write_json_atomic,
+)
+from auxiliary.generation import SamplingParams, encode_chat, generate
 from auxiliary.model_loading import ModelLoadError, load_model_and_tokenizer, load_tokenizer, resolve_dtype, resolve_model_path
-from auxiliary.participants import Participants, add_participant_arguments, build_participants, resolve_judge_backend, resolve_user_backend
+from auxiliary.participants import add_participant_arguments, build_judges, resolve_judge_backend, resolve_user_backend
 from auxiliary.rule_based_user import RULE_BASED_STYLES
 from auxiliary.style_judge import PairwiseJudge
 from auxiliary.user_simulator import DEFAULT_EVAL_STYLES, resolve_style
-from eval_online_sdpo import eval_sampling, generate_in_batches, load_split, seed_everything
 
 logger = logging.getLogger("eval_checkpoints")
 
@@ -242,20 +251,6 @@ def require_vllm(wanted_by: list[str]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def build_judges(args, styles: list[str]) -> Participants:
-    """One judge per style from the user/judge flags of ``add_participant_arguments``.
-
-    ``build_participants`` always builds a simulated user too, which evaluation never asks for. When
-    the judge does not run on the user's model, that unused simulator is put on the judge's own kind of
-    backend, so it needs no key, model or memory beyond what the judge needs.
-    """
-    judge_args = copy.copy(args)
-    judge_kind = resolve_judge_backend(args)
-    if judge_kind in ("rule", "anthropic", "openai"):
-        judge_args.user_backend = judge_kind
-        if judge_kind == "openai":
-            judge_args.user_model_name_or_path = args.judge_model
-    return build_participants(judge_args, styles[0], styles[1:])
 
 
 def judge_against_baseline(judge: PairwiseJudge, prompts: list[str], completions: list[str], baseline: list[str], seed: int) -> dict:
@@ -315,15 +310,15 @@ def _autocast_dtype(model, dtype: torch.dtype) -> torch.dtype | None:
 
 def hf_answers(model, tokenizer, prompts: list[str], args, label: str) -> list[str]:
     """One sampled answer per prompt from a transformers model, batched, with a progress bar."""
-    sampling = eval_sampling(args)
+    sampling = SamplingParams(max_new_tokens=args.eval_max_new_tokens, temperature=args.temperature, top_p=1.0)
     autocast = _autocast_dtype(model, resolve_dtype(args.dtype))
 
-    def generate_batch(batch):
+    def answer_batch(batch):
         contexts = [encode_chat(tokenizer, messages, max_length=args.max_prompt_tokens) for messages in batch]
-        return generate(model, tokenizer, contexts, sampling, batch_size=args.generation_batch_size, autocast_dtype=autocast)
+        return generation_texts(generate(model, tokenizer, contexts, sampling, batch_size=args.generation_batch_size, autocast_dtype=autocast))
 
     seed_everything(args.seed)
-    return generate_in_batches(generate_batch, prompts, args.generation_batch_size, label)
+    return answer_in_batches(answer_batch, [user_turn(p) for p in prompts], args.generation_batch_size, label)
 
 
 def load_checkpoint_model(checkpoint: Checkpoint, args):
@@ -365,14 +360,15 @@ class VLLMAdapterPolicy:
         self.engine.load_adapter(checkpoint.path)
 
     def answers(self, prompts: list[str], label: str) -> list[str]:
-        sampling = eval_sampling(self.args)
+        sampling = SamplingParams(max_new_tokens=self.args.eval_max_new_tokens, temperature=self.args.temperature, top_p=1.0)
         stops = [self.tokenizer.eos_token_id]
 
-        def generate_batch(batch):
-            return self.engine.generate([encode_chat(self.tokenizer, m, max_length=self.args.max_prompt_tokens) for m in batch], sampling, stops)
+        def answer_batch(batch):
+            contexts = [encode_chat(self.tokenizer, m, max_length=self.args.max_prompt_tokens) for m in batch]
+            return generation_texts(self.engine.generate(contexts, sampling, stops))
 
         # vLLM schedules a whole list best: one call for all prompts.
-        return generate_in_batches(generate_batch, prompts, max(1, len(prompts)), label)
+        return answer_in_batches(answer_batch, [user_turn(p) for p in prompts], max(1, len(prompts)), label)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,7 +378,7 @@ class VLLMAdapterPolicy:
 
 def run(args, checkpoints: list[Checkpoint], styles: list[str], results_path: Path, completions_path: Path) -> dict:
     tokenizer = load_tokenizer(args.baseline_model)
-    prompts = load_split(args.val_jsonl, tokenizer, args.eval_n, args, "eval")
+    prompts = load_split(args.val_jsonl, tokenizer, args.eval_n, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, label="eval")
     if not prompts:
         raise DataError(f"{args.val_jsonl}: no prompts left after filtering to {args.max_prompt_tokens} tokens")
     participants = build_judges(args, styles)

@@ -48,6 +48,7 @@ checked before any work; results are written after every judged style; completio
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -58,24 +59,21 @@ if __package__ in (None, ""):  # run as `python auxiliary/eval_incontext_oracle.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from tqdm.auto import tqdm
 
 from auxiliary.backends import DEFAULT_ANTHROPIC_MODEL, BackendError, ChatBackend, HFChatBackend
 from auxiliary.eval_checkpoints import (
     average_chars,
-    build_judges,
     format_style_line,
     free_accelerator_memory,
     judge_against_baseline,
     require_vllm,
     validate_styles,
 )
-from auxiliary.evaluation_helpers import DataError, format_metrics_line, next_run_index, write_json_atomic
+from auxiliary.evaluation_helpers import DataError, answer_in_batches, format_metrics_line, load_split, next_run_index, seed_everything, user_turn, write_json_atomic
 from auxiliary.generation import SamplingParams
 from auxiliary.model_loading import ModelLoadError, load_model_and_tokenizer, load_tokenizer, resolve_model_path
-from auxiliary.participants import add_participant_arguments
+from auxiliary.participants import add_participant_arguments, build_judges, build_vllm_engine
 from auxiliary.user_simulator import CORE_STYLES, get_persona
-from eval_online_sdpo import load_split, seed_everything, user_turn
 
 logger = logging.getLogger("eval_incontext_oracle")
 
@@ -179,31 +177,20 @@ def build_policy(args) -> ChatBackend:
     """The policy as a chat backend: transformers (batched) or an in-process vLLM engine on --gen_gpu."""
     if args.use_vllm:
         from auxiliary.backends import VLLMChatBackend
-        from auxiliary.participants import _build_vllm_engine
 
-        # The engine builder narrows CUDA_VISIBLE_DEVICES to [gpu_start, gpu_start + tp) while vLLM starts.
-        engine_args = argparse.Namespace(
-            user_model_name_or_path=resolve_model_path(args.model),
-            user_vllm_gpu_start=args.gen_gpu,
-            user_vllm_tp=1,
-            user_vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        engine = build_vllm_engine(
+            resolve_model_path(args.model), gpu_start=args.gen_gpu, gpu_memory_utilization=args.vllm_gpu_memory_utilization
         )
-        return VLLMChatBackend(_build_vllm_engine(engine_args), tokenizer=load_tokenizer(args.model), name=f"vllm:{args.model}")
+        return VLLMChatBackend(engine, tokenizer=load_tokenizer(args.model), name=f"vllm:{args.model}")
     device = f"cuda:{args.gen_gpu}" if args.device == "auto" and torch.cuda.is_available() else args.device
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
     return HFChatBackend(model, tokenizer, batch_size=args.generation_batch_size, name=f"hf:{args.model}")
 
 
-def answer_all(policy: ChatBackend, conversations: list[list[dict]], sampling: SamplingParams, batch_size: int, label: str) -> list[str]:
-    """One answer per conversation, ``batch_size`` conversations per backend call, with a progress bar."""
-    answers: list[str] = []
-    for start in tqdm(range(0, len(conversations), batch_size), desc=label, unit="batch", leave=False):
-        answers.extend(policy.generate(conversations[start : start + batch_size], sampling))
-    return answers
 
 
 def run(args, styles: list[str], results_path: Path, completions_path: Path) -> dict:
-    prompts = load_split(args.val_jsonl, load_tokenizer(args.model), args.eval_n, args, "eval")
+    prompts = load_split(args.val_jsonl, load_tokenizer(args.model), args.eval_n, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, label="eval")
     if not prompts:
         raise DataError(f"{args.val_jsonl}: no prompts left after filtering to {args.max_prompt_tokens} tokens")
     judge_args = judge_participant_args(args)
@@ -214,19 +201,19 @@ def run(args, styles: list[str], results_path: Path, completions_path: Path) -> 
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0)
     # vLLM schedules a whole list best, so it gets every prompt of a pass in one call.
     batch_size = max(1, len(prompts)) if args.use_vllm else args.generation_batch_size
-    policy = build_policy(args)
+    answer_batch = functools.partial(build_policy(args).generate, sampling=sampling)
     seed_everything(args.seed)
     started = time.perf_counter()
-    baseline = answer_all(policy, [user_turn(p) for p in prompts], sampling, batch_size, "baseline")
+    baseline = answer_in_batches(answer_batch, [user_turn(p) for p in prompts], batch_size, "baseline")
     baseline_time = time.perf_counter() - started
     oracle: dict[str, list[str]] = {}
     oracle_times: dict[str, float] = {}
     for style in styles:
         seed_everything(args.seed)  # each style's answers are independent of the styles before it
         started = time.perf_counter()
-        oracle[style] = answer_all(policy, [oracle_messages(style, p) for p in prompts], sampling, batch_size, f"oracle {style}")
+        oracle[style] = answer_in_batches(answer_batch, [oracle_messages(style, p) for p in prompts], batch_size, f"oracle {style}")
         oracle_times[style] = round(time.perf_counter() - started, 1)
-    del policy
+    del answer_batch  # the only reference to the policy
     free_accelerator_memory()
     write_json_atomic(
         completions_path,

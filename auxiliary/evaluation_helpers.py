@@ -24,10 +24,13 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from auxiliary.atomic_io import replace_atomically, to_json_safe, write_json_atomic  # noqa: F401 - part of this module's API
 from auxiliary.generation import encode_chat
@@ -137,6 +140,41 @@ def select_prompts(prompts: Sequence[str], n: int, seed: int, *, label: str) -> 
 # --------------------------------------------------------------------------------------------------
 # Win-rate statistics
 # --------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) with one number."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def user_turn(prompt: str) -> list[dict]:
+    """A single-turn conversation (no system message, as in the reference's evaluations)."""
+    return [{"role": "user", "content": prompt}]
+
+
+def load_split(path: str | os.PathLike, tokenizer, n: int, *, max_prompt_tokens: int, seed: int, label: str) -> list[str]:
+    """Prompts of one JSONL split: loaded, length-filtered on the whole file, then ``n`` selected (seeded)."""
+    kept, dropped = filter_by_prompt_tokens(load_prompts(path), tokenizer, max_prompt_tokens)
+    if dropped:
+        logger.info("%s: dropped %d prompts longer than %d tokens", label, dropped, max_prompt_tokens)
+    return select_prompts(kept, n, seed, label=label)
+
+
+def answer_in_batches(
+    answer_batch: Callable[[list[list[dict]]], list[str]], conversations: list[list[dict]], batch_size: int, label: str
+) -> list[str]:
+    """``answer_batch`` over ``conversations`` in chunks of ``batch_size``, with a progress bar."""
+    answers: list[str] = []
+    for start in tqdm(range(0, len(conversations), batch_size), desc=label, unit="batch", leave=False):
+        answers.extend(answer_batch(conversations[start : start + batch_size]))
+    return answers
+
+
+def generation_texts(generations) -> list[str]:
+    """The stripped texts of ``auxiliary.generation.Generation`` objects."""
+    return [generation.text.strip() for generation in generations]
 
 
 def compute_metrics(decisions: Sequence[int], *, seed: int, n_bootstrap: int = 10_000) -> dict:

@@ -81,8 +81,8 @@ def _require_user_model(args, backend: str) -> str:
     return args.user_model_name_or_path
 
 
-def _build_vllm_engine(args):
-    """In-process vLLM engine on GPUs [gpu_start, gpu_start + tp) of the visible ones.
+def build_vllm_engine(model: str, *, tensor_parallel_size: int = 1, gpu_start: int = 0, gpu_memory_utilization: float = 0.9):
+    """In-process vLLM engine on GPUs [gpu_start, gpu_start + tensor_parallel_size) of the visible ones.
 
     vLLM's engine core runs in a spawned process that reads CUDA_VISIBLE_DEVICES when it starts, so
     the variable is narrowed for the construction and restored afterwards.
@@ -91,16 +91,12 @@ def _build_vllm_engine(args):
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = visible.split(",") if visible else [str(i) for i in range(64)]
-    chosen = ids[args.user_vllm_gpu_start : args.user_vllm_gpu_start + args.user_vllm_tp]
-    if len(chosen) < args.user_vllm_tp:
-        raise SystemExit(f"error: --user_vllm_gpu_start {args.user_vllm_gpu_start} with tp {args.user_vllm_tp} exceeds the visible GPUs ({visible})")
+    chosen = ids[gpu_start : gpu_start + tensor_parallel_size]
+    if len(chosen) < tensor_parallel_size:
+        raise SystemExit(f"error: GPU start {gpu_start} with tensor parallel size {tensor_parallel_size} exceeds the visible GPUs ({visible})")
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
     try:
-        return vllm.LLM(
-            model=args.user_model_name_or_path,
-            tensor_parallel_size=args.user_vllm_tp,
-            gpu_memory_utilization=args.user_vllm_gpu_memory_utilization,
-        )
+        return vllm.LLM(model=model, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization)
     finally:
         if visible is None:
             del os.environ["CUDA_VISIBLE_DEVICES"]
@@ -118,7 +114,13 @@ def build_user_chat_backend(args, kind: str) -> tuple[ChatBackend | None, object
         from auxiliary.model_loading import load_tokenizer
 
         tokenizer = load_tokenizer(_require_user_model(args, kind))
-        return VLLMChatBackend(_build_vllm_engine(args), tokenizer=tokenizer, name=f"vllm:{args.user_model_name_or_path}"), tokenizer
+        engine = build_vllm_engine(
+            args.user_model_name_or_path,
+            tensor_parallel_size=args.user_vllm_tp,
+            gpu_start=args.user_vllm_gpu_start,
+            gpu_memory_utilization=args.user_vllm_gpu_memory_utilization,
+        )
+        return VLLMChatBackend(engine, tokenizer=tokenizer, name=f"vllm:{args.user_model_name_or_path}"), tokenizer
     if kind == "openai":
         return OpenAICompatibleBackend(
             _require_user_model(args, kind), base_url=args.openai_base_url, max_concurrency=args.api_max_concurrency, retry=_retry(args)
@@ -132,12 +134,9 @@ def _retry(args) -> RetryPolicy:
 
 def build_participants(args, style: str, eval_styles: list[str]) -> Participants:
     """Simulator for ``style`` and judges for ``style`` + ``eval_styles`` (validated up front)."""
-    styles = [resolve_style(style)] + [resolve_style(s) for s in eval_styles if resolve_style(s) != resolve_style(style)]
-    user_kind, judge_kind = resolve_user_backend(args), resolve_judge_backend(args)
-    if judge_kind == "user" and user_kind in ("rule", "anthropic"):
-        judge_kind = user_kind
+    styles = _unique_styles(style, eval_styles)
+    user_kind = resolve_user_backend(args)
     backend, tokenizer = build_user_chat_backend(args, user_kind)
-
     if user_kind == "rule":
         simulator: UserSimulator = RuleBasedUserSimulator(styles[0])
         user_label = "rule-based"
@@ -157,7 +156,26 @@ def build_participants(args, style: str, eval_styles: list[str]) -> Participants
             budget=TokenBudget(tokenizer, 2048) if tokenizer is not None else None,
         )
         user_label = args.user_model_name_or_path
+    judges = build_judges(args, styles, user_backend=backend, user_tokenizer=tokenizer, user_kind=user_kind)
+    judges.simulator, judges.user_label = simulator, user_label
+    logger.info("user: %s (%s); judge: %s; styles: %s", user_label, user_kind, judges.judge_label, styles)
+    return judges
 
+
+def build_judges(args, styles: list[str], *, user_backend: ChatBackend | None = None, user_tokenizer=None, user_kind: str | None = None) -> Participants:
+    """One judge per style, without a simulated user (checkpoint evaluation, the oracle).
+
+    A local judge (``--judge_local`` / ``--judge_backend user``) runs on the user model's backend: the
+    one passed in, or one built here from the user flags.
+    """
+    styles = _unique_styles(styles[0], styles[1:])
+    judge_kind = resolve_judge_backend(args)
+    if judge_kind == "user":
+        kind = user_kind or resolve_user_backend(args)
+        if kind in ("rule", "anthropic"):
+            judge_kind = kind
+        elif user_backend is None:
+            user_backend, user_tokenizer = build_user_chat_backend(args, kind)
     judges: dict[str, PairwiseJudge] = {}
     for judge_style in styles:
         if judge_kind == "rule":
@@ -174,11 +192,19 @@ def build_participants(args, style: str, eval_styles: list[str]) -> Participants
             )
             judges[judge_style] = LLMStyleJudge(judge_backend, judge_style)
         else:
-            if backend is None:
+            if user_backend is None:
                 raise SystemExit("error: --judge_local / --judge_backend user needs a model-based user (--user_model_name_or_path)")
             judges[judge_style] = LLMStyleJudge(
-                backend, judge_style, budget=TokenBudget(tokenizer, 4096) if tokenizer is not None else None
+                user_backend, judge_style, budget=TokenBudget(user_tokenizer, 4096) if user_tokenizer is not None else None
             )
     judge_label = {"rule": "rule-based", "anthropic": args.judge_model, "openai": args.judge_model}.get(judge_kind, "local")
-    logger.info("user: %s (%s); judge: %s (%s); styles: %s", user_label, user_kind, judge_label, judge_kind, styles)
-    return Participants(simulator=simulator, judges=judges, user_label=user_label, judge_label=judge_label)
+    return Participants(simulator=None, judges=judges, judge_label=judge_label)
+
+
+def _unique_styles(style: str, others: list[str]) -> list[str]:
+    """Canonical style names, primary first, duplicates dropped (unknown names fail here)."""
+    styles = [resolve_style(style)]
+    for other in others:
+        if resolve_style(other) not in styles:
+            styles.append(resolve_style(other))
+    return styles

@@ -73,7 +73,7 @@ if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the
 import numpy as np
 import torch
 
-from auxiliary.evaluation_helpers import write_json_atomic
+from auxiliary.evaluation_helpers import seed_everything, write_json_atomic
 from auxiliary.generation import Generation, SamplingParams, encode_chat, generate
 from auxiliary.model_loading import ModelLoadError, load_model_and_tokenizer, resolve_device
 from sdpo_core import (
@@ -657,12 +657,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
 
 
 def run(args: argparse.Namespace) -> int:

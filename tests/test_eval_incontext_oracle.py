@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from auxiliary import backends, eval_incontext_oracle
-from auxiliary.eval_checkpoints import build_judges
+from auxiliary.participants import build_judges
 from auxiliary.participants import resolve_judge_backend, resolve_user_backend
 from auxiliary.rule_based_user import RuleBasedJudge
 from auxiliary.style_judge import LLMStyleJudge
