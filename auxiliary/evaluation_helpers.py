@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from auxiliary.atomic_io import replace_atomically, to_json_safe, write_json_atomic  # noqa: F401 - part of this module's API
+from auxiliary.file_io import iter_jsonl, replace_atomically, to_json_safe, write_json_atomic  # noqa: F401 - part of this module's API
 from auxiliary.generation import encode_chat
 
 logger = logging.getLogger(__name__)
@@ -63,36 +63,28 @@ def load_prompts(path: str | os.PathLike, field: str = "prompt") -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: prompt file not found; pass an existing JSONL file with a {field!r} field per line")
     prompts = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{path}:{line_number}: not valid JSON ({error.msg} at column {error.colno}); "
-                    "each line must be one JSON object — fix or delete that line"
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{path}:{line_number}: expected a JSON object with a {field!r} field, got {type(row).__name__}"
-                )
-            if field not in row:
-                present = ", ".join(repr(key) for key in list(row)[:10]) or "none"
-                raise DataError(
-                    f"{path}:{line_number}: no {field!r} field (fields present: {present}); "
-                    "choose the field that holds the prompt text or fix the file"
-                )
-            value = row[field]
-            if not isinstance(value, str):
-                raise DataError(
-                    f"{path}:{line_number}: field {field!r} must be a string, got {type(value).__name__}; "
-                    "convert multi-turn data to a single prompt string first"
-                )
-            if not value.strip():
-                raise DataError(f"{path}:{line_number}: field {field!r} is empty; remove that row")
-            prompts.append(value.strip())
+    for line_number, row, error in iter_jsonl(path):
+        if error:
+            raise DataError(f"{path}:{line_number}: {error}; each line must be one JSON object — fix or delete that line")
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{path}:{line_number}: expected a JSON object with a {field!r} field, got {type(row).__name__}"
+            )
+        if field not in row:
+            present = ", ".join(repr(key) for key in list(row)[:10]) or "none"
+            raise DataError(
+                f"{path}:{line_number}: no {field!r} field (fields present: {present}); "
+                "choose the field that holds the prompt text or fix the file"
+            )
+        value = row[field]
+        if not isinstance(value, str):
+            raise DataError(
+                f"{path}:{line_number}: field {field!r} must be a string, got {type(value).__name__}; "
+                "convert multi-turn data to a single prompt string first"
+            )
+        if not value.strip():
+            raise DataError(f"{path}:{line_number}: field {field!r} is empty; remove that row")
+        prompts.append(value.strip())
     if not prompts:
         raise DataError(f"{path}: no prompts (the file is empty or has only blank lines)")
     return prompts

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import random
 import sys
 from collections import defaultdict
@@ -31,6 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from auxiliary.file_io import iter_jsonl
 from auxiliary.preprocessing import (
     PreprocessError,
     add_out_dir_argument,
@@ -60,20 +60,16 @@ def bundled_questions_path() -> Path:
 
 def load_questions(path: Path) -> list[dict]:
     questions = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                question = json.loads(line)
-                prompt = question["turns"][0].strip()
-                questions.append(
-                    {"prompt": prompt, "question_id": question["question_id"], "category": question["category"]}
-                )
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as error:
-                raise PreprocessError(
-                    f"{path}:{line_number}: not an MT-Bench question with question_id, category and turns ({error!r})"
-                ) from None
+    for line_number, question, error in iter_jsonl(path):
+        try:
+            if error:
+                raise ValueError(error)
+            prompt = question["turns"][0].strip()
+            questions.append({"prompt": prompt, "question_id": question["question_id"], "category": question["category"]})
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as problem:
+            raise PreprocessError(
+                f"{path}:{line_number}: not an MT-Bench question with question_id, category and turns ({problem!r})"
+            ) from None
     if not questions:
         raise PreprocessError(f"{path} holds no questions")
     return questions

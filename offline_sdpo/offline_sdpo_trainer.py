@@ -39,7 +39,6 @@ Deliberate differences from the reference (spec §11, §18 items 13-15):
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
+from auxiliary.file_io import iter_jsonl
 from auxiliary.model_loading import DTYPES, resolve_dtype
 from sdpo_core import (
     HINDSIGHT_VARIANTS,
@@ -361,27 +361,22 @@ def load_interactions(
     if not path.is_file():
         raise InteractionDataError(f"{path}: training file not found; pass an interaction JSONL (--train_jsonl)")
     rows, report = [], BadRowReport()
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
+    for line_number, decoded, decode_error in iter_jsonl(path):
+        where = f"{path}:{line_number}"
+        if decode_error:
+            reason, detail = "invalid_json", decode_error
+        else:
             try:
-                decoded = json.loads(line)
-            except json.JSONDecodeError as error:
-                reason, detail = "invalid_json", f"not valid JSON ({error.msg} at column {error.colno})"
+                interaction = parse_interaction(decoded, hindsight_variant)
+            except ValueError as error:
+                reason, detail = "invalid_row", str(error)
             else:
-                try:
-                    interaction = parse_interaction(decoded, hindsight_variant)
-                except ValueError as error:
-                    reason, detail = "invalid_row", str(error)
-                else:
-                    interaction.source = where
-                    rows.append(interaction)
-                    continue
-            if not skip_bad_rows:
-                raise InteractionDataError(f"{where}: {detail}. Fix or delete that line, or pass --skip_bad_rows")
-            report.add(reason, where, detail)
+                interaction.source = where
+                rows.append(interaction)
+                continue
+        if not skip_bad_rows:
+            raise InteractionDataError(f"{where}: {detail}. Fix or delete that line, or pass --skip_bad_rows")
+        report.add(reason, where, detail)
     if not rows:
         raise InteractionDataError(f"{path}: no usable interaction rows ({report.total} skipped)")
     return rows, report

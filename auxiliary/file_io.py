@@ -1,8 +1,11 @@
-"""Crash-safe file writing, shared by the results writers and the preprocessors (no torch import).
+"""JSON/JSONL files: crash-safe writing and line-numbered reading (no torch import, so the
+preprocessors can use it too).
 
 Every writer goes through a temp file in the target folder and ``os.replace``: same filesystem, so
 the rename is atomic and a reader (or a crash) sees the old file or the complete new one, never a
-partial one. JSON is written strictly: NaN and ±inf become ``null``.
+partial one. JSON is written strictly: NaN and ±inf become ``null``. ``iter_jsonl`` gives each
+non-blank line's number with its decoded value or why it did not parse, so every reader can name
+``file:line`` in its errors.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +80,19 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> int:
 
     replace_atomically(path, write)
     return count
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object, str | None]]:
+    """``(line_number, value, error)`` for every non-blank line (1-based numbers).
+
+    ``error`` is None for a line that parses, else a short reason (``not valid JSON (... at column c)``)
+    and ``value`` is None.
+    """
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_number, json.loads(line), None
+            except json.JSONDecodeError as error:
+                yield line_number, None, f"not valid JSON ({error.msg} at column {error.colno})"
