@@ -10,6 +10,7 @@ non-blank line's number with its decoded value or why it did not parse, so every
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -96,3 +97,12 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object, str | Non
                 yield line_number, json.loads(line), None
             except json.JSONDecodeError as error:
                 yield line_number, None, f"not valid JSON ({error.msg} at column {error.colno})"
+
+
+def installed_package_folder(package: str) -> Path | None:
+    """Folder of an installed package, found without importing it (some bundled-data packages have
+    ``__init__`` modules that import things not installed here); None when it is not installed."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))

