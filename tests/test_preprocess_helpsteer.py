@@ -4,13 +4,10 @@ import json
 from pathlib import Path
 
 from auxiliary import preprocess_helpsteer
+from tests.preprocess_helpers import read_jsonl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "preprocess" / "helpsteer2"
 LIMITS = ["--max_prompt_length", "120", "--max_response_length", "200"]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
 def run(tmp_path, *extra):

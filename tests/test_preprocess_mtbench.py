@@ -2,14 +2,10 @@
 
 import json
 from collections import Counter
-from pathlib import Path
 
 from auxiliary import preprocess_mtbench
 from auxiliary.preprocess_mtbench import bundled_questions_path, load_questions, split_questions
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+from tests.preprocess_helpers import read_jsonl
 
 
 def test_split_is_complete_disjoint_stratified_and_deterministic(tmp_path):

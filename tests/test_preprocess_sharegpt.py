@@ -7,23 +7,9 @@ from pathlib import Path
 from auxiliary import preprocess_sharegpt
 from auxiliary.preprocess_wildfeedback import interaction_rows as wildfeedback_rows
 from auxiliary.preprocessing import ConversationLimits, InteractionExtractor, JsonRecordStream, LengthMeter
+from tests.preprocess_helpers import WILDFEEDBACK_RECORD_FIELDS, read_jsonl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "preprocess" / "sharegpt" / "truncated.json"
-WILDFEEDBACK_FIELDS = [
-    "id",
-    "original_conv_id",
-    "turn_id",
-    "prompt",
-    "completion",
-    "user_response",
-    "prompt_len",
-    "completion_len",
-    "total_conv_len",
-]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
 def run(tmp_path, *extra):
@@ -36,7 +22,7 @@ def run(tmp_path, *extra):
 def test_truncated_fixture(tmp_path):
     rows, stats = run(tmp_path, "--dataset_path", str(FIXTURE))
     assert [row["id"] for row in rows] == ["sgA_0_1", "sgB_0_2", "sgC_1_2"]
-    assert list(rows[0]) == [*WILDFEEDBACK_FIELDS, "conversation_id"]
+    assert list(rows[0]) == [*WILDFEEDBACK_RECORD_FIELDS, "conversation_id"]
     # "user" and "chatgpt" speakers normalised, the system message dropped
     assert rows[1]["prompt"] == [{"from": "human", "value": "Best pasta shape?"}]
     assert rows[1]["completion"] == {"from": "gpt", "value": "Rigatoni."}

@@ -8,13 +8,10 @@ import pandas as pd
 
 from auxiliary import preprocess_tldr_dataset
 from auxiliary.preprocess_tldr_dataset import INSTRUCTION, dedup_key
+from tests.preprocess_helpers import read_jsonl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "preprocess" / "tldr"
 PAIRS = [f"train={FIXTURE / 'train.jsonl'}", f"validation={FIXTURE / 'validation.jsonl'}"]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
 def fixture_texts(split):

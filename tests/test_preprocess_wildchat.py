@@ -8,6 +8,7 @@ import pandas as pd
 
 from auxiliary import preprocess_wildchat
 from auxiliary.preprocess_wildchat import shuffled_order
+from tests.preprocess_helpers import read_jsonl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "preprocess" / "wildchat" / "train.jsonl"
 LIMITS = ["--max_completion_length", "300", "--max_user_message_length", "300", "--max_total_length", "800"]
@@ -26,10 +27,6 @@ RECORD_FIELDS = [
     "user_response_len",
     "total_conv_len",
 ]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
 def as_parquet(tmp_path) -> Path:

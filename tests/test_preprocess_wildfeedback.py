@@ -6,24 +6,10 @@ import shutil
 from pathlib import Path
 
 from auxiliary import preprocess_wildfeedback
+from tests.preprocess_helpers import WILDFEEDBACK_RECORD_FIELDS, read_jsonl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "preprocess" / "wildfeedback" / "wildfeedback.json"
 LIMITS = ["--max_completion_length", "300", "--max_total_length", "800"]
-RECORD_FIELDS = [
-    "id",
-    "original_conv_id",
-    "turn_id",
-    "prompt",
-    "completion",
-    "user_response",
-    "prompt_len",
-    "completion_len",
-    "total_conv_len",
-]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
 def run(tmp_path, dataset_path, *extra):
@@ -36,7 +22,7 @@ def run(tmp_path, dataset_path, *extra):
 def test_tuples_filters_and_schema(tmp_path):
     output = run(tmp_path, FIXTURE)
     rows = read_jsonl(output)
-    assert all(list(row) == RECORD_FIELDS for row in rows)
+    assert all(list(row) == WILDFEEDBACK_RECORD_FIELDS for row in rows)
     by_id = {row["id"]: row for row in rows}
     assert list(by_id) == ["0_1", "0_3", "4_2", "5_2", "7_4", "8_1", "8_3", "8_5", "8_7", "9_1"]
 
