@@ -140,7 +140,7 @@ def build_config(args) -> OnlineSDPOConfig:
     return OnlineSDPOConfig(
         model_name_or_path=args.model,
         learning_rate=args.lr,
-        use_lora=args.use_lora or args.use_vllm,
+        use_lora=args.use_lora,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         loss_mode=args.loss_mode,

@@ -128,10 +128,10 @@ def encode_student_teacher_contexts(
 ) -> tuple[list[int], list[int]]:
     """Token ids of the student context x and the teacher context x⊕o (generation prompt included)."""
     teacher_messages = build_hindsight_messages(messages, follow_up, variant=variant, template=template)
-    encode = lambda m: encode_chat(  # noqa: E731 - one call site per context
-        tokenizer, m, max_length=max_context_length, chat_template_kwargs=chat_template_kwargs
+    return tuple(
+        encode_chat(tokenizer, m, max_length=max_context_length, chat_template_kwargs=chat_template_kwargs)
+        for m in (messages, teacher_messages)
     )
-    return encode(messages), encode(teacher_messages)
 
 
 # --------------------------------------------------------------------------------------------------
