@@ -20,7 +20,8 @@ from auxiliary.model_loading import DEFAULT_CPU_MODEL, load_tokenizer, resolve_m
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# OMP_NUM_THREADS wins, so parallel jobs on the 2-core machine can take one core each.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session")
