@@ -130,7 +130,8 @@ class HFChatBackend(ChatBackend):
 
     Conversations are rendered with the tokenizer's chat template (thinking off for Qwen3-style
     templates) and, when ``max_input_tokens`` is set, left-truncated to it so the end of the
-    conversation and the generation prompt survive.
+    conversation and the generation prompt survive. ``autocast_dtype`` computes mixed-dtype weights
+    (fp32 LoRA adapters over a bf16 base) in that dtype.
     """
 
     def __init__(
@@ -141,6 +142,7 @@ class HFChatBackend(ChatBackend):
         batch_size: int = 8,
         max_input_tokens: int | None = None,
         chat_template_kwargs: dict | None = None,
+        autocast_dtype=None,
         name: str | None = None,
     ):
         if tokenizer.pad_token_id is None:
@@ -155,6 +157,7 @@ class HFChatBackend(ChatBackend):
         self.batch_size = batch_size
         self.max_input_tokens = max_input_tokens
         self.chat_template_kwargs = chat_template_kwargs
+        self.autocast_dtype = autocast_dtype
         self.name = name or f"hf:{getattr(model.config, '_name_or_path', '') or type(model).__name__}"
 
     @classmethod
@@ -176,7 +179,9 @@ class HFChatBackend(ChatBackend):
 
     def generate(self, conversations: list[list[dict]], sampling: SamplingParams) -> list[str]:
         contexts = [self.encode(conversation) for conversation in conversations]
-        generations = generate(self.model, self.tokenizer, contexts, sampling, batch_size=self.batch_size)
+        generations = generate(
+            self.model, self.tokenizer, contexts, sampling, batch_size=self.batch_size, autocast_dtype=self.autocast_dtype
+        )
         return [g.text.strip() for g in generations]
 
 

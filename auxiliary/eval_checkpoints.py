@@ -59,11 +59,8 @@ Anthropic or rule-based (the flags of eval_online_sdpo.py).
 from __future__ import annotations
 
 import argparse
-import gc
-import importlib.util
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -72,34 +69,29 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python auxiliary/eval_checkpoints.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np
-import torch
-
 from auxiliary.backends import BackendError
 from auxiliary.evaluation_helpers import (
     DataError,
-    answer_in_batches,
-    compute_metrics,
-    format_metrics_line,
-    generation_texts,
+    average_chars,
+    format_style_line,
+    judge_every_style,
     load_split,
     next_run_index,
     seed_everything,
     user_turn,
     write_json_atomic,
 )
-from auxiliary.generation import SamplingParams, encode_chat, generate
-from auxiliary.model_loading import ModelLoadError, load_model_and_tokenizer, load_tokenizer, resolve_dtype, resolve_model_path
-from auxiliary.participants import add_participant_arguments, build_judges, resolve_judge_backend, resolve_user_backend
-from auxiliary.rule_based_user import RULE_BASED_STYLES
-from auxiliary.style_judge import PairwiseJudge
-from auxiliary.user_simulator import DEFAULT_EVAL_STYLES, resolve_style
+from auxiliary.generation import SamplingParams
+from auxiliary.model_loading import ModelLoadError, load_tokenizer, resolve_model_path
+from auxiliary.participants import ParticipantsConfig, add_participant_arguments, build_participants, style_name
+from auxiliary.policies import VLLMAdapterPolicy, answer, load_policy, release
+from auxiliary.user_simulator import DEFAULT_EVAL_STYLES
+from auxiliary.vllm_engines import VLLMPolicyEngine, require_vllm
 
 logger = logging.getLogger("eval_checkpoints")
 
 FULL_MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-SUMMARY_STYLE_WIDTH = 40
 
 
 class CheckpointError(ValueError):
@@ -138,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     compared = parser.add_argument_group("checkpoints and baseline")
     compared.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint folders: full models or LoRA adapters (e.g. <run>/checkpoints/step_5)")
     compared.add_argument("--baseline_model", required=True, help="the model every checkpoint is compared with: HF id, local folder or bundled alias")
-    compared.add_argument("--eval_styles", nargs="+", default=list(DEFAULT_EVAL_STYLES), help="personas judging every checkpoint (default: %(default)s)")
+    compared.add_argument("--eval_styles", nargs="+", type=style_name, default=list(DEFAULT_EVAL_STYLES), help="personas judging every checkpoint (default: %(default)s)")
     # ---- data
     data = parser.add_argument_group("data")
     data.add_argument("--val_jsonl", required=True, help="evaluation prompts (JSONL with a string field 'prompt')")
@@ -230,63 +222,6 @@ def inspect_checkpoints(paths: list[str], use_vllm: bool) -> list[Checkpoint]:
     return checkpoints
 
 
-def validate_styles(styles: list[str], judge_kind: str) -> list[str]:
-    """Canonical, de-duplicated style names; a rule-based judge also needs styles it can check."""
-    names = list(dict.fromkeys(resolve_style(s) for s in styles))
-    if judge_kind == "rule":
-        unchecked = [s for s in names if s not in RULE_BASED_STYLES]
-        if unchecked:
-            raise ValueError(f"the rule-based judge cannot check {', '.join(unchecked)}; rule-based styles: {', '.join(RULE_BASED_STYLES)}")
-    return names
-
-
-def require_vllm(wanted_by: list[str]) -> None:
-    """Fail before any work when a vLLM option is set but vLLM is not installed."""
-    if wanted_by and importlib.util.find_spec("vllm") is None:
-        raise ValueError(f"{', '.join(wanted_by)} needs vLLM, which is not installed (pip install -r requirements-vllm.txt, GPU only); drop the option to use transformers")
-
-
-# --------------------------------------------------------------------------------------------------
-# Judges and metrics (shared with eval_incontext_oracle.py)
-# --------------------------------------------------------------------------------------------------
-
-
-
-
-def judge_against_baseline(judge: PairwiseJudge, prompts: list[str], completions: list[str], baseline: list[str], seed: int) -> dict:
-    """Win-rate metrics of ``completions`` (A) over ``baseline`` (B) under one judge, both orders."""
-    started = time.perf_counter()
-    decisions = judge.choose_batch_generated(prompts, completions, baseline)
-    return {
-        **compute_metrics(decisions, seed=seed),
-        "n_unparsed": judge.last_n_unparsed,
-        "judge_time_s": round(time.perf_counter() - started, 1),
-    }
-
-
-def average_chars(texts: list[str]) -> float:
-    return round(float(np.mean([len(t) for t in texts])), 1) if texts else 0.0
-
-
-def free_accelerator_memory() -> None:
-    """Collect the just-dropped model and hand its cached GPU memory back."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _percent(value, unit: str = "%") -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.1f}{unit}"
-
-
-def format_style_line(style: str, metrics: dict) -> str:
-    """``<style padded to 40> winrate=xx.x% +/-y.y (inc_ties=zz.z%)`` (the reference's table row)."""
-    return (
-        f"{style:<{SUMMARY_STYLE_WIDTH}} winrate={_percent(metrics['winrate_a'])} +/-{_percent(metrics['se'], '')}"
-        f" (inc_ties={_percent(metrics['winrate_inc_ties'])})"
-    )
-
-
 def format_summary_table(results: list[dict]) -> str:
     """Per checkpoint a header line, then one indented ``format_style_line`` per style."""
     lines = []
@@ -296,79 +231,30 @@ def format_summary_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------------
-# Generation
-# --------------------------------------------------------------------------------------------------
-
-
-def _autocast_dtype(model, dtype: torch.dtype) -> torch.dtype | None:
-    # peft keeps adapter weights in fp32 over a bf16 base; autocast computes them in the compute
-    # dtype as the updater did during training, without merging (merging into bf16 weights would
-    # round away small adapter deltas).
-    return dtype if any(p.dtype != dtype for p in model.parameters()) else None
-
-
-def hf_answers(model, tokenizer, prompts: list[str], args, label: str) -> list[str]:
-    """One sampled answer per prompt from a transformers model, batched, with a progress bar."""
-    sampling = SamplingParams(max_new_tokens=args.eval_max_new_tokens, temperature=args.temperature, top_p=1.0)
-    autocast = _autocast_dtype(model, resolve_dtype(args.dtype))
-
-    def answer_batch(batch):
-        contexts = [encode_chat(tokenizer, messages, max_length=args.max_prompt_tokens) for messages in batch]
-        return generation_texts(generate(model, tokenizer, contexts, sampling, batch_size=args.generation_batch_size, autocast_dtype=autocast))
-
-    seed_everything(args.seed)
-    return answer_in_batches(answer_batch, [user_turn(p) for p in prompts], args.generation_batch_size, label)
-
-
-def load_checkpoint_model(checkpoint: Checkpoint, args):
-    """(model, tokenizer) of a checkpoint; an adapter is applied, unmerged, to its base model."""
+def load_checkpoint_policy(checkpoint: Checkpoint, args):
+    """The checkpoint as a transformers policy; an adapter is applied, unmerged, to its base model."""
     try:
-        if not checkpoint.is_adapter:
-            return load_model_and_tokenizer(str(checkpoint.path), dtype=args.dtype, device=args.device)
-        from peft import PeftModel
-
-        model, tokenizer = load_model_and_tokenizer(checkpoint.base_model, dtype=args.dtype, device=args.device)
-        model = PeftModel.from_pretrained(model, checkpoint.path)
-        if (checkpoint.path / "tokenizer_config.json").is_file():  # save_checkpoint stores the tokenizer with the adapter
-            tokenizer = load_tokenizer(str(checkpoint.path))
-        return model, tokenizer
-    except (ModelLoadError, OSError, RuntimeError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise CheckpointError(f"checkpoint {checkpoint.given}: could not be loaded ({first_line})") from error
+        if checkpoint.is_adapter:
+            return load_policy(checkpoint.base_model, adapter=checkpoint.path, dtype=args.dtype, device=args.device, batch_size=args.generation_batch_size, max_input_tokens=args.max_prompt_tokens)
+        return load_policy(str(checkpoint.path), dtype=args.dtype, device=args.device, batch_size=args.generation_batch_size, max_input_tokens=args.max_prompt_tokens)
+    except ModelLoadError as error:
+        raise CheckpointError(f"checkpoint {checkpoint.given}: could not be loaded ({error})") from error
 
 
-class VLLMAdapterPolicy:
-    """One vLLM engine on the adapters' base model; ``use`` swaps in a checkpoint's adapter."""
-
-    def __init__(self, base_model: str, tokenizer, max_lora_rank: int, args):
-        from auxiliary.vllm_policy import VLLMPolicyEngine
-
-        self.tokenizer = tokenizer
-        self.args = args
-        self.engine = VLLMPolicyEngine(
-            resolve_model_path(base_model),
-            tokenizer,
-            max_lora_rank=max_lora_rank,
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-            dtype=args.dtype,
-            max_model_len=args.max_prompt_tokens + args.eval_max_new_tokens,
-            seed=args.seed,
-        )
-
-    def use(self, checkpoint: Checkpoint) -> None:
-        self.engine.load_adapter(checkpoint.path)
-
-    def answers(self, prompts: list[str], label: str) -> list[str]:
-        sampling = SamplingParams(max_new_tokens=self.args.eval_max_new_tokens, temperature=self.args.temperature, top_p=1.0)
-        stops = [self.tokenizer.eos_token_id]
-
-        def answer_batch(batch):
-            contexts = [encode_chat(self.tokenizer, m, max_length=self.args.max_prompt_tokens) for m in batch]
-            return generation_texts(self.engine.generate(contexts, sampling, stops))
-
-        # vLLM schedules a whole list best: one call for all prompts.
-        return answer_in_batches(answer_batch, [user_turn(p) for p in prompts], max(1, len(prompts)), label)
+def build_adapter_engine(checkpoints: list[Checkpoint], args) -> VLLMAdapterPolicy:
+    """One vLLM engine on the adapters' base model, large enough for every adapter's rank."""
+    base = checkpoints[0].base_model
+    tokenizer = load_tokenizer(base)
+    engine = VLLMPolicyEngine(
+        resolve_model_path(base),
+        tokenizer,
+        max_lora_rank=max(c.lora_rank or 1 for c in checkpoints),
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        dtype=args.dtype,
+        max_model_len=args.max_prompt_tokens + args.eval_max_new_tokens,
+        seed=args.seed,
+    )
+    return VLLMAdapterPolicy(engine, tokenizer, max_input_tokens=args.max_prompt_tokens, name=f"vllm:{base}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,35 +262,38 @@ class VLLMAdapterPolicy:
 # --------------------------------------------------------------------------------------------------
 
 
-def run(args, checkpoints: list[Checkpoint], styles: list[str], results_path: Path, completions_path: Path) -> dict:
+def run(args, checkpoints: list[Checkpoint], participants_config: ParticipantsConfig, results_path: Path, completions_path: Path) -> dict:
     tokenizer = load_tokenizer(args.baseline_model)
     prompts = load_split(args.val_jsonl, tokenizer, args.eval_n, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, label="eval")
     if not prompts:
         raise DataError(f"{args.val_jsonl}: no prompts left after filtering to {args.max_prompt_tokens} tokens")
-    participants = build_judges(args, styles)
+    participants = build_participants(participants_config)
+    conversations = [user_turn(p) for p in prompts]
+    sampling = SamplingParams(max_new_tokens=args.eval_max_new_tokens, temperature=args.temperature, top_p=1.0)
+
+    def answers_of(policy, label: str) -> list[str]:
+        seed_everything(args.seed)  # a checkpoint's answers do not depend on its place in the list
+        # vLLM schedules a whole list best: one call for all prompts.
+        batch_size = len(conversations) if isinstance(policy, VLLMAdapterPolicy) else args.generation_batch_size
+        return answer(policy, conversations, sampling, batch_size=batch_size, label=label)
 
     # With --use_vllm the baseline answers on the engine when it is the adapters' base model; otherwise it
     # answers with transformers first and is freed before the engine claims its share of the GPU.
     baseline_on_engine = args.use_vllm and resolve_model_path(args.baseline_model) == resolve_model_path(checkpoints[0].base_model)
     started = time.perf_counter()
     if not baseline_on_engine:
-        model, tokenizer = load_model_and_tokenizer(args.baseline_model, dtype=args.dtype, device=args.device)
-        baseline = hf_answers(model, tokenizer, prompts, args, "baseline")
-        del model
-        free_accelerator_memory()
-    vllm_policy = None
-    if args.use_vllm:
-        base = checkpoints[0].base_model
-        vllm_policy = VLLMAdapterPolicy(base, load_tokenizer(base), max(c.lora_rank or 1 for c in checkpoints), args)
+        baseline = answers_of(load_policy(args.baseline_model, dtype=args.dtype, device=args.device, batch_size=args.generation_batch_size, max_input_tokens=args.max_prompt_tokens), "baseline")
+        release()
+    adapter_engine = build_adapter_engine(checkpoints, args) if args.use_vllm else None
     if baseline_on_engine:
-        baseline = vllm_policy.answers(prompts, "baseline")
+        baseline = answers_of(adapter_engine, "baseline")
     logger.info("baseline: %d answers in %.1f s, mean %.0f chars", len(baseline), time.perf_counter() - started, average_chars(baseline))
 
     results = {
         "meta": {
             "baseline_model": args.baseline_model,
             "checkpoints": [c.given for c in checkpoints],
-            "eval_styles": styles,
+            "eval_styles": list(participants_config.judge_styles),
             "eval_n": len(prompts),
             "eval_n_requested": args.eval_n,
             "val_jsonl": args.val_jsonl,
@@ -431,23 +320,19 @@ def run(args, checkpoints: list[Checkpoint], styles: list[str], results_path: Pa
     for number, checkpoint in enumerate(checkpoints, start=1):
         label = f"checkpoint {number}/{len(checkpoints)} {checkpoint.path.name}"
         started = time.perf_counter()
-        if vllm_policy is not None:
-            vllm_policy.use(checkpoint)
-            load_time = time.perf_counter() - started
-            started = time.perf_counter()
-            answers = vllm_policy.answers(prompts, label)
+        if adapter_engine is not None:
+            adapter_engine.use_adapter(checkpoint.path)
+            policy = adapter_engine
         else:
-            model, tokenizer = load_checkpoint_model(checkpoint, args)
-            load_time = time.perf_counter() - started
-            started = time.perf_counter()
-            answers = hf_answers(model, tokenizer, prompts, args, label)
-            del model
-            free_accelerator_memory()
+            policy = load_checkpoint_policy(checkpoint, args)
+        load_time = time.perf_counter() - started
+        started = time.perf_counter()
+        answers = answers_of(policy, label)
         gen_time = time.perf_counter() - started
-        per_style = {}
-        for style, judge in participants.judges.items():
-            per_style[style] = judge_against_baseline(judge, prompts, answers, baseline, args.seed)
-            print(format_metrics_line(per_style[style], f"{checkpoint.path.name} | {style}"))
+        del policy
+        if adapter_engine is None:
+            release()
+        per_style = judge_every_style(participants.judges, prompts, answers, baseline, seed=args.seed, label=checkpoint.path.name)
         results["results"].append(
             {
                 "checkpoint": checkpoint.given,
@@ -470,10 +355,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         checkpoints = inspect_checkpoints(args.checkpoints, args.use_vllm)
-        styles = validate_styles(args.eval_styles, resolve_judge_backend(args))
-        judge_on_vllm = resolve_judge_backend(args) == "user" and resolve_user_backend(args) == "vllm"
-        require_vllm([flag for flag, on in (("--use_vllm", args.use_vllm), ("--user_vllm (local judge)", judge_on_vllm)) if on])
-    except ValueError as error:  # CheckpointError included: one line per unusable path
+        participants_config = ParticipantsConfig.from_args(args, user_styles=(), judge_styles=args.eval_styles)
+        participants_config.validate()
+        require_vllm([flag for flag, on in (("--use_vllm", args.use_vllm), ("--user_vllm (local judge)", participants_config.uses_vllm)) if on])
+    except ValueError as error:  # CheckpointError and ParticipantsError included: one line per problem
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 1
@@ -482,8 +367,8 @@ def main(argv=None) -> int:
     results_path = out_dir / f"{args.run_name}_{index}.json"
     completions_path = out_dir / f"{args.run_name}_completions_{index}.json"
     try:
-        results = run(args, checkpoints, styles, results_path, completions_path)
-    except (CheckpointError, DataError, ModelLoadError, BackendError, ValueError) as error:
+        results = run(args, checkpoints, participants_config, results_path, completions_path)
+    except (DataError, ModelLoadError, BackendError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         if results_path.is_file():
             print(f"finished checkpoints so far: {results_path}", file=sys.stderr)

@@ -48,7 +48,6 @@ checked before any work; results are written after every judged style; completio
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import sys
@@ -60,42 +59,31 @@ if __package__ in (None, ""):  # run as `python auxiliary/eval_incontext_oracle.
 
 import torch
 
-from auxiliary.backends import DEFAULT_ANTHROPIC_MODEL, BackendError, ChatBackend, HFChatBackend
-from auxiliary.eval_checkpoints import (
+from auxiliary.backends import DEFAULT_ANTHROPIC_MODEL, BackendError, ChatBackend, VLLMChatBackend
+from auxiliary.evaluation_helpers import (
+    DataError,
     average_chars,
     format_style_line,
-    free_accelerator_memory,
     judge_against_baseline,
-    require_vllm,
-    validate_styles,
+    load_split,
+    next_run_index,
+    seed_everything,
+    user_turn,
+    write_json_atomic,
 )
-from auxiliary.evaluation_helpers import DataError, answer_in_batches, format_metrics_line, load_split, next_run_index, seed_everything, user_turn, write_json_atomic
 from auxiliary.generation import SamplingParams
-from auxiliary.model_loading import ModelLoadError, load_model_and_tokenizer, load_tokenizer, resolve_model_path
-from auxiliary.participants import add_participant_arguments, build_judges, build_vllm_engine
-from auxiliary.user_simulator import CORE_STYLES, get_persona
+from auxiliary.model_loading import ModelLoadError, load_tokenizer
+from auxiliary.oracle import oracle_answers, oracle_system_prompt
+from auxiliary.participants import ParticipantsConfig, build_participants, style_name
+from auxiliary.policies import answer, load_policy, release
+from auxiliary.user_simulator import CORE_STYLES
+from auxiliary.vllm_engines import build_vllm_engine, require_vllm
 
 logger = logging.getLogger("eval_incontext_oracle")
 
 DEFAULT_LOCAL_JUDGE = "Qwen/Qwen3-32B"
 JUDGE_BACKENDS = ("vllm", "hf", "openai", "anthropic", "rule")
 LOCAL_JUDGE_BACKENDS = ("vllm", "hf")
-
-
-def oracle_system_prompt(style: str) -> str:
-    """The oracle's system message: the assistant role, then the user's persona, then what to do with it."""
-    return (
-        "You are a helpful assistant. Before this conversation started, the person you are talking to "
-        "described how they like replies to be written. Their own description follows; in it, \"you\" "
-        "means them, not you.\n\n"
-        f"{get_persona(style)}\n\n"
-        "Answer their request, and shape the reply to these preferences: its length, tone, wording, "
-        "formatting and level of detail."
-    )
-
-
-def oracle_messages(style: str, prompt: str) -> list[dict]:
-    return [{"role": "system", "content": oracle_system_prompt(style)}, *user_turn(prompt)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--eval_n", type=int, default=100, help="number of evaluation prompts")
     data.add_argument("--seed", type=int, default=1234, help="prompt selection and sampling seed (1234 = the online loop's subset)")
     data.add_argument("--max_prompt_tokens", type=int, default=2048, help="drop prompts longer than this once chat-rendered (without the system message)")
-    data.add_argument("--styles", nargs="+", default=list(CORE_STYLES), help="personas: one oracle and one judge each (default: the 8 core styles)")
+    data.add_argument("--styles", nargs="+", type=style_name, default=list(CORE_STYLES), help="personas: one oracle and one judge each (default: the 8 core styles)")
     # ---- judge
     judge = parser.add_argument_group("judge")
     judge.add_argument("--judge_backend", default="vllm", choices=JUDGE_BACKENDS, help="who judges: a local --judge_model on vllm or hf, an openai-compatible server, anthropic, or rule")
@@ -144,77 +132,59 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def judge_participant_args(args) -> argparse.Namespace:
-    """The oracle's judge flags as the user/judge flags of ``auxiliary/participants.py``.
+def judge_config(args) -> ParticipantsConfig:
+    """The oracle's judge flags as a ``ParticipantsConfig`` without a simulated user.
 
-    A local judge (vllm/hf) is participants' "user model" judge (``--judge_local``): the judge model
-    becomes the user model, and the engine/device flags move over. The other backends map one to one.
+    A local judge (vllm/hf) is the participants' "user model" judge: the judge model is the user model, and
+    the engine/device flags move over. The other backends map one to one.
     """
-    parser = argparse.ArgumentParser(add_help=False)
-    add_participant_arguments(parser)
-    mapped = parser.parse_args([])
-    mapped.judge_model = args.judge_model
-    mapped.openai_base_url = args.openai_base_url
-    mapped.api_max_concurrency = args.api_max_concurrency
-    mapped.api_max_attempts = args.api_max_attempts
-    if args.judge_backend in LOCAL_JUDGE_BACKENDS:
-        mapped.user_model_name_or_path = args.judge_model
-        mapped.user_backend = args.judge_backend
-        mapped.judge_backend = "user"
-        mapped.judge_local = True
-        mapped.user_vllm = args.judge_backend == "vllm"
-        mapped.user_vllm_gpu_start = args.judge_gpu_start
-        mapped.user_vllm_tp = args.judge_tp
-        mapped.user_vllm_gpu_memory_utilization = args.judge_gpu_memory_utilization
-        mapped.user_device = args.judge_device
-        mapped.user_dtype = args.judge_dtype
-    else:
-        mapped.judge_backend = args.judge_backend
-    return mapped
+    local = args.judge_backend in LOCAL_JUDGE_BACKENDS
+    return ParticipantsConfig(
+        judge_styles=tuple(dict.fromkeys(args.styles)),
+        user_backend=args.judge_backend if local else "rule",
+        judge_backend="user" if local else args.judge_backend,
+        user_model=args.judge_model if local else None,
+        judge_model=args.judge_model,
+        user_dtype=args.judge_dtype,
+        user_device=args.judge_device,
+        user_vllm_tp=args.judge_tp,
+        user_vllm_gpu_start=args.judge_gpu_start,
+        user_vllm_gpu_memory_utilization=args.judge_gpu_memory_utilization,
+        openai_base_url=args.openai_base_url,
+        api_max_concurrency=args.api_max_concurrency,
+        api_max_attempts=args.api_max_attempts,
+    )
 
 
 def build_policy(args) -> ChatBackend:
-    """The policy as a chat backend: transformers (batched) or an in-process vLLM engine on --gen_gpu."""
+    """The policy: transformers (batched) or an in-process vLLM engine on --gen_gpu."""
     if args.use_vllm:
-        from auxiliary.backends import VLLMChatBackend
-
-        engine = build_vllm_engine(
-            resolve_model_path(args.model), gpu_start=args.gen_gpu, gpu_memory_utilization=args.vllm_gpu_memory_utilization
-        )
+        engine = build_vllm_engine(args.model, gpu_start=args.gen_gpu, gpu_memory_utilization=args.vllm_gpu_memory_utilization)
         return VLLMChatBackend(engine, tokenizer=load_tokenizer(args.model), name=f"vllm:{args.model}")
     device = f"cuda:{args.gen_gpu}" if args.device == "auto" and torch.cuda.is_available() else args.device
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
-    return HFChatBackend(model, tokenizer, batch_size=args.generation_batch_size, name=f"hf:{args.model}")
+    return load_policy(args.model, dtype=args.dtype, device=device, batch_size=args.generation_batch_size)
 
 
-
-
-def run(args, styles: list[str], results_path: Path, completions_path: Path) -> dict:
+def run(args, config: ParticipantsConfig, results_path: Path, completions_path: Path) -> dict:
+    styles = list(config.judge_styles)
     prompts = load_split(args.val_jsonl, load_tokenizer(args.model), args.eval_n, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, label="eval")
     if not prompts:
         raise DataError(f"{args.val_jsonl}: no prompts left after filtering to {args.max_prompt_tokens} tokens")
-    judge_args = judge_participant_args(args)
     # A rule or API judge costs nothing to build: build it first so a missing key fails before generation.
     # A local judge model loads only after the policy is gone (the two never share memory).
-    participants = None if args.judge_backend in LOCAL_JUDGE_BACKENDS else build_judges(judge_args, styles)
+    participants = None if args.judge_backend in LOCAL_JUDGE_BACKENDS else build_participants(config)
 
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0)
     # vLLM schedules a whole list best, so it gets every prompt of a pass in one call.
     batch_size = max(1, len(prompts)) if args.use_vllm else args.generation_batch_size
-    answer_batch = functools.partial(build_policy(args).generate, sampling=sampling)
+    policy = build_policy(args)
     seed_everything(args.seed)
     started = time.perf_counter()
-    baseline = answer_in_batches(answer_batch, [user_turn(p) for p in prompts], batch_size, "baseline")
+    baseline = answer(policy, [user_turn(p) for p in prompts], sampling, batch_size=batch_size, label="baseline")
     baseline_time = time.perf_counter() - started
-    oracle: dict[str, list[str]] = {}
-    oracle_times: dict[str, float] = {}
-    for style in styles:
-        seed_everything(args.seed)  # each style's answers are independent of the styles before it
-        started = time.perf_counter()
-        oracle[style] = answer_in_batches(answer_batch, [oracle_messages(style, p) for p in prompts], batch_size, f"oracle {style}")
-        oracle_times[style] = round(time.perf_counter() - started, 1)
-    del answer_batch  # the only reference to the policy
-    free_accelerator_memory()
+    oracle, oracle_times = oracle_answers(policy, prompts, styles, sampling, batch_size=batch_size, seed=args.seed)
+    del policy
+    release()
     write_json_atomic(
         completions_path,
         {"prompts": prompts, "baseline": baseline, "oracle": oracle, "oracle_system_prompts": {s: oracle_system_prompt(s) for s in styles}},
@@ -222,12 +192,12 @@ def run(args, styles: list[str], results_path: Path, completions_path: Path) -> 
     logger.info("baseline mean %.0f chars; oracle: %s", average_chars(baseline), {s: average_chars(a) for s, a in oracle.items()})
 
     if participants is None:
-        participants = build_judges(judge_args, styles)
+        participants = build_participants(config)
     results = {
         "meta": {
             "method": "incontext_oracle",
             "model": args.model,
-            "judge_model": "rule-based" if args.judge_backend == "rule" else args.judge_model,
+            "judge_model": participants.judge_label if args.judge_backend == "rule" else args.judge_model,
             "judge_backend": args.judge_backend,
             "eval_n": len(prompts),
             "eval_n_requested": args.eval_n,
@@ -247,8 +217,8 @@ def run(args, styles: list[str], results_path: Path, completions_path: Path) -> 
         "oracle_gen_time_s": oracle_times,
     }
     for style in styles:
-        results["results"][style] = judge_against_baseline(participants.judges[style], prompts, oracle[style], baseline, args.seed)
-        print(format_metrics_line(results["results"][style], f"oracle | {style}"))
+        results["results"][style] = judge_against_baseline(participants.judges[style], prompts, oracle[style], baseline, seed=args.seed)
+        print(format_style_line(f"oracle | {style}", results["results"][style]))
         write_json_atomic(results_path, results)
     return results
 
@@ -257,7 +227,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     try:
-        styles = validate_styles(args.styles, args.judge_backend)
+        config = judge_config(args)
+        config.validate()
         require_vllm([flag for flag, on in (("--use_vllm", args.use_vllm), ("--judge_backend vllm", args.judge_backend == "vllm")) if on])
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -267,7 +238,7 @@ def main(argv=None) -> int:
     results_path = eval_dir / f"{args.run_name}_{index}.json"
     completions_path = eval_dir / f"{args.run_name}_completions_{index}.json"
     try:
-        results = run(args, styles, results_path, completions_path)
+        results = run(args, config, results_path, completions_path)
     except (DataError, ModelLoadError, BackendError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -25,12 +25,12 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from auxiliary.file_io import iter_jsonl, replace_atomically, to_json_safe, write_json_atomic  # noqa: F401 - part of this module's API
 from auxiliary.generation import encode_chat
@@ -154,21 +154,6 @@ def load_split(path: str | os.PathLike, tokenizer, n: int, *, max_prompt_tokens:
     return select_prompts(kept, n, seed, label=label)
 
 
-def answer_in_batches(
-    answer_batch: Callable[[list[list[dict]]], list[str]], conversations: list[list[dict]], batch_size: int, label: str
-) -> list[str]:
-    """``answer_batch`` over ``conversations`` in chunks of ``batch_size``, with a progress bar."""
-    answers: list[str] = []
-    for start in tqdm(range(0, len(conversations), batch_size), desc=label, unit="batch", leave=False):
-        answers.extend(answer_batch(conversations[start : start + batch_size]))
-    return answers
-
-
-def generation_texts(generations) -> list[str]:
-    """The stripped texts of ``auxiliary.generation.Generation`` objects."""
-    return [generation.text.strip() for generation in generations]
-
-
 def compute_metrics(decisions: Sequence[int], *, seed: int, n_bootstrap: int = 10_000) -> dict:
     """Win rate of the current policy over the baseline from pairwise judge decisions.
 
@@ -251,6 +236,48 @@ def format_metrics_line(metrics: dict, label: str) -> str:
     if "n_unparsed" in metrics:
         parts.append(f"unparsed {metrics['n_unparsed']}")
     return " | ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Judging against the baseline (every evaluator: online loop, checkpoints, oracle)
+# --------------------------------------------------------------------------------------------------
+
+
+def judge_against_baseline(judge, prompts: list[str], completions: list[str], baseline: list[str], *, seed: int) -> dict:
+    """Win-rate metrics of ``completions`` (A) over ``baseline`` (B) under one judge, both orders."""
+    started = time.perf_counter()
+    decisions = judge.choose_batch_generated(prompts, completions, baseline)
+    return {
+        **compute_metrics(decisions, seed=seed),
+        "n_unparsed": judge.last_n_unparsed,
+        "judge_time_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def judge_every_style(judges: dict, prompts: list[str], completions: list[str], baseline: list[str], *, seed: int, label: str) -> dict[str, dict]:
+    """``judge_against_baseline`` for every ``{style: judge}``, each printed as one console line."""
+    per_style = {}
+    for style, judge in judges.items():
+        per_style[style] = judge_against_baseline(judge, prompts, completions, baseline, seed=seed)
+        print(format_metrics_line(per_style[style], f"{label} | {style}"))
+    return per_style
+
+
+def average_chars(texts: Sequence[str]) -> float:
+    """Mean length of ``texts`` in characters (0 for none)."""
+    return round(float(np.mean([len(t) for t in texts])), 1) if texts else 0.0
+
+
+SUMMARY_STYLE_WIDTH = 40
+
+
+def format_style_line(style: str, metrics: dict) -> str:
+    """``<style padded to 40> winrate=xx.x% +/-y.y (inc_ties=zz.z%)`` (the reference's table row)."""
+    return (
+        f"{style:<{SUMMARY_STYLE_WIDTH}} winrate={_format_number(metrics['winrate_a'], '.1f')}%"
+        f" +/-{_format_number(metrics['se'], '.1f')} (inc_ties={_format_number(metrics['winrate_inc_ties'], '.1f')}%)"
+        f" coverage={_format_number(metrics['coverage'], '.2f')}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

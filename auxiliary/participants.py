@@ -1,16 +1,20 @@
-"""Build the simulated user and the style judges from command-line flags.
+"""The simulated user and the style judges, built from one small config resolved once from the flags.
 
 Shared by every entry point that talks to a simulated user or a judge (``eval_online_sdpo.py``,
 ``auxiliary/eval_checkpoints.py``, ``auxiliary/eval_incontext_oracle.py``), so the flags mean the same
-everywhere. The reference's rules are the ``auto`` choices:
+everywhere. ``ParticipantsConfig.from_args`` applies the reference's rules (the ``auto`` choices):
 
 * user: ``--user_model_name_or_path`` set → a local model (in-process vLLM with ``--user_vllm``, else
   transformers); unset → Claude (``claude-haiku-4-5-20251001``, 256 tokens, temperature 0).
 * judge: ``--judge_local`` → the user model's backend; else Claude (``--judge_model``).
 
 Beyond the reference: ``--user_backend``/``--judge_backend`` also accept ``openai`` (any
-OpenAI-compatible server, e.g. ``vllm serve``; ``--openai_base_url``) and ``rule`` (the deterministic
-rule-based user of ``auxiliary/rule_based_user.py``: no model, no key).
+OpenAI-compatible server, e.g. vLLM's; ``--openai_base_url``) and ``rule`` (the deterministic rule-based
+user of ``auxiliary/rule_based_user.py``: no model, no key).
+
+Style names are canonicalised when the flags are parsed (``style_name`` is an argparse ``type``), so an
+unknown style ends the command line with one line before anything loads, and every consumer sees
+canonical names.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 
 from auxiliary.backends import DEFAULT_ANTHROPIC_MODEL, ChatBackend, HFChatBackend, OpenAICompatibleBackend, RetryPolicy, TokenBudget
 from auxiliary.generation import SamplingParams
-from auxiliary.rule_based_user import RuleBasedJudge, RuleBasedUserSimulator
+from auxiliary.rule_based_user import RULE_BASED_STYLES, RuleBasedJudge, RuleBasedUserSimulator
 from auxiliary.style_judge import LLMStyleJudge, PairwiseJudge
 from auxiliary.user_simulator import LLMUserSimulator, UserSimulator, resolve_style
 
@@ -30,14 +34,34 @@ logger = logging.getLogger(__name__)
 
 USER_BACKENDS = ("auto", "hf", "vllm", "openai", "anthropic", "rule")
 JUDGE_BACKENDS = ("auto", "user", "anthropic", "openai", "rule")
+MODEL_BACKENDS = ("hf", "vllm", "openai")  # user backends that need --user_model_name_or_path
+USER_MAX_INPUT_TOKENS = 2048
+JUDGE_MAX_INPUT_TOKENS = 4096
+
+
+class ParticipantsError(ValueError):
+    """The user/judge settings cannot work together; the message says which flags to change."""
+
+
+def style_name(value: str) -> str:
+    """argparse ``type`` for persona flags: the canonical style name, or one usage error listing the styles."""
+    try:
+        return resolve_style(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def unique_styles(styles) -> tuple[str, ...]:
+    """Canonical style names in first-seen order, duplicates dropped."""
+    return tuple(dict.fromkeys(resolve_style(style) for style in styles))
 
 
 def add_participant_arguments(parser: argparse.ArgumentParser) -> None:
     """The simulated-user and judge flags (names and defaults of the reference, plus backends)."""
     group = parser.add_argument_group("simulated user and judge")
     group.add_argument("--user_model_name_or_path", default=None, help="local user-simulator model (HF id, path or alias); unset → Claude")
-    group.add_argument("--user_backend", default="auto", choices=USER_BACKENDS, help="who writes the follow-ups; auto = reference rule (see module docstring)")
-    group.add_argument("--judge_model", default=DEFAULT_ANTHROPIC_MODEL, help="Claude model of the judge when not local")
+    group.add_argument("--user_backend", default="auto", choices=USER_BACKENDS, help="who writes the follow-ups; auto = reference rule (see auxiliary/participants.py)")
+    group.add_argument("--judge_model", default=DEFAULT_ANTHROPIC_MODEL, help="model of the judge when not local (Claude, or the model an OpenAI-compatible server serves)")
     group.add_argument("--judge_local", action="store_true", help="judge with the user-simulator model instead of Claude")
     group.add_argument("--judge_backend", default="auto", choices=JUDGE_BACKENDS, help="who judges; auto = --judge_local ? user : anthropic")
     group.add_argument("--user_vllm", action="store_true", help="run the local user model (and local judge) in an in-process vLLM engine")
@@ -51,160 +75,187 @@ def add_participant_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--api_max_attempts", type=int, default=8, help="attempts per remote request (transient errors only: 429, 5xx, timeouts)")
 
 
+@dataclass(frozen=True)
+class ParticipantsConfig:
+    """Who plays the simulated user and the judges.
+
+    Attributes:
+        user_styles: personas the simulated user takes (one simulator each; a schedule switches between them).
+        judge_styles: personas that judge (one judge each); the first is the primary judge.
+        user_backend: ``hf``, ``vllm``, ``openai``, ``anthropic`` or ``rule`` (resolved, never ``auto``).
+        judge_backend: ``user`` (the user model's backend), ``anthropic``, ``openai`` or ``rule`` (resolved).
+        user_model: the local or served user model (``hf``/``vllm``/``openai`` users and ``user`` judges).
+        judge_model: the Claude model, or the served model of an ``openai`` judge.
+        The rest: engine placement of a vLLM user, dtype/device of a transformers user, the OpenAI-compatible
+        server, and API concurrency and attempts.
+    """
+
+    user_styles: tuple[str, ...] = ()
+    judge_styles: tuple[str, ...] = ()
+    user_backend: str = "rule"
+    judge_backend: str = "rule"
+    user_model: str | None = None
+    judge_model: str = DEFAULT_ANTHROPIC_MODEL
+    user_dtype: str = "bfloat16"
+    user_device: str = "auto"
+    user_vllm_tp: int = 1
+    user_vllm_gpu_start: int = 2
+    user_vllm_gpu_memory_utilization: float = 0.9
+    openai_base_url: str | None = None
+    api_max_concurrency: int = 16
+    api_max_attempts: int = 8
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, *, user_styles, judge_styles) -> ParticipantsConfig:
+        """The flags of ``add_participant_arguments`` with the reference's ``auto`` rules applied."""
+        user_backend = args.user_backend
+        if user_backend == "auto":
+            user_backend = ("vllm" if args.user_vllm else "hf") if args.user_model_name_or_path else "anthropic"
+        judge_backend = args.judge_backend
+        if judge_backend == "auto":
+            judge_backend = "user" if args.judge_local else "anthropic"
+        if judge_backend == "user" and user_backend in ("rule", "anthropic"):
+            judge_backend = user_backend  # the user "model" of these backends is the judge too
+        return cls(
+            user_styles=unique_styles(user_styles),
+            judge_styles=unique_styles(judge_styles),
+            user_backend=user_backend,
+            judge_backend=judge_backend,
+            user_model=args.user_model_name_or_path,
+            judge_model=args.judge_model,
+            user_dtype=args.user_dtype,
+            user_device=args.user_device,
+            user_vllm_tp=args.user_vllm_tp,
+            user_vllm_gpu_start=args.user_vllm_gpu_start,
+            user_vllm_gpu_memory_utilization=args.user_vllm_gpu_memory_utilization,
+            openai_base_url=args.openai_base_url,
+            api_max_concurrency=args.api_max_concurrency,
+            api_max_attempts=args.api_max_attempts,
+        )
+
+    @property
+    def uses_vllm(self) -> bool:
+        return self.user_backend == "vllm" and (bool(self.user_styles) or self.judge_backend == "user")
+
+    def validate(self) -> None:
+        """Raise ``ParticipantsError`` (one line) for settings that cannot work; cheap, before any model loads."""
+        needs_user_model = (bool(self.user_styles) and self.user_backend in MODEL_BACKENDS) or self.judge_backend == "user"
+        if needs_user_model and not self.user_model:
+            raise ParticipantsError(
+                f"--user_backend {self.user_backend} / a local judge needs --user_model_name_or_path"
+                " (or choose --user_backend rule/anthropic)"
+            )
+        if self.judge_backend == "user" and self.user_backend == "openai":
+            raise ParticipantsError("a local judge needs a local user model (hf or vllm); use --judge_backend openai instead")
+        if (self.user_backend == "openai" or self.judge_backend == "openai") and not self.openai_base_url:
+            raise ParticipantsError("the openai backend needs --openai_base_url (or OPENAI_BASE_URL), e.g. http://127.0.0.1:8000/v1")
+        for role, backend, styles in (("user", self.user_backend, self.user_styles), ("judge", self.judge_backend, self.judge_styles)):
+            unchecked = [s for s in styles if s not in RULE_BASED_STYLES]
+            if backend == "rule" and unchecked:
+                raise ParticipantsError(
+                    f"the rule-based {role} cannot check {', '.join(unchecked)}; rule-based styles: {', '.join(RULE_BASED_STYLES)}"
+                )
+        if self.api_max_attempts < 1 or self.api_max_concurrency < 1:
+            raise ParticipantsError("--api_max_attempts and --api_max_concurrency must be >= 1")
+
+    @property
+    def user_label(self) -> str:
+        return {"rule": "rule-based", "anthropic": DEFAULT_ANTHROPIC_MODEL}.get(self.user_backend, self.user_model or "")
+
+    @property
+    def judge_label(self) -> str:
+        return {"rule": "rule-based", "anthropic": self.judge_model, "openai": self.judge_model}.get(self.judge_backend, "local")
+
+
 @dataclass
 class Participants:
-    """The simulated user, one judge per style, and labels for the results' meta."""
+    """One simulated user per user style, one judge per judge style, and labels for the results' meta."""
 
-    simulator: UserSimulator | None
+    simulators: dict[str, UserSimulator] = field(default_factory=dict)
     judges: dict[str, PairwiseJudge] = field(default_factory=dict)
     user_label: str = ""
     judge_label: str = ""
 
-
-def resolve_user_backend(args) -> str:
-    if args.user_backend != "auto":
-        return args.user_backend
-    if args.user_model_name_or_path:
-        return "vllm" if args.user_vllm else "hf"
-    return "anthropic"
+    @property
+    def simulator(self) -> UserSimulator:
+        """The simulated user of the first (or only) user style."""
+        return next(iter(self.simulators.values()))
 
 
-def resolve_judge_backend(args) -> str:
-    if args.judge_backend != "auto":
-        return args.judge_backend
-    return "user" if args.judge_local else "anthropic"
+def _api_retry(config: ParticipantsConfig) -> RetryPolicy:
+    return RetryPolicy(max_attempts=config.api_max_attempts)
 
 
-def _require_user_model(args, backend: str) -> str:
-    if not args.user_model_name_or_path:
-        raise SystemExit(f"error: --user_backend {backend} needs --user_model_name_or_path")
-    return args.user_model_name_or_path
-
-
-def build_vllm_engine(model: str, *, tensor_parallel_size: int = 1, gpu_start: int = 0, gpu_memory_utilization: float = 0.9):
-    """In-process vLLM engine on GPUs [gpu_start, gpu_start + tensor_parallel_size) of the visible ones.
-
-    vLLM's engine core runs in a spawned process that reads CUDA_VISIBLE_DEVICES when it starts, so
-    the variable is narrowed for the construction and restored afterwards.
-    """
-    import vllm
-
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = visible.split(",") if visible else [str(i) for i in range(64)]
-    chosen = ids[gpu_start : gpu_start + tensor_parallel_size]
-    if len(chosen) < tensor_parallel_size:
-        raise SystemExit(f"error: GPU start {gpu_start} with tensor parallel size {tensor_parallel_size} exceeds the visible GPUs ({visible})")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
-    try:
-        return vllm.LLM(model=model, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization)
-    finally:
-        if visible is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible
-
-
-def build_user_chat_backend(args, kind: str) -> tuple[ChatBackend | None, object | None]:
+def _user_chat_backend(config: ParticipantsConfig) -> tuple[ChatBackend | None, object | None]:
     """The chat backend of a model-based user (None for rule/anthropic users) and its tokenizer."""
-    if kind == "hf":
-        backend = HFChatBackend.from_pretrained(_require_user_model(args, kind), dtype=args.user_dtype, device=args.user_device)
+    if config.user_backend == "hf":
+        backend = HFChatBackend.from_pretrained(config.user_model, dtype=config.user_dtype, device=config.user_device)
         return backend, backend.tokenizer
-    if kind == "vllm":
+    if config.user_backend == "vllm":
         from auxiliary.backends import VLLMChatBackend
         from auxiliary.model_loading import load_tokenizer
+        from auxiliary.vllm_engines import build_vllm_engine
 
-        tokenizer = load_tokenizer(_require_user_model(args, kind))
         engine = build_vllm_engine(
-            args.user_model_name_or_path,
-            tensor_parallel_size=args.user_vllm_tp,
-            gpu_start=args.user_vllm_gpu_start,
-            gpu_memory_utilization=args.user_vllm_gpu_memory_utilization,
+            config.user_model,
+            tensor_parallel_size=config.user_vllm_tp,
+            gpu_start=config.user_vllm_gpu_start,
+            gpu_memory_utilization=config.user_vllm_gpu_memory_utilization,
         )
-        return VLLMChatBackend(engine, tokenizer=tokenizer, name=f"vllm:{args.user_model_name_or_path}"), tokenizer
-    if kind == "openai":
-        return OpenAICompatibleBackend(
-            _require_user_model(args, kind), base_url=args.openai_base_url, max_concurrency=args.api_max_concurrency, retry=_retry(args)
-        ), None
+        tokenizer = load_tokenizer(config.user_model)
+        return VLLMChatBackend(engine, tokenizer=tokenizer, name=f"vllm:{config.user_model}"), tokenizer
+    if config.user_backend == "openai":
+        backend = OpenAICompatibleBackend(
+            config.user_model, base_url=config.openai_base_url, max_concurrency=config.api_max_concurrency, retry=_api_retry(config)
+        )
+        return backend, None
     return None, None
 
 
-def _retry(args) -> RetryPolicy:
-    return RetryPolicy(max_attempts=args.api_max_attempts)
-
-
-def build_participants(args, style: str, eval_styles: list[str]) -> Participants:
-    """Simulator for ``style`` and judges for ``style`` + ``eval_styles`` (validated up front)."""
-    styles = _unique_styles(style, eval_styles)
-    user_kind = resolve_user_backend(args)
-    backend, tokenizer = build_user_chat_backend(args, user_kind)
-    if user_kind == "rule":
-        simulator: UserSimulator = RuleBasedUserSimulator(styles[0])
-        user_label = "rule-based"
-    elif user_kind == "anthropic":
+def _simulator(config: ParticipantsConfig, style: str, backend: ChatBackend | None, tokenizer) -> UserSimulator:
+    if config.user_backend == "rule":
+        return RuleBasedUserSimulator(style)
+    if config.user_backend == "anthropic":
         from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
 
-        simulator = ClaudeStyleUserSimulator(
-            styles[0], max_tokens=256, temperature=0.0, max_concurrency=args.api_max_concurrency, retry=_retry(args)
+        return ClaudeStyleUserSimulator(
+            style, max_tokens=256, temperature=0.0, max_concurrency=config.api_max_concurrency, retry=_api_retry(config)
         )
-        user_label = DEFAULT_ANTHROPIC_MODEL
-    else:
-        greedy = user_kind != "hf"  # the reference samples its HF simulator at T=0.7, vLLM/API greedily
-        simulator = LLMUserSimulator(
-            backend,
-            styles[0],
-            sampling=SamplingParams(max_new_tokens=128, temperature=0.0 if greedy else 0.7),
-            budget=TokenBudget(tokenizer, 2048) if tokenizer is not None else None,
+    greedy = config.user_backend != "hf"  # the reference samples its HF simulator at T=0.7, vLLM/API greedily
+    return LLMUserSimulator(
+        backend,
+        style,
+        sampling=SamplingParams(max_new_tokens=128, temperature=0.0 if greedy else 0.7),
+        budget=TokenBudget(tokenizer, USER_MAX_INPUT_TOKENS) if tokenizer is not None else None,
+    )
+
+
+def _judge(config: ParticipantsConfig, style: str, user_backend: ChatBackend | None, user_tokenizer) -> PairwiseJudge:
+    if config.judge_backend == "rule":
+        return RuleBasedJudge(style)
+    if config.judge_backend == "anthropic":
+        from auxiliary.claude_style_judge import ClaudeStyleJudge
+
+        return ClaudeStyleJudge(style, model=config.judge_model, max_concurrency=config.api_max_concurrency, retry=_api_retry(config))
+    if config.judge_backend == "openai":
+        backend = OpenAICompatibleBackend(
+            config.judge_model, base_url=config.openai_base_url, max_concurrency=config.api_max_concurrency, retry=_api_retry(config)
         )
-        user_label = args.user_model_name_or_path
-    judges = build_judges(args, styles, user_backend=backend, user_tokenizer=tokenizer, user_kind=user_kind)
-    judges.simulator, judges.user_label = simulator, user_label
-    logger.info("user: %s (%s); judge: %s; styles: %s", user_label, user_kind, judges.judge_label, styles)
-    return judges
+        return LLMStyleJudge(backend, style)
+    budget = TokenBudget(user_tokenizer, JUDGE_MAX_INPUT_TOKENS) if user_tokenizer is not None else None
+    return LLMStyleJudge(user_backend, style, budget=budget)
 
 
-def build_judges(args, styles: list[str], *, user_backend: ChatBackend | None = None, user_tokenizer=None, user_kind: str | None = None) -> Participants:
-    """One judge per style, without a simulated user (checkpoint evaluation, the oracle).
-
-    A local judge (``--judge_local`` / ``--judge_backend user``) runs on the user model's backend: the
-    one passed in, or one built here from the user flags.
-    """
-    styles = _unique_styles(styles[0], styles[1:])
-    judge_kind = resolve_judge_backend(args)
-    if judge_kind == "user":
-        kind = user_kind or resolve_user_backend(args)
-        if kind in ("rule", "anthropic"):
-            judge_kind = kind
-        elif user_backend is None:
-            user_backend, user_tokenizer = build_user_chat_backend(args, kind)
-    judges: dict[str, PairwiseJudge] = {}
-    for judge_style in styles:
-        if judge_kind == "rule":
-            judges[judge_style] = RuleBasedJudge(judge_style)
-        elif judge_kind == "anthropic":
-            from auxiliary.claude_style_judge import ClaudeStyleJudge
-
-            judges[judge_style] = ClaudeStyleJudge(
-                judge_style, model=args.judge_model, max_concurrency=args.api_max_concurrency, retry=_retry(args)
-            )
-        elif judge_kind == "openai":
-            judge_backend = OpenAICompatibleBackend(
-                args.judge_model, base_url=args.openai_base_url, max_concurrency=args.api_max_concurrency, retry=_retry(args)
-            )
-            judges[judge_style] = LLMStyleJudge(judge_backend, judge_style)
-        else:
-            if user_backend is None:
-                raise SystemExit("error: --judge_local / --judge_backend user needs a model-based user (--user_model_name_or_path)")
-            judges[judge_style] = LLMStyleJudge(
-                user_backend, judge_style, budget=TokenBudget(user_tokenizer, 4096) if user_tokenizer is not None else None
-            )
-    judge_label = {"rule": "rule-based", "anthropic": args.judge_model, "openai": args.judge_model}.get(judge_kind, "local")
-    return Participants(simulator=None, judges=judges, judge_label=judge_label)
-
-
-def _unique_styles(style: str, others: list[str]) -> list[str]:
-    """Canonical style names, primary first, duplicates dropped (unknown names fail here)."""
-    styles = [resolve_style(style)]
-    for other in others:
-        if resolve_style(other) not in styles:
-            styles.append(resolve_style(other))
-    return styles
+def build_participants(config: ParticipantsConfig) -> Participants:
+    """Simulators for ``config.user_styles`` and judges for ``config.judge_styles``; one user model serves all."""
+    config.validate()
+    needs_user_model = bool(config.user_styles) or config.judge_backend == "user"
+    backend, tokenizer = _user_chat_backend(config) if needs_user_model else (None, None)
+    participants = Participants(
+        simulators={style: _simulator(config, style, backend, tokenizer) for style in config.user_styles},
+        judges={style: _judge(config, style, backend, tokenizer) for style in config.judge_styles},
+        user_label=config.user_label if config.user_styles else "",
+        judge_label=config.judge_label,
+    )
+    logger.info("user: %s (%s); judge: %s; styles: user %s, judged %s", participants.user_label, config.user_backend, participants.judge_label, list(config.user_styles), list(config.judge_styles))
+    return participants
