@@ -110,7 +110,8 @@ def test_full_and_adapter_checkpoints_are_judged_per_style(checkpoints, tiny_mod
 def test_loaded_checkpoint_reproduces_the_trained_policy(checkpoints, tiny_model_path, kind):
     path, trained_logits = checkpoints[kind]
     args = eval_checkpoints.build_parser().parse_args(["--checkpoints", str(path), "--baseline_model", "b", "--val_jsonl", "v", "--run_name", "r", "--device", "cpu", "--dtype", "float32"])
-    model, tokenizer = eval_checkpoints.load_checkpoint_model(eval_checkpoints.inspect_checkpoint(str(path)), args)
+    policy = eval_checkpoints.load_checkpoint_policy(eval_checkpoints.inspect_checkpoint(str(path)), args)
+    model, tokenizer = policy.model, policy.tokenizer
     base, _ = load_model_and_tokenizer(tiny_model_path, dtype="float32", device="cpu")
     ids = torch.tensor([encode_chat(tokenizer, PROBE)])
     with torch.no_grad():
@@ -124,7 +125,7 @@ def test_a_missing_checkpoint_fails_in_one_line_before_any_work(checkpoints, tin
         raise AssertionError("a model or tokenizer was loaded before the paths were checked")
 
     monkeypatch.setattr(eval_checkpoints, "load_tokenizer", no_loading)
-    monkeypatch.setattr(eval_checkpoints, "load_model_and_tokenizer", no_loading)
+    monkeypatch.setattr(eval_checkpoints, "load_policy", no_loading)
     missing = tmp_path / "run" / "checkpoints" / "step_9"
     out = tmp_path / "eval"
     assert eval_checkpoints.main(cli([checkpoints["full"][0], missing], tiny_model_path, prompt_file, out)) == 1

@@ -10,8 +10,7 @@ import sys
 import pytest
 
 from auxiliary import backends, eval_incontext_oracle
-from auxiliary.participants import build_judges
-from auxiliary.participants import resolve_judge_backend, resolve_user_backend
+from auxiliary.participants import build_participants
 from auxiliary.rule_based_user import RuleBasedJudge
 from auxiliary.style_judge import LLMStyleJudge
 from auxiliary.user_simulator import get_persona
@@ -117,13 +116,14 @@ def test_policy_on_a_vllm_engine_on_gen_gpu(tiny_model_path, chat_tokenizer, pro
 @pytest.mark.parametrize("backend", ["vllm", "hf", "openai", "anthropic", "rule"])
 def test_judge_flags_map_onto_the_participant_flags(backend):
     args = eval_incontext_oracle.parse_args(["--judge_backend", backend, "--judge_gpu_start", "1", "--judge_tp", "2", "--openai_base_url", "http://h/v1"])
-    mapped = eval_incontext_oracle.judge_participant_args(args)
+    mapped = eval_incontext_oracle.judge_config(args)
+    assert mapped.user_styles == ()  # no simulated user
     if backend in ("vllm", "hf"):  # a local judge model = the participants' user-model judge
-        assert resolve_judge_backend(mapped) == "user" and resolve_user_backend(mapped) == backend and mapped.judge_local
-        assert mapped.user_model_name_or_path == "Qwen/Qwen3-32B"
-        assert (mapped.user_vllm, mapped.user_vllm_gpu_start, mapped.user_vllm_tp) == (backend == "vllm", 1, 2)
+        assert mapped.judge_backend == "user" and mapped.user_backend == backend
+        assert mapped.user_model == "Qwen/Qwen3-32B"
+        assert (mapped.user_vllm_gpu_start, mapped.user_vllm_tp) == (1, 2)
     else:
-        assert resolve_judge_backend(mapped) == backend
+        assert mapped.judge_backend == backend
     expected_model = "claude-haiku-4-5-20251001" if backend == "anthropic" else "Qwen/Qwen3-32B"
     assert mapped.judge_model == expected_model and mapped.openai_base_url == "http://h/v1"
 
@@ -133,7 +133,8 @@ def test_keyless_judges_build_without_an_anthropic_key(backend, judge_type, monk
     """No simulated user is needed: the unused one is built on the judge's backend, so no Claude key is asked for."""
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     args = eval_incontext_oracle.parse_args(["--judge_backend", backend, "--judge_model", "served", "--openai_base_url", "http://h/v1"])
-    participants = build_judges(eval_incontext_oracle.judge_participant_args(args), STYLES)
+    args.styles = STYLES
+    participants = build_participants(eval_incontext_oracle.judge_config(args))
     assert list(participants.judges) == STYLES and all(isinstance(j, judge_type) for j in participants.judges.values())
 
 
