@@ -450,6 +450,9 @@ class OnlineRun:
         if args.oracle and "oracle" not in results["meta"]:
             results["meta"]["oracle"] = self.oracle_metrics(policy, participants, eval_prompts, baseline)
             self.save(results)
+        if checkpoint is None:
+            # Training draws from the same stream whether the baseline was generated now or read from disk.
+            seed_everything(args.seed)
         self.tracker = Tracker.start(
             args.report_to, project=args.wandb_project, name=args.run_name, config=vars(args), directory=str(files.out_dir), run_id=f"{args.run_name}-{files.results.stem}"
         )
