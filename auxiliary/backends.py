@@ -2,8 +2,9 @@
 
 ``ChatBackend.generate(conversations, sampling)`` takes a batch of chat conversations (lists of
 ``{"role", "content"}`` messages, optionally starting with a system message) and returns one reply
-text per conversation, in input order. Simulators and judges are a prompt builder plus a parser over
-any backend:
+text per conversation, in input order. ``ChatBackend.check()`` finds a bad key, endpoint or model
+name with one cheap request, before any expensive work starts. Simulators and judges are a prompt
+builder plus a parser over any backend:
 
 * ``HFChatBackend`` — a local transformers model, through ``auxiliary.generation`` (the project's one
   chat rendering and batched sampler; contexts are always left-padded there, so the reference's
@@ -13,11 +14,13 @@ any backend:
   llama.cpp), concurrent requests from a thread pool.
 * ``AnthropicBackend`` — the Anthropic Messages API, concurrent requests from a thread pool.
 
-Retries live here, once, in ``RetryPolicy``: only transient failures (HTTP 408/409/429, 5xx including
-529 "overloaded", timeouts, connection errors) are retried, with capped exponential backoff and
-jitter; anything else (bad key, unknown model, malformed request) fails at the first attempt. The SDKs'
-own retry loops are switched off so that this is the only retry logic. A failure that survives the
-policy raises ``BackendError`` with one line naming the backend, the error and what to do about it.
+Retries are the client libraries' own (``max_retries``, ``timeout``): the anthropic and openai clients
+retry HTTP 408, 409, 429 and every 5xx (529 "overloaded" included), timeouts and connection errors
+with capped exponential backoff and jitter, waiting as long as a ``retry-after``/``retry-after-ms``
+header asks; anything else (bad key, unknown model, malformed request) fails after one request. A
+failure the client gives up on becomes ``BackendError``, one line naming the backend, the error, the
+number of attempts and what to do about it; the first such failure in a batch stops the requests not
+yet sent.
 
 An empty reply from a remote API is not an error: it comes back as ``""`` and the caller decides.
 
@@ -28,84 +31,43 @@ the instructions at the start and the question at the end survive.
 
 from __future__ import annotations
 
+import logging
 import os
-import random
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from auxiliary.generation import DEFAULT_CHAT_TEMPLATE_KWARGS, SamplingParams, encode_chat, generate
 
-DEFAULT_ANTHROPIC_MODEL = "claude-haiku-4-5-20251001"
+logger = logging.getLogger(__name__)
 
-# HTTP statuses worth another attempt: request timeout, conflict (lock contention), rate limit, and
-# every server-side error (500, 502, 503, 504, 529 overloaded, ...).
-RETRYABLE_STATUSES = frozenset({408, 409, 429})
+DEFAULT_ANTHROPIC_MODEL = "claude-haiku-4-5-20251001"
+DEFAULT_MAX_RETRIES = 7  # 8 attempts in all, the default of --api_max_attempts
+DEFAULT_TIMEOUT = 60.0  # seconds per attempt
+# The pre-flight check retries once only: a dead endpoint should be reported in about a second.
+CHECK_MAX_RETRIES = 1
+
+# What to do about a failure with this HTTP status; statuses not listed fall back on their class.
+STATUS_HINTS = {
+    401: "The key was rejected: check {key_env}.",
+    403: "The key may not use model {model!r}: check {key_env} and the model name.",
+    404: "Check the model name {model!r} and the base URL {url}.",
+    413: "The request is too large: shorten the prompts or responses.",
+    429: "Rate limited: lower --api_max_concurrency or retry later.",
+    529: "The API is overloaded: retry later or lower --api_max_concurrency.",
+}
+SERVER_ERROR_HINT = "Server-side error: retry later."
+REJECTED_HINT = "The request was rejected: check the model name, max tokens and sampling values."
 
 
 class BackendError(RuntimeError):
     """A chat backend could not produce a reply; the message is one line saying what failed and what to do."""
 
 
-@dataclass(frozen=True)
-class Failure:
-    """One failed request, classified.
-
-    Attributes:
-        retryable: whether another attempt may succeed.
-        description: what happened, e.g. ``HTTP 429 rate_limit_error: slow down``.
-        hint: what the user can do about it.
-        retry_after: seconds the server asked us to wait (``Retry-After`` header), if any.
-    """
-
-    retryable: bool
-    description: str
-    hint: str
-    retry_after: float | None = None
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Capped exponential backoff with jitter for transient failures.
-
-    Attempt ``n`` (0-based) that fails transiently is followed by a pause of
-    ``min(max_delay, base_delay * 2**n)``, shortened by a random fraction of up to ``jitter`` so that
-    concurrent workers do not retry in lockstep, and never shorter than a server's ``Retry-After``
-    (still capped at ``max_delay``). No pause follows the last attempt.
-
-    Attributes:
-        max_attempts: total attempts per request, the first included.
-        base_delay: pause after the first failure, in seconds.
-        max_delay: upper bound on any pause, in seconds.
-        jitter: fraction in [0, 1] of each pause that is randomized away.
-        sleep: how to pause; tests inject a recorder so nothing waits.
-    """
-
-    max_attempts: int = 8
-    base_delay: float = 0.75
-    max_delay: float = 60.0
-    jitter: float = 0.5
-    sleep: Callable[[float], None] = field(default=time.sleep, compare=False, repr=False)
-
-    def __post_init__(self):
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.base_delay < 0 or self.max_delay < 0:
-            raise ValueError("base_delay and max_delay must be >= 0")
-        if not 0 <= self.jitter <= 1:
-            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
-
-    def delay(self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
-        """Seconds to pause after failed attempt ``attempt`` (0-based)."""
-        backoff = min(self.max_delay, self.base_delay * 2**attempt)
-        backoff *= 1 - self.jitter * (rng or random).random()
-        if retry_after is not None:
-            backoff = max(backoff, retry_after)
-        return min(self.max_delay, backoff)
+def retried_status(status: int) -> bool:
+    """Whether the anthropic and openai clients retry an HTTP status (both do the same)."""
+    return status in (408, 409, 429) or status >= 500
 
 
 class ChatBackend(ABC):
@@ -120,6 +82,10 @@ class ChatBackend(ABC):
     @abstractmethod
     def generate(self, conversations: list[list[dict]], sampling: SamplingParams) -> list[str]:
         """One stripped reply per conversation, in input order."""
+
+    def check(self) -> None:
+        """Raise ``BackendError`` when the backend cannot work (bad key, endpoint or model), cheaply, before
+        expensive work starts. In-process backends hold a loaded model: nothing is left to check."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"
@@ -292,119 +258,103 @@ def _error_body_fields(error) -> tuple[str | None, str | None]:
     return body.get("type") or getattr(error, "type", None), message if isinstance(message, str) else None
 
 
-def _parse_retry_after(response) -> float | None:
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date; rare enough that the computed backoff will do
-
-
-class SDKErrors(NamedTuple):
-    """The exception classes of one API client library."""
-
-    any_api: type  # base of everything the SDK raises for a failed request
-    status: type  # the server answered with an HTTP error status
-    connection: type  # no answer: refused, reset, DNS, ...
-    timeout: type  # no answer in time (a subclass of ``connection`` in both SDKs)
+def _attempts(error) -> int:
+    """Requests the client sent before raising ``error``: both SDKs number each attempt in a header."""
+    return int(error.request.headers.get("x-stainless-retry-count", "0")) + 1
 
 
 class RemoteChatBackend(ChatBackend):
-    """Shared machinery of the HTTP API backends: a thread pool, the retry loop, one-line errors.
+    """Shared machinery of the HTTP API backends: a thread pool, the pre-flight check, one-line errors.
 
-    Subclasses send one request (``_request``) and name the SDK's exception classes.
+    ``sdk`` is the client library's module: the anthropic and openai modules name their exception classes
+    alike. Subclasses build ``client`` (which retries by itself), send one request (``_request``) and make
+    the cheapest request that proves the key and the model (``_check_model``).
     """
 
     api_key_env: str
 
-    def __init__(self, model: str, *, base_url: str | None, max_concurrency: int, timeout: float, retry: RetryPolicy):
+    def __init__(self, model: str, name: str, sdk, max_concurrency: int, max_retries: int, timeout: float):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.model = model
-        self.base_url = base_url
+        self.name = name
+        self.sdk = sdk
         self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
         self.timeout = timeout
-        self.retry = retry
-        self._rng = random.Random()
 
     @abstractmethod
     def _request(self, conversation: list[dict], sampling: SamplingParams) -> str:
         """Send one conversation; return the reply text ("" when the API returned no text)."""
 
     @abstractmethod
-    def _sdk_errors(self) -> SDKErrors:
-        """The exception classes of the client library this backend uses."""
+    def _check_model(self, client) -> None:
+        """One cheap request through ``client`` that fails on a bad key and, where the API tells, a bad model."""
+
+    def check(self) -> None:
+        """Raise ``BackendError`` (one line) when the key is rejected, the endpoint is unreachable or the
+        model is unknown. A rate limit or server error here proves nothing wrong with the setup: it is
+        logged, and the requests of the run will retry."""
+        client = self.client.with_options(max_retries=min(self.max_retries, CHECK_MAX_RETRIES))
+        try:
+            self._check_model(client)
+        except self.sdk.APIError as error:
+            if isinstance(error, self.sdk.APIStatusError) and retried_status(error.status_code):
+                logger.warning("%s: pre-flight check: %s; carrying on", self.name, self._explain(error)[0])
+                return
+            raise BackendError(self._failure_line("pre-flight check failed", error)) from None
 
     def generate(self, conversations: list[list[dict]], sampling: SamplingParams) -> list[str]:
         if not conversations:
             return []
-        abort = threading.Event()  # set on the first hard failure so other workers stop retrying
+        abort = threading.Event()  # set by the first failure so that requests not yet sent are not sent
         workers = min(self.max_concurrency, len(conversations))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=self.name) as pool:
-            futures = [pool.submit(self._with_retry, c, sampling, abort) for c in conversations]
+            futures = [pool.submit(self._send, c, sampling, abort) for c in conversations]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             failed = next((f for f in futures if f in done and f.exception() is not None), None)
             if failed is not None:
-                abort.set()
                 for future in futures:
                     future.cancel()
                 raise failed.exception()
         return [future.result().strip() for future in futures]
 
-    def _with_retry(self, conversation: list[dict], sampling: SamplingParams, abort: threading.Event) -> str:
-        api_error = self._sdk_errors().any_api
-        for attempt in range(self.retry.max_attempts):
-            if abort.is_set():
-                raise BackendError(f"{self.name}: cancelled because another request in the batch failed")
-            try:
-                return self._request(conversation, sampling)
-            except api_error as error:
-                failure = self.classify(error)
-            if not failure.retryable or attempt == self.retry.max_attempts - 1:
-                attempts = f"{attempt + 1} attempt{'s' if attempt else ''}"
-                message = f"{self.name}: request failed after {attempts}: {failure.description}. {failure.hint}"
-                raise BackendError(" ".join(message.split())) from None  # one line, whatever the server said
-            self.retry.sleep(self.retry.delay(attempt, failure.retry_after, self._rng))
-        raise AssertionError("unreachable: the loop returns or raises")
+    def _send(self, conversation: list[dict], sampling: SamplingParams, abort: threading.Event) -> str:
+        if abort.is_set():
+            raise BackendError(f"{self.name}: cancelled because another request in the batch failed")
+        try:
+            return self._request(conversation, sampling)
+        except Exception as error:
+            abort.set()  # by the failing worker itself, so that even its own next conversation is not sent
+            if not isinstance(error, self.sdk.APIError):
+                raise
+            attempts = _attempts(error)
+            line = self._failure_line(f"request failed after {attempts} attempt{'s' if attempts > 1 else ''}", error)
+            raise BackendError(f"{line} A run stopped by this can be continued with --resume.") from None
 
-    def classify(self, error: Exception) -> Failure:
-        """Decide whether an SDK error is worth another attempt, and what to tell the user if not."""
-        errors = self._sdk_errors()
-        if isinstance(error, errors.connection):
-            if isinstance(error, errors.timeout):
-                return Failure(
-                    True,
-                    f"no reply within {self.timeout:g}s (timeout)",
-                    "Raise --timeout, lower --max_concurrency, or retry later.",
-                )
-            return Failure(
-                True,
-                f"connection error ({error})",
-                f"Check that {self.base_url or 'the API'} is reachable and the base URL is right.",
-            )
-        if not isinstance(error, errors.status):
-            return Failure(False, f"{type(error).__name__}: {error}", "This looks like a bug or an SDK mismatch.")
+    def _failure_line(self, what: str, error) -> str:
+        description, hint = self._explain(error)
+        return " ".join(f"{self.name}: {what}: {description}. {hint}".split())  # one line, whatever the server said
+
+    def _explain(self, error) -> tuple[str, str]:
+        """(what happened, what the user can do about it) for an error the client raised."""
+        url = str(self.client.base_url)
+        if isinstance(error, self.sdk.APITimeoutError):
+            return f"no reply within {self.timeout:g}s", "Retry later, or allow a longer timeout."
+        if isinstance(error, self.sdk.APIConnectionError):
+            cause = error.__cause__ or error
+            return f"cannot connect to {url} ({cause})", "Check the base URL and that the server is up."
+        if not isinstance(error, self.sdk.APIStatusError):
+            return f"{type(error).__name__}: {error}", "The reply is not what this API sends: check the base URL."
         status = error.status_code
         error_type, message = _error_body_fields(error)
         description = f"HTTP {status}" + (f" {error_type}" if error_type else "") + (f": {message}" if message else "")
-        retry_after = _parse_retry_after(getattr(error, "response", None))
-        if status == 429:
-            return Failure(True, description, "Lower --max_concurrency or retry later.", retry_after)
-        if status == 529 or status == 503:
-            return Failure(
-                True, description, "The API is overloaded: retry later or lower --max_concurrency.", retry_after
-            )
-        if status in RETRYABLE_STATUSES or status >= 500:
-            return Failure(True, description, "Server-side error: retry later.", retry_after)
-        if status == 401:
-            return Failure(False, description, f"Check {self.api_key_env} (the key was rejected).")
-        if status == 403:
-            return Failure(False, description, f"The key in {self.api_key_env} may not access model {self.model!r}.")
-        if status == 404:
-            return Failure(False, description, f"Check the model name {self.model!r} and the base URL.")
-        if status == 413:
-            return Failure(False, description, "The request is too large: shorten the prompts or responses.")
-        return Failure(False, description, "The request was rejected: check the model, max tokens and sampling values.")
+        hint = STATUS_HINTS.get(status) or (SERVER_ERROR_HINT if retried_status(status) else REJECTED_HINT)
+        return description, hint.format(key_env=self.api_key_env, model=self.model, url=url)
 
 
 class AnthropicBackend(RemoteChatBackend):
@@ -412,7 +362,9 @@ class AnthropicBackend(RemoteChatBackend):
 
     A leading system message becomes the ``system=`` field. ``top_p`` is sent only when below 1 and
     ``top_k`` only when set: recent Claude models reject requests that set both temperature and top_p
-    (and the newest reject any sampling field: the 400 then names the field).
+    (and the newest reject any sampling field: the 400 then names the field). The key comes from
+    ``api_key`` or ``ANTHROPIC_API_KEY``, the URL from ``base_url`` or ``ANTHROPIC_BASE_URL`` (the SDK's
+    own variable). ``check()`` asks the Models API about the model (no tokens spent).
     """
 
     api_key_env = "ANTHROPIC_API_KEY"
@@ -421,28 +373,24 @@ class AnthropicBackend(RemoteChatBackend):
         self,
         model: str = DEFAULT_ANTHROPIC_MODEL,
         *,
+        max_concurrency: int = 16,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        timeout: float = DEFAULT_TIMEOUT,
         api_key: str | None = None,
         base_url: str | None = None,
-        max_concurrency: int = 16,
-        timeout: float = 60.0,
-        retry: RetryPolicy = RetryPolicy(),
     ):
         import anthropic
 
-        super().__init__(model, base_url=base_url, max_concurrency=max_concurrency, timeout=timeout, retry=retry)
-        self.name = f"anthropic:{model}"
+        super().__init__(model, f"anthropic:{model}", anthropic, max_concurrency, max_retries, timeout)
         api_key = api_key or os.environ.get(self.api_key_env)
         if not api_key:
-            raise BackendError(f"{self.name}: no API key: set {self.api_key_env} (e.g. in .env) or pass --api_key")
-        # max_retries=0: the SDK's own retry loop would multiply with RetryPolicy.
-        self.client = anthropic.Anthropic(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout)
+            raise BackendError(f"{self.name}: no API key: set {self.api_key_env} (environment or .env)")
+        self.client = anthropic.Anthropic(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout)
 
-    def _sdk_errors(self):
-        import anthropic
-
-        return SDKErrors(
-            anthropic.APIError, anthropic.APIStatusError, anthropic.APIConnectionError, anthropic.APITimeoutError
-        )
+    def _check_model(self, client) -> None:
+        info = client.models.retrieve(self.model)
+        if getattr(info, "lifecycle", None) == "retired":
+            raise BackendError(f"{self.name}: model {self.model!r} is retired: choose a current Claude model")
 
     def _request(self, conversation: list[dict], sampling: SamplingParams) -> str:
         system, messages = _split_system(conversation)
@@ -466,7 +414,8 @@ class OpenAICompatibleBackend(RemoteChatBackend):
     Sends ``max_tokens`` (what these servers accept), temperature and top_p; a top_k > 0 goes in the
     request body as the non-standard ``top_k`` field, which vLLM and llama.cpp honour. ``extra_body``
     is merged into every request, e.g. ``{"chat_template_kwargs": {"enable_thinking": False}}`` to
-    switch Qwen3 thinking off on a vLLM server.
+    switch Qwen3 thinking off on a vLLM server. ``check()`` lists the served models (``GET /models``)
+    and fails when the model is not among them: pass the name the server lists.
     """
 
     api_key_env = "OPENAI_API_KEY"
@@ -476,25 +425,27 @@ class OpenAICompatibleBackend(RemoteChatBackend):
         model: str,
         *,
         base_url: str,
+        max_concurrency: int = 16,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        timeout: float = DEFAULT_TIMEOUT,
         api_key: str | None = None,
-        max_concurrency: int = 8,
-        timeout: float = 60.0,
-        retry: RetryPolicy = RetryPolicy(),
         extra_body: dict | None = None,
     ):
         import openai
 
-        super().__init__(model, base_url=base_url, max_concurrency=max_concurrency, timeout=timeout, retry=retry)
-        self.name = f"openai:{model}@{base_url}"
+        super().__init__(model, f"openai:{model}@{base_url}", openai, max_concurrency, max_retries, timeout)
         self.extra_body = dict(extra_body or {})
         # Local servers usually ignore the key, but the client insists on having one.
         api_key = api_key or os.environ.get(self.api_key_env) or "EMPTY"
-        self.client = openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout)
+        self.client = openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout)
 
-    def _sdk_errors(self):
-        import openai
-
-        return SDKErrors(openai.APIError, openai.APIStatusError, openai.APIConnectionError, openai.APITimeoutError)
+    def _check_model(self, client) -> None:
+        served = [model.id for model in client.models.list().data]
+        if served and self.model not in served:
+            raise BackendError(
+                f"{self.name}: the server does not serve model {self.model!r}; it serves {', '.join(served[:10])}: "
+                "pass one of these names"
+            )
 
     def _request(self, conversation: list[dict], sampling: SamplingParams) -> str:
         extra_body = dict(self.extra_body)

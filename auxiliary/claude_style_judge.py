@@ -1,13 +1,13 @@
 """The style judge on Claude through the Anthropic API (the reference's ``ClaudeStyleJudge``).
 
 Prompt, strict verdict parsing and the AB/BA protocol come from ``LLMStyleJudge``; transport,
-concurrency (all AB and BA requests of a batch share one thread pool) and retries from
-``AnthropicBackend``.
+concurrency (all AB and BA requests of a batch share one thread pool), the client's retries and the
+pre-flight ``backend.check()`` from ``AnthropicBackend``.
 """
 
 from __future__ import annotations
 
-from auxiliary.backends import DEFAULT_ANTHROPIC_MODEL, AnthropicBackend, RetryPolicy
+from auxiliary.backends import DEFAULT_ANTHROPIC_MODEL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, AnthropicBackend
 from auxiliary.generation import SamplingParams
 from auxiliary.style_judge import LLMStyleJudge
 
@@ -25,10 +25,11 @@ class ClaudeStyleJudge(LLMStyleJudge):
         api_key: str | None = None,
         base_url: str | None = None,
         max_concurrency: int = 16,
-        timeout: float = 60.0,
-        retry: RetryPolicy = RetryPolicy(),
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        timeout: float = DEFAULT_TIMEOUT,
     ):
         backend = AnthropicBackend(
-            model, api_key=api_key, base_url=base_url, max_concurrency=max_concurrency, timeout=timeout, retry=retry
-        )
+            model, max_concurrency=max_concurrency, max_retries=max_retries, timeout=timeout,
+            api_key=api_key, base_url=base_url,
+        )  # fmt: skip
         super().__init__(backend, style, sampling=SamplingParams(max_new_tokens=max_tokens, temperature=temperature))

@@ -1,14 +1,14 @@
 """The simulated user on Claude through the Anthropic API (the reference's ``ClaudeStyleUserSimulator``).
 
 The persona prompt and empty-reply handling come from ``LLMUserSimulator`` (the ``"claude"`` prompt
-variant: at most two sentences, no preface); transport, concurrency and retries from
-``AnthropicBackend``. Unlike the reference, the model is a parameter (it was hard-coded), requests run
-concurrently, and only transient API failures are retried.
+variant: at most two sentences, no preface); transport, concurrency, the client's retries and the
+pre-flight ``backend.check()`` from ``AnthropicBackend``. Unlike the reference, the model is a parameter
+(it was hard-coded), requests run concurrently, and only transient API failures are retried.
 """
 
 from __future__ import annotations
 
-from auxiliary.backends import DEFAULT_ANTHROPIC_MODEL, AnthropicBackend, RetryPolicy
+from auxiliary.backends import DEFAULT_ANTHROPIC_MODEL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, AnthropicBackend
 from auxiliary.generation import SamplingParams
 from auxiliary.user_simulator import LLMUserSimulator
 
@@ -26,12 +26,13 @@ class ClaudeStyleUserSimulator(LLMUserSimulator):
         api_key: str | None = None,
         base_url: str | None = None,
         max_concurrency: int = 16,
-        timeout: float = 60.0,
-        retry: RetryPolicy = RetryPolicy(),
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        timeout: float = DEFAULT_TIMEOUT,
     ):
         backend = AnthropicBackend(
-            model, api_key=api_key, base_url=base_url, max_concurrency=max_concurrency, timeout=timeout, retry=retry
-        )
+            model, max_concurrency=max_concurrency, max_retries=max_retries, timeout=timeout,
+            api_key=api_key, base_url=base_url,
+        )  # fmt: skip
         super().__init__(
             backend,
             style,

