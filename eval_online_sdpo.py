@@ -433,6 +433,8 @@ class OnlineRun:
         require_vllm([flag for flag, on in (("--use_vllm", args.use_vllm), ("--user_vllm", config.uses_vllm)) if on])
         # Remote and rule participants cost nothing to build: built first, a bad key fails before the model loads.
         participants = build_participants(config) if config.user_backend not in ("hf", "vllm") else None
+        if participants is not None:
+            check_remote_backends(participants)
         seed_everything(args.seed)
         checkpoint = resume_checkpoint(files, self.previous)
         updater = OnlineSDPOUpdater(build_config(args, files.checkpoints), resume_from=checkpoint)

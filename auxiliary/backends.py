@@ -38,7 +38,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-from auxiliary.generation import DEFAULT_CHAT_TEMPLATE_KWARGS, SamplingParams, encode_chat, generate
+from auxiliary.generation import (
+    DEFAULT_CHAT_TEMPLATE_KWARGS,
+    SamplingParams,
+    encode_chat,
+    generate,
+)
 
 logger = logging.getLogger(__name__)
 

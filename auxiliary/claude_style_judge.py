@@ -7,7 +7,12 @@ pre-flight ``backend.check()`` from ``AnthropicBackend``.
 
 from __future__ import annotations
 
-from auxiliary.backends import DEFAULT_ANTHROPIC_MODEL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, AnthropicBackend
+from auxiliary.backends import (
+    DEFAULT_ANTHROPIC_MODEL,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    AnthropicBackend,
+)
 from auxiliary.generation import SamplingParams
 from auxiliary.style_judge import LLMStyleJudge
 

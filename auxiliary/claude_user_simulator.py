@@ -8,7 +8,12 @@ pre-flight ``backend.check()`` from ``AnthropicBackend``. Unlike the reference, 
 
 from __future__ import annotations
 
-from auxiliary.backends import DEFAULT_ANTHROPIC_MODEL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, AnthropicBackend
+from auxiliary.backends import (
+    DEFAULT_ANTHROPIC_MODEL,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    AnthropicBackend,
+)
 from auxiliary.generation import SamplingParams
 from auxiliary.user_simulator import LLMUserSimulator
 

@@ -32,7 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from auxiliary.file_io import iter_jsonl, replace_atomically, to_json_safe, write_json_atomic  # noqa: F401 - part of this module's API
+from auxiliary.file_io import (  # noqa: F401 - part of this module's API
+    iter_jsonl,
+    replace_atomically,
+    to_json_safe,
+    write_json_atomic,
+)
 from auxiliary.generation import encode_chat
 
 logger = logging.getLogger(__name__)

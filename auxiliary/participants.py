@@ -24,9 +24,19 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from auxiliary.backends import DEFAULT_ANTHROPIC_MODEL, ChatBackend, HFChatBackend, OpenAICompatibleBackend, RetryPolicy, TokenBudget
+from auxiliary.backends import (
+    DEFAULT_ANTHROPIC_MODEL,
+    ChatBackend,
+    HFChatBackend,
+    OpenAICompatibleBackend,
+    TokenBudget,
+)
 from auxiliary.generation import SamplingParams
-from auxiliary.rule_based_user import RULE_BASED_STYLES, RuleBasedJudge, RuleBasedUserSimulator
+from auxiliary.rule_based_user import (
+    RULE_BASED_STYLES,
+    RuleBasedJudge,
+    RuleBasedUserSimulator,
+)
 from auxiliary.style_judge import LLMStyleJudge, PairwiseJudge
 from auxiliary.user_simulator import LLMUserSimulator, UserSimulator, resolve_style
 
@@ -182,8 +192,9 @@ class Participants:
         return next(iter(self.simulators.values()))
 
 
-def _api_retry(config: ParticipantsConfig) -> RetryPolicy:
-    return RetryPolicy(max_attempts=config.api_max_attempts)
+def _api(config: ParticipantsConfig) -> dict:
+    """Keywords of every remote backend: --api_max_attempts counts the first try, the SDKs' max_retries does not."""
+    return {"max_concurrency": config.api_max_concurrency, "max_retries": config.api_max_attempts - 1}
 
 
 def _user_chat_backend(config: ParticipantsConfig) -> tuple[ChatBackend | None, object | None]:
@@ -205,9 +216,7 @@ def _user_chat_backend(config: ParticipantsConfig) -> tuple[ChatBackend | None, 
         tokenizer = load_tokenizer(config.user_model)
         return VLLMChatBackend(engine, tokenizer=tokenizer, name=f"vllm:{config.user_model}"), tokenizer
     if config.user_backend == "openai":
-        backend = OpenAICompatibleBackend(
-            config.user_model, base_url=config.openai_base_url, max_concurrency=config.api_max_concurrency, retry=_api_retry(config)
-        )
+        backend = OpenAICompatibleBackend(config.user_model, base_url=config.openai_base_url, **_api(config))
         return backend, None
     return None, None
 
@@ -219,7 +228,7 @@ def _simulator(config: ParticipantsConfig, style: str, backend: ChatBackend | No
         from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
 
         return ClaudeStyleUserSimulator(
-            style, max_tokens=256, temperature=0.0, max_concurrency=config.api_max_concurrency, retry=_api_retry(config)
+            style, max_tokens=256, temperature=0.0, **_api(config)
         )
     greedy = config.user_backend != "hf"  # the reference samples its HF simulator at T=0.7, vLLM/API greedily
     return LLMUserSimulator(
@@ -236,11 +245,9 @@ def _judge(config: ParticipantsConfig, style: str, user_backend: ChatBackend | N
     if config.judge_backend == "anthropic":
         from auxiliary.claude_style_judge import ClaudeStyleJudge
 
-        return ClaudeStyleJudge(style, model=config.judge_model, max_concurrency=config.api_max_concurrency, retry=_api_retry(config))
+        return ClaudeStyleJudge(style, model=config.judge_model, **_api(config))
     if config.judge_backend == "openai":
-        backend = OpenAICompatibleBackend(
-            config.judge_model, base_url=config.openai_base_url, max_concurrency=config.api_max_concurrency, retry=_api_retry(config)
-        )
+        backend = OpenAICompatibleBackend(config.judge_model, base_url=config.openai_base_url, **_api(config))
         return LLMStyleJudge(backend, style)
     budget = TokenBudget(user_tokenizer, JUDGE_MAX_INPUT_TOKENS) if user_tokenizer is not None else None
     return LLMStyleJudge(user_backend, style, budget=budget)
@@ -259,3 +266,10 @@ def build_participants(config: ParticipantsConfig) -> Participants:
     )
     logger.info("user: %s (%s); judge: %s; styles: user %s, judged %s", participants.user_label, config.user_backend, participants.judge_label, list(config.user_styles), list(config.judge_styles))
     return participants
+
+
+def check_remote_backends(participants: Participants) -> None:
+    """One cheap request per distinct remote backend (key, endpoint, model), before any model loads."""
+    backends = {id(b): b for p in (*participants.simulators.values(), *participants.judges.values()) if (b := getattr(p, "backend", None))}
+    for backend in backends.values():
+        backend.check()

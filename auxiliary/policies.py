@@ -26,7 +26,12 @@ from tqdm.auto import tqdm
 
 from auxiliary.backends import ChatBackend, HFChatBackend
 from auxiliary.generation import SamplingParams, encode_chat
-from auxiliary.model_loading import ModelLoadError, load_model_and_tokenizer, load_tokenizer, resolve_dtype
+from auxiliary.model_loading import (
+    ModelLoadError,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    resolve_dtype,
+)
 
 
 def answer(

@@ -75,7 +75,11 @@ import torch
 
 from auxiliary.evaluation_helpers import seed_everything, write_json_atomic
 from auxiliary.generation import Generation, SamplingParams, encode_chat, generate
-from auxiliary.model_loading import ModelLoadError, load_model_and_tokenizer, resolve_device
+from auxiliary.model_loading import (
+    ModelLoadError,
+    load_model_and_tokenizer,
+    resolve_device,
+)
 from sdpo_core import (
     HINDSIGHT_VARIANTS,
     encode_student_teacher_contexts,
