@@ -83,6 +83,7 @@ from auxiliary.participants import (
     ParticipantsConfig,
     add_participant_arguments,
     build_participants,
+    check_remote_backends,
     style_name,
     unique_styles,
 )

@@ -274,6 +274,7 @@ def run(args, checkpoints: list[Checkpoint], participants_config: ParticipantsCo
     if not prompts:
         raise DataError(f"{args.val_jsonl}: no prompts left after filtering to {args.max_prompt_tokens} tokens")
     participants = build_participants(participants_config)
+    check_remote_backends(participants)
     conversations = [user_turn(p) for p in prompts]
     sampling = SamplingParams(max_new_tokens=args.eval_max_new_tokens, temperature=args.temperature, top_p=1.0)
 

@@ -16,7 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from auxiliary.model_loading import DEFAULT_CPU_MODEL, load_tokenizer, resolve_model_path
+from auxiliary.model_loading import (
+    DEFAULT_CPU_MODEL,
+    load_tokenizer,
+    resolve_model_path,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

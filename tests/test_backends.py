@@ -20,7 +20,14 @@ from auxiliary.backends import (
 from auxiliary.claude_style_judge import ClaudeStyleJudge
 from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
 from auxiliary.generation import SamplingParams, encode_chat
-from tests.fakes import FakeAnthropicServer, FakeLLM, FakeOpenAIServer, Reply, install_fake_vllm, last_user_text
+from tests.fakes import (
+    FakeAnthropicServer,
+    FakeLLM,
+    FakeOpenAIServer,
+    Reply,
+    install_fake_vllm,
+    last_user_text,
+)
 
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0)
 

@@ -1,12 +1,19 @@
 """Flag → simulated user and judges, with the reference's auto rules; vLLM policy engine on a fake engine."""
 
 import argparse
+
 import pytest
 
 from auxiliary.claude_style_judge import ClaudeStyleJudge
 from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
 from auxiliary.generation import SamplingParams
-from auxiliary.participants import ParticipantsConfig, ParticipantsError, add_participant_arguments, build_participants, style_name
+from auxiliary.participants import (
+    ParticipantsConfig,
+    ParticipantsError,
+    add_participant_arguments,
+    build_participants,
+    style_name,
+)
 from auxiliary.rule_based_user import RuleBasedJudge, RuleBasedUserSimulator
 from auxiliary.style_judge import LLMStyleJudge
 from auxiliary.user_simulator import LLMUserSimulator

@@ -12,7 +12,11 @@ import torch
 
 from auxiliary import sdpo_signal_analysis as analysis
 from auxiliary.generation import Generation, SamplingParams, encode_chat
-from sdpo_core import build_hindsight_messages, pad_contexts_and_completions, score_completions
+from sdpo_core import (
+    build_hindsight_messages,
+    pad_contexts_and_completions,
+    score_completions,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
