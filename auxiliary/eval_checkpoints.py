@@ -88,6 +88,7 @@ from auxiliary.participants import (
     ParticipantsConfig,
     add_participant_arguments,
     build_participants,
+    check_remote_backends,
     style_name,
 )
 from auxiliary.policies import VLLMAdapterPolicy, answer, load_policy, release

@@ -80,7 +80,7 @@ from auxiliary.evaluation_helpers import (
 from auxiliary.generation import SamplingParams
 from auxiliary.model_loading import ModelLoadError, load_tokenizer
 from auxiliary.oracle import oracle_answers, oracle_system_prompt
-from auxiliary.participants import ParticipantsConfig, build_participants, style_name
+from auxiliary.participants import ParticipantsConfig, build_participants, check_remote_backends, style_name
 from auxiliary.policies import answer, load_policy, release
 from auxiliary.user_simulator import CORE_STYLES
 from auxiliary.vllm_engines import build_vllm_engine, require_vllm
@@ -179,6 +179,8 @@ def run(args, config: ParticipantsConfig, results_path: Path, completions_path: 
     # A rule or API judge costs nothing to build: build it first so a missing key fails before generation.
     # A local judge model loads only after the policy is gone (the two never share memory).
     participants = None if args.judge_backend in LOCAL_JUDGE_BACKENDS else build_participants(config)
+    if participants is not None:
+        check_remote_backends(participants)
 
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0)
     # vLLM schedules a whole list best, so it gets every prompt of a pass in one call.
