@@ -6,7 +6,7 @@ response does that the persona dislikes. On top of it:
 
 * ``RuleBasedUserSimulator`` writes a short, natural follow-up naming the problems (wording picked
   deterministically from the inputs, so runs repeat exactly), or a brief approval when there are none.
-* ``RuleBasedJudge`` prefers the response with fewer violations (−1 on equal counts), speaking the
+* ``RuleBasedJudge`` prefers the response with the lower summed violation severity (a tie within 10%), speaking the
   same ``Judgement:`` protocol as the model judges, in both orders, with the same bookkeeping.
 
 Useful as a free, instant, noise-free user for CPU runs and tests, and as a sanity check of the LLM
@@ -39,10 +39,13 @@ class Violation:
     Attributes:
         reason: what the response did, as a clause after "the reply ..." (``uses emojis (✅)``).
         request: what the user asks for instead, after "please ..." (``leave out the emojis``).
+        severity: how much of it: one per offending item (emoji, header, list item, punctuation mark, ...),
+            or for a length limit the share of the limit the reply runs over (90 words against 60: 0.5).
     """
 
     reason: str
     request: str
+    severity: float = 1.0
 
 
 # Emoji and pictograph blocks, dingbats, misc symbols, flags, variation selector 16 and ZWJ.
@@ -136,14 +139,14 @@ def _check_emojis(text: str) -> list[Violation]:
     found = [ch for ch in _EMOJI.findall(text) if ch not in "\ufe0f\u200d"]
     if not found:
         return []
-    return [Violation(f"uses emojis ({_examples(found)})", "leave out the emojis")]
+    return [Violation(f"uses emojis ({_examples(found)})", "leave out the emojis", len(found))]
 
 
 def _check_icons(text: str) -> list[Violation]:
     found = _ICON.findall(text)
     if not found:
         return []
-    return [Violation(f"uses icon symbols ({_examples(found)})", "drop the icon symbols")]
+    return [Violation(f"uses icon symbols ({_examples(found)})", "drop the icon symbols", len(found))]
 
 
 def _check_opening_praise(text: str) -> list[Violation]:
@@ -182,28 +185,28 @@ def _check_headers(text: str) -> list[Violation]:
     headers = _headers(_strip_code(text))
     if not headers:
         return []
-    return [Violation(f"uses markdown headers ({len(headers)})", "drop the headers")]
+    return [Violation(f"uses markdown headers ({len(headers)})", "drop the headers", len(headers))]
 
 
 def _check_bold(text: str) -> list[Violation]:
     bold = _BOLD.findall(_strip_code(text))
     if not bold:
         return []
-    return [Violation(f"uses bold text ({len(bold)}x)", "drop the bold text")]
+    return [Violation(f"uses bold text ({len(bold)}x)", "drop the bold text", len(bold))]
 
 
 def _check_any_list(text: str) -> list[Violation]:
     items = _list_items(_strip_code(text))
     if not items:
         return []
-    return [Violation(f"uses a list ({len(items)} items)", "write plain paragraphs instead of lists")]
+    return [Violation(f"uses a list ({len(items)} items)", "write plain paragraphs instead of lists", len(items))]
 
 
 def _check_long_list(text: str) -> list[Violation]:
     items = _list_items(_strip_code(text))
     if len(items) < LONG_LIST_ITEMS:
         return []
-    return [Violation(f"has a long list ({len(items)} items)", "keep lists short or use prose")]
+    return [Violation(f"has a long list ({len(items)} items)", "keep lists short or use prose", len(items) / LONG_LIST_ITEMS)]
 
 
 def _check_nested_list(text: str) -> list[Violation]:
@@ -229,7 +232,7 @@ def _check_length(limit: int):
         words = _word_count(text)
         if words <= limit:
             return []
-        return [Violation(f"is too long ({words} words)", f"keep it under {limit} words")]
+        return [Violation(f"is too long ({words} words)", f"keep it under {limit} words", (words - limit) / limit)]
 
     return check
 
@@ -246,14 +249,15 @@ def _check_punctuation(text: str) -> list[Violation]:
     used = [f"{name} ({count})" for name, count in marks.items() if count]
     if not used:
         return []
-    return [Violation(f"uses {', '.join(used)}", "write simple sentences without commas, semicolons, colons or dashes")]
+    request = "write simple sentences without commas, semicolons, colons or dashes"
+    return [Violation(f"uses {', '.join(used)}", request, sum(marks.values()))]
 
 
 def _check_exclamation(text: str) -> list[Violation]:
     count = len(re.findall(r"!(?!=)", _strip_code(text)))
     if not count:
         return []
-    return [Violation(f"uses exclamation marks ({count})", "drop the exclamation marks")]
+    return [Violation(f"uses exclamation marks ({count})", "drop the exclamation marks", count)]
 
 
 def _check_hedges(text: str) -> list[Violation]:
@@ -261,7 +265,7 @@ def _check_hedges(text: str) -> list[Violation]:
     if not found:
         return []
     return [
-        Violation(f"hedges with {_examples([repr(w) for w in found])}", "commit to an answer without hedging words")
+        Violation(f"hedges with {_examples([repr(w) for w in found])}", "commit to an answer without hedging words", len(found))
     ]
 
 
@@ -359,14 +363,28 @@ class RuleBasedUserSimulator(UserSimulator):
         return [write_feedback(self.style, p, c) for p, c in zip(prompts, completions)]
 
 
+def severity(violations: list[Violation]) -> float:
+    """How far a response is from the persona: the summed severity of its violations (0 = none)."""
+    return sum(v.severity for v in violations)
+
+
 def _describe(label: str, violations: list[Violation]) -> str:
     if not violations:
         return f"Response {label}: no violations."
-    return f"Response {label}: {len(violations)} violation(s): " + "; ".join(v.reason for v in violations) + "."
+    listed = "; ".join(v.reason for v in violations)
+    return f"Response {label}: {len(violations)} violation(s), severity {severity(violations):.2f}: {listed}."
 
 
 class RuleBasedJudge(PairwiseJudge):
-    """Prefers the response with fewer rule violations; equal counts are a tie (C)."""
+    """Prefers the response further from violating the persona: lower summed severity wins.
+
+    Severities within ``TIE_MARGIN`` of each other (relative to the larger) are a tie (C), as a reader would not
+    tell 70 words from 72; otherwise the judge decides even when both responses break the rule, which a
+    person also would (the shorter of two long answers suits "short" better). Counting violations instead
+    left most pairs of similar-length answers tied.
+    """
+
+    TIE_MARGIN = 0.1
 
     def __init__(self, style: str):
         super().__init__()
@@ -376,7 +394,7 @@ class RuleBasedJudge(PairwiseJudge):
         verdicts = []
         for first, second in zip(firsts, seconds):
             violations_a, violations_b = check(self.style, first), check(self.style, second)
-            count_a, count_b = len(violations_a), len(violations_b)
-            letter = "C" if count_a == count_b else "A" if count_a < count_b else "B"
+            score_a, score_b = severity(violations_a), severity(violations_b)
+            letter = "C" if abs(score_a - score_b) <= self.TIE_MARGIN * max(score_a, score_b) else "A" if score_a < score_b else "B"
             verdicts.append(f"{_describe('A', violations_a)}\n{_describe('B', violations_b)}\nJudgement: {letter}")
         return verdicts

@@ -121,7 +121,16 @@ def test_judge_prefers_fewer_violations_in_both_orders():
     assert judge.last_n_unparsed == 0 and len(judge.last_raw_outputs) == 4
     raw = judge.last_raw_outputs[0]
     assert parse_judgement(raw["ab"]) == 0 and parse_judgement(raw["ba"]) == 1
-    assert "Response B: 1 violation(s): opens with praise" in raw["ab"]
+    assert "Response B: 1 violation(s), severity 1.00: opens with praise" in raw["ab"]
+
+
+def test_judge_weighs_how_far_each_response_breaks_the_rule():
+    """Both too long for "short": the clearly shorter one wins; lengths within 10% of each other tie."""
+    judge = RuleBasedJudge("short")
+    words = lambda n: " ".join(["word"] * n) + "."  # noqa: E731
+    decisions = judge.choose_batch_generated(["p"] * 3, [words(80), words(200), words(100)], [words(150), words(90), words(101)])
+    assert decisions == [0, 1, -1]
+    assert "severity 0.33" in judge.last_raw_outputs[0]["ab"]  # (80 - 60) / 60
 
 
 def test_judge_validates_lengths():
