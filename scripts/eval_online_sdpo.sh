@@ -10,6 +10,8 @@
 #   LR 5e-6 | LOSS_MODE full_distillation | TRAIN_N 15 | EVAL_N 100 | EVAL_EVERY 3 | TRAIN_STEPS_PER_EXAMPLE 1
 #   SEED 1234 | DATA_DIR data/helpsteer_prompts | BASELINE_MODEL (empty: the policy before training)
 #   RUN_NAME eval_online_sdpo | RUN_ID eval-online-sdpo-<timestamp> | OUTPUT_DIR $BASE_WORK/eval-online-sdpo/$RUN_ID
+#   INTERACTIONS_PER_STEP 1 (interactions per optimizer step) | STYLE_SCHEDULE (empty; "styleA:N,styleB:M")
+#   ORACLE (empty; 1 = judge the in-context oracle first) | SYSTEM_PROMPT general (or tldr) | REPORT_TO none
 #   BASE_WORK ${SCRATCH:-${TMPDIR:-/tmp}} | CACHE_DIR $BASE_WORK/hf-cache | PRESET (empty or cpu)
 # PRESET=cpu changes the defaults (each still overridable by its env var): MODEL smollm2-135m-instruct,
 #   rule-based user and judge, STYLE short, EVAL_STYLES "no_lists answer_directly_reduce_formatting",
@@ -51,6 +53,11 @@ SEED="${SEED:-1234}"
 RUN_NAME="${RUN_NAME:-eval_online_sdpo}"
 DATA_DIR="${DATA_DIR:-$REPO_ROOT/data/helpsteer_prompts}"
 BASELINE_MODEL="${BASELINE_MODEL:-}"
+INTERACTIONS_PER_STEP="${INTERACTIONS_PER_STEP:-1}"
+STYLE_SCHEDULE="${STYLE_SCHEDULE:-}"
+ORACLE="${ORACLE:-}"
+SYSTEM_PROMPT="${SYSTEM_PROMPT:-general}"
+REPORT_TO="${REPORT_TO:-none}"
 export OUTPUT_DIR="${OUTPUT_DIR:-$BASE_WORK/eval-online-sdpo/$RUN_ID}"
 
 read -r -a eval_styles <<< "$EVAL_STYLES"
@@ -58,7 +65,14 @@ cmd=("$PYTHON" eval_online_sdpo.py
   --model "$MODEL" --lr "$LR" --loss_mode "$LOSS_MODE" --style "$STYLE"
   --train_jsonl "$DATA_DIR/train.jsonl" --val_jsonl "$DATA_DIR/validation.jsonl"
   --train_n "$TRAIN_N" --eval_n "$EVAL_N" --eval_every "$EVAL_EVERY" --train_steps_per_example "$TRAIN_STEPS_PER_EXAMPLE"
-  --out_dir "$OUTPUT_DIR" --run_name "$RUN_NAME" --seed "$SEED" --eval_styles "${eval_styles[@]}")
+  --out_dir "$OUTPUT_DIR" --run_name "$RUN_NAME" --seed "$SEED" --eval_styles "${eval_styles[@]}"
+  --interactions_per_step "$INTERACTIONS_PER_STEP" --system_prompt "$SYSTEM_PROMPT" --report_to "$REPORT_TO")
+if [[ -n "$STYLE_SCHEDULE" ]]; then
+  cmd+=(--style_schedule "$STYLE_SCHEDULE")
+fi
+if [[ -n "$ORACLE" && "$ORACLE" != 0 ]]; then
+  cmd+=(--oracle)
+fi
 if [[ "$PRESET" == cpu ]]; then
   cmd+=(--user_backend rule --judge_backend rule --use_lora --lora_r 16 --lora_alpha 32
     --max_new_tokens 96 --eval_max_new_tokens 96 --device cpu --dtype bfloat16)
