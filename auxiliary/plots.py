@@ -145,7 +145,7 @@ def _draw_style(axes, coverage_axes, style: str, curve: _StyleCurve, *, color, m
         xs, ys = zip(*points)
         axes.plot(xs, ys, color=color, linewidth=width, alpha=0.55, gid=f"winrate-line:{style}")
     if curve.certain_x:
-        axes.errorbar(
+        points_line, _, (bars,) = axes.errorbar(
             curve.certain_x,
             curve.certain_winrate,
             yerr=curve.certain_se,
@@ -154,8 +154,9 @@ def _draw_style(axes, coverage_axes, style: str, curve: _StyleCurve, *, color, m
             markersize=6,
             capsize=3,
             elinewidth=1.2,
-            gid=f"winrate-certain:{style}",
         )
+        points_line.set_gid(f"winrate-certain:{style}")
+        bars.set_gid(f"winrate-errorbars:{style}")
     if curve.uncertain_x:
         axes.plot(
             curve.uncertain_x,
@@ -239,7 +240,7 @@ def plot_winrate(
     reference = axes.axhline(50.0, color="grey", linewidth=1, linestyle=(0, (1, 3)), label="50% = no preference")
 
     xs = sorted({_interaction(entry) for entry in eval_history})
-    spacing = min(np.diff(xs)) if len(xs) > 1 else 1
+    spacing = float(min(np.diff(xs))) if len(xs) > 1 else 1.0
     handles = [reference]
     for position, style in enumerate(styles):
         # Styles are judged at the same interactions; a small sideways shift keeps their error bars apart.
@@ -377,7 +378,7 @@ def _style_colorbar(colorbar, vmin: float, vmax: float) -> None:
     colorbar.ax.tick_params(labelsize=TICK_FONTSIZE)
 
 
-def plot_heatmap(matrix: np.ndarray, path: Path, vmin: float, vmax: float) -> None:
+def plot_heatmap(matrix: np.ndarray, path: Path, vmin: float, vmax: float) -> Figure:
     """One signal matrix with its colorbar (``unrelated.png`` / ``followup.png``)."""
     norm, cmap = signal_colormap(vmin, vmax)
     figure = Figure(figsize=(12, 2.7))
@@ -385,9 +386,10 @@ def plot_heatmap(matrix: np.ndarray, path: Path, vmin: float, vmax: float) -> No
     image = _draw_heatmap(axes, matrix, norm, cmap)
     _style_colorbar(figure.colorbar(image, ax=axes, fraction=0.035, pad=0.02), vmin, vmax)
     save_figure(figure, path, dpi=FIGURE_DPI)
+    return figure
 
 
-def plot_stacked(unrelated: np.ndarray, followup: np.ndarray, path: Path, vmin: float, vmax: float) -> None:
+def plot_stacked(unrelated: np.ndarray, followup: np.ndarray, path: Path, vmin: float, vmax: float) -> Figure:
     """Unrelated above feedback on a shared x axis, one colorbar spanning both rows."""
     norm, cmap = signal_colormap(vmin, vmax)
     figure = Figure(figsize=(12, 5.4))
@@ -399,9 +401,10 @@ def plot_stacked(unrelated: np.ndarray, followup: np.ndarray, path: Path, vmin: 
     top.tick_params(labelbottom=False)
     _style_colorbar(figure.colorbar(image, cax=figure.add_subplot(grid[:, 1])), vmin, vmax)
     save_figure(figure, path, dpi=FIGURE_DPI)
+    return figure
 
 
-def plot_side_by_side(unrelated: np.ndarray, followup: np.ndarray, path: Path, vmin: float, vmax: float) -> None:
+def plot_side_by_side(unrelated: np.ndarray, followup: np.ndarray, path: Path, vmin: float, vmax: float) -> Figure:
     """Unrelated (left) and feedback (right) panels sharing the y axis, colorbar on the right panel."""
     norm, cmap = signal_colormap(vmin, vmax)
     figure = Figure(figsize=(12, 2.7))
@@ -410,6 +413,7 @@ def plot_side_by_side(unrelated: np.ndarray, followup: np.ndarray, path: Path, v
     image = _draw_heatmap(right, followup, norm, cmap)
     _style_colorbar(figure.colorbar(image, ax=right, fraction=0.035, pad=0.02), vmin, vmax)
     save_figure(figure, path, dpi=FIGURE_DPI)
+    return figure
 
 
 def _monospace_has_glyph(character: str) -> bool:
@@ -439,7 +443,7 @@ def plot_token_boxes(
     path: Path,
     vmin: float,
     vmax: float,
-) -> None:
+) -> Figure:
     """Two labelled rows of rounded token boxes coloured by each token's signal (``case{N}_tokens.png``).
 
     The figure size follows the measured text extents, so long tokens never overlap.
@@ -502,6 +506,7 @@ def plot_token_boxes(
             x += width + box_gap
         top = box_bottom - row_gap
     save_figure(figure, path, dpi=FIGURE_DPI)
+    return figure
 
 
 SIGNAL_HEATMAP_FILES = ("unrelated.png", "followup.png", "stacked.png", "side_by_side.png")
