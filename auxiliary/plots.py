@@ -138,13 +138,9 @@ def _style_curve(eval_history: Sequence[Mapping], key: str | None, min_decided: 
 def _draw_style(axes, coverage_axes, style: str, curve: _StyleCurve, *, color, marker: str, primary: bool, min_decided: int):
     """Win-rate and coverage artists of one style; returns its legend handle."""
     width = 2.2 if primary else 1.4
-    points = sorted(
-        zip(curve.certain_x + curve.uncertain_x, curve.certain_winrate + curve.uncertain_winrate)
-    )
-    if points:
-        xs, ys = zip(*points)
-        axes.plot(xs, ys, color=color, linewidth=width, alpha=0.55, gid=f"winrate-line:{style}")
     if curve.certain_x:
+        # Only the filled points are joined: a line through hollow ones would draw noise as a trend.
+        axes.plot(curve.certain_x, curve.certain_winrate, color=color, linewidth=width, alpha=0.55, gid=f"winrate-line:{style}")
         points_line, _, (bars,) = axes.errorbar(
             curve.certain_x,
             curve.certain_winrate,
@@ -282,8 +278,10 @@ def plot_winrate(
         axes.set_xlim(all_x[0] - 1, all_x[0] + 1)
         axes.set_xticks([all_x[0]])
     else:
-        coverage_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_ylim(0, 100)
+        coverage_axes.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+    # A little room beyond 0 and 100 keeps markers and oracle lines there visible.
+    axes.set_ylim(-3, 103)
+    axes.set_yticks(range(0, 101, 20))
     axes.set_ylabel("win rate vs baseline\n(%, ties excluded)")
     axes.grid(alpha=0.3)
     coverage_axes.set_ylim(-5, 105)

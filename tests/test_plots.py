@@ -94,6 +94,7 @@ def test_points_with_few_decided_pairs_are_hollow_and_have_no_error_bar(winrate_
     assert len(bars) == 2  # one error bar per filled point, none for the hollow one
     se = HISTORY[2]["se"]
     assert bars[1][:, 1] == pytest.approx([HISTORY[2]["winrate_a"] - se, HISTORY[2]["winrate_a"] + se])
+    assert [round(x) for x in by_gid(axes, "winrate-line:short").get_xdata()] == [0, 8]  # the line skips hollow points
     no_lists_hollow = by_gid(axes, "winrate-hollow:no_lists")
     assert [round(x) for x in no_lists_hollow.get_xdata()] == [0]
     assert any("< 5 decided pairs" in text for text in legend_texts(figure))
