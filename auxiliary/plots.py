@@ -135,12 +135,21 @@ def _style_curve(eval_history: Sequence[Mapping], key: str | None, min_decided: 
     return curve
 
 
-def _draw_style(axes, coverage_axes, style: str, curve: _StyleCurve, *, color, marker: str, primary: bool, min_decided: int):
+def _draw_style(
+    axes, coverage_axes, style: str, curve: _StyleCurve, *, color, marker: str, primary: bool, min_decided: int
+):
     """Win-rate and coverage artists of one style; returns its legend handle."""
     width = 2.2 if primary else 1.4
     if curve.certain_x:
         # Only the filled points are joined: a line through hollow ones would draw noise as a trend.
-        axes.plot(curve.certain_x, curve.certain_winrate, color=color, linewidth=width, alpha=0.55, gid=f"winrate-line:{style}")
+        axes.plot(
+            curve.certain_x,
+            curve.certain_winrate,
+            color=color,
+            linewidth=width,
+            alpha=0.55,
+            gid=f"winrate-line:{style}",
+        )
         points_line, _, (bars,) = axes.errorbar(
             curve.certain_x,
             curve.certain_winrate,
@@ -167,7 +176,12 @@ def _draw_style(axes, coverage_axes, style: str, curve: _StyleCurve, *, color, m
         )
     if curve.coverage_x:
         coverage_axes.plot(
-            curve.coverage_x, curve.coverage, color=color, marker=marker, markersize=4, linewidth=width * 0.7,
+            curve.coverage_x,
+            curve.coverage,
+            color=color,
+            marker=marker,
+            markersize=4,
+            linewidth=width * 0.7,
             gid=f"coverage:{style}",
         )
     if not curve.any_decided:
@@ -186,11 +200,11 @@ def _draw_oracle(axes, coverage_axes, style: str, metrics: Mapping, *, color, mi
     if decided == 0 or not _finite(winrate):
         return Line2D([], [], color=color, linestyle=":", alpha=0.45, label=f"{name} (no decided pairs, not drawn)")
     if decided < min_decided:
-        line = dict(linestyle=":", linewidth=1.4, alpha=0.45)
+        line = {"linestyle": ":", "linewidth": 1.4, "alpha": 0.45}
         label = f"{name}: {winrate:.0f}%, only {decided} decided pairs (< {min_decided}, unreliable)"
     else:
         se = metrics.get("se")
-        line = dict(linestyle="--", linewidth=1.6, alpha=0.9)
+        line = {"linestyle": "--", "linewidth": 1.6, "alpha": 0.9}
         label = f"{name}: {winrate:.0f}%" + (f" ± {se:.0f}" if _finite(se) else "") + f" ({decided} decided)"
     artist = axes.axhline(winrate, color=color, label=label, gid=f"oracle:{style}", **line)
     coverage = _coverage(metrics)
@@ -245,8 +259,13 @@ def plot_winrate(
         curve = _style_curve(eval_history, key, min_decided, shift)
         handles.append(
             _draw_style(
-                axes, coverage_axes, style, curve,
-                color=colors[style], marker=STYLE_MARKERS[position % len(STYLE_MARKERS)], primary=position == 0,
+                axes,
+                coverage_axes,
+                style,
+                curve,
+                color=colors[style],
+                marker=STYLE_MARKERS[position % len(STYLE_MARKERS)],
+                primary=position == 0,
                 min_decided=min_decided,
             )
         )
@@ -258,16 +277,37 @@ def plot_winrate(
         for panel in (axes, coverage_axes):
             panel.axvline(interaction, color=SWITCH_COLOR, linestyle="-.", linewidth=1.2, gid=f"switch:{interaction}")
         axes.annotate(
-            f" user → {new_style}", xy=(interaction, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -4),
-            textcoords="offset points", rotation=90, ha="left", va="top", fontsize="small", color=colors[new_style],
-            bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=1), gid=f"switch-label:{interaction}",
+            f" user → {new_style}",
+            xy=(interaction, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -4),
+            textcoords="offset points",
+            rotation=90,
+            ha="left",
+            va="top",
+            fontsize="small",
+            color=colors[new_style],
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1},
+            gid=f"switch-label:{interaction}",
         )
     if switch_points:
         handles.append(Line2D([], [], color=SWITCH_COLOR, linestyle="-.", label="simulated user switches persona"))
     handles += [
-        Line2D([], [], color="0.2", marker="o", linestyle="none", label=f"filled: ± 1 s.e., ≥ {min_decided} decided pairs"),
         Line2D(
-            [], [], color="0.2", marker="o", markerfacecolor="none", linestyle="none",
+            [],
+            [],
+            color="0.2",
+            marker="o",
+            linestyle="none",
+            label=f"filled: ± 1 s.e., ≥ {min_decided} decided pairs",
+        ),
+        Line2D(
+            [],
+            [],
+            color="0.2",
+            marker="o",
+            markerfacecolor="none",
+            linestyle="none",
             label=f"hollow: < {min_decided} decided pairs, no error bar",
         ),
     ]
@@ -319,7 +359,9 @@ def signal_colormap(vmin: float, vmax: float) -> tuple[TwoSlopeNorm, object]:
     """
     if not (_finite(vmin) and _finite(vmax) and vmin < 0 < vmax):
         raise ValueError(f"the signal colour scale needs finite vmin < 0 < vmax, got {vmin} and {vmax}")
-    return TwoSlopeNorm(vmin=vmin, vcenter=0.0, vmax=vmax), colormaps[SIGNAL_COLORMAP].with_extremes(bad=MISSING_SIGNAL_COLOR)
+    return TwoSlopeNorm(vmin=vmin, vcenter=0.0, vmax=vmax), colormaps[SIGNAL_COLORMAP].with_extremes(
+        bad=MISSING_SIGNAL_COLOR
+    )
 
 
 def signal_color_hex(value: float | None, vmin: float, vmax: float) -> str:
@@ -463,7 +505,9 @@ def plot_token_boxes(
     box_height = line_height + 2 * box_pad
     display = [token_display_text(piece, space_glyph) for piece in pieces]
     widths = [measure(text, token_font)[0] + 2 * box_pad for _, text in display]
-    boxes_width = sum(lead * char_width + width for (lead, _), width in zip(display, widths)) + box_gap * (len(display) - 1)
+    boxes_width = sum(lead * char_width + width for (lead, _), width in zip(display, widths)) + box_gap * (
+        len(display) - 1
+    )
     labels = [f"Case {case_number} — {kind} — first {len(pieces)} tokens:" for kind in ("Unrelated", "Follow-up")]
     label_sizes = [measure(label, label_font) for label in labels]
     row_heights = [size[1] + label_gap + box_height for size in label_sizes]
@@ -533,7 +577,13 @@ def write_signal_figures(cases: Sequence[Mapping], out_dir: Path, settings: Sign
         n = min(settings.token_n, case["n_tokens"])
         path = out_dir / token_figure_name(settings.token_case_index)
         plot_token_boxes(
-            case["completion_pieces"][:n], case["sig_unrel"][:n], case["sig_follow"][:n], settings.token_case_index, path, vmin, vmax
+            case["completion_pieces"][:n],
+            case["sig_unrel"][:n],
+            case["sig_follow"][:n],
+            settings.token_case_index,
+            path,
+            vmin,
+            vmax,
         )
         written.append(path)
     return written

@@ -20,7 +20,8 @@ Commands:
     MODEL=smollm2-135m-instruct N_CASES=12 ./scripts/run_signal_analysis.sh --max_new_tokens 128 --min_y_tokens 48
     # On a machine shared with other jobs, one torch thread avoids OpenMP oversubscription (measured with
     # other jobs running: 105 s with OMP_NUM_THREADS=1 vs 487 s with the default 2 threads; same output).
-    OMP_NUM_THREADS=1 MODEL=smollm2-135m-instruct N_CASES=12 ./scripts/run_signal_analysis.sh --max_new_tokens 128 --min_y_tokens 48
+    OMP_NUM_THREADS=1 MODEL=smollm2-135m-instruct N_CASES=12 \
+        ./scripts/run_signal_analysis.sh --max_new_tokens 128 --min_y_tokens 48
 
 The 135M model barely reads the follow-up, so on CPU the two heatmaps look alike; the run checks the
 pipeline, not the paper's claim (which needs an 8B-class model on a GPU).
@@ -126,7 +127,9 @@ def _defaults_problems(defaults) -> list[str]:
         return [f"'defaults' must be an object, got {type(defaults).__name__}"]
     problems = [f"defaults: missing field '{key}'" for key in DEFAULTS_KEYS if key not in defaults]
     expected = ", ".join(DEFAULTS_KEYS)
-    problems += [f"defaults: unknown field '{key}' (expected {expected})" for key in defaults if key not in DEFAULTS_KEYS]
+    problems += [
+        f"defaults: unknown field '{key}' (expected {expected})" for key in defaults if key not in DEFAULTS_KEYS
+    ]
     tokens = defaults.get("max_new_tokens", 1)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
         problems.append(f"defaults: 'max_new_tokens' must be a positive integer, got {tokens!r}")
@@ -146,7 +149,9 @@ def _case_problems(index: int, case, seen_ids: set) -> list[str]:
         return [f"case {index}: must be an object, got {type(case).__name__}"]
     label = f"case {index} ({case['id']!r})" if _non_empty_string(case.get("id")) else f"case {index} (no id)"
     problems = [f"{label}: missing field '{field}'" for field in CASE_FIELDS if field not in case]
-    problems += [f"{label}: unknown field '{key}' (expected {', '.join(CASE_FIELDS)})" for key in case if key not in CASE_FIELDS]
+    problems += [
+        f"{label}: unknown field '{key}' (expected {', '.join(CASE_FIELDS)})" for key in case if key not in CASE_FIELDS
+    ]
     problems += [
         f"{label}: field '{field}' must be a non-empty string"
         for field in CASE_FIELDS
@@ -352,7 +357,11 @@ def signal_statistics(sig_unrel: np.ndarray, sig_follow: np.ndarray) -> dict:
 def summarize(cases: list[dict]) -> dict:
     """Per-case statistics, then pooled over all tokens of all cases and of each tag."""
     per_case = [
-        {"name": c["name"], "tag": c["tag"], **signal_statistics(np.asarray(c["sig_unrel"]), np.asarray(c["sig_follow"]))}
+        {
+            "name": c["name"],
+            "tag": c["tag"],
+            **signal_statistics(np.asarray(c["sig_unrel"]), np.asarray(c["sig_follow"])),
+        }
         for c in cases
     ]
 
@@ -382,7 +391,8 @@ def format_summary_table(summary: dict) -> str:
     def row(label: str, tag: str, stats: dict) -> str:
         ratio = stats["abs_ratio_unrel_to_follow"]
         return (
-            f"{label[:44]:<44} {tag:<9} {stats['n_tokens']:>6} {stats['mean_abs_unrel']:>8.3f} {stats['mean_unrel']:>8.3f} "
+            f"{label[:44]:<44} {tag:<9} {stats['n_tokens']:>6} "
+            f"{stats['mean_abs_unrel']:>8.3f} {stats['mean_unrel']:>8.3f} "
             f"{stats['mean_abs_follow']:>8.3f} {stats['mean_follow']:>8.3f} {ratio:>6.2f} "
             f"{stats['mean_abs_follow_minus_unrel']:>6.3f} {stats['corr_unrel_follow']:>5.2f}"
         )
@@ -436,15 +446,27 @@ class SignalAnalysisConfig:
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (``error: ...``) instead of the usage block."""
+    """argparse whose usage errors are one line (``<prog>: error: ... (see --help)``), not the usage block."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _argument_problems(args: argparse.Namespace) -> list[str]:
-    minimums = {"n_cases": 1, "min_y_tokens": 1, "max_retries": 0, "batch_size": 1, "max_cols": 1, "token_n": 1, "token_case_index": 1}
-    problems = [f"--{name} must be >= {low}, got {getattr(args, name)}" for name, low in minimums.items() if getattr(args, name) < low]
+    minimums = {
+        "n_cases": 1,
+        "min_y_tokens": 1,
+        "max_retries": 0,
+        "batch_size": 1,
+        "max_cols": 1,
+        "token_n": 1,
+        "token_case_index": 1,
+    }
+    problems = [
+        f"--{name} must be >= {low}, got {getattr(args, name)}"
+        for name, low in minimums.items()
+        if getattr(args, name) < low
+    ]
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         problems.append(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -452,7 +474,9 @@ def _argument_problems(args: argparse.Namespace) -> list[str]:
     if not 0 <= args.seed < 2**32:
         problems.append(f"--seed must be in 0..2**32-1, got {args.seed}")
     if not (math.isfinite(args.vmin) and math.isfinite(args.vmax) and args.vmin < 0 < args.vmax):
-        problems.append(f"need finite --vmin < 0 < --vmax (the colour scale is centred on 0), got {args.vmin} and {args.vmax}")
+        problems.append(
+            f"need finite --vmin < 0 < --vmax (the colour scale is centred on 0), got {args.vmin} and {args.vmax}"
+        )
     return problems
 
 
@@ -464,17 +488,31 @@ def parse_args(argv: list[str] | None = None) -> SignalAnalysisConfig:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     # ---- inputs and outputs
-    parser.add_argument("--model", default=env("MODEL", "Qwen/Qwen3-8B"), help="Hub id, local folder or bundled alias ($MODEL)")
-    parser.add_argument("--cases_json", default=env("CASES_JSON", str(DEFAULT_CASES_JSON)), help="cases file ($CASES_JSON)")
-    parser.add_argument("--out_dir", default=env("OUT_DIR", "signal_analysis_out"), help="output folder ($OUT_DIR)")
-    parser.add_argument("--n_cases", type=int, default=env("N_CASES", "24"), help="cases to sample, with replacement ($N_CASES)")
-    parser.add_argument("--seed", type=int, default=env("SEED", "123"), help="seed for case sampling and generation ($SEED)")
     parser.add_argument(
-        "--hindsight_variant", default="online", choices=sorted(HINDSIGHT_VARIANTS), help="hindsight block for x⊕o (sdpo_core)"
+        "--model", default=env("MODEL", "Qwen/Qwen3-8B"), help="Hub id, local folder or bundled alias ($MODEL)"
+    )
+    parser.add_argument(
+        "--cases_json", default=env("CASES_JSON", str(DEFAULT_CASES_JSON)), help="cases file ($CASES_JSON)"
+    )
+    parser.add_argument("--out_dir", default=env("OUT_DIR", "signal_analysis_out"), help="output folder ($OUT_DIR)")
+    parser.add_argument(
+        "--n_cases", type=int, default=env("N_CASES", "24"), help="cases to sample, with replacement ($N_CASES)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=env("SEED", "123"), help="seed for case sampling and generation ($SEED)"
+    )
+    parser.add_argument(
+        "--hindsight_variant",
+        default="online",
+        choices=sorted(HINDSIGHT_VARIANTS),
+        help="hindsight block for x⊕o (sdpo_core)",
     )
     # ---- model
     parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="auto: bf16 on CUDA, fp32 on CPU"
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="auto: bf16 on CUDA, fp32 on CPU",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     # ---- generation
@@ -483,7 +521,9 @@ def parse_args(argv: list[str] | None = None) -> SignalAnalysisConfig:
     parser.add_argument(
         "--min_y_tokens", type=int, default=80, help="resample answers shorter than this (ids, stop token included)"
     )
-    parser.add_argument("--max_retries", type=int, default=6, help="extra samples for a short answer before the case is skipped")
+    parser.add_argument(
+        "--max_retries", type=int, default=6, help="extra samples for a short answer before the case is skipped"
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="generation batch size")
     # ---- figures
     parser.add_argument("--max_cols", type=int, default=120, help="tokens per heatmap row")
@@ -510,7 +550,11 @@ def parse_args(argv: list[str] | None = None) -> SignalAnalysisConfig:
         max_retries=args.max_retries,
         batch_size=args.batch_size,
         figures=SignalFigureSettings(
-            max_cols=args.max_cols, vmin=args.vmin, vmax=args.vmax, token_case_index=args.token_case_index, token_n=args.token_n
+            max_cols=args.max_cols,
+            vmin=args.vmin,
+            vmax=args.vmax,
+            token_case_index=args.token_case_index,
+            token_n=args.token_n,
         ),
     )
 
@@ -525,12 +569,16 @@ def prepare_out_dir(out_dir: Path, file_names: list[str]) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise SignalAnalysisError(f"cannot create --out_dir {out_dir}: {error.strerror}; pass a folder you can write to") from None
+        raise SignalAnalysisError(
+            f"cannot create --out_dir {out_dir}: {error.strerror}; pass a folder you can write to"
+        ) from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise SignalAnalysisError(f"--out_dir {out_dir} is not writable; pass a folder you can write to")
     for name in file_names:
         if (out_dir / name).is_dir():
-            raise SignalAnalysisError(f"{out_dir / name} is a folder where an output file goes; remove it or pick another --out_dir")
+            raise SignalAnalysisError(
+                f"{out_dir / name} is a folder where an output file goes; remove it or pick another --out_dir"
+            )
 
 
 def resolve_checked_device(name: str) -> torch.device:
@@ -540,7 +588,9 @@ def resolve_checked_device(name: str) -> torch.device:
     except RuntimeError:
         raise SignalAnalysisError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SignalAnalysisError(f"--device {name} asks for CUDA but no CUDA device is visible; use --device cpu or auto")
+        raise SignalAnalysisError(
+            f"--device {name} asks for CUDA but no CUDA device is visible; use --device cpu or auto"
+        )
     return device
 
 
@@ -551,13 +601,16 @@ def run(config: SignalAnalysisConfig) -> int:
     defaults = cases_file["defaults"]
     max_new_tokens = config.max_new_tokens if config.max_new_tokens is not None else defaults["max_new_tokens"]
     if max_new_tokens < config.min_y_tokens:
+        source = "--max_new_tokens" if config.max_new_tokens is not None else f"max_new_tokens of {config.cases_json}"
         raise SignalAnalysisError(
-            f"max_new_tokens {max_new_tokens} (from {config.cases_json}) < --min_y_tokens {config.min_y_tokens}: every case "
-            "would be skipped; pass a larger --max_new_tokens or a smaller --min_y_tokens"
+            f"{source} {max_new_tokens} < --min_y_tokens {config.min_y_tokens}: every case would be skipped; "
+            "pass a larger --max_new_tokens or a smaller --min_y_tokens"
         )
     temperature = config.temperature if config.temperature is not None else float(defaults["temperature"])
     do_sample = defaults["do_sample"] and temperature > 0
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0, top_p=1.0, top_k=0)
+    sampling = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0, top_p=1.0, top_k=0
+    )
     prepare_out_dir(config.out_dir, config.output_files())
     device = resolve_checked_device(config.device)
 
@@ -567,9 +620,14 @@ def run(config: SignalAnalysisConfig) -> int:
     model.eval()
     # Seeded after loading: weight initialisation inside from_pretrained may draw from the torch RNG.
     seed_everything(config.seed)
-    print(f"model {config.model} on {device} ({dtype}); {len(cases)} cases; hindsight {config.hindsight_variant}; {sampling}")
+    print(
+        f"model {config.model} on {device} ({dtype}); {len(cases)} cases; "
+        f"hindsight {config.hindsight_variant}; {sampling}"
+    )
 
-    contexts = [encode_chat(tokenizer, [{"role": "user", "content": c.prompt}], max_length=MAX_CONTEXT_TOKENS) for c in cases]
+    contexts = [
+        encode_chat(tokenizer, [{"role": "user", "content": c.prompt}], max_length=MAX_CONTEXT_TOKENS) for c in cases
+    ]
     answers = sample_long_answers(
         model,
         tokenizer,
@@ -584,8 +642,13 @@ def run(config: SignalAnalysisConfig) -> int:
     for case, answer in zip(cases, answers):
         ids = answer.generation.token_ids
         if not answer.accepted:
-            skipped.append({"name": case.name, "tag": case.tag, "attempts": answer.attempts, "longest_n_tokens": len(ids)})
-            print(f"skipped {case.name}: longest of {answer.attempts} answers has {len(ids)} < {config.min_y_tokens} tokens")
+            skipped.append(
+                {"name": case.name, "tag": case.tag, "attempts": answer.attempts, "longest_n_tokens": len(ids)}
+            )
+            print(
+                f"skipped {case.name}: longest of {answer.attempts} answers "
+                f"has {len(ids)} < {config.min_y_tokens} tokens"
+            )
             continue
         sig_unrel, sig_follow = score_case_signals(
             model,
@@ -597,7 +660,9 @@ def run(config: SignalAnalysisConfig) -> int:
             hindsight_variant=config.hindsight_variant,
         )
         if not sig_unrel.size == sig_follow.size == len(ids):
-            raise RuntimeError(f"{case.name}: signal lengths {sig_unrel.size}/{sig_follow.size} differ from {len(ids)} tokens")
+            raise RuntimeError(
+                f"{case.name}: signal lengths {sig_unrel.size}/{sig_follow.size} differ from {len(ids)} tokens"
+            )
         kept.append(
             {
                 "name": case.name,
@@ -652,7 +717,10 @@ def run(config: SignalAnalysisConfig) -> int:
         return 1
     print(format_summary_table(summary))
     if config.figures.token_case_index > len(kept):
-        print(f"warning: --token_case_index {config.figures.token_case_index} is outside 1..{len(kept)}; no token figure drawn")
+        print(
+            f"warning: --token_case_index {config.figures.token_case_index} is outside 1..{len(kept)}; "
+            "no token figure drawn"
+        )
     written = write_signal_figures(kept, out_dir, config.figures)
     print(f"wrote {out_dir / SIGNALS_FILE}, {out_dir / SUMMARY_FILE}, {', '.join(p.name for p in written)}")
     print(f"kept {len(kept)} / {len(cases)} cases ({len(skipped)} skipped) in {time.time() - started:.0f} s")

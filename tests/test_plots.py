@@ -112,7 +112,9 @@ def test_a_style_with_only_ties_stays_in_the_legend_and_in_the_coverage_panel(wi
     figure, _ = winrate_figure
     axes, coverage_axes = figure.axes
     assert "answer_directly (no decided pairs)" in legend_texts(figure)
-    assert not [a for a in axes.get_children() if str(a.get_gid()).endswith(":answer_directly") and "winrate" in a.get_gid()]
+    assert not [
+        a for a in axes.get_children() if str(a.get_gid()).endswith(":answer_directly") and "winrate" in a.get_gid()
+    ]
     assert list(by_gid(coverage_axes, "coverage:answer_directly").get_ydata()) == [0, 0, 0]
 
 
@@ -132,7 +134,9 @@ def test_oracle_lines_are_dashed_in_the_style_colour_and_faint_when_few_pairs_we
     oracle = by_gid(axes, "oracle:short")
     assert oracle.get_linestyle() == "--" and to_hex(oracle.get_color()) == to_hex(short_curve.get_color())
     assert oracle.get_ydata()[0] == pytest.approx(ORACLE["short"]["winrate_a"])
-    assert by_gid(coverage_axes, "oracle-coverage:short").get_ydata()[0] == pytest.approx(100 * ORACLE["short"]["coverage"])
+    assert by_gid(coverage_axes, "oracle-coverage:short").get_ydata()[0] == pytest.approx(
+        100 * ORACLE["short"]["coverage"]
+    )
     faint = by_gid(axes, "oracle:no_lists")
     assert faint.get_linestyle() == ":" and faint.get_alpha() < 0.5
     assert to_hex(faint.get_color()) == to_hex(by_gid(axes, "winrate-line:no_lists").get_color())
@@ -157,7 +161,8 @@ def test_x_falls_back_to_step_and_a_lone_or_empty_history_still_draws(tmp_path):
     figure = plot_winrate([old_entry], tmp_path / "w.png", styles=["short"])
     assert list(by_gid(figure.axes[0], "winrate-certain:short").get_xdata()) == [4]
     assert figure.axes[0].get_xlim() == (3, 5)
-    figure = plot_winrate([], tmp_path / "w.png", styles=["short", "no_lists"])
+    figure = plot_winrate([], tmp_path / "w.png", styles=["short", "no_lists"], oracle={"short": ORACLE["short"]})
+    assert by_gid(figure.axes[0], "oracle:short").get_ydata()[0] == pytest.approx(ORACLE["short"]["winrate_a"])
     assert legend_texts(figure)[1:3] == ["short (no decided pairs)", "no_lists (no decided pairs)"]
 
 
@@ -224,13 +229,27 @@ def test_token_boxes_are_coloured_by_signal_color_hex(tmp_path):
     faces = [to_hex(box.get_facecolor(), keep_alpha=False) for box in figure.artists]
     assert faces == [signal_color_hex(v, -15, 3) for v in values_unrel + values_follow]
     texts = [t.get_text() for t in figure.texts]
-    assert texts == ["Case 2 — Unrelated — first 3 tokens:", "Hi", "there", "⏎", "Case 2 — Follow-up — first 3 tokens:", "Hi", "there", "⏎"]
+    assert texts == [
+        "Case 2 — Unrelated — first 3 tokens:",
+        "Hi",
+        "there",
+        "⏎",
+        "Case 2 — Follow-up — first 3 tokens:",
+        "Hi",
+        "there",
+        "⏎",
+    ]
     assert to_hex(figure.texts[5].get_color()) == "#ffffff"  # white on the dark red of -12
 
 
 def test_write_signal_figures_writes_every_file_and_skips_an_out_of_range_token_case(tmp_path):
     cases = [
-        {"sig_unrel": [0.1, -0.3, 0.2], "sig_follow": [-5.0, 1.0, 0.4], "n_tokens": 3, "completion_pieces": ["a", " b", "c"]},
+        {
+            "sig_unrel": [0.1, -0.3, 0.2],
+            "sig_follow": [-5.0, 1.0, 0.4],
+            "n_tokens": 3,
+            "completion_pieces": ["a", " b", "c"],
+        },
         {"sig_unrel": [0.0, 0.2], "sig_follow": [2.0, -1.0], "n_tokens": 2, "completion_pieces": ["x", "y"]},
     ]
     written = write_signal_figures(cases, tmp_path, SignalFigureSettings(max_cols=4, token_case_index=2, token_n=5))
@@ -238,7 +257,9 @@ def test_write_signal_figures_writes_every_file_and_skips_an_out_of_range_token_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
     assert all(p.read_bytes().startswith(PNG_MAGIC) for p in written)
     other = tmp_path / "other"
-    assert [p.name for p in write_signal_figures(cases, other, SignalFigureSettings(token_case_index=3))] == list(SIGNAL_HEATMAP_FILES)
+    assert [p.name for p in write_signal_figures(cases, other, SignalFigureSettings(token_case_index=3))] == list(
+        SIGNAL_HEATMAP_FILES
+    )
 
 
 def test_save_figure_keeps_the_old_file_when_drawing_fails(tmp_path):

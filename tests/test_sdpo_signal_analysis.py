@@ -4,6 +4,7 @@ one line before the model loads, and the shell script. The figures themselves: t
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +14,37 @@ import pytest
 import torch
 
 from auxiliary import sdpo_signal_analysis as analysis
-from auxiliary.plots import SIGNAL_HEATMAP_FILES
 from auxiliary.generation import Generation, SamplingParams, encode_chat
+from auxiliary.plots import SIGNAL_HEATMAP_FILES
 from sdpo_core import build_hindsight_messages, pad_contexts_and_completions, score_completions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CASE_KEYS = {
-    "name", "tag", "raw_prompt", "unrelated_followup", "followup_message", "completion_text", "n_tokens",
-    "completion_token_ids", "completion_tokens", "sig_unrel", "sig_follow", "attempts", "finished",
+    "name",
+    "tag",
+    "raw_prompt",
+    "unrelated_followup",
+    "followup_message",
+    "completion_text",
+    "n_tokens",
+    "completion_token_ids",
+    "completion_tokens",
+    "sig_unrel",
+    "sig_follow",
+    "attempts",
+    "finished",
 }
-META_KEYS = {"model", "seed", "max_new_tokens", "temperature", "do_sample", "min_y_tokens", "cases_json", "hindsight_variant"}
+META_KEYS = {
+    "model",
+    "seed",
+    "max_new_tokens",
+    "temperature",
+    "do_sample",
+    "min_y_tokens",
+    "cases_json",
+    "hindsight_variant",
+}
 HEATMAPS = ("unrelated.png", "followup.png", "stacked.png", "side_by_side.png")
 assert SIGNAL_HEATMAP_FILES == HEATMAPS  # the file names users rely on
 
@@ -59,8 +80,27 @@ def small_cases_file(tmp_path, *, short_marker: str | None = None, mark_both: bo
 
 def cli_args(model_path: str, cases_json: Path, out_dir: Path, *extra: str) -> list[str]:
     return [
-        "--model", model_path, "--cases_json", str(cases_json), "--out_dir", str(out_dir), "--n_cases", "4", "--seed", "5",
-        "--max_new_tokens", "10", "--min_y_tokens", "4", "--max_retries", "2", "--max_cols", "20", "--token_n", "6", *extra,
+        "--model",
+        model_path,
+        "--cases_json",
+        str(cases_json),
+        "--out_dir",
+        str(out_dir),
+        "--n_cases",
+        "4",
+        "--seed",
+        "5",
+        "--max_new_tokens",
+        "10",
+        "--min_y_tokens",
+        "4",
+        "--max_retries",
+        "2",
+        "--max_cols",
+        "20",
+        "--token_n",
+        "6",
+        *extra,
     ]
 
 
@@ -158,13 +198,24 @@ def test_env_vars_are_the_cli_fallbacks(monkeypatch):
     for name, value in {"MODEL": "m", "CASES_JSON": "c.json", "OUT_DIR": "o", "N_CASES": "7", "SEED": "9"}.items():
         monkeypatch.setenv(name, value)
     config = analysis.parse_args([])
-    assert (config.model, config.cases_json, config.out_dir, config.n_cases, config.seed) == ("m", Path("c.json"), Path("o"), 7, 9)
+    assert (config.model, config.cases_json, config.out_dir, config.n_cases, config.seed) == (
+        "m",
+        Path("c.json"),
+        Path("o"),
+        7,
+        9,
+    )
     assert analysis.parse_args(["--n_cases", "2"]).n_cases == 2
     for name in ("MODEL", "CASES_JSON", "OUT_DIR", "N_CASES", "SEED"):
         monkeypatch.delenv(name)
     config = analysis.parse_args([])
     figures = config.figures
-    assert config.model == "Qwen/Qwen3-8B" and (config.n_cases, config.seed, figures.max_cols, figures.token_case_index) == (24, 123, 120, 1)
+    assert config.model == "Qwen/Qwen3-8B" and (
+        config.n_cases,
+        config.seed,
+        figures.max_cols,
+        figures.token_case_index,
+    ) == (24, 123, 120, 1)
     assert config.cases_json == REPO_ROOT / "auxiliary" / "signal_analysis_cases.json"
     assert (figures.vmin, figures.vmax, figures.token_n, config.min_y_tokens, config.max_retries) == (-15, 3, 15, 80, 6)
     assert config.hindsight_variant == "online" and config.max_new_tokens is None and config.temperature is None
@@ -177,7 +228,9 @@ def test_env_vars_are_the_cli_fallbacks(monkeypatch):
 @pytest.mark.parametrize("variant", ["online", "offline_v1", "offline_assistant"])
 def test_batched_signals_equal_differences_of_separate_scorer_calls(tiny_model, chat_tokenizer, variant):
     prompt, unrelated, feedback = "Write a haiku about rain.", "What time is it in Oslo?", "Too long, use fewer words."
-    completion = chat_tokenizer("Grey clouds gather slow,\nsoft drops tap the window", add_special_tokens=False)["input_ids"]
+    completion = chat_tokenizer("Grey clouds gather slow,\nsoft drops tap the window", add_special_tokens=False)[
+        "input_ids"
+    ]
     sig_unrel, sig_follow = analysis.score_case_signals(
         tiny_model, chat_tokenizer, prompt, completion, unrelated, feedback, hindsight_variant=variant
     )
@@ -195,7 +248,9 @@ def test_batched_signals_equal_differences_of_separate_scorer_calls(tiny_model, 
         teacher = encode_chat(chat_tokenizer, build_hindsight_messages(messages, follow_up, variant=variant))
         expected = scored_alone(teacher) - scored_alone(student)
         np.testing.assert_allclose(signal, expected.numpy(), atol=1e-4)
-        unpadded = independent_logprobs(tiny_model, teacher, completion) - independent_logprobs(tiny_model, student, completion)
+        unpadded = independent_logprobs(tiny_model, teacher, completion) - independent_logprobs(
+            tiny_model, student, completion
+        )
         np.testing.assert_allclose(signal, unpadded.numpy(), atol=1e-4)
     assert np.abs(sig_follow - sig_unrel).max() > 1e-3  # the two follow-ups really give different contexts
 
@@ -281,7 +336,8 @@ def cut_marked_answers(monkeypatch) -> list[int]:
         generations = real_generate(model, tokenizer, contexts, sampling, **kwargs)
         return [
             Generation(g.token_ids[:2], tokenizer.decode(g.token_ids[:2]), finished=False)
-            if SHORT_MARKER in tokenizer.decode(context) else g
+            if SHORT_MARKER in tokenizer.decode(context)
+            else g
             for context, g in zip(contexts, generations)
         ]
 
@@ -308,7 +364,9 @@ def test_a_case_that_stays_short_is_skipped_and_reported(tiny_model_path, tmp_pa
     assert all((out_dir / name).is_file() for name in HEATMAPS) and not (out_dir / "case9_tokens.png").exists()
 
 
-def test_when_every_case_is_too_short_the_run_reports_and_exits_1(tiny_model_path, tmp_path, capsys, cut_marked_answers):
+def test_when_every_case_is_too_short_the_run_reports_and_exits_1(
+    tiny_model_path, tmp_path, capsys, cut_marked_answers
+):
     out_dir = tmp_path / "out"
     cases_json = small_cases_file(tmp_path, short_marker=SHORT_MARKER, mark_both=True)
     assert analysis.main(cli_args(tiny_model_path, cases_json, out_dir)) == 1
@@ -354,14 +412,24 @@ BAD_INPUTS = [
         "summary.json is a folder where an output file goes",
     ),
     ("cases file missing", lambda t: {"--cases_json": t / "nope.json"}, [], "nope.json does not exist"),
-    ("cases file is a folder", lambda t: {"--cases_json": _make_folder(t / "cases")}, [], "is a folder; pass the JSON file"),
+    (
+        "cases file is a folder",
+        lambda t: {"--cases_json": _make_folder(t / "cases")},
+        [],
+        "is a folder; pass the JSON file",
+    ),
     (
         "cases file not UTF-8",
         lambda t: {"--cases_json": _write_bytes(t, "latin1.json", '{"version": "caf\xe9"}'.encode("latin-1"))},
         [],
         "latin1.json is not UTF-8 text (byte 0xe9 at offset 16)",
     ),
-    ("cases file not JSON", lambda t: {"--cases_json": _write_bytes(t, "b.json", b"{\n\n  oops")}, [], "b.json:3: not valid JSON"),
+    (
+        "cases file not JSON",
+        lambda t: {"--cases_json": _write_bytes(t, "b.json", b"{\n\n  oops")},
+        [],
+        "b.json:3: not valid JSON",
+    ),
     (
         "case field missing",
         lambda t: {"--cases_json": _cases_with(t, lambda d: d["cases"][2].pop("feedback_followup"))},
@@ -382,10 +450,18 @@ BAD_INPUTS = [
     ("token_case_index 0", lambda t: {}, ["--token_case_index", "0"], "--token_case_index must be >= 1, got 0"),
     ("negative seed", lambda t: {"--seed": -1}, [], "--seed must be in 0..2**32-1, got -1"),
     ("n_cases not a number", lambda t: {"--n_cases": "many"}, [], "argument --n_cases: invalid int value: 'many'"),
-    ("unknown hindsight variant", lambda t: {}, ["--hindsight_variant", "h9"], "argument --hindsight_variant: invalid choice"),
+    (
+        "unknown hindsight variant",
+        lambda t: {},
+        ["--hindsight_variant", "h9"],
+        "argument --hindsight_variant: invalid choice",
+    ),
     ("unknown device", lambda t: {}, ["--device", "tpu9"], "--device 'tpu9' is not a device"),
     pytest.param(
-        "CUDA without a GPU", lambda t: {}, ["--device", "cuda"], "no CUDA device is visible",
+        "CUDA without a GPU",
+        lambda t: {},
+        ["--device", "cuda"],
+        "no CUDA device is visible",
         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible"),
     ),
     ("model path missing", lambda t: {"--model": t / "no-model"}, [], "could not load model"),
@@ -400,13 +476,15 @@ def _main_exit_code(argv: list[str]) -> int:
 
 
 @pytest.mark.parametrize("name, setup, extra, expected", BAD_INPUTS, ids=lambda v: v if isinstance(v, str) else "")
-def test_bad_input_is_one_line_exit_2_before_the_model_loads(tiny_model_path, tmp_path, capsys, name, setup, extra, expected):
+def test_bad_input_is_one_line_exit_2_before_the_model_loads(
+    tiny_model_path, tmp_path, capsys, name, setup, extra, expected
+):
     argv = cli_args(tiny_model_path, small_cases_file(tmp_path), tmp_path / "out")
     for flag, value in setup(tmp_path).items():
         argv[argv.index(flag) + 1] = str(value)
     assert _main_exit_code(argv + extra) == 2  # an exception escaping main (a traceback) fails the test
     captured = capsys.readouterr()
-    assert captured.err.count("\n") == 1 and captured.err.startswith("error: "), captured.err
+    assert re.fullmatch(r"(\S+: )?error: [^\n]+\n", captured.err), captured.err  # one line; argparse's name the program
     assert expected in captured.err
     assert "model " not in captured.out  # printed only once a model has loaded
     assert not list(tmp_path.rglob("sdpo_signals.json")) and not list(tmp_path.rglob("*.png"))
@@ -415,8 +493,19 @@ def test_bad_input_is_one_line_exit_2_before_the_model_loads(tiny_model_path, tm
 def test_the_script_file_reports_a_bad_out_dir_in_one_line_without_traceback(tmp_path):
     out_file = _make_file(tmp_path / "results")
     result = subprocess.run(
-        [sys.executable, "auxiliary/sdpo_signal_analysis.py", "--out_dir", str(out_file), "--model", str(tmp_path / "none")],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "auxiliary/sdpo_signal_analysis.py",
+            "--out_dir",
+            str(out_file),
+            "--model",
+            str(tmp_path / "none"),
+        ],
+        check=False,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2
     assert result.stderr == f"error: --out_dir {out_file} is a file, not a folder; pass a folder (created if missing)\n"
@@ -428,14 +517,30 @@ def test_the_script_file_reports_a_bad_out_dir_in_one_line_without_traceback(tmp
 
 def test_script_dry_run_prints_the_command_and_creates_nothing(tmp_path):
     env = {
-        **os.environ, "BASE_WORK": str(tmp_path), "MODEL": "my/model", "N_CASES": "3", "SEED": "7", "RUN_ID": "run1",
+        **os.environ,
+        "BASE_WORK": str(tmp_path),
+        "MODEL": "my/model",
+        "N_CASES": "3",
+        "SEED": "7",
+        "RUN_ID": "run1",
         "PYTHON": "python3",
     }
     for name in ("OUT_DIR", "CASES_JSON", "REPO_ROOT"):
         env.pop(name, None)
     result = subprocess.run(
-        [str(REPO_ROOT / "scripts" / "run_signal_analysis.sh"), "--max_new_tokens", "64", "--dry-run", "--token_n", "9"],
-        env=env, capture_output=True, text=True, timeout=60, check=True,
+        [
+            str(REPO_ROOT / "scripts" / "run_signal_analysis.sh"),
+            "--max_new_tokens",
+            "64",
+            "--dry-run",
+            "--token_n",
+            "9",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     command = next(line for line in result.stdout.splitlines() if line.startswith("[dry-run] python3"))
     expected = (
