@@ -1,6 +1,7 @@
 """auxiliary/plots.py: the win-rate figure (read back from its matplotlib artists, not its pixels), the
 signal colour scale, and the signal figures."""
 
+import json
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ from matplotlib import colormaps
 from matplotlib.colors import to_hex, to_rgb
 
 from auxiliary.evaluation_helpers import compute_metrics
+from auxiliary.file_io import to_json_safe
 from auxiliary.plots import (
     SIGNAL_HEATMAP_FILES,
     SignalFigureSettings,
@@ -273,3 +275,18 @@ def test_save_figure_keeps_the_old_file_when_drawing_fails(tmp_path):
     with pytest.raises(ValueError):
         save_figure(broken, path, dpi=72)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["w.png"]
+
+
+def test_a_history_reloaded_from_json_draws_the_same_points(tmp_path):
+    reloaded = json.loads(json.dumps(to_json_safe(HISTORY)))  # NaN win rates of all-tie styles become null
+    assert reloaded[0]["secondary_answer_directly"]["winrate_a"] is None
+    figures = [plot_winrate(history, tmp_path / "w.png", styles=STYLES) for history in (HISTORY, reloaded)]
+    for gid in (
+        "winrate-certain:short",
+        "winrate-hollow:short",
+        "winrate-certain:no_lists",
+        "coverage:answer_directly",
+    ):
+        original, again = (by_gid(figure.axes[0 if "winrate" in gid else 1], gid) for figure in figures)
+        assert list(original.get_xydata().ravel()) == pytest.approx(list(again.get_xydata().ravel()))
+    assert legend_texts(figures[0]) == legend_texts(figures[1])
