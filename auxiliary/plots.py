@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -97,13 +97,13 @@ def styles_in_history(eval_history: Sequence[Mapping], primary_style: str) -> li
 class _StyleCurve:
     """One judged style's evaluations, split the way they are drawn."""
 
-    certain_x: list[float]
-    certain_winrate: list[float]
-    certain_se: list[float]
-    uncertain_x: list[float]
-    uncertain_winrate: list[float]
-    coverage_x: list[float]
-    coverage: list[float]
+    certain_x: list[float] = field(default_factory=list)
+    certain_winrate: list[float] = field(default_factory=list)
+    certain_se: list[float] = field(default_factory=list)
+    uncertain_x: list[float] = field(default_factory=list)
+    uncertain_winrate: list[float] = field(default_factory=list)
+    coverage_x: list[float] = field(default_factory=list)
+    coverage: list[float] = field(default_factory=list)
 
     @property
     def any_decided(self) -> bool:
@@ -111,7 +111,7 @@ class _StyleCurve:
 
 
 def _style_curve(eval_history: Sequence[Mapping], key: str | None, min_decided: int, shift: float) -> _StyleCurve:
-    curve = _StyleCurve([], [], [], [], [], [], [])
+    curve = _StyleCurve()
     for entry in eval_history:
         metrics = entry if key is None else entry.get(key)
         if not metrics:
