@@ -20,7 +20,8 @@ Commands:
     MODEL=smollm2-135m-instruct N_CASES=12 ./scripts/run_signal_analysis.sh --max_new_tokens 128 --min_y_tokens 48
     # On a machine shared with other jobs, one torch thread avoids OpenMP oversubscription (measured with
     # other jobs running: 105 s with OMP_NUM_THREADS=1 vs 487 s with the default 2 threads; same output).
-    OMP_NUM_THREADS=1 MODEL=smollm2-135m-instruct N_CASES=12 ./scripts/run_signal_analysis.sh --max_new_tokens 128 --min_y_tokens 48
+    OMP_NUM_THREADS=1 MODEL=smollm2-135m-instruct N_CASES=12 \
+        ./scripts/run_signal_analysis.sh --max_new_tokens 128 --min_y_tokens 48
 
 The 135M model barely reads the follow-up, so on CPU the two heatmaps look alike; the run checks the
 pipeline, not the paper's claim (which needs an 8B-class model on a GPU).
@@ -40,7 +41,12 @@ Outputs in ``--out_dir``:
     ``case{N}_tokens.png`` (the first ``--token_n`` tokens of case N, 1-based heatmap row, coloured by
     their two signals). Colours: RdBu on a TwoSlopeNorm(vmin, 0, vmax) — red = the follow-up makes the
     token less likely, white ≈ unchanged, blue = more likely; values clipped to [vmin, vmax]; NaN
-    (row shorter than ``--max_cols``) white.
+    (row shorter than ``--max_cols``) white. The figures are drawn by ``auxiliary/plots.py``
+    (``signal_colormap`` / ``signal_color_hex`` give the colour of a signal value to any other caller).
+
+Bad input (arguments, the cases file, an output folder that cannot be written, an unknown device) is
+found before the model loads and ends the run with one ``error: ...`` line and exit code 2; exit code 1
+means no case reached ``--min_y_tokens`` (the skipped list is still written).
 
 Choices that differ from the reference script (spec §10):
   * the default hindsight block is H-online (the paper's Table 1 form) instead of H-offline-v1;
@@ -73,13 +79,11 @@ if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the
 import numpy as np
 import torch
 
-from auxiliary.evaluation_helpers import seed_everything, write_json_atomic
+from auxiliary.evaluation_helpers import seed_everything
+from auxiliary.file_io import write_json_atomic
 from auxiliary.generation import Generation, SamplingParams, encode_chat, generate
-from auxiliary.model_loading import (
-    ModelLoadError,
-    load_model_and_tokenizer,
-    resolve_device,
-)
+from auxiliary.model_loading import ModelLoadError, load_model_and_tokenizer, resolve_device
+from auxiliary.plots import SIGNAL_HEATMAP_FILES, SignalFigureSettings, token_figure_name, write_signal_figures
 from sdpo_core import (
     HINDSIGHT_VARIANTS,
     encode_student_teacher_contexts,
@@ -102,7 +106,11 @@ CASE_FIELDS = ("id", "tag", "raw_prompt", "unrelated_followup", "feedback_follow
 CASE_TAGS = ("reinforce", "constrain")
 
 
-class CaseFileError(ValueError):
+class SignalAnalysisError(ValueError):
+    """A bad argument, input or output path, found before the work; the message is one line saying what to do."""
+
+
+class CaseFileError(SignalAnalysisError):
     """The cases file cannot be used; the message names the file and every problem found."""
 
 
@@ -119,7 +127,9 @@ def _defaults_problems(defaults) -> list[str]:
         return [f"'defaults' must be an object, got {type(defaults).__name__}"]
     problems = [f"defaults: missing field '{key}'" for key in DEFAULTS_KEYS if key not in defaults]
     expected = ", ".join(DEFAULTS_KEYS)
-    problems += [f"defaults: unknown field '{key}' (expected {expected})" for key in defaults if key not in DEFAULTS_KEYS]
+    problems += [
+        f"defaults: unknown field '{key}' (expected {expected})" for key in defaults if key not in DEFAULTS_KEYS
+    ]
     tokens = defaults.get("max_new_tokens", 1)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
         problems.append(f"defaults: 'max_new_tokens' must be a positive integer, got {tokens!r}")
@@ -139,7 +149,9 @@ def _case_problems(index: int, case, seen_ids: set) -> list[str]:
         return [f"case {index}: must be an object, got {type(case).__name__}"]
     label = f"case {index} ({case['id']!r})" if _non_empty_string(case.get("id")) else f"case {index} (no id)"
     problems = [f"{label}: missing field '{field}'" for field in CASE_FIELDS if field not in case]
-    problems += [f"{label}: unknown field '{key}' (expected {', '.join(CASE_FIELDS)})" for key in case if key not in CASE_FIELDS]
+    problems += [
+        f"{label}: unknown field '{key}' (expected {', '.join(CASE_FIELDS)})" for key in case if key not in CASE_FIELDS
+    ]
     problems += [
         f"{label}: field '{field}' must be a non-empty string"
         for field in CASE_FIELDS
@@ -179,18 +191,28 @@ def validate_cases(data) -> list[str]:
 
 
 def load_cases_file(path: str | os.PathLike) -> dict:
-    """Read and validate a cases file; raise ``CaseFileError`` listing every problem."""
+    """Read and validate a cases file; raise ``CaseFileError`` (one line) naming the file and every problem."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CaseFileError(f"cases file {path} does not exist (pass --cases_json or set CASES_JSON)") from None
+    except IsADirectoryError:
+        raise CaseFileError(f"cases file {path} is a folder; pass the JSON file (--cases_json or CASES_JSON)") from None
+    except UnicodeDecodeError as error:
+        raise CaseFileError(
+            f"cases file {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+            "save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise CaseFileError(f"cases file {path} cannot be read: {error.strerror}") from None
     except json.JSONDecodeError as error:
-        raise CaseFileError(f"cases file {path} is not valid JSON: {error}") from None
+        raise CaseFileError(
+            f"cases file {path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})"
+        ) from None
     problems = validate_cases(data)
     if problems:
-        listing = "\n".join(f"  - {problem}" for problem in problems)
-        raise CaseFileError(f"cases file {path} has {len(problems)} problem(s):\n{listing}")
+        raise CaseFileError(f"cases file {path} has {len(problems)} problem(s): {'; '.join(problems)}")
     return data
 
 
@@ -335,7 +357,11 @@ def signal_statistics(sig_unrel: np.ndarray, sig_follow: np.ndarray) -> dict:
 def summarize(cases: list[dict]) -> dict:
     """Per-case statistics, then pooled over all tokens of all cases and of each tag."""
     per_case = [
-        {"name": c["name"], "tag": c["tag"], **signal_statistics(np.asarray(c["sig_unrel"]), np.asarray(c["sig_follow"]))}
+        {
+            "name": c["name"],
+            "tag": c["tag"],
+            **signal_statistics(np.asarray(c["sig_unrel"]), np.asarray(c["sig_follow"])),
+        }
         for c in cases
     ]
 
@@ -365,7 +391,8 @@ def format_summary_table(summary: dict) -> str:
     def row(label: str, tag: str, stats: dict) -> str:
         ratio = stats["abs_ratio_unrel_to_follow"]
         return (
-            f"{label[:44]:<44} {tag:<9} {stats['n_tokens']:>6} {stats['mean_abs_unrel']:>8.3f} {stats['mean_unrel']:>8.3f} "
+            f"{label[:44]:<44} {tag:<9} {stats['n_tokens']:>6} "
+            f"{stats['mean_abs_unrel']:>8.3f} {stats['mean_unrel']:>8.3f} "
             f"{stats['mean_abs_follow']:>8.3f} {stats['mean_follow']:>8.3f} {ratio:>6.2f} "
             f"{stats['mean_abs_follow_minus_unrel']:>6.3f} {stats['corr_unrel_follow']:>5.2f}"
         )
@@ -385,258 +412,107 @@ def format_summary_table(summary: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Figures (matplotlib object API on the Agg canvas: no pyplot global state)
-# --------------------------------------------------------------------------------------------------
-
-COLORMAP = "RdBu"
-FIGURE_DPI = 220
-TICK_STEP = 25
-TICK_FONTSIZE = 14
-SPINE_WIDTH = 2.2
-TOKEN_FONTSIZE = 14
-TOKEN_LABEL_FONTSIZE = 16
-LIGHT_BACKGROUND_LUMINANCE = 0.62
-
-
-def signal_matrix(rows: list[list[float]], max_cols: int, vmin: float, vmax: float) -> np.ndarray:
-    """(len(rows), max_cols) array of the first ``max_cols`` values per row, clipped; shorter rows NaN-padded."""
-    matrix = np.full((len(rows), max_cols), np.nan, dtype=np.float64)
-    for index, row in enumerate(rows):
-        values = np.asarray(row[:max_cols], dtype=np.float64)
-        matrix[index, : values.size] = np.clip(values, vmin, vmax)
-    return matrix
-
-
-def _norm_and_cmap(vmin: float, vmax: float):
-    from matplotlib import colormaps
-    from matplotlib.colors import TwoSlopeNorm
-
-    return TwoSlopeNorm(vmin=vmin, vcenter=0.0, vmax=vmax), colormaps[COLORMAP].with_extremes(bad="white")
-
-
-def _draw_heatmap(axes, matrix: np.ndarray, norm, cmap):
-    image = axes.imshow(np.ma.masked_invalid(matrix), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-    axes.set_yticks([])
-    ticks = np.arange(0, matrix.shape[1], TICK_STEP)
-    axes.set_xticks(ticks)
-    axes.set_xticklabels([str(t) for t in ticks], fontsize=TICK_FONTSIZE)
-    for spine in axes.spines.values():
-        spine.set_color("black")
-        spine.set_linewidth(SPINE_WIDTH)
-    return image
-
-
-def _style_colorbar(colorbar, vmin: float, vmax: float) -> None:
-    colorbar.set_ticks([vmin, 0.0, vmax])
-    colorbar.set_ticklabels([f"{vmin:g}", "0", f"{vmax:+g}"])
-    colorbar.ax.tick_params(labelsize=TICK_FONTSIZE)
-
-
-def _save(figure, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
-
-
-def plot_heatmap(matrix: np.ndarray, path: Path, vmin: float, vmax: float) -> None:
-    """One signal matrix with its colorbar (``unrelated.png`` / ``followup.png``)."""
-    from matplotlib.figure import Figure
-
-    norm, cmap = _norm_and_cmap(vmin, vmax)
-    figure = Figure(figsize=(12, 2.7))
-    axes = figure.add_subplot()
-    image = _draw_heatmap(axes, matrix, norm, cmap)
-    _style_colorbar(figure.colorbar(image, ax=axes, fraction=0.035, pad=0.02), vmin, vmax)
-    _save(figure, path)
-
-
-def plot_stacked(unrelated: np.ndarray, followup: np.ndarray, path: Path, vmin: float, vmax: float) -> None:
-    """Unrelated above feedback on a shared x axis, one colorbar spanning both rows."""
-    from matplotlib.figure import Figure
-
-    norm, cmap = _norm_and_cmap(vmin, vmax)
-    figure = Figure(figsize=(12, 5.4))
-    grid = figure.add_gridspec(2, 2, width_ratios=[1, 0.045], wspace=0.12, hspace=0.20)
-    top = figure.add_subplot(grid[0, 0])
-    bottom = figure.add_subplot(grid[1, 0], sharex=top)
-    image = _draw_heatmap(top, unrelated, norm, cmap)
-    _draw_heatmap(bottom, followup, norm, cmap)
-    top.tick_params(labelbottom=False)
-    _style_colorbar(figure.colorbar(image, cax=figure.add_subplot(grid[:, 1])), vmin, vmax)
-    _save(figure, path)
-
-
-def plot_side_by_side(unrelated: np.ndarray, followup: np.ndarray, path: Path, vmin: float, vmax: float) -> None:
-    """Unrelated (left) and feedback (right) panels sharing the y axis, colorbar on the right panel."""
-    from matplotlib.figure import Figure
-
-    norm, cmap = _norm_and_cmap(vmin, vmax)
-    figure = Figure(figsize=(12, 2.7))
-    left, right = figure.subplots(1, 2, sharey=True)
-    _draw_heatmap(left, unrelated, norm, cmap)
-    image = _draw_heatmap(right, followup, norm, cmap)
-    _style_colorbar(figure.colorbar(image, ax=right, fraction=0.035, pad=0.02), vmin, vmax)
-    _save(figure, path)
-
-
-def _monospace_has_glyph(character: str) -> bool:
-    from matplotlib import font_manager
-    from matplotlib.ft2font import FT2Font
-
-    font_file = font_manager.findfont(font_manager.FontProperties(family="monospace"))
-    return ord(character) in FT2Font(font_file).get_charmap()
-
-
-def token_display_text(piece: str, space_glyph: str = "␠") -> tuple[int, str]:
-    """(number of leading spaces, text to draw in the box) for one decoded token.
-
-    Newlines show as ⏎ and tabs as ⇥; a token of spaces only shows as ``space_glyph``; an empty token as ∅.
-    Leading spaces are returned separately so they can be drawn as a gap before the box.
-    """
-    text = piece.replace("\r", "").replace("\n", "⏎").replace("\t", "⇥")
-    if not text:
-        return 0, "∅"
-    if not text.strip(" "):
-        return 0, space_glyph
-    stripped = text.lstrip(" ")
-    return len(text) - len(stripped), stripped
-
-
-def plot_token_boxes(
-    pieces: list[str],
-    sig_unrel: list[float],
-    sig_follow: list[float],
-    case_number: int,
-    path: Path,
-    vmin: float,
-    vmax: float,
-) -> None:
-    """Two labelled rows of rounded token boxes coloured by each token's signal (``case{N}_tokens.png``).
-
-    The figure size follows the measured text extents, so long tokens never overlap.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.font_manager import FontProperties
-    from matplotlib.patches import FancyBboxPatch
-    from matplotlib.transforms import Affine2D
-
-    norm, cmap = _norm_and_cmap(vmin, vmax)
-    # DejaVu Sans Mono (matplotlib's default monospace) has no U+2420 "␠"; fall back to "␣".
-    space_glyph = "␠" if _monospace_has_glyph("␠") else "␣"
-    token_font = FontProperties(family="monospace", size=TOKEN_FONTSIZE)
-    label_font = FontProperties(size=TOKEN_LABEL_FONTSIZE)
-    renderer = FigureCanvasAgg(Figure(dpi=FIGURE_DPI)).get_renderer()
-    to_points = 72.0 / FIGURE_DPI
-
-    def measure(text: str, font) -> tuple[float, float, float]:
-        width, height, descent = renderer.get_text_width_height_descent(text, font, ismath=False)
-        return width * to_points, height * to_points, descent * to_points
-
-    margin, box_pad, box_gap, label_gap, row_gap = 10.0, 4.0, 5.0, 6.0, 14.0
-    char_width = measure("M" * 10, token_font)[0] / 10
-    _, line_height, line_descent = measure("Ag|⏎", token_font)
-    box_height = line_height + 2 * box_pad
-    display = [token_display_text(piece, space_glyph) for piece in pieces]
-    widths = [measure(text, token_font)[0] + 2 * box_pad for _, text in display]
-    boxes_width = sum(lead * char_width + width for (lead, _), width in zip(display, widths)) + box_gap * (len(display) - 1)
-    labels = [
-        f"Case {case_number} — {kind} — first {len(pieces)} tokens:" for kind in ("Unrelated", "Follow-up")
-    ]
-    label_sizes = [measure(label, label_font) for label in labels]
-    row_heights = [size[1] + label_gap + box_height for size in label_sizes]
-    fig_width = 2 * margin + max(boxes_width, *(size[0] for size in label_sizes))
-    fig_height = 2 * margin + sum(row_heights) + row_gap
-
-    figure = Figure(figsize=(fig_width / 72, fig_height / 72), dpi=FIGURE_DPI)
-    points = Affine2D().scale(1 / 72) + figure.dpi_scale_trans
-    top = fig_height - margin
-    rows = zip(labels, label_sizes, (sig_unrel, sig_follow), row_heights)
-    for label, (_, label_height, label_descent), values, row_height in rows:
-        figure.text(margin, top - label_height + label_descent, label, fontproperties=label_font, transform=points)
-        box_bottom = top - row_height
-        x = margin
-        for (lead, text), width, value in zip(display, widths, values):
-            x += lead * char_width
-            face = cmap(norm(float(np.clip(value, vmin, vmax))))
-            luminance = 0.2126 * face[0] + 0.7152 * face[1] + 0.0722 * face[2]
-            figure.add_artist(
-                FancyBboxPatch(
-                    (x, box_bottom),
-                    width,
-                    box_height,
-                    boxstyle="round,pad=0,rounding_size=4",
-                    facecolor=(*face[:3], 0.95),
-                    edgecolor=(0, 0, 0, 0.25),
-                    linewidth=0.8,
-                    transform=points,
-                )
-            )
-            figure.text(
-                x + box_pad,
-                box_bottom + box_pad + line_descent,
-                text,
-                fontproperties=token_font,
-                color="black" if luminance > LIGHT_BACKGROUND_LUMINANCE else "white",
-                transform=points,
-            )
-            x += width + box_gap
-        top = box_bottom - row_gap
-    _save(figure, path)
-
-
-def write_figures(cases: list[dict], out_dir: Path, args) -> list[Path]:
-    """Draw every figure for the kept cases; return the paths written."""
-    unrelated = signal_matrix([c["sig_unrel"] for c in cases], args.max_cols, args.vmin, args.vmax)
-    followup = signal_matrix([c["sig_follow"] for c in cases], args.max_cols, args.vmin, args.vmax)
-    written = [out_dir / name for name in ("unrelated.png", "followup.png", "stacked.png", "side_by_side.png")]
-    plot_heatmap(unrelated, written[0], args.vmin, args.vmax)
-    plot_heatmap(followup, written[1], args.vmin, args.vmax)
-    plot_stacked(unrelated, followup, written[2], args.vmin, args.vmax)
-    plot_side_by_side(unrelated, followup, written[3], args.vmin, args.vmax)
-    if 1 <= args.token_case_index <= len(cases):
-        case = cases[args.token_case_index - 1]
-        n = min(args.token_n, case["n_tokens"])
-        path = out_dir / f"case{args.token_case_index}_tokens.png"
-        plot_token_boxes(
-            case["completion_pieces"][:n],
-            case["sig_unrel"][:n],
-            case["sig_follow"][:n],
-            args.token_case_index,
-            path,
-            args.vmin,
-            args.vmax,
-        )
-        written.append(path)
-    else:
-        print(f"warning: --token_case_index {args.token_case_index} is outside 1..{len(cases)}; no token figure drawn")
-    return written
-
-
-# --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
 
+SIGNALS_FILE = "sdpo_signals.json"
+SUMMARY_FILE = "summary.json"
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+@dataclass(frozen=True)
+class SignalAnalysisConfig:
+    """Every setting of one run, resolved and checked once from the command line (``parse_args``).
+
+    ``max_new_tokens`` and ``temperature`` are None where the cases file's defaults apply.
+    """
+
+    model: str
+    cases_json: Path
+    out_dir: Path
+    n_cases: int
+    seed: int
+    hindsight_variant: str
+    dtype: str
+    device: str
+    max_new_tokens: int | None
+    temperature: float | None
+    min_y_tokens: int
+    max_retries: int
+    batch_size: int
+    figures: SignalFigureSettings
+
+    def output_files(self) -> list[str]:
+        return [SIGNALS_FILE, SUMMARY_FILE, *SIGNAL_HEATMAP_FILES, token_figure_name(self.figures.token_case_index)]
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``<prog>: error: ... (see --help)``), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _argument_problems(args: argparse.Namespace) -> list[str]:
+    minimums = {
+        "n_cases": 1,
+        "min_y_tokens": 1,
+        "max_retries": 0,
+        "batch_size": 1,
+        "max_cols": 1,
+        "token_n": 1,
+        "token_case_index": 1,
+    }
+    problems = [
+        f"--{name} must be >= {low}, got {getattr(args, name)}"
+        for name, low in minimums.items()
+        if getattr(args, name) < low
+    ]
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        problems.append(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        problems.append(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 <= args.seed < 2**32:
+        problems.append(f"--seed must be in 0..2**32-1, got {args.seed}")
+    if not (math.isfinite(args.vmin) and math.isfinite(args.vmax) and args.vmin < 0 < args.vmax):
+        problems.append(
+            f"need finite --vmin < 0 < --vmax (the colour scale is centred on 0), got {args.vmin} and {args.vmax}"
+        )
+    return problems
+
+
+def parse_args(argv: list[str] | None = None) -> SignalAnalysisConfig:
+    """The run's settings from ``argv`` (env vars as fallbacks); ``SignalAnalysisError`` lists bad values."""
     env = os.environ.get
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         description="Per-token SDPO signal heatmaps: unrelated vs feedback follow-ups (spec §10).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     # ---- inputs and outputs
-    parser.add_argument("--model", default=env("MODEL", "Qwen/Qwen3-8B"), help="Hub id, local folder or bundled alias ($MODEL)")
-    parser.add_argument("--cases_json", default=env("CASES_JSON", str(DEFAULT_CASES_JSON)), help="cases file ($CASES_JSON)")
-    parser.add_argument("--out_dir", default=env("OUT_DIR", "signal_analysis_out"), help="output folder ($OUT_DIR)")
-    parser.add_argument("--n_cases", type=int, default=env("N_CASES", "24"), help="cases to sample, with replacement ($N_CASES)")
-    parser.add_argument("--seed", type=int, default=env("SEED", "123"), help="seed for case sampling and generation ($SEED)")
     parser.add_argument(
-        "--hindsight_variant", default="online", choices=sorted(HINDSIGHT_VARIANTS), help="hindsight block for x⊕o (sdpo_core)"
+        "--model", default=env("MODEL", "Qwen/Qwen3-8B"), help="Hub id, local folder or bundled alias ($MODEL)"
+    )
+    parser.add_argument(
+        "--cases_json", default=env("CASES_JSON", str(DEFAULT_CASES_JSON)), help="cases file ($CASES_JSON)"
+    )
+    parser.add_argument("--out_dir", default=env("OUT_DIR", "signal_analysis_out"), help="output folder ($OUT_DIR)")
+    parser.add_argument(
+        "--n_cases", type=int, default=env("N_CASES", "24"), help="cases to sample, with replacement ($N_CASES)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=env("SEED", "123"), help="seed for case sampling and generation ($SEED)"
+    )
+    parser.add_argument(
+        "--hindsight_variant",
+        default="online",
+        choices=sorted(HINDSIGHT_VARIANTS),
+        help="hindsight block for x⊕o (sdpo_core)",
     )
     # ---- model
     parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="auto: bf16 on CUDA, fp32 on CPU"
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="auto: bf16 on CUDA, fp32 on CPU",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     # ---- generation
@@ -645,7 +521,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--min_y_tokens", type=int, default=80, help="resample answers shorter than this (ids, stop token included)"
     )
-    parser.add_argument("--max_retries", type=int, default=6, help="extra samples for a short answer before the case is skipped")
+    parser.add_argument(
+        "--max_retries", type=int, default=6, help="extra samples for a short answer before the case is skipped"
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="generation batch size")
     # ---- figures
     parser.add_argument("--max_cols", type=int, default=120, help="tokens per heatmap row")
@@ -654,53 +532,123 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token_case_index", type=int, default=1, help="1-based heatmap row drawn as token boxes")
     parser.add_argument("--token_n", type=int, default=15, help="tokens shown in the token-box figure")
     args = parser.parse_args(argv)
-    if args.n_cases < 1 or args.min_y_tokens < 1 or args.max_retries < 0 or args.max_cols < 1 or args.token_n < 1:
-        parser.error("--n_cases, --min_y_tokens, --max_cols and --token_n must be >= 1, --max_retries >= 0")
-    if not args.vmin < 0 < args.vmax:
-        parser.error(f"need --vmin < 0 < --vmax (the colour scale is centred on 0), got {args.vmin} and {args.vmax}")
-    return args
+    problems = _argument_problems(args)
+    if problems:
+        raise SignalAnalysisError("; ".join(problems))
+    return SignalAnalysisConfig(
+        model=args.model,
+        cases_json=Path(args.cases_json),
+        out_dir=Path(args.out_dir),
+        n_cases=args.n_cases,
+        seed=args.seed,
+        hindsight_variant=args.hindsight_variant,
+        dtype=args.dtype,
+        device=args.device,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        min_y_tokens=args.min_y_tokens,
+        max_retries=args.max_retries,
+        batch_size=args.batch_size,
+        figures=SignalFigureSettings(
+            max_cols=args.max_cols,
+            vmin=args.vmin,
+            vmax=args.vmax,
+            token_case_index=args.token_case_index,
+            token_n=args.token_n,
+        ),
+    )
 
 
+def prepare_out_dir(out_dir: Path, file_names: list[str]) -> None:
+    """Create the output folder and check that every output file can be written there.
+
+    Done before the model loads, so a bad folder costs seconds instead of the whole scoring run.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SignalAnalysisError(f"--out_dir {out_dir} is a file, not a folder; pass a folder (created if missing)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SignalAnalysisError(
+            f"cannot create --out_dir {out_dir}: {error.strerror}; pass a folder you can write to"
+        ) from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise SignalAnalysisError(f"--out_dir {out_dir} is not writable; pass a folder you can write to")
+    for name in file_names:
+        if (out_dir / name).is_dir():
+            raise SignalAnalysisError(
+                f"{out_dir / name} is a folder where an output file goes; remove it or pick another --out_dir"
+            )
 
 
-def run(args: argparse.Namespace) -> int:
+def resolve_checked_device(name: str) -> torch.device:
+    """``resolve_device`` with a one-line error for a misspelt device or CUDA asked for where there is none."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError:
+        raise SignalAnalysisError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SignalAnalysisError(
+            f"--device {name} asks for CUDA but no CUDA device is visible; use --device cpu or auto"
+        )
+    return device
 
+
+def run(config: SignalAnalysisConfig) -> int:
     started = time.time()
-    cases_file = load_cases_file(args.cases_json)
+    # Every input and output is checked before the model loads.
+    cases_file = load_cases_file(config.cases_json)
     defaults = cases_file["defaults"]
-    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else defaults["max_new_tokens"]
-    temperature = args.temperature if args.temperature is not None else float(defaults["temperature"])
+    max_new_tokens = config.max_new_tokens if config.max_new_tokens is not None else defaults["max_new_tokens"]
+    if max_new_tokens < config.min_y_tokens:
+        source = "--max_new_tokens" if config.max_new_tokens is not None else f"max_new_tokens of {config.cases_json}"
+        raise SignalAnalysisError(
+            f"{source} {max_new_tokens} < --min_y_tokens {config.min_y_tokens}: every case would be skipped; "
+            "pass a larger --max_new_tokens or a smaller --min_y_tokens"
+        )
+    temperature = config.temperature if config.temperature is not None else float(defaults["temperature"])
     do_sample = defaults["do_sample"] and temperature > 0
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0, top_p=1.0, top_k=0)
-    if max_new_tokens < args.min_y_tokens:
-        print(f"warning: --max_new_tokens {max_new_tokens} < --min_y_tokens {args.min_y_tokens}: every case will be skipped")
+    sampling = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0, top_p=1.0, top_k=0
+    )
+    prepare_out_dir(config.out_dir, config.output_files())
+    device = resolve_checked_device(config.device)
 
-    cases = sample_cases(cases_file["cases"], defaults["variant_suffix_pool"], args.n_cases, args.seed)
-    device = resolve_device(args.device)
-    dtype = ("bfloat16" if device.type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device)
+    cases = sample_cases(cases_file["cases"], defaults["variant_suffix_pool"], config.n_cases, config.seed)
+    dtype = ("bfloat16" if device.type == "cuda" else "float32") if config.dtype == "auto" else config.dtype
+    model, tokenizer = load_model_and_tokenizer(config.model, dtype=dtype, device=device)
     model.eval()
     # Seeded after loading: weight initialisation inside from_pretrained may draw from the torch RNG.
-    seed_everything(args.seed)
-    print(f"model {args.model} on {device} ({dtype}); {len(cases)} cases; hindsight {args.hindsight_variant}; {sampling}")
+    seed_everything(config.seed)
+    print(
+        f"model {config.model} on {device} ({dtype}); {len(cases)} cases; "
+        f"hindsight {config.hindsight_variant}; {sampling}"
+    )
 
-    contexts = [encode_chat(tokenizer, [{"role": "user", "content": c.prompt}], max_length=MAX_CONTEXT_TOKENS) for c in cases]
+    contexts = [
+        encode_chat(tokenizer, [{"role": "user", "content": c.prompt}], max_length=MAX_CONTEXT_TOKENS) for c in cases
+    ]
     answers = sample_long_answers(
         model,
         tokenizer,
         contexts,
         sampling,
-        min_tokens=args.min_y_tokens,
-        max_retries=args.max_retries,
-        batch_size=args.batch_size,
+        min_tokens=config.min_y_tokens,
+        max_retries=config.max_retries,
+        batch_size=config.batch_size,
     )
 
     kept, skipped = [], []
     for case, answer in zip(cases, answers):
         ids = answer.generation.token_ids
         if not answer.accepted:
-            skipped.append({"name": case.name, "tag": case.tag, "attempts": answer.attempts, "longest_n_tokens": len(ids)})
-            print(f"skipped {case.name}: longest of {answer.attempts} answers has {len(ids)} < {args.min_y_tokens} tokens")
+            skipped.append(
+                {"name": case.name, "tag": case.tag, "attempts": answer.attempts, "longest_n_tokens": len(ids)}
+            )
+            print(
+                f"skipped {case.name}: longest of {answer.attempts} answers "
+                f"has {len(ids)} < {config.min_y_tokens} tokens"
+            )
             continue
         sig_unrel, sig_follow = score_case_signals(
             model,
@@ -709,10 +657,12 @@ def run(args: argparse.Namespace) -> int:
             ids,
             case.unrelated_followup,
             case.feedback_followup,
-            hindsight_variant=args.hindsight_variant,
+            hindsight_variant=config.hindsight_variant,
         )
         if not sig_unrel.size == sig_follow.size == len(ids):
-            raise RuntimeError(f"{case.name}: signal lengths {sig_unrel.size}/{sig_follow.size} differ from {len(ids)} tokens")
+            raise RuntimeError(
+                f"{case.name}: signal lengths {sig_unrel.size}/{sig_follow.size} differ from {len(ids)} tokens"
+            )
         kept.append(
             {
                 "name": case.name,
@@ -737,47 +687,51 @@ def run(args: argparse.Namespace) -> int:
             f"mean sig_follow {sig_follow.mean():+.3f}"
         )
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = config.out_dir
     meta = {
-        "model": args.model,
-        "seed": args.seed,
+        "model": config.model,
+        "seed": config.seed,
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
         "do_sample": do_sample,
         "top_p": sampling.top_p,
         "top_k": sampling.top_k,
-        "min_y_tokens": args.min_y_tokens,
-        "max_retries": args.max_retries,
-        "cases_json": str(Path(args.cases_json).resolve()),
+        "min_y_tokens": config.min_y_tokens,
+        "max_retries": config.max_retries,
+        "cases_json": str(config.cases_json.resolve()),
         "cases_version": cases_file["version"],
-        "n_cases_requested": args.n_cases,
-        "hindsight_variant": args.hindsight_variant,
+        "n_cases_requested": config.n_cases,
+        "hindsight_variant": config.hindsight_variant,
         "dtype": dtype,
         "device": str(device),
     }
     json_cases = [{key: value for key, value in c.items() if key != "completion_pieces"} for c in kept]
-    write_json_atomic(out_dir / "sdpo_signals.json", {"meta": meta, "cases": json_cases, "skipped": skipped})
+    write_json_atomic(out_dir / SIGNALS_FILE, {"meta": meta, "cases": json_cases, "skipped": skipped})
     summary = summarize(kept)
-    write_json_atomic(out_dir / "summary.json", {"meta": meta, **summary, "skipped": skipped})
+    write_json_atomic(out_dir / SUMMARY_FILE, {"meta": meta, **summary, "skipped": skipped})
     if not kept:
         print(
-            f"error: no case reached {args.min_y_tokens} tokens; lower --min_y_tokens or raise --max_new_tokens. "
-            f"Wrote {out_dir / 'sdpo_signals.json'} (skipped list only), no figures."
+            f"error: no case reached {config.min_y_tokens} tokens; lower --min_y_tokens or raise --max_new_tokens. "
+            f"Wrote {out_dir / SIGNALS_FILE} (skipped list only), no figures."
         )
         return 1
     print(format_summary_table(summary))
-    written = write_figures(kept, out_dir, args)
-    print(f"wrote {out_dir / 'sdpo_signals.json'}, {out_dir / 'summary.json'}, {', '.join(p.name for p in written)}")
+    if config.figures.token_case_index > len(kept):
+        print(
+            f"warning: --token_case_index {config.figures.token_case_index} is outside 1..{len(kept)}; "
+            "no token figure drawn"
+        )
+    written = write_signal_figures(kept, out_dir, config.figures)
+    print(f"wrote {out_dir / SIGNALS_FILE}, {out_dir / SUMMARY_FILE}, {', '.join(p.name for p in written)}")
     print(f"kept {len(kept)} / {len(cases)} cases ({len(skipped)} skipped) in {time.time() - started:.0f} s")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    """Run the analysis; a bad argument, input or output path ends it with one ``error:`` line and exit code 2."""
     try:
-        return run(args)
-    except (CaseFileError, ModelLoadError) as error:
+        return run(parse_args(argv))
+    except (SignalAnalysisError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

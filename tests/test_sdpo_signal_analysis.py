@@ -1,9 +1,12 @@
 """The signal analysis: cases-file validation, signals against independent forward passes, the
-output schema and figures of a full run on a tiny model, skipped short answers, and the shell script."""
+output schema and figures of a full run on a tiny model, skipped short answers, bad input reported in
+one line before the model loads, and the shell script. The figures themselves: tests/test_plots.py."""
 
 import json
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,29 +15,48 @@ import torch
 
 from auxiliary import sdpo_signal_analysis as analysis
 from auxiliary.generation import Generation, SamplingParams, encode_chat
-from sdpo_core import (
-    build_hindsight_messages,
-    pad_contexts_and_completions,
-    score_completions,
-)
+from auxiliary.plots import SIGNAL_HEATMAP_FILES
+from sdpo_core import build_hindsight_messages, pad_contexts_and_completions, score_completions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CASE_KEYS = {
-    "name", "tag", "raw_prompt", "unrelated_followup", "followup_message", "completion_text", "n_tokens",
-    "completion_token_ids", "completion_tokens", "sig_unrel", "sig_follow", "attempts", "finished",
+    "name",
+    "tag",
+    "raw_prompt",
+    "unrelated_followup",
+    "followup_message",
+    "completion_text",
+    "n_tokens",
+    "completion_token_ids",
+    "completion_tokens",
+    "sig_unrel",
+    "sig_follow",
+    "attempts",
+    "finished",
 }
-META_KEYS = {"model", "seed", "max_new_tokens", "temperature", "do_sample", "min_y_tokens", "cases_json", "hindsight_variant"}
+META_KEYS = {
+    "model",
+    "seed",
+    "max_new_tokens",
+    "temperature",
+    "do_sample",
+    "min_y_tokens",
+    "cases_json",
+    "hindsight_variant",
+}
 HEATMAPS = ("unrelated.png", "followup.png", "stacked.png", "side_by_side.png")
+assert SIGNAL_HEATMAP_FILES == HEATMAPS  # the file names users rely on
 
 
 def case_entry(case_id: str, tag: str, prompt: str, unrelated: str, feedback: str) -> dict:
     return dict(zip(analysis.CASE_FIELDS, (case_id, tag, prompt, unrelated, feedback)))
 
 
-def small_cases_file(tmp_path, *, short_marker: str | None = None) -> Path:
-    """Two prompt pairs; with ``short_marker``, the second pair's prompt contains it."""
+def small_cases_file(tmp_path, *, short_marker: str | None = None, mark_both: bool = False) -> Path:
+    """Two prompt pairs; with ``short_marker``, the second pair's prompt contains it (both with ``mark_both``)."""
     second_prompt = f"Describe a sunrise. {short_marker}" if short_marker else "Describe a sunrise."
+    first_prompt = f"Write a short email. {short_marker}" if mark_both else "Write a short email."
     data = {
         "version": "1.2",
         "description": "test cases",
@@ -45,8 +67,8 @@ def small_cases_file(tmp_path, *, short_marker: str | None = None) -> Path:
             "variant_suffix_pool": ["Be brief.", "Be long."],
         },
         "cases": [
-            case_entry("mail_keep", "reinforce", "Write a short email.", "What is 3+4?", "Keep it casual."),
-            case_entry("mail_formal", "constrain", "Write a short email.", "Is it sunny?", "Make it formal."),
+            case_entry("mail_keep", "reinforce", first_prompt, "What is 3+4?", "Keep it casual."),
+            case_entry("mail_formal", "constrain", first_prompt, "Is it sunny?", "Make it formal."),
             case_entry("sun_keep", "reinforce", second_prompt, "Who won?", "More colour words."),
             case_entry("sun_plain", "constrain", second_prompt, "How tall is it?", "No adjectives."),
         ],
@@ -58,8 +80,27 @@ def small_cases_file(tmp_path, *, short_marker: str | None = None) -> Path:
 
 def cli_args(model_path: str, cases_json: Path, out_dir: Path, *extra: str) -> list[str]:
     return [
-        "--model", model_path, "--cases_json", str(cases_json), "--out_dir", str(out_dir), "--n_cases", "4", "--seed", "5",
-        "--max_new_tokens", "10", "--min_y_tokens", "4", "--max_retries", "2", "--max_cols", "20", "--token_n", "6", *extra,
+        "--model",
+        model_path,
+        "--cases_json",
+        str(cases_json),
+        "--out_dir",
+        str(out_dir),
+        "--n_cases",
+        "4",
+        "--seed",
+        "5",
+        "--max_new_tokens",
+        "10",
+        "--min_y_tokens",
+        "4",
+        "--max_retries",
+        "2",
+        "--max_cols",
+        "20",
+        "--token_n",
+        "6",
+        *extra,
     ]
 
 
@@ -101,7 +142,7 @@ def test_missing_case_field_names_the_case_and_the_field(tmp_path):
     message = str(error.value)
     assert "case 2 ('sun_keep'): missing field 'feedback_followup'" in message
     assert "case 3 (no id): missing field 'id'" in message
-    assert "2 problem(s)" in message and "bad.json" in message
+    assert "2 problem(s)" in message and "bad.json" in message and "\n" not in message
 
 
 def test_wrong_top_level_keys_and_defaults_are_reported(tmp_path):
@@ -130,15 +171,13 @@ def test_bad_tag_empty_field_and_duplicate_id_are_reported(tmp_path):
     assert any(p.startswith("case 2 ('sun_keep'): unknown field 'polarity'") for p in problems)
 
 
-def test_unreadable_cases_file_fails_with_its_path(tmp_path, capsys):
+def test_unreadable_cases_file_fails_with_its_path_and_line(tmp_path):
     broken = tmp_path / "broken.json"
-    broken.write_text("{not json", encoding="utf-8")
-    with pytest.raises(analysis.CaseFileError, match="broken.json is not valid JSON"):
+    broken.write_text('{\n  "version": "1.2",\n  not json', encoding="utf-8")
+    with pytest.raises(analysis.CaseFileError, match=r"broken.json:3: not valid JSON \(Expecting .* at column 3\)"):
         analysis.load_cases_file(broken)
     with pytest.raises(analysis.CaseFileError, match="does not exist"):
         analysis.load_cases_file(tmp_path / "missing.json")
-    assert analysis.main(["--cases_json", str(broken), "--model", "unused"]) == 2
-    assert "not valid JSON" in capsys.readouterr().err
 
 
 def test_case_sampling_is_seeded_with_replacement_and_appends_a_suffix(tmp_path):
@@ -158,16 +197,29 @@ def test_case_sampling_is_seeded_with_replacement_and_appends_a_suffix(tmp_path)
 def test_env_vars_are_the_cli_fallbacks(monkeypatch):
     for name, value in {"MODEL": "m", "CASES_JSON": "c.json", "OUT_DIR": "o", "N_CASES": "7", "SEED": "9"}.items():
         monkeypatch.setenv(name, value)
-    args = analysis.parse_args([])
-    assert (args.model, args.cases_json, args.out_dir, args.n_cases, args.seed) == ("m", "c.json", "o", 7, 9)
+    config = analysis.parse_args([])
+    assert (config.model, config.cases_json, config.out_dir, config.n_cases, config.seed) == (
+        "m",
+        Path("c.json"),
+        Path("o"),
+        7,
+        9,
+    )
     assert analysis.parse_args(["--n_cases", "2"]).n_cases == 2
     for name in ("MODEL", "CASES_JSON", "OUT_DIR", "N_CASES", "SEED"):
         monkeypatch.delenv(name)
-    args = analysis.parse_args([])
-    assert args.model == "Qwen/Qwen3-8B" and (args.n_cases, args.seed, args.max_cols, args.token_case_index) == (24, 123, 120, 1)
-    assert Path(args.cases_json) == REPO_ROOT / "auxiliary" / "signal_analysis_cases.json"
-    assert (args.vmin, args.vmax, args.token_n, args.min_y_tokens, args.max_retries) == (-15, 3, 15, 80, 6)
-    assert args.hindsight_variant == "online"
+    config = analysis.parse_args([])
+    figures = config.figures
+    assert config.model == "Qwen/Qwen3-8B" and (
+        config.n_cases,
+        config.seed,
+        figures.max_cols,
+        figures.token_case_index,
+    ) == (24, 123, 120, 1)
+    assert config.cases_json == REPO_ROOT / "auxiliary" / "signal_analysis_cases.json"
+    assert (figures.vmin, figures.vmax, figures.token_n, config.min_y_tokens, config.max_retries) == (-15, 3, 15, 80, 6)
+    assert config.hindsight_variant == "online" and config.max_new_tokens is None and config.temperature is None
+    assert config.output_files() == ["sdpo_signals.json", "summary.json", *HEATMAPS, "case1_tokens.png"]
 
 
 # ------------------------------------------------------------------ signals
@@ -176,7 +228,9 @@ def test_env_vars_are_the_cli_fallbacks(monkeypatch):
 @pytest.mark.parametrize("variant", ["online", "offline_v1", "offline_assistant"])
 def test_batched_signals_equal_differences_of_separate_scorer_calls(tiny_model, chat_tokenizer, variant):
     prompt, unrelated, feedback = "Write a haiku about rain.", "What time is it in Oslo?", "Too long, use fewer words."
-    completion = chat_tokenizer("Grey clouds gather slow,\nsoft drops tap the window", add_special_tokens=False)["input_ids"]
+    completion = chat_tokenizer("Grey clouds gather slow,\nsoft drops tap the window", add_special_tokens=False)[
+        "input_ids"
+    ]
     sig_unrel, sig_follow = analysis.score_case_signals(
         tiny_model, chat_tokenizer, prompt, completion, unrelated, feedback, hindsight_variant=variant
     )
@@ -194,7 +248,9 @@ def test_batched_signals_equal_differences_of_separate_scorer_calls(tiny_model, 
         teacher = encode_chat(chat_tokenizer, build_hindsight_messages(messages, follow_up, variant=variant))
         expected = scored_alone(teacher) - scored_alone(student)
         np.testing.assert_allclose(signal, expected.numpy(), atol=1e-4)
-        unpadded = independent_logprobs(tiny_model, teacher, completion) - independent_logprobs(tiny_model, student, completion)
+        unpadded = independent_logprobs(tiny_model, teacher, completion) - independent_logprobs(
+            tiny_model, student, completion
+        )
         np.testing.assert_allclose(signal, unpadded.numpy(), atol=1e-4)
     assert np.abs(sig_follow - sig_unrel).max() > 1e-3  # the two follow-ups really give different contexts
 
@@ -208,7 +264,7 @@ def test_greedy_sampling_gets_one_attempt_and_short_answers_are_not_accepted(tin
         assert answer.attempts == expected_attempts and not answer.accepted and len(answer.generation.token_ids) == 3
 
 
-def test_statistics_and_matrix_helpers():
+def test_statistics():
     stats = analysis.signal_statistics(np.array([0.1, -0.1, 0.2]), np.array([-2.0, 1.0, -3.0]))
     assert stats["n_tokens"] == 3
     assert stats["mean_abs_unrel"] == pytest.approx(0.4 / 3) and stats["mean_unrel"] == pytest.approx(0.2 / 3)
@@ -217,19 +273,6 @@ def test_statistics_and_matrix_helpers():
     assert stats["mean_abs_follow_minus_unrel"] == pytest.approx((2.1 + 1.1 + 3.2) / 3)
     assert stats["corr_unrel_follow"] == pytest.approx(np.corrcoef([0.1, -0.1, 0.2], [-2.0, 1.0, -3.0])[0, 1])
     assert np.isnan(analysis.signal_statistics(np.zeros(3), np.ones(3))["corr_unrel_follow"])
-    matrix = analysis.signal_matrix([[-20.0, 5.0, 1.0], [0.5]], max_cols=2, vmin=-15, vmax=3)
-    np.testing.assert_array_equal(matrix[0], [-15.0, 3.0])
-    assert matrix[1, 0] == 0.5 and np.isnan(matrix[1, 1])
-
-
-def test_token_display_text_glyphs():
-    assert analysis.token_display_text("\n\n") == (0, "⏎⏎")
-    assert analysis.token_display_text("\t") == (0, "⇥")
-    assert analysis.token_display_text("   ") == (0, "␠")
-    assert analysis.token_display_text("  ", space_glyph="␣") == (0, "␣")
-    assert analysis.token_display_text("") == (0, "∅")
-    assert analysis.token_display_text("  Hello") == (2, "Hello")
-    assert analysis.token_display_text("\n world") == (0, "⏎ world")
 
 
 # ------------------------------------------------------------------ full runs on the tiny model
@@ -278,8 +321,13 @@ def test_full_run_writes_the_schema_the_summary_and_every_figure(tiny_model_path
     np.testing.assert_allclose(case["sig_follow"], (teacher - student).numpy(), atol=1e-4)
 
 
-def test_a_case_that_stays_short_is_skipped_and_reported(tiny_model_path, tmp_path, capsys, monkeypatch):
-    marker = "SHORT-ANSWER-CASE"
+SHORT_MARKER = "SHORT-ANSWER-CASE"
+
+
+@pytest.fixture()
+def cut_marked_answers(monkeypatch) -> list[int]:
+    """Real generation, with answers to prompts containing ``SHORT_MARKER`` cut to 2 tokens; returns the
+    number of contexts of each generate call."""
     real_generate = analysis.generate
     calls = []
 
@@ -288,13 +336,18 @@ def test_a_case_that_stays_short_is_skipped_and_reported(tiny_model_path, tmp_pa
         generations = real_generate(model, tokenizer, contexts, sampling, **kwargs)
         return [
             Generation(g.token_ids[:2], tokenizer.decode(g.token_ids[:2]), finished=False)
-            if marker in tokenizer.decode(context) else g
+            if SHORT_MARKER in tokenizer.decode(context)
+            else g
             for context, g in zip(contexts, generations)
         ]
 
     monkeypatch.setattr(analysis, "generate", generate_cutting_marked_prompts)
+    return calls
+
+
+def test_a_case_that_stays_short_is_skipped_and_reported(tiny_model_path, tmp_path, capsys, cut_marked_answers):
     out_dir = tmp_path / "out"
-    cases_json = small_cases_file(tmp_path, short_marker=marker)
+    cases_json = small_cases_file(tmp_path, short_marker=SHORT_MARKER)
     assert analysis.main(cli_args(tiny_model_path, cases_json, out_dir, "--token_case_index", "9")) == 0
     console = capsys.readouterr().out
 
@@ -303,7 +356,7 @@ def test_a_case_that_stays_short_is_skipped_and_reported(tiny_model_path, tmp_pa
     assert kept and skipped and len(kept) + len(skipped) == 4
     assert all(s["name"].startswith("sun_") for s in skipped) and all(c["name"].startswith("mail_") for c in kept)
     assert all(s["attempts"] == 3 and s["longest_n_tokens"] == 2 for s in skipped)  # 1 try + 2 retries
-    assert calls == [4, len(skipped), len(skipped)]  # only the short cases are resampled
+    assert cut_marked_answers == [4, len(skipped), len(skipped)]  # only the short cases are resampled
     for entry in skipped:
         assert f"skipped {entry['name']}" in console
     assert json.loads((out_dir / "summary.json").read_text())["skipped"] == skipped
@@ -311,16 +364,152 @@ def test_a_case_that_stays_short_is_skipped_and_reported(tiny_model_path, tmp_pa
     assert all((out_dir / name).is_file() for name in HEATMAPS) and not (out_dir / "case9_tokens.png").exists()
 
 
-def test_when_every_case_is_too_short_the_run_reports_and_exits_1(tiny_model_path, tmp_path, capsys):
+def test_when_every_case_is_too_short_the_run_reports_and_exits_1(
+    tiny_model_path, tmp_path, capsys, cut_marked_answers
+):
     out_dir = tmp_path / "out"
-    args = cli_args(tiny_model_path, small_cases_file(tmp_path), out_dir)
-    args[args.index("--max_new_tokens") + 1] = "3"
-    assert analysis.main(args) == 1
-    console = capsys.readouterr().out
-    assert "every case will be skipped" in console and "no case reached 4 tokens" in console
+    cases_json = small_cases_file(tmp_path, short_marker=SHORT_MARKER, mark_both=True)
+    assert analysis.main(cli_args(tiny_model_path, cases_json, out_dir)) == 1
+    assert "no case reached 4 tokens" in capsys.readouterr().out
     result = json.loads((out_dir / "sdpo_signals.json").read_text())
     assert result["cases"] == [] and len(result["skipped"]) == 4
     assert not any(out_dir.glob("*.png"))
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2, before the model loads
+
+
+def _cases_with(tmp_path, edit) -> Path:
+    data = json.loads(small_cases_file(tmp_path).read_text())
+    edit(data)
+    return _write(tmp_path, data)
+
+
+def _write_bytes(tmp_path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def _make_file(path: Path) -> Path:
+    path.write_text("not a folder", encoding="utf-8")
+    return path
+
+
+def _make_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+# (id, setup(tmp_path) -> {flag: value} overriding cli_args, extra argv, expected part of the error line)
+BAD_INPUTS = [
+    ("out_dir is a file", lambda t: {"--out_dir": _make_file(t / "out")}, [], "out is a file, not a folder"),
+    ("out_dir below a file", lambda t: {"--out_dir": _make_file(t / "f") / "out"}, [], "cannot create --out_dir"),
+    (
+        "an output file name is a folder",
+        lambda t: {"--out_dir": _make_folder(t / "out" / "summary.json").parent},
+        [],
+        "summary.json is a folder where an output file goes",
+    ),
+    ("cases file missing", lambda t: {"--cases_json": t / "nope.json"}, [], "nope.json does not exist"),
+    (
+        "cases file is a folder",
+        lambda t: {"--cases_json": _make_folder(t / "cases")},
+        [],
+        "is a folder; pass the JSON file",
+    ),
+    (
+        "cases file not UTF-8",
+        lambda t: {"--cases_json": _write_bytes(t, "latin1.json", '{"version": "caf\xe9"}'.encode("latin-1"))},
+        [],
+        "latin1.json is not UTF-8 text (byte 0xe9 at offset 16)",
+    ),
+    (
+        "cases file not JSON",
+        lambda t: {"--cases_json": _write_bytes(t, "b.json", b"{\n\n  oops")},
+        [],
+        "b.json:3: not valid JSON",
+    ),
+    (
+        "case field missing",
+        lambda t: {"--cases_json": _cases_with(t, lambda d: d["cases"][2].pop("feedback_followup"))},
+        [],
+        "case 2 ('sun_keep'): missing field 'feedback_followup'",
+    ),
+    (
+        "defaults field of the wrong type",
+        lambda t: {"--cases_json": _cases_with(t, lambda d: d["defaults"].update(max_new_tokens="ten"))},
+        [],
+        "defaults: 'max_new_tokens' must be a positive integer, got 'ten'",
+    ),
+    ("max_new_tokens below min_y_tokens", lambda t: {"--max_new_tokens": 3}, [], "every case would be skipped"),
+    ("temperature nan", lambda t: {}, ["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    ("vmin -inf", lambda t: {}, ["--vmin=-inf"], "need finite --vmin < 0 < --vmax"),
+    ("vmax below zero", lambda t: {}, ["--vmax", "-1"], "need finite --vmin < 0 < --vmax"),
+    ("batch size 0", lambda t: {}, ["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    ("token_case_index 0", lambda t: {}, ["--token_case_index", "0"], "--token_case_index must be >= 1, got 0"),
+    ("negative seed", lambda t: {"--seed": -1}, [], "--seed must be in 0..2**32-1, got -1"),
+    ("n_cases not a number", lambda t: {"--n_cases": "many"}, [], "argument --n_cases: invalid int value: 'many'"),
+    (
+        "unknown hindsight variant",
+        lambda t: {},
+        ["--hindsight_variant", "h9"],
+        "argument --hindsight_variant: invalid choice",
+    ),
+    ("unknown device", lambda t: {}, ["--device", "tpu9"], "--device 'tpu9' is not a device"),
+    pytest.param(
+        "CUDA without a GPU",
+        lambda t: {},
+        ["--device", "cuda"],
+        "no CUDA device is visible",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible"),
+    ),
+    ("model path missing", lambda t: {"--model": t / "no-model"}, [], "could not load model"),
+]
+
+
+def _main_exit_code(argv: list[str]) -> int:
+    try:
+        return analysis.main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        return exit_.code
+
+
+@pytest.mark.parametrize("name, setup, extra, expected", BAD_INPUTS, ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_is_one_line_exit_2_before_the_model_loads(
+    tiny_model_path, tmp_path, capsys, name, setup, extra, expected
+):
+    argv = cli_args(tiny_model_path, small_cases_file(tmp_path), tmp_path / "out")
+    for flag, value in setup(tmp_path).items():
+        argv[argv.index(flag) + 1] = str(value)
+    assert _main_exit_code(argv + extra) == 2  # an exception escaping main (a traceback) fails the test
+    captured = capsys.readouterr()
+    assert re.fullmatch(r"(\S+: )?error: [^\n]+\n", captured.err), captured.err  # one line; argparse's name the program
+    assert expected in captured.err
+    assert "model " not in captured.out  # printed only once a model has loaded
+    assert not list(tmp_path.rglob("sdpo_signals.json")) and not list(tmp_path.rglob("*.png"))
+
+
+def test_the_script_file_reports_a_bad_out_dir_in_one_line_without_traceback(tmp_path):
+    out_file = _make_file(tmp_path / "results")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "auxiliary/sdpo_signal_analysis.py",
+            "--out_dir",
+            str(out_file),
+            "--model",
+            str(tmp_path / "none"),
+        ],
+        check=False,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"error: --out_dir {out_file} is a file, not a folder; pass a folder (created if missing)\n"
+    assert out_file.read_text() == "not a folder"
 
 
 # ------------------------------------------------------------------ shell script
@@ -328,14 +517,30 @@ def test_when_every_case_is_too_short_the_run_reports_and_exits_1(tiny_model_pat
 
 def test_script_dry_run_prints_the_command_and_creates_nothing(tmp_path):
     env = {
-        **os.environ, "BASE_WORK": str(tmp_path), "MODEL": "my/model", "N_CASES": "3", "SEED": "7", "RUN_ID": "run1",
+        **os.environ,
+        "BASE_WORK": str(tmp_path),
+        "MODEL": "my/model",
+        "N_CASES": "3",
+        "SEED": "7",
+        "RUN_ID": "run1",
         "PYTHON": "python3",
     }
     for name in ("OUT_DIR", "CASES_JSON", "REPO_ROOT"):
         env.pop(name, None)
     result = subprocess.run(
-        [str(REPO_ROOT / "scripts" / "run_signal_analysis.sh"), "--max_new_tokens", "64", "--dry-run", "--token_n", "9"],
-        env=env, capture_output=True, text=True, timeout=60, check=True,
+        [
+            str(REPO_ROOT / "scripts" / "run_signal_analysis.sh"),
+            "--max_new_tokens",
+            "64",
+            "--dry-run",
+            "--token_n",
+            "9",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     command = next(line for line in result.stdout.splitlines() if line.startswith("[dry-run] python3"))
     expected = (
