@@ -59,11 +59,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from auxiliary.file_io import (  # noqa: F401 - part of this module's API
-    installed_package_folder,
-    write_json_atomic,
-    write_jsonl_atomic,
-)
+from auxiliary.file_io import installed_package_folder
+from auxiliary.file_io import write_json_atomic, write_jsonl_atomic  # noqa: F401 - part of this module's API
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"

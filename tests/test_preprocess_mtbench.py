@@ -4,11 +4,7 @@ import json
 from collections import Counter
 
 from auxiliary import preprocess_mtbench
-from auxiliary.preprocess_mtbench import (
-    bundled_questions_path,
-    load_questions,
-    split_questions,
-)
+from auxiliary.preprocess_mtbench import bundled_questions_path, load_questions, split_questions
 from tests.preprocess_helpers import read_jsonl
 
 

@@ -6,12 +6,7 @@ from pathlib import Path
 
 from auxiliary import preprocess_sharegpt
 from auxiliary.preprocess_wildfeedback import interaction_rows as wildfeedback_rows
-from auxiliary.preprocessing import (
-    ConversationLimits,
-    InteractionExtractor,
-    JsonRecordStream,
-    LengthMeter,
-)
+from auxiliary.preprocessing import ConversationLimits, InteractionExtractor, JsonRecordStream, LengthMeter
 from tests.preprocess_helpers import WILDFEEDBACK_RECORD_FIELDS, read_jsonl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "preprocess" / "sharegpt" / "truncated.json"
