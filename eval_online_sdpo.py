@@ -71,7 +71,6 @@ from auxiliary.evaluation_helpers import (
     judge_every_style,
     load_split,
     next_run_index,
-    plot_winrate,
     save_completions_snapshot,
     seed_everything,
     write_json_atomic,
@@ -87,6 +86,7 @@ from auxiliary.participants import (
     style_name,
     unique_styles,
 )
+from auxiliary.plots import plot_winrate
 from auxiliary.policies import TrainingPolicy, answer, load_policy, release
 from auxiliary.tracking import REPORT_TO, Tracker
 from auxiliary.vllm_engines import require_vllm
@@ -512,8 +512,17 @@ class OnlineRun:
     def save(self, results: dict) -> None:
         write_json_atomic(self.files.results, results)
         write_json_atomic(self.files.completions, self.completions_log)
-        if results["eval_history"] or results["meta"].get("oracle"):
-            plot_winrate(results["eval_history"], self.files.plot, primary_style=results["meta"]["style"], title=f"{self.args.run_name}: {self.args.model}")
+        meta = results["meta"]
+        if results["eval_history"] or meta.get("oracle"):
+            plot_winrate(
+                results["eval_history"],
+                self.files.plot,
+                styles=list(self.participants_config.judge_styles),
+                oracle=meta.get("oracle"),
+                switch_points=[tuple(point) for point in meta["switch_points"]],
+                min_decided=self.args.min_decided,
+                title=f"{self.args.run_name}: {self.args.model}",
+            )
 
     def evaluate(self, policy, participants, eval_prompts, baseline, interaction: int, step: int) -> tuple[dict, list[str]]:
         """Judge the current policy against the baseline with every style; returns (history entry, completions)."""

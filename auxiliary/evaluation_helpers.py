@@ -1,4 +1,4 @@
-"""Evaluation helpers for the online loop: prompts in, win-rate statistics, results files and plots out.
+"""Evaluation helpers for every evaluator: prompts in, judging and win-rate statistics, results files out.
 
 Used by ``eval_online_sdpo.py`` (and the checkpoint evaluator) in this order:
 
@@ -8,10 +8,11 @@ Used by ``eval_online_sdpo.py`` (and the checkpoint evaluator) in this order:
    ``datasets.Dataset.shuffle(seed=...)``, so the same file and seed give the same prompts).
 2. ``compute_metrics`` turns the judge's per-example decisions into the win-rate dictionary stored
    in ``eval_history`` (reference spec §5.4.3, plus ``winrate_inc_ties``, which the reference only
-   printed); ``format_metrics_line`` is its one-line console form.
+   printed); ``format_metrics_line`` is its one-line console form. ``judge_against_baseline`` /
+   ``judge_every_style`` run a judge (both orders) and ``compute_metrics`` for every evaluator.
 3. ``write_json_atomic`` rewrites the results file after every evaluation (temp file + rename, so a
    crash never leaves a half-written file), ``next_run_index`` numbers runs ``<run_name>_<idx>.json``,
-   ``plot_winrate`` redraws the win-rate curve, and ``save_completions_snapshot`` appends a few
+   and ``save_completions_snapshot`` appends a few
    truncated completions per evaluation to a JSONL file inside the run's own output folder (the
    reference wrote to a hard-coded ``~/output/sdpo/``).
 
@@ -330,88 +331,3 @@ def save_completions_snapshot(
                 "baseline": baseline_text[:max_chars],
             }
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-# --------------------------------------------------------------------------------------------------
-# Plot
-# --------------------------------------------------------------------------------------------------
-
-SECONDARY_PREFIX = "secondary_"
-
-
-def _curve(eval_history: Sequence[dict], style_key: str | None) -> tuple[list, list, list]:
-    """(steps, win rates, SEs) of one judged style, skipping evaluations where it has no finite win rate."""
-    steps, winrates, ses = [], [], []
-    for entry in eval_history:
-        metrics = entry if style_key is None else entry.get(style_key)
-        winrate = None if metrics is None else metrics.get("winrate_a")
-        if winrate is None or not math.isfinite(winrate):
-            continue
-        se = metrics.get("se")
-        steps.append(entry["step"])
-        winrates.append(winrate)
-        ses.append(se if se is not None and math.isfinite(se) else 0.0)
-    return steps, winrates, ses
-
-
-def plot_winrate(
-    eval_history: Sequence[dict],
-    path: str | os.PathLike,
-    *,
-    primary_style: str = "primary",
-    title: str | None = None,
-) -> None:
-    """Plot win rate ± SE (ties excluded) against interaction step, one line per judged style.
-
-    Each ``eval_history`` entry holds ``step`` and the primary judge's metrics at the top level, and
-    each secondary judge's metrics under ``secondary_<style>``. Points with a NaN/None win rate (all
-    ties) are skipped; a lone point is drawn as a marker with its error bar. The figure is written
-    atomically, format taken from the file extension (PNG by default).
-    """
-    # The object-oriented API renders with the Agg canvas without touching pyplot's global backend.
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    secondary_keys = []
-    for entry in eval_history:
-        for key in entry:
-            if key.startswith(SECONDARY_PREFIX) and key not in secondary_keys:
-                secondary_keys.append(key)
-
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
-    axes = figure.add_subplot()
-    axes.axhline(50.0, color="grey", linestyle="--", linewidth=1, label="50% (no preference)")
-    markers = "osD^v<>p*h"
-    curves = [(primary_style, None)] + [(key[len(SECONDARY_PREFIX) :], key) for key in secondary_keys]
-    all_steps = sorted({entry["step"] for entry in eval_history})
-    spacing = min(np.diff(all_steps)) if len(all_steps) > 1 else 1
-    for position, (name, key) in enumerate(curves):
-        steps, winrates, ses = _curve(eval_history, key)
-        if not steps:
-            continue
-        # Styles are judged at the same steps; a small sideways shift keeps their error bars apart.
-        shift = (position - (len(curves) - 1) / 2) * 0.03 * spacing
-        axes.errorbar(
-            [step + shift for step in steps],
-            winrates,
-            yerr=ses,
-            label=name,
-            marker=markers[position % len(markers)],
-            linewidth=2 if key is None else 1.2,
-            capsize=3,
-        )
-    if len(all_steps) == 1:
-        # Otherwise matplotlib zooms into a sub-unit range around the lone step.
-        axes.set_xlim(all_steps[0] - 1, all_steps[0] + 1)
-    axes.set_ylim(0, 100)
-    axes.set_xlabel("interaction step")
-    axes.set_ylabel("win rate vs baseline (%, ties excluded)")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.grid(alpha=0.3)
-    axes.legend(loc="best", fontsize="small")
-    if title:
-        axes.set_title(title)
-
-    path = Path(path)
-    image_format = path.suffix.lstrip(".") or "png"
-    replace_atomically(path, lambda handle: figure.savefig(handle, format=image_format, dpi=120), binary=True)

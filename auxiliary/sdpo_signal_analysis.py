@@ -79,6 +79,7 @@ if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the
 import numpy as np
 import torch
 
+from auxiliary.command_line import ArgumentParser
 from auxiliary.evaluation_helpers import seed_everything
 from auxiliary.file_io import write_json_atomic
 from auxiliary.generation import Generation, SamplingParams, encode_chat, generate
@@ -445,13 +446,6 @@ class SignalAnalysisConfig:
         return [SIGNALS_FILE, SUMMARY_FILE, *SIGNAL_HEATMAP_FILES, token_figure_name(self.figures.token_case_index)]
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (``<prog>: error: ... (see --help)``), not the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _argument_problems(args: argparse.Namespace) -> list[str]:
     minimums = {
         "n_cases": 1,
@@ -483,7 +477,7 @@ def _argument_problems(args: argparse.Namespace) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> SignalAnalysisConfig:
     """The run's settings from ``argv`` (env vars as fallbacks); ``SignalAnalysisError`` lists bad values."""
     env = os.environ.get
-    parser = OneLineErrorParser(
+    parser = ArgumentParser(
         description="Per-token SDPO signal heatmaps: unrelated vs feedback follow-ups (spec §10).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -15,7 +15,6 @@ from auxiliary.evaluation_helpers import (
     format_metrics_line,
     load_prompts,
     next_run_index,
-    plot_winrate,
     save_completions_snapshot,
     select_prompts,
     to_json_safe,
@@ -24,7 +23,6 @@ from auxiliary.evaluation_helpers import (
 from auxiliary.generation import encode_chat
 
 PROMPTS = Path(__file__).parent / "fixtures" / "prompts"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 METRIC_KEYS = {
     "n",
@@ -349,52 +347,3 @@ def test_save_completions_snapshot_appends_truncated_rows(tmp_path):
 def test_save_completions_snapshot_rejects_unequal_lengths(tmp_path):
     with pytest.raises(ValueError, match="equal lengths"):
         save_completions_snapshot(tmp_path / "s.jsonl", 1, ["p"], ["c", "d"], ["b"])
-
-
-# ---------------------------------------------------------------------------------------------- plot
-
-
-def _entry(step, decisions, seed=0, **secondary):
-    entry = {"step": step, **compute_metrics(decisions, seed=seed)}
-    for style, style_decisions in secondary.items():
-        entry[f"secondary_{style}"] = compute_metrics(style_decisions, seed=seed)
-    return entry
-
-
-def _assert_png(path):
-    assert path.read_bytes()[:8] == PNG_SIGNATURE
-    assert path.stat().st_size > 1000
-    assert [p.name for p in path.parent.iterdir()] == [path.name]
-
-
-def test_plot_with_secondary_styles_and_a_nan_point(tmp_path):
-    history = [
-        _entry(3, [0, 1, 0, -1, 1, 0, 0, 1], no_emojis=[0, 0, 1, 1, -1, 0, 1, 1]),
-        _entry(6, [-1, -1, -1, -1], no_emojis=[0, 0, 0, 1, -1, 0, 0, 1]),  # primary all ties → NaN
-        _entry(9, [0, 0, 0, 1, 0, 0, 1, 0], no_emojis=[0, 1, 0, 1, 0, 0, 1, 0], answer_directly=[0, 0, 1, 1]),
-        _entry(12, [0, 0, 0, 0, 0, 1, 0, 0], no_emojis=[0, 0, 1, 0, 0, 0, 1, 0], answer_directly=[0, 0, 0, 1]),
-    ]
-    path = tmp_path / "winrate.png"
-    plot_winrate(history, path, primary_style="concise_casual_beginner", title="run_1")
-    _assert_png(path)
-
-
-def test_plot_single_evaluation(tmp_path):
-    path = tmp_path / "winrate.png"
-    plot_winrate([_entry(1, [0, 1, 0])], path, primary_style="no_emojis")
-    _assert_png(path)
-
-
-def test_plot_history_reloaded_from_json_with_nulls(tmp_path):
-    history = json.loads(json.dumps(to_json_safe([_entry(1, [-1, -1]), _entry(2, [0, 1, 0, 0])])))
-    path = tmp_path / "winrate.png"
-    plot_winrate(history, path)
-    _assert_png(path)
-
-
-def test_plot_empty_history_and_overwrite(tmp_path):
-    path = tmp_path / "winrate.png"
-    plot_winrate([], path)
-    _assert_png(path)
-    plot_winrate([_entry(1, [0, 0, 1])], path)  # redrawn in place after each evaluation
-    _assert_png(path)
