@@ -47,6 +47,7 @@ seeded; the final evaluation uses --temperature; strict judge parsing with unpar
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -66,11 +67,14 @@ from auxiliary.command_line import ArgumentParser
 from auxiliary.env_file import load_project_env
 from auxiliary.evaluation_helpers import (
     DataError,
+    Prompt,
+    as_conversation,
     average_chars,
     format_metrics_line,
     judge_every_style,
     load_split,
     next_run_index,
+    request_text,
     save_completions_snapshot,
     seed_everything,
     write_json_atomic,
@@ -132,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--vllm_gpu_memory_utilization", type=float, default=DEFAULTS.vllm_gpu_memory_utilization, help="GPU memory share of the policy vLLM engine")
     # ---- data
     data = parser.add_argument_group("data")
-    data.add_argument("--train_jsonl", help="training prompts (JSONL: a string 'prompt' or a 'messages' list per line)")
+    data.add_argument("--train_jsonl", help="training prompts (JSONL: a 'prompt' string, or a 'messages' list ending with the user turn, per line)")
     data.add_argument("--val_jsonl", help="held-out evaluation prompts (same format)")
     data.add_argument("--train_n", type=int, default=10, help="number of training interactions")
     data.add_argument("--eval_n", type=int, default=50, help="number of evaluation prompts")
@@ -246,6 +250,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.optim == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        parser.error("--optim adamw_8bit needs bitsandbytes (pip install bitsandbytes, CUDA); or use --optim adamw")
     try:
         StyleSchedule.parse(args.style_schedule, args.style)
     except (ValueError, argparse.ArgumentTypeError) as error:
@@ -368,10 +374,12 @@ def resume_checkpoint(files: RunFiles, previous: dict | None) -> Path | None:
     return checkpoint
 
 
-def policy_conversation(prompt: str, system_prompt: str | None) -> list[dict]:
-    """The policy's context for one prompt: the user turn, after the system message when one is set."""
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [*system, {"role": "user", "content": prompt}]
+def policy_conversation(prompt: Prompt, system_prompt: str | None) -> list[dict]:
+    """The policy's context for one prompt: its conversation, after the run's system message when one is set."""
+    conversation = as_conversation(prompt)
+    if not system_prompt or conversation[0]["role"] == "system":
+        return conversation
+    return [{"role": "system", "content": system_prompt}, *conversation]
 
 
 class OnlineRun:
@@ -389,7 +397,7 @@ class OnlineRun:
 
     # ------------------------------------------------------------------ set-up
 
-    def conversations(self, prompts: list[str]) -> list[list[dict]]:
+    def conversations(self, prompts: list[Prompt]) -> list[list[dict]]:
         return [policy_conversation(p, self.system_prompt) for p in prompts]
 
     def baseline_completions(self, eval_prompts: list[str], policy) -> list[str]:
@@ -417,7 +425,9 @@ class OnlineRun:
             answers = json.loads(self.files.oracle.read_text())["completions"]
         else:
             sampling = self.eval_sampling
-            answers, _ = oracle_answers(policy, eval_prompts, styles, sampling, batch_size=self.args.generation_batch_size, seed=self.args.seed)
+            answers, _ = oracle_answers(
+                policy, eval_prompts, styles, sampling, batch_size=self.args.generation_batch_size, seed=self.args.seed, system_prompt=self.system_prompt
+            )
             write_json_atomic(self.files.oracle, {"prompts": eval_prompts, "completions": answers})
         metrics = {}
         for style in styles:
@@ -535,7 +545,7 @@ class OnlineRun:
         entry.update(step=step, interaction=interaction, eval_gen_time_s=round(gen_time, 1), avg_completion_chars=average_chars(current))
         return entry, current
 
-    def interact(self, updater, participants, prompts: list[str], first: int) -> tuple[list, list[str], list[str], float, float]:
+    def interact(self, updater, participants, prompts: list[Prompt], first: int) -> tuple[list, list[str], list[str], float, float]:
         """One batch of interactions: responses (one generation call) and follow-ups (one call per persona)."""
         started = time.perf_counter()
         responses = updater.generate(self.conversations(prompts))
@@ -545,7 +555,7 @@ class OnlineRun:
         started = time.perf_counter()
         for style in dict.fromkeys(styles):
             rows = [i for i, s in enumerate(styles) if s == style]
-            replies = participants.simulators[style].generate_feedback([prompts[i] for i in rows], [responses[i].text for i in rows])
+            replies = participants.simulators[style].generate_feedback([request_text(prompts[i]) for i in rows], [responses[i].text for i in rows])
             for row, reply in zip(rows, replies):
                 follow_ups[row] = reply
         return responses, follow_ups, styles, gen_time, time.perf_counter() - started
@@ -560,7 +570,7 @@ class OnlineRun:
             last = first + len(prompts)
             responses, follow_ups, styles, gen_time, sim_time = self.interact(updater, participants, prompts, first)
             if args.debug_first_example and first == 0:
-                print(f"[debug] first interaction ({styles[0]}): {prompts[0][:500]!r} → {responses[0].text[:500]!r}\n[debug] follow-up: {follow_ups[0]!r}")
+                print(f"[debug] first interaction ({styles[0]}): {request_text(prompts[0])[:500]!r} → {responses[0].text[:500]!r}\n[debug] follow-up: {follow_ups[0]!r}")
             trainable, skipped = [], {}
             for row, response in enumerate(responses):
                 try:
@@ -585,7 +595,7 @@ class OnlineRun:
                     batch_size=len(prompts),
                     gen_time_s=round(gen_time, 2),
                     sim_time_s=round(sim_time, 2),
-                    prompt=prompt[:TEXT_PREVIEW_CHARS],
+                    prompt=request_text(prompt)[:TEXT_PREVIEW_CHARS],
                     response=responses[row].text[:TEXT_PREVIEW_CHARS],
                     feedback=follow_ups[row][:TEXT_PREVIEW_CHARS],
                 )

@@ -73,13 +73,13 @@ from auxiliary.backends import BackendError
 from auxiliary.command_line import ArgumentParser
 from auxiliary.evaluation_helpers import (
     DataError,
+    as_conversation,
     average_chars,
     format_style_line,
     judge_every_style,
     load_split,
     next_run_index,
     seed_everything,
-    user_turn,
     write_json_atomic,
 )
 from auxiliary.generation import SamplingParams
@@ -276,7 +276,7 @@ def run(args, checkpoints: list[Checkpoint], participants_config: ParticipantsCo
         raise DataError(f"{args.val_jsonl}: no prompts left after filtering to {args.max_prompt_tokens} tokens")
     participants = build_participants(participants_config)
     check_remote_backends(participants)
-    conversations = [user_turn(p) for p in prompts]
+    conversations = [as_conversation(p) for p in prompts]
     sampling = SamplingParams(max_new_tokens=args.eval_max_new_tokens, temperature=args.temperature, top_p=1.0)
 
     def answers_of(policy, label: str) -> list[str]:

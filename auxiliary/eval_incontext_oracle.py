@@ -68,13 +68,13 @@ from auxiliary.backends import (
 from auxiliary.command_line import ArgumentParser
 from auxiliary.evaluation_helpers import (
     DataError,
+    as_conversation,
     average_chars,
     format_style_line,
     judge_against_baseline,
     load_split,
     next_run_index,
     seed_everything,
-    user_turn,
     write_json_atomic,
 )
 from auxiliary.generation import SamplingParams
@@ -188,7 +188,7 @@ def run(args, config: ParticipantsConfig, results_path: Path, completions_path: 
     policy = build_policy(args)
     seed_everything(args.seed)
     started = time.perf_counter()
-    baseline = answer(policy, [user_turn(p) for p in prompts], sampling, batch_size=batch_size, label="baseline")
+    baseline = answer(policy, [as_conversation(p) for p in prompts], sampling, batch_size=batch_size, label="baseline")
     baseline_time = time.perf_counter() - started
     oracle, oracle_times = oracle_answers(policy, prompts, styles, sampling, batch_size=batch_size, seed=args.seed)
     del policy

@@ -59,45 +59,75 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def load_prompts(path: str | os.PathLike, field: str = "prompt") -> list[str]:
-    """Read the stripped string ``field`` of every row of a JSONL file, in file order.
+# A prompt is the request text, or a conversation (TRL's conversational format) that ends with a user turn.
+Prompt = str | list[dict]
+CHAT_ROLES = ("system", "user", "assistant")
 
-    Blank lines are skipped. Anything else that is not a JSON object with a non-empty string
-    ``field`` raises ``DataError`` naming the file and the 1-based line number.
+
+def as_conversation(prompt: Prompt) -> list[dict]:
+    """The policy's context for ``prompt``: a single user turn for a string, the conversation itself otherwise."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def request_text(prompt: Prompt) -> str:
+    """What the simulated user and the judge read as the request: the string, or the conversation's last user turn."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def _conversation_problem(messages) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "must be a non-empty list of {\"role\", \"content\"} messages"
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
+            return f"message {position} must be {{\"role\": one of {list(CHAT_ROLES)}, \"content\": a string}}"
+    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        return "must end with a non-empty user message (the request the policy answers)"
+    return None
+
+
+def load_prompts(path: str | os.PathLike, field: str = "prompt") -> list[Prompt]:
+    """Every row's prompt, in file order: the stripped string ``field``, or a conversation.
+
+    A conversation is ``field`` given as a list of messages, or a ``messages`` list (TRL's conversational
+    format), ending with the user turn the policy answers. Blank lines are skipped; anything else raises
+    ``DataError`` naming the file, the 1-based line number and the field.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: prompt file not found; pass an existing JSONL file with a {field!r} field per line")
-    prompts = []
+    prompts: list[Prompt] = []
     for line_number, row, error in iter_jsonl(path):
+        where = f"{path}:{line_number}"
         if error:
-            raise DataError(f"{path}:{line_number}: {error}; each line must be one JSON object — fix or delete that line")
+            raise DataError(f"{where}: {error}; each line must be one JSON object — fix or delete that line")
         if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object with a {field!r} field, got {type(row).__name__}")
+        key = field if field in row else "messages" if "messages" in row else None
+        if key is None:
+            present = ", ".join(repr(k) for k in list(row)[:10]) or "none"
             raise DataError(
-                f"{path}:{line_number}: expected a JSON object with a {field!r} field, got {type(row).__name__}"
+                f"{where}: no {field!r} field (fields present: {present}); "
+                f"give each line a {field!r} string or a 'messages' list"
             )
-        if field not in row:
-            present = ", ".join(repr(key) for key in list(row)[:10]) or "none"
-            raise DataError(
-                f"{path}:{line_number}: no {field!r} field (fields present: {present}); "
-                "choose the field that holds the prompt text or fix the file"
-            )
-        value = row[field]
+        value = row[key]
+        if isinstance(value, list):
+            problem = _conversation_problem(value)
+            if problem:
+                raise DataError(f"{where}: field {key!r} {problem}")
+            prompts.append([{"role": m["role"], "content": m["content"]} for m in value])
+            continue
         if not isinstance(value, str):
-            raise DataError(
-                f"{path}:{line_number}: field {field!r} must be a string, got {type(value).__name__}; "
-                "convert multi-turn data to a single prompt string first"
-            )
+            raise DataError(f"{where}: field {key!r} must be a string or a list of messages, got {type(value).__name__}")
         if not value.strip():
-            raise DataError(f"{path}:{line_number}: field {field!r} is empty; remove that row")
+            raise DataError(f"{where}: field {key!r} is empty; remove that row")
         prompts.append(value.strip())
     if not prompts:
         raise DataError(f"{path}: no prompts (the file is empty or has only blank lines)")
     return prompts
 
 
-def filter_by_prompt_tokens(prompts: Sequence[str], tokenizer, max_prompt_tokens: int) -> tuple[list[str], int]:
-    """Keep prompts whose single-user-turn chat rendering (generation prompt included) fits the budget.
+def filter_by_prompt_tokens(prompts: Sequence[Prompt], tokenizer, max_prompt_tokens: int) -> tuple[list[Prompt], int]:
+    """Keep prompts whose chat rendering (generation prompt included) fits the budget.
 
     The token count is that of exactly what the policy is later fed (``encode_chat``, thinking off),
     so "≤ max_prompt_tokens" holds for the real model input. Returns ``(kept, n_dropped)``, order kept.
@@ -107,13 +137,13 @@ def filter_by_prompt_tokens(prompts: Sequence[str], tokenizer, max_prompt_tokens
     kept = [
         prompt
         for prompt in prompts
-        if len(encode_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True))
+        if len(encode_chat(tokenizer, as_conversation(prompt), add_generation_prompt=True))
         <= max_prompt_tokens
     ]
     return kept, len(prompts) - len(kept)
 
 
-def select_prompts(prompts: Sequence[str], n: int, seed: int, *, label: str) -> list[str]:
+def select_prompts(prompts: Sequence[Prompt], n: int, seed: int, *, label: str) -> list[Prompt]:
     """The first ``n`` prompts after a seeded shuffle.
 
     The shuffle is ``numpy.random.default_rng(seed).permutation(len(prompts))`` — the permutation
@@ -147,12 +177,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def user_turn(prompt: str) -> list[dict]:
-    """A single-turn conversation (no system message, as in the reference's evaluations)."""
-    return [{"role": "user", "content": prompt}]
-
-
-def load_split(path: str | os.PathLike, tokenizer, n: int, *, max_prompt_tokens: int, seed: int, label: str) -> list[str]:
+def load_split(path: str | os.PathLike, tokenizer, n: int, *, max_prompt_tokens: int, seed: int, label: str) -> list[Prompt]:
     """Prompts of one JSONL split: loaded, length-filtered on the whole file, then ``n`` selected (seeded)."""
     kept, dropped = filter_by_prompt_tokens(load_prompts(path), tokenizer, max_prompt_tokens)
     if dropped:
@@ -249,10 +274,10 @@ def format_metrics_line(metrics: dict, label: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def judge_against_baseline(judge, prompts: list[str], completions: list[str], baseline: list[str], *, seed: int) -> dict:
+def judge_against_baseline(judge, prompts: list[Prompt], completions: list[str], baseline: list[str], *, seed: int) -> dict:
     """Win-rate metrics of ``completions`` (A) over ``baseline`` (B) under one judge, both orders."""
     started = time.perf_counter()
-    decisions = judge.choose_batch_generated(prompts, completions, baseline)
+    decisions = judge.choose_batch_generated([request_text(p) for p in prompts], completions, baseline)
     return {
         **compute_metrics(decisions, seed=seed),
         "n_unparsed": judge.last_n_unparsed,
@@ -260,7 +285,7 @@ def judge_against_baseline(judge, prompts: list[str], completions: list[str], ba
     }
 
 
-def judge_every_style(judges: dict, prompts: list[str], completions: list[str], baseline: list[str], *, seed: int, label: str) -> dict[str, dict]:
+def judge_every_style(judges: dict, prompts: list[Prompt], completions: list[str], baseline: list[str], *, seed: int, label: str) -> dict[str, dict]:
     """``judge_against_baseline`` for every ``{style: judge}``, each printed as one console line."""
     per_style = {}
     for style, judge in judges.items():
@@ -303,7 +328,7 @@ def next_run_index(directory: str | os.PathLike, run_name: str) -> int:
 def save_completions_snapshot(
     path: str | os.PathLike,
     step: int,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     current: Sequence[str],
     baseline: Sequence[str],
     n: int = 10,
@@ -326,7 +351,7 @@ def save_completions_snapshot(
         for prompt, current_text, baseline_text in list(zip(prompts, current, baseline))[:n]:
             row = {
                 "step": step,
-                "prompt": prompt[:max_chars],
+                "prompt": request_text(prompt)[:max_chars],
                 "current": current_text[:max_chars],
                 "baseline": baseline_text[:max_chars],
             }

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 
 from auxiliary.backends import ChatBackend
-from auxiliary.evaluation_helpers import seed_everything, user_turn
+from auxiliary.evaluation_helpers import Prompt, as_conversation, seed_everything
 from auxiliary.generation import SamplingParams
 from auxiliary.policies import answer
 from auxiliary.user_simulator import get_persona
@@ -31,12 +31,23 @@ def oracle_system_prompt(style: str) -> str:
     )
 
 
-def oracle_messages(style: str, prompt: str) -> list[dict]:
-    return [{"role": "system", "content": oracle_system_prompt(style)}, *user_turn(prompt)]
+def oracle_messages(style: str, prompt: Prompt, system_prompt: str | None = None) -> list[dict]:
+    """The oracle's context: the persona system message (after the run's own system text, if any), then the prompt."""
+    conversation = as_conversation(prompt)
+    own_system = [m["content"] for m in conversation if m["role"] == "system"]
+    system = "\n\n".join([*([system_prompt] if system_prompt else []), *own_system, oracle_system_prompt(style)])
+    return [{"role": "system", "content": system}, *(m for m in conversation if m["role"] != "system")]
 
 
 def oracle_answers(
-    policy: ChatBackend, prompts: Sequence[str], styles: Sequence[str], sampling: SamplingParams, *, batch_size: int, seed: int
+    policy: ChatBackend,
+    prompts: Sequence[Prompt],
+    styles: Sequence[str],
+    sampling: SamplingParams,
+    *,
+    batch_size: int,
+    seed: int,
+    system_prompt: str | None = None,
 ) -> tuple[dict[str, list[str]], dict[str, float]]:
     """({style: persona-prompted answers}, {style: generation seconds}); each style re-seeded, so its answers
     do not depend on the styles before it."""
@@ -44,7 +55,7 @@ def oracle_answers(
     for style in styles:
         seed_everything(seed)
         started = time.perf_counter()
-        conversations = [oracle_messages(style, prompt) for prompt in prompts]
+        conversations = [oracle_messages(style, prompt, system_prompt) for prompt in prompts]
         answers[style] = answer(policy, conversations, sampling, batch_size=batch_size, label=f"oracle {style}")
         seconds[style] = round(time.perf_counter() - started, 1)
     return answers, seconds

@@ -50,6 +50,7 @@ ONLINE_CASES = {
     "local user without a model": (lambda f: online(f, "--user_backend", "hf"), 1, "needs --user_model_name_or_path"),
     "openai without a server": (lambda f: online(f, "--user_backend", "openai", "--user_model_name_or_path", "m", "--openai_base_url", ""), 1, "needs --openai_base_url"),
     "vllm not installed": (lambda f: online(f, "--use_vllm"), 1, "--use_vllm needs vLLM"),
+    "8-bit AdamW without bitsandbytes": (lambda f: online(f, "--optim", "adamw_8bit"), 2, "--optim adamw_8bit needs bitsandbytes"),
     "unloadable model": (lambda f: online(f), 1, "no-such-model-anywhere"),
 }
 

@@ -3,12 +3,15 @@
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from auxiliary.evaluation_helpers import (
+    as_conversation,
+    request_text,
     DataError,
     compute_metrics,
     filter_by_prompt_tokens,
@@ -347,3 +350,33 @@ def test_save_completions_snapshot_appends_truncated_rows(tmp_path):
 def test_save_completions_snapshot_rejects_unequal_lengths(tmp_path):
     with pytest.raises(ValueError, match="equal lengths"):
         save_completions_snapshot(tmp_path / "s.jsonl", 1, ["p"], ["c", "d"], ["b"])
+
+
+def test_prompts_may_be_conversations(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    rows = [
+        {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}]},
+        {"prompt": [{"role": "user", "content": "Yo"}]},
+        {"prompt": "  plain  "},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prompts = load_prompts(path)
+    assert prompts[0] == rows[0]["messages"] and prompts[1] == rows[1]["prompt"] and prompts[2] == "plain"
+    assert [request_text(p) for p in prompts] == ["Name a colour.", "Yo", "plain"]
+    assert as_conversation("plain") == [{"role": "user", "content": "plain"}] and as_conversation(prompts[0]) == rows[0]["messages"]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}, "must end with a non-empty user message"),
+        ({"messages": [{"role": "robot", "content": "Hi"}]}, "message 0 must be"),
+        ({"messages": []}, "must be a non-empty list"),
+        ({"prompt": 7}, "must be a string or a list of messages, got int"),
+    ],
+)
+def test_bad_conversations_name_the_line_and_field(tmp_path, row, message):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=f"chat.jsonl:2: field '(prompt|messages)' {re.escape(message)}"):
+        load_prompts(path)

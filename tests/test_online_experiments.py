@@ -129,3 +129,29 @@ def test_faults_at_commit_points_then_resume_equal_an_uninterrupted_run(tmp_path
         resumed = _results(out)
         assert resumed["training_metrics"][: len(kept)] == kept, f"--resume rewrote finished interactions (fault at {k})"
         assert resumed == expected, f"fault {signal_name} at commit point {k}: the resumed run differs from an uninterrupted one"
+
+
+def test_conversational_prompt_files_and_the_tldr_system_prompt(tmp_path, prompt_files, tiny_model_path, chat_tokenizer, monkeypatch):
+    from auxiliary import generation
+
+    seen = []
+    real_generate = generation.generate
+
+    def recording_generate(model, tokenizer, contexts, sampling, **kwargs):
+        seen.extend(chat_tokenizer.decode(c) for c in contexts)
+        return real_generate(model, tokenizer, contexts, sampling, **kwargs)
+
+    monkeypatch.setattr("online_sdpo_updater.generate", recording_generate)
+    _, val = prompt_files
+    train = tmp_path / "chat.jsonl"
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    train.write_text("".join(json.dumps({"messages": [*history, {"role": "user", "content": p}]}) + "\n" for p in PROMPTS))
+    out = tmp_path / "run"
+    args = experiment_args(tiny_model_path, train, val, out, "--system_prompt", "tldr")
+    assert eval_online_sdpo.main(args) == 0
+    records = json.loads((out / "unit_1.json").read_text())["training_metrics"]
+    assert all(r["prompt"] in PROMPTS for r in records), "the simulated user reads the last user turn"
+    training_contexts = [text for text in seen if "Hello!" in text]
+    assert training_contexts and all(eval_online_sdpo.SYSTEM_PROMPTS["tldr"] in text for text in training_contexts)
+    oracle_contexts = [text for text in seen if "USER PROFILE" in text]
+    assert oracle_contexts and all(eval_online_sdpo.SYSTEM_PROMPTS["tldr"] in text for text in oracle_contexts)
