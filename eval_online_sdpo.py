@@ -1,35 +1,47 @@
 """Online SDPO with periodic evaluation: the continual-personalization experiment.
 
-For each training prompt: the policy answers, the simulated user (a persona) writes a follow-up, and
-the policy is updated at once with the SDPO signal log π(y|x,o) − log π(y|x). Every ``--eval_every``
-interactions the current policy answers the held-out prompts and a persona judge compares each answer
-with the untrained baseline's, in both orders.
+Per optimizer step: ``--interactions_per_step`` B training prompts are answered in one batched generation,
+the simulated user (a persona) writes B follow-ups, and the policy is updated at once on the B tuples with
+the SDPO signal log π(y|x,o) − log π(y|x). Every ``--eval_every`` interactions the current policy answers the
+held-out prompts and one persona judge per style compares each answer with the untrained baseline's, in both
+orders. ``--style_schedule`` switches the user's persona during training (the paper's preference flip, Fig. 4,
+and sequential preferences, Fig. 6); every scheduled style is judged at every evaluation, so retention shows.
+``--oracle`` first judges the in-context oracle (the same policy told the persona in a system message): the
+reference line of what the model can do in context, which is what SDPO distills.
 
 GPU (the reference setup, via the script):
     ./scripts/eval_online_sdpo.sh
+The paper's figures (Table 5 settings): ./scripts/reproduce_paper.sh (FIGURE=fig4|fig5|fig6)
 CPU, embedded model, rule-based user and judge, MT-Bench prompts (about 5 minutes on 2 cores):
     ./scripts/quickstart_cpu.sh
 Direct:
     python eval_online_sdpo.py --model smollm2-135m-instruct --user_backend rule --judge_backend rule \
         --train_jsonl data/mtbench_prompts/train.jsonl --val_jsonl data/mtbench_prompts/validation.jsonl \
-        --run_name demo --out_dir runs/demo
-Resume an interrupted run (same out_dir; its original arguments are reused):
+        --interactions_per_step 2 --style_schedule short:2,no_lists:2 --oracle --run_name demo --out_dir runs/demo
+Resume an interrupted run (same out_dir; its original arguments are reused; .env is read as by the scripts):
     python eval_online_sdpo.py --resume --out_dir runs/demo
 
 Outputs (all inside --out_dir; results JSON in --eval_dir, default --out_dir):
-    <run_name>_<idx>.json               meta, eval_history, training_metrics (rewritten after every interaction)
+    <run_name>_<idx>.json               meta, eval_history, training_metrics (rewritten after every step)
     <run_name>_completions_<idx>.json   every evaluation's current and baseline completions
     <run_name>_completions.jsonl        the first 10 eval prompts per evaluation, truncated, for a quick look
     baseline_completions.json           the baseline's answers (kept for --resume)
-    winrate.png                         win rate ± SE vs interaction step, one line per judged style
+    oracle_completions.json             with --oracle: the persona-prompted answers per style
+    winrate.png                         win rate ± SE and coverage vs interactions, one line per judged style
     checkpoints/last/                   resume state (adapter or model, optimizer, step, RNG)
-    checkpoints/step_<n>/               with --save_checkpoints, one per interaction
+    checkpoints/step_<n>/               with --save_checkpoints, one per optimizer step
     run_state.json                      the arguments and file names of this run
 
-Deliberate differences from the reference: batched evaluation generation; everything under the run's
-directory; results written after every interaction; python/numpy/torch seeded; the final evaluation
-uses --temperature; strict judge parsing with unparsed verdicts counted (n_unparsed); the ties-as-half
-win rate stored.
+After a crash (kill -9, Ctrl-C, an API outage): every interaction recorded in the results file up to the last
+resume checkpoint is kept byte for byte by ``--resume``; interactions after it are recomputed from the
+checkpoint's RNG state, so the resumed run equals an uninterrupted one. Files are replaced atomically (a
+complete new file before the old one goes), and a checkpoint's previous version is kept until the new one is
+complete. A run that failed before its first interaction can simply be started again.
+
+Deliberate differences from the reference: batched interactions and evaluation generation; persona schedules;
+the oracle line; everything under the run's directory; results written after every step; python/numpy/torch
+seeded; the final evaluation uses --temperature; strict judge parsing with unparsed verdicts counted
+(n_unparsed); the ties-as-half win rate stored.
 """
 
 from __future__ import annotations
@@ -37,33 +49,46 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
+if __package__ in (None, ""):  # run as a file from elsewhere: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from tqdm.auto import tqdm
 
 from auxiliary.backends import BackendError
+from auxiliary.command_line import ArgumentParser
+from auxiliary.env_file import load_project_env
 from auxiliary.evaluation_helpers import (
     DataError,
-    answer_in_batches,
-    compute_metrics,
+    average_chars,
     format_metrics_line,
-    generation_texts,
+    judge_every_style,
     load_split,
     next_run_index,
     plot_winrate,
     save_completions_snapshot,
     seed_everything,
-    user_turn,
     write_json_atomic,
 )
-from auxiliary.generation import SamplingParams, encode_chat, generate
-from auxiliary.model_loading import ModelLoadError, load_model_and_tokenizer
-from auxiliary.participants import Participants, add_participant_arguments, build_participants
-from auxiliary.user_simulator import resolve_style
+from auxiliary.generation import SamplingParams
+from auxiliary.model_loading import ModelLoadError
+from auxiliary.oracle import oracle_answers
+from auxiliary.participants import (
+    ParticipantsConfig,
+    add_participant_arguments,
+    build_participants,
+    style_name,
+    unique_styles,
+)
+from auxiliary.policies import TrainingPolicy, answer, load_policy, release
+from auxiliary.tracking import REPORT_TO, Tracker
+from auxiliary.vllm_engines import require_vllm
 from online_sdpo_updater import EmptyResponseError, OnlineSDPOUpdater
 from online_sdpo_updater_config import OnlineSDPOConfig
 
@@ -72,74 +97,177 @@ logger = logging.getLogger("eval_online_sdpo")
 RESUME_TAG = "last"
 TEXT_PREVIEW_CHARS = 300
 # Arguments that may differ on --resume without changing what the run computes.
-RESUME_OVERRIDABLE = {"resume", "debug_first_example", "wandb"}
+RESUME_OVERRIDABLE = {"resume", "debug_first_example", "report_to", "wandb"}
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The reference's TL;DR experiments put this instruction in a system message (--system_prompt tldr).
+SYSTEM_PROMPTS = {
+    "general": None,
+    "tldr": "Summarize the following post in one or two sentences, starting with \"TL;DR:\".",
+}
+DEFAULTS = OnlineSDPOConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     # ---- policy and training
     policy = parser.add_argument_group("policy and training")
-    policy.add_argument("--model", default="Qwen/Qwen3-8B", help="policy: HF id, local folder or bundled alias (smollm2-135m-instruct)")
-    policy.add_argument("--lr", type=float, default=5e-6, help="learning rate (constant)")
+    policy.add_argument("--model", default=DEFAULTS.model_name_or_path, help="policy: HF id, local folder or bundled alias (smollm2-135m-instruct)")
+    policy.add_argument("--lr", type=float, default=DEFAULTS.learning_rate, help="learning rate (constant)")
+    policy.add_argument("--optim", default=DEFAULTS.optimizer, choices=["adamw", "adamw_8bit"], help="optimizer (adamw_8bit needs bitsandbytes, CUDA)")
     policy.add_argument("--use_lora", action="store_true", help="train LoRA adapters instead of all weights")
-    policy.add_argument("--lora_r", type=int, default=256, help="LoRA rank")
-    policy.add_argument("--lora_alpha", type=int, default=512, help="LoRA alpha (scale = alpha / r)")
-    policy.add_argument("--loss_mode", default="full_distillation", choices=["simple_signal", "full_distillation"], help="SDPO loss; simple_signal is the paper's sampled-token form")
-    policy.add_argument("--distillation_topk", type=int, default=20, help="K of the top-K distillation")
-    policy.add_argument("--train_steps_per_example", type=int, default=1, help="gradient steps per interaction")
-    policy.add_argument("--max_new_tokens", type=int, default=2048, help="training-time generation budget")
-    policy.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (training and evaluation)")
-    policy.add_argument("--dtype", default="bfloat16", help="compute dtype (trainable weights stay fp32 under autocast)")
-    policy.add_argument("--device", default="auto", help="policy device: auto, cpu, cuda, cuda:1, ...")
-    policy.add_argument("--generation_batch_size", type=int, default=8, help="prompts per batched generate call")
+    policy.add_argument("--lora_r", type=int, default=DEFAULTS.lora_r, help="LoRA rank")
+    policy.add_argument("--lora_alpha", type=int, default=DEFAULTS.lora_alpha, help="LoRA alpha (scale = alpha / r)")
+    policy.add_argument("--loss_mode", default=DEFAULTS.loss_mode, choices=["simple_signal", "full_distillation"], help="SDPO loss; simple_signal is the paper's sampled-token form")
+    policy.add_argument("--distillation_topk", type=int, default=DEFAULTS.distillation_topk, help="K of the top-K distillation")
+    policy.add_argument("--train_steps_per_example", type=int, default=DEFAULTS.train_steps_per_example, help="gradient steps per batch of interactions")
+    policy.add_argument("--interactions_per_step", type=int, default=1, help="interactions per optimizer step: one batched generation, B follow-ups, one update (1 = the reference)")
+    policy.add_argument("--max_new_tokens", type=int, default=DEFAULTS.max_new_tokens, help="training-time generation budget")
+    policy.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="sampling temperature (training and evaluation)")
+    policy.add_argument("--system_prompt", default="general", choices=sorted(SYSTEM_PROMPTS), help="general: no system message; tldr: the reference's TL;DR instruction")
+    policy.add_argument("--dtype", default=DEFAULTS.torch_dtype, help="compute dtype (trainable weights stay fp32 under autocast)")
+    policy.add_argument("--device", default=DEFAULTS.device, help="policy device: auto, cpu, cuda, cuda:1, ...")
+    policy.add_argument("--generation_batch_size", type=int, default=DEFAULTS.generation_batch_size, help="prompts per batched generate call")
     policy.add_argument("--use_vllm", action="store_true", help="generate the policy's answers with vLLM (needs LoRA; adapter hot-swapped after each update)")
-    policy.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.3, help="GPU memory share of the policy vLLM engine")
+    policy.add_argument("--vllm_gpu_memory_utilization", type=float, default=DEFAULTS.vllm_gpu_memory_utilization, help="GPU memory share of the policy vLLM engine")
     # ---- data
     data = parser.add_argument_group("data")
-    data.add_argument("--train_jsonl", help="training prompts (JSONL with a string field 'prompt')")
+    data.add_argument("--train_jsonl", help="training prompts (JSONL: a string 'prompt' or a 'messages' list per line)")
     data.add_argument("--val_jsonl", help="held-out evaluation prompts (same format)")
     data.add_argument("--train_n", type=int, default=10, help="number of training interactions")
     data.add_argument("--eval_n", type=int, default=50, help="number of evaluation prompts")
     data.add_argument("--max_prompt_tokens", type=int, default=2048, help="drop prompts longer than this once chat-rendered")
+    # The reference's Python default is 42 and its script's 1234 (scripts/eval_online_sdpo.sh): both kept.
     data.add_argument("--seed", type=int, default=42, help="seeds data selection, sampling (python/numpy/torch) and the bootstrap")
     # ---- user and evaluation
     add_participant_arguments(parser)
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--style", default="concise_casual_beginner", help="persona of the simulated user and of the primary judge")
-    evaluation.add_argument("--eval_styles", nargs="*", default=[], help="further personas judging the same completions")
+    # The reference's Python default; its script defaults to no_emojis (scripts/eval_online_sdpo.sh).
+    evaluation.add_argument("--style", type=style_name, default="concise_casual_beginner", help="persona of the simulated user and of the primary judge (without --style_schedule)")
+    evaluation.add_argument("--style_schedule", default=None, help='personas over time, "styleA:N,styleB:M": the user takes styleA for N interactions, then styleB, ...; every scheduled style is judged')
+    evaluation.add_argument("--eval_styles", nargs="*", type=style_name, default=[], help="further personas judging the same completions")
+    evaluation.add_argument("--oracle", action="store_true", help="before training, judge the in-context oracle (persona in a system message) against the baseline, per judged style")
     evaluation.add_argument("--baseline_model", default=None, help="model for the baseline completions (default: the policy before training)")
     evaluation.add_argument("--eval_every", type=int, default=1, help="evaluate after every N interactions (0: only at the end)")
     evaluation.add_argument("--eval_max_new_tokens", type=int, default=2048, help="generation budget for evaluation")
+    evaluation.add_argument("--min_decided", type=int, default=5, help="the plot draws win rates from fewer decided pairs hollow, without error bars")
     # ---- outputs
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument("--out_dir", default="./live_eval_results", help="run directory: checkpoints, completions, plot, results")
     outputs.add_argument("--eval_dir", default=None, help="where the results JSON goes (default: --out_dir)")
-    outputs.add_argument("--run_name", help="name of the run (results file prefix)")
-    outputs.add_argument("--save_checkpoints", action="store_true", help="keep a checkpoint after every interaction (checkpoints/step_<n>)")
-    outputs.add_argument("--resume_every", type=int, default=1, help="refresh the resume checkpoint every N interactions (0: never)")
+    outputs.add_argument("--run_name", help="name of the run (results file prefix; letters, digits, '.', '_', '-')")
+    outputs.add_argument("--save_checkpoints", action="store_true", help="keep a checkpoint after every optimizer step (checkpoints/step_<n>)")
+    outputs.add_argument("--resume_every", type=int, default=1, help="refresh the resume checkpoint every N interactions, at step boundaries (0: only at the end)")
     outputs.add_argument("--resume", action="store_true", help="continue the interrupted run in --out_dir with its original arguments")
-    outputs.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works without network)")
-    outputs.add_argument("--wandb_project", default="live-sdpo-eval", help="W&B project")
+    outputs.add_argument("--report_to", default="none", choices=REPORT_TO, help="experiment tracking (WANDB_MODE=offline works without network)")
+    outputs.add_argument("--wandb", action="store_true", help="alias of --report_to wandb")
+    outputs.add_argument("--wandb_project", default=DEFAULTS.wandb_project, help="project of the wandb/trackio run")
     outputs.add_argument("--debug_first_example", action="store_true", help="print the first simulator and judge inputs and outputs in full")
     return parser
 
 
+@dataclass(frozen=True)
+class StyleSchedule:
+    """The simulated user's persona over interactions: ``segments`` of (style, number of interactions).
+
+    The last style stays on after its segment ends; styles of segments after ``train_n`` never appear.
+    """
+
+    segments: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def parse(cls, text: str | None, default_style: str) -> StyleSchedule:
+        if not text:
+            return cls(((default_style, 0),))
+        segments = []
+        for part in text.split(","):
+            style, _, count = part.strip().rpartition(":")
+            if not style or not count.isdigit() or int(count) < 1:
+                raise ValueError(f'--style_schedule: {part.strip()!r} is not "style:N" with N >= 1 (e.g. "short:250,detailed_professional_expert:250")')
+            segments.append((style_name(style), int(count)))
+        return cls(tuple(segments))
+
+    @property
+    def styles(self) -> tuple[str, ...]:
+        return unique_styles(style for style, _ in self.segments)
+
+    def style_at(self, interaction: int) -> str:
+        """The persona for interaction ``interaction`` (0-based)."""
+        end = 0
+        for style, count in self.segments:
+            end += count
+            if interaction < end:
+                return style
+        return self.segments[-1][0]
+
+    def switch_points(self, n_interactions: int) -> list[tuple[int, str]]:
+        """(interactions done before the switch, new style) for every switch inside the run."""
+        points, end = [], 0
+        for (_, count), (style, _) in zip(self.segments, self.segments[1:]):
+            end += count
+            if end < n_interactions:
+                points.append((end, style))
+        return points
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """Flags, checked for everything that can be checked before a model loads (argparse errors: exit 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.resume:
-        missing = [flag for flag in ("train_jsonl", "val_jsonl", "run_name") if not getattr(args, flag)]
-        if missing:
-            parser.error("the following arguments are required: " + ", ".join(f"--{m}" for m in missing))
+    if args.wandb:
+        args.report_to = "wandb"
+    if args.resume:
+        return args
+    missing = [flag for flag in ("train_jsonl", "val_jsonl", "run_name") if not getattr(args, flag)]
+    if missing:
+        parser.error("the following arguments are required: " + ", ".join(f"--{m}" for m in missing))
+    if not RUN_NAME.fullmatch(args.run_name):
+        parser.error(f"--run_name {args.run_name!r}: use letters, digits, '.', '_' and '-' only (it names files inside --out_dir)")
+    for flag in ("train_jsonl", "val_jsonl"):
+        path = Path(getattr(args, flag))
+        if not path.is_file():
+            parser.error(f"--{flag} {path}: {'is a folder, not a file' if path.is_dir() else 'no such file'}")
+    for flag in ("out_dir", "eval_dir"):
+        path = getattr(args, flag)
+        if path and Path(path).exists() and not Path(path).is_dir():
+            parser.error(f"--{flag} {path} is a file; pass a folder")
+    finite_positive = ("lr", "vllm_gpu_memory_utilization", "user_vllm_gpu_memory_utilization")
+    at_least_one = ("lora_r", "lora_alpha", "distillation_topk", "train_steps_per_example", "interactions_per_step", "max_new_tokens",
+                    "generation_batch_size", "train_n", "eval_n", "max_prompt_tokens", "eval_max_new_tokens")
+    for flag in finite_positive:
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value > 0):
+            parser.error(f"--{flag} must be a finite number > 0, got {value}")
+    for flag in at_least_one:
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("eval_every", "resume_every", "min_decided"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    try:
+        StyleSchedule.parse(args.style_schedule, args.style)
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        parser.error(str(error))
     return args
 
 
+def schedule_of(args) -> StyleSchedule:
+    return StyleSchedule.parse(args.style_schedule, args.style)
 
 
-def build_config(args) -> OnlineSDPOConfig:
+def participants_config(args) -> ParticipantsConfig:
+    """Simulated users for the scheduled styles; judges for those, --style and --eval_styles (primary first)."""
+    schedule = schedule_of(args)
+    judged = (*schedule.styles, *([] if args.style_schedule else [args.style]), *args.eval_styles)
+    return ParticipantsConfig.from_args(args, user_styles=schedule.styles, judge_styles=judged)
+
+
+def build_config(args, checkpoint_dir: Path) -> OnlineSDPOConfig:
     return OnlineSDPOConfig(
         model_name_or_path=args.model,
         learning_rate=args.lr,
+        optimizer=args.optim,
         use_lora=args.use_lora,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -153,10 +281,9 @@ def build_config(args) -> OnlineSDPOConfig:
         generation_batch_size=args.generation_batch_size,
         use_vllm=args.use_vllm,
         vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-        checkpoint_dir=str(Path(args.out_dir) / "checkpoints"),
+        checkpoint_dir=str(checkpoint_dir),
         checkpoint_every_n_steps=1 if args.save_checkpoints else 0,
         max_checkpoints=0,
-        log_to_wandb=args.wandb,
         wandb_project=args.wandb_project,
         wandb_run_name=args.run_name,
     )
@@ -171,31 +298,48 @@ class RunFiles:
         self.completions = eval_dir / f"{run_name}_completions_{index}.json"
         self.snapshot = out_dir / f"{run_name}_completions.jsonl"
         self.baseline = out_dir / "baseline_completions.json"
+        self.oracle = out_dir / "oracle_completions.json"
         self.plot = out_dir / "winrate.png"
         self.state = out_dir / "run_state.json"
         self.checkpoints = out_dir / "checkpoints"
 
+    def finished_interactions(self) -> int:
+        """Interactions recorded in the results file (0 when it does not exist yet)."""
+        if not self.results.is_file():
+            return 0
+        return len(json.loads(self.results.read_text())["training_metrics"])
+
+
+def _run_files(out_dir: Path, state: dict) -> RunFiles:
+    return RunFiles(out_dir, Path(state["args"]["eval_dir"]), state["args"]["run_name"], state["index"])
+
 
 def start_or_resume(args) -> tuple[argparse.Namespace, RunFiles, dict | None]:
-    """New run: pick the result index and write run_state.json. Resume: reload args and results."""
+    """New run: pick the result index and write run_state.json. Resume: reload args and results.
+
+    A run_state.json whose run finished no interaction (it failed at start-up) does not block a new start.
+    """
     out_dir = Path(args.out_dir)
     state_path = out_dir / "run_state.json"
     if args.resume:
         if not state_path.is_file():
             raise SystemExit(f"error: --resume needs {state_path} from an earlier run; start a new run without --resume")
         state = json.loads(state_path.read_text())
-        stored = argparse.Namespace(**state["args"])
-        parser = build_parser()
+        stored = argparse.Namespace(**{**vars(build_parser().parse_args([])), **state["args"]})
+        defaults = build_parser()
         for name, value in vars(args).items():
-            if name not in RESUME_OVERRIDABLE | {"out_dir"} and value != parser.get_default(name) and value != state["args"].get(name):
+            if name not in RESUME_OVERRIDABLE | {"out_dir"} and value != defaults.get_default(name) and value != state["args"].get(name):
                 logger.warning("--resume keeps the run's original --%s=%r (ignoring %r)", name, state["args"].get(name), value)
         for name in RESUME_OVERRIDABLE:
             setattr(stored, name, getattr(args, name))
-        files = RunFiles(out_dir, Path(stored.eval_dir), stored.run_name, state["index"])
+        files = _run_files(out_dir, state)
         results = json.loads(files.results.read_text()) if files.results.is_file() else None
         return stored, files, results
     if state_path.is_file():
-        raise SystemExit(f"error: {out_dir} already holds a run; continue it with --resume or choose another --out_dir")
+        previous = _run_files(out_dir, json.loads(state_path.read_text()))
+        if previous.finished_interactions() or (previous.checkpoints / RESUME_TAG).exists():
+            raise SystemExit(f"error: {out_dir} already holds a run; continue it with --resume or choose another --out_dir")
+        logger.info("%s holds a run that finished no interaction; starting over", out_dir)
     args.eval_dir = str(Path(args.eval_dir or args.out_dir))
     files = RunFiles(out_dir, Path(args.eval_dir), args.run_name, next_run_index(args.eval_dir, args.run_name))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -203,103 +347,131 @@ def start_or_resume(args) -> tuple[argparse.Namespace, RunFiles, dict | None]:
     return args, files, None
 
 
+def resume_checkpoint(files: RunFiles, previous: dict | None) -> Path | None:
+    """The checkpoint to resume from, or None to start at interaction 0.
+
+    Finished interactions in the results file need the weights that produced them: without a complete
+    checkpoint the run stops with one line instead of silently training again over them.
+    """
+    if previous is None:
+        return None
+    from online_sdpo_updater import complete_checkpoint
+
+    checkpoint = complete_checkpoint(files.checkpoints / RESUME_TAG)
+    finished = len(previous["training_metrics"])
+    if checkpoint is None and finished:
+        raise DataError(
+            f"{files.checkpoints / RESUME_TAG} is missing or incomplete, so the {finished} finished interactions in "
+            f"{files.results} cannot be continued; start a new run with another --out_dir"
+        )
+    return checkpoint
 
 
+def policy_conversation(prompt: str, system_prompt: str | None) -> list[dict]:
+    """The policy's context for one prompt: the user turn, after the system message when one is set."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*system, {"role": "user", "content": prompt}]
 
 
+class OnlineRun:
+    """One online SDPO run: baseline, optional oracle, batched interactions, evaluations, results files."""
 
+    def __init__(self, args, files: RunFiles, previous: dict | None):
+        self.args = args
+        self.files = files
+        self.schedule = schedule_of(args)
+        self.participants_config = participants_config(args)
+        self.system_prompt = SYSTEM_PROMPTS[args.system_prompt]
+        self.eval_sampling = SamplingParams(max_new_tokens=args.eval_max_new_tokens, temperature=args.temperature, top_p=1.0)
+        self.previous = previous
+        self.tracker = Tracker()
 
+    # ------------------------------------------------------------------ set-up
 
+    def conversations(self, prompts: list[str]) -> list[list[dict]]:
+        return [policy_conversation(p, self.system_prompt) for p in prompts]
 
-def eval_sampling(args) -> SamplingParams:
-    return SamplingParams(max_new_tokens=args.eval_max_new_tokens, temperature=args.temperature, top_p=1.0)
+    def baseline_completions(self, eval_prompts: list[str], policy) -> list[str]:
+        """The baseline's answers: loaded on resume, else generated by --baseline_model or the untrained policy."""
+        files, args = self.files, self.args
+        if files.baseline.is_file():
+            stored = json.loads(files.baseline.read_text())
+            if stored["prompts"] == eval_prompts:
+                return stored["completions"]
+            raise DataError(f"{files.baseline} was made for other eval prompts; start a new run")
+        seed_everything(args.seed)
+        if args.baseline_model and args.baseline_model != args.model:
+            policy = load_policy(args.baseline_model, dtype=args.dtype, device=args.device, batch_size=args.generation_batch_size)
+        texts = answer(policy, self.conversations(eval_prompts), self.eval_sampling, batch_size=args.generation_batch_size, label="baseline")
+        del policy
+        release()
+        write_json_atomic(files.baseline, {"model": args.baseline_model or args.model, "prompts": eval_prompts, "completions": texts})
+        logger.info("baseline: %d completions, mean %.0f chars", len(texts), average_chars(texts))
+        return texts
 
-
-def baseline_completions(args, files: RunFiles, eval_prompts: list[str], updater: OnlineSDPOUpdater) -> list[str]:
-    """The baseline's answers: loaded on resume, else generated by --baseline_model or the untrained policy."""
-    if files.baseline.is_file():
-        stored = json.loads(files.baseline.read_text())
-        if stored["prompts"] == eval_prompts:
-            return stored["completions"]
-        raise SystemExit(f"error: {files.baseline} was made for other eval prompts; start a new run")
-    sampling = eval_sampling(args)
-    conversations = [user_turn(p) for p in eval_prompts]
-    if not args.baseline_model or args.baseline_model == args.model:
-        texts = answer_in_batches(lambda b: generation_texts(updater.generate(b, sampling)), conversations, args.generation_batch_size, "baseline")
-    else:
-        model, tokenizer = load_model_and_tokenizer(args.baseline_model, dtype=args.dtype, device=args.device)
-
-        def answer_batch(batch):
-            contexts = [encode_chat(tokenizer, m, max_length=4096) for m in batch]
-            return generation_texts(generate(model, tokenizer, contexts, sampling, batch_size=args.generation_batch_size))
-
-        texts = answer_in_batches(answer_batch, conversations, args.generation_batch_size, "baseline")
-        del model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    write_json_atomic(files.baseline, {"model": args.baseline_model or args.model, "prompts": eval_prompts, "completions": texts})
-    logger.info("baseline: %d completions, mean %.0f chars", len(texts), np.mean([len(t) for t in texts]) if texts else 0)
-    return texts
-
-
-def evaluate(args, updater, participants: Participants, eval_prompts, baseline, interaction: int, debug: bool) -> tuple[dict, list[str]]:
-    """Judge the current policy against the baseline with every style; returns (metrics, completions)."""
-    started = time.perf_counter()
-    sampling = eval_sampling(args)
-    current = answer_in_batches(
-        lambda b: generation_texts(updater.generate(b, sampling)), [user_turn(p) for p in eval_prompts], args.generation_batch_size, "eval generation"
-    )
-    gen_time = time.perf_counter() - started
-    primary_style = resolve_style(args.style)
-    metrics: dict = {}
-    for style, judge in tqdm(participants.judges.items(), desc="judging", unit="style", leave=False):
-        started = time.perf_counter()
-        decisions = judge.choose_batch_generated(eval_prompts, current, baseline)
-        style_metrics = {
-            **compute_metrics(decisions, seed=args.seed),
-            "n_unparsed": judge.last_n_unparsed,
-            "judge_time_s": round(time.perf_counter() - started, 1),
-        }
-        if debug and style == primary_style and judge.last_raw_outputs:
-            print(f"[debug] judge ({style}) verdict on eval prompt 0: {decisions[0]}; raw AB output:\n{judge.last_raw_outputs[0]['ab'][:1000]}")
-        if style == primary_style:
-            metrics.update(style_metrics)
+    def oracle_metrics(self, policy, participants, eval_prompts: list[str], baseline: list[str]) -> dict:
+        """The in-context oracle judged against the baseline, per judged style (stored answers reused on resume)."""
+        styles = list(participants.judges)
+        if self.files.oracle.is_file():
+            answers = json.loads(self.files.oracle.read_text())["completions"]
         else:
-            metrics[f"secondary_{style}"] = style_metrics
-    metrics.update(
-        step=updater.step,
-        interaction=interaction,
-        eval_gen_time_s=round(gen_time, 1),
-        avg_completion_chars=round(float(np.mean([len(t) for t in current])), 1) if current else 0.0,
-    )
-    return metrics, current
+            sampling = self.eval_sampling
+            answers, _ = oracle_answers(policy, eval_prompts, styles, sampling, batch_size=self.args.generation_batch_size, seed=self.args.seed)
+            write_json_atomic(self.files.oracle, {"prompts": eval_prompts, "completions": answers})
+        metrics = {}
+        for style in styles:
+            metrics[style] = judge_every_style({style: participants.judges[style]}, eval_prompts, answers[style], baseline, seed=self.args.seed, label="oracle")[style]
+            metrics[style]["avg_completion_chars"] = average_chars(answers[style])
+        return metrics
 
+    # ------------------------------------------------------------------ the run
 
-def run(args, files: RunFiles, previous: dict | None) -> dict:
-    seed_everything(args.seed)
-    config = build_config(args)
-    resume_from = files.checkpoints / RESUME_TAG if previous is not None and (files.checkpoints / RESUME_TAG).is_dir() else None
-    updater = OnlineSDPOUpdater(config, resume_from=resume_from)
-    done = int(updater.extra_state.get("interactions_done", 0)) if resume_from else 0
+    def run(self) -> dict:
+        args, files = self.args, self.files
+        config = self.participants_config
+        config.validate()
+        require_vllm([flag for flag, on in (("--use_vllm", args.use_vllm), ("--user_vllm", config.uses_vllm)) if on])
+        # Remote and rule participants cost nothing to build: built first, a bad key fails before the model loads.
+        participants = build_participants(config) if config.user_backend not in ("hf", "vllm") else None
+        seed_everything(args.seed)
+        checkpoint = resume_checkpoint(files, self.previous)
+        updater = OnlineSDPOUpdater(build_config(args, files.checkpoints), resume_from=checkpoint)
+        done = int(updater.extra_state.get("interactions_done", 0)) if checkpoint else 0
 
-    train_prompts = load_split(args.train_jsonl, updater.tokenizer, args.train_n, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, label="train")
-    eval_prompts = load_split(args.val_jsonl, updater.tokenizer, args.eval_n, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, label="eval")
-    if not eval_prompts or not train_prompts:
-        raise DataError(f"no prompts left after filtering ({len(train_prompts)} train, {len(eval_prompts)} eval); check the files and --max_prompt_tokens")
+        train_prompts = load_split(args.train_jsonl, updater.tokenizer, args.train_n, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, label="train")
+        eval_prompts = load_split(args.val_jsonl, updater.tokenizer, args.eval_n, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, label="eval")
+        if not eval_prompts or not train_prompts:
+            raise DataError(f"no prompts left after filtering ({len(train_prompts)} train, {len(eval_prompts)} eval); check the files and --max_prompt_tokens")
+        policy = TrainingPolicy(updater)
+        baseline = self.baseline_completions(eval_prompts, policy)
+        if participants is None:
+            participants = build_participants(config)
+        results = self.initial_results(participants, train_prompts, eval_prompts, done)
+        if args.oracle and "oracle" not in results["meta"]:
+            results["meta"]["oracle"] = self.oracle_metrics(policy, participants, eval_prompts, baseline)
+            self.save(results)
+        self.tracker = Tracker.start(
+            args.report_to, project=args.wandb_project, name=args.run_name, config=vars(args), directory=str(files.out_dir), run_id=f"{args.run_name}-{files.results.stem}"
+        )
+        self.train_and_evaluate(updater, policy, participants, train_prompts, eval_prompts, baseline, results, done)
+        return results
 
-    baseline = baseline_completions(args, files, eval_prompts, updater)
-    participants = build_participants(args, args.style, args.eval_styles)
-
-    results = {
-        "meta": {
+    def initial_results(self, participants, train_prompts, eval_prompts, done: int) -> dict:
+        args = self.args
+        meta = {
             "model": args.model,
-            "style": resolve_style(args.style),
+            "style": self.participants_config.judge_styles[0],
+            "style_schedule": [list(segment) for segment in self.schedule.segments] if args.style_schedule else None,
+            "switch_points": [list(point) for point in self.schedule.switch_points(len(train_prompts))],
             "loss_mode": args.loss_mode,
             "distillation_topk": args.distillation_topk,
             "learning_rate": args.lr,
-            "use_lora": config.use_lora,
+            "optimizer": args.optim,
+            "use_lora": args.use_lora or args.use_vllm,
             "lora_r": args.lora_r,
             "use_vllm": args.use_vllm,
+            "interactions_per_step": args.interactions_per_step,
+            "system_prompt": args.system_prompt,
             "train_n": len(train_prompts),
             "eval_n": len(eval_prompts),
             "train_n_requested": args.train_n,
@@ -315,100 +487,157 @@ def run(args, files: RunFiles, previous: dict | None) -> dict:
             "baseline_model": args.baseline_model or args.model,
             "user_model": participants.user_label,
             "run_name": args.run_name,
-            "eval_styles": [resolve_style(s) for s in args.eval_styles],
+            "eval_styles": list(self.participants_config.judge_styles[1:]),
             "n_skipped": 0,
-        },
-        "eval_history": [],
-        "training_metrics": [],
-    }
-    completions_log: list[dict] = []
-    if previous is not None:
-        results["training_metrics"] = previous["training_metrics"][:done]
-        results["eval_history"] = [e for e in previous["eval_history"] if e["interaction"] <= done]
-        results["meta"]["n_skipped"] = sum(1 for m in results["training_metrics"] if m.get("skipped"))
-        if files.completions.is_file():
-            completions_log = [c for c in json.loads(files.completions.read_text()) if c["interaction"] <= done]
-        logger.info("resumed at interaction %d/%d (step %d)", done, len(train_prompts), updater.step)
+        }
+        results = {"meta": meta, "eval_history": [], "training_metrics": []}
+        self.completions_log: list[dict] = []
+        if self.previous is not None:
+            results["training_metrics"] = self.previous["training_metrics"][:done]
+            results["eval_history"] = [e for e in self.previous["eval_history"] if e["interaction"] <= done]
+            meta["n_skipped"] = sum(1 for m in results["training_metrics"] if m.get("skipped"))
+            if "oracle" in self.previous["meta"]:
+                meta["oracle"] = self.previous["meta"]["oracle"]
+            if self.files.completions.is_file():
+                self.completions_log = [c for c in json.loads(self.files.completions.read_text()) if c["interaction"] <= done]
+            logger.info("resumed at interaction %d/%d", done, len(train_prompts))
+        return results
 
-    def save_results() -> None:
-        write_json_atomic(files.results, results)
-        write_json_atomic(files.completions, completions_log)
-        if results["eval_history"]:
-            plot_winrate(results["eval_history"], files.plot, primary_style=results["meta"]["style"], title=f"{args.run_name}: {args.model}")
+    def save(self, results: dict) -> None:
+        write_json_atomic(self.files.results, results)
+        write_json_atomic(self.files.completions, self.completions_log)
+        if results["eval_history"] or results["meta"].get("oracle"):
+            plot_winrate(results["eval_history"], self.files.plot, primary_style=results["meta"]["style"], title=f"{self.args.run_name}: {self.args.model}")
 
-    def run_evaluation(interaction: int) -> None:
-        metrics, current = evaluate(args, updater, participants, eval_prompts, baseline, interaction, args.debug_first_example and not results["eval_history"])
-        results["eval_history"].append(metrics)
-        completions_log.append({"step": updater.step, "interaction": interaction, "current": current, "baseline": baseline})
-        save_completions_snapshot(files.snapshot, updater.step, eval_prompts, current, baseline)
-        save_results()
-        print(format_metrics_line(metrics, results["meta"]["style"]))
-        for key, value in metrics.items():
-            if key.startswith("secondary_"):
-                print(format_metrics_line({**value, "step": updater.step}, key[len("secondary_") :]))
-        if args.wandb:
-            import wandb
-
-            wandb.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=updater.step)
-
-    save_results()
-    progress = tqdm(range(done, len(train_prompts)), desc="interactions", unit="it", initial=done, total=len(train_prompts))
-    for index in progress:
-        prompt = train_prompts[index]
-        messages = user_turn(prompt)
+    def evaluate(self, policy, participants, eval_prompts, baseline, interaction: int, step: int) -> tuple[dict, list[str]]:
+        """Judge the current policy against the baseline with every style; returns (history entry, completions)."""
         started = time.perf_counter()
-        response = updater.generate_response(messages)
+        current = answer(policy, self.conversations(eval_prompts), self.eval_sampling, batch_size=self.args.generation_batch_size, label="eval generation")
         gen_time = time.perf_counter() - started
-        started = time.perf_counter()
-        feedback = participants.simulator.generate_feedback([prompt], [response.text])[0]
-        sim_time = time.perf_counter() - started
-        if args.debug_first_example and index == 0:
-            build = getattr(participants.simulator, "build_messages", None)
-            shown = json.dumps(build(prompt, response.text), indent=1)[:2000] if build else f"{prompt[:500]!r} → {response.text[:500]!r}"
-            print(f"[debug] simulator input:\n{shown}\n[debug] follow-up: {feedback!r}")
-        preview = {"prompt": prompt[:TEXT_PREVIEW_CHARS], "response": response.text[:TEXT_PREVIEW_CHARS], "feedback": feedback[:TEXT_PREVIEW_CHARS]}
-        try:
-            metrics = updater.train_step(messages, response, feedback)
-        except EmptyResponseError as error:
-            logger.warning("interaction %d skipped: %s", index + 1, error)
-            metrics = {"step": updater.step, "skipped": str(error)}
-            results["meta"]["n_skipped"] += 1
-        metrics.update(interaction=index + 1, gen_time_s=round(gen_time, 2), sim_time_s=round(sim_time, 2), **preview)
-        results["training_metrics"].append(metrics)
-        progress.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", logp=f"{metrics.get('policy_logp_mean', float('nan')):.2f}")
-        logger.info("interaction %d: follow-up %r", index + 1, feedback[:120])
-        if args.eval_every > 0 and (index + 1) % args.eval_every == 0:
-            run_evaluation(index + 1)
-        save_results()
-        if args.resume_every > 0 and ((index + 1) % args.resume_every == 0 or index + 1 == len(train_prompts)):
-            updater.save_checkpoint(RESUME_TAG, extra_state={"interactions_done": index + 1})
+        per_style = judge_every_style(participants.judges, eval_prompts, current, baseline, seed=self.args.seed, label=f"interaction {interaction}")
+        primary = self.participants_config.judge_styles[0]
+        entry = {**per_style[primary], **{f"secondary_{style}": metrics for style, metrics in per_style.items() if style != primary}}
+        entry.update(step=step, interaction=interaction, eval_gen_time_s=round(gen_time, 1), avg_completion_chars=average_chars(current))
+        return entry, current
 
-    if not results["eval_history"] or results["eval_history"][-1]["interaction"] != len(train_prompts):
-        run_evaluation(len(train_prompts))
-    save_results()
-    return results
+    def interact(self, updater, participants, prompts: list[str], first: int) -> tuple[list, list[str], list[str], float, float]:
+        """One batch of interactions: responses (one generation call) and follow-ups (one call per persona)."""
+        started = time.perf_counter()
+        responses = updater.generate(self.conversations(prompts))
+        gen_time = time.perf_counter() - started
+        styles = [self.schedule.style_at(first + offset) for offset in range(len(prompts))]
+        follow_ups = [""] * len(prompts)
+        started = time.perf_counter()
+        for style in dict.fromkeys(styles):
+            rows = [i for i, s in enumerate(styles) if s == style]
+            replies = participants.simulators[style].generate_feedback([prompts[i] for i in rows], [responses[i].text for i in rows])
+            for row, reply in zip(rows, replies):
+                follow_ups[row] = reply
+        return responses, follow_ups, styles, gen_time, time.perf_counter() - started
+
+    def train_and_evaluate(self, updater, policy, participants, train_prompts, eval_prompts, baseline, results, done: int) -> None:
+        args = self.args
+        n = len(train_prompts)
+        self.save(results)
+        progress = tqdm(total=n, initial=done, desc="interactions", unit="it")
+        for first in range(done, n, args.interactions_per_step):
+            prompts = train_prompts[first : first + args.interactions_per_step]
+            last = first + len(prompts)
+            responses, follow_ups, styles, gen_time, sim_time = self.interact(updater, participants, prompts, first)
+            if args.debug_first_example and first == 0:
+                print(f"[debug] first interaction ({styles[0]}): {prompts[0][:500]!r} → {responses[0].text[:500]!r}\n[debug] follow-up: {follow_ups[0]!r}")
+            trainable, skipped = [], {}
+            for row, response in enumerate(responses):
+                try:
+                    updater.completion_ids(response)
+                    trainable.append(row)
+                except EmptyResponseError as error:
+                    skipped[row] = str(error)
+                    logger.warning("interaction %d skipped: %s", first + row + 1, error)
+            step_metrics = {}
+            if trainable:
+                step_metrics = updater.train_step_batch(
+                    [policy_conversation(prompts[i], self.system_prompt) for i in trainable],
+                    [responses[i] for i in trainable],
+                    [follow_ups[i] for i in trainable],
+                )
+                self.tracker.log(step_metrics, step=updater.step, prefix="train")
+            for row, prompt in enumerate(prompts):
+                record = {"step": updater.step, "skipped": skipped[row]} if row in skipped else dict(step_metrics)
+                record.update(
+                    interaction=first + row + 1,
+                    style=styles[row],
+                    batch_size=len(prompts),
+                    gen_time_s=round(gen_time, 2),
+                    sim_time_s=round(sim_time, 2),
+                    prompt=prompt[:TEXT_PREVIEW_CHARS],
+                    response=responses[row].text[:TEXT_PREVIEW_CHARS],
+                    feedback=follow_ups[row][:TEXT_PREVIEW_CHARS],
+                )
+                results["training_metrics"].append(record)
+            results["meta"]["n_skipped"] += len(skipped)
+            progress.update(len(prompts))
+            progress.set_postfix(loss=f"{step_metrics.get('loss', float('nan')):.4f}", style=styles[-1])
+            if args.eval_every > 0 and last // args.eval_every > first // args.eval_every:
+                self.record_evaluation(updater, policy, participants, eval_prompts, baseline, results, last)
+            self.save(results)
+            crossed_resume_point = args.resume_every > 0 and last // args.resume_every > first // args.resume_every
+            if crossed_resume_point or last == n:
+                updater.save_checkpoint(RESUME_TAG, extra_state={"interactions_done": last})
+        progress.close()
+        if not results["eval_history"] or results["eval_history"][-1]["interaction"] != n:
+            self.record_evaluation(updater, policy, participants, eval_prompts, baseline, results, n)
+        self.save(results)
+
+    def record_evaluation(self, updater, policy, participants, eval_prompts, baseline, results, interaction: int) -> None:
+        debug = self.args.debug_first_example and not results["eval_history"]
+        entry, current = self.evaluate(policy, participants, eval_prompts, baseline, interaction, updater.step)
+        if debug:
+            judge = participants.judges[results["meta"]["style"]]
+            if judge.last_raw_outputs:
+                print(f"[debug] judge raw AB output on eval prompt 0:\n{judge.last_raw_outputs[0]['ab'][:1000]}")
+        results["eval_history"].append(entry)
+        self.completions_log.append({"step": updater.step, "interaction": interaction, "current": current, "baseline": baseline})
+        save_completions_snapshot(self.files.snapshot, updater.step, eval_prompts, current, baseline)
+        print(format_metrics_line(entry, results["meta"]["style"]))
+        self.tracker.log(entry, step=updater.step, prefix="eval")
+
+
+def print_summary(results: dict) -> None:
+    """Final win rate per judged style next to its in-context oracle, so a reader sees at a glance whether the
+    model can follow the persona at all (an oracle near 50% means there is nothing for SDPO to distill)."""
+    if not results["eval_history"]:
+        return
+    last = results["eval_history"][-1]
+    oracle = results["meta"].get("oracle") or {}
+    print(f"after {last['interaction']} interactions (step {last['step']}):")
+    for style in [results["meta"]["style"], *results["meta"]["eval_styles"]]:
+        metrics = last if style == results["meta"]["style"] else last.get(f"secondary_{style}", {})
+        line = f"  {format_metrics_line(metrics, style)}"
+        if style in oracle:
+            line += f" || oracle {format_metrics_line(oracle[style], style).split(': ', 1)[1]}"
+        print(line)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    load_project_env()
     args = parse_args(argv)
     args, files, previous = start_or_resume(args)
-    if args.wandb:
-        import wandb
-
-        wandb.init(project=args.wandb_project, name=args.run_name, config=vars(args), dir=str(files.out_dir), id=f"{args.run_name}-{files.results.stem}", resume="allow")
+    online_run = OnlineRun(args, files, previous)
     try:
-        run(args, files, previous)
-    except (DataError, ModelLoadError, BackendError, ValueError) as error:
+        results = online_run.run()
+    except (DataError, ModelLoadError, BackendError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
-        if files.state.is_file():
+        if files.results.is_file():
             print(f"results so far: {files.results}; continue with: python eval_online_sdpo.py --resume --out_dir {files.out_dir}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; finished interactions are in {files.results}; continue with: python eval_online_sdpo.py --resume --out_dir {files.out_dir}", file=sys.stderr)
+        return 130
     finally:
-        if args.wandb:
-            import wandb
-
-            wandb.finish()
+        online_run.tracker.finish()
+    print_summary(results)
     print(f"results: {files.results}\nplot: {files.plot}")
     return 0
 

@@ -68,6 +68,16 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def complete_checkpoint(path: str | Path) -> Path | None:
+    """``path`` if it holds a complete checkpoint, else the previous version that ``save_checkpoint`` keeps
+    while replacing it, else None. A checkpoint is complete once its training state is written (last)."""
+    path = Path(path)
+    for candidate in (path, path.parent / f".{path.name}.old"):
+        if (candidate / TRAINING_STATE_FILE).is_file():
+            return candidate
+    return None
+
+
 class OnlineSDPOUpdater:
     """Holds the policy, its optimizer and the step counter; see the module docstring."""
 
@@ -368,8 +378,14 @@ class OnlineSDPOUpdater:
             },
             staging / TRAINING_STATE_FILE,
         )
-        shutil.rmtree(target, ignore_errors=True)
+        # The previous version stays on disk until the new one is complete (``complete_checkpoint`` falls back
+        # to it when an interrupt lands between the two renames).
+        backup = root / f".{target.name}.old"
+        if target.exists():
+            shutil.rmtree(backup, ignore_errors=True)
+            target.rename(backup)
         staging.rename(target)
+        shutil.rmtree(backup, ignore_errors=True)
         self._prune_checkpoints(root)
         logger.info("saved checkpoint %s", target)
         return target

@@ -70,6 +70,7 @@ if __package__ in (None, ""):  # run as `python auxiliary/eval_checkpoints.py`: 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from auxiliary.backends import BackendError
+from auxiliary.command_line import ArgumentParser
 from auxiliary.evaluation_helpers import (
     DataError,
     average_chars,
@@ -83,7 +84,12 @@ from auxiliary.evaluation_helpers import (
 )
 from auxiliary.generation import SamplingParams
 from auxiliary.model_loading import ModelLoadError, load_tokenizer, resolve_model_path
-from auxiliary.participants import ParticipantsConfig, add_participant_arguments, build_participants, style_name
+from auxiliary.participants import (
+    ParticipantsConfig,
+    add_participant_arguments,
+    build_participants,
+    style_name,
+)
 from auxiliary.policies import VLLMAdapterPolicy, answer, load_policy, release
 from auxiliary.user_simulator import DEFAULT_EVAL_STYLES
 from auxiliary.vllm_engines import VLLMPolicyEngine, require_vllm
@@ -125,7 +131,7 @@ class Checkpoint:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     # ---- what to compare
     compared = parser.add_argument_group("checkpoints and baseline")
     compared.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint folders: full models or LoRA adapters (e.g. <run>/checkpoints/step_5)")

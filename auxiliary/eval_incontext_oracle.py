@@ -59,7 +59,13 @@ if __package__ in (None, ""):  # run as `python auxiliary/eval_incontext_oracle.
 
 import torch
 
-from auxiliary.backends import DEFAULT_ANTHROPIC_MODEL, BackendError, ChatBackend, VLLMChatBackend
+from auxiliary.backends import (
+    DEFAULT_ANTHROPIC_MODEL,
+    BackendError,
+    ChatBackend,
+    VLLMChatBackend,
+)
+from auxiliary.command_line import ArgumentParser
 from auxiliary.evaluation_helpers import (
     DataError,
     average_chars,
@@ -87,7 +93,7 @@ LOCAL_JUDGE_BACKENDS = ("vllm", "hf")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     # ---- policy
     policy = parser.add_argument_group("policy")
     policy.add_argument("--model", default="Qwen/Qwen3-8B", help="policy: HF id, local folder or bundled alias (smollm2-135m-instruct)")

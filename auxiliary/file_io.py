@@ -86,11 +86,17 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> int:
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object, str | None]]:
     """``(line_number, value, error)`` for every non-blank line (1-based numbers).
 
-    ``error`` is None for a line that parses, else a short reason (``not valid JSON (... at column c)``)
-    and ``value`` is None.
+    ``error`` is None for a line that parses, else a short reason (``not valid JSON (... at column c)``,
+    ``not UTF-8 text ...``) and ``value`` is None. Lines are decoded one by one, so a stray byte is reported
+    with its line number instead of failing the whole file.
     """
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield line_number, None, f"not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); save the file as UTF-8"
+                continue
             if not line.strip():
                 continue
             try:

@@ -96,9 +96,12 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, prompt_files, tiny_model_
     assert eval_online_sdpo.main(base_args(tiny_model_path, broken, val, tmp_path / "a", user_backend="rule", judge_backend="rule")) == 1
     assert "broken.jsonl:2" in capsys.readouterr().err
 
-    code = eval_online_sdpo.main(base_args(tiny_model_path, train, val, tmp_path / "b", user_backend="rule", judge_backend="rule", style="pirate"))
+    with pytest.raises(SystemExit) as exited:
+        eval_online_sdpo.main(base_args(tiny_model_path, train, val, tmp_path / "b", user_backend="rule", judge_backend="rule", style="pirate"))
     err = capsys.readouterr().err
-    assert code == 1 and "pirate" in err and "no_emojis" in err
+    assert exited.value.code == 2 and "pirate" in err and "no_emojis" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists(), "an argument error must leave nothing behind"
+    assert eval_online_sdpo.main(base_args(tiny_model_path, train, val, tmp_path / "b", user_backend="rule", judge_backend="rule", train_n=1, eval_n=1)) == 0
 
     with pytest.raises(SystemExit, match="--resume needs"):
         eval_online_sdpo.main(["--resume", "--out_dir", str(tmp_path / "nothing")])
