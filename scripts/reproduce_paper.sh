@@ -31,29 +31,30 @@ case "$FIGURE" in
     STYLE="${STYLE:-concise_casual_beginner}"               # §4.2 / Fig. 5
     INTERACTIONS_PER_STEP="${INTERACTIONS_PER_STEP:-16}"    # Table 5 batch size
     OPTIM="${OPTIM:-adamw}"                                 # Table 5
-    MAX_PROMPT_TOKENS="${MAX_PROMPT_TOKENS:-1024}"          # Table 5 max prompt
+    MAX_PROMPT_TOKENS="${MAX_PROMPT_TOKENS:-1024}"          # Table 5 max prompt (longer prompts are dropped)
     MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-258}"                 # Table 5 max completion
     EVAL_MAX_NEW_TOKENS="${EVAL_MAX_NEW_TOKENS:-258}"       # paper silent: the training budget
     SYSTEM_PROMPT="${SYSTEM_PROMPT:-tldr}"                  # the paper-era TL;DR launcher (SYSTEM_PROMPT tldr)
     ORACLE="${ORACLE:-1}"                                   # Fig. 5 draws the in-context oracle
-    EVAL_EVERY="${EVAL_EVERY:-25}"                          # paper silent: evaluations at 50 and 200 (the quoted
-                                                            # >85% / >95% points) and at the flip (250)
+    EVAL_EVERY="${EVAL_EVERY:-32}"                          # paper silent: every 2 updates
     DATA_DIR="${DATA_DIR:-$REPO_ROOT/data/tldr_prompts_unique}"   # prepare_data_tldr.sh
     if [[ "$FIGURE" == fig4 ]]; then
       # The opposite of concise/casual/beginner on all three axes (App. D.3 names both profiles); 250 interactions
-      # each: the flip point is the paper's, the length after it our choice (as long as before).
+      # each: the flip point is the paper's, the length after it our choice (as long as before). 250 is not a
+      # multiple of 16, so the update covering interactions 241-256 mixes the two personas.
       STYLE_SCHEDULE="${STYLE_SCHEDULE:-concise_casual_beginner:250,detailed_professional_expert:250}"
       TRAIN_N="${TRAIN_N:-500}"
     else
       STYLE_SCHEDULE="${STYLE_SCHEDULE:-}"
-      TRAIN_N="${TRAIN_N:-250}"                             # paper silent: past the >95%-after-200 point, = Fig. 4's
-    fi                                                      # first phase
+      TRAIN_N="${TRAIN_N:-256}"                             # paper silent: the paper-era TL;DR launcher's TRAIN_N,
+    fi                                                      # past the >95%-after-200 point (§4.2)
     ;;
   fig6)
     MODEL="${MODEL:-Qwen/Qwen3-8B}"                         # §4.2 and Table 5
     JUDGE_MODEL="${JUDGE_MODEL:-claude-haiku-4-5-20251001}" # §4.2: Claude Haiku 4.5 as simulator and judge
-    # §4.2: three preferences, 500 interactions each, 1500 in all. The paper does not name them here; these are the
-    # three single-preference profiles of App. D.3, in the order of the reference's evaluation styles (our choice).
+    # §4.2: three preferences, 500 interactions each, 1500 in all (the updates covering interactions 481-512 and
+    # 993-1024 mix two personas). The paper does not name them here; these are the three single-preference
+    # profiles of App. D.3, in the order of the reference's evaluation styles (our choice).
     STYLE_SCHEDULE="${STYLE_SCHEDULE:-less_filler_praise_sycophancy:500,no_emojis:500,answer_directly_reduce_formatting:500}"
     TRAIN_N="${TRAIN_N:-1500}"
     INTERACTIONS_PER_STEP="${INTERACTIONS_PER_STEP:-32}"    # Table 5 batch size
@@ -63,7 +64,7 @@ case "$FIGURE" in
     EVAL_MAX_NEW_TOKENS="${EVAL_MAX_NEW_TOKENS:-2048}"      # paper silent: the training budget
     SYSTEM_PROMPT="${SYSTEM_PROMPT:-general}"               # the paper-era HelpSteer launcher (SYSTEM_PROMPT general)
     ORACLE="${ORACLE:-0}"                                   # Fig. 6 has no oracle line; ORACLE=1 adds it
-    EVAL_EVERY="${EVAL_EVERY:-100}"                         # paper silent: evaluations at both switch points
+    EVAL_EVERY="${EVAL_EVERY:-96}"                          # paper silent: every 3 updates
     DATA_DIR="${DATA_DIR:-$REPO_ROOT/data/helpsteer_prompts}"     # prepare_data_helpsteer.sh
     if [[ "$DRY_RUN" != 1 ]]; then
       sdpo_require ANTHROPIC_API_KEY "Fig. 6 uses Claude Haiku 4.5 as user and judge: put the key in the environment or .env."

@@ -29,6 +29,8 @@ def test_bad_settings_stop_with_one_line(argv, message, capsys):
 
 
 def test_each_run_is_a_command_the_loop_accepts(tmp_path):
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text('{"prompt": "hi"}\n')
     settings = online_loop.parse_settings(["--batch_sizes", "1", "4", "--interactions", "8", "--temperature", "0.7"])
     argv = online_loop.loop_argv(settings, tmp_path, 4, 12, tmp_path / "run")
     args = eval_online_sdpo.parse_args(argv)
