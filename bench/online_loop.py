@@ -79,19 +79,34 @@ def parse_settings(argv=None) -> BenchSettings:
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype of the policy")
     parser.add_argument("--style", default="short", help="persona of the rule-based user and judge")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help="interactions per update to compare")
-    parser.add_argument("--interactions", type=int, default=16, help="measured interactions per batch size (a multiple of each)")
+    parser.add_argument(
+        "--interactions", type=int, default=16, help="measured interactions per batch size (a multiple of each)"
+    )
     parser.add_argument("--max_new_tokens", type=int, default=32, help="generation budget, training and evaluation")
-    parser.add_argument("--eval_n", type=int, default=1, help="evaluation prompts (the final evaluation is a fixed cost)")
-    parser.add_argument("--data_dir", type=Path, default=None, help="folder with train.jsonl and validation.jsonl (default: the bundled MT-Bench prompts)")
+    parser.add_argument(
+        "--eval_n", type=int, default=1, help="evaluation prompts (the final evaluation is a fixed cost)"
+    )
+    parser.add_argument(
+        "--data_dir",
+        type=Path,
+        default=None,
+        help="folder with train.jsonl and validation.jsonl (default: the bundled MT-Bench prompts)",
+    )
     parser.add_argument("--json_out", type=Path, default=None, help="also write the figures to this JSON file")
     args, loop_args = parser.parse_known_args(argv)
     if min(args.batch_sizes) < 1 or args.interactions < 1 or args.max_new_tokens < 1 or args.eval_n < 1:
         parser.error("--batch_sizes, --interactions, --max_new_tokens and --eval_n must be positive")
     uneven = [b for b in args.batch_sizes if args.interactions % b]
     if uneven:
-        parser.error(f"--interactions {args.interactions} is not a multiple of batch size {uneven[0]}: use e.g. {args.interactions * uneven[0]}")
-    if args.data_dir is not None and not all((args.data_dir / name).is_file() for name in ("train.jsonl", "validation.jsonl")):
-        parser.error(f"--data_dir {args.data_dir} needs train.jsonl and validation.jsonl (e.g. from scripts/prepare_data_mtbench.sh)")
+        multiple = args.interactions * uneven[0]
+        parser.error(
+            f"--interactions {args.interactions} is not a multiple of batch size {uneven[0]}: use e.g. {multiple}"
+        )
+    splits = ("train.jsonl", "validation.jsonl")
+    if args.data_dir is not None and not all((args.data_dir / name).is_file() for name in splits):
+        parser.error(
+            f"--data_dir {args.data_dir} needs {' and '.join(splits)} (scripts/prepare_data_mtbench.sh writes them)"
+        )
     return BenchSettings(
         model=args.model,
         device=args.device,
@@ -130,11 +145,14 @@ def timed_run(argv: list[str]) -> float:
         code = eval_online_sdpo.main(argv)
         elapsed = time.perf_counter() - start
     if code != 0:
-        raise BenchError(f"loop run in {out_dir} failed (exit {code}); its log {log} ends with:\n{log.read_text()[-LOG_TAIL_CHARS:]}")
+        raise BenchError(
+            f"loop run {out_dir.name} failed (exit {code}); its log ends with:\n{log.read_text()[-LOG_TAIL_CHARS:]}"
+        )
     train_n = int(argv[argv.index("--train_n") + 1])
     results = json.loads(next(out_dir.glob(f"{RUN_NAME}_[0-9]*.json")).read_text())
     if len(results["training_metrics"]) != train_n:
-        raise BenchError(f"loop run in {out_dir} recorded {len(results['training_metrics'])} interactions, expected {train_n}")
+        recorded = len(results["training_metrics"])
+        raise BenchError(f"loop run {out_dir.name} recorded {recorded} interactions, expected {train_n}")
     return elapsed
 
 
@@ -152,25 +170,45 @@ def measure(settings: BenchSettings, work: Path) -> list[Measurement]:
     first = min(settings.batch_sizes)
     timed_run(loop_argv(settings, data_dir, first, first, work / "warmup"))
     seconds = {run: timed_run(argv) for run, argv in commands.items()}
-    return [Measurement(b, b, seconds[(b, b)], b + settings.interactions, seconds[(b, b + settings.interactions)]) for b in settings.batch_sizes]
+    return [
+        Measurement(b, b, seconds[(b, b)], b + settings.interactions, seconds[(b, b + settings.interactions)])
+        for b in settings.batch_sizes
+    ]
+
+
+def loads(values) -> str:
+    return " ".join(f"{value:.2f}" for value in values)
 
 
 def report(settings: BenchSettings, rows: list[Measurement], load_before, load_after) -> dict:
-    base = rows[0].interactions_per_s
-    print(f"{'B':>4}{'short run':>16}{'long run':>16}{'interactions/s':>16}{'s/interaction':>15}{'vs B=' + str(rows[0].batch_size):>9}")
+    base = rows[0]
+    print(f"{'B':>4}{'short run':>16}{'long run':>16}{'interactions/s':>16}{'s/interaction':>15}")
     for row in rows:
+        short, long = f"{row.short_interactions} in {row.short_s:.1f}s", f"{row.long_interactions} in {row.long_s:.1f}s"
         rate = row.interactions_per_s
-        print(
-            f"{row.batch_size:>4}{f'{row.short_interactions} in {row.short_s:.1f}s':>16}{f'{row.long_interactions} in {row.long_s:.1f}s':>16}"
-            f"{rate:>16.3f}{1 / rate:>15.2f}{rate / base:>8.2f}x"
-        )
-    print(f"load average (1, 5, 15 min) before {' '.join(f'{x:.2f}' for x in load_before)}, after {' '.join(f'{x:.2f}' for x in load_after)}")
+        print(f"{row.batch_size:>4}{short:>16}{long:>16}{rate:>16.3f}{1 / rate:>15.2f}")
+    for row in rows[1:]:
+        ratio = row.interactions_per_s / base.interactions_per_s
+        print(f"B={row.batch_size} vs B={base.batch_size}: {ratio:.2f}x interactions/s")
+    threads = torch.get_num_threads()
+    print(
+        f"torch threads {threads}; load average (1, 5, 15 min) before {loads(load_before)}, after {loads(load_after)}"
+    )
     return {
-        "settings": {name: str(value) if isinstance(value, Path) else value for name, value in asdict(settings).items()},
+        "settings": {
+            name: str(value) if isinstance(value, Path) else value for name, value in asdict(settings).items()
+        },
         "torch_threads": torch.get_num_threads(),
         "load_before": list(load_before),
         "load_after": list(load_after),
-        "runs": [{**asdict(row), "interactions_per_s": row.interactions_per_s, "ratio": row.interactions_per_s / base} for row in rows],
+        "runs": [
+            {
+                **asdict(row),
+                "interactions_per_s": row.interactions_per_s,
+                "ratio": row.interactions_per_s / base.interactions_per_s,
+            }
+            for row in rows
+        ],
     }
 
 
@@ -179,8 +217,8 @@ def main(argv=None) -> int:
     # Configured here, the loop's own basicConfig is a no-op: its INFO lines stay quiet, warnings reach the terminal.
     logging.basicConfig(level=logging.WARNING)
     print(
-        f"online loop on {settings.model} ({settings.device}, {settings.dtype}), torch threads {torch.get_num_threads()}, "
-        f"{settings.max_new_tokens} new tokens, {settings.interactions} measured interactions per B, eval_n {settings.eval_n}"
+        f"online loop on {settings.model} ({settings.device}, {settings.dtype}), {settings.max_new_tokens} new tokens, "
+        f"{settings.interactions} measured interactions per B, eval_n {settings.eval_n}"
     )
     load_before = os.getloadavg()
     try:

@@ -11,11 +11,11 @@
 #   Qwen3-8B user and judge in a vLLM engine on GPU $USER_VLLM_GPU_START (default 1); fig6 needs ANTHROPIC_API_KEY
 #   (environment or .env) and bitsandbytes for 8-bit AdamW instead of the second GPU.
 #
-# Env: FIGURE (required: fig4 | fig5 | fig6). The figure decides the defaults below; every one of them is overridable
-#   by its env var: MODEL USER_MODEL USER_VLLM_GPU_START JUDGE_MODEL STYLE (fig5) STYLE_SCHEDULE TRAIN_N EVAL_N EVAL_EVERY INTERACTIONS_PER_STEP
-#   LR OPTIM LOSS_MODE TEMPERATURE MAX_PROMPT_TOKENS MAX_NEW_TOKENS EVAL_MAX_NEW_TOKENS SYSTEM_PROMPT ORACLE (1/0)
-#   SEED DATA_DIR REPORT_TO (none | wandb | trackio) RUN_NAME (paper_<figure>) RUN_ID (<figure>-<timestamp>)
-#   OUTPUT_DIR ($BASE_WORK/reproduce-paper/<RUN_ID>) | BASE_WORK ${SCRATCH:-${TMPDIR:-/tmp}} | CACHE_DIR
+# Env: FIGURE (required: fig4 | fig5 | fig6). The figure decides the defaults below; each is overridable by its env
+#   var: MODEL USER_MODEL USER_VLLM_GPU_START JUDGE_MODEL STYLE (fig5) STYLE_SCHEDULE TRAIN_N EVAL_N EVAL_EVERY
+#   INTERACTIONS_PER_STEP LR OPTIM LOSS_MODE TEMPERATURE MAX_PROMPT_TOKENS MAX_NEW_TOKENS EVAL_MAX_NEW_TOKENS
+#   SYSTEM_PROMPT ORACLE (1/0) SEED DATA_DIR REPORT_TO (none | wandb | trackio) RUN_NAME (paper_<figure>)
+#   RUN_ID (<figure>-<timestamp>) OUTPUT_DIR ($BASE_WORK/reproduce-paper/<RUN_ID>) | BASE_WORK | CACHE_DIR
 # Table 5's warm-up 0 / constant schedule is the updater's only schedule, and its 1 epoch is the loop's single pass
 # over TRAIN_N prompts, so neither needs a flag.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -67,7 +67,7 @@ case "$FIGURE" in
     EVAL_EVERY="${EVAL_EVERY:-96}"                          # paper silent: every 3 updates
     DATA_DIR="${DATA_DIR:-$REPO_ROOT/data/helpsteer_prompts}"     # prepare_data_helpsteer.sh
     if [[ "$DRY_RUN" != 1 ]]; then
-      sdpo_require ANTHROPIC_API_KEY "Fig. 6 uses Claude Haiku 4.5 as user and judge: put the key in the environment or .env."
+      sdpo_require ANTHROPIC_API_KEY "Fig. 6 has Claude Haiku 4.5 as user and judge: set it in the environment or .env."
     fi
     ;;
   *) echo "error: unknown FIGURE=$FIGURE (use fig4, fig5 or fig6)" >&2; exit 1 ;;
@@ -77,7 +77,7 @@ LR="${LR:-5e-6}"                    # Table 5, both settings
 TEMPERATURE="${TEMPERATURE:-1.0}"   # Table 5, training and evaluation
 EVAL_N="${EVAL_N:-256}"             # App. D.3: 256 held-out prompts (Fig. 6's error bars are s.e. over them)
 LOSS_MODE="${LOSS_MODE:-simple_signal}"   # §3: the experiments use the sampled-token policy-gradient form
-SEED="${SEED:-1234}"                # paper silent: the reference launcher's seed
+SEED="${SEED:-1234}"                # paper silent: eval_online_sdpo.sh's seed
 REPORT_TO="${REPORT_TO:-none}"
 RUN_NAME="${RUN_NAME:-paper_$FIGURE}"
 RUN_ID="${RUN_ID:-$FIGURE-$(date +%Y%m%d-%H%M%S)}"
@@ -86,7 +86,8 @@ OUTPUT_DIR="${OUTPUT_DIR:-$BASE_WORK/reproduce-paper/$RUN_ID}"
 cmd=("$PYTHON" eval_online_sdpo.py
   --model "$MODEL" --lr "$LR" --optim "$OPTIM" --loss_mode "$LOSS_MODE" --temperature "$TEMPERATURE"
   --interactions_per_step "$INTERACTIONS_PER_STEP"
-  --max_prompt_tokens "$MAX_PROMPT_TOKENS" --max_new_tokens "$MAX_NEW_TOKENS" --eval_max_new_tokens "$EVAL_MAX_NEW_TOKENS"
+  --max_prompt_tokens "$MAX_PROMPT_TOKENS" --max_new_tokens "$MAX_NEW_TOKENS"
+  --eval_max_new_tokens "$EVAL_MAX_NEW_TOKENS"
   --system_prompt "$SYSTEM_PROMPT"
   --train_jsonl "$DATA_DIR/train.jsonl" --val_jsonl "$DATA_DIR/validation.jsonl"
   --train_n "$TRAIN_N" --eval_n "$EVAL_N" --eval_every "$EVAL_EVERY" --seed "$SEED"
@@ -107,6 +108,7 @@ else
   cmd+=(--user_model_name_or_path "$USER_MODEL" --judge_local --user_vllm --user_vllm_gpu_start "$USER_VLLM_GPU_START")
 fi
 
-echo "[reproduce_paper] $(date '+%F %T') figure=$FIGURE model=$MODEL styles=${STYLE_SCHEDULE:-$STYLE} batch=$INTERACTIONS_PER_STEP train_n=$TRAIN_N out=$OUTPUT_DIR" >&2
+echo "[reproduce_paper] $(date '+%F %T') $FIGURE: model=$MODEL styles=${STYLE_SCHEDULE:-$STYLE}" \
+  "batch=$INTERACTIONS_PER_STEP train_n=$TRAIN_N out=$OUTPUT_DIR" >&2
 sdpo_mkdir "$OUTPUT_DIR"
 sdpo_run "${cmd[@]}" "${SDPO_ARGS[@]}"

@@ -2,6 +2,7 @@
 end-to-end run reports both batch sizes."""
 
 import json
+
 import pytest
 
 import eval_online_sdpo
@@ -47,11 +48,27 @@ def test_a_bad_forwarded_flag_stops_before_any_model_loads(capsys):
 @pytest.mark.slow
 def test_tiny_end_to_end_reports_both_batch_sizes(tiny_model_path, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["--model", tiny_model_path, "--dtype", "float32", "--batch_sizes", "1", "2", "--interactions", "2",
-            "--max_new_tokens", "4", "--json_out", str(out)]
+    argv = [
+        "--model",
+        tiny_model_path,
+        "--dtype",
+        "float32",
+        "--batch_sizes",
+        "1",
+        "2",
+        "--interactions",
+        "2",
+        "--max_new_tokens",
+        "4",
+        "--json_out",
+        str(out),
+    ]
     assert online_loop.main(argv) == 0
     summary = json.loads(out.read_text())
-    assert [(r["batch_size"], r["short_interactions"], r["long_interactions"]) for r in summary["runs"]] == [(1, 1, 3), (2, 2, 4)]
+    assert [(r["batch_size"], r["short_interactions"], r["long_interactions"]) for r in summary["runs"]] == [
+        (1, 1, 3),
+        (2, 2, 4),
+    ]
     assert summary["torch_threads"] >= 1 and len(summary["load_before"]) == len(summary["load_after"]) == 3
     printed = capsys.readouterr().out
     assert "interactions/s" in printed and "load average" in printed and "torch threads" in printed
