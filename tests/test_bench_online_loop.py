@@ -1,0 +1,74 @@
+"""bench/online_loop.py: settings checked before any run, each run's command is one the loop accepts, and a tiny
+end-to-end run reports both batch sizes."""
+
+import json
+
+import pytest
+
+import eval_online_sdpo
+from bench import online_loop
+
+
+def test_settings_defaults_and_forwarded_loop_arguments():
+    settings = online_loop.parse_settings(["--loss_mode", "full_distillation", "--interactions", "24"])
+    assert settings.batch_sizes == (1, 8) and settings.interactions == 24 and settings.model == "smollm2-135m-instruct"
+    assert settings.loop_args == ("--loss_mode", "full_distillation")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--interactions", "12"], "not a multiple of batch size 8"),
+        (["--batch_sizes", "0", "2"], "must be positive"),
+        (["--data_dir", "/nonexistent"], "needs train.jsonl and validation.jsonl"),
+    ],
+)
+def test_bad_settings_stop_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        online_loop.parse_settings(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_each_run_is_a_command_the_loop_accepts(tmp_path):
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text('{"prompt": "hi"}\n')
+    settings = online_loop.parse_settings(["--batch_sizes", "1", "4", "--interactions", "8", "--temperature", "0.7"])
+    argv = online_loop.loop_argv(settings, tmp_path, 4, 12, tmp_path / "run")
+    args = eval_online_sdpo.parse_args(argv)
+    assert (args.interactions_per_step, args.train_n, args.eval_every, args.temperature) == (4, 12, 0, 0.7)
+    assert (args.user_backend, args.judge_backend, args.out_dir) == ("rule", "rule", str(tmp_path / "run"))
+
+
+def test_a_bad_forwarded_flag_stops_before_any_model_loads(capsys):
+    with pytest.raises(SystemExit) as stop:
+        online_loop.main(["--no_such_flag"])
+    assert stop.value.code == 2 and "--no_such_flag" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_reports_both_batch_sizes(tiny_model_path, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = [
+        "--model",
+        tiny_model_path,
+        "--dtype",
+        "float32",
+        "--batch_sizes",
+        "1",
+        "2",
+        "--interactions",
+        "2",
+        "--max_new_tokens",
+        "4",
+        "--json_out",
+        str(out),
+    ]
+    assert online_loop.main(argv) == 0
+    summary = json.loads(out.read_text())
+    assert [(r["batch_size"], r["short_interactions"], r["long_interactions"]) for r in summary["runs"]] == [
+        (1, 1, 3),
+        (2, 2, 4),
+    ]
+    assert summary["torch_threads"] >= 1 and len(summary["load_before"]) == len(summary["load_after"]) == 3
+    printed = capsys.readouterr().out
+    assert "interactions/s" in printed and "load average" in printed and "torch threads" in printed
