@@ -354,24 +354,45 @@ def start_or_resume(args) -> tuple[argparse.Namespace, RunFiles, dict | None]:
     return args, files, None
 
 
-def resume_checkpoint(files: RunFiles, previous: dict | None) -> Path | None:
-    """The checkpoint to resume from, or None to start at interaction 0.
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run continues: the checkpoint (None: the untrained policy), the interactions it covers, and what
+    was recorded since the checkpoint before it (the results file may not have been rewritten before a crash)."""
 
-    Finished interactions in the results file need the weights that produced them: without a complete
-    checkpoint the run stops with one line instead of silently training again over them.
+    checkpoint: Path | None = None
+    interactions_done: int = 0
+    pending: dict | None = None
+
+
+def resume_point(files: RunFiles, previous: dict | None) -> ResumePoint:
+    """The last complete checkpoint, proven consistent with the results file, or one line saying what is missing.
+
+    The results file records the interaction its newest checkpoint covers; a checkpoint that is gone, incomplete or
+    older stops the run instead of silently training again over finished interactions.
     """
-    if previous is None:
-        return None
-    from online_sdpo_updater import complete_checkpoint
+    from online_sdpo_updater import complete_checkpoint, read_extra_state
 
+    claimed = (previous or {}).get("meta", {}).get("resume_checkpoint_interactions", 0)
     checkpoint = complete_checkpoint(files.checkpoints / RESUME_TAG)
-    finished = len(previous["training_metrics"])
-    if checkpoint is None and finished:
+    if checkpoint is None:
+        if claimed:
+            raise DataError(
+                f"{files.checkpoints / RESUME_TAG} is missing or incomplete, so the {claimed} finished interactions in "
+                f"{files.results} cannot be continued; start a new run with another --out_dir"
+            )
+        return ResumePoint()
+    state = read_extra_state(checkpoint)
+    done = int(state.get("interactions_done", 0))
+    if done < claimed:
         raise DataError(
-            f"{files.checkpoints / RESUME_TAG} is missing or incomplete, so the {finished} finished interactions in "
-            f"{files.results} cannot be continued; start a new run with another --out_dir"
+            f"{checkpoint} covers {done} interactions but {files.results} was written after a checkpoint at {claimed}; "
+            "the newer checkpoint is gone: start a new run with another --out_dir"
         )
-    return checkpoint
+    return ResumePoint(checkpoint, done, state.get("pending") or {})
+
+
+def _newer(entries: list[dict], after: int, until: int) -> list[dict]:
+    return [e for e in entries if after < e["interaction"] <= until]
 
 
 def policy_conversation(prompt: Prompt, system_prompt: str | None) -> list[dict]:
@@ -447,9 +468,9 @@ class OnlineRun:
         if participants is not None:
             check_remote_backends(participants)
         seed_everything(args.seed)
-        checkpoint = resume_checkpoint(files, self.previous)
+        resume = resume_point(files, self.previous)
+        checkpoint, done = resume.checkpoint, resume.interactions_done
         updater = OnlineSDPOUpdater(build_config(args, files.checkpoints), resume_from=checkpoint)
-        done = int(updater.extra_state.get("interactions_done", 0)) if checkpoint else 0
 
         train_prompts = load_split(args.train_jsonl, updater.tokenizer, args.train_n, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, label="train")
         eval_prompts = load_split(args.val_jsonl, updater.tokenizer, args.eval_n, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, label="eval")
@@ -459,7 +480,7 @@ class OnlineRun:
         baseline = self.baseline_completions(eval_prompts, policy)
         if participants is None:
             participants = build_participants(config)
-        results = self.initial_results(participants, train_prompts, eval_prompts, done)
+        results = self.initial_results(participants, train_prompts, eval_prompts, resume)
         if args.oracle and "oracle" not in results["meta"]:
             results["meta"]["oracle"] = self.oracle_metrics(policy, participants, eval_prompts, baseline)
             self.save(results)
@@ -472,7 +493,7 @@ class OnlineRun:
         self.train_and_evaluate(updater, policy, participants, train_prompts, eval_prompts, baseline, results, done)
         return results
 
-    def initial_results(self, participants, train_prompts, eval_prompts, done: int) -> dict:
+    def initial_results(self, participants, train_prompts, eval_prompts, resume: ResumePoint) -> dict:
         args = self.args
         meta = {
             "model": args.model,
@@ -508,14 +529,29 @@ class OnlineRun:
         }
         results = {"meta": meta, "eval_history": [], "training_metrics": []}
         self.completions_log: list[dict] = []
-        if self.previous is not None:
-            results["training_metrics"] = self.previous["training_metrics"][:done]
-            results["eval_history"] = [e for e in self.previous["eval_history"] if e["interaction"] <= done]
-            meta["n_skipped"] = sum(1 for m in results["training_metrics"] if m.get("skipped"))
-            if "oracle" in self.previous["meta"]:
-                meta["oracle"] = self.previous["meta"]["oracle"]
-            if self.files.completions.is_file():
-                self.completions_log = [c for c in json.loads(self.files.completions.read_text()) if c["interaction"] <= done]
+        self.pending = {"records": [], "evaluations": [], "completions": []}
+        done = resume.interactions_done
+        meta["resume_checkpoint_interactions"] = done
+        previous = self.previous or {"meta": {}, "training_metrics": [], "eval_history": []}
+        if "oracle" in previous["meta"]:
+            meta["oracle"] = previous["meta"]["oracle"]
+        records = previous["training_metrics"]
+        if records and records[-1]["interaction"] > done:
+            logger.warning(
+                "interactions %d-%d came after the last resume checkpoint (--resume_every %d) and are done again",
+                done + 1, records[-1]["interaction"], args.resume_every,
+            )
+        completions = json.loads(self.files.completions.read_text()) if self.previous and self.files.completions.is_file() else []
+        # What the results file holds up to the checkpoint, then what the checkpoint recorded after that file was written.
+        for key, kept, pending_key in (("training_metrics", records, "records"), ("eval_history", previous["eval_history"], "evaluations")):
+            results[key] = _newer(kept, 0, done)
+            last = results[key][-1]["interaction"] if results[key] else 0
+            results[key] += _newer((resume.pending or {}).get(pending_key, []), last, done)
+        self.completions_log = _newer(completions, 0, done)
+        last = self.completions_log[-1]["interaction"] if self.completions_log else 0
+        self.completions_log += _newer((resume.pending or {}).get("completions", []), last, done)
+        meta["n_skipped"] = sum(1 for m in results["training_metrics"] if m.get("skipped"))
+        if done:
             logger.info("resumed at interaction %d/%d", done, len(train_prompts))
         return results
 
@@ -600,15 +636,20 @@ class OnlineRun:
                     feedback=follow_ups[row][:TEXT_PREVIEW_CHARS],
                 )
                 results["training_metrics"].append(record)
+                self.pending["records"].append(record)
             results["meta"]["n_skipped"] += len(skipped)
             progress.update(len(prompts))
             progress.set_postfix(loss=f"{step_metrics.get('loss', float('nan')):.4f}", style=styles[-1])
             if args.eval_every > 0 and last // args.eval_every > first // args.eval_every:
                 self.record_evaluation(updater, policy, participants, eval_prompts, baseline, results, last)
-            self.save(results)
             crossed_resume_point = args.resume_every > 0 and last // args.resume_every > first // args.resume_every
             if crossed_resume_point or last == n:
-                updater.save_checkpoint(RESUME_TAG, extra_state={"interactions_done": last})
+                # Checkpoint first, then the results that name it: a crash in between loses nothing, since the
+                # checkpoint carries what was recorded since the previous one.
+                updater.save_checkpoint(RESUME_TAG, extra_state={"interactions_done": last, "pending": self.pending})
+                results["meta"]["resume_checkpoint_interactions"] = last
+                self.pending = {"records": [], "evaluations": [], "completions": []}
+            self.save(results)
         progress.close()
         if not results["eval_history"] or results["eval_history"][-1]["interaction"] != n:
             self.record_evaluation(updater, policy, participants, eval_prompts, baseline, results, n)
@@ -621,8 +662,11 @@ class OnlineRun:
             judge = participants.judges[results["meta"]["style"]]
             if judge.last_raw_outputs:
                 print(f"[debug] judge raw AB output on eval prompt 0:\n{judge.last_raw_outputs[0]['ab'][:1000]}")
+        completions = {"step": updater.step, "interaction": interaction, "current": current, "baseline": baseline}
         results["eval_history"].append(entry)
-        self.completions_log.append({"step": updater.step, "interaction": interaction, "current": current, "baseline": baseline})
+        self.completions_log.append(completions)
+        self.pending["evaluations"].append(entry)
+        self.pending["completions"].append(completions)
         save_completions_snapshot(self.files.snapshot, updater.step, eval_prompts, current, baseline)
         print(format_metrics_line(entry, results["meta"]["style"]))
         self.tracker.log(entry, step=updater.step, prefix="eval")

@@ -20,6 +20,7 @@ Deliberate choices (and reference traps avoided):
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import random
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from auxiliary.file_io import write_json_atomic
 from auxiliary.generation import Generation, SamplingParams, encode_chat, generate, stop_token_ids
 from auxiliary.model_loading import load_model_and_tokenizer, resolve_device, resolve_dtype
 from online_sdpo_updater_config import OnlineSDPOConfig
@@ -47,6 +49,7 @@ from sdpo_core import (
 logger = logging.getLogger(__name__)
 
 TRAINING_STATE_FILE = "training_state.pt"
+EXTRA_STATE_FILE = "extra_state.json"
 LIVE_ADAPTER_DIR = "_live_adapter"  # not a step_<n> name, so checkpoint pruning never touches it
 CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
 
@@ -76,6 +79,12 @@ def complete_checkpoint(path: str | Path) -> Path | None:
         if (candidate / TRAINING_STATE_FILE).is_file():
             return candidate
     return None
+
+
+def read_extra_state(checkpoint: str | Path) -> dict:
+    """The ``extra_state`` a complete checkpoint was saved with (empty for checkpoints that had none)."""
+    path = Path(checkpoint) / EXTRA_STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 class OnlineSDPOUpdater:
@@ -351,7 +360,8 @@ class OnlineSDPOUpdater:
     def save_checkpoint(self, tag: str | None = None, extra_state: dict | None = None) -> Path:
         """Write ``<checkpoint_dir>/<tag or step_<n>>`` atomically, then prune old ``step_*`` folders.
 
-        ``extra_state`` (JSON-like) is stored with the training state and restored as ``self.extra_state``.
+        ``extra_state`` (JSON-like) is stored with the training state and restored as ``self.extra_state``; it is
+        also written as ``extra_state.json``, so a caller can read it (``read_extra_state``) without loading weights.
         """
         root = Path(self.config.checkpoint_dir)
         root.mkdir(parents=True, exist_ok=True)
@@ -362,6 +372,7 @@ class OnlineSDPOUpdater:
         self.tokenizer.save_pretrained(staging)
         if self.config.use_lora and self.config.save_merged_model:
             self._save_merged(staging / "merged")
+        write_json_atomic(staging / EXTRA_STATE_FILE, extra_state or {})
         torch.save(
             {
                 "optimizer_state_dict": self.optimizer.state_dict(),

@@ -123,7 +123,7 @@ def test_api_failure_stops_cleanly_and_resume_finishes_the_run(tmp_path, prompt_
     train, val = prompt_files
     out = tmp_path / "run"
     monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
-    failing = [Reply("Too long."), Reply("No emojis please."), Reply(status=500)]
+    failing = [Reply(), Reply("Too long."), Reply("No emojis please."), Reply(status=500)]  # the first answers the pre-flight check
     with FakeAnthropicServer(replies=failing, handler=lambda body: Reply(status=500)) as server:
         monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url)
         args = base_args(tiny_model_path, train, val, out, judge_backend="rule", train_n=4, eval_n=2, eval_every=2, api_max_attempts=1)
@@ -156,7 +156,7 @@ def test_killed_run_resumed_keeps_all_finished_interactions(tmp_path, prompt_fil
     command = [sys.executable, str(REPO / "eval_online_sdpo.py")] + base_args(
         tiny_model_path, train, val, out, judge_backend="rule", train_n=4, eval_n=2, eval_every=0
     )
-    with FakeAnthropicServer(replies=[Reply("Shorter."), Reply("Plainer.")], handler=slow_third) as server:
+    with FakeAnthropicServer(replies=[Reply(), Reply("Shorter."), Reply("Plainer.")], handler=slow_third) as server:  # Reply(): the pre-flight check
         env["ANTHROPIC_BASE_URL"] = server.base_url
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
