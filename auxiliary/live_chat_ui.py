@@ -18,7 +18,7 @@ POLL_SECONDS = 1.0
 
 PAGE_CSS = """
 #signal-panel .tokens { font-family: ui-monospace, monospace; font-size: 0.9em; line-height: 1.9; white-space: pre-wrap; }
-#signal-panel .tokens span { border-radius: 3px; padding: 1px 0; }
+#signal-panel .tokens span { border-radius: 3px; padding: 1px 2px; margin-right: 1px; }
 #signal-panel table { font-size: 0.9em; margin-bottom: 0.5em; }
 #signal-panel .legend { height: 10px; border-radius: 3px; margin-top: 0.6em; }
 """
