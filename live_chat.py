@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -124,6 +125,10 @@ def resolve(argv=None) -> tuple[OnlineSDPOConfig, ChatSettings]:
     return config, settings
 
 
+def stop_like_ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
@@ -151,9 +156,14 @@ def main(argv=None) -> int:
     known = engine.users()
     logger.info("adapters in %s: %s", settings.adapters_dir, ", ".join(known) if known else "none yet")
     app = build_app(engine, signal_vmin=settings.signal_vmin, signal_vmax=settings.signal_vmax)
+    # SIGTERM stops the server like Ctrl-C does, so the queued updates still finish and are saved.
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     try:
         launch_app(app, host=settings.host, port=settings.port, share=settings.share)
+    except KeyboardInterrupt:  # a stop while the server was still starting (once serving, Gradio handles it)
+        app.close()
     finally:
+        logger.info("finishing %d queued update(s) before exiting", engine.queued())
         engine.close()
     return 0
 

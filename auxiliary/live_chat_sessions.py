@@ -461,6 +461,11 @@ class LiveChatEngine:
         """Queue the user's failed updates again, oldest first."""
         return self._submit(_Job("retry", check_user_name(user)))
 
+    def queued(self) -> int:
+        """Jobs of all users not finished yet."""
+        with self._lock:
+            return sum(record.queued for record in self._users.values())
+
     def wait_until_idle(self) -> None:
         """Block until every queued job has finished."""
         self._jobs.join()

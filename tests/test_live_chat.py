@@ -367,3 +367,40 @@ def test_script_defaults_to_the_embedded_model_on_cpu_bound_to_localhost(tmp_pat
     assert {"--use_vllm", "--use_lora"} <= set(argv) and argv[argv.index("--model") + 1] == "Qwen/Qwen3-8B"
     assert argv[argv.index("--adapters_dir") + 1] == str(tmp_path / "a") and argv[-2:] == ["--port", "8000"]
     assert not (tmp_path / "a").exists(), "dry-run must create nothing"
+
+
+@pytest.mark.slow
+def test_command_line_serves_the_page_and_stops_cleanly_on_sigterm(tiny_model_path, tmp_path):
+    import signal
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, str(REPO / "live_chat.py"), "--model", tiny_model_path, "--device", "cpu", "--dtype", "float32",
+               "--lora_r", "4", "--lora_alpha", "8", "--max_new_tokens", "8", "--port", str(port),
+               "--adapters_dir", str(tmp_path / "adapters")]
+    server = subprocess.Popen(command, cwd=REPO, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        page = None
+        for _ in range(240):
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.5)
+        assert page is not None and "SDPO live chat" in page
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == 0, output
+    assert "finishing 0 queued update(s)" in output
+    assert json.loads((tmp_path / "adapters" / "live_chat.json").read_text())["lora_r"] == 4
