@@ -55,27 +55,36 @@ def build_parser() -> argparse.ArgumentParser:
     policy = parser.add_argument_group("policy and training (the online loop's flags; CPU defaults)")
     policy.add_argument("--model", default=DEFAULT_CPU_MODEL, help="policy: HF id, local folder or bundled alias")
     policy.add_argument("--lr", type=float, default=1e-4, help="learning rate (constant)")
-    policy.add_argument("--use_lora", action="store_true", help="accepted for the online loop's command lines; live chat always trains LoRA")
+    policy.add_argument("--use_lora", action="store_true",
+        help="accepted for the online loop's command lines; live chat always trains LoRA")
     policy.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
     policy.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha (scale = alpha / r)")
-    policy.add_argument("--loss_mode", default="simple_signal", choices=["simple_signal", "full_distillation"], help="SDPO loss")
+    policy.add_argument("--loss_mode", default="simple_signal", choices=["simple_signal", "full_distillation"],
+        help="SDPO loss")
     policy.add_argument("--distillation_topk", type=int, default=20, help="K of the top-K distillation")
-    policy.add_argument("--signal_clip", type=float, default=0.0, help="clip the per-token signal to ±this in simple_signal mode (0: off)")
+    policy.add_argument("--signal_clip", type=float, default=0.0,
+        help="clip the per-token signal to ±this in simple_signal mode (0: off)")
     policy.add_argument("--train_steps_per_example", type=int, default=1, help="gradient steps per follow-up")
-    policy.add_argument("--max_new_tokens", type=int, default=96, help="reply length budget (also the longest reply trained on)")
+    policy.add_argument("--max_new_tokens", type=int, default=96,
+        help="reply length budget (also the longest reply trained on)")
     policy.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the replies")
     policy.add_argument("--dtype", default="bfloat16", help="compute dtype (LoRA weights stay fp32 under autocast)")
     policy.add_argument("--device", default="auto", help="training device: auto, cpu, cuda, cuda:1, ...")
-    policy.add_argument("--use_vllm", action="store_true", help="generate replies with vLLM, hot-swapping to the user's newest adapter (GPU)")
-    policy.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.3, help="GPU memory share of the vLLM engine")
+    policy.add_argument("--use_vllm", action="store_true",
+        help="generate replies with vLLM, hot-swapping to the user's newest adapter (GPU)")
+    policy.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.3,
+        help="GPU memory share of the vLLM engine")
     policy.add_argument("--seed", type=int, default=42, help="seeds the initial adapter and the sampling")
     chat = parser.add_argument_group("chat server")
-    chat.add_argument("--adapters_dir", "--checkpoint_dir", default="./live_chat_adapters", help="one adapter folder per user name")
+    chat.add_argument("--adapters_dir", "--checkpoint_dir", default="./live_chat_adapters",
+        help="one adapter folder per user name")
     chat.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the page to the network)")
     chat.add_argument("--port", type=int, default=7860, help="port of the page")
     chat.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    chat.add_argument("--max_history_messages", type=int, default=8, help="messages of the chat the model sees (0: all)")
-    chat.add_argument("--wait_for_updates", action="store_true", help="reply only after the update on the previous reply finished (synchronous)")
+    chat.add_argument("--max_history_messages", type=int, default=8,
+        help="messages of the chat the model sees (0: all)")
+    chat.add_argument("--wait_for_updates", action="store_true",
+        help="reply only after the update on the previous reply finished (synchronous)")
     chat.add_argument("--signal_vmin", type=float, default=-5.0, help="signal colour scale minimum (red)")
     chat.add_argument("--signal_vmax", type=float, default=5.0, help="signal colour scale maximum (blue)")
     return parser
@@ -130,7 +139,9 @@ def stop_like_ctrl_c(signum, frame) -> None:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         config, settings = resolve(argv)
     except ValueError as error:  # LiveChatError and OnlineSDPOConfig's checks

@@ -95,7 +95,9 @@ def check_adapters_dir(adapters_dir: str | Path, config) -> None:
     except (OSError, json.JSONDecodeError) as error:
         raise LiveChatError(f"{path}: not readable JSON ({error}); restore it or use another --adapters_dir") from error
     wanted = adapter_shape(config)
-    differing = [f"{key} {stored.get(key)!r} (running {wanted[key]!r})" for key in wanted if stored.get(key) != wanted[key]]
+    differing = [
+        f"{key} {stored.get(key)!r} (running {wanted[key]!r})" for key in wanted if stored.get(key) != wanted[key]
+    ]
     if differing:
         raise LiveChatError(
             f"{path}: the stored adapters were trained with {', '.join(differing)}; "
@@ -270,7 +272,7 @@ class LiveChatEngine:
     ):
         cfg = updater.config
         if not cfg.use_lora or updater.vllm_engine is not None:
-            raise ValueError("live chat needs an updater with use_lora=True and use_vllm=False (the engine serves replies)")
+            raise ValueError("live chat needs an updater with use_lora=True and use_vllm=False (the engine serves)")
         self.updater = updater
         self.root = Path(adapters_dir)
         self.max_history_messages = max_history_messages
@@ -530,9 +532,8 @@ class LiveChatEngine:
         """Token pieces of y and A_t = log π(y_t|x⊕o) − log π(y_t|x) under the training model's weights."""
         updater = self.updater
         ids = updater.completion_ids(interaction.response)
-        teacher_messages = build_hindsight_messages(
-            interaction.context, interaction.follow_up, variant="online", template=updater.config.hindsight_block_template
-        )
+        template = updater.config.hindsight_block_template
+        teacher_messages = build_hindsight_messages(interaction.context, interaction.follow_up, template=template)
         contexts = [updater.encode_context(interaction.context), updater.encode_context(teacher_messages)]
         batch = pad_contexts_and_completions(contexts, [ids, ids], updater.tokenizer.pad_token_id)
         with autocast_context(updater.device, updater.autocast_dtype):
@@ -564,7 +565,8 @@ class LiveChatEngine:
 
     def _commit(self, user: str, head: dict, last_update: dict, interaction: Interaction) -> None:
         name = f"v{head['next']:06d}"
-        path = self._save_version(self.root / user, name, {"last_update": last_update, "interaction": interaction.to_dict()})
+        extra_state = {"last_update": last_update, "interaction": interaction.to_dict()}
+        path = self._save_version(self.root / user, name, extra_state)
         entry = {
             "name": name,
             "step": self.updater.step,

@@ -17,7 +17,8 @@ LIGHT_BACKGROUND_LUMINANCE = 0.62
 POLL_SECONDS = 1.0
 
 PAGE_CSS = """
-#signal-panel .tokens { font-family: ui-monospace, monospace; font-size: 0.9em; line-height: 1.9; white-space: pre-wrap; }
+#signal-panel .tokens { font-family: ui-monospace, monospace; font-size: 0.9em; line-height: 1.9;
+  white-space: pre-wrap; }
 #signal-panel .tokens span { border-radius: 3px; padding: 1px 2px; margin-right: 1px; }
 #signal-panel table { font-size: 0.9em; margin-bottom: 0.5em; }
 #signal-panel .legend { height: 10px; border-radius: 3px; margin-top: 0.6em; }
@@ -72,7 +73,8 @@ def render_status(status: UserStatus, conversation: Conversation | None) -> str:
     if status.queued:
         parts.append(f"updates running or queued: {status.queued}")
     if conversation is not None and conversation.reply_steps:
-        parts.append(f"replies: {len(conversation.reply_steps)}, the last made with step {conversation.reply_steps[-1]}")
+        steps = conversation.reply_steps
+        parts.append(f"replies: {len(steps)}, the last made with step {steps[-1]}")
     lines = [" · ".join(parts)]
     if status.failed:
         lines.append(f"⚠ {len(status.failed)} failed update(s) kept: press “Retry failed updates”.")
@@ -105,7 +107,8 @@ def build_app(engine: LiveChatEngine, *, signal_vmin: float = -5.0, signal_vmax:
 
     def panels(conversation: Conversation | None):
         if conversation is None:
-            return "Enter your name and press **Load** to start (a new name starts a fresh adapter).", render_signal_html(None, signal_vmin, signal_vmax)
+            welcome = "Enter your name and press **Load** to start (a new name starts a fresh adapter)."
+            return welcome, render_signal_html(None, signal_vmin, signal_vmax)
         status = engine.status(conversation.user)
         return render_status(status, conversation), render_signal_html(status.last_update, signal_vmin, signal_vmax)
 
@@ -167,7 +170,8 @@ def build_app(engine: LiveChatEngine, *, signal_vmin: float = -5.0, signal_vmax:
         load_button.click(load_user, [user_name], chat_outputs)
         user_name.submit(load_user, [user_name], chat_outputs)
         for trigger in (message.submit, send_button.click):
-            trigger(receive, [message, conversation], [message, *chat_outputs]).then(respond, [conversation], chat_outputs)
+            sent = trigger(receive, [message, conversation], [message, *chat_outputs])
+            sent.then(respond, [conversation], chat_outputs)
         new_button.click(new_conversation, [conversation], chat_outputs)
         for button, action in ((undo_button, engine.undo), (reset_button, engine.reset), (save_button, engine.save),
                                (retry_button, engine.retry_failed)):
@@ -182,7 +186,9 @@ def launch_app(app, *, host: str, port: int, share: bool = False, block: bool = 
     import gradio as gr
 
     # System fonts: the default theme would fetch web fonts, and this page must work offline.
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
     _, local_url, _ = app.launch(
         server_name=host,
         server_port=port,

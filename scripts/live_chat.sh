@@ -2,8 +2,8 @@
 # Live chat in the browser: teach the policy by talking to it, one LoRA adapter per user name.
 #
 #   ./scripts/live_chat.sh                          # CPU: embedded SmolLM2-135M-Instruct, http://127.0.0.1:7860
-#   PRESET=gpu ./scripts/live_chat.sh               # GPU: the online loop's reference setup (Qwen3-8B, LoRA r256, vLLM replies)
-#   PORT=8000 ./scripts/live_chat.sh --wait_for_updates --dry-run   # print the command; extra arguments go to live_chat.py
+#   PRESET=gpu ./scripts/live_chat.sh               # GPU: the online loop's setup (Qwen3-8B, LoRA r256, vLLM replies)
+#   PORT=8000 ./scripts/live_chat.sh --wait_for_updates --dry-run   # print the command; extra args go to live_chat.py
 #
 # Env (CPU defaults): MODEL smollm2-135m-instruct | LR 1e-4 | LOSS_MODE simple_signal | LORA_R 16 | LORA_ALPHA 32
 #   MAX_NEW_TOKENS 96 | TEMPERATURE 0.7 | DEVICE cpu | DTYPE bfloat16 | HOST 127.0.0.1 | PORT 7860

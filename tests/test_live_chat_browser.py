@@ -26,7 +26,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+        not (CHROMIUM and CHROMEDRIVER),
+        reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
     ),
 ]
 FINGERPRINT = re.compile(r"adapter\s+([0-9a-f]{8})")
