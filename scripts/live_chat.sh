@@ -6,11 +6,11 @@
 #   PORT=8000 ./scripts/live_chat.sh --wait_for_updates --dry-run   # print the command; extra args go to live_chat.py
 #
 # Env (CPU defaults): MODEL smollm2-135m-instruct | LR 1e-4 | LOSS_MODE simple_signal | LORA_R 16 | LORA_ALPHA 32
-#   MAX_NEW_TOKENS 96 | TEMPERATURE 0.7 | DEVICE cpu | DTYPE bfloat16 | HOST 127.0.0.1 | PORT 7860
+#   MAX_NEW_TOKENS 96 | TEMPERATURE 0.7 | DEVICE cpu | DTYPE float32 | HOST 127.0.0.1 | PORT 7860
 #   ADAPTERS_DIR runs/live_chat (one folder per user; a restart resumes them) | PRESET (empty or gpu)
 # PRESET=gpu changes the defaults (each still overridable by its env var): MODEL Qwen/Qwen3-8B, LR 5e-6,
-#   LOSS_MODE full_distillation, LORA_R 256, LORA_ALPHA 512, MAX_NEW_TOKENS 2048, DEVICE auto, --use_vllm,
-#   ADAPTERS_DIR $BASE_WORK/live-chat. HOST 0.0.0.0 exposes the page to the network (there is no login).
+#   LOSS_MODE full_distillation, LORA_R 256, LORA_ALPHA 512, MAX_NEW_TOKENS 2048, DEVICE auto, DTYPE bfloat16,
+#   --use_vllm, ADAPTERS_DIR $BASE_WORK/live-chat. HOST 0.0.0.0 exposes the page to the network (there is no login).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 sdpo_init "$@"
 
@@ -24,6 +24,7 @@ case "$PRESET" in
     LORA_ALPHA="${LORA_ALPHA:-512}"
     MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-2048}"
     DEVICE="${DEVICE:-auto}"
+    DTYPE="${DTYPE:-bfloat16}"
     ADAPTERS_DIR="${ADAPTERS_DIR:-$BASE_WORK/live-chat}"
     ;;
   "") ;;
@@ -38,7 +39,7 @@ LORA_ALPHA="${LORA_ALPHA:-32}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-96}"
 TEMPERATURE="${TEMPERATURE:-0.7}"
 DEVICE="${DEVICE:-cpu}"
-DTYPE="${DTYPE:-bfloat16}"
+DTYPE="${DTYPE:-float32}"
 HOST="${HOST:-127.0.0.1}"
 PORT="${PORT:-7860}"
 ADAPTERS_DIR="${ADAPTERS_DIR:-$REPO_ROOT/runs/live_chat}"

@@ -372,8 +372,10 @@ def test_script_defaults_to_the_embedded_model_on_cpu_bound_to_localhost(tmp_pat
     value = {argv[i]: argv[i + 1] for i in range(2, len(argv) - 1) if argv[i].startswith("--")}
     assert value["--model"] == "smollm2-135m-instruct" and value["--device"] == "cpu" and value["--host"] == "127.0.0.1"
     assert value["--max_new_tokens"] == "96" and value["--port"] == "7860" and "--use_vllm" not in argv
+    assert value["--dtype"] == "float32"
     argv = dry_run("--port", "8000", "--dry-run", env={"PRESET": "gpu", "ADAPTERS_DIR": str(tmp_path / "a")})
     assert {"--use_vllm", "--use_lora"} <= set(argv) and argv[argv.index("--model") + 1] == "Qwen/Qwen3-8B"
+    assert argv[argv.index("--dtype") + 1] == "bfloat16" and argv[argv.index("--device") + 1] == "auto"
     assert argv[argv.index("--adapters_dir") + 1] == str(tmp_path / "a") and argv[-2:] == ["--port", "8000"]
     assert not (tmp_path / "a").exists(), "dry-run must create nothing"
 
