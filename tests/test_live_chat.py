@@ -388,6 +388,7 @@ def test_command_line_serves_the_page_and_stops_cleanly_on_sigterm(tiny_model_pa
     import time
     import urllib.request
 
+    pytest.importorskip("gradio")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
