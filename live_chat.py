@@ -23,7 +23,7 @@ import argparse
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -119,18 +119,7 @@ def resolve(argv=None) -> tuple[OnlineSDPOConfig, ChatSettings]:
         checkpoint_every_n_steps=0,
         max_checkpoints=0,
     )
-    settings = ChatSettings(
-        adapters_dir=args.adapters_dir,
-        host=args.host,
-        port=args.port,
-        share=args.share,
-        use_vllm=args.use_vllm,
-        max_history_messages=args.max_history_messages,
-        wait_for_updates=args.wait_for_updates,
-        signal_vmin=args.signal_vmin,
-        signal_vmax=args.signal_vmax,
-        seed=args.seed,
-    )
+    settings = ChatSettings(**{field.name: getattr(args, field.name) for field in fields(ChatSettings)})
     check_adapters_dir(settings.adapters_dir, config)
     return config, settings
 
