@@ -184,7 +184,9 @@ class _UserRecord:
 
 
 @dataclass
-class _Job:
+class Job:
+    """One queued piece of work for a user; ``done`` is set when it has finished (or failed)."""
+
     kind: str  # update | undo | reset | save | retry
     user: str
     interaction: Interaction | None = None
@@ -287,7 +289,7 @@ class LiveChatEngine:
         self._prepare_initial_adapter()
         self.initial_fingerprint = file_fingerprint(self.root / INITIAL / ADAPTER_WEIGHTS_FILE)
         self._replies = build_vllm_replies(updater) if use_vllm else TransformersReplies(updater)
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="live-chat-updates", daemon=True)
         self._worker.start()
 
@@ -406,7 +408,7 @@ class LiveChatEngine:
                 messages = messages[1:]
         return copy.deepcopy(messages)
 
-    def add_user_message(self, conversation: Conversation, text: str) -> _Job | None:
+    def add_user_message(self, conversation: Conversation, text: str) -> Job | None:
         """Append the person's message; when it follows a reply, queue the update on (x, y, o=text).
 
         Returns the queued job (None for the first message of a conversation).
@@ -444,24 +446,24 @@ class LiveChatEngine:
             generation = self._replies.generate(adapter, context_ids, self.updater.sampling)
         return Reply(generation, current["step"])
 
-    def submit_update(self, user: str, interaction: Interaction) -> _Job:
-        return self._submit(_Job("update", check_user_name(user), interaction))
+    def submit_update(self, user: str, interaction: Interaction) -> Job:
+        return self._submit(Job("update", check_user_name(user), interaction))
 
-    def undo(self, user: str) -> _Job:
+    def undo(self, user: str) -> Job:
         """Queue: go back to the state before the last update (or reset)."""
-        return self._submit(_Job("undo", check_user_name(user)))
+        return self._submit(Job("undo", check_user_name(user)))
 
-    def reset(self, user: str) -> _Job:
+    def reset(self, user: str) -> Job:
         """Queue: start again from the initial adapter (undo brings the old one back)."""
-        return self._submit(_Job("reset", check_user_name(user)))
+        return self._submit(Job("reset", check_user_name(user)))
 
-    def save(self, user: str) -> _Job:
+    def save(self, user: str) -> Job:
         """Queue: copy the current adapter to ``<user>/saved/step_<n>``."""
-        return self._submit(_Job("save", check_user_name(user)))
+        return self._submit(Job("save", check_user_name(user)))
 
-    def retry_failed(self, user: str) -> _Job:
+    def retry_failed(self, user: str) -> Job:
         """Queue the user's failed updates again, oldest first."""
-        return self._submit(_Job("retry", check_user_name(user)))
+        return self._submit(Job("retry", check_user_name(user)))
 
     def queued(self) -> int:
         """Jobs of all users not finished yet."""
@@ -477,7 +479,7 @@ class LiveChatEngine:
         self._jobs.put(None)
         self._worker.join()
 
-    def _submit(self, job: _Job) -> _Job:
+    def _submit(self, job: Job) -> Job:
         """Queue ``job``; with ``wait_for_updates`` (and not on the worker itself) wait until it is done."""
         with self._lock:
             self._record(job.user).queued += 1
@@ -504,7 +506,7 @@ class LiveChatEngine:
                 self._jobs.task_done()
         self._jobs.task_done()
 
-    def _record_failure(self, job: _Job, error: Exception) -> None:
+    def _record_failure(self, job: Job, error: Exception) -> None:
         # The training model may hold a half-applied step: reload the user's state before the next job.
         self._active = None
         self.updater.optimizer.zero_grad(set_to_none=True)
@@ -542,7 +544,7 @@ class LiveChatEngine:
         pieces = [updater.tokenizer.decode([token]) for token in ids]
         return pieces, signal.float().cpu().tolist()
 
-    def _run_update(self, job: _Job) -> None:
+    def _run_update(self, job: Job) -> None:
         user, interaction = job.user, job.interaction
         head = self._activate(user)
         try:
@@ -576,7 +578,7 @@ class LiveChatEngine:
         self._write_head(user, {"current": entry, "previous": head["current"], "next": head["next"] + 1})
         self._active = (user, name)
 
-    def _run_undo(self, job: _Job) -> None:
+    def _run_undo(self, job: Job) -> None:
         with self._lock:
             head = self._record(job.user).head
         if head["previous"] is None:
@@ -585,13 +587,13 @@ class LiveChatEngine:
         self._write_head(job.user, {**head, "current": head["previous"], "previous": None})
         self._notify(job.user, f"undone: back to adapter step {head['previous']['step']}")
 
-    def _run_reset(self, job: _Job) -> None:
+    def _run_reset(self, job: Job) -> None:
         with self._lock:
             head = self._record(job.user).head
         self._write_head(job.user, {**head, "current": self._initial_entry(), "previous": head["current"]})
         self._notify(job.user, "reset to the initial adapter (undo brings the previous one back)")
 
-    def _run_save(self, job: _Job) -> None:
+    def _run_save(self, job: Job) -> None:
         with self._lock:
             head = self._record(job.user).head
         source = self._version_path(job.user, head["current"])
@@ -603,7 +605,7 @@ class LiveChatEngine:
         staging.rename(target)
         self._notify(job.user, f"saved to {target}")
 
-    def _run_retry(self, job: _Job) -> None:
+    def _run_retry(self, job: Job) -> None:
         with self._lock:
             record = self._record(job.user)
             rows, record.failed = record.failed, []
