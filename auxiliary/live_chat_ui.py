@@ -1,0 +1,202 @@
+"""The browser side of the live chat (Gradio): chat box, adapter controls, and the signal panel.
+
+The page polls the engine once a second, so an update that finishes while the person reads or types
+shows up without a click: the adapter step and fingerprint in the status line, and the reply it was
+trained on, token by token, coloured by the SDPO signal of the follow-up (the signal-analysis figures'
+colour map: red = the follow-up made the token less likely, white = unchanged, blue = more likely).
+"""
+
+from __future__ import annotations
+
+import html
+
+from auxiliary.live_chat_sessions import Conversation, LiveChatEngine, LiveChatError, UpdateReport, UserStatus
+
+SIGNAL_COLORMAP = "RdBu"  # the colour map of auxiliary/sdpo_signal_analysis.py's figures
+LIGHT_BACKGROUND_LUMINANCE = 0.62
+POLL_SECONDS = 1.0
+
+PAGE_CSS = """
+#signal-panel .tokens { font-family: ui-monospace, monospace; font-size: 0.9em; line-height: 1.9;
+  white-space: pre-wrap; }
+#signal-panel .tokens span { border-radius: 3px; padding: 1px 2px; margin-right: 1px; }
+#signal-panel table { font-size: 0.9em; margin-bottom: 0.5em; }
+#signal-panel .legend { height: 10px; border-radius: 3px; margin-top: 0.6em; }
+"""
+
+INTRO = (
+    "Chat with the model. Each message you send after one of its replies is read as feedback on that reply: "
+    "the model is updated on it in the background (one SDPO step on your own adapter) while it answers you."
+)
+
+
+def signal_color_hex(value: float, vmin: float, vmax: float) -> str:
+    """Colour of a per-token signal: RdBu on a TwoSlopeNorm(vmin, 0, vmax), values clipped."""
+    from matplotlib import colormaps
+    from matplotlib.colors import TwoSlopeNorm, to_hex
+
+    norm = TwoSlopeNorm(vmin=vmin, vcenter=0.0, vmax=vmax)
+    return to_hex(colormaps[SIGNAL_COLORMAP](norm(min(max(value, vmin), vmax))))
+
+
+def _text_color(background_hex: str) -> str:
+    red, green, blue = (int(background_hex[i : i + 2], 16) / 255 for i in (1, 3, 5))
+    return "black" if 0.2126 * red + 0.7152 * green + 0.0722 * blue > LIGHT_BACKGROUND_LUMINANCE else "white"
+
+
+def render_signal_html(report: UpdateReport | None, vmin: float, vmax: float) -> str:
+    """The last update's metrics and its reply, token by token, coloured by the signal."""
+    if report is None:
+        return "<p><b>SDPO signal</b>: no update yet. Reply to the model's answer to give it feedback.</p>"
+    spans = []
+    for piece, value in zip(report.tokens, report.signal):
+        background = signal_color_hex(value, vmin, vmax)
+        text = html.escape(piece).replace("\n", "⏎\n")
+        spans.append(
+            f'<span style="background:{background};color:{_text_color(background)}" title="{value:+.3f}">{text}</span>'
+        )
+    gradient = ", ".join(signal_color_hex(vmin + (vmax - vmin) * i / 8, vmin, vmax) for i in range(9))
+    return (
+        f"<p><b>Update {report.step}</b>: your follow-up “{html.escape(report.follow_up)}” on the reply below.</p>"
+        "<table><tr><th>step</th><th>loss</th><th>mean signal</th><th>tokens</th><th>time</th></tr>"
+        f"<tr><td id='metric-step'>{report.step}</td><td>{report.loss:.4f}</td><td>{report.signal_mean:+.4f}</td>"
+        f"<td>{len(report.tokens)}</td><td>{report.train_time_s:.1f} s</td></tr></table>"
+        f"<div class='tokens'>{''.join(spans)}</div>"
+        f"<div class='legend' style='background:linear-gradient(to right, {gradient})'></div>"
+        f"<small>{vmin:g} (red: the follow-up made the token less likely) … 0 … {vmax:+g} (blue: more likely)</small>"
+    )
+
+
+def render_status(status: UserStatus, conversation: Conversation | None) -> str:
+    """One status line: adapter step and fingerprint, queue, which step made the last reply, notices."""
+    parts = [f"**{status.user}**", f"adapter step {status.step}", f"adapter `{status.fingerprint}`"]
+    if status.queued:
+        parts.append(f"updates running or queued: {status.queued}")
+    if conversation is not None and conversation.reply_steps:
+        steps = conversation.reply_steps
+        parts.append(f"replies: {len(steps)}, the last made with step {steps[-1]}")
+    lines = [" · ".join(parts)]
+    if status.failed:
+        lines.append(f"⚠ {len(status.failed)} failed update(s) kept: press “Retry failed updates”.")
+    if status.notice:
+        lines.append(status.notice)
+    return "  \n".join(lines)
+
+
+def chat_display(conversation: Conversation | None) -> list[dict]:
+    """The chat as Gradio shows it: each reply with the adapter step that produced it."""
+    if conversation is None:
+        return []
+    shown, replies = [], iter(conversation.reply_steps)
+    for message in conversation.messages:
+        content = message["content"]
+        if message["role"] == "assistant":
+            content = f"{content}\n\n*adapter step {next(replies)}*"
+        shown.append({"role": message["role"], "content": content})
+    return shown
+
+
+def build_app(engine: LiveChatEngine, *, signal_vmin: float = -5.0, signal_vmax: float = 5.0):
+    """The Gradio Blocks page for ``engine`` (launch with ``launch_app``)."""
+    import gradio as gr
+
+    def require_user(conversation: Conversation | None) -> Conversation:
+        if conversation is None:
+            raise gr.Error("enter your name and press Load first")
+        return conversation
+
+    def panels(conversation: Conversation | None):
+        if conversation is None:
+            welcome = "Enter your name and press **Load** to start (a new name starts a fresh adapter)."
+            return welcome, render_signal_html(None, signal_vmin, signal_vmax)
+        status = engine.status(conversation.user)
+        return render_status(status, conversation), render_signal_html(status.last_update, signal_vmin, signal_vmax)
+
+    def load_user(name: str):
+        try:
+            conversation = Conversation(user=engine.status(name).user)
+        except LiveChatError as error:
+            raise gr.Error(str(error)) from error
+        return conversation, chat_display(conversation), *panels(conversation)
+
+    def receive(text: str, conversation: Conversation | None):
+        conversation = require_user(conversation)
+        try:
+            engine.add_user_message(conversation, text)
+        except LiveChatError as error:
+            raise gr.Error(str(error)) from error
+        return "", conversation, chat_display(conversation), *panels(conversation)
+
+    def respond(conversation: Conversation | None):
+        conversation = require_user(conversation)
+        if conversation.messages and conversation.messages[-1]["role"] == "user":
+            engine.answer(conversation)
+        return conversation, chat_display(conversation), *panels(conversation)
+
+    def new_conversation(conversation: Conversation | None):
+        conversation = Conversation(user=require_user(conversation).user)
+        return conversation, chat_display(conversation), *panels(conversation)
+
+    def adapter_action(action):
+        def run(conversation: Conversation | None):
+            action(require_user(conversation).user)
+            return panels(conversation)
+
+        return run
+
+    with gr.Blocks(title="SDPO live chat", analytics_enabled=False) as app:
+        conversation = gr.State(None)
+        gr.Markdown(f"## SDPO live chat\n{INTRO}")
+        with gr.Row():
+            user_name = gr.Textbox(label="Your name (selects your adapter)", elem_id="user-name", scale=4)
+            load_button = gr.Button("Load", elem_id="load-user", scale=1)
+        status = gr.Markdown(elem_id="status")
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(elem_id="chat", height=420, label="Conversation")
+                message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, elem_id="message")
+                with gr.Row():
+                    send_button = gr.Button("Send", variant="primary", elem_id="send")
+                    new_button = gr.Button("New conversation", elem_id="new-conversation")
+            with gr.Column(scale=2):
+                signal_panel = gr.HTML(elem_id="signal-panel")
+                with gr.Row():
+                    undo_button = gr.Button("Undo last update", elem_id="undo")
+                    reset_button = gr.Button("Reset adapter", elem_id="reset")
+                with gr.Row():
+                    save_button = gr.Button("Save a copy", elem_id="save")
+                    retry_button = gr.Button("Retry failed updates", elem_id="retry")
+        chat_outputs = [conversation, chatbot, status, signal_panel]
+        load_button.click(load_user, [user_name], chat_outputs)
+        user_name.submit(load_user, [user_name], chat_outputs)
+        for trigger in (message.submit, send_button.click):
+            sent = trigger(receive, [message, conversation], [message, *chat_outputs])
+            sent.then(respond, [conversation], chat_outputs)
+        new_button.click(new_conversation, [conversation], chat_outputs)
+        for button, action in ((undo_button, engine.undo), (reset_button, engine.reset), (save_button, engine.save),
+                               (retry_button, engine.retry_failed)):
+            button.click(adapter_action(action), [conversation], [status, signal_panel])
+        app.load(panels, [conversation], [status, signal_panel])
+        gr.Timer(POLL_SECONDS).tick(panels, [conversation], [status, signal_panel])
+    return app
+
+
+def launch_app(app, *, host: str, port: int, share: bool = False, block: bool = True) -> str:
+    """Serve ``app``; returns the local URL (``block=False`` returns at once, for tests)."""
+    import gradio as gr
+
+    # System fonts: the default theme would fetch web fonts, and this page must work offline.
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
+    _, local_url, _ = app.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        prevent_thread_lock=not block,
+        quiet=not block,
+        ssr_mode=False,
+        theme=theme,
+        css=PAGE_CSS,
+    )
+    return local_url
