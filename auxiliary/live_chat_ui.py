@@ -11,9 +11,8 @@ from __future__ import annotations
 import html
 
 from auxiliary.live_chat_sessions import Conversation, LiveChatEngine, LiveChatError, UpdateReport, UserStatus
+from auxiliary.plots import signal_color_hex, text_color_hex
 
-SIGNAL_COLORMAP = "RdBu"  # the colour map of auxiliary/sdpo_signal_analysis.py's figures
-LIGHT_BACKGROUND_LUMINANCE = 0.62
 POLL_SECONDS = 1.0
 
 PAGE_CSS = """
@@ -30,20 +29,6 @@ INTRO = (
 )
 
 
-def signal_color_hex(value: float, vmin: float, vmax: float) -> str:
-    """Colour of a per-token signal: RdBu on a TwoSlopeNorm(vmin, 0, vmax), values clipped."""
-    from matplotlib import colormaps
-    from matplotlib.colors import TwoSlopeNorm, to_hex
-
-    norm = TwoSlopeNorm(vmin=vmin, vcenter=0.0, vmax=vmax)
-    return to_hex(colormaps[SIGNAL_COLORMAP](norm(min(max(value, vmin), vmax))))
-
-
-def _text_color(background_hex: str) -> str:
-    red, green, blue = (int(background_hex[i : i + 2], 16) / 255 for i in (1, 3, 5))
-    return "black" if 0.2126 * red + 0.7152 * green + 0.0722 * blue > LIGHT_BACKGROUND_LUMINANCE else "white"
-
-
 def render_signal_html(report: UpdateReport | None, vmin: float, vmax: float) -> str:
     """The last update's metrics and its reply, token by token, coloured by the signal."""
     if report is None:
@@ -53,7 +38,7 @@ def render_signal_html(report: UpdateReport | None, vmin: float, vmax: float) ->
         background = signal_color_hex(value, vmin, vmax)
         text = html.escape(piece).replace("\n", "⏎\n")
         spans.append(
-            f'<span style="background:{background};color:{_text_color(background)}" title="{value:+.3f}">{text}</span>'
+            f'<span style="background:{background};color:{text_color_hex(background)}" title="{value:+.3f}">{text}</span>'
         )
     gradient = ", ".join(signal_color_hex(vmin + (vmax - vmin) * i / 8, vmin, vmax) for i in range(9))
     return (
