@@ -80,7 +80,7 @@ from auxiliary.evaluation_helpers import (
     write_json_atomic,
 )
 from auxiliary.generation import SamplingParams
-from auxiliary.model_loading import ModelLoadError
+from auxiliary.model_loading import DTYPES, ModelLoadError, concrete_dtype
 from auxiliary.oracle import oracle_answers
 from auxiliary.participants import (
     ParticipantsConfig,
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--max_new_tokens", type=int, default=DEFAULTS.max_new_tokens, help="training-time generation budget")
     policy.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="sampling temperature (training and evaluation)")
     policy.add_argument("--system_prompt", default="general", choices=sorted(SYSTEM_PROMPTS), help="general: no system message; tldr: the reference's TL;DR instruction")
-    policy.add_argument("--dtype", default=DEFAULTS.torch_dtype, help="compute dtype (trainable weights stay fp32 under autocast)")
+    policy.add_argument("--dtype", default=DEFAULTS.torch_dtype, help="compute dtype (trainable weights stay fp32 under autocast); auto: bfloat16 where the hardware computes it natively, else float32")
     policy.add_argument("--device", default=DEFAULTS.device, help="policy device: auto, cpu, cuda, cuda:1, ...")
     policy.add_argument("--generation_batch_size", type=int, default=DEFAULTS.generation_batch_size, help="prompts per batched generate call")
     policy.add_argument("--use_vllm", action="store_true", help="generate the policy's answers with vLLM (needs LoRA; adapter hot-swapped after each update)")
@@ -250,6 +250,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.dtype != "auto" and args.dtype not in DTYPES:
+        parser.error(f"--dtype {args.dtype!r}: use auto or one of {sorted(DTYPES)}")
+    args.dtype = concrete_dtype(args.dtype, args.device)
     if args.optim == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         parser.error("--optim adamw_8bit needs bitsandbytes (pip install bitsandbytes, CUDA); or use --optim adamw")
     try:

@@ -83,7 +83,7 @@ from auxiliary.evaluation_helpers import (
     write_json_atomic,
 )
 from auxiliary.generation import SamplingParams
-from auxiliary.model_loading import ModelLoadError, load_tokenizer, resolve_model_path
+from auxiliary.model_loading import ModelLoadError, concrete_dtype, load_tokenizer, resolve_model_path
 from auxiliary.participants import (
     ParticipantsConfig,
     add_participant_arguments,
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     generation = parser.add_argument_group("generation")
     generation.add_argument("--eval_max_new_tokens", type=int, default=2048, help="generation budget per answer")
     generation.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (top-p 1, no top-k; 0 = greedy)")
-    generation.add_argument("--dtype", default="bfloat16", help="weights dtype of the baseline and checkpoints (float32 for exact fp32 checkpoints)")
+    generation.add_argument("--dtype", default="bfloat16", help="weights dtype of the baseline and checkpoints (float32 for exact fp32 checkpoints; auto: bfloat16 where computed natively, else float32)")
     generation.add_argument("--device", default="auto", help="device of the baseline and checkpoint models: auto, cpu, cuda, cuda:1, ...")
     generation.add_argument("--generation_batch_size", type=int, default=8, help="prompts per batched generate call (transformers)")
     generation.add_argument("--use_vllm", action="store_true", help="generate with one vLLM engine on the adapters' base model, swapping in each LoRA adapter (adapter checkpoints only)")
@@ -361,6 +361,7 @@ def run(args, checkpoints: list[Checkpoint], participants_config: ParticipantsCo
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
+    args.dtype = concrete_dtype(args.dtype, args.device)
     try:
         checkpoints = inspect_checkpoints(args.checkpoints, args.use_vllm)
         participants_config = ParticipantsConfig.from_args(args, user_styles=(), judge_styles=args.eval_styles)

@@ -78,7 +78,7 @@ from auxiliary.evaluation_helpers import (
     write_json_atomic,
 )
 from auxiliary.generation import SamplingParams
-from auxiliary.model_loading import ModelLoadError, load_tokenizer
+from auxiliary.model_loading import ModelLoadError, concrete_dtype, load_tokenizer
 from auxiliary.oracle import oracle_answers, oracle_system_prompt
 from auxiliary.participants import ParticipantsConfig, build_participants, check_remote_backends, style_name
 from auxiliary.policies import answer, load_policy, release
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--gen_gpu", type=int, default=0, help="visible GPU index of the policy (vLLM engine, or transformers with --device auto)")
     policy.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.9, help="GPU memory share of the policy vLLM engine")
     policy.add_argument("--device", default="auto", help="transformers policy device; auto = cuda:<gen_gpu> when CUDA is visible, else cpu")
-    policy.add_argument("--dtype", default="bfloat16", help="transformers policy weights dtype")
+    policy.add_argument("--dtype", default="bfloat16", help="transformers policy weights dtype (auto: bfloat16 where computed natively, else float32)")
     policy.add_argument("--generation_batch_size", type=int, default=8, help="prompts per batched generate call (transformers)")
     # ---- data
     data = parser.add_argument_group("data")
@@ -234,6 +234,7 @@ def run(args, config: ParticipantsConfig, results_path: Path, completions_path: 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
+    args.dtype = concrete_dtype(args.dtype, args.device)
     try:
         config = judge_config(args)
         config.validate()

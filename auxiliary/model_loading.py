@@ -69,6 +69,23 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def native_compute_dtype(device: str | torch.device) -> str:
+    """``bfloat16`` where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else
+    ``float32``: on AVX2-only CPUs bf16 matmuls are emulated and ran about 100x slower than fp32 here."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device.type == "cpu":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return "bfloat16" if native else "float32"
+    return "bfloat16"
+
+
+def concrete_dtype(name: str, device: str | torch.device) -> str:
+    """``name``, with ``auto`` replaced by ``native_compute_dtype(device)`` (resolved once, at the command line)."""
+    return native_compute_dtype(device) if name == "auto" else name
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` → the first CUDA device when one is visible, else the CPU."""
     if str(device) == "auto":

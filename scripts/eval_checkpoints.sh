@@ -50,7 +50,7 @@ cmd=("$PYTHON" auxiliary/eval_checkpoints.py
   --val_jsonl "$DATA_DIR/validation.jsonl" --eval_n "$EVAL_N" --seed "$SEED"
   --out_dir "$OUTPUT_DIR" --run_name "$RUN_NAME")
 if [[ "$PRESET" == cpu ]]; then
-  cmd+=(--judge_backend rule --eval_max_new_tokens 96 --device cpu --dtype bfloat16)
+  cmd+=(--judge_backend rule --eval_max_new_tokens 96 --device cpu --dtype auto)
 else
   cmd+=(--user_model_name_or_path "$USER_MODEL" --judge_local --user_vllm)
   if [[ "$USE_VLLM" == 1 ]]; then

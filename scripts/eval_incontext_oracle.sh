@@ -48,7 +48,7 @@ if [[ -n "$STYLES" ]]; then
   cmd+=(--styles "${styles[@]}")
 fi
 if [[ "$PRESET" == cpu ]]; then
-  cmd+=(--judge_backend rule --max_new_tokens 96 --device cpu --dtype bfloat16)
+  cmd+=(--judge_backend rule --max_new_tokens 96 --device cpu --dtype auto)
   judge="rule-based"
 else
   cmd+=(--judge_model "$JUDGE_MODEL" --judge_backend vllm --use_vllm)

@@ -75,7 +75,7 @@ if [[ -n "$ORACLE" && "$ORACLE" != 0 ]]; then
 fi
 if [[ "$PRESET" == cpu ]]; then
   cmd+=(--user_backend rule --judge_backend rule --use_lora --lora_r 16 --lora_alpha 32
-    --max_new_tokens 96 --eval_max_new_tokens 96 --device cpu --dtype bfloat16)
+    --max_new_tokens 96 --eval_max_new_tokens 96 --device cpu --dtype auto)
 else
   cmd+=(--user_model_name_or_path "$USER_MODEL" --judge_local --user_vllm --use_lora --use_vllm
     --debug_first_example --save_checkpoints)

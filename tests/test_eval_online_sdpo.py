@@ -55,7 +55,7 @@ def test_embedded_model_two_interactions_and_one_evaluation(tmp_path, prompt_fil
     code = eval_online_sdpo.main(
         base_args(
             "smollm2-135m-instruct", train, val, out, user_backend="rule", judge_backend="rule", train_n=2, eval_n=3,
-            eval_every=2, eval_styles="less_filler_praise_sycophancy", use_lora=True, lora_r=4, lora_alpha=8, dtype="bfloat16",
+            eval_every=2, eval_styles="less_filler_praise_sycophancy", use_lora=True, lora_r=4, lora_alpha=8, dtype="auto",
         )
     )
     assert code == 0

@@ -85,3 +85,16 @@ def test_chat_template_is_required(chat_tokenizer):
     plain.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         encode_chat(plain, [{"role": "user", "content": "x"}])
+
+
+def test_auto_dtype_is_bfloat16_only_where_computed_natively(monkeypatch):
+    import torch
+
+    from auxiliary.model_loading import concrete_dtype
+
+    assert concrete_dtype("float32", "cpu") == "float32" and concrete_dtype("bfloat16", "cpu") == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert concrete_dtype("auto", "cpu") == "float32"  # AVX2-only: bf16 would be emulated
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert concrete_dtype("auto", "cpu") == "bfloat16"
