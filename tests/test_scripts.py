@@ -1,8 +1,10 @@
 """scripts/eval_online_sdpo.sh and scripts/common.sh: env defaults, --dry-run anywhere, .env as data,
-masked secrets, extra arguments forwarded intact."""
+masked secrets (and nothing else), extra arguments forwarded intact, the interpreter the user chose."""
 
+import functools
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,9 +13,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+CHOSEN_BY_ENV = {"MODEL", "STYLE", "PRESET", "OUTPUT_DIR", "BASE_WORK", "SCRATCH", "PYTHON", "VIRTUAL_ENV"}
+
+
 def dry_run(script, *args, env=None, root=None):
-    environment = {k: v for k, v in os.environ.items() if k not in {"MODEL", "STYLE", "PRESET", "OUTPUT_DIR", "BASE_WORK", "SCRATCH"}}
-    environment.update(TMPDIR="/tmp/sdpo-test", RUN_ID="rid", PYTHON="python", **(env or {}))
+    environment = {k: v for k, v in os.environ.items() if k not in CHOSEN_BY_ENV and not k.endswith(("KEY", "TOKEN"))}
+    environment.update({"TMPDIR": "/tmp/sdpo-test", "RUN_ID": "rid", "PYTHON": "python", **(env or {})})
+    environment = {k: v for k, v in environment.items() if v is not None}
     if root is not None:
         environment["REPO_ROOT"] = str(root)
     result = subprocess.run([str(REPO / "scripts" / script), *args], env=environment, capture_output=True, text=True, timeout=60)
@@ -86,6 +92,56 @@ def test_environment_wins_over_dotenv(tmp_path):
     (tmp_path / ".env").write_text("MODEL=from-dotenv\n")
     argv, _ = dry_run("eval_online_sdpo.sh", "--dry-run", env={"MODEL": "from-env"}, root=tmp_path)
     assert flag(argv, "--model") == "from-env"
+
+
+def bash_quoted(word):
+    return subprocess.run(["bash", "-c", 'printf %q "$1"', "_", word], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("secret", ['sk-$HOME-and-more', "sk two words 123", 'sk"quoted"123', "sk'single\\back`tick`"])
+def test_secrets_are_masked_however_quoted(secret):
+    argv, result = dry_run(
+        "eval_online_sdpo.sh", "--dry-run", "--api_key", secret, "--openai_base_url", f"http://user:{secret}@127.0.0.1/v1",
+        env={"ANTHROPIC_API_KEY": secret},
+    )
+    printed = result.stdout + result.stderr
+    for form in {secret, bash_quoted(secret), shlex.quote(secret)}:
+        assert form not in printed
+    assert flag(argv, "--api_key") == "****" and flag(argv, "--openai_base_url") == "http://user:****@127.0.0.1/v1"
+
+
+def test_a_short_secret_hides_nothing_else():
+    argv, _ = dry_run("eval_online_sdpo.sh", "--dry-run", "--eval_every", "1234", env={"HF_TOKEN": "1234", "SEED": "1234"})
+    assert flag(argv, "--seed") == "1234" and argv[-2:] == ["--eval_every", "1234"]
+
+
+def test_secret_flags_are_masked_by_name_only():
+    argv, _ = dry_run(
+        "eval_online_sdpo.sh", "--dry-run", "--hf-token=abc", "--max_new_tokens", "64", "--openai_api_key", "k", "WANDB_API_KEY=x y",
+        "--tokenizer", "t",
+    )
+    assert "--hf-token=****" in argv and flag(argv, "--openai_api_key") == "****" and "WANDB_API_KEY=****" in argv
+    assert flag(argv, "--max_new_tokens") == "64" and flag(argv, "--tokenizer") == "t"
+
+
+def fake_python(folder):
+    python = folder / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    return str(python)
+
+
+def test_interpreter_is_the_one_the_user_chose(tmp_path):
+    shutil.copytree(REPO / "scripts", tmp_path / "scripts")
+    active = fake_python(tmp_path / "active-venv")
+    project = fake_python(tmp_path / ".venv")
+    run = functools.partial(dry_run, "eval_online_sdpo.sh", "--dry-run", root=tmp_path)
+    assert run(env={"PYTHON": "/opt/chosen/python", "VIRTUAL_ENV": str(tmp_path / "active-venv")})[0][0] == "/opt/chosen/python"
+    assert run(env={"PYTHON": None, "VIRTUAL_ENV": str(tmp_path / "active-venv")})[0][0] == active
+    assert run(env={"PYTHON": None})[0][0] == project
+    shutil.rmtree(tmp_path / ".venv")
+    assert run(env={"PYTHON": None})[0][0] == "python3"
 
 
 @pytest.mark.parametrize("script", ["setup_env.sh", "test.sh", "quickstart_cpu.sh", "eval_online_sdpo.sh"])
