@@ -67,19 +67,19 @@ def require_vllm(wanted_by: list[str] | str) -> None:
         raise VLLMUnavailableError(f"{', '.join(wanted)} needs vLLM, which is installed but fails to import ({first_line}); {INSTALL_HINT}") from error
 
 
-def sleep_mode_available() -> bool:
-    """Whether this vLLM build can offload an engine's memory between calls (``enable_sleep_mode``)."""
+def _platform():
+    """vLLM's current platform (CUDA, CPU, ...), or None for a vLLM build without ``vllm.platforms``."""
     try:
         from vllm.platforms import current_platform
     except ImportError:
-        return False
-    return bool(current_platform.is_sleep_mode_available())
+        return None
+    return current_platform
 
 
-def _on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
+def sleep_mode_available() -> bool:
+    """Whether this vLLM build can offload an engine's memory between calls (``enable_sleep_mode``)."""
+    platform = _platform()
+    return platform is not None and bool(platform.is_sleep_mode_available())
 
 
 def build_vllm_engine(model: str, *, tensor_parallel_size: int = 1, gpu_start: int = 0, gpu_memory_utilization: float = 0.9, **engine_kwargs):
@@ -97,7 +97,8 @@ def build_vllm_engine(model: str, *, tensor_parallel_size: int = 1, gpu_start: i
     chosen = ids[gpu_start : gpu_start + tensor_parallel_size]
     if len(chosen) < tensor_parallel_size:
         raise ValueError(f"GPU start {gpu_start} with tensor parallel size {tensor_parallel_size} exceeds the visible GPUs ({visible})")
-    if _on_cpu():
+    platform = _platform()
+    if platform is not None and platform.is_cpu():
         engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
     try:
