@@ -21,8 +21,11 @@ VENV="${SDPO_VENV:-$REPO_ROOT/$DEFAULT_VENV}"
 BASE_PYTHON="${SDPO_PYTHON:-python3}"
 STAMP="$VENV/.sdpo-requirements.sha256"
 
-want="$( (echo "$MODE"; cat "$REPO_ROOT"/requirements*.txt) | sha256sum | cut -d' ' -f1)"
-if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
+stamp_of() { (echo "$1"; cat "$REPO_ROOT"/requirements*.txt) | sha256sum | cut -d' ' -f1; }
+want="$(stamp_of "$MODE")"
+have="$(cat "$STAMP" 2>/dev/null || true)"
+# A venv built with --gpu holds everything the CPU set needs (scripts/test.sh asks for the CPU set).
+if [[ -x "$VENV/bin/python" && ("$have" == "$want" || ("$MODE" == --cpu && "$have" == "$(stamp_of --gpu)")) ]]; then
   exit 0
 fi
 

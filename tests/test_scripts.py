@@ -144,6 +144,27 @@ def test_interpreter_is_the_one_the_user_chose(tmp_path):
     assert run(env={"PYTHON": None})[0][0] == "python3"
 
 
+def test_test_sh_runs_the_chosen_interpreter_without_building_a_venv(tmp_path):
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\necho "ran: $*"\n')
+    python.chmod(0o755)
+    shutil.copytree(REPO / "scripts", tmp_path / "repo" / "scripts")
+    environment = {k: v for k, v in os.environ.items() if k not in CHOSEN_BY_ENV}
+    for chosen in ({"PYTHON": str(python)}, {"VIRTUAL_ENV": str(tmp_path / "venv")}):
+        if "VIRTUAL_ENV" in chosen:
+            (tmp_path / "venv" / "bin").mkdir(parents=True)
+            shutil.copy(python, tmp_path / "venv" / "bin" / "python")
+        result = subprocess.run([str(tmp_path / "repo" / "scripts" / "test.sh"), "-k", "x"], env={**environment, **chosen},
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and result.stdout.strip() == "ran: -m pytest -q -k x", result.stderr
+    assert not (tmp_path / "repo" / ".venv").exists()
+
+
+def test_setup_env_refuses_an_unknown_mode():
+    result = subprocess.run([str(REPO / "scripts" / "setup_env.sh"), "--tpu"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip() == "error: unknown option --tpu; use --cpu (default), --gpu or --vllm-cpu"
+
+
 @pytest.mark.parametrize("script", ["setup_env.sh", "test.sh", "quickstart_cpu.sh", "eval_online_sdpo.sh"])
 def test_scripts_are_executable_bash(script):
     path = REPO / "scripts" / script
