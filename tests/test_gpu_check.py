@@ -9,9 +9,15 @@ from bench.gpu_check import QWEN3_0_6B, build_model, build_tokenizer, main
 
 def test_tokenizer_has_the_model_vocabulary_and_decodes_every_id():
     tokenizer = build_tokenizer(600)
-    assert len(tokenizer) == 600 and tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert (
+        len(tokenizer) == 600
+        and tokenizer.eos_token == "<|im_end|>"
+        and tokenizer.pad_token_id != tokenizer.eos_token_id
+    )
     assert all(tokenizer.decode([i]).strip() for i in range(3 + 256, 600))
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "héllo"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "héllo"}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     assert tokenizer.decode(ids) == "<|im_start|>user\nhéllo<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -29,5 +35,8 @@ def test_tiny_check_runs_both_steps_on_cpu(capsys):
     online, offline = result["online"], result["offline"]
     assert 0 < online["generated_tokens"] <= 12 and online["completion_tokens"] == online["generated_tokens"]
     for phase in (online, offline):
-        assert all(phase[key] > 0 for key in ("teacher_s", "student_fwd_s", "backward_s", "step_s", "train_mfu", "peak_memory_gib"))
+        assert all(
+            phase[key] > 0
+            for key in ("teacher_s", "student_fwd_s", "backward_s", "step_s", "train_mfu", "peak_memory_gib")
+        )
     assert math.isfinite(offline["loss"]) and offline["completion_tokens"] <= 2 * 6

@@ -40,7 +40,9 @@ CONVERSATIONS = [
 def tiny_vllm_model_path(tmp_path_factory, chat_tokenizer) -> str:
     """A tiny Llama whose head size (64) vLLM's CPU attention supports, saved with the chat tokenizer."""
     folder = tmp_path_factory.mktemp("tiny-vllm-llama")
-    model = build_tiny_llama(chat_tokenizer, hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
+    model = build_tiny_llama(
+        chat_tokenizer, hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1
+    )
     model.save_pretrained(folder)
     chat_tokenizer.save_pretrained(folder)
     return str(folder)
@@ -59,9 +61,18 @@ class TestPolicyEngine:
         from online_sdpo_updater_config import OnlineSDPOConfig
 
         config = OnlineSDPOConfig(
-            model_name_or_path=tiny_vllm_model_path, device="cpu", torch_dtype="float32", use_vllm=True, lora_r=8, lora_alpha=16,
-            learning_rate=5e-2, do_sample=False, max_new_tokens=16, max_context_length=256,
-            checkpoint_dir=str(tmp_path_factory.mktemp("policy-ckpt")), checkpoint_every_n_steps=0,
+            model_name_or_path=tiny_vllm_model_path,
+            device="cpu",
+            torch_dtype="float32",
+            use_vllm=True,
+            lora_r=8,
+            lora_alpha=16,
+            learning_rate=5e-2,
+            do_sample=False,
+            max_new_tokens=16,
+            max_context_length=256,
+            checkpoint_dir=str(tmp_path_factory.mktemp("policy-ckpt")),
+            checkpoint_every_n_steps=0,
         )
         updater = OnlineSDPOUpdater(config)
         yield updater
@@ -69,14 +80,19 @@ class TestPolicyEngine:
 
     def hf_greedy(self, updater) -> list[list[int]]:
         contexts = [updater.encode_context(c) for c in CONVERSATIONS]
-        return [g.token_ids for g in generate(updater.model, updater.tokenizer, contexts, updater.sampling, batch_size=len(contexts))]
+        return [
+            g.token_ids
+            for g in generate(updater.model, updater.tokenizer, contexts, updater.sampling, batch_size=len(contexts))
+        ]
 
     def test_generation_and_lora_hot_swap_equal_hf_greedy(self, updater):
         assert updater.vllm_engine is not None and updater.config.use_lora
         before = [g.token_ids for g in updater.generate(CONVERSATIONS)]
         assert before == self.hf_greedy(updater)
         for step in range(3):
-            updater.train_step(CONVERSATIONS[step], "Here is a long answer with lists.", "Too long. One line, no lists.")
+            updater.train_step(
+                CONVERSATIONS[step], "Here is a long answer with lists.", "Too long. One line, no lists."
+            )
         after_hf = self.hf_greedy(updater)
         assert after_hf != before, "the updates must change the greedy answers, or the hot-swap is not tested"
         assert [g.token_ids for g in updater.generate(CONVERSATIONS)] == after_hf
@@ -93,7 +109,9 @@ class TestUserAndJudgeOnTheBundledModel:
     def engine(self):
         from auxiliary.vllm_engines import build_vllm_engine, shutdown_engine
 
-        llm = build_vllm_engine("smollm2-135m-instruct", dtype="float32", max_model_len=2048, kv_cache_memory_bytes=ENGINE_KV_BYTES)
+        llm = build_vllm_engine(
+            "smollm2-135m-instruct", dtype="float32", max_model_len=2048, kv_cache_memory_bytes=ENGINE_KV_BYTES
+        )
         yield llm
         shutdown_engine(llm)
 
@@ -103,13 +121,18 @@ class TestUserAndJudgeOnTheBundledModel:
         from auxiliary.model_loading import load_model_and_tokenizer, load_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(bundled_model_path, dtype="float32", device="cpu")
-        return VLLMChatBackend(engine, tokenizer=load_tokenizer("smollm2-135m-instruct")), HFChatBackend(model, tokenizer)
+        return VLLMChatBackend(engine, tokenizer=load_tokenizer("smollm2-135m-instruct")), HFChatBackend(
+            model, tokenizer
+        )
 
     def test_user_simulator_matches_transformers(self, backends):
         from auxiliary.user_simulator import LLMUserSimulator
 
         prompts = ["Explain TCP in two sentences.", "What is the capital of France?"]
-        answers = ["TCP is a reliable transport protocol. 🚀 It retransmits lost packets! 😀", "- Paris\n- It is in France"]
+        answers = [
+            "TCP is a reliable transport protocol. 🚀 It retransmits lost packets! 😀",
+            "- Paris\n- It is in France",
+        ]
         sampling = SamplingParams(max_new_tokens=24, temperature=0.0)
         vllm_user, hf_user = (LLMUserSimulator(backend, "no_emojis", sampling=sampling) for backend in backends)
         feedback = vllm_user.generate_feedback(prompts, answers)
@@ -124,7 +147,10 @@ class TestUserAndJudgeOnTheBundledModel:
         args = (["What is 2+2?"], ["4."], ["Well, let me explain at length: two plus two equals four."])
         verdicts = vllm_judge.choose_batch_generated(*args)
         assert verdicts[0] in (-1, 0, 1) and vllm_judge.last_raw_outputs[0]["ab"]
-        assert (verdicts, vllm_judge.last_raw_outputs) == (hf_judge.choose_batch_generated(*args), hf_judge.last_raw_outputs)
+        assert (verdicts, vllm_judge.last_raw_outputs) == (
+            hf_judge.choose_batch_generated(*args),
+            hf_judge.last_raw_outputs,
+        )
 
 
 def free_port() -> int:
@@ -141,9 +167,23 @@ class TestOpenAICompatibleServer:
         port = free_port()
         log = tmp_path_factory.mktemp("server") / "server.log"
         command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_vllm_model_path,
-            "--served-model-name", "tiny-policy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-            "--max-model-len", "512", "--kv-cache-memory-bytes", str(ENGINE_KV_BYTES),
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            tiny_vllm_model_path,
+            "--served-model-name",
+            "tiny-policy",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "512",
+            "--kv-cache-memory-bytes",
+            str(ENGINE_KV_BYTES),
         ]
         with open(log, "w") as sink:
             process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
