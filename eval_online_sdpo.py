@@ -433,11 +433,13 @@ class OnlineRun:
                 return stored["completions"]
             raise DataError(f"{files.baseline} was made for other eval prompts; start a new run")
         seed_everything(args.seed)
-        if args.baseline_model and args.baseline_model != args.model:
+        separate = bool(args.baseline_model) and args.baseline_model != args.model
+        if separate:
             policy = load_policy(args.baseline_model, dtype=args.dtype, device=args.device, batch_size=args.generation_batch_size)
         texts = answer(policy, self.conversations(eval_prompts), self.eval_sampling, batch_size=args.generation_batch_size, label="baseline")
+        if separate:
+            release(policy)
         del policy
-        release()
         write_json_atomic(files.baseline, {"model": args.baseline_model or args.model, "prompts": eval_prompts, "completions": texts})
         logger.info("baseline: %d completions, mean %.0f chars", len(texts), average_chars(texts))
         return texts

@@ -355,6 +355,8 @@ def run(args, checkpoints: list[Checkpoint], participants_config: ParticipantsCo
         )
         completions["checkpoints"].append({"checkpoint": checkpoint.given, "completions": answers})
         save()
+    if adapter_engine is not None:
+        release(adapter_engine)
     return results
 
 

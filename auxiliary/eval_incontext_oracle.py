@@ -191,8 +191,8 @@ def run(args, config: ParticipantsConfig, results_path: Path, completions_path: 
     baseline = answer(policy, [as_conversation(p) for p in prompts], sampling, batch_size=batch_size, label="baseline")
     baseline_time = time.perf_counter() - started
     oracle, oracle_times = oracle_answers(policy, prompts, styles, sampling, batch_size=batch_size, seed=args.seed)
+    release(policy)
     del policy
-    release()
     write_json_atomic(
         completions_path,
         {"prompts": prompts, "baseline": baseline, "oracle": oracle, "oracle_system_prompts": {s: oracle_system_prompt(s) for s in styles}},

