@@ -10,6 +10,8 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 for arg in "$@"; do [[ "$arg" == "--dry-run" ]] && dry_run=1; done
 if [[ -z "${dry_run:-}" ]]; then
   "$REPO_ROOT/scripts/setup_env.sh"
+  # The venv just set up, unless the user chose an interpreter (PYTHON or an active virtualenv).
+  [[ -n "${PYTHON:-}${VIRTUAL_ENV:-}" ]] || export PYTHON="${SDPO_VENV:-$REPO_ROOT/.venv}/bin/python"
   if [[ ! -f "$REPO_ROOT/data/mtbench_prompts/validation.jsonl" ]]; then
     "$REPO_ROOT/scripts/prepare_data_mtbench.sh"
   fi
