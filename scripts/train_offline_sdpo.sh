@@ -6,11 +6,12 @@
 #   TRAIN_JSONL=... CPU=1 WORLD_SIZE=2 ./scripts/train_offline_sdpo.sh ...     # 2 CPU processes (DDP over gloo)
 #   ./scripts/train_offline_sdpo.sh --dry-run                                  # print the command, run nothing
 #
-# Environment (defaults): TRAIN_JSONL (required), BASE_MODEL Qwen/Qwen3-4B, LR 2e-6, BS 4 (per device),
+# Environment (defaults): TRAIN_JSONL (required; any --dataset_name: a .jsonl/.parquet file, folder or Hub id), BASE_MODEL Qwen/Qwen3-4B, LR 2e-6, BS 4 (per device),
 # GA 8, NUM_EPOCHS 2, WORLD_SIZE 4, ACCELERATE_CONFIG <repo>/multigpu_accelerate_config.yaml (GPU runs
 # with WORLD_SIZE > 1), CPU auto (1 when no GPU is visible), WANDB_PROJECT offline-sdpo,
 # WANDB_NAME sdpo-<BASE_MODEL, / → ->-lr<LR>-bs<BS>-ga<GA>, RUN_ID offline-sdpo-<timestamp>,
-# OUTPUT_DIR $BASE_WORK/offline-sdpo/$RUN_ID (exported). Extra arguments go to the Python script.
+# OUTPUT_DIR $BASE_WORK/offline-sdpo/$RUN_ID (exported). Extra arguments (any flag of
+# offline_sdpo/main_offline_sdpo.py, e.g. --config run.yaml) go to the Python script and win over these.
 #
 # Launch: WORLD_SIZE <= 1 → python; GPU → accelerate launch --config_file $ACCELERATE_CONFIG
 # --num_processes $WORLD_SIZE (WORLD_SIZE wins over the config's num_processes, with a note when they
@@ -19,7 +20,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 sdpo_init "$@"
 
-sdpo_require TRAIN_JSONL "Point it at an interaction JSONL (prompt / completion / user_response per line), e.g.
+sdpo_require TRAIN_JSONL "Point it at the training data (an interaction JSONL, a Parquet file, a dataset folder or a Hub id), e.g.
   TRAIN_JSONL=data/sharegpt/sharegpt_interactions.jsonl $0
 (build one with the auxiliary/preprocess_*.py scripts; tests/fixtures/offline/interactions.jsonl is a tiny example)."
 BASE_MODEL="${BASE_MODEL:-Qwen/Qwen3-4B}"
@@ -46,15 +47,15 @@ fi
 
 SCRIPT="$REPO_ROOT/offline_sdpo/main_offline_sdpo.py"
 PY_ARGS=(
-  --train_jsonl "$TRAIN_JSONL"
-  --base_model "$BASE_MODEL"
+  --dataset_name "$TRAIN_JSONL"
+  --model_name_or_path "$BASE_MODEL"
   --learning_rate "$LR"
-  --batch_size "$BS"
-  --grad_accum "$GA"
-  --num_epochs "$NUM_EPOCHS"
+  --per_device_train_batch_size "$BS"
+  --gradient_accumulation_steps "$GA"
+  --num_train_epochs "$NUM_EPOCHS"
   --output_dir "$OUTPUT_DIR"
   --run_name "$WANDB_NAME"
-  --wandb_project "$WANDB_PROJECT"
+  --project "$WANDB_PROJECT"
 )
 PY_ARGS+=("${SDPO_ARGS[@]}")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from offline_sdpo.main_offline_sdpo import build_parser, check_wandb_ready, run
+from offline_sdpo.main_offline_sdpo import UsageError, check_wandb_ready, parse_arguments, run
 from offline_sdpo.offline_sdpo_trainer import (
     InteractionDataError,
     InteractionDataset,
@@ -112,7 +112,9 @@ def test_contexts_are_left_truncated(chat_tokenizer):
 
 def test_overlong_completion_is_skipped_or_truncated_without_eos(chat_tokenizer):
     rows, report = load_interactions(INTERACTIONS)
-    lengths = [len(ids) for ids in OfflineSDPOCollator(chat_tokenizer).encode_completions([r.completion for r in rows])]
+    lengths = [
+        len(ids) for ids in OfflineSDPOCollator(chat_tokenizer).encode_completions([r.completion.text for r in rows])
+    ]
     budget = sorted(lengths)[len(lengths) // 2]
     skip = OfflineSDPOCollator(chat_tokenizer, max_completion_length=budget)
     kept = drop_overlong_completions(rows, skip, report)
@@ -280,27 +282,19 @@ def test_skip_bad_rows_counts_each_reason():
 
 
 def test_cli_stops_on_a_bad_row_with_a_clear_message(tiny_model_path, tmp_path):
-    args = build_parser().parse_args(
-        [
-            "--train_jsonl",
-            str(BAD_INTERACTIONS),
-            "--base_model",
-            tiny_model_path,
-            "--output_dir",
-            str(tmp_path),
-            "--report_to",
-            "none",
-        ]
+    arguments = parse_arguments(
+        ["--train_jsonl", str(BAD_INTERACTIONS), "--base_model", tiny_model_path, "--output_dir", str(tmp_path)]
+        + ["--report_to", "none"]
     )
-    with pytest.raises(SystemExit, match=r"error: .*interactions_bad\.jsonl:2: not valid JSON.*--skip_bad_rows"):
-        run(args)
+    with pytest.raises(InteractionDataError, match=r"interactions_bad\.jsonl:2: not valid JSON.*--skip_bad_rows"):
+        run(arguments)
 
 
 def test_wandb_without_credentials_fails_before_loading(monkeypatch, tmp_path):
     for name in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    with pytest.raises(SystemExit, match="--report_to none"):
+    with pytest.raises(UsageError, match="--report_to none"):
         check_wandb_ready()
 
 
@@ -310,7 +304,7 @@ def test_wandb_without_credentials_fails_before_loading(monkeypatch, tmp_path):
 
 
 def cli_args(model_path, output_dir, *extra, data=INTERACTIONS):
-    return build_parser().parse_args(
+    return parse_arguments(
         [
             "--train_jsonl",
             str(data),
@@ -502,15 +496,15 @@ def test_dry_run_defaults_follow_the_reference(tmp_path):
     assert flag(argv, "--config_file") == str(REPO_ROOT / "multigpu_accelerate_config.yaml")
     assert flag(argv, "--num_processes") == "4"
     assert (
-        flag(argv, "--base_model"),
+        flag(argv, "--model_name_or_path"),
         flag(argv, "--learning_rate"),
-        flag(argv, "--batch_size"),
-        flag(argv, "--grad_accum"),
-        flag(argv, "--num_epochs"),
+        flag(argv, "--per_device_train_batch_size"),
+        flag(argv, "--gradient_accumulation_steps"),
+        flag(argv, "--num_train_epochs"),
     ) == ("Qwen/Qwen3-4B", "2e-6", "4", "8", "2")
     assert flag(argv, "--output_dir") == "/scratch/me/offline-sdpo/offline-sdpo-test"
     assert flag(argv, "--run_name") == "sdpo-Qwen-Qwen3-4B-lr2e-6-bs4-ga8"
-    assert flag(argv, "--wandb_project") == "offline-sdpo"
+    assert flag(argv, "--project") == "offline-sdpo"
     assert not Path("/scratch/me/offline-sdpo").exists()
 
 
@@ -530,12 +524,12 @@ def test_dry_run_env_overrides_and_world_size_mismatch_note():
     assert flag(argv, "--num_processes") == "2"
     assert "num_processes: 4; launching WORLD_SIZE=2" in result.stderr
     assert (
-        flag(argv, "--base_model"),
+        flag(argv, "--model_name_or_path"),
         flag(argv, "--learning_rate"),
-        flag(argv, "--batch_size"),
-        flag(argv, "--grad_accum"),
-        flag(argv, "--num_epochs"),
-        flag(argv, "--wandb_project"),
+        flag(argv, "--per_device_train_batch_size"),
+        flag(argv, "--gradient_accumulation_steps"),
+        flag(argv, "--num_train_epochs"),
+        flag(argv, "--project"),
     ) == ("org/model", "1e-5", "2", "16", "1", "proj")
     assert flag(argv, "--run_name") == "sdpo-org-model-lr1e-5-bs2-ga16"
 
@@ -573,7 +567,7 @@ def test_dry_run_forwards_extra_arguments_with_spaces():
         TRAIN_JSONL="my data/t.jsonl",
         WORLD_SIZE="1",
     )
-    assert flag(argv, "--train_jsonl") == "my data/t.jsonl"
+    assert flag(argv, "--dataset_name") == "my data/t.jsonl"
     assert argv[-4:] == ["--max_steps", "5", "--hindsight_template", "Later the user said: {follow_up}"]
 
 
