@@ -123,15 +123,25 @@ def _load_from_hub(source: HubSource, revision: str | None, cache_dir: str | Non
         ) from None
 
 
-def _builder_for_file(path: Path) -> str:
+def _data_suffix(path: Path) -> str | None:
+    """``.parquet`` / ``.json`` / ``.jsonl`` (under an optional compression suffix), else None."""
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):
         suffixes = suffixes[:-1]
-    if not suffixes or suffixes[-1] not in LOCAL_DATA_SUFFIXES:
+    return suffixes[-1] if suffixes and suffixes[-1] in LOCAL_DATA_SUFFIXES else None
+
+
+def _is_data_file(path: Path) -> bool:
+    return path.is_file() and _data_suffix(path) is not None
+
+
+def _builder_for_file(path: Path) -> str:
+    suffix = _data_suffix(path)
+    if suffix is None:
         raise DataError(
             f"{path}: unsupported file type; use .parquet, .json, .jsonl (optionally compressed, e.g. .jsonl.gz)"
         )
-    return LOCAL_DATA_SUFFIXES[suffixes[-1]]
+    return LOCAL_DATA_SUFFIXES[suffix]
 
 
 def _load_local_dataset(path: Path, source: HubSource, cache_dir: str | None):
@@ -159,6 +169,13 @@ def _load_local_folder(path: Path, source: HubSource, cache_dir: str | None) -> 
                 f"pass a saved DatasetDict or {' '.join(s + '=FOLDER' for s in source.splits)}"
             )
         return {source.splits[0]: datasets.load_from_disk(str(path))}
+    if not (path / "README.md").is_file() and not any(
+        _is_data_file(f) for f in (*path.iterdir(), *path.glob("data/*"))
+    ):
+        raise DataError(
+            f"{source.local_flag} {path} is a folder without a saved dataset, a README (Hub snapshot) or data files "
+            "(.parquet/.json/.jsonl); pass a data file or such a folder"
+        )
     configs = datasets.get_dataset_config_names(str(path))
     config = source.config if source.config in configs else None
     return dict(datasets.load_dataset(str(path), config, cache_dir=cache_dir))
@@ -234,8 +251,7 @@ def looks_like_local_path(name: str) -> bool:
     """A name meant as a local file or folder rather than a Hub id: it exists, or it ends in a data-file
     suffix, or starts like a path (``./``, ``/``, ``~``)."""
     path = Path(name).expanduser()
-    suffixes = [suffix.lower() for suffix in path.suffixes]
-    return path.exists() or bool(set(suffixes) & set(LOCAL_DATA_SUFFIXES)) or name.startswith((".", "/", "~"))
+    return path.exists() or _data_suffix(path) is not None or name.startswith((".", "/", "~"))
 
 
 def iter_dataset_rows(

@@ -297,16 +297,21 @@ def print0(config: OfflineSDPOConfig, *parts) -> None:
         print("[offline-sdpo]", *parts, flush=True)
 
 
-def load_data(arguments: OfflineArguments, tokenizer) -> InteractionDataset:
-    """Validated tuples minus over-long completions; the report is printed and saved on the main process."""
+def read_data(arguments: OfflineArguments):
+    """The validated tuples and the report of rows left out (no tokenizer needed yet)."""
     data, config = arguments.data, arguments.config
-    interactions, report = load_interactions(
+    return load_interactions(
         data.dataset_name,
         hindsight_variant=config.hindsight_variant,
         skip_bad_rows=data.skip_bad_rows,
         dataset_config=data.dataset_config,
         split=data.dataset_train_split,
     )
+
+
+def training_dataset(arguments: OfflineArguments, interactions, report, tokenizer) -> InteractionDataset:
+    """The tuples minus over-long completions; the report is printed and saved on the main process."""
+    data, config = arguments.data, arguments.config
     read = len(interactions) + report.total
     if config.overlong_completion == "skip":
         interactions = drop_overlong_completions(
@@ -431,8 +436,9 @@ def run(arguments: OfflineArguments, callbacks=()) -> dict:
             "overwritten (--resume_from_checkpoint latest continues instead)",
         )
 
+    interactions, report = read_data(arguments)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    dataset = load_data(arguments, tokenizer)
+    dataset = training_dataset(arguments, interactions, report, tokenizer)
     model, tokenizer = load_policy(arguments)
     global_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
     print0(

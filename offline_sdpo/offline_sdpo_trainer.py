@@ -283,7 +283,11 @@ class OfflineSDPOConfig(TrainingArguments):
                 "leave bf16/fp16 off and set compute_dtype: accelerate's AMP would upcast the full "
                 "(batch x length x vocab) logits to fp32; the SDPO scorer upcasts one sequence at a time"
             )
+        if isinstance(self.report_to, str):  # a YAML config may give one name
+            self.report_to = [self.report_to]
         unknown = sorted(set(self.report_to or []) - set(REPORTERS))
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError(f"report_to: 'none' cannot be combined with {', '.join(self.report_to)}")
         if unknown:
             raise ValueError(f"report_to: unknown {', '.join(unknown)}; use {', '.join(REPORTERS)}")
         if self.activation_checkpointing is None:
