@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from auxiliary.file_io import describe_utf8_error, installed_package_folder, iter_jsonl
+from auxiliary.file_io import find_utf8_error, installed_package_folder, iter_jsonl
 
 HUB_PROBE_TIMEOUT_S = 5.0
 LOCAL_DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
@@ -154,7 +154,12 @@ def _load_local_dataset(path: Path, source: HubSource, cache_dir: str | None):
         if not (path / "state.json").is_file():
             raise DataError(f"{path} is a folder but not a saved Dataset (no state.json); pass a data file")
         return datasets.load_from_disk(str(path))
-    return datasets.load_dataset(_builder_for_file(path), data_files=str(path), split="train", cache_dir=cache_dir)
+    builder = _builder_for_file(path)
+    # pyarrow reads JSON bytes unchecked and fails only when a row is read, naming no file: check first.
+    not_utf8 = find_utf8_error(path) if builder == "json" and _data_suffix(path) == path.suffix.lower() else None
+    if not_utf8:
+        raise DataError(not_utf8)
+    return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
 
 
 def _load_local_folder(path: Path, source: HubSource, cache_dir: str | None) -> dict:
@@ -244,7 +249,7 @@ def iter_jsonl_checked(path: str | Path) -> Iterator[tuple[int, object, str | No
     try:
         yield from iter_jsonl(path)
     except UnicodeDecodeError:
-        raise DataError(describe_utf8_error(path)) from None
+        raise DataError(find_utf8_error(path) or f"{path}: not UTF-8 text; convert the file to UTF-8") from None
 
 
 def looks_like_local_path(name: str) -> bool:

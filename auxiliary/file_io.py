@@ -108,9 +108,9 @@ def installed_package_folder(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def describe_utf8_error(path: str | os.PathLike) -> str:
-    """One line naming the first line of ``path`` that is not UTF-8, for a reader's ``UnicodeDecodeError``
-    (whose own message names neither the file nor the line)."""
+def find_utf8_error(path: str | os.PathLike) -> str | None:
+    """One line naming the first line of ``path`` that is not UTF-8 (a reader's ``UnicodeDecodeError``
+    names neither the file nor the line), or None when the whole file decodes."""
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             try:
@@ -120,4 +120,4 @@ def describe_utf8_error(path: str | os.PathLike) -> str:
                     f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
                     f"{error.start + 1}); convert the file to UTF-8"
                 )
-    return f"{path}: not UTF-8 text; convert the file to UTF-8"
+    return None

