@@ -207,6 +207,7 @@ def _first_line(error: BaseException) -> str:
 def parse_arguments(argv: list[str] | None = None) -> OfflineArguments:
     """Parse the command line and ``--config`` file; every problem is a one-line ``UsageError``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    check_distributed_launch(on_cpu=not torch.cuda.is_available())
     config_file = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
     where = f"--config {config_file}: " if config_file else ""
     try:
@@ -270,6 +271,50 @@ def check_reporters(config: OfflineSDPOConfig) -> None:
         if backend == "wandb":
             check_wandb_ready()
             os.environ["WANDB_PROJECT"] = config.project
+
+
+def check_distributed_launch(on_cpu: bool) -> None:
+    """FSDP / DeepSpeed only where they really run: on CPU processes accelerate silently turns either into
+    plain DDP (every rank holding the whole model), so that is refused, as is DeepSpeed not installed.
+    Called before the arguments are parsed (``TrainingArguments`` itself sets DeepSpeed up) and again
+    with the parsed ``use_cpu``."""
+    kind = sharded_launch()
+    if kind is None:
+        return
+    if on_cpu:
+        raise UsageError(
+            f"the accelerate config asks for {kind}, but this run is on CPU, where accelerate would run plain DDP "
+            "instead (every process holding the whole model): launch CPU processes without that config "
+            "(scripts/train_offline_sdpo.sh with CPU=1 trains with DDP over gloo) or run on GPUs"
+        )
+    if kind == "DeepSpeed" and importlib.util.find_spec("deepspeed") is None:
+        raise UsageError(
+            "the accelerate config asks for DeepSpeed, which is not installed: pip install deepspeed, or use "
+            "multigpu_accelerate_config.yaml (DDP) or accelerate_configs/fsdp.yaml"
+        )
+
+
+PARALLELISM = {
+    "NO": "one process",
+    "MULTI_CPU": "DDP over gloo (CPU processes)",
+    "MULTI_GPU": "DDP (GPUs)",
+    "FSDP": "FSDP (parameters, gradients and optimizer state sharded)",
+    "DEEPSPEED": "DeepSpeed",
+}
+
+
+def describe_parallelism(trainer: OfflineSDPOTrainer) -> str:
+    """What accelerate actually runs, for the log (FSDP: with the model's own wrap unit)."""
+    accelerator = trainer.accelerator
+    kind = accelerator.distributed_type.value
+    text = f"{PARALLELISM.get(kind, kind)}, {accelerator.num_processes} process(es)"
+    if kind == "FSDP":
+        plugin = accelerator.state.fsdp_plugin
+        wrap = plugin.transformer_cls_names_to_wrap or getattr(trainer.model, "_no_split_modules", None)
+        text += f", FSDP{plugin.fsdp_version} wrap unit {', '.join(wrap or ['none (one unit)'])}"
+    if kind == "DEEPSPEED":
+        text += f" ZeRO stage {accelerator.state.deepspeed_plugin.zero_stage}"
+    return text
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | None:
@@ -420,6 +465,7 @@ def run(arguments: OfflineArguments, callbacks=()) -> dict:
     config, model_args = arguments.config, arguments.model
     check_output_dir(config.output_dir)
     check_reporters(config)
+    check_distributed_launch(config.use_cpu)
     print0(
         config,
         f"world size {config.world_size}, device {config.device}, optimizer {config.optim} ({config.optim_reason})",
@@ -450,6 +496,8 @@ def run(arguments: OfflineArguments, callbacks=()) -> dict:
     trainer = OfflineSDPOTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks) or None
     )
+    parallelism = describe_parallelism(trainer)
+    print0(config, f"running {parallelism}")
     started = time.perf_counter()
     first_step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
     result = trainer.train(resume_from_checkpoint=resume)
@@ -465,6 +513,8 @@ def run(arguments: OfflineArguments, callbacks=()) -> dict:
         arguments,
         {
             "optimizer": config.optim,
+            "distributed_type": trainer.accelerator.distributed_type.value,
+            "parallelism": parallelism,
             "resumed_from": resume,
             "steps_this_session": steps,
             "seconds_per_step": elapsed / steps if steps else None,

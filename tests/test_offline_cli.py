@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from offline_sdpo.main_offline_sdpo import main, parse_arguments
 from tests.conftest import FIXTURES
 
@@ -196,3 +198,13 @@ def test_bad_input_exit_status_and_stderr_of_the_real_process(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: per_device_train_batch_size (--batch_size) must be a whole number >= 1, got 0"
     ]
+
+
+@pytest.mark.parametrize("variable, kind", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_fsdp_or_deepspeed_launched_on_cpu_is_refused_before_loading(tmp_path, capsys, monkeypatch, variable, kind):
+    # What `accelerate launch --config_file accelerate_configs/fsdp.yaml` sets for the script on this CPU machine.
+    monkeypatch.setenv(variable, "true")
+    argv = ["--dataset_name", str(INTERACTIONS), "--model_name_or_path", MISSING_MODEL, "--report_to", "none"]
+    assert main([*argv, "--output_dir", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: the accelerate config asks for {kind}, but this run is on CPU")

@@ -1,10 +1,12 @@
 """Offline SDPO: collator, loss against an independent computation, data errors, training runs
 (1 process, 2 CPU processes, resume after an interruption, LoRA) and the launcher's dry run."""
 
+import importlib.util
 import json
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -337,6 +339,7 @@ def test_single_process_run_saves_a_loadable_final_model(tiny_model_path, tmp_pa
     )
     assert summary["world_size"] == 1 and summary["global_step"] == 3 and summary["examples_seen_per_rank"] == [6]
     assert summary["optimizer"] == "adamw_torch"
+    assert (summary["distributed_type"], summary["parallelism"]) == ("NO", "one process, 1 process(es)")
     final = tmp_path / "final_model"
     tokenizer = AutoTokenizer.from_pretrained(final)
     assert tokenizer.eos_token == "<|im_end|>"
@@ -456,6 +459,7 @@ def test_two_cpu_processes_train_together(tiny_model_path, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 3
+    assert summary["distributed_type"] == "MULTI_CPU" and "running DDP over gloo" in result.stdout
     assert summary["examples_seen_per_rank"] == [6, 6]  # 3 steps x batch 2 on each rank
     first, second = summary["trainable_param_checksum_per_rank"]
     assert first == second  # DDP kept the replicas identical
@@ -575,3 +579,47 @@ def test_missing_accelerate_config_fails_clearly():
     result, argv = dry_run("--dry-run", TRAIN_JSONL="t.jsonl", CPU="0", WORLD_SIZE="2", ACCELERATE_CONFIG="/nope.yaml")
     assert result.returncode == 1 and argv is None
     assert "ACCELERATE_CONFIG=/nope.yaml does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("config", ["fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_sharded_configs_are_refused_on_cpu_with_one_line(config):
+    path = REPO_ROOT / "accelerate_configs" / config
+    result, argv = dry_run("--dry-run", TRAIN_JSONL="t.jsonl", CPU="1", WORLD_SIZE="2", ACCELERATE_CONFIG=str(path))
+    assert result.returncode == 1 and argv is None
+    assert result.stderr.strip().splitlines() == [
+        f"error: ACCELERATE_CONFIG={path} asks for {'FSDP' if config == 'fsdp.yaml' else 'DeepSpeed'}, which "
+        "accelerate runs only on GPUs (CPU processes would silently run plain DDP): unset ACCELERATE_CONFIG "
+        "(CPU=1 trains with DDP over gloo) or run on GPUs"
+    ]
+
+
+def test_sharded_config_on_gpus_goes_through_accelerate_even_for_one_process():
+    path = REPO_ROOT / "accelerate_configs" / "fsdp.yaml"
+    result, argv = dry_run("--dry-run", TRAIN_JSONL="t.jsonl", CPU="0", WORLD_SIZE="1", ACCELERATE_CONFIG=str(path))
+    assert result.returncode == 0, result.stderr
+    assert flag(argv, "--config_file") == str(path) and flag(argv, "--num_processes") == "1"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed is installed")
+def test_missing_deepspeed_is_one_line_before_launch():
+    path = REPO_ROOT / "accelerate_configs" / "deepspeed_zero3.yaml"
+    result, argv = dry_run(
+        "--dry-run", TRAIN_JSONL="t.jsonl", CPU="0", WORLD_SIZE="2", ACCELERATE_CONFIG=str(path), PYTHON=sys.executable
+    )
+    assert result.returncode == 1 and argv is None
+    assert result.stderr.strip().splitlines() == [
+        f"error: ACCELERATE_CONFIG={path} needs DeepSpeed, which {sys.executable} cannot import: pip install deepspeed"
+    ]
+
+
+def test_fsdp_config_wraps_the_models_own_decoder_layer(chat_tokenizer):
+    import yaml
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    settings = yaml.safe_load((REPO_ROOT / "accelerate_configs" / "fsdp.yaml").read_text())["fsdp_config"]
+    assert "fsdp_transformer_layer_cls_to_wrap" not in settings  # no class name that fits only one architecture
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=settings["fsdp_version"], auto_wrap_policy=settings["fsdp_auto_wrap_policy"].lower()
+    )
+    plugin.set_auto_wrap_policy(build_tiny_llama(chat_tokenizer))
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
