@@ -295,7 +295,7 @@ def check_distributed_launch(on_cpu: bool) -> None:
 
 
 PARALLELISM = {
-    "NO": "one process",
+    "NO": "single process",
     "MULTI_CPU": "DDP over gloo (CPU processes)",
     "MULTI_GPU": "DDP (GPUs)",
     "FSDP": "FSDP (parameters, gradients and optimizer state sharded)",
@@ -307,7 +307,7 @@ def describe_parallelism(trainer: OfflineSDPOTrainer) -> str:
     """What accelerate actually runs, for the log (FSDP: with the model's own wrap unit)."""
     accelerator = trainer.accelerator
     kind = accelerator.distributed_type.value
-    text = f"{PARALLELISM.get(kind, kind)}, {accelerator.num_processes} process(es)"
+    text = PARALLELISM.get(kind, kind) + ("" if kind == "NO" else f", {accelerator.num_processes} processes")
     if kind == "FSDP":
         plugin = accelerator.state.fsdp_plugin
         wrap = plugin.transformer_cls_names_to_wrap or getattr(trainer.model, "_no_split_modules", None)
@@ -468,7 +468,8 @@ def run(arguments: OfflineArguments, callbacks=()) -> dict:
     check_distributed_launch(config.use_cpu)
     print0(
         config,
-        f"world size {config.world_size}, device {config.device}, optimizer {config.optim} ({config.optim_reason})",
+        f"world size {config.world_size}, device {config.device}, optimizer {config.optim.value}"
+        f" ({config.optim_reason})",
     )
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     if config.resume_from_checkpoint == "latest" and resume is None:
@@ -512,7 +513,7 @@ def run(arguments: OfflineArguments, callbacks=()) -> dict:
         trainer,
         arguments,
         {
-            "optimizer": config.optim,
+            "optimizer": config.optim.value,
             "distributed_type": trainer.accelerator.distributed_type.value,
             "parallelism": parallelism,
             "resumed_from": resume,

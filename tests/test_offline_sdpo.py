@@ -339,7 +339,7 @@ def test_single_process_run_saves_a_loadable_final_model(tiny_model_path, tmp_pa
     )
     assert summary["world_size"] == 1 and summary["global_step"] == 3 and summary["examples_seen_per_rank"] == [6]
     assert summary["optimizer"] == "adamw_torch"
-    assert (summary["distributed_type"], summary["parallelism"]) == ("NO", "one process, 1 process(es)")
+    assert (summary["distributed_type"], summary["parallelism"]) == ("NO", "single process")
     final = tmp_path / "final_model"
     tokenizer = AutoTokenizer.from_pretrained(final)
     assert tokenizer.eos_token == "<|im_end|>"
