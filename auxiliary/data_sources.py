@@ -96,7 +96,8 @@ def _offline_mode(enabled: bool):
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (library errors can span many lines)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -119,7 +120,7 @@ def _load_from_hub(source: HubSource, revision: str | None, cache_dir: str | Non
             ) from None
         gated = " (gated dataset: accept its terms on the Hub and set HF_TOKEN)" if source.gated else ""
         raise DataError(
-            f"cannot load {source.name} from the Hugging Face Hub{gated}: {_first_line(error)}; or {local_hint}"
+            f"cannot load {source.name} from the Hugging Face Hub{gated}: {first_line(error)}; or {local_hint}"
         ) from None
 
 
@@ -224,7 +225,7 @@ def load_splits(
         except DataError:
             raise
         except Exception as error:  # unreadable files surface as pyarrow/json/datasets errors
-            raise DataError(f"cannot read {source.local_flag} {' '.join(dataset_path)}: {_first_line(error)}") from None
+            raise DataError(f"cannot read {source.local_flag} {' '.join(dataset_path)}: {first_line(error)}") from None
         where = f"{source.local_flag} {' '.join(dataset_path)}"
     else:
         found = dict(_load_from_hub(source, revision, cache_dir))

@@ -73,7 +73,7 @@ import torch
 import yaml
 from trl import TrlParser
 
-from auxiliary.data_sources import DataError
+from auxiliary.data_sources import DataError, first_line
 from auxiliary.model_loading import DTYPES, ModelLoadError, load_model_and_tokenizer, load_tokenizer
 from offline_sdpo.offline_sdpo_trainer import (
     InteractionDataset,
@@ -199,11 +199,6 @@ def build_parser() -> OfflineArgumentParser:
     )
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def parse_arguments(argv: list[str] | None = None) -> OfflineArguments:
     """Parse the command line and ``--config`` file; every problem is a one-line ``UsageError``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -217,11 +212,11 @@ def parse_arguments(argv: list[str] | None = None) -> OfflineArguments:
     except FileNotFoundError:
         raise UsageError(f"{where}no such file") from None
     except yaml.YAMLError as error:
-        raise UsageError(f"{where}not valid YAML ({_first_line(error)})") from None
+        raise UsageError(f"{where}not valid YAML ({first_line(error)})") from None
     except UsageError:
         raise
     except (ValueError, TypeError) as error:
-        raise UsageError(f"{where if 'Config file' in str(error) else ''}{_first_line(error)}") from None
+        raise UsageError(first_line(error)) from None
     if unknown_keys:
         keys = ", ".join(key.removeprefix("--") for key in unknown_keys[::2])
         raise UsageError(f"{where}unknown key(s) {keys}: use the option names of --help")
@@ -410,7 +405,7 @@ def load_policy(arguments: OfflineArguments):
             model = get_peft_model(model, lora)
         except ValueError as error:
             raise UsageError(
-                f"LoRA could not be attached ({_first_line(error)}); set --lora_target_modules to module names "
+                f"LoRA could not be attached ({first_line(error)}); set --lora_target_modules to module names "
                 "of this model"
             ) from None
     stored = next(p.dtype for p in model.parameters() if p.requires_grad)
