@@ -312,19 +312,42 @@ def describe_parallelism(trainer: OfflineSDPOTrainer) -> str:
     return text
 
 
-def resolve_resume(value: str | None, output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+# What a checkpoint the Trainer can resume from holds, whatever wrote it (full model, LoRA adapter, FSDP
+# shards, DeepSpeed): the trainer state, weights, and the optimizer state.
+CHECKPOINT_PARTS = {
+    "trainer_state.json": ("trainer_state.json",),
+    "weights": ("model*.safetensors*", "adapter_model.*", "pytorch_model*", "global_step*"),
+    "optimizer state": ("optimizer*", "global_step*"),
+}
 
+
+def checkpoint_gap(folder: Path) -> str | None:
+    """What ``folder`` lacks to be resumed from (an interrupted save leaves a partial one), or None."""
+    missing = [part for part, patterns in CHECKPOINT_PARTS.items() if not any(any(folder.glob(p)) for p in patterns)]
+    return f"{folder} has no {', no '.join(missing)}" if missing else None
+
+
+def resolve_resume(value: str | None, output_dir: str, config: OfflineSDPOConfig | None = None) -> str | None:
+    """The checkpoint to resume from: ``value`` checked, or for ``latest`` the newest complete checkpoint
+    of ``output_dir`` (partial ones are skipped, with a note when ``config`` is given), or None."""
     if value is None:
         return None
-    if value == "latest":
-        return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-    if not (Path(value) / "trainer_state.json").is_file():
-        raise UsageError(
-            f"--resume_from_checkpoint {value} is not a Trainer checkpoint (no trainer_state.json); "
-            "pass a checkpoint-<step> folder or 'latest'"
-        )
-    return value
+    if value != "latest":
+        gap = checkpoint_gap(Path(value)) if Path(value).is_dir() else f"{value} is not a folder"
+        if gap:
+            raise UsageError(f"--resume_from_checkpoint: {gap}; pass a complete checkpoint-<step> folder or 'latest'")
+        return value
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    folders = Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if Path(output_dir).is_dir() else []
+    steps = {int(f.name.rsplit("-", 1)[1]): f for f in folders if f.is_dir() and f.name.rsplit("-", 1)[1].isdigit()}
+    for step in sorted(steps, reverse=True):
+        gap = checkpoint_gap(steps[step])
+        if gap is None:
+            return str(steps[step])
+        if config is not None:
+            print0(config, f"skipping a partial checkpoint: {gap}")
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,9 +489,9 @@ def run(arguments: OfflineArguments, callbacks=()) -> dict:
         f"world size {config.world_size}, device {config.device}, optimizer {config.optim.value}"
         f" ({config.optim_reason})",
     )
-    resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    resume = resolve_resume(config.resume_from_checkpoint, config.output_dir, config)
     if config.resume_from_checkpoint == "latest" and resume is None:
-        print0(config, f"no checkpoint in {config.output_dir} yet: starting fresh")
+        print0(config, f"no complete checkpoint in {config.output_dir} yet: starting fresh")
     elif resume:
         print0(config, f"resuming from {resume}")
     elif resolve_resume("latest", config.output_dir):

@@ -149,7 +149,12 @@ def bad_inputs(tmp):
         ),
         ("row without x", ["--dataset_name", str(tmp / "bad_row.jsonl"), *rest], "bad_row.jsonl:1: field 'prompt' or"),
         ("missing Hub dataset", ["--dataset_name", "org/not-cached-anywhere", *rest], "HF_HUB_OFFLINE=1 is set"),
-        ("bad checkpoint", [*good, "--resume_from_checkpoint", str(tmp / "empty_dir")], "not a Trainer checkpoint"),
+        (
+            "partial checkpoint",
+            [*good, "--resume_from_checkpoint", str(tmp / "empty_dir")],
+            "empty_dir has no trainer_state.json, no weights, no optimizer state",
+        ),
+        ("checkpoint is a file", [*good, "--resume_from_checkpoint", str(tmp / "a_file")], "a_file is not a folder"),
         (
             "missing config",
             ["--config", str(tmp / "none.yaml")],

@@ -363,15 +363,20 @@ class InterruptAtStep(TrainerCallback):
 
 
 def test_resume_after_interruption_continues_the_step_counter_and_matches_an_uninterrupted_run(
-    tiny_model_path, tmp_path
+    tiny_model_path, tmp_path, capsys
 ):
     common = ("--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-3", "--dtype", "float32")
     run(cli_args(tiny_model_path, tmp_path / "straight", *common))
     with pytest.raises(KeyboardInterrupt):
         run(cli_args(tiny_model_path, tmp_path / "interrupted", *common), callbacks=[InterruptAtStep(3)])
     assert not (tmp_path / "interrupted" / "final_model").exists()
+    # A save interrupted half-way leaves a newer, partial checkpoint: "latest" passes over it.
+    partial = tmp_path / "interrupted" / "checkpoint-3"
+    partial.mkdir()
+    (partial / "trainer_state.json").write_text("{}")
     summary = run(cli_args(tiny_model_path, tmp_path / "interrupted", *common, "--resume_from_checkpoint", "latest"))
     assert Path(summary["resumed_from"]).name == "checkpoint-2"
+    assert f"skipping a partial checkpoint: {partial} has no weights, no optimizer state" in capsys.readouterr().out
     assert summary["global_step"] == 4 and summary["steps_this_session"] == 2
     history = json.loads((tmp_path / "interrupted" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
