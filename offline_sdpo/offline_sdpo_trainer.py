@@ -40,6 +40,7 @@ Deliberate differences from the reference (spec §11, §18 items 13-15):
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import time
@@ -107,8 +108,9 @@ class OfflineSDPOConfig(TrainingArguments):
         hindsight_template (`str` or `None`, defaults to `None`):
             Replaces the variant's wording; must contain ``{follow_up}`` once. The placement stays the
             variant's.
-        chat_template_kwargs (`dict`, defaults to `{}`):
-            Extra chat-template variables, merged over ``{"enable_thinking": False}``.
+        chat_template_kwargs (`dict` or `str`, defaults to `{}`):
+            Extra chat-template variables, merged over ``{"enable_thinking": False}``; a string (the command
+            line) is read as a JSON object.
 
     Parameters that control tokenization:
         max_context_length (`int`, defaults to `2048`):
@@ -167,7 +169,10 @@ class OfflineSDPOConfig(TrainingArguments):
     hindsight_template: str | None = field(
         default=None, metadata={"help": "Custom hindsight wording with a {follow_up} slot."}
     )
-    chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra chat-template variables."})
+    chat_template_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra chat-template variables: a dict, or JSON such as '{\"enable_thinking\": true}'."},
+    )
     max_context_length: int = field(default=2048, metadata={"help": "Left-truncate contexts to this many tokens."})
     max_completion_length: int = field(default=2048, metadata={"help": "Completion token budget, EOS included."})
     overlong_completion: str = field(
@@ -290,6 +295,14 @@ class OfflineSDPOConfig(TrainingArguments):
             raise ValueError(f"report_to: 'none' cannot be combined with {', '.join(self.report_to)}")
         if unknown:
             raise ValueError(f"report_to: unknown {', '.join(unknown)}; use {', '.join(REPORTERS)}")
+        if isinstance(self.chat_template_kwargs, str):
+            try:
+                self.chat_template_kwargs = json.loads(self.chat_template_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"chat_template_kwargs is not valid JSON ({error.msg})") from None
+        self.chat_template_kwargs = {} if self.chat_template_kwargs is None else self.chat_template_kwargs
+        if not isinstance(self.chat_template_kwargs, dict):
+            raise ValueError(f"chat_template_kwargs must be a JSON object, got {self.chat_template_kwargs!r}")
         if self.activation_checkpointing is None:
             self.activation_checkpointing = self.gradient_checkpointing
         if self.use_cpu is None:

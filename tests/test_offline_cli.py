@@ -58,6 +58,8 @@ def test_reference_names_are_aliases_of_the_trl_names(tmp_path):
     )
     assert config.activation_checkpointing is False and config.compute_dtype == "float32" and config.report_to == []
     assert trl.model.use_peft and trl.model.model_name_or_path == "m" and trl.data.dataset_name == "d.jsonl"
+    kwargs = parse_arguments(["--dataset_name", "d.jsonl", "--chat_template_kwargs", '{"enable_thinking": true}'])
+    assert kwargs.config.chat_template_kwargs == {"enable_thinking": True}
 
 
 def test_defaults_follow_the_reference(tmp_path, monkeypatch):
@@ -134,6 +136,7 @@ def bad_inputs(tmp):
         ("nan clip", [*good, "--max_grad_norm", "nan"], "max_grad_norm must be a finite number >= 0"),
         ("max_steps 0", [*good, "--max_steps", "0"], "max_steps must be >= 1"),
         ("lora rank 0", [*good, "--lora_r", "0"], "lora_r and lora_alpha must be >= 1"),
+        ("template kwargs", [*good, "--chat_template_kwargs", "{x"], "chat_template_kwargs is not valid JSON"),
         ("not a number", [*good, "--learning_rate", "fast"], "invalid float value: 'fast'"),
         ("unknown variant", [*good, "--hindsight_variant", "x"], "invalid choice: 'x' (choose from"),
         ("unknown reporter", [*good, "--report_to", "mlflow"], "invalid choice: 'mlflow' (choose from"),
