@@ -112,3 +112,18 @@ def installed_package_folder(package: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def find_utf8_error(path: str | os.PathLike) -> str | None:
+    """One line naming the first line of ``path`` that is not UTF-8 (a reader's ``UnicodeDecodeError``
+    names neither the file nor the line), or None when the whole file decodes."""
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return (
+                    f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                    f"{error.start + 1}); convert the file to UTF-8"
+                )
+    return None

@@ -27,18 +27,18 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from auxiliary.preprocessing import (
+from auxiliary.data_sources import HubSource, describe_source, load_splits
+from auxiliary.file_io import write_jsonl_atomic
+from auxiliary.preprocessing_cli import (
     FilterCounts,
-    HubSource,
     LengthMeter,
     add_length_arguments,
     add_out_dir_argument,
     add_source_arguments,
+    check_output_folder,
     cli_entry,
-    describe_source,
-    load_splits,
     make_parser,
-    write_jsonl_atomic,
+    positive_int,
     write_stats,
 )
 
@@ -51,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(__doc__)
     add_out_dir_argument(parser, "helpsteer_prompts", "train.jsonl, validation.jsonl and preprocess_stats.json")
     add_source_arguments(parser, SOURCE.name, SOURCE.splits)
-    parser.add_argument("--max_prompt_length", type=int, default=2048, help="Skip prompts longer than this.")
-    parser.add_argument("--max_response_length", type=int, default=2048, help="Skip rows whose response is longer.")
+    parser.add_argument("--max_prompt_length", type=positive_int, default=2048, help="Skip prompts longer than this.")
+    parser.add_argument(
+        "--max_response_length", type=positive_int, default=2048, help="Skip rows whose response is longer."
+    )
     add_length_arguments(parser)
     return parser
 
@@ -86,7 +88,7 @@ def select_prompts(rows, meter: LengthMeter, args: argparse.Namespace, counts: F
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    out_dir = Path(args.out_dir)
+    out_dir = check_output_folder(args.out_dir)
     meter = LengthMeter.from_args(args)
     splits = load_splits(SOURCE, args.dataset_path, revision=args.revision, cache_dir=args.cache_dir)
 

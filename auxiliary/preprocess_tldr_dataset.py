@@ -32,18 +32,19 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from auxiliary.preprocessing import (
+from auxiliary.data_sources import HubSource, describe_source, load_splits
+from auxiliary.file_io import write_jsonl_atomic
+from auxiliary.preprocessing_cli import (
     FilterCounts,
-    HubSource,
     LengthMeter,
     add_length_arguments,
     add_out_dir_argument,
     add_source_arguments,
+    check_output_folder,
     cli_entry,
-    describe_source,
-    load_splits,
+    count_or_zero,
     make_parser,
-    write_jsonl_atomic,
+    positive_int,
     write_stats,
 )
 
@@ -69,12 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max_prompt_length",
-        type=int,
+        type=positive_int,
         default=1024,
         help="Keep prompts strictly shorter than this (whole prompt, instruction included).",
     )
     add_length_arguments(parser)
-    parser.add_argument("--print_examples", type=int, default=5, help="Print this many train prompts at the end.")
+    parser.add_argument(
+        "--print_examples", type=count_or_zero, default=5, help="Print this many train prompts at the end."
+    )
     return parser
 
 
@@ -114,7 +117,7 @@ def unique_prompts(rows, meter: LengthMeter, args: argparse.Namespace, counts: F
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    out_dir = Path(args.out_dir)
+    out_dir = check_output_folder(args.out_dir)
     meter = LengthMeter.from_args(args)
     splits = load_splits(SOURCE, args.dataset_path, revision=args.revision, cache_dir=args.cache_dir)
 

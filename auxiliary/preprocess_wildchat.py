@@ -16,7 +16,7 @@ empty messages and other roles, ``too_few_messages`` (< 3), ``conversation_too_l
 --max_total_length, 100,000, in total), ``assistant_message_too_long`` (over
 --max_completion_length, 4,096), ``user_message_too_long`` (over --max_user_message_length, 4,096);
 characters unless --length_unit tokens. Every assistant message followed by a user message is a tuple; the history
-rules are shared with WildFeedback and ShareGPT (see ``auxiliary/preprocessing.py``: same-role runs
+rules are shared with WildFeedback and ShareGPT (see ``auxiliary/conversations.py``: same-role runs
 merged, last 5 messages, must start and end with a user message).
 
 Stops once --max_conversations (15,000) conversations were kept, or once at least
@@ -41,23 +41,22 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from auxiliary.preprocessing import (
-    ConversationLimits,
-    HubSource,
+from auxiliary.data_sources import HubSource, describe_source, load_splits
+from auxiliary.preprocessing_cli import (
     InteractionExtractor,
     LengthMeter,
     add_history_arguments,
     add_length_arguments,
     add_out_dir_argument,
     add_source_arguments,
+    check_output_folder,
     cli_entry,
-    describe_source,
-    interaction_record,
-    load_splits,
+    conversation_limits,
+    count_or_zero,
+    interaction_rows,
     make_parser,
-    stats_path_for,
-    write_jsonl_atomic,
-    write_stats,
+    positive_int,
+    write_interactions,
 )
 
 SOURCE = HubSource("allenai/WildChat", gated=True)
@@ -77,22 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_history_arguments(parser)
     parser.add_argument(
         "--max_user_message_length",
-        type=int,
+        type=positive_int,
         default=4096,
         help="Skip conversations containing a user message longer than this (--length_unit).",
     )
     parser.add_argument(
-        "--max_conversations", type=int, default=15_000, help="Stop after keeping this many conversations."
+        "--max_conversations", type=positive_int, default=15_000, help="Stop after keeping this many conversations."
     )
     parser.add_argument(
         "--stop_after_conversations",
-        type=int,
+        type=count_or_zero,
         default=14_000,
         help="Also stop once this many conversations are kept and --stop_after_interactions tuples written.",
     )
     parser.add_argument(
         "--stop_after_interactions",
-        type=int,
+        type=count_or_zero,
         default=50_000,
         help="See --stop_after_conversations.",
     )
@@ -108,7 +107,7 @@ def shuffled_order(num_rows: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).permutation(num_rows).tolist()
 
 
-def interaction_rows(rows, args: argparse.Namespace, extract: InteractionExtractor, stop: dict):
+def wildchat_rows(rows, args: argparse.Namespace, extract: InteractionExtractor, stop: dict, where: str = ""):
     languages = {language.strip().lower() for language in args.languages.split(",") if language.strip()}
     written = 0
     for row_index in shuffled_order(len(rows), args.seed):
@@ -116,25 +115,23 @@ def interaction_rows(rows, args: argparse.Namespace, extract: InteractionExtract
         if str(row.get("language") or "").strip().lower() not in languages:
             extract.reject("other_language")
             continue
-        messages, interactions = extract(row.get("conversation"))
+        messages, interactions = extract(row.get("conversation"), f"{where} row {row_index}".lstrip())
         conversation_id = row.get("conversation_hash") or row.get("conversation_id")
-        total_chars = sum(len(message.text) for message in messages)
-        for interaction in interactions:
+
+        def identity(interaction, row=row, row_index=row_index, conversation_id=conversation_id):
             turn = interaction.completion.index
-            written += 1
-            yield {
+            return {
                 "id": f"{conversation_id if conversation_id else row_index}_{turn}",
                 "conversation_id": conversation_id,
                 "row_idx": row_index,
                 "turn_id": turn,
                 "model": row.get("model"),
                 "timestamp": str(row.get("timestamp")),
-                **interaction_record(interaction),
-                "prompt_len": len(interaction.history),
-                "completion_len": len(interaction.completion.text),
-                "user_response_len": len(interaction.user_response.text),
-                "total_conv_len": total_chars,
             }
+
+        for output_row in interaction_rows(identity, messages, interactions, with_user_response_len=True):
+            written += 1
+            yield output_row
         kept = extract.conversations.kept
         if kept >= args.max_conversations:
             stop["reason"] = f"kept {kept} conversations (--max_conversations)"
@@ -147,26 +144,23 @@ def interaction_rows(rows, args: argparse.Namespace, extract: InteractionExtract
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    output = Path(args.out_dir) / OUTPUT_NAME
+    check_output_folder(args.out_dir)
     meter = LengthMeter.from_args(args)
     rows = load_splits(SOURCE, args.dataset_path, revision=args.revision, cache_dir=args.cache_dir)["train"]
+    source = describe_source(SOURCE, args.dataset_path, args.revision)
 
-    limits = ConversationLimits.from_args(args, meter, max_user_message_length=args.max_user_message_length)
+    limits = conversation_limits(args, meter, max_user_message_length=args.max_user_message_length)
     extract = InteractionExtractor(limits, args.max_history_messages, extra_reasons=("other_language",))
     stop = {"reason": "end of dataset"}
-    extract.interactions.kept = write_jsonl_atomic(output, interaction_rows(rows, args, extract, stop))
-    print(extract.report())
-    print(f"stopped: {stop['reason']}")
-    write_stats(
-        stats_path_for(output),
+    write_interactions(
         "preprocess_wildchat.py",
         args,
-        describe_source(SOURCE, args.dataset_path, args.revision),
-        output=str(output),
-        stopped=stop["reason"],
-        **extract.as_dict(),
+        OUTPUT_NAME,
+        source,
+        extract,
+        wildchat_rows(rows, args, extract, stop, source),
+        lambda: {"stopped": stop["reason"]},
     )
-    print(f"wrote {extract.interactions.kept} interactions to {output}")
 
 
 if __name__ == "__main__":

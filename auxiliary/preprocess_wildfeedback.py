@@ -14,7 +14,7 @@ Conversation filters (after dropping empty messages and other roles), with the r
 stats file: ``too_few_messages`` (< 3), ``conversation_too_long`` (over --max_total_length, 100,000,
 in total), ``assistant_message_too_long`` (over --max_completion_length, 4,096); characters unless
 --length_unit tokens. History rules (shared with WildChat and ShareGPT, see
-``auxiliary/preprocessing.py``): consecutive same-role messages are merged, the last
+``auxiliary/conversations.py``): consecutive same-role messages are merged, the last
 --max_history_messages (5) are kept, leading assistant messages are dropped, and the history must
 end with a user message; tuples failing them are counted as ``no_user_turn_in_history`` or
 ``history_not_ending_with_user``. The reference kept the first of a same-role run (losing the latest
@@ -37,23 +37,20 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from auxiliary.preprocessing import (
-    ConversationLimits,
-    HubSource,
+from auxiliary.data_sources import HubSource, describe_source, load_splits
+from auxiliary.preprocessing_cli import (
     InteractionExtractor,
     LengthMeter,
     add_history_arguments,
     add_length_arguments,
     add_out_dir_argument,
     add_source_arguments,
+    check_output_folder,
     cli_entry,
-    describe_source,
-    interaction_record,
-    load_splits,
+    conversation_limits,
+    interaction_rows,
     make_parser,
-    stats_path_for,
-    write_jsonl_atomic,
-    write_stats,
+    write_interactions,
 )
 
 SOURCE = HubSource("microsoft/WildFeedback", config="wildfeedback")
@@ -69,42 +66,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def interaction_rows(rows, extract: InteractionExtractor):
+def wildfeedback_rows(rows, extract: InteractionExtractor, where: str = SOURCE.name):
     for row_index, row in enumerate(rows):
-        messages, interactions = extract(row.get("conversations") or row.get("conversation"))
-        total_chars = sum(len(message.text) for message in messages)
-        for interaction in interactions:
+        messages, interactions = extract(
+            row.get("conversations") or row.get("conversation"), f"{where} row {row_index}"
+        )
+
+        def identity(interaction, row_index=row_index):
             turn = interaction.completion.index
-            yield {
-                "id": f"{row_index}_{turn}",
-                "original_conv_id": row_index,
-                "turn_id": turn,
-                **interaction_record(interaction),
-                "prompt_len": len(interaction.history),
-                "completion_len": len(interaction.completion.text),
-                "total_conv_len": total_chars,
-            }
+            return {"id": f"{row_index}_{turn}", "original_conv_id": row_index, "turn_id": turn}
+
+        yield from interaction_rows(identity, messages, interactions)
 
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    output = Path(args.out_dir) / OUTPUT_NAME
+    check_output_folder(args.out_dir)
     meter = LengthMeter.from_args(args)
     rows = load_splits(SOURCE, args.dataset_path, revision=args.revision, cache_dir=args.cache_dir)["train"]
-
-    extract = InteractionExtractor(ConversationLimits.from_args(args, meter), args.max_history_messages)
-    extract.interactions.kept = write_jsonl_atomic(output, interaction_rows(rows, extract))
-    print(extract.report())
-    write_stats(
-        stats_path_for(output),
-        "preprocess_wildfeedback.py",
-        args,
-        describe_source(SOURCE, args.dataset_path, args.revision),
-        output=str(output),
-        **extract.as_dict(),
+    source = describe_source(SOURCE, args.dataset_path, args.revision)
+    extract = InteractionExtractor(conversation_limits(args, meter), args.max_history_messages)
+    write_interactions(
+        "preprocess_wildfeedback.py", args, OUTPUT_NAME, source, extract, wildfeedback_rows(rows, extract, source)
     )
-    print(f"wrote {extract.interactions.kept} interactions to {output}")
 
 
 if __name__ == "__main__":

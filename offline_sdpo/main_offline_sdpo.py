@@ -1,36 +1,51 @@
 """Offline SDPO training on logged interactions (x, y, o): the paper's §4.1 / Eq. 4 setting.
 
-Reads an interaction JSONL (``prompt`` = message list, ``completion`` = the logged assistant message,
-``user_response`` = the user's next message), trains the base model with ``OfflineSDPOTrainer`` and
-writes checkpoints plus ``final_model/`` into the output folder.
+Reads logged interactions (a local JSONL/Parquet file, a dataset folder or a Hub dataset; rows in the
+interaction schema, or TRL's conversational ``messages`` / ``prompt``+``completion`` rows, see
+``auxiliary/interaction_schema.py``), trains the model with ``OfflineSDPOTrainer`` and writes
+checkpoints plus ``final_model/`` into the output folder.
 
-One process (CPU or one GPU), from the repository root:
+The command line is TRL's: flags come from the dataclasses (``OfflineSDPOConfig`` = every
+``TrainingArguments`` field plus the SDPO fields, ``ModelArguments``, ``DataArguments``), with
+``--config file.yaml`` for any of them (the command line wins over the file). The reference's names
+still work: --train_jsonl (--dataset_name), --base_model (--model_name_or_path), --batch_size
+(--per_device_train_batch_size), --grad_accum (--gradient_accumulation_steps), --num_epochs
+(--num_train_epochs), --use_lora (--use_peft), --wandb_project (--project), --dtype (--compute_dtype),
+--warmup_ratio (--warmup_steps below 1).
 
-    python -m offline_sdpo.main_offline_sdpo --train_jsonl data/sharegpt/sharegpt_interactions.jsonl \\
-        --base_model smollm2-135m-instruct --max_steps 20 --batch_size 2 --grad_accum 2 --report_to none
+One process (CPU or one GPU), from anywhere:
+
+    python offline_sdpo/main_offline_sdpo.py --dataset_name data/sharegpt/sharegpt_interactions.jsonl \\
+        --model_name_or_path smollm2-135m-instruct --max_steps 20 --per_device_train_batch_size 2 \\
+        --gradient_accumulation_steps 2 --report_to none
+    python offline_sdpo/main_offline_sdpo.py --config my_run.yaml --max_steps 5
 
 Several processes (DDP): GPUs via the accelerate config, or CPU via accelerate's multi-GPU launcher
 (no GPU present: processes talk over gloo) or torchrun:
 
     accelerate launch --config_file multigpu_accelerate_config.yaml --num_processes 4 \\
-        offline_sdpo/main_offline_sdpo.py --train_jsonl ...            # PYTHONPATH=. for the file form
+        offline_sdpo/main_offline_sdpo.py --dataset_name ...
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
-        --dynamo_backend no offline_sdpo/main_offline_sdpo.py --train_jsonl ...   # CPU, 2 processes
-    torchrun --nproc_per_node 2 offline_sdpo/main_offline_sdpo.py --train_jsonl ...
+        --dynamo_backend no offline_sdpo/main_offline_sdpo.py --dataset_name ...   # CPU, 2 processes
+    torchrun --nproc_per_node 2 offline_sdpo/main_offline_sdpo.py --dataset_name ...
 
 ``scripts/train_offline_sdpo.sh`` wraps all of this with the reference's environment variables.
 
 Defaults are the reference's (spec §11.4): lr 2e-6 cosine with 5% warm-up, per-device batch 4 × 8
 accumulation steps, 2 epochs, grad clip 10, activation checkpointing, 8-bit AdamW when bitsandbytes and
 CUDA are available (plain AdamW otherwise; the log says which), full fine-tuning, ``ignore_first_k`` 2,
-``simple_signal`` loss. Deliberate simplifications and changes: no KL-to-reference term (inactive in
-every reference config); hindsight variant ``online`` by default (the paper's Table-1 template; the
-reference's offline variants via ``--hindsight_variant``); over-long completions skipped and counted
-instead of silently losing their EOS; weights fp32 with bf16 autocast on CPU (pure bf16 loses AdamW
-updates at lr 2e-6), bf16 weights on GPU as in the reference unless ``--weights_dtype float32``.
+``simple_signal`` loss, reporting to wandb. Deliberate simplifications and changes: no KL-to-reference
+term (inactive in every reference config); hindsight variant ``online`` by default (the paper's
+Table-1 template; the reference's offline variants via ``--hindsight_variant``); over-long completions
+skipped and counted instead of silently losing their EOS; weights fp32 with bf16 autocast on CPU (pure
+bf16 loses AdamW updates at lr 2e-6), bf16 weights on GPU as in the reference unless
+``--weights_dtype float32``.
+
+Every argument, the output folder, the reporting backend and the data are checked before the model
+loads; a problem is one ``error:`` line and a non-zero exit.
 
 Outputs in ``--output_dir``: ``checkpoint-<step>/`` (resumable: ``--resume_from_checkpoint latest``),
-``final_model/`` (model + tokenizer; with ``--use_lora`` the adapter, and with ``--merge_lora`` also
+``final_model/`` (model + tokenizer; with ``--use_peft`` the adapter, and with ``--merge_lora`` also
 ``final_model_merged/``), ``data_report.json`` (rows skipped and why), ``train_summary.json`` (world
 size, examples per rank, parameter checksum per rank, optimizer, seconds per step, final metrics).
 
@@ -48,147 +63,184 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+if __package__ in (None, ""):  # run as `python offline_sdpo/main_offline_sdpo.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch
+import yaml
+from trl import TrlParser
+
+from auxiliary.data_sources import DataError, first_line
 from auxiliary.model_loading import DTYPES, ModelLoadError, load_model_and_tokenizer, load_tokenizer
 from offline_sdpo.offline_sdpo_trainer import (
-    OVERLONG_POLICIES,
-    InteractionDataError,
     InteractionDataset,
     OfflineSDPOCollator,
     OfflineSDPOConfig,
     OfflineSDPOTrainer,
     drop_overlong_completions,
     load_interactions,
+    sharded_launch,
 )
 from online_sdpo_updater_config import DEFAULT_LORA_TARGET_MODULES
-from sdpo_core import HINDSIGHT_VARIANTS, LOSS_MODES
 
 DEFAULT_BASE_MODEL = "Qwen/Qwen3-4B"
 DATA_REPORT_FILE = "data_report.json"
 SUMMARY_FILE = "train_summary.json"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Offline SDPO on logged (x, y, o) interactions.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+class UsageError(ValueError):
+    """A command-line or config-file problem; the message is one line."""
+
+
+@dataclass
+class ModelArguments:
+    """The model to train and its adapters, with TRL's ``ModelConfig`` names (only the fields this trainer
+    honours)."""
+
+    model_name_or_path: str = field(
+        default=DEFAULT_BASE_MODEL,
+        metadata={
+            "help": "Hub id, local folder or bundled alias (smollm2-135m-instruct).",
+            "aliases": ["--base_model"],
+        },
     )
-    # Data and model
-    parser.add_argument(
-        "--train_jsonl", required=True, help="interaction JSONL: prompt / completion / user_response per line"
-    )
-    parser.add_argument(
-        "--base_model", default=DEFAULT_BASE_MODEL, help="Hub id, local folder or bundled alias (smollm2-135m-instruct)"
-    )
-    parser.add_argument(
-        "--output_dir",
-        default=os.environ.get("OUTPUT_DIR") or "./local_checkpoints",
-        help="checkpoints, final_model/, reports (default: $OUTPUT_DIR, else ./local_checkpoints)",
-    )
-    parser.add_argument(
-        "--skip_bad_rows", action="store_true", help="skip and count malformed rows instead of stopping at the first"
-    )
-    # SDPO
-    parser.add_argument(
-        "--hindsight_variant",
-        default="online",
-        choices=sorted(HINDSIGHT_VARIANTS),
-        help="teacher context: online = o in the last user turn (paper Table 1); offline_v1 / offline_assistant = reference offline forms",
-    )
-    parser.add_argument("--hindsight_template", default=None, help="custom hindsight wording with a {follow_up} slot")
-    parser.add_argument(
-        "--loss_mode",
-        default="simple_signal",
-        choices=LOSS_MODES,
-        help="simple_signal = sampled-token policy gradient (paper); full_distillation = top-K reverse KL (extension)",
-    )
-    parser.add_argument(
-        "--ignore_first_k", type=int, default=2, help="leave the first k completion tokens out of the loss"
-    )
-    parser.add_argument("--signal_clip", type=float, default=0.0, help="clip A_t to +-signal_clip (0: off)")
-    parser.add_argument("--distillation_topk", type=int, default=20, help="top-K support for full_distillation")
-    parser.add_argument(
-        "--max_context_length", type=int, default=2048, help="left-truncate contexts to this many tokens"
-    )
-    parser.add_argument("--max_completion_length", type=int, default=2048, help="completion token budget, EOS included")
-    parser.add_argument(
-        "--overlong_completion",
-        default="skip",
-        choices=OVERLONG_POLICIES,
-        help="skip: drop and count longer completions; truncate: train on the first tokens, without EOS",
-    )
-    # Optimisation
-    parser.add_argument("--learning_rate", type=float, default=2e-6)
-    parser.add_argument("--batch_size", type=int, default=4, help="interactions per device per micro-batch")
-    parser.add_argument("--grad_accum", type=int, default=8, help="micro-batches per optimizer step")
-    parser.add_argument("--num_epochs", type=float, default=2.0)
-    parser.add_argument(
-        "--max_steps", type=int, default=-1, help="stop after this many optimizer steps (overrides epochs)"
-    )
-    parser.add_argument("--lr_scheduler_type", default="cosine")
-    parser.add_argument("--warmup_ratio", type=float, default=0.05, help="share of all steps spent warming up")
-    parser.add_argument("--max_grad_norm", type=float, default=10.0)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument(
-        "--optim",
+    weights_dtype: str = field(
         default="auto",
-        help="auto = adamw_bnb_8bit with bitsandbytes on CUDA, else adamw_torch; or any transformers optimizer name",
+        metadata={
+            "help": "Storage dtype of trained weights: auto = float32 on CPU (fp32 master weights + autocast), "
+            "--compute_dtype on GPU and for LoRA's frozen base (reference).",
+            "choices": ["auto", *sorted(DTYPES)],
+        },
     )
-    parser.add_argument("--seed", type=int, default=42)
-    # Precision and memory
-    parser.add_argument(
-        "--dtype", default="bfloat16", choices=sorted(DTYPES), help="compute dtype of the forward passes"
+    attn_implementation: str = field(
+        default="auto", metadata={"help": "auto = flash_attention_2 when installed on CUDA, else sdpa."}
     )
-    parser.add_argument(
-        "--weights_dtype",
-        default="auto",
-        choices=["auto", *sorted(DTYPES)],
-        help="storage dtype of trained weights: auto = float32 on CPU (fp32 master weights + autocast), --dtype on GPU (reference)",
+    use_peft: bool = field(
+        default=False,
+        metadata={
+            "help": "Train LoRA adapters instead of all weights (usually wants a larger lr).",
+            "aliases": ["--use_lora"],
+        },
     )
-    parser.add_argument(
-        "--no_gradient_checkpointing", action="store_true", help="keep activations (faster, more memory)"
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=128, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGET_MODULES), metadata={"help": "Module names that get adapters."}
     )
-    parser.add_argument(
-        "--attn_implementation", default="auto", help="auto = flash_attention_2 when installed on CUDA, else sdpa"
+    merge_lora: bool = field(
+        default=False, metadata={"help": "Also write final_model_merged/ (the adapter merged into the base)."}
     )
-    parser.add_argument("--dataloader_num_workers", type=int, default=None, help="default: 4 on CUDA, 0 on CPU")
-    # LoRA
-    parser.add_argument(
-        "--use_lora", action="store_true", help="train LoRA adapters instead of all weights (usually wants a larger lr)"
-    )
-    parser.add_argument("--lora_r", type=int, default=64)
-    parser.add_argument("--lora_alpha", type=int, default=128)
-    parser.add_argument("--lora_dropout", type=float, default=0.0)
-    parser.add_argument("--lora_target_modules", nargs="+", default=list(DEFAULT_LORA_TARGET_MODULES))
-    parser.add_argument(
-        "--merge_lora", action="store_true", help="also write final_model_merged/ (adapter merged into the base)"
-    )
-    # Checkpoints and logging
-    parser.add_argument("--save_steps", type=int, default=200)
-    parser.add_argument("--save_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
-    parser.add_argument("--logging_steps", type=int, default=10)
-    parser.add_argument("--report_to", default="wandb", choices=["wandb", "none"])
-    parser.add_argument(
-        "--run_name", default=os.environ.get("WANDB_NAME"), help="wandb run name (default: $WANDB_NAME)"
-    )
-    parser.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT") or "offline-sdpo")
-    parser.add_argument(
-        "--resume_from_checkpoint",
+
+    def __post_init__(self):
+        if self.lora_r < 1 or self.lora_alpha < 1:
+            raise ValueError(f"lora_r and lora_alpha must be >= 1, got {self.lora_r} and {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class DataArguments:
+    """Where the logged interactions come from (TRL's ``ScriptArguments`` names)."""
+
+    dataset_name: str | None = field(
         default=None,
-        help="a checkpoint-<step> folder, or 'latest' (newest in --output_dir; starts fresh when there is none)",
+        metadata={
+            "help": "Training data: a local .jsonl / .parquet / .json file, a dataset folder, or a Hub dataset id.",
+            "aliases": ["--train_jsonl"],
+        },
     )
-    parser.add_argument(
-        "--print_token_table_every", type=int, default=0, help="print a per-token signal table every N steps (0: off)"
+    dataset_config: str | None = field(default=None, metadata={"help": "Config name of a Hub dataset."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    skip_bad_rows: bool = field(
+        default=False, metadata={"help": "Skip and count malformed rows instead of stopping at the first."}
     )
-    return parser
+
+    def __post_init__(self):
+        if not self.dataset_name:
+            raise ValueError("no training data: pass --dataset_name (or --train_jsonl) FILE_OR_HUB_ID")
 
 
-def print0(config: OfflineSDPOConfig, *parts) -> None:
-    if config.process_index == 0:
-        print("[offline-sdpo]", *parts, flush=True)
+@dataclass(frozen=True)
+class OfflineArguments:
+    """Everything one run needs, parsed and checked once."""
+
+    data: DataArguments
+    model: ModelArguments
+    config: OfflineSDPOConfig
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring's layout, and each flag's default."""
+
+
+class OfflineArgumentParser(TrlParser):
+    """``TrlParser`` whose usage errors are one line and whose config files may use the old flag names."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
+
+    def set_defaults_with_config(self, **config) -> list[str]:
+        dest_of = {
+            option.lstrip("-"): action.dest
+            for action in self._actions
+            if not isinstance(action, argparse._StoreFalseAction)
+            for option in action.option_strings
+        }
+        return super().set_defaults_with_config(**{dest_of.get(key, key): value for key, value in config.items()})
+
+
+def build_parser() -> OfflineArgumentParser:
+    return OfflineArgumentParser(
+        (DataArguments, ModelArguments, OfflineSDPOConfig), description=__doc__, formatter_class=HelpFormatter
+    )
+
+
+def parse_arguments(argv: list[str] | None = None) -> OfflineArguments:
+    """Parse the command line and ``--config`` file; every problem is a one-line ``UsageError``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_distributed_launch(on_cpu=not torch.cuda.is_available())
+    config_file = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+    where = f"--config {config_file}: " if config_file else ""
+    try:
+        data, model, config, unknown_keys, unknown_flags = build_parser().parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except FileNotFoundError:
+        raise UsageError(f"{where}no such file") from None
+    except yaml.YAMLError as error:
+        raise UsageError(f"{where}not valid YAML ({first_line(error)})") from None
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise UsageError(first_line(error)) from None
+    if unknown_keys:
+        keys = ", ".join(key.removeprefix("--") for key in unknown_keys[::2])
+        raise UsageError(f"{where}unknown key(s) {keys}: use the option names of --help")
+    if unknown_flags:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown_flags)} (see --help)")
+    return OfflineArguments(data, model, config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks before anything is loaded
+# --------------------------------------------------------------------------------------------------
+
+
+def check_output_dir(output_dir: str) -> None:
+    """The output folder exists (or can be made) and is writable."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--output_dir {path} is a file; pass a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--output_dir {path} cannot be created ({error.strerror}); pass a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {path} is not writable; pass a writable folder")
 
 
 def check_wandb_ready() -> None:
@@ -198,115 +250,144 @@ def check_wandb_ready() -> None:
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
         return
-    raise SystemExit(
-        "error: --report_to wandb but wandb has no credentials: run `wandb login`, set WANDB_API_KEY, "
+    raise UsageError(
+        "--report_to wandb but wandb has no credentials: run `wandb login`, set WANDB_API_KEY, "
         "set WANDB_MODE=offline, or pass --report_to none"
     )
 
 
-def sharded_launch() -> str | None:
-    """``FSDP`` / ``DeepSpeed`` when accelerate launched this process with one of them, else None."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "FSDP"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return "DeepSpeed"
+def check_reporters(config: OfflineSDPOConfig) -> None:
+    """Each ``--report_to`` backend is installed (and wandb logged in) before anything loads."""
+    from transformers import integrations
+
+    for backend in config.report_to:
+        if not getattr(integrations, f"is_{backend}_available")():
+            raise UsageError(f"--report_to {backend}: the {backend} package is not installed (pip install {backend})")
+        if backend == "wandb":
+            check_wandb_ready()
+            os.environ["WANDB_PROJECT"] = config.project
+
+
+def check_distributed_launch(on_cpu: bool) -> None:
+    """FSDP / DeepSpeed only where they really run: on CPU processes accelerate silently turns either into
+    plain DDP (every rank holding the whole model), so that is refused, as is DeepSpeed not installed.
+    Called before the arguments are parsed (``TrainingArguments`` itself sets DeepSpeed up) and again
+    with the parsed ``use_cpu``."""
+    kind = sharded_launch()
+    if kind is None:
+        return
+    if on_cpu:
+        raise UsageError(
+            f"the accelerate config asks for {kind}, but this run is on CPU, where accelerate would run plain DDP "
+            "instead (every process holding the whole model): launch CPU processes without that config "
+            "(scripts/train_offline_sdpo.sh with CPU=1 trains with DDP over gloo) or run on GPUs"
+        )
+    if kind == "DeepSpeed" and importlib.util.find_spec("deepspeed") is None:
+        raise UsageError(
+            "the accelerate config asks for DeepSpeed, which is not installed: pip install deepspeed, or use "
+            "multigpu_accelerate_config.yaml (DDP) or accelerate_configs/fsdp.yaml"
+        )
+
+
+PARALLELISM = {
+    "NO": "single process",
+    "MULTI_CPU": "DDP over gloo (CPU processes)",
+    "MULTI_GPU": "DDP (GPUs)",
+    "FSDP": "FSDP (parameters, gradients and optimizer state sharded)",
+    "DEEPSPEED": "DeepSpeed",
+}
+
+
+def describe_parallelism(trainer: OfflineSDPOTrainer) -> str:
+    """What accelerate actually runs, for the log (FSDP: with the model's own wrap unit)."""
+    accelerator = trainer.accelerator
+    kind = accelerator.distributed_type.value
+    text = PARALLELISM.get(kind, kind) + ("" if kind == "NO" else f", {accelerator.num_processes} processes")
+    if kind == "FSDP":
+        plugin = accelerator.state.fsdp_plugin
+        wrap = plugin.transformer_cls_names_to_wrap or getattr(trainer.model, "_no_split_modules", None)
+        text += f", FSDP{plugin.fsdp_version} wrap unit {', '.join(wrap or ['none (one unit)'])}"
+    if kind == "DEEPSPEED":
+        text += f" ZeRO stage {accelerator.state.deepspeed_plugin.zero_stage}"
+    return text
+
+
+# What a checkpoint the Trainer can resume from holds, whatever wrote it (full model, LoRA adapter, FSDP
+# shards, DeepSpeed): the trainer state, weights, and the optimizer state.
+CHECKPOINT_PARTS = {
+    "trainer_state.json": ("trainer_state.json",),
+    "weights": ("model*.safetensors*", "adapter_model.*", "pytorch_model*", "global_step*"),
+    "optimizer state": ("optimizer*", "global_step*"),
+}
+
+
+def checkpoint_gap(folder: Path) -> str | None:
+    """What ``folder`` lacks to be resumed from (an interrupted save leaves a partial one), or None."""
+    missing = [part for part, patterns in CHECKPOINT_PARTS.items() if not any(any(folder.glob(p)) for p in patterns)]
+    return f"{folder} has no {', no '.join(missing)}" if missing else None
+
+
+def resolve_resume(value: str | None, output_dir: str, config: OfflineSDPOConfig | None = None) -> str | None:
+    """The checkpoint to resume from: ``value`` checked, or for ``latest`` the newest complete checkpoint
+    of ``output_dir`` (partial ones are skipped, with a note when ``config`` is given), or None."""
+    if value is None:
+        return None
+    if value != "latest":
+        gap = checkpoint_gap(Path(value)) if Path(value).is_dir() else f"{value} is not a folder"
+        if gap:
+            raise UsageError(f"--resume_from_checkpoint: {gap}; pass a complete checkpoint-<step> folder or 'latest'")
+        return value
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    folders = Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if Path(output_dir).is_dir() else []
+    steps = {int(f.name.rsplit("-", 1)[1]): f for f in folders if f.is_dir() and f.name.rsplit("-", 1)[1].isdigit()}
+    for step in sorted(steps, reverse=True):
+        gap = checkpoint_gap(steps[step])
+        if gap is None:
+            return str(steps[step])
+        if config is not None:
+            print0(config, f"skipping a partial checkpoint: {gap}")
     return None
 
 
-def choose_optimizer(requested: str, on_cuda: bool) -> tuple[str, str]:
-    """(transformers optimizer name, why)."""
-    if requested != "auto":
-        return requested, "as requested"
-    if sharded_launch():
-        return "adamw_torch", f"plain AdamW: 8-bit AdamW state does not shard under {sharded_launch()}"
-    if on_cuda and importlib.util.find_spec("bitsandbytes") is not None:
-        return "adamw_bnb_8bit", "8-bit AdamW (bitsandbytes), as the reference"
-    reason = "no CUDA device" if not on_cuda else "bitsandbytes not installed"
-    return "adamw_torch", f"plain AdamW: 8-bit AdamW needs bitsandbytes on CUDA ({reason})"
+# --------------------------------------------------------------------------------------------------
+# Data, model, training
+# --------------------------------------------------------------------------------------------------
 
 
-def resolve_resume(value: str | None, output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if value is None:
-        return None
-    if value == "latest":
-        return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-    if not (Path(value) / "trainer_state.json").is_file():
-        raise SystemExit(
-            f"error: {value} is not a Trainer checkpoint (no trainer_state.json); pass a checkpoint-<step> folder or 'latest'"
-        )
-    return value
+def print0(config: OfflineSDPOConfig, *parts) -> None:
+    if config.process_index == 0:
+        print("[offline-sdpo]", *parts, flush=True)
 
 
-def build_config(args, on_cuda: bool, optimizer: str) -> OfflineSDPOConfig:
-    workers = args.dataloader_num_workers if args.dataloader_num_workers is not None else (4 if on_cuda else 0)
-    return OfflineSDPOConfig(
-        output_dir=args.output_dir,
-        hindsight_variant=args.hindsight_variant,
-        hindsight_template=args.hindsight_template,
-        loss_mode=args.loss_mode,
-        ignore_first_k=args.ignore_first_k,
-        signal_clip=args.signal_clip,
-        distillation_topk=args.distillation_topk,
-        max_context_length=args.max_context_length,
-        max_completion_length=args.max_completion_length,
-        overlong_completion=args.overlong_completion,
-        compute_dtype=args.dtype,
-        print_token_table_every=args.print_token_table_every,
-        learning_rate=args.learning_rate,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        num_train_epochs=args.num_epochs,
-        max_steps=args.max_steps,
-        lr_scheduler_type=args.lr_scheduler_type,
-        warmup_steps=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm,
-        weight_decay=args.weight_decay,
-        optim=optimizer,
-        seed=args.seed,
-        activation_checkpointing=not args.no_gradient_checkpointing,
-        dataloader_num_workers=workers,
-        dataloader_pin_memory=on_cuda,
-        # Without a GPU, say so: otherwise accelerate joins the launcher's process group but runs each
-        # process as an independent single-process job (world size 1, no gradient sync).
-        use_cpu=not on_cuda,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        logging_steps=args.logging_steps,
-        report_to=[] if args.report_to == "none" else [args.report_to],
-        run_name=args.run_name,
+def read_data(arguments: OfflineArguments):
+    """The validated tuples and the report of rows left out (no tokenizer needed yet)."""
+    data, config = arguments.data, arguments.config
+    return load_interactions(
+        data.dataset_name,
+        hindsight_variant=config.hindsight_variant,
+        skip_bad_rows=data.skip_bad_rows,
+        dataset_config=data.dataset_config,
+        split=data.dataset_train_split,
     )
 
 
-def load_data(args, config: OfflineSDPOConfig, tokenizer) -> InteractionDataset:
-    """Validated rows minus over-long completions; the report is printed and saved on the main process."""
-    try:
-        interactions, report = load_interactions(
-            args.train_jsonl, hindsight_variant=args.hindsight_variant, skip_bad_rows=args.skip_bad_rows
-        )
-    except InteractionDataError as error:
-        raise SystemExit(f"error: {error}") from None
+def training_dataset(arguments: OfflineArguments, interactions, report, tokenizer) -> InteractionDataset:
+    """The tuples minus over-long completions; the report is printed and saved on the main process."""
+    data, config = arguments.data, arguments.config
     read = len(interactions) + report.total
-    if args.overlong_completion == "skip":
+    if config.overlong_completion == "skip":
         interactions = drop_overlong_completions(
             interactions, OfflineSDPOCollator.from_config(tokenizer, config), report
         )
     if not interactions:
-        raise SystemExit(f"error: {args.train_jsonl}: every row was skipped ({dict(report.counts)})")
+        raise DataError(f"{data.dataset_name}: every row was skipped ({dict(report.counts)})")
     if config.process_index == 0:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        summary = {
-            "train_jsonl": str(args.train_jsonl),
-            "rows_read": read,
-            "rows_used": len(interactions),
-            **report.as_dict(),
-        }
-        (Path(config.output_dir) / DATA_REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        summary = {"train_jsonl": str(data.dataset_name), "rows_read": read, "rows_used": len(interactions)}
+        (Path(config.output_dir) / DATA_REPORT_FILE).write_text(json.dumps({**summary, **report.as_dict()}, indent=2))
     print0(
         config,
-        f"data: {len(interactions)} of {read} rows used; skipped {dict(report.counts) or 0}"
+        f"data: {len(interactions)} of {read} tuples used; skipped {dict(report.counts) or 0}"
         f" (details in {DATA_REPORT_FILE})",
     )
     for example in report.examples[:5]:
@@ -314,49 +395,52 @@ def load_data(args, config: OfflineSDPOConfig, tokenizer) -> InteractionDataset:
     return InteractionDataset(interactions)
 
 
-def load_policy(args, config: OfflineSDPOConfig, on_cuda: bool):
+def load_policy(arguments: OfflineArguments):
     """The model to train (LoRA-wrapped when asked) and its tokenizer; weights dtype chosen per device."""
-    weights_dtype = args.weights_dtype
+    model_args, config = arguments.model, arguments.config
+    on_cuda = config.device.type == "cuda"
+    weights_dtype = model_args.weights_dtype
     if weights_dtype == "auto":
         # LoRA: the frozen base in the compute dtype (peft keeps the adapters in fp32 either way).
-        weights_dtype = args.dtype if on_cuda or args.use_lora else "float32"
-    attn = args.attn_implementation
+        weights_dtype = config.compute_dtype if on_cuda or model_args.use_peft else "float32"
+    attn = model_args.attn_implementation
     if attn == "auto":
         attn = "flash_attention_2" if on_cuda and importlib.util.find_spec("flash_attn") else "sdpa"
     # Under FSDP / DeepSpeed the wrapper places (and shards) the weights; load them on the host.
     model, tokenizer = load_model_and_tokenizer(
-        args.base_model,
+        model_args.model_name_or_path,
         dtype=weights_dtype,
         device="cpu" if sharded_launch() else config.device,
         attn_implementation=attn,
     )
-    if args.use_lora:
+    if model_args.use_peft:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            target_modules=list(args.lora_target_modules),
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=list(model_args.lora_target_modules),
             bias="none",
             task_type="CAUSAL_LM",
         )
         try:
             model = get_peft_model(model, lora)
         except ValueError as error:
-            raise SystemExit(
-                f"error: LoRA could not be attached ({error}); set --lora_target_modules to module names of this model"
+            raise UsageError(
+                f"LoRA could not be attached ({first_line(error)}); set --lora_target_modules to module names "
+                "of this model"
             ) from None
     stored = next(p.dtype for p in model.parameters() if p.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    autocast = f"autocast {args.dtype}" if stored != DTYPES[args.dtype] else "no autocast"
+    autocast = f"autocast {config.compute_dtype}" if stored != DTYPES[config.compute_dtype] else "no autocast"
     print0(
         config,
-        f"model {args.base_model}: {trainable / 1e6:.1f}M of {total / 1e6:.1f}M params trainable, "
+        f"model {model_args.model_name_or_path}: {trainable / 1e6:.1f}M of {total / 1e6:.1f}M params trainable, "
         f"trained weights {str(stored).removeprefix('torch.')}, {autocast}, attention {attn}",
     )
-    if stored == torch.bfloat16 and args.learning_rate < 1e-4:
+    if stored == torch.bfloat16 and config.learning_rate < 1e-4:
         print0(
             config,
             "note: bf16 weights round away most AdamW updates at this learning rate; "
@@ -370,9 +454,10 @@ def local_shard(parameter: torch.Tensor) -> torch.Tensor:
     return parameter.to_local() if hasattr(parameter, "to_local") else parameter
 
 
-def write_summary(trainer: OfflineSDPOTrainer, config: OfflineSDPOConfig, args, extra: dict) -> dict:
+def write_summary(trainer: OfflineSDPOTrainer, arguments: OfflineArguments, extra: dict) -> dict:
     """Per-rank evidence (examples seen, checksum of the rank's trainable weights — identical across ranks
     under DDP, the local shard under FSDP / DeepSpeed) gathered to the main process; a collective."""
+    config = arguments.config
     checksum = sum(float(local_shard(p).detach().double().sum()) for p in trainer.model.parameters() if p.requires_grad)
     evidence = torch.tensor([[float(trainer.examples_seen), checksum]], dtype=torch.float64, device=config.device)
     gathered = trainer.accelerator.gather(evidence).cpu().view(-1, 2)
@@ -381,10 +466,10 @@ def write_summary(trainer: OfflineSDPOTrainer, config: OfflineSDPOConfig, args, 
         "examples_seen_per_rank": [int(v) for v in gathered[:, 0].tolist()],
         "trainable_param_checksum_per_rank": gathered[:, 1].tolist(),
         "global_step": trainer.state.global_step,
-        "base_model": args.base_model,
+        "base_model": arguments.model.model_name_or_path,
         "hindsight_variant": config.hindsight_variant,
         "loss_mode": config.loss_mode,
-        "use_lora": args.use_lora,
+        "use_lora": arguments.model.use_peft,
         **extra,
     }
     if config.process_index == 0:
@@ -392,20 +477,21 @@ def write_summary(trainer: OfflineSDPOTrainer, config: OfflineSDPOConfig, args, 
     return summary
 
 
-def run(args, callbacks=()) -> dict:
-    """Train as ``args`` say; returns the training summary. ``callbacks`` are extra TrainerCallbacks."""
-    on_cuda = torch.cuda.is_available()
-    if args.report_to == "wandb":
-        check_wandb_ready()
-        os.environ["WANDB_PROJECT"] = args.wandb_project
-    optimizer, optimizer_reason = choose_optimizer(args.optim, on_cuda)
-    config = build_config(args, on_cuda, optimizer)
+def run(arguments: OfflineArguments, callbacks=()) -> dict:
+    """Train as ``arguments`` say; returns the training summary. ``callbacks`` are extra TrainerCallbacks.
+    Problems found before training are ``UsageError`` / ``DataError`` / ``ModelLoadError``."""
+    config, model_args = arguments.config, arguments.model
+    check_output_dir(config.output_dir)
+    check_reporters(config)
+    check_distributed_launch(config.use_cpu)
     print0(
-        config, f"world size {config.world_size}, device {config.device}, optimizer {optimizer} ({optimizer_reason})"
+        config,
+        f"world size {config.world_size}, device {config.device}, optimizer {config.optim.value}"
+        f" ({config.optim_reason})",
     )
-    resume = resolve_resume(args.resume_from_checkpoint, config.output_dir)
-    if args.resume_from_checkpoint == "latest" and resume is None:
-        print0(config, f"no checkpoint in {config.output_dir} yet: starting fresh")
+    resume = resolve_resume(config.resume_from_checkpoint, config.output_dir, config)
+    if config.resume_from_checkpoint == "latest" and resume is None:
+        print0(config, f"no complete checkpoint in {config.output_dir} yet: starting fresh")
     elif resume:
         print0(config, f"resuming from {resume}")
     elif resolve_resume("latest", config.output_dir):
@@ -415,22 +501,22 @@ def run(args, callbacks=()) -> dict:
             "overwritten (--resume_from_checkpoint latest continues instead)",
         )
 
-    try:
-        tokenizer = load_tokenizer(args.base_model)
-        dataset = load_data(args, config, tokenizer)
-        model, tokenizer = load_policy(args, config, on_cuda)
-    except ModelLoadError as error:
-        raise SystemExit(f"error: {error}") from None
+    interactions, report = read_data(arguments)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    dataset = training_dataset(arguments, interactions, report, tokenizer)
+    model, tokenizer = load_policy(arguments)
     global_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
     print0(
         config,
-        f"global batch {global_batch} interactions per optimizer step "
-        f"({config.per_device_train_batch_size} x {config.gradient_accumulation_steps} accumulation x {config.world_size} processes)",
+        f"global batch {global_batch} interactions per optimizer step ({config.per_device_train_batch_size} x "
+        f"{config.gradient_accumulation_steps} accumulation x {config.world_size} processes)",
     )
 
     trainer = OfflineSDPOTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks) or None
     )
+    parallelism = describe_parallelism(trainer)
+    print0(config, f"running {parallelism}")
     started = time.perf_counter()
     first_step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
     result = trainer.train(resume_from_checkpoint=resume)
@@ -439,22 +525,22 @@ def run(args, callbacks=()) -> dict:
 
     final_dir = Path(config.output_dir) / "final_model"
     trainer.save_model(str(final_dir))
-    print0(
-        config, f"saved {final_dir}" + (" (LoRA adapter; see the module docstring to merge)" if args.use_lora else "")
-    )
+    adapter_note = " (LoRA adapter; see the module docstring to merge)" if model_args.use_peft else ""
+    print0(config, f"saved {final_dir}{adapter_note}")
     summary = write_summary(
         trainer,
-        config,
-        args,
+        arguments,
         {
-            "optimizer": optimizer,
+            "optimizer": config.optim.value,
+            "distributed_type": trainer.accelerator.distributed_type.value,
+            "parallelism": parallelism,
             "resumed_from": resume,
             "steps_this_session": steps,
             "seconds_per_step": elapsed / steps if steps else None,
             "train_metrics": result.metrics,
         },
     )
-    if args.use_lora and args.merge_lora and trainer.is_world_process_zero():
+    if model_args.use_peft and model_args.merge_lora and trainer.is_world_process_zero():
         merged_dir = Path(config.output_dir) / "final_model_merged"
         trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
@@ -469,8 +555,11 @@ def run(args, callbacks=()) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    run(args)
+    try:
+        run(parse_arguments(argv))
+    except (UsageError, DataError, ModelLoadError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1
     return 0
 
 

@@ -39,16 +39,21 @@ Deliberate differences from the reference (spec §11, §18 items 13-15):
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
+import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from auxiliary.file_io import iter_jsonl
+from auxiliary.data_sources import DataError, iter_dataset_rows
+from auxiliary.interaction_schema import Interaction, Message, interactions_from_row, message_text, parse_messages
 from auxiliary.model_loading import DTYPES, resolve_dtype
 from sdpo_core import (
     HINDSIGHT_VARIANTS,
@@ -65,19 +70,7 @@ from sdpo_core import (
 )
 
 OVERLONG_POLICIES = ("skip", "truncate")
-
-# ShareGPT speaker names → chat-template roles. Logged data from ShareGPT exports sometimes names the
-# assistant after the service it was shared from.
-ROLE_NAMES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "bing": "assistant",
-    "bard": "assistant",
-    "system": "system",
-}
+REPORTERS = ("wandb", "trackio", "tensorboard", "none")
 
 # Every rank reduces the same metric vector, in this order, so a key absent on one rank (no EOS in its
 # window, say) cannot desynchronise the collective.
@@ -115,8 +108,9 @@ class OfflineSDPOConfig(TrainingArguments):
         hindsight_template (`str` or `None`, defaults to `None`):
             Replaces the variant's wording; must contain ``{follow_up}`` once. The placement stays the
             variant's.
-        chat_template_kwargs (`dict`, defaults to `{}`):
-            Extra chat-template variables, merged over ``{"enable_thinking": False}``.
+        chat_template_kwargs (`dict` or `str`, defaults to `{}`):
+            Extra chat-template variables, merged over ``{"enable_thinking": False}``; a string (the command
+            line) is read as a JSON object.
 
     Parameters that control tokenization:
         max_context_length (`int`, defaults to `2048`):
@@ -154,11 +148,15 @@ class OfflineSDPOConfig(TrainingArguments):
     Changed ``TrainingArguments`` defaults (spec §11.4): ``learning_rate=2e-6``,
     ``per_device_train_batch_size=4``, ``gradient_accumulation_steps=8``, ``num_train_epochs=2``,
     ``lr_scheduler_type="cosine"``, ``warmup_steps=0.05`` (a ratio), ``max_grad_norm=10.0``,
-    ``activation_checkpointing=True``, ``logging_steps=10``, ``save_steps=200``, ``optim="adamw_torch"``
-    (the entry script picks ``adamw_bnb_8bit`` when bitsandbytes and CUDA are available),
+    ``gradient_checkpointing=True``, ``logging_steps=10``, ``save_steps=200``, ``report_to=["wandb"]``,
+    ``project`` = ``$WANDB_PROJECT`` or ``"offline-sdpo"`` (wandb and trackio), ``output_dir`` =
+    ``$OUTPUT_DIR`` or ``./local_checkpoints``, ``run_name`` = ``$WANDB_NAME``,
     ``remove_unused_columns=False`` (the collator needs the raw message fields),
-    ``ddp_find_unused_parameters=False``. ``bf16``/``fp16`` must
-    stay off: precision is ``compute_dtype`` (see the module docstring).
+    ``ddp_find_unused_parameters=False``. Resolved here when left unset: ``optim="auto"`` (8-bit AdamW
+    with bitsandbytes on CUDA, plain AdamW under FSDP/DeepSpeed or without CUDA; the reason is kept in
+    ``optim_reason``), ``use_cpu`` (no CUDA device), ``dataloader_num_workers`` (4 on CUDA, 0 on CPU),
+    ``dataloader_pin_memory`` (on CUDA). ``bf16``/``fp16`` must stay off: precision is ``compute_dtype``
+    (see the module docstring). Every count and rate is checked (finite, in range) on construction.
     """
 
     hindsight_variant: str = field(
@@ -171,7 +169,10 @@ class OfflineSDPOConfig(TrainingArguments):
     hindsight_template: str | None = field(
         default=None, metadata={"help": "Custom hindsight wording with a {follow_up} slot."}
     )
-    chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra chat-template variables."})
+    chat_template_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra chat-template variables: a dict, or JSON such as '{\"enable_thinking\": true}'."},
+    )
     max_context_length: int = field(default=2048, metadata={"help": "Left-truncate contexts to this many tokens."})
     max_completion_length: int = field(default=2048, metadata={"help": "Completion token budget, EOS included."})
     overlong_completion: str = field(
@@ -187,23 +188,76 @@ class OfflineSDPOConfig(TrainingArguments):
     distillation_add_tail: bool = field(default=True, metadata={"help": "Tail bucket for full_distillation."})
     compute_dtype: str = field(
         default="bfloat16",
-        metadata={"help": "Forward-pass dtype (autocast over fp32 weights).", "choices": sorted(DTYPES)},
+        metadata={
+            "help": "Forward-pass dtype (autocast over fp32 weights).",
+            "choices": sorted(DTYPES),
+            "aliases": ["--dtype"],
+        },
     )
     print_token_table_every: int = field(
         default=0, metadata={"help": "Print a per-token table every N steps (0: off)."}
     )
 
+    output_dir: str | None = field(
+        default_factory=lambda: os.environ.get("OUTPUT_DIR") or "./local_checkpoints",
+        metadata={"help": "Checkpoints, final_model/ and reports (default: $OUTPUT_DIR, else ./local_checkpoints)."},
+    )
     learning_rate: float = field(default=2e-6, metadata={"help": "Peak learning rate."})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Interactions per device per micro-batch."})
-    gradient_accumulation_steps: int = field(default=8, metadata={"help": "Micro-batches per optimizer step."})
-    num_train_epochs: float = field(default=2.0, metadata={"help": "Passes over the data."})
+    per_device_train_batch_size: int = field(
+        default=4, metadata={"help": "Interactions per device per micro-batch.", "aliases": ["--batch_size"]}
+    )
+    gradient_accumulation_steps: int = field(
+        default=8, metadata={"help": "Micro-batches per optimizer step.", "aliases": ["--grad_accum"]}
+    )
+    num_train_epochs: float = field(
+        default=2.0, metadata={"help": "Passes over the data.", "aliases": ["--num_epochs"]}
+    )
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
-    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps, or a ratio of all steps when < 1."})
+    warmup_steps: float = field(
+        default=0.05,
+        metadata={"help": "Warm-up steps, or a ratio of all steps when < 1.", "aliases": ["--warmup_ratio"]},
+    )
     max_grad_norm: float = field(default=10.0, metadata={"help": "Global gradient-norm clip."})
-    activation_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward."})
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute activations in backward (--no_gradient_checkpointing: keep them)."}
+    )
+    activation_checkpointing: bool | None = field(
+        default=None, metadata={"help": "transformers' name for --gradient_checkpointing; wins when set."}
+    )
     logging_steps: float = field(default=10, metadata={"help": "Optimizer steps per logging window."})
     save_steps: float = field(default=200, metadata={"help": "Optimizer steps between checkpoints."})
-    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer name (transformers OptimizerNames)."})
+    optim: str = field(
+        default="auto",
+        metadata={
+            "help": "auto = adamw_bnb_8bit with bitsandbytes on CUDA (plain AdamW under FSDP/DeepSpeed or on CPU), "
+            "or any transformers optimizer name."
+        },
+    )
+    optim_reason: str = field(default="as requested", init=False, repr=False)
+    # Unset: decided in __post_init__ (HfArgumentParser ignores a bool field's default_factory).
+    use_cpu: bool | None = field(
+        default=None, metadata={"help": "Train on CPU (default: when no CUDA device is visible)."}
+    )
+    dataloader_num_workers: int | None = field(default=None, metadata={"help": "Default: 4 on CUDA, 0 on CPU."})
+    dataloader_pin_memory: bool | None = field(default=None, metadata={"help": "Pin host memory (default: on CUDA)."})
+    report_to: list[str] = field(
+        default_factory=lambda: ["wandb"],
+        metadata={"help": "Where to log: wandb, trackio, tensorboard, or none.", "choices": REPORTERS},
+    )
+    run_name: str | None = field(
+        default_factory=lambda: os.environ.get("WANDB_NAME"), metadata={"help": "Run name (default: $WANDB_NAME)."}
+    )
+    project: str = field(
+        default_factory=lambda: os.environ.get("WANDB_PROJECT") or "offline-sdpo",
+        metadata={
+            "help": "wandb / trackio project (default: $WANDB_PROJECT, else offline-sdpo).",
+            "aliases": ["--wandb_project"],
+        },
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint-<step> folder, or 'latest' (newest in --output_dir; fresh start if none)."},
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the collator reads raw rows."}
     )
@@ -212,6 +266,7 @@ class OfflineSDPOConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        self._check_numbers()
         if self.hindsight_variant not in HINDSIGHT_VARIANTS:
             raise ValueError(
                 f"hindsight_variant must be one of {sorted(HINDSIGHT_VARIANTS)}, got {self.hindsight_variant!r}"
@@ -224,14 +279,8 @@ class OfflineSDPOConfig(TrainingArguments):
             raise ValueError(
                 f"overlong_completion must be one of {OVERLONG_POLICIES}, got {self.overlong_completion!r}"
             )
-        if self.ignore_first_k < 0:
-            raise ValueError(f"ignore_first_k must be >= 0, got {self.ignore_first_k}")
-        if self.max_context_length < 1 or self.max_completion_length < 1:
-            raise ValueError("max_context_length and max_completion_length must be >= 1")
         if self.ignore_first_k >= self.max_completion_length:
             raise ValueError("ignore_first_k must be smaller than max_completion_length, or nothing is ever scored")
-        if self.loss_mode == "full_distillation" and self.distillation_topk < 1:
-            raise ValueError(f"distillation_topk must be >= 1, got {self.distillation_topk}")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False: the collator needs prompt/completion/user_response")
         if self.bf16 or self.fp16:
@@ -239,6 +288,34 @@ class OfflineSDPOConfig(TrainingArguments):
                 "leave bf16/fp16 off and set compute_dtype: accelerate's AMP would upcast the full "
                 "(batch x length x vocab) logits to fp32; the SDPO scorer upcasts one sequence at a time"
             )
+        if isinstance(self.report_to, str):  # a YAML config may give one name
+            self.report_to = [self.report_to]
+        unknown = sorted(set(self.report_to or []) - set(REPORTERS))
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError(f"report_to: 'none' cannot be combined with {', '.join(self.report_to)}")
+        if unknown:
+            raise ValueError(f"report_to: unknown {', '.join(unknown)}; use {', '.join(REPORTERS)}")
+        if isinstance(self.chat_template_kwargs, str):
+            try:
+                self.chat_template_kwargs = json.loads(self.chat_template_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"chat_template_kwargs is not valid JSON ({error.msg})") from None
+        self.chat_template_kwargs = {} if self.chat_template_kwargs is None else self.chat_template_kwargs
+        if not isinstance(self.chat_template_kwargs, dict):
+            raise ValueError(f"chat_template_kwargs must be a JSON object, got {self.chat_template_kwargs!r}")
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = self.gradient_checkpointing
+        if self.use_cpu is None:
+            # Without a GPU, say so: otherwise accelerate joins the launcher's process group but runs each
+            # process as an independent single-process job (world size 1, no gradient sync).
+            self.use_cpu = not torch.cuda.is_available()
+        on_cuda = torch.cuda.is_available() and not self.use_cpu
+        if self.dataloader_num_workers is None:
+            self.dataloader_num_workers = 4 if on_cuda else 0
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = on_cuda
+        if self.optim == "auto":
+            self.optim, self.optim_reason = choose_optimizer(on_cuda)
         resolve_dtype(self.compute_dtype)
         super().__post_init__()
         # A launcher config may say bf16 (ACCELERATE_MIXED_PRECISION); the autocast lives in the loss
@@ -246,86 +323,82 @@ class OfflineSDPOConfig(TrainingArguments):
         if self.deepspeed_plugin is None:
             self.mixed_precision = "no"
 
+    def _check_numbers(self) -> None:
+        """Every count and rate the run depends on, checked before anything is loaded."""
+        at_least_one = {
+            "per_device_train_batch_size (--batch_size)": self.per_device_train_batch_size,
+            "gradient_accumulation_steps (--grad_accum)": self.gradient_accumulation_steps,
+            "max_context_length": self.max_context_length,
+            "max_completion_length": self.max_completion_length,
+            "distillation_topk": self.distillation_topk,
+        }
+        for name, value in at_least_one.items():
+            if value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value}")
+        positive = {
+            "learning_rate": self.learning_rate,
+            "num_train_epochs (--num_epochs)": self.num_train_epochs,
+            "logging_steps": self.logging_steps,
+            "save_steps": self.save_steps,
+        }
+        non_negative = {
+            "max_grad_norm": self.max_grad_norm,
+            "weight_decay": self.weight_decay,
+            "warmup_steps (--warmup_ratio)": self.warmup_steps,
+            "signal_clip": self.signal_clip,
+            "ignore_first_k": self.ignore_first_k,
+        }
+        for name, value in positive.items():
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        for name, value in non_negative.items():
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be >= 1 (or -1: use num_train_epochs), got {self.max_steps}")
+
+
+def sharded_launch() -> str | None:
+    """``FSDP`` / ``DeepSpeed`` when accelerate launched this process with one of them, else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "DeepSpeed"
+    return None
+
+
+def choose_optimizer(on_cuda: bool) -> tuple[str, str]:
+    """``optim="auto"``: (transformers optimizer name, why)."""
+    if sharded_launch():
+        return "adamw_torch", f"plain AdamW: 8-bit AdamW state does not shard under {sharded_launch()}"
+    if on_cuda and importlib.util.find_spec("bitsandbytes") is not None:
+        return "adamw_bnb_8bit", "8-bit AdamW (bitsandbytes), as the reference"
+    reason = "no CUDA device" if not on_cuda else "bitsandbytes not installed"
+    return "adamw_torch", f"plain AdamW: 8-bit AdamW needs bitsandbytes on CUDA ({reason})"
+
 
 # --------------------------------------------------------------------------------------------------
 # Data: validation, loading, collation
 # --------------------------------------------------------------------------------------------------
 
 
-class InteractionDataError(ValueError):
-    """A row of the interaction file cannot be used; the message names file, line and field."""
+class InteractionDataError(DataError):
+    """A row of the training data cannot be used; the message names file, line (or row) and field."""
 
 
-def message_text(message, field_name: str) -> str:
-    """The text of one message dict (``value`` or ``content``); raises ValueError naming the field."""
-    if not isinstance(message, dict):
-        raise ValueError(f"field {field_name!r} must be a message object, got {type(message).__name__}")
-    key = "value" if "value" in message else "content"
-    text = message.get(key)
-    if not isinstance(text, str):
-        raise ValueError(
-            f"field {field_name!r} needs a string 'value' (from/value) or 'content' (role/content), "
-            f"got {type(text).__name__ if key in message else 'neither'}"
+def chat_messages(messages: list[Message]) -> list[dict]:
+    return [message.as_chat() for message in messages]
+
+
+def checked_interactions(row, hindsight_variant: str) -> list[Interaction]:
+    """The (x, y, o) tuples of one decoded row (``interaction_schema`` formats), each checked to give a
+    teacher context under ``hindsight_variant``; ValueError messages name the field."""
+    interactions = interactions_from_row(row)
+    for interaction in interactions:
+        build_hindsight_messages(
+            chat_messages(interaction.history), interaction.user_response.text, variant=hindsight_variant
         )
-    return text
-
-
-def normalize_messages(messages, field_name: str = "prompt") -> list[dict]:
-    """from/value or role/content messages → role/content with user/assistant/system roles.
-
-    Raises ValueError naming the offending message (``prompt[i]``) for anything else.
-    """
-    if not isinstance(messages, list) or not messages:
-        got = "an empty list" if isinstance(messages, list) else type(messages).__name__
-        raise ValueError(f"field {field_name!r} must be a non-empty list of messages, got {got}")
-    normalized = []
-    for index, message in enumerate(messages):
-        where = f"{field_name}[{index}]"
-        if not isinstance(message, dict):
-            raise ValueError(f"field {where!r} must be a message object, got {type(message).__name__}")
-        speaker = message.get("from", message.get("role"))
-        role = ROLE_NAMES.get(str(speaker).strip().lower()) if isinstance(speaker, str) else None
-        if role is None:
-            raise ValueError(f"field {where!r} has speaker {speaker!r}; expected one of {sorted(ROLE_NAMES)}")
-        normalized.append({"role": role, "content": message_text(message, where)})
-    return normalized
-
-
-@dataclass
-class Interaction:
-    """One validated row: x as role/content messages, y and o as text, and where the row came from."""
-
-    messages: list[dict]
-    completion: str
-    follow_up: str
-    source: str  # "file:line"
-
-    def as_row(self) -> dict:
-        return {
-            "prompt": self.messages,
-            "completion": {"role": "assistant", "content": self.completion},
-            "user_response": {"role": "user", "content": self.follow_up},
-            "source": self.source,
-        }
-
-
-def parse_interaction(row, hindsight_variant: str) -> Interaction:
-    """Validate one decoded JSON row; ValueError messages name the field."""
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object with prompt/completion/user_response, got {type(row).__name__}")
-    for name in ("prompt", "completion", "user_response"):
-        if name not in row:
-            present = ", ".join(repr(k) for k in list(row)[:10]) or "none"
-            raise ValueError(f"field {name!r} is missing (fields present: {present})")
-    messages = normalize_messages(row["prompt"])
-    completion = message_text(row["completion"], "completion")
-    follow_up = message_text(row["user_response"], "user_response")
-    if not completion.strip():
-        raise ValueError("field 'completion' is empty: there is no response to score")
-    if not follow_up.strip():
-        raise ValueError("field 'user_response' is empty: there is no hindsight signal")
-    build_hindsight_messages(messages, follow_up, variant=hindsight_variant)
-    return Interaction(messages, completion, follow_up, source="")
+    return interactions
 
 
 @dataclass
@@ -350,35 +423,37 @@ class BadRowReport:
 
 
 def load_interactions(
-    path: str | Path, *, hindsight_variant: str = "online", skip_bad_rows: bool = False
+    dataset_name: str | Path,
+    *,
+    hindsight_variant: str = "online",
+    skip_bad_rows: bool = False,
+    dataset_config: str | None = None,
+    split: str = "train",
 ) -> tuple[list[Interaction], BadRowReport]:
-    """Read an interaction JSONL file (spec §11.1). Blank lines are ignored.
+    """Read and validate the training tuples of a dataset: a local ``.jsonl`` file (read line by line),
+    a Parquet/JSON file or dataset folder, or a Hub id (``data_sources.iter_dataset_rows``).
 
     A malformed line or a row with a missing or mistyped field raises ``InteractionDataError`` naming
-    the file, the 1-based line and the field — or, with ``skip_bad_rows``, is counted in the report.
+    the file, the 1-based line (or the row) and the field — or, with ``skip_bad_rows``, is counted in
+    the report. A row in the ``messages`` format may give several tuples.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InteractionDataError(f"{path}: training file not found; pass an interaction JSONL (--train_jsonl)")
     rows, report = [], BadRowReport()
-    for line_number, decoded, decode_error in iter_jsonl(path):
-        where = f"{path}:{line_number}"
+    for where, decoded, decode_error in iter_dataset_rows(str(dataset_name), config=dataset_config, split=split):
         if decode_error:
             reason, detail = "invalid_json", decode_error
         else:
             try:
-                interaction = parse_interaction(decoded, hindsight_variant)
+                found = checked_interactions(decoded, hindsight_variant)
             except ValueError as error:
                 reason, detail = "invalid_row", str(error)
             else:
-                interaction.source = where
-                rows.append(interaction)
+                rows += [replace(interaction, source=where) for interaction in found]
                 continue
         if not skip_bad_rows:
-            raise InteractionDataError(f"{where}: {detail}. Fix or delete that line, or pass --skip_bad_rows")
+            raise InteractionDataError(f"{where}: {detail}. Fix or delete that row, or pass --skip_bad_rows")
         report.add(reason, where, detail)
     if not rows:
-        raise InteractionDataError(f"{path}: no usable interaction rows ({report.total} skipped)")
+        raise InteractionDataError(f"{dataset_name}: no usable interaction rows ({report.total} skipped)")
     return rows, report
 
 
@@ -392,7 +467,7 @@ class InteractionDataset(Dataset):
         return len(self.interactions)
 
     def __getitem__(self, index: int) -> dict:
-        return self.interactions[index].as_row()
+        return self.interactions[index].as_chat_row()
 
 
 @dataclass
@@ -456,7 +531,7 @@ class OfflineSDPOCollator:
     def __call__(self, examples: list[dict]) -> dict:
         student, teacher = [], []
         for example in examples:
-            messages = normalize_messages(example["prompt"])
+            messages = chat_messages(parse_messages(example["prompt"], "prompt"))
             student_ids, teacher_ids = encode_student_teacher_contexts(
                 self.tokenizer,
                 messages,
@@ -482,7 +557,7 @@ def drop_overlong_completions(
     interactions: list[Interaction], collator: OfflineSDPOCollator, report: BadRowReport
 ) -> list[Interaction]:
     """Keep rows whose completion fits ``max_completion_length`` (EOS included); count the others."""
-    lengths = [len(ids) for ids in collator.encode_completions([i.completion for i in interactions])]
+    lengths = [len(ids) for ids in collator.encode_completions([i.completion.text for i in interactions])]
     kept = []
     for interaction, length in zip(interactions, lengths):
         if length <= collator.max_completion_length:

@@ -6,20 +6,23 @@
 #   TRAIN_JSONL=... CPU=1 WORLD_SIZE=2 ./scripts/train_offline_sdpo.sh ...     # 2 CPU processes (DDP over gloo)
 #   ./scripts/train_offline_sdpo.sh --dry-run                                  # print the command, run nothing
 #
-# Environment (defaults): TRAIN_JSONL (required), BASE_MODEL Qwen/Qwen3-4B, LR 2e-6, BS 4 (per device),
+# Environment (defaults): TRAIN_JSONL (required; any --dataset_name: a .jsonl/.parquet file, folder or Hub id), BASE_MODEL Qwen/Qwen3-4B, LR 2e-6, BS 4 (per device),
 # GA 8, NUM_EPOCHS 2, WORLD_SIZE 4, ACCELERATE_CONFIG <repo>/multigpu_accelerate_config.yaml (GPU runs
 # with WORLD_SIZE > 1), CPU auto (1 when no GPU is visible), WANDB_PROJECT offline-sdpo,
 # WANDB_NAME sdpo-<BASE_MODEL, / → ->-lr<LR>-bs<BS>-ga<GA>, RUN_ID offline-sdpo-<timestamp>,
-# OUTPUT_DIR $BASE_WORK/offline-sdpo/$RUN_ID (exported). Extra arguments go to the Python script.
+# OUTPUT_DIR $BASE_WORK/offline-sdpo/$RUN_ID (exported). Extra arguments (any flag of
+# offline_sdpo/main_offline_sdpo.py, e.g. --config run.yaml) go to the Python script and win over these.
 #
 # Launch: WORLD_SIZE <= 1 → python; GPU → accelerate launch --config_file $ACCELERATE_CONFIG
 # --num_processes $WORLD_SIZE (WORLD_SIZE wins over the config's num_processes, with a note when they
-# differ); CPU → accelerate launch --multi_gpu ... --mixed_precision no (its --cpu flag runs one process).
+# differ; an FSDP/DeepSpeed ACCELERATE_CONFIG goes through accelerate even with WORLD_SIZE=1); CPU →
+# accelerate launch --multi_gpu ... --mixed_precision no (DDP over gloo; its --cpu flag runs one process).
+# An FSDP/DeepSpeed ACCELERATE_CONFIG on CPU, or DeepSpeed not installed, stops with one line.
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 sdpo_init "$@"
 
-sdpo_require TRAIN_JSONL "Point it at an interaction JSONL (prompt / completion / user_response per line), e.g.
+sdpo_require TRAIN_JSONL "Point it at the training data (an interaction JSONL, a Parquet file, a dataset folder or a Hub id), e.g.
   TRAIN_JSONL=data/sharegpt/sharegpt_interactions.jsonl $0
 (build one with the auxiliary/preprocess_*.py scripts; tests/fixtures/offline/interactions.jsonl is a tiny example)."
 BASE_MODEL="${BASE_MODEL:-Qwen/Qwen3-4B}"
@@ -28,6 +31,7 @@ BS="${BS:-4}"
 GA="${GA:-8}"
 NUM_EPOCHS="${NUM_EPOCHS:-2}"
 WORLD_SIZE="${WORLD_SIZE:-4}"
+ACCELERATE_CONFIG_GIVEN="${ACCELERATE_CONFIG:-}"
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$REPO_ROOT/multigpu_accelerate_config.yaml}"
 RUN_ID="${RUN_ID:-offline-sdpo-$(date +%Y%m%d-%H%M%S)}"
 export OUTPUT_DIR="${OUTPUT_DIR:-$BASE_WORK/offline-sdpo/$RUN_ID}"
@@ -44,21 +48,39 @@ if [[ -z "${CPU:-}" ]]; then
   if [[ "$GPU_COUNT" -gt 0 ]]; then CPU=0; else CPU=1; fi
 fi
 
+# An FSDP / DeepSpeed config chosen by the user must really run: accelerate runs both only on GPUs (CPU
+# processes would silently train with plain DDP), and DeepSpeed must be importable before anything starts.
+SHARDING=""
+if [[ -n "$ACCELERATE_CONFIG_GIVEN" && -f "$ACCELERATE_CONFIG" ]]; then
+  case "$(sed -n 's/^distributed_type:[[:space:]]*//p' "$ACCELERATE_CONFIG" | tr -d "'\" \r")" in
+    FSDP) SHARDING=FSDP ;;
+    DEEPSPEED) SHARDING=DeepSpeed ;;
+  esac
+fi
+if [[ -n "$SHARDING" && "$CPU" == 1 ]]; then
+  echo "error: ACCELERATE_CONFIG=$ACCELERATE_CONFIG asks for $SHARDING, which accelerate runs only on GPUs (CPU processes would silently run plain DDP): unset ACCELERATE_CONFIG (CPU=1 trains with DDP over gloo) or run on GPUs" >&2
+  exit 1
+fi
+if [[ "$SHARDING" == DeepSpeed ]] && ! "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('deepspeed') is None)" 2> /dev/null; then
+  echo "error: ACCELERATE_CONFIG=$ACCELERATE_CONFIG needs DeepSpeed, which $PYTHON cannot import: pip install deepspeed" >&2
+  exit 1
+fi
+
 SCRIPT="$REPO_ROOT/offline_sdpo/main_offline_sdpo.py"
 PY_ARGS=(
-  --train_jsonl "$TRAIN_JSONL"
-  --base_model "$BASE_MODEL"
+  --dataset_name "$TRAIN_JSONL"
+  --model_name_or_path "$BASE_MODEL"
   --learning_rate "$LR"
-  --batch_size "$BS"
-  --grad_accum "$GA"
-  --num_epochs "$NUM_EPOCHS"
+  --per_device_train_batch_size "$BS"
+  --gradient_accumulation_steps "$GA"
+  --num_train_epochs "$NUM_EPOCHS"
   --output_dir "$OUTPUT_DIR"
   --run_name "$WANDB_NAME"
-  --wandb_project "$WANDB_PROJECT"
+  --project "$WANDB_PROJECT"
 )
 PY_ARGS+=("${SDPO_ARGS[@]}")
 
-if [[ "$WORLD_SIZE" -le 1 ]]; then
+if [[ "$WORLD_SIZE" -le 1 && -z "$SHARDING" ]]; then
   LAUNCH=("$PYTHON" "$SCRIPT")
 elif [[ "$CPU" == 1 ]]; then
   # No GPU: accelerate's multi-GPU launcher starts WORLD_SIZE processes that train over gloo.
@@ -78,7 +100,7 @@ else
   LAUNCH=("$PYTHON" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" --num_processes "$WORLD_SIZE" "$SCRIPT")
 fi
 
-echo "== offline SDPO | $(date '+%Y-%m-%d %H:%M:%S') | $([[ "$CPU" == 1 ]] && echo CPU || echo "GPUs: ${GPU_COUNT:-?}") | WORLD_SIZE=$WORLD_SIZE"
+echo "== offline SDPO | $(date '+%Y-%m-%d %H:%M:%S') | $([[ "$CPU" == 1 ]] && echo CPU || echo "GPUs: ${GPU_COUNT:-?}") | WORLD_SIZE=$WORLD_SIZE | ${SHARDING:-DDP}"
 echo "== model $BASE_MODEL | lr $LR | per-device batch $BS x accumulation $GA | epochs $NUM_EPOCHS | output $OUTPUT_DIR"
 sdpo_mkdir "$OUTPUT_DIR"
 sdpo_run "${LAUNCH[@]}" "${PY_ARGS[@]}"

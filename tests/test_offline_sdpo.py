@@ -1,17 +1,19 @@
 """Offline SDPO: collator, loss against an independent computation, data errors, training runs
 (1 process, 2 CPU processes, resume after an interruption, LoRA) and the launcher's dry run."""
 
+import importlib.util
 import json
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from offline_sdpo.main_offline_sdpo import build_parser, check_wandb_ready, run
+from offline_sdpo.main_offline_sdpo import UsageError, check_wandb_ready, parse_arguments, run
 from offline_sdpo.offline_sdpo_trainer import (
     InteractionDataError,
     InteractionDataset,
@@ -112,7 +114,9 @@ def test_contexts_are_left_truncated(chat_tokenizer):
 
 def test_overlong_completion_is_skipped_or_truncated_without_eos(chat_tokenizer):
     rows, report = load_interactions(INTERACTIONS)
-    lengths = [len(ids) for ids in OfflineSDPOCollator(chat_tokenizer).encode_completions([r.completion for r in rows])]
+    lengths = [
+        len(ids) for ids in OfflineSDPOCollator(chat_tokenizer).encode_completions([r.completion.text for r in rows])
+    ]
     budget = sorted(lengths)[len(lengths) // 2]
     skip = OfflineSDPOCollator(chat_tokenizer, max_completion_length=budget)
     kept = drop_overlong_completions(rows, skip, report)
@@ -280,27 +284,19 @@ def test_skip_bad_rows_counts_each_reason():
 
 
 def test_cli_stops_on_a_bad_row_with_a_clear_message(tiny_model_path, tmp_path):
-    args = build_parser().parse_args(
-        [
-            "--train_jsonl",
-            str(BAD_INTERACTIONS),
-            "--base_model",
-            tiny_model_path,
-            "--output_dir",
-            str(tmp_path),
-            "--report_to",
-            "none",
-        ]
+    arguments = parse_arguments(
+        ["--train_jsonl", str(BAD_INTERACTIONS), "--base_model", tiny_model_path, "--output_dir", str(tmp_path)]
+        + ["--report_to", "none"]
     )
-    with pytest.raises(SystemExit, match=r"error: .*interactions_bad\.jsonl:2: not valid JSON.*--skip_bad_rows"):
-        run(args)
+    with pytest.raises(InteractionDataError, match=r"interactions_bad\.jsonl:2: not valid JSON.*--skip_bad_rows"):
+        run(arguments)
 
 
 def test_wandb_without_credentials_fails_before_loading(monkeypatch, tmp_path):
     for name in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    with pytest.raises(SystemExit, match="--report_to none"):
+    with pytest.raises(UsageError, match="--report_to none"):
         check_wandb_ready()
 
 
@@ -310,7 +306,7 @@ def test_wandb_without_credentials_fails_before_loading(monkeypatch, tmp_path):
 
 
 def cli_args(model_path, output_dir, *extra, data=INTERACTIONS):
-    return build_parser().parse_args(
+    return parse_arguments(
         [
             "--train_jsonl",
             str(data),
@@ -343,6 +339,7 @@ def test_single_process_run_saves_a_loadable_final_model(tiny_model_path, tmp_pa
     )
     assert summary["world_size"] == 1 and summary["global_step"] == 3 and summary["examples_seen_per_rank"] == [6]
     assert summary["optimizer"] == "adamw_torch"
+    assert (summary["distributed_type"], summary["parallelism"]) == ("NO", "single process")
     final = tmp_path / "final_model"
     tokenizer = AutoTokenizer.from_pretrained(final)
     assert tokenizer.eos_token == "<|im_end|>"
@@ -366,15 +363,20 @@ class InterruptAtStep(TrainerCallback):
 
 
 def test_resume_after_interruption_continues_the_step_counter_and_matches_an_uninterrupted_run(
-    tiny_model_path, tmp_path
+    tiny_model_path, tmp_path, capsys
 ):
     common = ("--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-3", "--dtype", "float32")
     run(cli_args(tiny_model_path, tmp_path / "straight", *common))
     with pytest.raises(KeyboardInterrupt):
         run(cli_args(tiny_model_path, tmp_path / "interrupted", *common), callbacks=[InterruptAtStep(3)])
     assert not (tmp_path / "interrupted" / "final_model").exists()
+    # A save interrupted half-way leaves a newer, partial checkpoint: "latest" passes over it.
+    partial = tmp_path / "interrupted" / "checkpoint-3"
+    partial.mkdir()
+    (partial / "trainer_state.json").write_text("{}")
     summary = run(cli_args(tiny_model_path, tmp_path / "interrupted", *common, "--resume_from_checkpoint", "latest"))
     assert Path(summary["resumed_from"]).name == "checkpoint-2"
+    assert f"skipping a partial checkpoint: {partial} has no weights, no optimizer state" in capsys.readouterr().out
     assert summary["global_step"] == 4 and summary["steps_this_session"] == 2
     history = json.loads((tmp_path / "interrupted" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
@@ -462,6 +464,7 @@ def test_two_cpu_processes_train_together(tiny_model_path, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 3
+    assert summary["distributed_type"] == "MULTI_CPU" and "running DDP over gloo" in result.stdout
     assert summary["examples_seen_per_rank"] == [6, 6]  # 3 steps x batch 2 on each rank
     first, second = summary["trainable_param_checksum_per_rank"]
     assert first == second  # DDP kept the replicas identical
@@ -502,15 +505,15 @@ def test_dry_run_defaults_follow_the_reference(tmp_path):
     assert flag(argv, "--config_file") == str(REPO_ROOT / "multigpu_accelerate_config.yaml")
     assert flag(argv, "--num_processes") == "4"
     assert (
-        flag(argv, "--base_model"),
+        flag(argv, "--model_name_or_path"),
         flag(argv, "--learning_rate"),
-        flag(argv, "--batch_size"),
-        flag(argv, "--grad_accum"),
-        flag(argv, "--num_epochs"),
+        flag(argv, "--per_device_train_batch_size"),
+        flag(argv, "--gradient_accumulation_steps"),
+        flag(argv, "--num_train_epochs"),
     ) == ("Qwen/Qwen3-4B", "2e-6", "4", "8", "2")
     assert flag(argv, "--output_dir") == "/scratch/me/offline-sdpo/offline-sdpo-test"
     assert flag(argv, "--run_name") == "sdpo-Qwen-Qwen3-4B-lr2e-6-bs4-ga8"
-    assert flag(argv, "--wandb_project") == "offline-sdpo"
+    assert flag(argv, "--project") == "offline-sdpo"
     assert not Path("/scratch/me/offline-sdpo").exists()
 
 
@@ -530,12 +533,12 @@ def test_dry_run_env_overrides_and_world_size_mismatch_note():
     assert flag(argv, "--num_processes") == "2"
     assert "num_processes: 4; launching WORLD_SIZE=2" in result.stderr
     assert (
-        flag(argv, "--base_model"),
+        flag(argv, "--model_name_or_path"),
         flag(argv, "--learning_rate"),
-        flag(argv, "--batch_size"),
-        flag(argv, "--grad_accum"),
-        flag(argv, "--num_epochs"),
-        flag(argv, "--wandb_project"),
+        flag(argv, "--per_device_train_batch_size"),
+        flag(argv, "--gradient_accumulation_steps"),
+        flag(argv, "--num_train_epochs"),
+        flag(argv, "--project"),
     ) == ("org/model", "1e-5", "2", "16", "1", "proj")
     assert flag(argv, "--run_name") == "sdpo-org-model-lr1e-5-bs2-ga16"
 
@@ -573,7 +576,7 @@ def test_dry_run_forwards_extra_arguments_with_spaces():
         TRAIN_JSONL="my data/t.jsonl",
         WORLD_SIZE="1",
     )
-    assert flag(argv, "--train_jsonl") == "my data/t.jsonl"
+    assert flag(argv, "--dataset_name") == "my data/t.jsonl"
     assert argv[-4:] == ["--max_steps", "5", "--hindsight_template", "Later the user said: {follow_up}"]
 
 
@@ -581,3 +584,47 @@ def test_missing_accelerate_config_fails_clearly():
     result, argv = dry_run("--dry-run", TRAIN_JSONL="t.jsonl", CPU="0", WORLD_SIZE="2", ACCELERATE_CONFIG="/nope.yaml")
     assert result.returncode == 1 and argv is None
     assert "ACCELERATE_CONFIG=/nope.yaml does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("config", ["fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_sharded_configs_are_refused_on_cpu_with_one_line(config):
+    path = REPO_ROOT / "accelerate_configs" / config
+    result, argv = dry_run("--dry-run", TRAIN_JSONL="t.jsonl", CPU="1", WORLD_SIZE="2", ACCELERATE_CONFIG=str(path))
+    assert result.returncode == 1 and argv is None
+    assert result.stderr.strip().splitlines() == [
+        f"error: ACCELERATE_CONFIG={path} asks for {'FSDP' if config == 'fsdp.yaml' else 'DeepSpeed'}, which "
+        "accelerate runs only on GPUs (CPU processes would silently run plain DDP): unset ACCELERATE_CONFIG "
+        "(CPU=1 trains with DDP over gloo) or run on GPUs"
+    ]
+
+
+def test_sharded_config_on_gpus_goes_through_accelerate_even_for_one_process():
+    path = REPO_ROOT / "accelerate_configs" / "fsdp.yaml"
+    result, argv = dry_run("--dry-run", TRAIN_JSONL="t.jsonl", CPU="0", WORLD_SIZE="1", ACCELERATE_CONFIG=str(path))
+    assert result.returncode == 0, result.stderr
+    assert flag(argv, "--config_file") == str(path) and flag(argv, "--num_processes") == "1"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed is installed")
+def test_missing_deepspeed_is_one_line_before_launch():
+    path = REPO_ROOT / "accelerate_configs" / "deepspeed_zero3.yaml"
+    result, argv = dry_run(
+        "--dry-run", TRAIN_JSONL="t.jsonl", CPU="0", WORLD_SIZE="2", ACCELERATE_CONFIG=str(path), PYTHON=sys.executable
+    )
+    assert result.returncode == 1 and argv is None
+    assert result.stderr.strip().splitlines() == [
+        f"error: ACCELERATE_CONFIG={path} needs DeepSpeed, which {sys.executable} cannot import: pip install deepspeed"
+    ]
+
+
+def test_fsdp_config_wraps_the_models_own_decoder_layer(chat_tokenizer):
+    import yaml
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    settings = yaml.safe_load((REPO_ROOT / "accelerate_configs" / "fsdp.yaml").read_text())["fsdp_config"]
+    assert "fsdp_transformer_layer_cls_to_wrap" not in settings  # no class name that fits only one architecture
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=settings["fsdp_version"], auto_wrap_policy=settings["fsdp_auto_wrap_policy"].lower()
+    )
+    plugin.set_auto_wrap_policy(build_tiny_llama(chat_tokenizer))
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]

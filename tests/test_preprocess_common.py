@@ -7,27 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from auxiliary import preprocessing
-from auxiliary.preprocessing import (
-    ASSISTANT,
-    USER,
+from auxiliary import data_sources
+from auxiliary.conversations import (
     ConversationLimits,
-    FilterCounts,
-    HubSource,
-    InteractionExtractor,
-    JsonRecordStream,
-    LengthMeter,
-    Message,
-    PreprocessError,
     build_history,
     conversation_skip_reason,
     extract_interactions,
-    load_splits,
     merge_consecutive,
     normalize_conversation,
-    stats_path_for,
-    write_jsonl_atomic,
 )
+from auxiliary.data_sources import DataError, HubSource, load_splits
+from auxiliary.file_io import write_jsonl_atomic
+from auxiliary.interaction_schema import ASSISTANT, USER, Message
+from auxiliary.json_stream import JsonRecordStream
+from auxiliary.preprocessing_cli import FilterCounts, InteractionExtractor, LengthMeter, stats_path_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "preprocess"
 
@@ -289,14 +282,14 @@ def test_local_source_errors_are_one_line(tmp_path, items, message):
 
     pd.DataFrame({"prompt": ["a"]}).to_parquet(tmp_path / "t.parquet")
     (tmp_path / "a.txt").write_text("x")
-    with pytest.raises(PreprocessError, match=message.replace("(", r"\(").replace(")", r"\)")) as raised:
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as raised:
         load_splits(SPLITS, [item.format(tmp=tmp_path) for item in items], cache_dir=str(tmp_path / "cache"))
     assert "\n" not in str(raised.value)
 
 
 def test_unsupported_single_file_type(tmp_path):
     (tmp_path / "a.txt").write_text("x")
-    with pytest.raises(PreprocessError, match="unsupported file type"):
+    with pytest.raises(DataError, match="unsupported file type"):
         load_splits(SINGLE, [str(tmp_path / "a.txt")])
 
 
@@ -308,8 +301,8 @@ def test_unreachable_hub_fails_fast_in_cache_only_mode(monkeypatch, tmp_path):
     # cache-only (no retries) and end in one line, and the library flags must be restored afterwards.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(preprocessing, "hub_reachable", lambda timeout_s=5.0: False)
-    with pytest.raises(PreprocessError) as raised:
+    monkeypatch.setattr(data_sources, "hub_reachable", lambda timeout_s=5.0: False)
+    with pytest.raises(DataError) as raised:
         load_splits(HubSource("org/not-cached-anywhere"), cache_dir=str(tmp_path))
     message = str(raised.value)
     assert "is unreachable" in message and "--dataset_path" in message and "\n" not in message
@@ -320,7 +313,7 @@ def test_a_single_saved_dataset_cannot_stand_for_two_splits(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"prompt": ["a"]}).save_to_disk(str(tmp_path / "one"))
-    with pytest.raises(PreprocessError, match="is one saved Dataset"):
+    with pytest.raises(DataError, match="is one saved Dataset"):
         load_splits(SPLITS, [str(tmp_path / "one")])
     # ...but one saved Dataset per split works
     found = load_splits(SPLITS, [f"train={tmp_path / 'one'}", f"validation={tmp_path / 'one'}"])

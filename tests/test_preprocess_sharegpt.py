@@ -5,8 +5,10 @@ import json
 from pathlib import Path
 
 from auxiliary import preprocess_sharegpt
-from auxiliary.preprocess_wildfeedback import interaction_rows as wildfeedback_rows
-from auxiliary.preprocessing import ConversationLimits, InteractionExtractor, JsonRecordStream, LengthMeter
+from auxiliary.conversations import ConversationLimits
+from auxiliary.json_stream import JsonRecordStream
+from auxiliary.preprocess_wildfeedback import wildfeedback_rows
+from auxiliary.preprocessing_cli import InteractionExtractor, LengthMeter
 from tests.preprocess_helpers import WILDFEEDBACK_RECORD_FIELDS, read_jsonl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "preprocess" / "sharegpt" / "truncated.json"
@@ -67,7 +69,7 @@ def test_same_tuples_as_the_wildfeedback_preprocessor():
         wildfeedback_rows([{"conversations": c["conversations"]} for c in conversations], extractor())
     )
     args = preprocess_sharegpt.build_parser().parse_args(["--max_interactions", "0"])
-    as_sharegpt = list(preprocess_sharegpt.interaction_rows(conversations, args, extractor(), {}))
+    as_sharegpt = list(preprocess_sharegpt.sharegpt_rows(conversations, args, extractor(), {}))
     strip = ("id", "conversation_id")
     assert [{k: v for k, v in row.items() if k not in strip} for row in as_sharegpt] == [
         {k: v for k, v in row.items() if k != "id"} for row in as_wildfeedback
