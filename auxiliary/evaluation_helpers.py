@@ -40,6 +40,7 @@ from auxiliary.file_io import (  # noqa: F401 - part of this module's API
     write_json_atomic,
 )
 from auxiliary.generation import encode_chat
+from auxiliary.interaction_schema import USER, parse_messages
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,6 @@ class DataError(ValueError):
 
 # A prompt is the request text, or a conversation (TRL's conversational format) that ends with a user turn.
 Prompt = str | list[dict]
-CHAT_ROLES = ("system", "user", "assistant")
 
 
 def as_conversation(prompt: Prompt) -> list[dict]:
@@ -72,17 +72,6 @@ def as_conversation(prompt: Prompt) -> list[dict]:
 def request_text(prompt: Prompt) -> str:
     """What the simulated user and the judge read as the request: the string, or the conversation's last user turn."""
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-
-def _conversation_problem(messages) -> str | None:
-    if not isinstance(messages, list) or not messages:
-        return "must be a non-empty list of {\"role\", \"content\"} messages"
-    for position, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
-            return f"message {position} must be {{\"role\": one of {list(CHAT_ROLES)}, \"content\": a string}}"
-    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
-        return "must end with a non-empty user message (the request the policy answers)"
-    return None
 
 
 def load_prompts(path: str | os.PathLike, field: str = "prompt") -> list[Prompt]:
@@ -111,10 +100,13 @@ def load_prompts(path: str | os.PathLike, field: str = "prompt") -> list[Prompt]
             )
         value = row[key]
         if isinstance(value, list):
-            problem = _conversation_problem(value)
-            if problem:
-                raise DataError(f"{where}: field {key!r} {problem}")
-            prompts.append([{"role": m["role"], "content": m["content"]} for m in value])
+            try:
+                messages = parse_messages(value, key)
+            except ValueError as error:
+                raise DataError(f"{where}: {error}") from None
+            if messages[-1].role != USER or not messages[-1].text.strip():
+                raise DataError(f"{where}: field {key!r} must end with a non-empty user message (the request the policy answers)")
+            prompts.append([message.as_chat() for message in messages])
             continue
         if not isinstance(value, str):
             raise DataError(f"{where}: field {key!r} must be a string or a list of messages, got {type(value).__name__}")
