@@ -27,8 +27,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from auxiliary.model_loading import DEFAULT_CPU_MODEL, ModelLoadError
+from auxiliary.env_file import load_project_env
 from auxiliary.live_chat_sessions import LiveChatError, check_adapters_dir
+from auxiliary.model_loading import DEFAULT_CPU_MODEL, ModelLoadError
 from online_sdpo_updater_config import OnlineSDPOConfig
 
 logger = logging.getLogger("live_chat")
@@ -129,6 +130,7 @@ def stop_like_ctrl_c(signum, frame) -> None:
 
 
 def main(argv=None) -> int:
+    load_project_env()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )

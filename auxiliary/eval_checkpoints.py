@@ -71,6 +71,7 @@ if __package__ in (None, ""):  # run as `python auxiliary/eval_checkpoints.py`: 
 
 from auxiliary.backends import BackendError
 from auxiliary.command_line import ArgumentParser
+from auxiliary.env_file import load_project_env
 from auxiliary.evaluation_helpers import (
     DataError,
     as_conversation,
@@ -362,6 +363,7 @@ def run(args, checkpoints: list[Checkpoint], participants_config: ParticipantsCo
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    load_project_env()
     args = build_parser().parse_args(argv)
     args.dtype = concrete_dtype(args.dtype, args.device)
     try:

@@ -66,6 +66,7 @@ from auxiliary.backends import (
     VLLMChatBackend,
 )
 from auxiliary.command_line import ArgumentParser
+from auxiliary.env_file import load_project_env
 from auxiliary.evaluation_helpers import (
     DataError,
     as_conversation,
@@ -233,6 +234,7 @@ def run(args, config: ParticipantsConfig, results_path: Path, completions_path: 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    load_project_env()
     args = parse_args(argv)
     args.dtype = concrete_dtype(args.dtype, args.device)
     try:

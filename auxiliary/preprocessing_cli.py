@@ -32,6 +32,7 @@ from auxiliary.conversations import (
     normalize_conversation,
 )
 from auxiliary.data_sources import DataError
+from auxiliary.env_file import load_project_env
 from auxiliary.file_io import write_json_atomic, write_jsonl_atomic
 from auxiliary.interaction_schema import Interaction, Message
 
@@ -50,6 +51,7 @@ def cli_entry(main: Callable[[Sequence[str] | None], None]) -> Callable[[Sequenc
 
     @functools.wraps(main)
     def wrapped(argv: Sequence[str] | None = None) -> int:
+        load_project_env()  # HF_TOKEN for gated datasets, as the scripts read it
         try:
             main(argv)
         except (DataError, OSError) as error:

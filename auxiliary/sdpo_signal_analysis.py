@@ -80,6 +80,7 @@ import numpy as np
 import torch
 
 from auxiliary.command_line import ArgumentParser
+from auxiliary.env_file import load_project_env
 from auxiliary.evaluation_helpers import seed_everything
 from auxiliary.file_io import write_json_atomic
 from auxiliary.generation import Generation, SamplingParams, encode_chat, generate
@@ -723,6 +724,7 @@ def run(config: SignalAnalysisConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the analysis; a bad argument, input or output path ends it with one ``error:`` line and exit code 2."""
+    load_project_env()
     try:
         return run(parse_args(argv))
     except (SignalAnalysisError, ModelLoadError) as error:

@@ -74,6 +74,7 @@ import yaml
 from trl import TrlParser
 
 from auxiliary.data_sources import DataError, first_line
+from auxiliary.env_file import load_project_env
 from auxiliary.model_loading import DTYPES, ModelLoadError, load_model_and_tokenizer, load_tokenizer
 from offline_sdpo.offline_sdpo_trainer import (
     InteractionDataset,
@@ -555,6 +556,7 @@ def run(arguments: OfflineArguments, callbacks=()) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    load_project_env()
     try:
         run(parse_arguments(argv))
     except (UsageError, DataError, ModelLoadError) as error:
