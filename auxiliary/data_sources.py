@@ -245,14 +245,6 @@ def describe_source(source: HubSource, dataset_path: Sequence[str] | None, revis
     return f"hub: {source.describe()}" + (f", revision {revision}" if revision else "")
 
 
-def iter_jsonl_checked(path: str | Path) -> Iterator[tuple[int, object, str | None]]:
-    """``file_io.iter_jsonl`` whose decoding failure is a ``DataError`` naming the file and line."""
-    try:
-        yield from iter_jsonl(path)
-    except UnicodeDecodeError:
-        raise DataError(find_utf8_error(path) or f"{path}: not UTF-8 text; convert the file to UTF-8") from None
-
-
 def looks_like_local_path(name: str) -> bool:
     """A name meant as a local file or folder rather than a Hub id: it exists, or it ends in a data-file
     suffix, or starts like a path (``./``, ``/``, ``~``)."""
@@ -275,7 +267,7 @@ def iter_dataset_rows(
     if local and not path.exists():
         raise DataError(f"{flag} {name}: no such file or folder")
     if local and path.is_file() and path.name.lower().endswith(".jsonl"):
-        for line_number, row, error in iter_jsonl_checked(path):
+        for line_number, row, error in iter_jsonl(path):
             yield f"{path}:{line_number}", row, error
         return
     source = HubSource(name, config, splits=(split,), local_flag=flag)

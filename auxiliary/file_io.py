@@ -95,7 +95,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object, str | Non
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                yield line_number, None, f"not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); save the file as UTF-8"
+                yield line_number, None, _not_utf8(raw, error)
                 continue
             if not line.strip():
                 continue
@@ -122,8 +122,9 @@ def find_utf8_error(path: str | os.PathLike) -> str | None:
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                return (
-                    f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
-                    f"{error.start + 1}); convert the file to UTF-8"
-                )
+                return f"{path}:{line_number}: {_not_utf8(raw, error)}"
     return None
+
+
+def _not_utf8(raw: bytes, error: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); convert the file to UTF-8"

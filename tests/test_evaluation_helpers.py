@@ -71,9 +71,9 @@ def test_missing_field_names_file_line_and_field():
         load_prompts(PROMPTS / "missing_field.jsonl")
 
 
-def test_non_string_field_is_rejected():
-    with pytest.raises(DataError, match=r"non_string\.jsonl:2: field 'prompt' must be a string, got list"):
-        load_prompts(PROMPTS / "non_string.jsonl")
+def test_a_message_list_field_is_a_conversation():
+    prompts = load_prompts(PROMPTS / "non_string.jsonl")
+    assert prompts[1] == [{"role": "user", "content": "A conversation, not a string."}]
 
 
 def test_whitespace_only_field_is_rejected():
