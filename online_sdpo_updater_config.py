@@ -66,7 +66,12 @@ class OnlineSDPOConfig:
             Run the output head in fp32 (autocast off) on the scored positions, so the log-probs the loss reads
             carry no bf16 rounding (hidden states stay in the compute dtype). With bf16 logits, SmolLM2-135M's
             log-probs were off by up to 0.08 nats per token and the signal A_t by up to 0.16.
-            COST_PLACEHOLDER
+            Cost: nothing where the compute dtype is fp32 (e.g. CPUs without native bf16, where fp32 is also
+            the fast dtype). Under bf16 autocast the head's matmuls (vocab x hidden per completion token, about
+            17% of SmolLM2-135M's training FLOPs at 40-token contexts and 128-token answers) run at fp32 speed:
+            on a CPU with native bf16 (fp32 peak about 1/4 of bf16) an estimated +30-50% on the student pass,
+            not yet measured (``bench/online_step.py`` with and without ``--bf16_lm_head`` prices it); on GPUs
+            the fp32 share is smaller for large models. Set False to trade the precision for that time.
             Scoring always divides the logits by the sampling temperature (``temperature`` when ``do_sample``,
             else 1), so y is scored under the distribution that sampled it; top_p / top_k are not applied.
 

@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="measured steps per setting (after one warm-up)")
     parser.add_argument("--loss_mode", default="full_distillation", choices=["full_distillation", "simple_signal"])
     parser.add_argument("--skip_reference", action="store_true", help="do not measure the reference-style step")
+    parser.add_argument("--bf16_lm_head", action="store_true", help="score with the model's own head (fp32_lm_head=False), to price the fp32 head")
     parser.add_argument("--skip_vllm", action="store_true", help="do not compare with vLLM even when it is installed")
     args = parser.parse_args()
 
@@ -224,6 +225,7 @@ def main() -> None:
         device=args.device,
         torch_dtype=resolve_bench_dtype(args.dtype, args.device),
         loss_mode=args.loss_mode,
+        fp32_lm_head=not args.bf16_lm_head,
         max_new_tokens=args.new_tokens,
         generation_batch_size=max(args.batch_sizes),
         checkpoint_every_n_steps=0,
@@ -235,7 +237,10 @@ def main() -> None:
     peak = matmul_peak_gflops(peak_dtype, device)
     body, head = linear_parameter_counts(updater.model)
     print(f"device {device}, threads {torch.get_num_threads()}, model {args.model}: body {body/1e6:.1f}M + head {head/1e6:.1f}M linear params")
-    print(f"measured matmul peak ({peak_dtype}, 2048^2): {peak:.0f} GFLOP/s; loss {args.loss_mode}; {args.new_tokens} new tokens")
+    print(
+        f"measured matmul peak ({peak_dtype}, 2048^2): {peak:.0f} GFLOP/s; loss {args.loss_mode}; {args.new_tokens} new tokens; "
+        f"LM head for scoring: {'fp32' if config.fp32_lm_head else 'model dtype'}"
+    )
 
     settings = [("sdpo", updater, contextlib.nullcontext)]
     if not args.skip_reference:
