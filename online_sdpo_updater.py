@@ -12,7 +12,11 @@ evaluated without gradient with the current weights at every step.
 Deliberate choices (and reference traps avoided):
   * the exact generated token ids are scored; EOS is part of y only when the model emitted it;
   * trainable weights stay fp32 (autocast for compute) unless ``fp32_master_weights=False``;
-  * log-softmax in fp32; sampling parameters explicit on every generate call;
+  * log-softmax in fp32 over an fp32 LM head (``fp32_lm_head``), at the temperature y was sampled at;
+    sampling parameters explicit on every generate call;
+  * a long x loses the same oldest tokens in student and teacher context (counted as ``truncated_contexts``);
+  * HF generation runs on an inference copy (``inference_copy``: matmul weights in the compute dtype, LoRA
+    merged), refreshed lazily after updates;
   * checkpoints hold the LoRA adapter (or the model), tokenizer and ``training_state.pt`` (optimizer,
     step, RNG states) and are enough to resume; a merged full model is written only on request.
 """
