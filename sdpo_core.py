@@ -150,7 +150,9 @@ def encode_hindsight_contexts(
     never o or anything after it; a budget too small for that is an error.
     """
     teacher_messages = build_hindsight_messages(messages, follow_up, variant=variant, template=template)
-    student, teacher = (encode_chat(tokenizer, m, chat_template_kwargs=chat_template_kwargs) for m in (messages, teacher_messages))
+    student, teacher = (
+        encode_chat(tokenizer, m, chat_template_kwargs=chat_template_kwargs) for m in (messages, teacher_messages)
+    )
     excess = 0 if max_context_length is None else len(student) - max_context_length
     if excess <= 0:
         return HindsightContexts(student, teacher)
@@ -163,7 +165,9 @@ def encode_hindsight_contexts(
     return HindsightContexts(student[excess:], teacher[excess:], excess)
 
 
-def encode_student_teacher_contexts(tokenizer, messages: list[dict], follow_up: str, **options) -> tuple[list[int], list[int]]:
+def encode_student_teacher_contexts(
+    tokenizer, messages: list[dict], follow_up: str, **options
+) -> tuple[list[int], list[int]]:
     """(student, teacher) token ids of ``encode_hindsight_contexts`` (same options), without the truncation count."""
     contexts = encode_hindsight_contexts(tokenizer, messages, follow_up, **options)
     return contexts.student, contexts.teacher

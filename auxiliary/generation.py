@@ -221,19 +221,23 @@ class InferenceCopy:
         if lora_layers:
             sources = {_unwrapped_name(name): (module.base_layer, module) for name, module in lora_layers.items()}
         else:
-            sources = {name: (module, None) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+            linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+            sources = {name: (module, None) for name, module in linears}
         embedding = model.get_input_embeddings().weight
         tied_head = model.get_output_embeddings() if model.get_output_embeddings().weight is embedding else None
         # deepcopy with every parameter pre-mapped: shared tensors stay shared, linear weights become new ones.
         memo = {id(p): p for p in model.parameters()}
         for linear, _ in sources.values():
             if linear.weight is not embedding:
-                memo[id(linear.weight)] = torch.nn.Parameter(torch.empty_like(linear.weight, dtype=dtype), requires_grad=False)
+                fresh = torch.empty_like(linear.weight, dtype=dtype)
+                memo[id(linear.weight)] = torch.nn.Parameter(fresh, requires_grad=False)
         twin = copy.deepcopy(model, memo)
         self.model = twin.unload() if lora_layers else twin
         self.model.eval()
         modules = dict(self.model.named_modules())
-        self._pairs = [(modules[name], linear, lora) for name, (linear, lora) in sources.items() if linear is not tied_head]
+        self._pairs = [
+            (modules[name], linear, lora) for name, (linear, lora) in sources.items() if linear is not tied_head
+        ]
         if tied_head is not None and embedding.dtype != dtype:
             head = self.model.get_output_embeddings()
             head.weight = torch.nn.Parameter(torch.empty_like(embedding, dtype=dtype), requires_grad=False)

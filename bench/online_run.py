@@ -11,8 +11,9 @@ library pieces (``OnlineSDPOUpdater``, the rule-based participants) as ``eval_on
 no results files, so both settings share one process and one machine state:
 
 * ``ours``: bf16 autocast over fp32 adapters where the CPU multiplies bf16 natively (else fp32: emulated bf16 is
-  ~100x slower), generation from the inference copy (LoRA merged), evaluation generation batched by 8, fp32 head on the completion positions only, fused AdamW, and the adapter-sized
-  resume checkpoint that the CLI writes after every interaction (``--resume_every 1``).
+  ~100x slower), generation from the inference copy (LoRA merged), evaluation generation batched by 8, fp32
+  head on the completion positions only, fused AdamW, and the adapter-sized resume checkpoint that the CLI
+  writes after every interaction (``--resume_every 1``).
 * ``reference``: the reference implementation's path: fp32 everywhere, batch-1 evaluation generation, logits
   and an fp32 log-softmax over the full vocabulary at every position, per-tensor AdamW, and a checkpoint with
   a merged full model after every step.
@@ -135,8 +136,13 @@ def run_setting(name: str, config: OnlineSDPOConfig, args, train_prompts, eval_p
                 clock.timed("train_steps", updater.train_step, messages, response, feedback)
             except EmptyResponseError:
                 pass
-            # The reference saves step_<n> with a merged model after every step; the CLI refreshes its resume checkpoint.
-            clock.timed("checkpoints", updater.save_checkpoint, None if reference else "resume", {"interactions_done": index + 1})
+            # The reference saves step_<n> with a merged model after every step; the CLI refreshes its resume one.
+            clock.timed(
+                "checkpoints",
+                updater.save_checkpoint,
+                None if reference else "resume",
+                {"interactions_done": index + 1},
+            )
             if (index + 1) % args.eval_every == 0 or index + 1 == len(train_prompts):
                 evaluate(baseline)
     wall = time.perf_counter() - started
@@ -146,7 +152,11 @@ def run_setting(name: str, config: OnlineSDPOConfig, args, train_prompts, eval_p
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="policy (alias, path or Hub id)")
-    parser.add_argument("--data_dir", default=str(REPO / "data" / "mtbench_prompts"), help="folder with train.jsonl and validation.jsonl")
+    parser.add_argument(
+        "--data_dir",
+        default=str(REPO / "data" / "mtbench_prompts"),
+        help="folder with train.jsonl and validation.jsonl",
+    )
     parser.add_argument("--train_n", type=int, default=16, help="interactions")
     parser.add_argument("--eval_n", type=int, default=24, help="evaluation prompts")
     parser.add_argument("--eval_every", type=int, default=4, help="evaluate after every n interactions")
@@ -154,13 +164,17 @@ def main() -> None:
     parser.add_argument("--style", default="short", help="persona of the rule-based user and primary judge")
     parser.add_argument("--eval_styles", nargs="*", default=["no_lists", "answer_directly_reduce_formatting"])
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--dtype", default="auto", help="our compute dtype; auto: bfloat16 where the CPU has native bf16, else float32")
+    parser.add_argument(
+        "--dtype", default="auto", help="our compute dtype; auto: bfloat16 where the CPU has native bf16, else float32"
+    )
     parser.add_argument("--settings", nargs="+", default=["ours", "reference"], choices=["ours", "reference"])
     args = parser.parse_args()
     data = Path(args.data_dir)
     for split in ("train.jsonl", "validation.jsonl"):
         if not (data / split).is_file():
-            raise SystemExit(f"error: {data / split} is missing; run scripts/prepare_data_mtbench.sh or pass --data_dir")
+            raise SystemExit(
+                f"error: {data / split} is missing; run scripts/prepare_data_mtbench.sh or pass --data_dir"
+            )
 
     threads = use_threads()
     print(machine_line(threads))
@@ -168,14 +182,24 @@ def main() -> None:
     try:
         config = base_config(args, str(workdir / "ours"))
         tokenizer = load_tokenizer(resolve_model_path(args.model))
-        train_prompts = load_split(data / "train.jsonl", tokenizer, args.train_n, max_prompt_tokens=2048, seed=args.seed, label="train")
-        eval_prompts = load_split(data / "validation.jsonl", tokenizer, args.eval_n, max_prompt_tokens=2048, seed=args.seed, label="eval")
+        train_prompts = load_split(
+            data / "train.jsonl", tokenizer, args.train_n, max_prompt_tokens=2048, seed=args.seed, label="train"
+        )
+        eval_prompts = load_split(
+            data / "validation.jsonl", tokenizer, args.eval_n, max_prompt_tokens=2048, seed=args.seed, label="eval"
+        )
         print(f"our compute dtype: {config.torch_dtype}")
         print(
-            f"run: {len(train_prompts)} interactions, evaluation of {len(eval_prompts)} prompts before training and every "
-            f"{args.eval_every}, {args.new_tokens} new tokens, style {args.style} (+{len(args.eval_styles)} judges), seed {args.seed}"
+            f"run: {len(train_prompts)} interactions, evaluation of {len(eval_prompts)} prompts before training and "
+            f"every {args.eval_every}, {args.new_tokens} new tokens, style {args.style} "
+            f"(+{len(args.eval_styles)} judges), seed {args.seed}"
         )
-        settings = {"ours": config, "reference": reference_config(OnlineSDPOConfig(**{**config.to_dict(), "checkpoint_dir": str(workdir / "reference")}))}
+        settings = {
+            "ours": config,
+            "reference": reference_config(
+                OnlineSDPOConfig(**{**config.to_dict(), "checkpoint_dir": str(workdir / "reference")})
+            ),
+        }
         results = {}
         for name in args.settings:
             results[name] = run_setting(name, settings[name], args, train_prompts, eval_prompts)
@@ -184,7 +208,8 @@ def main() -> None:
             generated = r["train_tokens"] + r["eval_tokens"]
             print(
                 f"{name:<10} wall {r['wall_s']:7.1f} s  ({phases} s)  generated {generated} tokens "
-                f"({r['train_tokens']} training, {r['eval_tokens']} evaluation)  win rates (ties half, %) {r['win_rates']}"
+                f"({r['train_tokens']} training, {r['eval_tokens']} evaluation)  "
+                f"win rates (ties half, %) {r['win_rates']}"
             )
         if len(results) == 2:
             ratio = results["reference"]["wall_s"] / results["ours"]["wall_s"]

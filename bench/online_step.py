@@ -140,29 +140,16 @@ class ReferenceStyleScoring:
         )
 
 
-def vllm_tokens_per_second(updater: OnlineSDPOUpdater, batch_sizes: list[int], new_tokens: int) -> dict[int, float]:
-    """vLLM's generation speed on the benchmark prompts (engine start excluded, one warm-up call)."""
-    from auxiliary.generation import stop_token_ids
-    from auxiliary.model_loading import resolve_model_path
-    from auxiliary.vllm_policy import VLLMPolicyEngine
-
-    cfg = updater.config
-    engine = VLLMPolicyEngine(
-        resolve_model_path(cfg.model_name_or_path),
-        updater.tokenizer,
-        max_lora_rank=cfg.lora_r,
-        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        dtype=cfg.torch_dtype,
-        max_model_len=cfg.max_context_length + cfg.max_new_tokens,
-    )
+def vllm_tokens_per_second(config: OnlineSDPOConfig, batch_sizes: list[int], new_tokens: int) -> dict[int, float]:
+    """The policy's vLLM generation speed (``use_vllm``) on the benchmark prompts (engine start excluded)."""
+    learner = OnlineSDPOUpdater(OnlineSDPOConfig(**{**config.to_dict(), "use_vllm": True}))
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=1.0)
-    stops = stop_token_ids(updater.model, updater.tokenizer)
     speeds = {}
     for batch_size in batch_sizes:
-        contexts = [updater.encode_context([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in range(batch_size)]
-        engine.generate(contexts, sampling, stops)
+        conversations = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(batch_size)]
+        learner.generate(conversations, sampling)
         start = time.perf_counter()
-        generations = engine.generate(contexts, sampling, stops)
+        generations = learner.generate(conversations, sampling)
         speeds[batch_size] = sum(len(g.token_ids) for g in generations) / (time.perf_counter() - start)
     return speeds
 
@@ -266,9 +253,12 @@ def main() -> None:
                 f"{s['train_gflops']:>11.0f}{s['train_mfu']:>6.0%}"
             )
     if importlib.util.find_spec("vllm") is not None and not args.skip_vllm:
-        for batch_size, tokens_per_s in vllm_tokens_per_second(updater, args.batch_sizes, args.new_tokens).items():
+        for batch_size, tokens_per_s in vllm_tokens_per_second(config, args.batch_sizes, args.new_tokens).items():
             ours = results[("sdpo", batch_size)]["gen_tok_per_s"]
-            print(f"batch {batch_size}: vLLM {tokens_per_s:.1f} tok/s, ours {ours:.1f} tok/s: vLLM / ours = {tokens_per_s / ours:.2f} (target <= 1.2)")
+            print(
+                f"batch {batch_size}: vLLM {tokens_per_s:.1f} tok/s, ours {ours:.1f} tok/s: "
+                f"vLLM / ours = {tokens_per_s / ours:.2f} (target <= 1.2)"
+            )
     else:
         print("vLLM not importable: generation comparison skipped")
     if not args.skip_reference:

@@ -15,7 +15,9 @@ def _contexts(tokenizer):
 
 
 def _token_ids(model, tokenizer, autocast_dtype):
-    return [g.token_ids for g in generate(model, tokenizer, _contexts(tokenizer), GREEDY, autocast_dtype=autocast_dtype)]
+    return [
+        g.token_ids for g in generate(model, tokenizer, _contexts(tokenizer), GREEDY, autocast_dtype=autocast_dtype)
+    ]
 
 
 def _lora(model):
@@ -28,7 +30,10 @@ def test_bf16_copy_of_fp32_master_weights_generates_the_same_greedy_tokens(chat_
     model = build_tiny_llama(chat_tokenizer)
     twin = InferenceCopy(model, torch.bfloat16)
     assert twin.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
-    assert twin.model.lm_head.weight.dtype == torch.bfloat16 and twin.model.get_input_embeddings().weight is model.get_input_embeddings().weight
+    assert (
+        twin.model.lm_head.weight.dtype == torch.bfloat16
+        and twin.model.get_input_embeddings().weight is model.get_input_embeddings().weight
+    )
     assert model.lm_head.weight.dtype == torch.float32 and model.lm_head.weight is model.get_input_embeddings().weight
     assert _token_ids(twin.model, chat_tokenizer, torch.bfloat16) == _token_ids(model, chat_tokenizer, torch.bfloat16)
 
@@ -116,6 +121,8 @@ def test_updater_generates_from_a_copy_that_follows_every_update(tiny_model_path
 
 
 @pytest.mark.parametrize("overrides", [{"torch_dtype": "float32"}, {"inference_copy": False}])
-def test_updater_generates_from_the_training_model_when_the_copy_is_off_or_useless(tiny_model_path, tmp_path, overrides):
+def test_updater_generates_from_the_training_model_when_the_copy_is_off_or_useless(
+    tiny_model_path, tmp_path, overrides
+):
     updater = _updater(tiny_model_path, tmp_path, **overrides)
     assert updater.generation_model() is updater.model

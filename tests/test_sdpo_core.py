@@ -312,6 +312,10 @@ def test_chunked_fp32_scoring_equals_one_chunk(tiny_model, chat_tokenizer, monke
 # ------------------------------------------------------------------ precision and temperature
 
 
+def _forward_inputs(batch) -> dict:
+    return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+
+
 def _completion_logprobs_from_logits(logits: torch.Tensor, batch, temperature: float = 1.0) -> torch.Tensor:
     """Independent reference: log-softmax in float64 over full-sequence logits, read at the completion tokens."""
     width = batch.completion_width
@@ -322,9 +326,8 @@ def _completion_logprobs_from_logits(logits: torch.Tensor, batch, temperature: f
 def test_fp32_head_under_bf16_autocast_matches_a_float64_head_on_the_same_hidden_states(tiny_model, chat_tokenizer):
     contexts, completions = _example_ids(chat_tokenizer)
     batch = pad_contexts_and_completions(contexts, completions, chat_tokenizer.pad_token_id)
-    forward = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        hidden = tiny_model.get_decoder()(**forward).last_hidden_state
+        hidden = tiny_model.get_decoder()(**_forward_inputs(batch)).last_hidden_state
         fp32_head = score_completions(tiny_model, batch).logprobs
         bf16_head = score_completions(tiny_model, batch, fp32_head=False).logprobs
     reference = _completion_logprobs_from_logits(hidden.double() @ tiny_model.lm_head.weight.double().T, batch)
@@ -337,7 +340,7 @@ def test_fp32_head_without_autocast_matches_the_full_fp32_forward(tiny_model, ch
     batch = pad_contexts_and_completions(contexts, completions, chat_tokenizer.pad_token_id)
     with torch.no_grad():
         scores = score_completions(tiny_model, batch, topk=3)
-        logits = tiny_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+        logits = tiny_model(**_forward_inputs(batch)).logits
     assert (scores.logprobs.double() - _completion_logprobs_from_logits(logits, batch)).abs().max() < 1e-4
 
 
@@ -348,7 +351,7 @@ def test_scoring_at_temperature_uses_the_sampling_distribution(tiny_model, chat_
     with torch.no_grad():
         at_07 = score_completions(tiny_model, batch, temperature=0.7, fp32_head=fp32_head)
         at_1 = score_completions(tiny_model, batch, fp32_head=fp32_head)
-        logits = tiny_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+        logits = tiny_model(**_forward_inputs(batch)).logits
     expected = _completion_logprobs_from_logits(logits, batch, temperature=0.7)
     assert (at_07.logprobs.double() - expected).abs().max() < 1e-4
     assert (at_1.logprobs.double() - expected).abs().max() > 1e-2
@@ -372,7 +375,8 @@ def test_online_updater_counts_truncated_contexts_and_warns_once(tiny_model_path
     updater = OnlineSDPOUpdater(config)
     short = [{"role": "user", "content": "Hi"}]
     with caplog.at_level("WARNING", logger="online_sdpo_updater"):
-        metrics = [updater.train_step_batch([LONG_X, short], ["Sure.", "Hello."], ["Shorter.", "Shorter."]) for _ in range(2)]
+        batch = ([LONG_X, short], ["Sure.", "Hello."], ["Shorter.", "Shorter."])
+        metrics = [updater.train_step_batch(*batch) for _ in range(2)]
     assert [m["truncated_contexts"] for m in metrics] == [1, 1]
     assert sum("max_context_length=40" in r.message for r in caplog.records) == 1
     assert updater.train_step(short, "Hello.", "Shorter.")["truncated_contexts"] == 0
