@@ -12,7 +12,11 @@ evaluated without gradient with the current weights at every step.
 Deliberate choices (and reference traps avoided):
   * the exact generated token ids are scored; EOS is part of y only when the model emitted it;
   * trainable weights stay fp32 (autocast for compute) unless ``fp32_master_weights=False``;
-  * log-softmax in fp32; sampling parameters explicit on every generate call;
+  * log-softmax in fp32 over an fp32 LM head (``fp32_lm_head``), at the temperature y was sampled at;
+    sampling parameters explicit on every generate call;
+  * a long x loses the same oldest tokens in student and teacher context (counted as ``truncated_contexts``);
+  * HF generation runs on an inference copy (``inference_copy``: matmul weights in the compute dtype, LoRA
+    merged), refreshed lazily after updates;
   * checkpoints hold the LoRA adapter (or the model), tokenizer and ``training_state.pt`` (optimizer,
     step, RNG states) and are enough to resume; a merged full model is written only on request.
 """
@@ -34,11 +38,11 @@ import numpy as np
 import torch
 
 from auxiliary.file_io import write_json_atomic
-from auxiliary.generation import Generation, SamplingParams, encode_chat, generate, stop_token_ids
+from auxiliary.generation import Generation, InferenceCopy, SamplingParams, encode_chat, generate, stop_token_ids
 from auxiliary.model_loading import load_model_and_tokenizer, resolve_device, resolve_dtype
 from online_sdpo_updater_config import OnlineSDPOConfig
 from sdpo_core import (
-    build_hindsight_messages,
+    encode_hindsight_contexts,
     format_token_table,
     masked_mean,
     masked_std,
@@ -103,6 +107,9 @@ class OnlineSDPOUpdater:
         self.metrics_history: list[dict] = []
         self.extra_state: dict = {}
         self._wandb_run = None
+        self._inference_copy: InferenceCopy | None = None
+        self._inference_copy_stale = False
+        self._warned_truncation = False
 
         resume_path = Path(resume_from) if resume_from else None
         if resume_path is not None and not (resume_path / TRAINING_STATE_FILE).is_file():
@@ -205,13 +212,31 @@ class OnlineSDPOUpdater:
             self.tokenizer, messages, max_length=self.config.max_context_length, chat_template_kwargs=self.config.chat_template_kwargs
         )
 
+    @property
+    def scoring_temperature(self) -> float:
+        """The temperature y was sampled at, under which training scores it (1 for greedy decoding)."""
+        cfg = self.config
+        return cfg.temperature if cfg.do_sample and cfg.temperature > 0 else 1.0
+
+    def generation_model(self):
+        """The model HF generation runs: the inference copy (built on first use, refreshed after updates)
+        when ``config.inference_copy`` applies, else the training model."""
+        if not self.config.inference_copy or (self.autocast_dtype is None and not self.config.use_lora):
+            return self.model
+        if self._inference_copy is None:
+            self._inference_copy = InferenceCopy(self.model, self.autocast_dtype or self.compute_dtype)
+        elif self._inference_copy_stale:
+            self._inference_copy.refresh()
+        self._inference_copy_stale = False
+        return self._inference_copy.model
+
     def generate(self, batch_messages: list[list[dict]], sampling: SamplingParams | None = None) -> list[Generation]:
         """One sampled response per conversation, batched (``generation_batch_size``)."""
         contexts = [self.encode_context(messages) for messages in batch_messages]
         if self.vllm_engine is not None:
             return self.vllm_engine.generate(contexts, sampling or self.sampling, stop_token_ids(self.model, self.tokenizer))
         return generate(
-            self.model,
+            self.generation_model(),
             self.tokenizer,
             contexts,
             sampling or self.sampling,
@@ -255,11 +280,26 @@ class OnlineSDPOUpdater:
         cfg = self.config
         started = time.perf_counter()
         completions = [self.completion_ids(r) for r in responses]
-        student_contexts = [self.encode_context(m) for m in batch_messages]
-        teacher_contexts = [
-            self.encode_context(build_hindsight_messages(m, o, variant="online", template=cfg.hindsight_block_template))
+        contexts = [
+            encode_hindsight_contexts(
+                self.tokenizer,
+                m,
+                o,
+                template=cfg.hindsight_block_template,
+                max_context_length=cfg.max_context_length,
+                chat_template_kwargs=cfg.chat_template_kwargs,
+            )
             for m, o in zip(batch_messages, follow_ups)
         ]
+        truncated = sum(c.truncated_tokens > 0 for c in contexts)
+        if truncated and not self._warned_truncation:
+            self._warned_truncation = True
+            logger.warning(
+                "a conversation is longer than max_context_length=%d: its oldest tokens are cut from the student and "
+                "teacher contexts alike (counted per step as truncated_contexts; warned once)", cfg.max_context_length
+            )
+        student_contexts = [c.student for c in contexts]
+        teacher_contexts = [c.teacher for c in contexts]
         pad = self.tokenizer.pad_token_id
         student_batch = pad_contexts_and_completions(student_contexts, completions, pad, ignore_first_k=cfg.ignore_first_k).to(self.device)
         teacher_batch = pad_contexts_and_completions(teacher_contexts, completions, pad, ignore_first_k=cfg.ignore_first_k).to(self.device)
@@ -275,12 +315,14 @@ class OnlineSDPOUpdater:
             grad_norm = self._clip_gradients()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self._inference_copy_stale = True
             timings["optimizer"] += time.perf_counter() - tick
 
         self.step += 1
         metrics = {
             **step_metrics,
             "completion_tokens": sum(map(len, completions)),
+            "truncated_contexts": truncated,
             "loss_mode": cfg.loss_mode,
             "step": self.step,
             "grad_norm": grad_norm,
@@ -309,6 +351,8 @@ class OnlineSDPOUpdater:
             distillation_add_tail=cfg.distillation_add_tail,
             signal_clip=cfg.signal_clip,
             autocast_dtype=self.autocast_dtype,
+            temperature=self.scoring_temperature,
+            fp32_head=cfg.fp32_lm_head,
             timings=timings,
         )
         if cfg.print_token_table:

