@@ -111,6 +111,10 @@ class OnlineSDPOUpdater:
         self._inference_copy_stale = False
         self._warned_truncation = False
 
+        if config.use_vllm:
+            from auxiliary.vllm_engines import require_vllm
+
+            require_vllm(["use_vllm"])
         resume_path = Path(resume_from) if resume_from else None
         if resume_path is not None and not (resume_path / TRAINING_STATE_FILE).is_file():
             raise FileNotFoundError(f"{resume_path} is not a checkpoint (no {TRAINING_STATE_FILE}); pass a step_<n> folder")
@@ -149,17 +153,9 @@ class OnlineSDPOUpdater:
             self._load_training_state(resume_path)
         self.vllm_engine = None
         if config.use_vllm:
-            from auxiliary.model_loading import resolve_model_path
-            from auxiliary.vllm_policy import VLLMPolicyEngine
+            from auxiliary.vllm_engines import VLLMPolicyEngine
 
-            self.vllm_engine = VLLMPolicyEngine(
-                resolve_model_path(config.model_name_or_path),
-                self.tokenizer,
-                max_lora_rank=config.lora_r,
-                gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-                dtype=config.torch_dtype,
-                max_model_len=config.max_context_length + config.max_new_tokens,
-            )
+            self.vllm_engine = VLLMPolicyEngine.from_config(config, self.tokenizer)
             if resume_path is not None:
                 self._publish_adapter()
 

@@ -230,18 +230,9 @@ class VLLMReplies:
 
 
 def build_vllm_replies(updater: OnlineSDPOUpdater) -> VLLMReplies:
-    from auxiliary.model_loading import resolve_model_path
-    from auxiliary.vllm_policy import VLLMPolicyEngine
+    from auxiliary.vllm_engines import VLLMPolicyEngine
 
-    cfg = updater.config
-    engine = VLLMPolicyEngine(
-        resolve_model_path(cfg.model_name_or_path),
-        updater.tokenizer,
-        max_lora_rank=cfg.lora_r,
-        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        dtype=cfg.torch_dtype,
-        max_model_len=cfg.max_context_length + cfg.max_new_tokens,
-    )
+    engine = VLLMPolicyEngine.from_config(updater.config, updater.tokenizer)
     return VLLMReplies(engine, stop_token_ids(updater.model, updater.tokenizer))
 
 

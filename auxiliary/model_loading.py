@@ -76,9 +76,13 @@ def native_compute_dtype(device: str | torch.device) -> str:
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if device.type == "cpu":
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return "bfloat16" if native else "float32"
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
     return "bfloat16"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 / AMX), as oneDNN's bf16 kernels need."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def concrete_dtype(name: str, device: str | torch.device) -> str:

@@ -193,6 +193,18 @@ class VLLMPolicyEngine:
         if self.sleeps:
             self.llm.sleep(level=1)
 
+    @classmethod
+    def from_config(cls, config, tokenizer) -> VLLMPolicyEngine:
+        """The engine for an ``OnlineSDPOConfig``'s policy: its base model, LoRA rank, dtype and budgets."""
+        return cls(
+            config.model_name_or_path,
+            tokenizer,
+            max_lora_rank=config.lora_r,
+            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+            dtype=config.torch_dtype,
+            max_model_len=config.max_context_length + config.max_new_tokens,
+        )
+
     def load_adapter(self, path: Path) -> None:
         """Use the adapter saved at ``path`` from the next call on."""
         self.adapter_path = Path(path)

@@ -38,13 +38,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from auxiliary.evaluation_helpers import compute_metrics, load_split, seed_everything, user_turn  # noqa: E402
+from auxiliary.evaluation_helpers import as_conversation, compute_metrics, load_split, seed_everything  # noqa: E402
 from auxiliary.generation import SamplingParams  # noqa: E402
-from auxiliary.model_loading import load_tokenizer, resolve_model_path  # noqa: E402
+from auxiliary.model_loading import concrete_dtype, load_tokenizer, resolve_model_path  # noqa: E402
 from auxiliary.rule_based_user import RuleBasedJudge, RuleBasedUserSimulator  # noqa: E402
 from online_sdpo_updater import EmptyResponseError, OnlineSDPOUpdater  # noqa: E402
 from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
-from online_step import ReferenceStyleScoring, machine_line, resolve_bench_dtype, use_threads  # noqa: E402
+from online_step import ReferenceStyleScoring, machine_line, use_threads  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("train_generation", "train_steps", "eval_generation", "judging", "checkpoints")
@@ -55,7 +55,7 @@ def base_config(args, checkpoint_dir: str) -> OnlineSDPOConfig:
     return OnlineSDPOConfig(
         model_name_or_path=args.model,
         device="cpu",
-        torch_dtype=resolve_bench_dtype(args.dtype, "cpu"),
+        torch_dtype=concrete_dtype(args.dtype, "cpu"),
         attn_implementation="sdpa",
         use_lora=True,
         lora_r=16,
@@ -107,7 +107,7 @@ def run_setting(name: str, config: OnlineSDPOConfig, args, train_prompts, eval_p
     simulator = RuleBasedUserSimulator(args.style)
     judges = {style: RuleBasedJudge(style) for style in [args.style, *args.eval_styles]}
     sampling = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)
-    eval_conversations = [user_turn(p) for p in eval_prompts]
+    eval_conversations = [as_conversation(p) for p in eval_prompts]
     clock = PhaseClock()
     tokens = {"train": 0, "eval": 0}
     win_rates = []
@@ -128,7 +128,7 @@ def run_setting(name: str, config: OnlineSDPOConfig, args, train_prompts, eval_p
     with ReferenceStyleScoring() if reference else contextlib.nullcontext():
         baseline = generate_eval()
         for index, prompt in enumerate(train_prompts):
-            messages = user_turn(prompt)
+            messages = as_conversation(prompt)
             response = clock.timed("train_generation", updater.generate_response, messages)
             tokens["train"] += len(response.token_ids)
             feedback = simulator.generate_feedback([prompt], [response.text])[0]

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auxiliary.generation import SamplingParams  # noqa: E402
+from auxiliary.model_loading import concrete_dtype, cpu_has_native_bf16  # noqa: E402
 from online_sdpo_updater import OnlineSDPOUpdater  # noqa: E402
 from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
 
@@ -57,25 +58,12 @@ def use_threads() -> int:
     return threads
 
 
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 / AMX). Without it (e.g. AVX2-only hosts) torch
-    emulates bf16 matmuls, measured 0.3 GFLOP/s against 82 in fp32 on one core: fp32 is then the fast dtype."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_bench_dtype(name: str, device: str) -> str:
-    """``auto``: bfloat16 on CUDA and on CPUs with native bf16, else float32."""
-    if name != "auto":
-        return name
-    return "bfloat16" if device != "cpu" or native_bf16() else "float32"
-
-
 def machine_line(threads: int) -> str:
     """Thread count, CPU kind and load average, printed before and after a measurement (busy machines distort it)."""
     loads = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"threads {threads} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), {os.cpu_count()} cores, "
-        f"CPU {torch.backends.cpu.get_cpu_capability()} (native bf16: {native_bf16()}), load average {loads}"
+        f"CPU {torch.backends.cpu.get_cpu_capability()} (native bf16: {cpu_has_native_bf16()}), load average {loads}"
     )
 
 
@@ -210,7 +198,7 @@ def main() -> None:
     config = OnlineSDPOConfig(
         model_name_or_path=args.model,
         device=args.device,
-        torch_dtype=resolve_bench_dtype(args.dtype, args.device),
+        torch_dtype=concrete_dtype(args.dtype, args.device),
         loss_mode=args.loss_mode,
         fp32_lm_head=not args.bf16_lm_head,
         max_new_tokens=args.new_tokens,

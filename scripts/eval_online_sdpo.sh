@@ -17,6 +17,8 @@
 #   rule-based user and judge, STYLE short, EVAL_STYLES "no_lists answer_directly_reduce_formatting",
 #   LR 1e-4 with LoRA r 16, LOSS_MODE simple_signal, TRAIN_N 16, EVAL_N 24, EVAL_EVERY 4, 96 new tokens,
 #   DATA_DIR data/mtbench_prompts, OUTPUT_DIR runs/<RUN_ID>.
+# Two jobs on one machine: give each its share of the cores (OMP_NUM_THREADS=1 each on 2 cores); with
+# default threads each spins on every core and both run several times slower.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 sdpo_init "$@"
 

@@ -5,6 +5,8 @@
 #
 #   ./scripts/quickstart_cpu.sh
 #   TRAIN_N=8 STYLE=no_lists ./scripts/quickstart_cpu.sh --eval_every 2     # env vars and extra args as in eval_online_sdpo.sh
+# Two jobs on one machine: give each its share of the cores (OMP_NUM_THREADS=1 each on 2 cores); with
+# default threads each spins on every core and both run several times slower.
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 for arg in "$@"; do [[ "$arg" == "--dry-run" ]] && dry_run=1; done

@@ -88,13 +88,12 @@ def test_chat_template_is_required(chat_tokenizer):
 
 
 def test_auto_dtype_is_bfloat16_only_where_computed_natively(monkeypatch):
-    import torch
-
     from auxiliary.model_loading import concrete_dtype
 
     assert concrete_dtype("float32", "cpu") == "float32" and concrete_dtype("bfloat16", "cpu") == "bfloat16"
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    from auxiliary import model_loading
+
+    monkeypatch.setattr(model_loading, "cpu_has_native_bf16", lambda: False)
     assert concrete_dtype("auto", "cpu") == "float32"  # AVX2-only: bf16 would be emulated
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(model_loading, "cpu_has_native_bf16", lambda: True)
     assert concrete_dtype("auto", "cpu") == "bfloat16"

@@ -105,11 +105,13 @@ def test_teacher_context_holds_the_follow_up_where_the_variant_puts_it(chat_toke
     assert student == decode(chat_tokenizer, batch["student_context_ids"][0])
 
 
-def test_contexts_are_left_truncated(chat_tokenizer):
+def test_contexts_are_left_truncated_by_the_same_tokens_of_x(chat_tokenizer):
     full = OfflineSDPOCollator(chat_tokenizer)([chat_row()])
     short = OfflineSDPOCollator(chat_tokenizer, max_context_length=12)([chat_row()])
     assert short["student_context_ids"][0] == full["student_context_ids"][0][-12:]
-    assert short["teacher_context_ids"][0] == full["teacher_context_ids"][0][-12:]
+    # The teacher loses exactly the tokens of x the student lost, and keeps the whole follow-up.
+    cut = len(full["student_context_ids"][0]) - 12
+    assert short["teacher_context_ids"][0] == full["teacher_context_ids"][0][cut:]
 
 
 def test_overlong_completion_is_skipped_or_truncated_without_eos(chat_tokenizer):
