@@ -14,7 +14,7 @@
 #   ORACLE (empty; 1 = judge the in-context oracle first) | SYSTEM_PROMPT general (or tldr) | REPORT_TO none
 #   BASE_WORK ${SCRATCH:-${TMPDIR:-/tmp}} | CACHE_DIR $BASE_WORK/hf-cache | PRESET (empty or cpu)
 # PRESET=cpu changes the defaults (each still overridable by its env var): MODEL smollm2-135m-instruct,
-#   rule-based user and judge, STYLE short, EVAL_STYLES "no_lists answer_directly_reduce_formatting",
+#   rule-based user and judge, STYLE no_punctuation, EVAL_STYLES short, ORACLE 1, --dtype auto,
 #   LR 1e-4 with LoRA r 16, LOSS_MODE simple_signal, TRAIN_N 16, EVAL_N 24, EVAL_EVERY 4, 96 new tokens,
 #   DATA_DIR data/mtbench_prompts, OUTPUT_DIR runs/<RUN_ID>.
 # Two jobs on one machine: give each its share of the cores (OMP_NUM_THREADS=1 each on 2 cores); with
@@ -27,8 +27,11 @@ RUN_ID="${RUN_ID:-eval-online-sdpo-$(date +%Y%m%d-%H%M%S)}"
 case "$PRESET" in
   cpu)
     MODEL="${MODEL:-smollm2-135m-instruct}"
-    STYLE="${STYLE:-short}"
-    EVAL_STYLES="${EVAL_STYLES-no_lists answer_directly_reduce_formatting}"
+    # Styles whose rule-based judge decides most pairs of 96-token answers (oracle coverage 0.88 for no_punctuation,
+    # 0.44 for short, 0.25 for no_lists on 16 MT-Bench prompts), and the oracle line to read them against.
+    STYLE="${STYLE:-no_punctuation}"
+    EVAL_STYLES="${EVAL_STYLES-short}"
+    ORACLE="${ORACLE:-1}"
     LR="${LR:-1e-4}"
     LOSS_MODE="${LOSS_MODE:-simple_signal}"
     TRAIN_N="${TRAIN_N:-16}"
