@@ -673,7 +673,6 @@ class OnlineRun:
         self.pending["evaluations"].append(entry)
         self.pending["completions"].append(completions)
         save_completions_snapshot(self.files.snapshot, updater.step, eval_prompts, current, baseline)
-        print(format_metrics_line(entry, results["meta"]["style"]))
         self.tracker.log(entry, step=updater.step, prefix="eval")
 
 
