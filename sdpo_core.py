@@ -274,14 +274,16 @@ def score_completions(
     forward = dict(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
     )
-    if fp32_head:
+    # A DistributedDataParallel wrapper must run its own forward (it prepares the gradient all-reduce there), so
+    # wrapped models keep their head in the compute dtype.
+    if fp32_head and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         hidden = model.get_decoder()(**forward).last_hidden_state[:, -keep:, :]
         chunk_logits = _Fp32Head(model)
     else:
         hidden = model(**forward, logits_to_keep=keep).logits[:, -keep:, :]
         chunk_logits = torch.Tensor.float
     batch_size, positions = hidden.shape[:2]
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = getattr(model, "module", model).get_output_embeddings().weight.shape[0]
     targets = torch.nn.functional.pad(batch.completion_ids.to(hidden.device), (0, 1))
     extra_target = gather_indices[:, :1] if gather_indices is not None else None
     indices = torch.cat([gather_indices, extra_target], dim=1) if gather_indices is not None else None

@@ -305,8 +305,11 @@ def test_chunked_fp32_scoring_equals_one_chunk(tiny_model, chat_tokenizer, monke
         (scores.logprobs.sum() + scores.topk_logprobs.sum()).backward()
         grad = tiny_model.get_input_embeddings().weight.grad.clone()
         results.append((scores.logprobs.detach(), scores.topk_logprobs.detach(), gathered.detach(), grad))
-    for one, many in zip(*results):
+    for one, many in zip(results[0][:3], results[1][:3]):
         torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
+    # The tied embedding's gradient sums over every position; its fp32 summation order follows the chunking
+    # and the thread count, so it agrees to 1e-4 (2 threads measured 2.8e-5 apart).
+    torch.testing.assert_close(results[0][3], results[1][3], atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------ precision and temperature
