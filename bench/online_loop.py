@@ -76,7 +76,7 @@ def parse_settings(argv=None) -> BenchSettings:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="policy (alias, path or Hub id)")
     parser.add_argument("--device", default="cpu", help="policy device: cpu, cuda, auto")
-    parser.add_argument("--dtype", default="bfloat16", help="compute dtype of the policy")
+    parser.add_argument("--dtype", default="auto", help="compute dtype of the policy (auto: bfloat16 where computed natively, else float32)")
     parser.add_argument("--style", default="short", help="persona of the rule-based user and judge")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help="interactions per update to compare")
     parser.add_argument(
