@@ -66,6 +66,50 @@ def unique_styles(styles) -> tuple[str, ...]:
     return tuple(dict.fromkeys(resolve_style(style) for style in styles))
 
 
+@dataclass(frozen=True)
+class StyleSchedule:
+    """The simulated user's persona over interactions: ``segments`` of (style, number of interactions).
+
+    The last style stays on after its segment ends; styles of segments after the run's end never appear.
+    """
+
+    segments: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def parse(cls, text: str | None, default_style: str) -> StyleSchedule:
+        if not text:
+            return cls(((default_style, 0),))
+        segments = []
+        for part in text.split(","):
+            style, _, count = part.strip().rpartition(":")
+            if not style or not count.isdigit() or int(count) < 1:
+                raise ValueError(f'--style_schedule: {part.strip()!r} is not "style:N" with N >= 1 (e.g. "short:250,detailed_professional_expert:250")')
+            segments.append((style_name(style), int(count)))
+        return cls(tuple(segments))
+
+    @property
+    def styles(self) -> tuple[str, ...]:
+        return unique_styles(style for style, _ in self.segments)
+
+    def style_at(self, interaction: int) -> str:
+        """The persona for interaction ``interaction`` (0-based)."""
+        end = 0
+        for style, count in self.segments:
+            end += count
+            if interaction < end:
+                return style
+        return self.segments[-1][0]
+
+    def switch_points(self, n_interactions: int) -> list[tuple[int, str]]:
+        """(interactions done before the switch, new style) for every switch inside the run."""
+        points, end = [], 0
+        for (_, count), (style, _) in zip(self.segments, self.segments[1:]):
+            end += count
+            if end < n_interactions:
+                points.append((end, style))
+        return points
+
+
 def add_participant_arguments(parser: argparse.ArgumentParser) -> None:
     """The simulated-user and judge flags (names and defaults of the reference, plus backends)."""
     group = parser.add_argument_group("simulated user and judge")

@@ -94,3 +94,14 @@ def test_bad_combinations_fail_clearly():
         config("--user_backend", "openai", "--user_model_name_or_path", "m", "--openai_base_url", "").validate()
     with pytest.raises(ParticipantsError, match="rule-based user cannot check poetic"):
         config("--user_backend", "rule", "--judge_backend", "rule", user_styles=["poetic"]).validate()
+
+
+def test_style_schedule_switches_after_each_segment():
+    from auxiliary.participants import StyleSchedule
+
+    schedule = StyleSchedule.parse("concise_casual_beginner:3,detailed_professional_expert:2", default_style="short")
+    assert [schedule.style_at(i) for i in range(7)] == ["concise_casual_beginner"] * 3 + ["detailed_professional_expert"] * 4
+    assert schedule.switch_points(7) == [(3, "detailed_professional_expert")] and schedule.switch_points(3) == []
+    assert StyleSchedule.parse(None, default_style="short").style_at(100) == "short"
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown style 'pirate'"):
+        StyleSchedule.parse("short:2,pirate:1", default_style="short")
