@@ -44,8 +44,7 @@ from online_sdpo_updater_config import OnlineSDPOConfig
 from sdpo_core import (
     encode_hindsight_contexts,
     format_token_table,
-    masked_mean,
-    masked_std,
+    length_groups,
     pad_contexts_and_completions,
     sdpo_loss,
 )
@@ -83,6 +82,24 @@ def complete_checkpoint(path: str | Path) -> Path | None:
         if (candidate / TRAINING_STATE_FILE).is_file():
             return candidate
     return None
+
+
+def token_statistics(outputs) -> dict:
+    """Signal and log-prob statistics over every scored token of a step's micro-batches (``sdpo_loss`` outputs)."""
+
+    def scored(name: str) -> torch.Tensor:
+        return torch.cat([getattr(out, name).detach()[out.mask > 0].float() for out in outputs])
+
+    signal = scored("signal")
+    metrics = {
+        "signal_mean": float(signal.mean()) if signal.numel() else 0.0,
+        "signal_std": float(signal.std()) if signal.numel() > 1 else 0.0,
+        "policy_logp_mean": float(scored("student_logprobs").mean()) if signal.numel() else 0.0,
+        "critic_logp_mean": float(scored("teacher_logprobs").mean()) if signal.numel() else 0.0,
+    }
+    if outputs[0].kl_per_token is not None:
+        metrics["kl_mean"] = float(scored("kl_per_token").mean()) if signal.numel() else 0.0
+    return metrics
 
 
 def read_extra_state(checkpoint: str | Path) -> dict:
@@ -294,25 +311,38 @@ class OnlineSDPOUpdater:
                 "a conversation is longer than max_context_length=%d: its oldest tokens are cut from the student and "
                 "teacher contexts alike (counted per step as truncated_contexts; warned once)", cfg.max_context_length
             )
-        student_contexts = [c.student for c in contexts]
-        teacher_contexts = [c.teacher for c in contexts]
         pad = self.tokenizer.pad_token_id
-        student_batch = pad_contexts_and_completions(student_contexts, completions, pad, ignore_first_k=cfg.ignore_first_k).to(self.device)
-        teacher_batch = pad_contexts_and_completions(teacher_contexts, completions, pad, ignore_first_k=cfg.ignore_first_k).to(self.device)
+        # Micro-batches of similar length, one backward each (scaled by their share), one optimizer step: the
+        # same gradient as one padded batch without computing a short prompt padded to the longest one.
+        groups = length_groups([len(c.teacher) + len(y) for c, y in zip(contexts, completions)])
+        micro_batches = [
+            (
+                pad_contexts_and_completions([contexts[i].student for i in group], [completions[i] for i in group], pad, ignore_first_k=cfg.ignore_first_k).to(self.device),
+                pad_contexts_and_completions([contexts[i].teacher for i in group], [completions[i] for i in group], pad, ignore_first_k=cfg.ignore_first_k).to(self.device),
+                len(group) / len(completions),
+                group.index(0) if 0 in group else None,
+            )
+            for group in groups
+        ]
 
         timings = {"student_forward": 0.0, "teacher_forward": 0.0, "backward": 0.0, "optimizer": 0.0}
         self.model.train()
         for _ in range(cfg.train_steps_per_example):
-            loss, step_metrics = self._loss(student_batch, teacher_batch, timings)
-            tick = time.perf_counter()
-            loss.backward()
-            timings["backward"] += time.perf_counter() - tick
+            loss_value, scored = 0.0, []
+            for student_batch, teacher_batch, share, first_row in micro_batches:
+                loss, out = self._loss(student_batch, teacher_batch, timings, table_row=first_row)
+                tick = time.perf_counter()
+                (loss * share).backward()
+                timings["backward"] += time.perf_counter() - tick
+                loss_value += share * float(loss.detach())
+                scored.append(out)
             tick = time.perf_counter()
             grad_norm = self._clip_gradients()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self._inference_copy_stale = True
             timings["optimizer"] += time.perf_counter() - tick
+        step_metrics = token_statistics(scored)
 
         self.step += 1
         metrics = {
@@ -322,7 +352,8 @@ class OnlineSDPOUpdater:
             "loss_mode": cfg.loss_mode,
             "step": self.step,
             "grad_norm": grad_norm,
-            "loss": float(loss.detach()),
+            "loss": loss_value,
+            "micro_batches": len(micro_batches),
             "train_steps_per_example": cfg.train_steps_per_example,
             "train_time_s": round(time.perf_counter() - started, 2),
             **{f"{phase}_time_s": round(seconds, 3) for phase, seconds in timings.items()},
@@ -335,8 +366,8 @@ class OnlineSDPOUpdater:
             self.save_checkpoint()
         return metrics
 
-    def _loss(self, student_batch, teacher_batch, timings: dict) -> tuple[torch.Tensor, dict]:
-        """Forward passes and the configured loss; adds seconds per phase into ``timings``."""
+    def _loss(self, student_batch, teacher_batch, timings: dict, *, table_row: int | None = None):
+        """Forward passes and the configured loss of one micro-batch; adds seconds per phase into ``timings``."""
         cfg = self.config
         out = sdpo_loss(
             self.model,
@@ -351,19 +382,11 @@ class OnlineSDPOUpdater:
             fp32_head=cfg.fp32_lm_head,
             timings=timings,
         )
-        if cfg.print_token_table:
-            n = int(student_batch.completion_mask[0].sum().item()) + cfg.ignore_first_k
-            ids = student_batch.completion_ids[0, :n].tolist()
-            print(format_token_table(self.tokenizer, ids, out.student_logprobs[0, :n], out.teacher_logprobs[0, :n]))
-        metrics = {
-            "signal_mean": masked_mean(out.signal, out.mask),
-            "signal_std": masked_std(out.signal, out.mask),
-            "policy_logp_mean": masked_mean(out.student_logprobs, out.mask),
-            "critic_logp_mean": masked_mean(out.teacher_logprobs, out.mask),
-        }
-        if out.kl_per_token is not None:
-            metrics["kl_mean"] = masked_mean(out.kl_per_token, out.mask)
-        return out.loss, metrics
+        if cfg.print_token_table and table_row is not None:
+            n = int(student_batch.completion_mask[table_row].sum().item()) + cfg.ignore_first_k
+            ids = student_batch.completion_ids[table_row, :n].tolist()
+            print(format_token_table(self.tokenizer, ids, out.student_logprobs[table_row, :n], out.teacher_logprobs[table_row, :n]))
+        return out.loss, out
 
     def _clip_gradients(self) -> float:
         """Pre-clip global gradient norm (clipping only when max_grad_norm > 0)."""

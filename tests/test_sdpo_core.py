@@ -383,3 +383,42 @@ def test_online_updater_counts_truncated_contexts_and_warns_once(tiny_model_path
     assert [m["truncated_contexts"] for m in metrics] == [1, 1]
     assert sum("max_context_length=40" in r.message for r in caplog.records) == 1
     assert updater.train_step(short, "Hello.", "Shorter.")["truncated_contexts"] == 0
+
+
+def test_length_groups_bound_the_padding():
+    from sdpo_core import length_groups
+
+    lengths = [49, 65, 48, 53, 68, 233, 42, 59]  # MT-Bench-like: one long prompt among short ones
+    groups = length_groups(lengths, max_padding_ratio=1.25)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    for group in groups:
+        assert len(group) * max(lengths[i] for i in group) <= 1.25 * sum(lengths[i] for i in group) or len(group) == 1
+    assert [5] in groups, "the long prompt gets its own micro-batch"
+    assert length_groups([10, 10, 10], max_padding_ratio=1.25) == [[0, 1, 2]]
+    assert length_groups([]) == []
+
+
+def test_micro_batches_give_the_update_of_one_padded_batch(tiny_model, chat_tokenizer, monkeypatch):
+    """Splitting a step into length groups (each backward scaled by its share) leaves loss and weights unchanged."""
+    import copy
+
+    import sdpo_core
+    from online_sdpo_updater import OnlineSDPOUpdater
+    from online_sdpo_updater_config import OnlineSDPOConfig
+
+    conversations = [[{"role": "user", "content": "Hi " * n}] for n in (2, 3, 60, 4)]
+    responses = ["Hello there.", "Sure, here it is.", "A long answer follows now.", "Okay."]
+    follow_ups = ["Shorter.", "No lists.", "Too long.", "Fine."]
+    results = []
+    for ratio in (1.25, 1e9):  # several micro-batches, then one padded batch
+        monkeypatch.setattr("online_sdpo_updater.length_groups", lambda lengths, r=ratio: sdpo_core.length_groups(lengths, r))
+        config = OnlineSDPOConfig(model_name_or_path="tiny", device="cpu", torch_dtype="float32", learning_rate=1e-3, loss_mode="simple_signal", max_new_tokens=32)
+        updater = OnlineSDPOUpdater(config, model=copy.deepcopy(tiny_model), tokenizer=chat_tokenizer)
+        metrics = updater.train_step_batch(conversations, responses, follow_ups)
+        weights = torch.cat([p.detach().flatten() for p in updater.model.parameters()])
+        results.append((metrics, weights))
+    (split, split_weights), (single, single_weights) = results
+    assert split["micro_batches"] > 1 and single["micro_batches"] == 1
+    for key in ("loss", "signal_mean", "signal_std", "policy_logp_mean", "grad_norm"):
+        assert split[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5), key
+    torch.testing.assert_close(split_weights, single_weights, atol=1e-6, rtol=1e-5)
