@@ -3,6 +3,7 @@
 Nothing here touches the network: the Hub is switched off for the whole session.
 """
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,3 +79,23 @@ def tiny_model_path(tmp_path_factory, chat_tokenizer) -> str:
 @pytest.fixture()
 def tiny_model(chat_tokenizer):
     return build_tiny_llama(chat_tokenizer)
+
+
+# Prompts for the online-loop tests: six training prompts, three held out.
+PROMPTS = [
+    "Explain what a hash map is.",
+    "Give me three tips for a job interview.",
+    "Why is the sky blue?",
+    "Write a haiku about autumn.",
+    "What is the difference between a list and a tuple in Python?",
+    "How do I boil an egg?",
+]
+
+
+@pytest.fixture()
+def prompt_files(tmp_path):
+    """train.jsonl (PROMPTS) and validation.jsonl (the first three, asked briefly) in a temporary folder."""
+    train, val = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
+    train.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    val.write_text("".join(json.dumps({"prompt": p + " Be brief."}) + "\n" for p in PROMPTS[:3]))
+    return train, val

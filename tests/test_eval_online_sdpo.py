@@ -15,24 +15,6 @@ import eval_online_sdpo
 from tests.fakes import FakeAnthropicServer, Reply
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS = [
-    "Explain what a hash map is.",
-    "Give me three tips for a job interview.",
-    "Why is the sky blue?",
-    "Write a haiku about autumn.",
-    "What is the difference between a list and a tuple in Python?",
-    "How do I boil an egg?",
-]
-
-
-@pytest.fixture()
-def prompt_files(tmp_path):
-    train, val = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
-    train.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    val.write_text("".join(json.dumps({"prompt": p + " Be brief."}) + "\n" for p in PROMPTS[:3]))
-    return train, val
-
-
 def base_args(model, train, val, out_dir, **extra):
     args = [
         "--model", model, "--train_jsonl", str(train), "--val_jsonl", str(val), "--out_dir", str(out_dir),
