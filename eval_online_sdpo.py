@@ -94,7 +94,7 @@ from auxiliary.plots import plot_winrate
 from auxiliary.policies import TrainingPolicy, answer, load_policy, release
 from auxiliary.tracking import REPORT_TO, Tracker
 from auxiliary.vllm_engines import require_vllm
-from online_sdpo_updater import EmptyResponseError, OnlineSDPOUpdater
+from online_sdpo_updater import EmptyResponseError, OnlineSDPOUpdater, complete_checkpoint, read_extra_state
 from online_sdpo_updater_config import OnlineSDPOConfig
 
 logger = logging.getLogger("eval_online_sdpo")
@@ -329,8 +329,6 @@ def resume_point(files: RunFiles, previous: dict | None) -> ResumePoint:
     The results file records the interaction its newest checkpoint covers; a checkpoint that is gone, incomplete or
     older stops the run instead of silently training again over finished interactions.
     """
-    from online_sdpo_updater import complete_checkpoint, read_extra_state
-
     claimed = (previous or {}).get("meta", {}).get("resume_checkpoint_interactions", 0)
     checkpoint = complete_checkpoint(files.checkpoints / RESUME_TAG)
     if checkpoint is None:
@@ -348,6 +346,11 @@ def resume_point(files: RunFiles, previous: dict | None) -> ResumePoint:
             "the newer checkpoint is gone: start a new run with another --out_dir"
         )
     return ResumePoint(checkpoint, done, state.get("pending") or {})
+
+
+def _nothing_pending() -> dict:
+    """What a run recorded since its last resume checkpoint, before anything was."""
+    return {"records": [], "evaluations": [], "completions": []}
 
 
 def _newer(entries: list[dict], after: int, until: int) -> list[dict]:
@@ -490,7 +493,7 @@ class OnlineRun:
         }
         results = {"meta": meta, "eval_history": [], "training_metrics": []}
         self.completions_log: list[dict] = []
-        self.pending = {"records": [], "evaluations": [], "completions": []}
+        self.pending = _nothing_pending()
         done = resume.interactions_done
         meta["resume_checkpoint_interactions"] = done
         previous = self.previous or {"meta": {}, "training_metrics": [], "eval_history": []}
@@ -609,7 +612,7 @@ class OnlineRun:
                 # checkpoint carries what was recorded since the previous one.
                 updater.save_checkpoint(RESUME_TAG, extra_state={"interactions_done": last, "pending": self.pending})
                 results["meta"]["resume_checkpoint_interactions"] = last
-                self.pending = {"records": [], "evaluations": [], "completions": []}
+                self.pending = _nothing_pending()
             self.save(results)
         progress.close()
         if not results["eval_history"] or results["eval_history"][-1]["interaction"] != n:
