@@ -57,15 +57,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file from elsewhere: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from tqdm.auto import tqdm
 
-from auxiliary.backends import BackendError
-from auxiliary.command_line import ArgumentParser
-from auxiliary.env_file import load_project_env
-from auxiliary.evaluation_helpers import (
+from sdpo.chat.backends import BackendError
+from sdpo.utils.command_line import ArgumentParser
+from sdpo.utils.env_file import load_project_env
+from sdpo.evaluation.evaluation_helpers import (
     DataError,
     Prompt,
     as_conversation,
@@ -79,10 +76,10 @@ from auxiliary.evaluation_helpers import (
     seed_everything,
     write_json_atomic,
 )
-from auxiliary.generation import SamplingParams
-from auxiliary.model_loading import DTYPES, ModelLoadError, concrete_dtype
-from auxiliary.oracle import oracle_answers
-from auxiliary.participants import (
+from sdpo.models.generation import SamplingParams
+from sdpo.models.model_loading import DTYPES, ModelLoadError, concrete_dtype
+from sdpo.evaluation.oracle import oracle_answers
+from sdpo.personas.participants import (
     ParticipantsConfig,
     add_participant_arguments,
     build_participants,
@@ -90,12 +87,12 @@ from auxiliary.participants import (
     check_remote_backends,
     style_name,
 )
-from auxiliary.plots import plot_winrate
-from auxiliary.policies import TrainingPolicy, answer, load_policy, release
-from auxiliary.tracking import REPORT_TO, Tracker
-from auxiliary.vllm_engines import require_vllm
-from online_sdpo_updater import EmptyResponseError, OnlineSDPOUpdater, complete_checkpoint, read_extra_state
-from online_sdpo_updater_config import OnlineSDPOConfig
+from sdpo.evaluation.plots import plot_winrate
+from sdpo.chat.policies import TrainingPolicy, answer, load_policy, release
+from sdpo.utils.tracking import REPORT_TO, Tracker
+from sdpo.models.vllm_engines import require_vllm
+from sdpo.learner.updater import EmptyResponseError, OnlineSDPOUpdater, complete_checkpoint, read_extra_state
+from sdpo.learner.config import OnlineSDPOConfig
 
 logger = logging.getLogger("eval_online_sdpo")
 

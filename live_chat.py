@@ -27,10 +27,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from auxiliary.env_file import load_project_env
-from auxiliary.live_chat_sessions import LiveChatError, check_adapters_dir
-from auxiliary.model_loading import DEFAULT_CPU_MODEL, ModelLoadError
-from online_sdpo_updater_config import OnlineSDPOConfig
+from sdpo.utils.env_file import load_project_env
+from sdpo.live_chat.sessions import LiveChatError, check_adapters_dir
+from sdpo.models.model_loading import DEFAULT_CPU_MODEL, ModelLoadError
+from sdpo.learner.config import OnlineSDPOConfig
 
 logger = logging.getLogger("live_chat")
 
@@ -139,9 +139,9 @@ def main(argv=None) -> int:
     except ValueError as error:  # LiveChatError and OnlineSDPOConfig's checks
         print(f"error: {error}", file=sys.stderr)
         return 1
-    from auxiliary.live_chat_sessions import LiveChatEngine
-    from auxiliary.live_chat_ui import build_app, launch_app
-    from online_sdpo_updater import OnlineSDPOUpdater
+    from sdpo.live_chat.sessions import LiveChatEngine
+    from sdpo.live_chat.ui import build_app, launch_app
+    from sdpo.learner.updater import OnlineSDPOUpdater
 
     torch.manual_seed(settings.seed)
     try:

@@ -7,14 +7,14 @@ pre-flight ``backend.check()`` from ``AnthropicBackend``.
 
 from __future__ import annotations
 
-from auxiliary.backends import (
+from sdpo.chat.backends import (
     DEFAULT_ANTHROPIC_MODEL,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     AnthropicBackend,
 )
-from auxiliary.generation import SamplingParams
-from auxiliary.style_judge import LLMStyleJudge
+from sdpo.models.generation import SamplingParams
+from sdpo.personas.style_judge import LLMStyleJudge
 
 
 class ClaudeStyleJudge(LLMStyleJudge):

@@ -8,14 +8,14 @@ pre-flight ``backend.check()`` from ``AnthropicBackend``. Unlike the reference, 
 
 from __future__ import annotations
 
-from auxiliary.backends import (
+from sdpo.chat.backends import (
     DEFAULT_ANTHROPIC_MODEL,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     AnthropicBackend,
 )
-from auxiliary.generation import SamplingParams
-from auxiliary.user_simulator import LLMUserSimulator
+from sdpo.models.generation import SamplingParams
+from sdpo.personas.user_simulator import LLMUserSimulator
 
 
 class ClaudeStyleUserSimulator(LLMUserSimulator):

@@ -66,13 +66,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python auxiliary/eval_checkpoints.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from auxiliary.backends import BackendError
-from auxiliary.command_line import ArgumentParser
-from auxiliary.env_file import load_project_env
-from auxiliary.evaluation_helpers import (
+from sdpo.chat.backends import BackendError
+from sdpo.utils.command_line import ArgumentParser
+from sdpo.utils.env_file import load_project_env
+from sdpo.evaluation.evaluation_helpers import (
     DataError,
     as_conversation,
     average_chars,
@@ -83,18 +80,18 @@ from auxiliary.evaluation_helpers import (
     seed_everything,
     write_json_atomic,
 )
-from auxiliary.generation import SamplingParams
-from auxiliary.model_loading import ModelLoadError, concrete_dtype, load_tokenizer, resolve_model_path
-from auxiliary.participants import (
+from sdpo.models.generation import SamplingParams
+from sdpo.models.model_loading import ModelLoadError, concrete_dtype, load_tokenizer, resolve_model_path
+from sdpo.personas.participants import (
     ParticipantsConfig,
     add_participant_arguments,
     build_participants,
     check_remote_backends,
     style_name,
 )
-from auxiliary.policies import VLLMAdapterPolicy, answer, load_policy, release
-from auxiliary.user_simulator import DEFAULT_EVAL_STYLES
-from auxiliary.vllm_engines import VLLMPolicyEngine, require_vllm
+from sdpo.chat.policies import VLLMAdapterPolicy, answer, load_policy, release
+from sdpo.personas.user_simulator import DEFAULT_EVAL_STYLES
+from sdpo.models.vllm_engines import VLLMPolicyEngine, require_vllm
 
 logger = logging.getLogger("eval_checkpoints")
 

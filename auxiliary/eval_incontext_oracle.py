@@ -54,20 +54,17 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python auxiliary/eval_incontext_oracle.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
-from auxiliary.backends import (
+from sdpo.chat.backends import (
     DEFAULT_ANTHROPIC_MODEL,
     BackendError,
     ChatBackend,
     VLLMChatBackend,
 )
-from auxiliary.command_line import ArgumentParser
-from auxiliary.env_file import load_project_env
-from auxiliary.evaluation_helpers import (
+from sdpo.utils.command_line import ArgumentParser
+from sdpo.utils.env_file import load_project_env
+from sdpo.evaluation.evaluation_helpers import (
     DataError,
     as_conversation,
     average_chars,
@@ -78,13 +75,13 @@ from auxiliary.evaluation_helpers import (
     seed_everything,
     write_json_atomic,
 )
-from auxiliary.generation import SamplingParams
-from auxiliary.model_loading import ModelLoadError, concrete_dtype, load_tokenizer
-from auxiliary.oracle import oracle_answers, oracle_system_prompt
-from auxiliary.participants import ParticipantsConfig, build_participants, check_remote_backends, style_name
-from auxiliary.policies import answer, load_policy, release
-from auxiliary.user_simulator import CORE_STYLES
-from auxiliary.vllm_engines import build_vllm_engine, require_vllm
+from sdpo.models.generation import SamplingParams
+from sdpo.models.model_loading import ModelLoadError, concrete_dtype, load_tokenizer
+from sdpo.evaluation.oracle import oracle_answers, oracle_system_prompt
+from sdpo.personas.participants import ParticipantsConfig, build_participants, check_remote_backends, style_name
+from sdpo.chat.policies import answer, load_policy, release
+from sdpo.personas.user_simulator import CORE_STYLES
+from sdpo.models.vllm_engines import build_vllm_engine, require_vllm
 
 logger = logging.getLogger("eval_incontext_oracle")
 

@@ -24,12 +24,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from auxiliary.data_sources import HubSource, describe_source, load_splits
-from auxiliary.file_io import write_jsonl_atomic
-from auxiliary.preprocessing_cli import (
+from sdpo.data.data_sources import HubSource, describe_source, load_splits
+from sdpo.utils.file_io import write_jsonl_atomic
+from sdpo.data.preprocessing_cli import (
     FilterCounts,
     LengthMeter,
     add_length_arguments,

@@ -26,12 +26,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from auxiliary.data_sources import bundled_package_file
-from auxiliary.file_io import iter_jsonl, write_jsonl_atomic
-from auxiliary.preprocessing_cli import (
+from sdpo.data.data_sources import bundled_package_file
+from sdpo.utils.file_io import iter_jsonl, write_jsonl_atomic
+from sdpo.data.preprocessing_cli import (
     PreprocessError,
     add_out_dir_argument,
     check_output_folder,

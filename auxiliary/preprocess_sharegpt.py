@@ -35,13 +35,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from auxiliary.data_sources import bundled_package_file
-from auxiliary.file_io import find_utf8_error
-from auxiliary.json_stream import JsonRecordStream
-from auxiliary.preprocessing_cli import (
+from sdpo.data.data_sources import bundled_package_file
+from sdpo.utils.file_io import find_utf8_error
+from sdpo.data.json_stream import JsonRecordStream
+from sdpo.data.preprocessing_cli import (
     InteractionExtractor,
     LengthMeter,
     PreprocessError,

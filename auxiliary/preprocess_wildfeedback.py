@@ -34,11 +34,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from auxiliary.data_sources import HubSource, describe_source, load_splits
-from auxiliary.preprocessing_cli import (
+from sdpo.data.data_sources import HubSource, describe_source, load_splits
+from sdpo.data.preprocessing_cli import (
     InteractionExtractor,
     LengthMeter,
     add_history_arguments,

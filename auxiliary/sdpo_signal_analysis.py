@@ -53,7 +53,7 @@ Choices that differ from the reference script (spec §10):
     ``--hindsight_variant offline_v1`` reproduces the reference;
   * sampling uses T from the case file with top-p 1.0 and no top-k, stated explicitly (the reference
     inherited Qwen3's generation config, top-p 0.95 / top-k 20);
-  * log-probs come from fp32 log-softmax (``sdpo_core.score_completions``), and the three contexts are
+  * log-probs come from fp32 log-softmax (``sdpo.core.score_completions``), and the three contexts are
     scored in one left-padded batch; contexts longer than 2048 tokens lose their oldest tokens;
   * the default cases file is found relative to the repository root (the reference's path broke when
     the script moved into ``auxiliary/``);
@@ -73,20 +73,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python auxiliary/<script>.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 import torch
 
-from auxiliary.command_line import ArgumentParser
-from auxiliary.env_file import load_project_env
-from auxiliary.evaluation_helpers import seed_everything
-from auxiliary.file_io import write_json_atomic
-from auxiliary.generation import Generation, SamplingParams, encode_chat, generate
-from auxiliary.model_loading import ModelLoadError, load_model_and_tokenizer, resolve_device
-from auxiliary.plots import SIGNAL_HEATMAP_FILES, SignalFigureSettings, token_figure_name, write_signal_figures
-from sdpo_core import (
+from sdpo.utils.command_line import ArgumentParser
+from sdpo.utils.env_file import load_project_env
+from sdpo.evaluation.evaluation_helpers import seed_everything
+from sdpo.utils.file_io import write_json_atomic
+from sdpo.models.generation import Generation, SamplingParams, encode_chat, generate
+from sdpo.models.model_loading import ModelLoadError, load_model_and_tokenizer, resolve_device
+from sdpo.evaluation.plots import SIGNAL_HEATMAP_FILES, SignalFigureSettings, token_figure_name, write_signal_figures
+from sdpo.core import (
     HINDSIGHT_VARIANTS,
     encode_student_teacher_contexts,
     pad_contexts_and_completions,

@@ -9,10 +9,10 @@ rejects the whole batch when a single prompt exceeds the engine's maximum length
 
 from __future__ import annotations
 
-from auxiliary.backends import TokenBudget, VLLMChatBackend
-from auxiliary.generation import SamplingParams
-from auxiliary.style_judge import LLMStyleJudge
-from auxiliary.user_simulator import LLMUserSimulator
+from sdpo.chat.backends import TokenBudget, VLLMChatBackend
+from sdpo.models.generation import SamplingParams
+from sdpo.personas.style_judge import LLMStyleJudge
+from sdpo.personas.user_simulator import LLMUserSimulator
 
 
 class VLLMStyleUserSimulator(LLMUserSimulator):

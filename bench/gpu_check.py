@@ -9,7 +9,7 @@ download, no data files.
 
 Online step (through ``OnlineSDPOUpdater`` with ``model=`` and ``tokenizer=``): generate ``--new_tokens`` at
 batch ``--batch_size``, teacher and student scoring, backward, optimizer. Offline step: the logged-interaction
-loss of the offline trainer (``sdpo_core.sdpo_loss`` in ``simple_signal`` mode, first 2 tokens ignored) on the
+loss of the offline trainer (``sdpo.core.sdpo_loss`` in ``simple_signal`` mode, first 2 tokens ignored) on the
 same batch, backward, optimizer. Weights are fp32 master weights under bf16 autocast (the project's default);
 attention is sdpa (flash kernels on CUDA) unless ``--attn`` says otherwise. One warm-up step precedes the
 measured ones.
@@ -34,9 +34,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.online_step import (  # noqa: E402
+from bench.online_step import (
     FOLLOW_UP,
     PROMPTS,
     linear_parameter_counts,
@@ -44,9 +43,9 @@ from bench.online_step import (  # noqa: E402
     run_step,
     summarise,
 )
-from online_sdpo_updater import OnlineSDPOUpdater  # noqa: E402
-from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
-from sdpo_core import encode_student_teacher_contexts, pad_contexts_and_completions, sdpo_loss  # noqa: E402
+from sdpo.learner.updater import OnlineSDPOUpdater
+from sdpo.learner.config import OnlineSDPOConfig
+from sdpo.core import encode_student_teacher_contexts, pad_contexts_and_completions, sdpo_loss
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (

@@ -30,10 +30,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import eval_online_sdpo  # noqa: E402
-from auxiliary import preprocess_mtbench  # noqa: E402
+import eval_online_sdpo
+from auxiliary import preprocess_mtbench
 
 RUN_NAME = "bench"
 LOG_TAIL_CHARS = 3000

@@ -35,16 +35,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from auxiliary.evaluation_helpers import as_conversation, compute_metrics, load_split, seed_everything  # noqa: E402
-from auxiliary.generation import SamplingParams  # noqa: E402
-from auxiliary.model_loading import concrete_dtype, load_tokenizer, resolve_model_path  # noqa: E402
-from auxiliary.rule_based_user import RuleBasedJudge, RuleBasedUserSimulator  # noqa: E402
-from online_sdpo_updater import EmptyResponseError, OnlineSDPOUpdater  # noqa: E402
-from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
-from online_step import ReferenceStyleScoring, machine_line, use_threads  # noqa: E402
+from sdpo.evaluation.evaluation_helpers import as_conversation, compute_metrics, load_split, seed_everything
+from sdpo.models.generation import SamplingParams
+from sdpo.models.model_loading import concrete_dtype, load_tokenizer, resolve_model_path
+from sdpo.personas.rule_based_user import RuleBasedJudge, RuleBasedUserSimulator
+from sdpo.learner.updater import EmptyResponseError, OnlineSDPOUpdater
+from sdpo.learner.config import OnlineSDPOConfig
+from online_step import ReferenceStyleScoring, machine_line, use_threads
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("train_generation", "train_steps", "eval_generation", "judging", "checkpoints")

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from auxiliary.generation import SamplingParams  # noqa: E402
-from auxiliary.model_loading import concrete_dtype, cpu_has_native_bf16  # noqa: E402
-from online_sdpo_updater import OnlineSDPOUpdater  # noqa: E402
-from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
+from sdpo.models.generation import SamplingParams
+from sdpo.models.model_loading import concrete_dtype, cpu_has_native_bf16
+from sdpo.learner.updater import OnlineSDPOUpdater
+from sdpo.learner.config import OnlineSDPOConfig
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -99,11 +98,11 @@ class ReferenceStyleScoring:
     """Swap in the reference's scoring cost: logits and an fp32 log-softmax for every position."""
 
     def __enter__(self):
-        import sdpo_core
+        from sdpo import core as sdpo_core
 
         self.module = sdpo_core
-        self.original = sdpo_core.score_completions
-        sdpo_core.score_completions = self.full_vocab_scoring
+        self.original = sdpo.core.score_completions
+        sdpo.core.score_completions = self.full_vocab_scoring
         return self
 
     def __exit__(self, *exc):
@@ -112,7 +111,7 @@ class ReferenceStyleScoring:
     @staticmethod
     def full_vocab_scoring(model, batch, *, topk=0, gather_indices=None, temperature=1.0, fp32_head=True):
         """The model's own head at every position (fp32 when the model is); like the reference, no temperature."""
-        from sdpo_core import TokenScores
+        from sdpo.core import TokenScores
 
         output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
         width = batch.completion_width

@@ -66,16 +66,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python offline_sdpo/main_offline_sdpo.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 import yaml
 from trl import TrlParser
 
-from auxiliary.data_sources import DataError, first_line
-from auxiliary.env_file import load_project_env
-from auxiliary.model_loading import DTYPES, ModelLoadError, load_model_and_tokenizer, load_tokenizer
+from sdpo.data.data_sources import DataError, first_line
+from sdpo.utils.env_file import load_project_env
+from sdpo.models.model_loading import DTYPES, ModelLoadError, load_model_and_tokenizer, load_tokenizer
 from offline_sdpo.offline_sdpo_trainer import (
     InteractionDataset,
     OfflineSDPOCollator,
@@ -85,7 +82,7 @@ from offline_sdpo.offline_sdpo_trainer import (
     load_interactions,
     sharded_launch,
 )
-from online_sdpo_updater_config import DEFAULT_LORA_TARGET_MODULES
+from sdpo.learner.config import DEFAULT_LORA_TARGET_MODULES
 
 DEFAULT_BASE_MODEL = "Qwen/Qwen3-4B"
 DATA_REPORT_FILE = "data_report.json"

@@ -7,8 +7,8 @@ trained is both student and teacher (paper Eq. 4, no importance correction): per
     A_t = log π(y_t | x⊕o, y_<t) − log π(y_t | x, y_<t)       (teacher under no_grad minus student)
 
 and the default loss is the sampled-token policy gradient −Σ_t A_t·log π(y_t | x, y_<t) / Σ_t 1 per
-sequence, averaged over the batch (``sdpo_core.simple_signal_loss``). ``loss_mode="full_distillation"``
-swaps in the online learner's top-K reverse-KL loss (``sdpo_core.full_distillation_loss``), an
+sequence, averaged over the batch (``sdpo.core.simple_signal_loss``). ``loss_mode="full_distillation"``
+swaps in the online learner's top-K reverse-KL loss (``sdpo.core.full_distillation_loss``), an
 extension the paper did not run offline. The hindsight context x⊕o, the scorer and both losses are
 the shared functions of ``sdpo_core``, the same ones the online learner calls.
 
@@ -52,10 +52,10 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from auxiliary.data_sources import DataError, iter_dataset_rows
-from auxiliary.interaction_schema import Interaction, Message, interactions_from_row, message_text, parse_messages
-from auxiliary.model_loading import DTYPES, resolve_dtype
-from sdpo_core import (
+from sdpo.data.data_sources import DataError, iter_dataset_rows
+from sdpo.data.interaction_schema import Interaction, Message, interactions_from_row, message_text, parse_messages
+from sdpo.models.model_loading import DTYPES, resolve_dtype
+from sdpo.core import (
     HINDSIGHT_VARIANTS,
     LOSS_MODES,
     build_hindsight_messages,
@@ -477,7 +477,7 @@ class OfflineSDPOCollator:
     Messages may be from/value or role/content. y = logged assistant text, right-stripped, plus the EOS
     string, tokenized without special tokens. Contexts are rendered with the generation prompt (thinking
     off) and left-truncated to ``max_context_length``. Padding happens in the trainer
-    (``sdpo_core.pad_contexts_and_completions``), where ``ignore_first_k`` is applied.
+    (``sdpo.core.pad_contexts_and_completions``), where ``ignore_first_k`` is applied.
 
     Returns ``student_context_ids``, ``teacher_context_ids``, ``completion_ids`` (lists of id lists) and
     ``completion_has_eos`` (False only for a completion cut by ``overlong_completion="truncate"``).

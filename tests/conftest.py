@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from auxiliary.model_loading import (
+from sdpo.models.model_loading import (
     DEFAULT_CPU_MODEL,
     load_tokenizer,
     resolve_model_path,

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from auxiliary.backends import (
+from sdpo.chat.backends import (
     AnthropicBackend,
     BackendError,
     HFChatBackend,
@@ -19,7 +19,7 @@ from auxiliary.backends import (
 )
 from auxiliary.claude_style_judge import ClaudeStyleJudge
 from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
-from auxiliary.generation import SamplingParams, encode_chat
+from sdpo.models.generation import SamplingParams, encode_chat
 from tests.fakes import (
     FakeAnthropicServer,
     FakeLLM,

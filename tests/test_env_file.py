@@ -2,7 +2,7 @@
 
 import os
 
-from auxiliary.env_file import load_project_env
+from sdpo.utils.env_file import load_project_env
 
 
 def test_dotenv_fills_only_what_the_environment_lacks(tmp_path, monkeypatch):

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from auxiliary import eval_checkpoints
-from auxiliary.generation import Generation, encode_chat
-from auxiliary.model_loading import load_model_and_tokenizer
-from online_sdpo_updater import OnlineSDPOUpdater
-from online_sdpo_updater_config import OnlineSDPOConfig
+from sdpo.models.generation import Generation, encode_chat
+from sdpo.models.model_loading import load_model_and_tokenizer
+from sdpo.learner.updater import OnlineSDPOUpdater
+from sdpo.learner.config import OnlineSDPOConfig
 from tests.fakes import install_fake_vllm
 
 REPO = Path(__file__).resolve().parents[1]

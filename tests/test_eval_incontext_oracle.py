@@ -9,11 +9,12 @@ import sys
 
 import pytest
 
-from auxiliary import backends, eval_incontext_oracle
-from auxiliary.participants import build_participants
-from auxiliary.rule_based_user import RuleBasedJudge
-from auxiliary.style_judge import LLMStyleJudge
-from auxiliary.user_simulator import get_persona
+from auxiliary import eval_incontext_oracle
+from sdpo.chat import backends
+from sdpo.personas.participants import build_participants
+from sdpo.personas.rule_based_user import RuleBasedJudge
+from sdpo.personas.style_judge import LLMStyleJudge
+from sdpo.personas.user_simulator import get_persona
 from tests.fakes import FakeLLM, install_fake_vllm
 from tests.test_eval_checkpoints import METRIC_KEYS, dry_run_argv, values
 

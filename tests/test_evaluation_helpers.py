@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from auxiliary.evaluation_helpers import (
+from sdpo.evaluation.evaluation_helpers import (
     as_conversation,
     request_text,
     DataError,
@@ -23,7 +23,7 @@ from auxiliary.evaluation_helpers import (
     to_json_safe,
     write_json_atomic,
 )
-from auxiliary.generation import encode_chat
+from sdpo.models.generation import encode_chat
 
 PROMPTS = Path(__file__).parent / "fixtures" / "prompts"
 
@@ -148,7 +148,7 @@ def test_select_matches_the_datasets_shuffle_of_the_reference():
 
 
 def test_select_fewer_than_requested_warns_and_returns_what_exists(caplog):
-    with caplog.at_level(logging.WARNING, logger="auxiliary.evaluation_helpers"):
+    with caplog.at_level(logging.WARNING, logger="sdpo.evaluation.evaluation_helpers"):
         chosen = select_prompts(POOL[:7], 20, seed=0, label="eval")
     assert sorted(chosen) == sorted(POOL[:7])
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -157,7 +157,7 @@ def test_select_fewer_than_requested_warns_and_returns_what_exists(caplog):
 
 
 def test_select_enough_prompts_does_not_warn(caplog):
-    with caplog.at_level(logging.WARNING, logger="auxiliary.evaluation_helpers"):
+    with caplog.at_level(logging.WARNING, logger="sdpo.evaluation.evaluation_helpers"):
         select_prompts(POOL, 50, seed=0, label="train")
     assert not caplog.records
 

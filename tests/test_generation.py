@@ -1,9 +1,9 @@
-"""The generation-only inference copy (auxiliary.generation.InferenceCopy) against the training model it mirrors."""
+"""The generation-only inference copy (sdpo.models.generation.InferenceCopy) against the training model it mirrors."""
 
 import pytest
 import torch
 
-from auxiliary.generation import InferenceCopy, SamplingParams, encode_chat, generate
+from sdpo.models.generation import InferenceCopy, SamplingParams, encode_chat, generate
 from tests.conftest import build_tiny_llama
 
 PROMPTS = ["Name a colour.", "Write one line about the sea.", "Count to five."]
@@ -85,8 +85,8 @@ def test_generation_leaves_the_training_model_in_training_mode(chat_tokenizer, t
 
 
 def _updater(model_path, tmp_path, **overrides):
-    from online_sdpo_updater import OnlineSDPOUpdater
-    from online_sdpo_updater_config import OnlineSDPOConfig
+    from sdpo.learner.updater import OnlineSDPOUpdater
+    from sdpo.learner.config import OnlineSDPOConfig
 
     settings = dict(
         model_name_or_path=model_path,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from auxiliary.interaction_schema import ASSISTANT, SYSTEM, USER, Interaction, Message, interactions_from_row
+from sdpo.data.interaction_schema import ASSISTANT, SYSTEM, USER, Interaction, Message, interactions_from_row
 from offline_sdpo.offline_sdpo_trainer import InteractionDataset, load_interactions
 from tests.conftest import FIXTURES
 

@@ -13,8 +13,8 @@ import torch
 from peft import get_peft_model_state_dict, load_peft_weights
 
 import live_chat
-from auxiliary.generation import Generation
-from auxiliary.live_chat_sessions import (
+from sdpo.models.generation import Generation
+from sdpo.live_chat.sessions import (
     FAILED_FILE,
     INITIAL,
     Conversation,
@@ -23,9 +23,9 @@ from auxiliary.live_chat_sessions import (
     LiveChatError,
     check_user_name,
 )
-from auxiliary.live_chat_ui import chat_display, render_signal_html, render_status, signal_color_hex
-from online_sdpo_updater import TRAINING_STATE_FILE, OnlineSDPOUpdater
-from online_sdpo_updater_config import OnlineSDPOConfig
+from sdpo.live_chat.ui import chat_display, render_signal_html, render_status, signal_color_hex
+from sdpo.learner.updater import TRAINING_STATE_FILE, OnlineSDPOUpdater
+from sdpo.learner.config import OnlineSDPOConfig
 from tests.conftest import build_tiny_llama
 from tests.test_vllm_policy import fake_policy_vllm  # noqa: F401  (fixture)
 
@@ -330,7 +330,7 @@ def test_signal_colours_follow_the_signal_analysis_colour_map():
 
 
 def test_signal_panel_shows_each_token_escaped_with_its_value(start_engine):
-    from auxiliary.live_chat_sessions import UpdateReport
+    from sdpo.live_chat.sessions import UpdateReport
 
     report = UpdateReport(step=4, loss=0.5, signal_mean=-1.0, follow_up="too <b>bold</b>",
                           tokens=["<script>", " ok", "\n"], signal=[-2.0, 0.0, 1.5], train_time_s=0.1)

@@ -17,8 +17,8 @@ import torch
 pytest.importorskip("gradio")
 pytest.importorskip("selenium")
 
-from auxiliary.live_chat_sessions import INITIAL  # noqa: E402
-from auxiliary.live_chat_ui import build_app, launch_app  # noqa: E402
+from sdpo.live_chat.sessions import INITIAL  # noqa: E402
+from sdpo.live_chat.ui import build_app, launch_app  # noqa: E402
 from tests.test_live_chat import PROMPT, adapter_weights, start_engine  # noqa: E402, F401  (fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from auxiliary.generation import SamplingParams, encode_chat, generate
-from auxiliary.model_loading import (
+from sdpo.models.generation import SamplingParams, encode_chat, generate
+from sdpo.models.model_loading import (
     ModelLoadError,
     load_model_and_tokenizer,
     load_tokenizer,
@@ -88,10 +88,10 @@ def test_chat_template_is_required(chat_tokenizer):
 
 
 def test_auto_dtype_is_bfloat16_only_where_computed_natively(monkeypatch):
-    from auxiliary.model_loading import concrete_dtype
+    from sdpo.models.model_loading import concrete_dtype
 
     assert concrete_dtype("float32", "cpu") == "float32" and concrete_dtype("bfloat16", "cpu") == "bfloat16"
-    from auxiliary import model_loading
+    from sdpo.models import model_loading
 
     monkeypatch.setattr(model_loading, "cpu_has_native_bf16", lambda: False)
     assert concrete_dtype("auto", "cpu") == "float32"  # AVX2-only: bf16 would be emulated

@@ -23,7 +23,7 @@ from offline_sdpo.offline_sdpo_trainer import (
     drop_overlong_completions,
     load_interactions,
 )
-from sdpo_core import full_distillation_loss, pad_contexts_and_completions, score_completions
+from sdpo.core import full_distillation_loss, pad_contexts_and_completions, score_completions
 from tests.conftest import FIXTURES, build_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import eval_online_sdpo
-from auxiliary.rule_based_user import RuleBasedUserSimulator
+from sdpo.personas.rule_based_user import RuleBasedUserSimulator
 from tests.conftest import PROMPTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_faults_at_commit_points_then_resume_equal_an_uninterrupted_run(tmp_path
 
 
 def test_conversational_prompt_files_and_the_tldr_system_prompt(tmp_path, prompt_files, tiny_model_path, chat_tokenizer, monkeypatch):
-    from auxiliary import generation
+    from sdpo.models import generation
 
     seen = []
     real_generate = generation.generate
@@ -125,7 +125,7 @@ def test_conversational_prompt_files_and_the_tldr_system_prompt(tmp_path, prompt
         seen.extend(chat_tokenizer.decode(c) for c in contexts)
         return real_generate(model, tokenizer, contexts, sampling, **kwargs)
 
-    monkeypatch.setattr("online_sdpo_updater.generate", recording_generate)
+    monkeypatch.setattr("sdpo.learner.updater.generate", recording_generate)
     _, val = prompt_files
     train = tmp_path / "chat.jsonl"
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]

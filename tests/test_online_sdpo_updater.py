@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from auxiliary.generation import Generation, SamplingParams
-from online_sdpo_updater import EmptyResponseError, OnlineSDPOUpdater, latest_checkpoint
-from online_sdpo_updater_config import OnlineSDPOConfig
-from sdpo_core import build_hindsight_messages, pad_contexts_and_completions, score_completions
+from sdpo.models.generation import Generation, SamplingParams
+from sdpo.learner.updater import EmptyResponseError, OnlineSDPOUpdater, latest_checkpoint
+from sdpo.learner.config import OnlineSDPOConfig
+from sdpo.core import build_hindsight_messages, pad_contexts_and_completions, score_completions
 
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 FOLLOW_UP = "Answer in one word, no punctuation."

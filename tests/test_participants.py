@@ -6,17 +6,17 @@ import pytest
 
 from auxiliary.claude_style_judge import ClaudeStyleJudge
 from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
-from auxiliary.generation import SamplingParams
-from auxiliary.participants import (
+from sdpo.models.generation import SamplingParams
+from sdpo.personas.participants import (
     ParticipantsConfig,
     ParticipantsError,
     add_participant_arguments,
     build_participants,
     style_name,
 )
-from auxiliary.rule_based_user import RuleBasedJudge, RuleBasedUserSimulator
-from auxiliary.style_judge import LLMStyleJudge
-from auxiliary.user_simulator import LLMUserSimulator
+from sdpo.personas.rule_based_user import RuleBasedJudge, RuleBasedUserSimulator
+from sdpo.personas.style_judge import LLMStyleJudge
+from sdpo.personas.user_simulator import LLMUserSimulator
 from tests.fakes import FakeOpenAIServer, Reply
 
 
@@ -97,7 +97,7 @@ def test_bad_combinations_fail_clearly():
 
 
 def test_style_schedule_switches_after_each_segment():
-    from auxiliary.participants import StyleSchedule
+    from sdpo.personas.participants import StyleSchedule
 
     schedule = StyleSchedule.parse("concise_casual_beginner:3,detailed_professional_expert:2", default_style="short")
     assert [schedule.style_at(i) for i in range(7)] == ["concise_casual_beginner"] * 3 + ["detailed_professional_expert"] * 4

@@ -9,9 +9,9 @@ import pytest
 from matplotlib import colormaps
 from matplotlib.colors import to_hex, to_rgb
 
-from auxiliary.evaluation_helpers import compute_metrics
-from auxiliary.file_io import to_json_safe
-from auxiliary.plots import (
+from sdpo.evaluation.evaluation_helpers import compute_metrics
+from sdpo.utils.file_io import to_json_safe
+from sdpo.evaluation.plots import (
     SIGNAL_HEATMAP_FILES,
     SignalFigureSettings,
     plot_heatmap,

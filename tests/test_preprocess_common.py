@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from auxiliary import data_sources
-from auxiliary.conversations import (
+from sdpo.data import data_sources
+from sdpo.data.conversations import (
     ConversationLimits,
     build_history,
     conversation_skip_reason,
@@ -16,11 +16,11 @@ from auxiliary.conversations import (
     merge_consecutive,
     normalize_conversation,
 )
-from auxiliary.data_sources import DataError, HubSource, load_splits
-from auxiliary.file_io import write_jsonl_atomic
-from auxiliary.interaction_schema import ASSISTANT, USER, Message
-from auxiliary.json_stream import JsonRecordStream
-from auxiliary.preprocessing_cli import FilterCounts, InteractionExtractor, LengthMeter, stats_path_for
+from sdpo.data.data_sources import DataError, HubSource, load_splits
+from sdpo.utils.file_io import write_jsonl_atomic
+from sdpo.data.interaction_schema import ASSISTANT, USER, Message
+from sdpo.data.json_stream import JsonRecordStream
+from sdpo.data.preprocessing_cli import FilterCounts, InteractionExtractor, LengthMeter, stats_path_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "preprocess"
 

@@ -5,10 +5,10 @@ import json
 from pathlib import Path
 
 from auxiliary import preprocess_sharegpt
-from auxiliary.conversations import ConversationLimits
-from auxiliary.json_stream import JsonRecordStream
+from sdpo.data.conversations import ConversationLimits
+from sdpo.data.json_stream import JsonRecordStream
 from auxiliary.preprocess_wildfeedback import wildfeedback_rows
-from auxiliary.preprocessing_cli import InteractionExtractor, LengthMeter
+from sdpo.data.preprocessing_cli import InteractionExtractor, LengthMeter
 from tests.preprocess_helpers import WILDFEEDBACK_RECORD_FIELDS, read_jsonl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "preprocess" / "sharegpt" / "truncated.json"

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 import eval_online_sdpo
-from auxiliary.user_simulator import STYLE_PERSONAS
+from sdpo.personas.user_simulator import STYLE_PERSONAS
 from tests.test_scripts import REPO, dry_run, flag
 
 FIGURES = ("fig4", "fig5", "fig6")

@@ -3,15 +3,15 @@ approvals and complaints, and the judge's preferences in both orders."""
 
 import pytest
 
-from auxiliary.rule_based_user import (
+from sdpo.personas.rule_based_user import (
     RULE_BASED_STYLES,
     SHORT_MAX_WORDS,
     RuleBasedJudge,
     RuleBasedUserSimulator,
     find_violations,
 )
-from auxiliary.style_judge import parse_judgement
-from auxiliary.user_simulator import STYLE_PERSONAS
+from sdpo.personas.style_judge import parse_judgement
+from sdpo.personas.user_simulator import STYLE_PERSONAS
 
 LIST_ANSWER = "Options:\n\n- apples\n- pears\n- plums\n- figs\n- dates\n"
 NESTED_LIST = "- fruit\n  - apples\n  - pears\n- vegetables\n"

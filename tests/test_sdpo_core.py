@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from auxiliary.generation import encode_chat
-from sdpo_core import (
+from sdpo.models.generation import encode_chat
+from sdpo.core import (
     HINDSIGHT_VARIANTS,
     build_hindsight_messages,
     encode_hindsight_contexts,
@@ -292,7 +292,7 @@ def test_one_signal_step_moves_tokens_in_the_direction_of_the_signal():
 
 def test_chunked_fp32_scoring_equals_one_chunk(tiny_model, chat_tokenizer, monkeypatch):
     """Several sequences per fp32 chunk or one per chunk: same values, same gradients."""
-    import sdpo_core
+    from sdpo import core as sdpo_core
 
     contexts, completions = _example_ids(chat_tokenizer)
     batch = pad_contexts_and_completions(contexts, completions, chat_tokenizer.pad_token_id)
@@ -363,8 +363,8 @@ def test_scoring_at_temperature_uses_the_sampling_distribution(tiny_model, chat_
 
 
 def test_online_updater_counts_truncated_contexts_and_warns_once(tiny_model_path, tmp_path, caplog):
-    from online_sdpo_updater import OnlineSDPOUpdater
-    from online_sdpo_updater_config import OnlineSDPOConfig
+    from sdpo.learner.updater import OnlineSDPOUpdater
+    from sdpo.learner.config import OnlineSDPOConfig
 
     config = OnlineSDPOConfig(
         model_name_or_path=tiny_model_path,
@@ -377,7 +377,7 @@ def test_online_updater_counts_truncated_contexts_and_warns_once(tiny_model_path
     )
     updater = OnlineSDPOUpdater(config)
     short = [{"role": "user", "content": "Hi"}]
-    with caplog.at_level("WARNING", logger="online_sdpo_updater"):
+    with caplog.at_level("WARNING", logger="sdpo.learner.updater"):
         batch = ([LONG_X, short], ["Sure.", "Hello."], ["Shorter.", "Shorter."])
         metrics = [updater.train_step_batch(*batch) for _ in range(2)]
     assert [m["truncated_contexts"] for m in metrics] == [1, 1]
@@ -386,7 +386,7 @@ def test_online_updater_counts_truncated_contexts_and_warns_once(tiny_model_path
 
 
 def test_length_groups_bound_the_padding():
-    from sdpo_core import length_groups
+    from sdpo.core import length_groups
 
     lengths = [49, 65, 48, 53, 68, 233, 42, 59]  # MT-Bench-like: one long prompt among short ones
     groups = length_groups(lengths, max_padding_ratio=1.25)
@@ -402,16 +402,16 @@ def test_micro_batches_give_the_update_of_one_padded_batch(tiny_model, chat_toke
     """Splitting a step into length groups (each backward scaled by its share) leaves loss and weights unchanged."""
     import copy
 
-    import sdpo_core
-    from online_sdpo_updater import OnlineSDPOUpdater
-    from online_sdpo_updater_config import OnlineSDPOConfig
+    from sdpo import core as sdpo_core
+    from sdpo.learner.updater import OnlineSDPOUpdater
+    from sdpo.learner.config import OnlineSDPOConfig
 
     conversations = [[{"role": "user", "content": "Hi " * n}] for n in (2, 3, 60, 4)]
     responses = ["Hello there.", "Sure, here it is.", "A long answer follows now.", "Okay."]
     follow_ups = ["Shorter.", "No lists.", "Too long.", "Fine."]
     results = []
     for ratio in (1.25, 1e9):  # several micro-batches, then one padded batch
-        monkeypatch.setattr("online_sdpo_updater.length_groups", lambda lengths, r=ratio: sdpo_core.length_groups(lengths, r))
+        monkeypatch.setattr("sdpo.learner.updater.length_groups", lambda lengths, r=ratio: sdpo.core.length_groups(lengths, r))
         config = OnlineSDPOConfig(model_name_or_path="tiny", device="cpu", torch_dtype="float32", learning_rate=1e-3, loss_mode="simple_signal", max_new_tokens=32)
         updater = OnlineSDPOUpdater(config, model=copy.deepcopy(tiny_model), tokenizer=chat_tokenizer)
         metrics = updater.train_step_batch(conversations, responses, follow_ups)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from auxiliary import sdpo_signal_analysis as analysis
-from auxiliary.generation import Generation, SamplingParams, encode_chat
-from auxiliary.plots import SIGNAL_HEATMAP_FILES
-from sdpo_core import build_hindsight_messages, pad_contexts_and_completions, score_completions
+from sdpo.models.generation import Generation, SamplingParams, encode_chat
+from sdpo.evaluation.plots import SIGNAL_HEATMAP_FILES
+from sdpo.core import build_hindsight_messages, pad_contexts_and_completions, score_completions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -309,7 +309,7 @@ def test_full_run_writes_the_schema_the_summary_and_every_figure(tiny_model_path
         assert data.startswith(PNG_MAGIC) and len(data) > 1000, name
 
     # The stored signals match unpadded forward passes of the saved model on the stored ids.
-    from auxiliary.model_loading import load_model_and_tokenizer
+    from sdpo.models.model_loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(tiny_model_path, dtype="float32", device="cpu")
     case = result["cases"][0]

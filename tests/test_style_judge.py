@@ -3,17 +3,17 @@
 
 import pytest
 
-from auxiliary.backends import ChatBackend
+from sdpo.chat.backends import ChatBackend
 from auxiliary.claude_style_judge import ClaudeStyleJudge
-from auxiliary.generation import SamplingParams, encode_chat
-from auxiliary.style_judge import (
+from sdpo.models.generation import SamplingParams, encode_chat
+from sdpo.personas.style_judge import (
     LLMStyleJudge,
     StyleJudge,
     build_judge_messages,
     combine_orders,
     parse_judgement,
 )
-from auxiliary.user_simulator import STYLE_PERSONAS
+from sdpo.personas.user_simulator import STYLE_PERSONAS
 from auxiliary.vllm_user_simulator import VLLMStyleJudge
 from tests.fakes import FakeAnthropicServer, FakeLLM, Reply, install_fake_vllm
 

@@ -5,10 +5,10 @@ import re
 
 import pytest
 
-from auxiliary.backends import ChatBackend
+from sdpo.chat.backends import ChatBackend
 from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
-from auxiliary.generation import SamplingParams, encode_chat
-from auxiliary.user_simulator import (
+from sdpo.models.generation import SamplingParams, encode_chat
+from sdpo.personas.user_simulator import (
     CORE_STYLES,
     DEFAULT_EVAL_STYLES,
     FALLBACK_FEEDBACK,

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from auxiliary.generation import SamplingParams
+from sdpo.models.generation import SamplingParams
 from tests.fakes import install_fake_vllm
 
 
@@ -40,7 +40,7 @@ def fake_policy_vllm(monkeypatch, chat_tokenizer):
 
 
 def test_vllm_policy_engine_follows_the_adapter_and_keeps_exact_ids(fake_policy_vllm, chat_tokenizer, tmp_path):
-    from auxiliary.vllm_engines import VLLMPolicyEngine
+    from sdpo.models.vllm_engines import VLLMPolicyEngine
 
     eos = chat_tokenizer.eos_token_id
 
@@ -63,8 +63,8 @@ def test_vllm_policy_engine_follows_the_adapter_and_keeps_exact_ids(fake_policy_
 
 
 def test_updater_generates_with_vllm_and_publishes_each_update(fake_policy_vllm, tiny_model_path, tmp_path):
-    from online_sdpo_updater import OnlineSDPOUpdater
-    from online_sdpo_updater_config import OnlineSDPOConfig
+    from sdpo.learner.updater import OnlineSDPOUpdater
+    from sdpo.learner.config import OnlineSDPOConfig
 
     config = OnlineSDPOConfig(
         model_name_or_path=tiny_model_path,
@@ -93,7 +93,7 @@ def test_updater_generates_with_vllm_and_publishes_each_update(fake_policy_vllm,
 def test_engines_resolve_the_bundled_alias_and_get_the_gpus_asked_for(
     fake_policy_vllm, bundled_model_path, monkeypatch
 ):
-    from auxiliary.vllm_engines import build_vllm_engine
+    from sdpo.models.vllm_engines import build_vllm_engine
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
     seen = []
@@ -116,7 +116,7 @@ def test_engines_resolve_the_bundled_alias_and_get_the_gpus_asked_for(
 
 
 def test_policy_engine_without_sleep_mode_never_sleeps(fake_policy_vllm, chat_tokenizer):
-    from auxiliary.vllm_engines import VLLMPolicyEngine, shutdown_engine
+    from sdpo.models.vllm_engines import VLLMPolicyEngine, shutdown_engine
 
     engine = VLLMPolicyEngine(
         "m", chat_tokenizer, max_lora_rank=8, gpu_memory_utilization=0.3, dtype="float32", max_model_len=64
@@ -128,7 +128,7 @@ def test_policy_engine_without_sleep_mode_never_sleeps(fake_policy_vllm, chat_to
 
 
 def test_require_vllm_names_the_option_and_the_install_command(monkeypatch):
-    from auxiliary.vllm_engines import VLLMUnavailableError, require_vllm
+    from sdpo.models.vllm_engines import VLLMUnavailableError, require_vllm
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail like a missing package
     require_vllm([])

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from auxiliary.generation import SamplingParams, generate
+from sdpo.models.generation import SamplingParams, generate
 from tests.conftest import build_tiny_llama
 
 if os.environ.get("SDPO_REQUIRE_VLLM") == "1":
@@ -57,8 +57,8 @@ def engine_processes() -> list:
 class TestPolicyEngine:
     @pytest.fixture(scope="class")
     def updater(self, tiny_vllm_model_path, tmp_path_factory):
-        from online_sdpo_updater import OnlineSDPOUpdater
-        from online_sdpo_updater_config import OnlineSDPOConfig
+        from sdpo.learner.updater import OnlineSDPOUpdater
+        from sdpo.learner.config import OnlineSDPOConfig
 
         config = OnlineSDPOConfig(
             model_name_or_path=tiny_vllm_model_path,
@@ -107,7 +107,7 @@ class TestPolicyEngine:
 class TestUserAndJudgeOnTheBundledModel:
     @pytest.fixture(scope="class")
     def engine(self):
-        from auxiliary.vllm_engines import build_vllm_engine, shutdown_engine
+        from sdpo.models.vllm_engines import build_vllm_engine, shutdown_engine
 
         llm = build_vllm_engine(
             "smollm2-135m-instruct", dtype="float32", max_model_len=2048, kv_cache_memory_bytes=ENGINE_KV_BYTES
@@ -117,8 +117,8 @@ class TestUserAndJudgeOnTheBundledModel:
 
     @pytest.fixture(scope="class")
     def backends(self, engine, bundled_model_path):
-        from auxiliary.backends import HFChatBackend, VLLMChatBackend
-        from auxiliary.model_loading import load_model_and_tokenizer, load_tokenizer
+        from sdpo.chat.backends import HFChatBackend, VLLMChatBackend
+        from sdpo.models.model_loading import load_model_and_tokenizer, load_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(bundled_model_path, dtype="float32", device="cpu")
         return VLLMChatBackend(engine, tokenizer=load_tokenizer("smollm2-135m-instruct")), HFChatBackend(
@@ -126,7 +126,7 @@ class TestUserAndJudgeOnTheBundledModel:
         )
 
     def test_user_simulator_matches_transformers(self, backends):
-        from auxiliary.user_simulator import LLMUserSimulator
+        from sdpo.personas.user_simulator import LLMUserSimulator
 
         prompts = ["Explain TCP in two sentences.", "What is the capital of France?"]
         answers = [
@@ -140,7 +140,7 @@ class TestUserAndJudgeOnTheBundledModel:
         assert feedback == hf_user.generate_feedback(prompts, answers)
 
     def test_judge_matches_transformers(self, backends):
-        from auxiliary.style_judge import LLMStyleJudge
+        from sdpo.personas.style_judge import LLMStyleJudge
 
         sampling = SamplingParams(max_new_tokens=24, temperature=0.0)
         vllm_judge, hf_judge = (LLMStyleJudge(backend, "short", sampling=sampling) for backend in backends)
@@ -205,8 +205,8 @@ class TestOpenAICompatibleServer:
         process.wait(timeout=60)
 
     def test_backend_answers_like_transformers(self, server, tiny_vllm_model_path):
-        from auxiliary.backends import HFChatBackend, OpenAICompatibleBackend
-        from auxiliary.model_loading import load_model_and_tokenizer
+        from sdpo.chat.backends import HFChatBackend, OpenAICompatibleBackend
+        from sdpo.models.model_loading import load_model_and_tokenizer
 
         sampling = SamplingParams(max_new_tokens=10, temperature=0.0)
         remote = OpenAICompatibleBackend("tiny-policy", base_url=server, max_concurrency=2)

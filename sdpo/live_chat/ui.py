@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import html
 
-from auxiliary.live_chat_sessions import Conversation, LiveChatEngine, LiveChatError, UpdateReport, UserStatus
-from auxiliary.plots import signal_color_hex, text_color_hex
+from sdpo.live_chat.sessions import Conversation, LiveChatEngine, LiveChatError, UpdateReport, UserStatus
+from sdpo.evaluation.plots import signal_color_hex, text_color_hex
 
 POLL_SECONDS = 1.0
 

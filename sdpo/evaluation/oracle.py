@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from auxiliary.backends import ChatBackend
-from auxiliary.evaluation_helpers import Prompt, as_conversation, seed_everything
-from auxiliary.generation import SamplingParams
-from auxiliary.policies import answer
-from auxiliary.user_simulator import get_persona
+from sdpo.chat.backends import ChatBackend
+from sdpo.evaluation.evaluation_helpers import Prompt, as_conversation, seed_everything
+from sdpo.models.generation import SamplingParams
+from sdpo.chat.policies import answer
+from sdpo.personas.user_simulator import get_persona
 
 
 def oracle_system_prompt(style: str) -> str:

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from auxiliary.file_io import find_utf8_error, installed_package_folder, iter_jsonl
+from sdpo.utils.file_io import find_utf8_error, installed_package_folder, iter_jsonl
 
 HUB_PROBE_TIMEOUT_S = 5.0
 LOCAL_DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}

@@ -3,7 +3,7 @@
 * ``require_vllm(wanted_by)``: one line saying how to install vLLM when an option needs it; called by the
   entry points before any model loads.
 * ``build_vllm_engine(model, ...)``: a ``vllm.LLM`` on chosen GPUs; ``model`` goes through
-  ``auxiliary.model_loading.resolve_model_path``, so bundled aliases, local folders and Hub ids all work.
+  ``sdpo.models.model_loading.resolve_model_path``, so bundled aliases, local folders and Hub ids all work.
 * ``shutdown_engine(llm)``: stops the engine-core process and frees its shared memory. Engines built here
   are also shut down at interpreter exit, so no run ends with vLLM's "force killing remaining process
   EngineCore" or "leaked shared_memory objects".
@@ -25,9 +25,9 @@ import os
 import weakref
 from pathlib import Path
 
-from auxiliary.backends import vllm_sampling_params
-from auxiliary.generation import Generation, SamplingParams
-from auxiliary.model_loading import resolve_model_path
+from sdpo.chat.backends import vllm_sampling_params
+from sdpo.models.generation import Generation, SamplingParams
+from sdpo.models.model_loading import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class VLLMPolicyEngine:
 
     The transformers model trains; after every update its LoRA adapter is written to a folder and the next
     generation call loads it under a fresh integer id (vLLM caches adapters by id). Prompts go in as token
-    ids rendered by ``auxiliary.generation.encode_chat``, so the policy sees exactly the contexts that are
+    ids rendered by ``sdpo.models.generation.encode_chat``, so the policy sees exactly the contexts that are
     scored, and the sampled token ids come back unchanged.
     """
 

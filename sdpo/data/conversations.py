@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from auxiliary.interaction_schema import ASSISTANT, USER, Interaction, Message, message_speaker_and_text, speaker_role
+from sdpo.data.interaction_schema import ASSISTANT, USER, Interaction, Message, message_speaker_and_text, speaker_role
 
 MERGED_MESSAGE_SEPARATOR = "\n\n"
 CONVERSATION_SKIP_REASONS = (

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from auxiliary.conversations import (
+from sdpo.data.conversations import (
     CONVERSATION_SKIP_REASONS,
     INTERACTION_SKIP_REASONS,
     ConversationLimits,
@@ -31,10 +31,10 @@ from auxiliary.conversations import (
     extract_interactions,
     normalize_conversation,
 )
-from auxiliary.data_sources import DataError
-from auxiliary.env_file import load_project_env
-from auxiliary.file_io import write_json_atomic, write_jsonl_atomic
-from auxiliary.interaction_schema import Interaction, Message
+from sdpo.data.data_sources import DataError
+from sdpo.utils.env_file import load_project_env
+from sdpo.utils.file_io import write_json_atomic, write_jsonl_atomic
+from sdpo.data.interaction_schema import Interaction, Message
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
@@ -203,7 +203,7 @@ class LengthMeter:
             return cls("chars")
         if not args.tokenizer:
             raise PreprocessError("--length_unit tokens needs --tokenizer NAME_OR_PATH")
-        from auxiliary.model_loading import ModelLoadError, load_tokenizer
+        from sdpo.models.model_loading import ModelLoadError, load_tokenizer
 
         try:
             return cls("tokens", load_tokenizer(args.tokenizer))

@@ -24,21 +24,21 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from auxiliary.backends import (
+from sdpo.chat.backends import (
     DEFAULT_ANTHROPIC_MODEL,
     ChatBackend,
     HFChatBackend,
     OpenAICompatibleBackend,
     TokenBudget,
 )
-from auxiliary.generation import SamplingParams
-from auxiliary.rule_based_user import (
+from sdpo.models.generation import SamplingParams
+from sdpo.personas.rule_based_user import (
     RULE_BASED_STYLES,
     RuleBasedJudge,
     RuleBasedUserSimulator,
 )
-from auxiliary.style_judge import LLMStyleJudge, PairwiseJudge
-from auxiliary.user_simulator import LLMUserSimulator, UserSimulator, resolve_style
+from sdpo.personas.style_judge import LLMStyleJudge, PairwiseJudge
+from sdpo.personas.user_simulator import LLMUserSimulator, UserSimulator, resolve_style
 
 logger = logging.getLogger(__name__)
 
@@ -247,9 +247,9 @@ def _user_chat_backend(config: ParticipantsConfig) -> tuple[ChatBackend | None, 
         backend = HFChatBackend.from_pretrained(config.user_model, dtype=config.user_dtype, device=config.user_device)
         return backend, backend.tokenizer
     if config.user_backend == "vllm":
-        from auxiliary.backends import VLLMChatBackend
-        from auxiliary.model_loading import load_tokenizer
-        from auxiliary.vllm_engines import build_vllm_engine
+        from sdpo.chat.backends import VLLMChatBackend
+        from sdpo.models.model_loading import load_tokenizer
+        from sdpo.models.vllm_engines import build_vllm_engine
 
         engine = build_vllm_engine(
             config.user_model,

@@ -42,10 +42,10 @@ from pathlib import Path
 
 import torch
 
-from auxiliary.file_io import iter_jsonl, write_json_atomic, write_jsonl_atomic
-from auxiliary.generation import Generation, SamplingParams, autocast_context, generate, stop_token_ids
-from online_sdpo_updater import TRAINING_STATE_FILE, EmptyResponseError, OnlineSDPOUpdater
-from sdpo_core import build_hindsight_messages, pad_contexts_and_completions, score_completions, sdpo_signal
+from sdpo.utils.file_io import iter_jsonl, write_json_atomic, write_jsonl_atomic
+from sdpo.models.generation import Generation, SamplingParams, autocast_context, generate, stop_token_ids
+from sdpo.learner.updater import TRAINING_STATE_FILE, EmptyResponseError, OnlineSDPOUpdater
+from sdpo.core import build_hindsight_messages, pad_contexts_and_completions, score_completions, sdpo_signal
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class VLLMReplies:
 
 
 def build_vllm_replies(updater: OnlineSDPOUpdater) -> VLLMReplies:
-    from auxiliary.vllm_engines import VLLMPolicyEngine
+    from sdpo.models.vllm_engines import VLLMPolicyEngine
 
     engine = VLLMPolicyEngine.from_config(updater.config, updater.tokenizer)
     return VLLMReplies(engine, stop_token_ids(updater.model, updater.tokenizer))

@@ -35,7 +35,7 @@ from matplotlib.patches import FancyBboxPatch
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import Affine2D
 
-from auxiliary.file_io import replace_atomically
+from sdpo.utils.file_io import replace_atomically
 
 SECONDARY_PREFIX = "secondary_"
 

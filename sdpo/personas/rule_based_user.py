@@ -23,8 +23,8 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from auxiliary.style_judge import PairwiseJudge
-from auxiliary.user_simulator import UserSimulator, resolve_style
+from sdpo.personas.style_judge import PairwiseJudge
+from sdpo.personas.user_simulator import UserSimulator, resolve_style
 
 # Thresholds, chosen to match what the personas describe as "long" or "short".
 SHORT_MAX_WORDS = 60  # "short": a reply of a few sentences at most

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from auxiliary.backends import ChatBackend, HFChatBackend
-from auxiliary.generation import SamplingParams, encode_chat
-from auxiliary.model_loading import (
+from sdpo.chat.backends import ChatBackend, HFChatBackend
+from sdpo.models.generation import SamplingParams, encode_chat
+from sdpo.models.model_loading import (
     ModelLoadError,
     load_model_and_tokenizer,
     load_tokenizer,
@@ -113,7 +113,7 @@ class VLLMAdapterPolicy(ChatBackend):
 
 def release(*policies: ChatBackend) -> None:
     """Shut down the vLLM engines of ``policies``, collect what the caller dropped, hand cached GPU memory back."""
-    from auxiliary.vllm_engines import shutdown_engine
+    from sdpo.models.vllm_engines import shutdown_engine
 
     for policy in policies:
         llm = getattr(getattr(policy, "engine", policy), "llm", None)

@@ -1,0 +1,526 @@
+"""The SDPO math, in one place: hindsight contexts, per-token scoring, and the two loss modes.
+
+Online training, offline training and the signal analysis all call these functions.
+
+Notation (paper Eq. 1): x is the conversation up to the latest user turn, y the assistant response,
+o the user's next message. With one network π and the hindsight context x⊕o (o placed into x by a
+template), the per-token signal is
+
+    A_t = log π(y_t | x⊕o, y_<t) − log π(y_t | x, y_<t)            (teacher minus student)
+
+Loss modes:
+  * ``simple_signal``  — the paper's sampled-token policy gradient: L = −mean_t stopgrad(A_t)·log π(y_t|x,y_<t),
+    A_t optionally clipped to ±signal_clip; per-sequence token mean, then batch mean.
+  * ``full_distillation`` — the reference's default: reverse KL(student ‖ teacher) restricted to the
+    student's top-K tokens at each position plus one "tail" bucket holding the remaining mass (or,
+    without the tail, the top-K renormalised); per-sequence token mean, then batch mean.
+
+Scoring conventions: contexts are left-padded, completions right-padded, position ids follow the
+attention mask. A too-long x loses the same oldest tokens in the student and the teacher context
+(``encode_hindsight_contexts``), never o or y. The output head runs in fp32 (autocast off) on the
+completion positions only, on the decoder's hidden states, and the log-softmax in fp32, in chunks of
+sequences small enough that a large vocabulary never materialises more than ``FP32_LOGIT_ELEMENTS``
+fp32 logits at once; logits are divided by the sampling temperature first (T = 1 by default).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sdpo.models.generation import autocast_context, encode_chat
+
+# --------------------------------------------------------------------------------------------------
+# Hindsight contexts
+# --------------------------------------------------------------------------------------------------
+
+FOLLOW_UP_SLOT = "{follow_up}"
+
+HINDSIGHT_ONLINE_TEMPLATE = (
+    "\n\n=== HINDSIGHT CONTEXT ===\n"
+    "[What follows is the next message this user will send after reading your reply. "
+    "Let it shape how you answer the request above.]\n"
+    "{follow_up}"
+)
+HINDSIGHT_OFFLINE_V1_TEMPLATE = (
+    "\n\n[HINDSIGHT CONTEXT]\n"
+    "An earlier assistant reply to this request fell short, and the user reacted to it with the "
+    "message below. Taking that reaction into account, write a better answer to the original request.\n"
+    "Future User Message: {follow_up}"
+)
+HINDSIGHT_ASSISTANT_TURN_TEMPLATE = (
+    "=== HINDSIGHT CONTEXT ===\n"
+    "[What follows is the next message this user will send after reading your reply. "
+    "Let it shape how you answer the request above.]\n"
+    "{follow_up}"
+)
+
+
+@dataclass(frozen=True)
+class HindsightVariant:
+    """Where the follow-up goes and with which wording.
+
+    Attributes:
+        template: text with a ``{follow_up}`` slot.
+        placement: ``last_user`` appends to the content of the last user message (paper Table 1);
+            ``last_message`` appends to the last message whatever its role (reference offline v1);
+            ``assistant_turn`` adds a new assistant message holding the block (reference offline, new layout).
+    """
+
+    template: str
+    placement: str
+
+
+HINDSIGHT_VARIANTS = {
+    "online": HindsightVariant(HINDSIGHT_ONLINE_TEMPLATE, "last_user"),
+    "offline_v1": HindsightVariant(HINDSIGHT_OFFLINE_V1_TEMPLATE, "last_message"),
+    "offline_assistant": HindsightVariant(HINDSIGHT_ASSISTANT_TURN_TEMPLATE, "assistant_turn"),
+}
+
+
+def check_hindsight_template(template: str) -> None:
+    if template.count(FOLLOW_UP_SLOT) != 1:
+        raise ValueError(f"hindsight template must contain the slot {FOLLOW_UP_SLOT} exactly once: {template!r}")
+
+
+def build_hindsight_messages(
+    messages: list[dict], follow_up: str, *, variant: str = "online", template: str | None = None
+) -> list[dict]:
+    """Return a copy of ``messages`` with the follow-up ``o`` placed as the variant says.
+
+    ``template`` overrides the variant's wording (the placement stays the variant's).
+    """
+    if variant not in HINDSIGHT_VARIANTS:
+        raise ValueError(f"unknown hindsight variant {variant!r}: use one of {sorted(HINDSIGHT_VARIANTS)}")
+    if not isinstance(follow_up, str) or not follow_up.strip():
+        raise ValueError("the user follow-up is empty: there is no hindsight signal to learn from")
+    if not messages:
+        raise ValueError("cannot build a hindsight context for an empty conversation")
+    spec = HINDSIGHT_VARIANTS[variant]
+    wording = spec.template if template is None else template
+    check_hindsight_template(wording)
+    block = wording.replace(FOLLOW_UP_SLOT, follow_up.strip())
+    teacher = copy.deepcopy(messages)
+    if spec.placement == "assistant_turn":
+        teacher.append({"role": "assistant", "content": block})
+        return teacher
+    if spec.placement == "last_message":
+        target = len(teacher) - 1
+    else:
+        users = [i for i, m in enumerate(teacher) if m.get("role") == "user"]
+        if not users:
+            raise ValueError("the conversation has no user message to attach the follow-up to")
+        target = users[-1]
+    teacher[target]["content"] = teacher[target]["content"] + block
+    return teacher
+
+
+@dataclass(frozen=True)
+class HindsightContexts:
+    """Token ids of the student context x and the teacher context x⊕o, cut consistently.
+
+    Attributes:
+        student / teacher: the two contexts (generation prompt included).
+        truncated_tokens: how many of x's oldest tokens were dropped from both (0 when x fitted).
+    """
+
+    student: list[int]
+    teacher: list[int]
+    truncated_tokens: int = 0
+
+
+def encode_hindsight_contexts(
+    tokenizer,
+    messages: list[dict],
+    follow_up: str,
+    *,
+    variant: str = "online",
+    template: str | None = None,
+    max_context_length: int | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> HindsightContexts:
+    """Render x and x⊕o and, when x is longer than ``max_context_length``, cut the same oldest tokens from both.
+
+    The budget bounds x, i.e. the student context, which is then exactly the (left-truncated) context the
+    policy generated from; the teacher keeps those same x tokens plus the hindsight block, so it may exceed
+    the budget by the block's length. Only tokens the two renderings share (x's beginning) are ever cut,
+    never o or anything after it; a budget too small for that is an error.
+    """
+    teacher_messages = build_hindsight_messages(messages, follow_up, variant=variant, template=template)
+    student, teacher = (
+        encode_chat(tokenizer, m, chat_template_kwargs=chat_template_kwargs) for m in (messages, teacher_messages)
+    )
+    excess = 0 if max_context_length is None else len(student) - max_context_length
+    if excess <= 0:
+        return HindsightContexts(student, teacher)
+    shared = next((i for i, (a, b) in enumerate(zip(student, teacher)) if a != b), min(len(student), len(teacher)))
+    if excess > shared:
+        raise ValueError(
+            f"max_context_length={max_context_length} is too small: fitting x would cut {excess} tokens but only "
+            f"the first {shared} are shared by the student and teacher contexts; raise max_context_length"
+        )
+    return HindsightContexts(student[excess:], teacher[excess:], excess)
+
+
+def encode_student_teacher_contexts(
+    tokenizer, messages: list[dict], follow_up: str, **options
+) -> tuple[list[int], list[int]]:
+    """(student, teacher) token ids of ``encode_hindsight_contexts`` (same options), without the truncation count."""
+    contexts = encode_hindsight_contexts(tokenizer, messages, follow_up, **options)
+    return contexts.student, contexts.teacher
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-token scoring
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompletionBatch:
+    """Contexts (left-padded) followed by completions (right-padded), ready for one forward pass."""
+
+    input_ids: torch.Tensor  # (B, L + T)
+    attention_mask: torch.Tensor  # (B, L + T)
+    position_ids: torch.Tensor  # (B, L + T)
+    completion_ids: torch.Tensor  # (B, T)
+    completion_mask: torch.Tensor  # (B, T) float, 0 on padding and on ignored leading tokens
+
+    @property
+    def completion_width(self) -> int:
+        return self.completion_ids.shape[1]
+
+    def to(self, device) -> "CompletionBatch":
+        return CompletionBatch(*(t.to(device) for t in vars(self).values()))
+
+
+def pad_contexts_and_completions(
+    contexts: list[list[int]], completions: list[list[int]], pad_token_id: int, *, ignore_first_k: int = 0
+) -> CompletionBatch:
+    """Build a scoring batch. ``ignore_first_k`` masks the first k tokens of every completion."""
+    if len(contexts) != len(completions) or not contexts:
+        raise ValueError(f"need as many contexts as completions (got {len(contexts)} and {len(completions)})")
+    if any(len(c) == 0 for c in completions):
+        raise ValueError("cannot score an empty completion")
+    if any(len(c) == 0 for c in contexts):
+        raise ValueError("cannot score a completion under an empty context")
+    batch, ctx_width, comp_width = len(contexts), max(map(len, contexts)), max(map(len, completions))
+    input_ids = torch.full((batch, ctx_width + comp_width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros((batch, comp_width), dtype=torch.float32)
+    for row, (ctx, comp) in enumerate(zip(contexts, completions)):
+        input_ids[row, ctx_width - len(ctx) : ctx_width] = torch.tensor(ctx)
+        input_ids[row, ctx_width : ctx_width + len(comp)] = torch.tensor(comp)
+        attention_mask[row, ctx_width - len(ctx) : ctx_width + len(comp)] = 1
+        completion_mask[row, ignore_first_k : len(comp)] = 1.0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return CompletionBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        completion_ids=input_ids[:, ctx_width:].clone(),
+        completion_mask=completion_mask,
+    )
+
+
+# A micro-batch pads its sequences to at most this multiple of their real tokens (``length_groups``).
+MAX_PADDING_RATIO = 1.25
+
+
+def length_groups(lengths: Sequence[int], max_padding_ratio: float = MAX_PADDING_RATIO) -> list[list[int]]:
+    """Indices of ``lengths`` in micro-batches of similar length: sorted, and a new group starts whenever padding
+    every member to the group's longest would exceed ``max_padding_ratio`` times their real tokens. A batch of
+    prompts of very different lengths would otherwise be padded (and computed) to its longest one."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        candidate = [*current, index]
+        if current and len(candidate) * lengths[index] > max_padding_ratio * sum(lengths[i] for i in candidate):
+            groups.append(current)
+            candidate = [index]
+        current = candidate
+    if current:
+        groups.append(current)
+    return groups
+
+
+# Largest fp32 logit block materialised at once (1 GiB): bounds memory for 150k-token vocabularies.
+FP32_LOGIT_ELEMENTS = 2**28
+
+
+@dataclass
+class TokenScores:
+    """Per-token log-probabilities of a completion batch (all fp32, zero where the mask is zero).
+
+    Attributes:
+        logprobs: (B, T) log π(y_t | context, y_<t) of the completion tokens.
+        mask: (B, T) 1.0 for scored tokens.
+        topk_logprobs / topk_indices: (B, T, K) this model's K most likely tokens, when asked for.
+        gathered_logprobs: (B, T, K') log-probs at caller-given indices, when asked for.
+    """
+
+    logprobs: torch.Tensor
+    mask: torch.Tensor
+    topk_logprobs: torch.Tensor | None = None
+    topk_indices: torch.Tensor | None = None
+    gathered_logprobs: torch.Tensor | None = None
+
+
+def score_completions(
+    model,
+    batch: CompletionBatch,
+    *,
+    topk: int = 0,
+    gather_indices: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    fp32_head: bool = True,
+) -> TokenScores:
+    """Log-probabilities of ``batch.completion_ids`` under ``model`` (differentiable unless in no_grad).
+
+    ``topk`` > 0 also returns the model's top-K log-probs per position; ``gather_indices`` (B, T, K')
+    returns the log-probs at those vocabulary indices (used to read the teacher at the student's top-K).
+    ``temperature`` scores under softmax(logits / T), the distribution that sampled y at temperature T.
+    ``fp32_head`` runs the LM head in fp32 (autocast off) on the scored positions, so bf16 rounding of the
+    logits never reaches the loss; False keeps the model's own head (bf16 logits under autocast, upcast).
+    """
+    if temperature <= 0:
+        raise ValueError(f"scoring temperature must be > 0, got {temperature}")
+    width = batch.completion_width
+    # Position t of the kept block predicts completion token t; the last one predicts past y and is
+    # dropped from the (small) results rather than sliced off the logits, whose slice backward would
+    # zero-fill a full-size gradient.
+    keep = width + 1
+    forward = dict(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+    )
+    # A DistributedDataParallel wrapper must run its own forward (it prepares the gradient all-reduce there), so
+    # wrapped models keep their head in the compute dtype.
+    if fp32_head and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        hidden = model.get_decoder()(**forward).last_hidden_state[:, -keep:, :]
+        chunk_logits = _Fp32Head(model)
+    else:
+        hidden = model(**forward, logits_to_keep=keep).logits[:, -keep:, :]
+        chunk_logits = torch.Tensor.float
+    batch_size, positions = hidden.shape[:2]
+    vocab = getattr(model, "module", model).get_output_embeddings().weight.shape[0]
+    targets = torch.nn.functional.pad(batch.completion_ids.to(hidden.device), (0, 1))
+    extra_target = gather_indices[:, :1] if gather_indices is not None else None
+    indices = torch.cat([gather_indices, extra_target], dim=1) if gather_indices is not None else None
+    # fp32 logits and log-softmax over as many sequences at once as fit the element budget.
+    rows_per_chunk = max(1, FP32_LOGIT_ELEMENTS // (positions * vocab))
+    logprobs, topk_values, topk_indices, gathered = [], [], [], []
+    for start, chunk in zip(range(0, batch_size, rows_per_chunk), hidden.split(rows_per_chunk, dim=0)):
+        logits = chunk_logits(chunk)
+        if temperature != 1.0:
+            logits = logits / temperature
+        normaliser = logits.logsumexp(dim=-1, keepdim=True)
+        rows = slice(start, start + chunk.shape[0])
+        logprobs.append((logits.gather(-1, targets[rows].unsqueeze(-1)) - normaliser).squeeze(-1))
+        if topk:
+            values, top = logits.topk(topk, dim=-1)
+            topk_values.append(values - normaliser)
+            topk_indices.append(top)
+        if indices is not None:
+            gathered.append(logits.gather(-1, indices[rows]) - normaliser)
+    mask = batch.completion_mask.to(hidden.device)
+    drop_last = slice(0, width)
+    return TokenScores(
+        logprobs=torch.cat(logprobs)[:, drop_last] * mask,
+        mask=mask,
+        topk_logprobs=torch.cat(topk_values)[:, drop_last] if topk else None,
+        topk_indices=torch.cat(topk_indices)[:, drop_last] if topk else None,
+        gathered_logprobs=torch.cat(gathered)[:, drop_last] if indices is not None else None,
+    )
+
+
+class _Fp32Head:
+    """The model's output projection applied in fp32 with autocast off (final logit soft-capping included)."""
+
+    def __init__(self, model):
+        head = model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            raise ValueError(
+                f"fp32 scoring needs a plain nn.Linear output head, found {type(head).__name__}; "
+                "score with fp32_head=False (e.g. when the head carries a LoRA adapter)"
+            )
+        self.weight = head.weight
+        self.bias = head.bias
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            bias = self.bias.float() if self.bias is not None else None
+            logits = torch.nn.functional.linear(hidden.float(), self.weight.float(), bias)
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses (pure tensor functions)
+# --------------------------------------------------------------------------------------------------
+
+LOSS_MODES = ("simple_signal", "full_distillation")
+
+
+def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the last axis of each row counting only mask == 1 entries; an all-masked row gives 0."""
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def sdpo_signal(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A_t = log π(y_t|x⊕o) − log π(y_t|x), without gradient, zero on masked tokens."""
+    return (teacher_logprobs - student_logprobs).detach() * mask
+
+
+def simple_signal_loss(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor, *, signal_clip: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled-token policy gradient with the SDPO signal as per-token advantage.
+
+    Returns (loss, advantages). No baseline, no centring: the sign of A_t is the signal.
+    """
+    advantages = sdpo_signal(student_logprobs, teacher_logprobs, mask)
+    if signal_clip > 0:
+        advantages = advantages.clamp(-signal_clip, signal_clip)
+    loss = -masked_sequence_mean(advantages * student_logprobs, mask).mean()
+    return loss, advantages
+
+
+def tail_logprob(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """log(1 − Σ_k p_k): the log-mass outside the given K log-probs.
+
+    The log-sum-exp is capped just below 0 so the tail stays finite (≥ log(1e-7) ≈ −16.1) when the
+    K tokens hold (numerically) all the mass.
+    """
+    top_mass = topk_logprobs.logsumexp(dim=-1, keepdim=True).clamp(max=-1e-7)
+    return torch.log(-torch.expm1(top_mass))
+
+
+def topk_reverse_kl(
+    student_topk_logprobs: torch.Tensor, teacher_topk_logprobs: torch.Tensor, *, add_tail: bool = True
+) -> torch.Tensor:
+    """Per-position KL(student ‖ teacher) on the student's top-K support (last axis = K).
+
+    add_tail=True: K buckets + one bucket for the remaining mass of each distribution.
+    add_tail=False: both K-vectors renormalised to sum to one.
+    """
+    if add_tail:
+        student = torch.cat([student_topk_logprobs, tail_logprob(student_topk_logprobs)], dim=-1)
+        teacher = torch.cat([teacher_topk_logprobs, tail_logprob(teacher_topk_logprobs)], dim=-1)
+    else:
+        student = student_topk_logprobs - student_topk_logprobs.logsumexp(dim=-1, keepdim=True)
+        teacher = teacher_topk_logprobs - teacher_topk_logprobs.logsumexp(dim=-1, keepdim=True)
+    return (student.exp() * (student - teacher.detach())).sum(dim=-1)
+
+
+def full_distillation_loss(
+    student_topk_logprobs: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    add_tail: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K reverse-KL self-distillation. Returns (loss, per-token KL)."""
+    per_token_kl = topk_reverse_kl(student_topk_logprobs, teacher_topk_logprobs, add_tail=add_tail)
+    loss = masked_sequence_mean(per_token_kl, mask).mean()
+    return loss, per_token_kl
+
+
+@dataclass
+class SDPOLoss:
+    """One batch's SDPO loss and what the callers log.
+
+    Attributes:
+        loss: scalar to back-propagate.
+        student_logprobs / teacher_logprobs: (B, T) log π(y_t|x) and log π(y_t|x⊕o), detached.
+        mask: (B, T) scored tokens.
+        advantages: (B, T) the per-token weights of ``simple_signal`` (clipped when asked); in
+            ``full_distillation`` mode the raw signal.
+        kl_per_token: (B, T) detached per-position KL in ``full_distillation`` mode, else None.
+    """
+
+    loss: torch.Tensor
+    student_logprobs: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    kl_per_token: torch.Tensor | None = None
+
+    @property
+    def signal(self) -> torch.Tensor:
+        return (self.teacher_logprobs - self.student_logprobs) * self.mask
+
+
+def sdpo_loss(
+    model,
+    student_batch: CompletionBatch,
+    teacher_batch: CompletionBatch,
+    *,
+    loss_mode: str,
+    distillation_topk: int = 20,
+    distillation_add_tail: bool = True,
+    signal_clip: float = 0.0,
+    autocast_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
+    fp32_head: bool = True,
+    timings: dict | None = None,
+) -> SDPOLoss:
+    """Score y under x (with gradient) and x⊕o (same model, no gradient), then apply ``loss_mode``.
+
+    In ``full_distillation`` mode the teacher is read at the student's top-K tokens and at the
+    sampled token (for the signal), so only (B, T, K + 1) teacher values are kept. ``temperature`` and
+    ``fp32_head`` are passed to both ``score_completions`` calls. ``timings``, when given, accumulates
+    seconds under ``student_forward`` and ``teacher_forward``.
+    """
+    if loss_mode not in LOSS_MODES:
+        raise ValueError(f"unknown loss_mode {loss_mode!r}: use one of {list(LOSS_MODES)}")
+    distill = loss_mode == "full_distillation"
+    device = student_batch.input_ids.device
+    scoring = dict(temperature=temperature, fp32_head=fp32_head)
+    started = time.perf_counter()
+    with autocast_context(device, autocast_dtype):
+        student = score_completions(model, student_batch, topk=distillation_topk if distill else 0, **scoring)
+    after_student = time.perf_counter()
+    gather = torch.cat([student.topk_indices, student_batch.completion_ids.unsqueeze(-1)], dim=-1) if distill else None
+    with torch.no_grad(), autocast_context(device, autocast_dtype):
+        teacher = score_completions(model, teacher_batch, gather_indices=gather, **scoring)
+    if timings is not None:
+        timings["student_forward"] = timings.get("student_forward", 0.0) + after_student - started
+        timings["teacher_forward"] = timings.get("teacher_forward", 0.0) + time.perf_counter() - after_student
+    mask = student.mask
+    if distill:
+        teacher_logprobs = teacher.gathered_logprobs[..., -1] * mask
+        loss, kl_per_token = full_distillation_loss(
+            student.topk_logprobs, teacher.gathered_logprobs[..., :-1], mask, add_tail=distillation_add_tail
+        )
+        advantages = sdpo_signal(student.logprobs, teacher_logprobs, mask)
+        kl_per_token = kl_per_token.detach()
+    else:
+        teacher_logprobs = teacher.logprobs
+        loss, advantages = simple_signal_loss(student.logprobs, teacher_logprobs, mask, signal_clip=signal_clip)
+        kl_per_token = None
+    return SDPOLoss(loss, student.logprobs.detach(), teacher_logprobs.detach(), mask, advantages, kl_per_token)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over all scored tokens of the batch (a logging statistic)."""
+    return float((values * mask).sum() / mask.sum().clamp(min=1.0))
+
+
+def masked_std(values: torch.Tensor, mask: torch.Tensor) -> float:
+    selected = values[mask > 0]
+    return float(selected.std()) if selected.numel() > 1 else 0.0
+
+
+def format_token_table(tokenizer, token_ids, student_logprobs, teacher_logprobs, *, limit: int = 200) -> str:
+    """A readable per-token table (index, id, piece, log p(y|x), log p(y|x⊕o), signal) for debugging."""
+    lines = [f"{'idx':>4} {'id':>7} {'token':<16} {'logp_x':>8} {'logp_xo':>8} {'signal':>8}"]
+    for index, (token, lp_x, lp_xo) in enumerate(zip(token_ids[:limit], student_logprobs, teacher_logprobs)):
+        piece = tokenizer.convert_ids_to_tokens(int(token)).replace("\n", "\\n")
+        piece = piece if len(piece) <= 15 else piece[:12] + "..."
+        lines.append(f"{index:>4} {int(token):>7} {piece:<16} {float(lp_x):>8.3f} {float(lp_xo):>8.3f} {float(lp_xo - lp_x):>8.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,494 @@
+"""Online SDPO learner: generate a response, take the user's follow-up, update immediately.
+
+    updater = OnlineSDPOUpdater(OnlineSDPOConfig(model_name_or_path="smollm2-135m-instruct"))
+    messages = [{"role": "user", "content": "Explain TCP in two sentences."}]
+    response = updater.generate_response(messages)          # Generation: text + exact token ids
+    metrics = updater.train_step(messages, response, "Too long, and skip the emojis.")
+
+One interaction = one (x, y, o) tuple; ``train_step_batch`` takes several. The teacher is the same
+network with the follow-up placed in the last user turn (``sdpo.core.build_hindsight_messages``),
+evaluated without gradient with the current weights at every step.
+
+Deliberate choices (and reference traps avoided):
+  * the exact generated token ids are scored; EOS is part of y only when the model emitted it;
+  * trainable weights stay fp32 (autocast for compute) unless ``fp32_master_weights=False``;
+  * log-softmax in fp32 over an fp32 LM head (``fp32_lm_head``), at the temperature y was sampled at;
+    sampling parameters explicit on every generate call;
+  * a long x loses the same oldest tokens in student and teacher context (counted as ``truncated_contexts``);
+  * HF generation runs on an inference copy (``inference_copy``: matmul weights in the compute dtype, LoRA
+    merged), refreshed lazily after updates;
+  * checkpoints hold the LoRA adapter (or the model), tokenizer and ``training_state.pt`` (optimizer,
+    step, RNG states) and are enough to resume; a merged full model is written only on request.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdpo.utils.file_io import write_json_atomic
+from sdpo.models.generation import Generation, InferenceCopy, SamplingParams, encode_chat, generate, stop_token_ids
+from sdpo.models.model_loading import load_model_and_tokenizer, resolve_device, resolve_dtype
+from sdpo.learner.config import OnlineSDPOConfig
+from sdpo.core import (
+    encode_hindsight_contexts,
+    format_token_table,
+    length_groups,
+    pad_contexts_and_completions,
+    sdpo_loss,
+)
+
+logger = logging.getLogger(__name__)
+
+TRAINING_STATE_FILE = "training_state.pt"
+EXTRA_STATE_FILE = "extra_state.json"
+LIVE_ADAPTER_DIR = "_live_adapter"  # not a step_<n> name, so checkpoint pruning never touches it
+CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
+
+
+class EmptyResponseError(ValueError):
+    """The response to train on has no tokens (or only whitespace); there is nothing to score."""
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The ``step_<n>`` folder with the largest n that holds a training state, or None."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return None
+    found = [
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if (m := CHECKPOINT_NAME.match(p.name)) and (p / TRAINING_STATE_FILE).is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def complete_checkpoint(path: str | Path) -> Path | None:
+    """``path`` if it holds a complete checkpoint, else the previous version that ``save_checkpoint`` keeps
+    while replacing it, else None. A checkpoint is complete once its training state is written (last)."""
+    path = Path(path)
+    for candidate in (path, path.parent / f".{path.name}.old"):
+        if (candidate / TRAINING_STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+def token_statistics(outputs) -> dict:
+    """Signal and log-prob statistics over every scored token of a step's micro-batches (``sdpo_loss`` outputs)."""
+
+    def scored(name: str) -> torch.Tensor:
+        return torch.cat([getattr(out, name).detach()[out.mask > 0].float() for out in outputs])
+
+    signal = scored("signal")
+    metrics = {
+        "signal_mean": float(signal.mean()) if signal.numel() else 0.0,
+        "signal_std": float(signal.std()) if signal.numel() > 1 else 0.0,
+        "policy_logp_mean": float(scored("student_logprobs").mean()) if signal.numel() else 0.0,
+        "critic_logp_mean": float(scored("teacher_logprobs").mean()) if signal.numel() else 0.0,
+    }
+    if outputs[0].kl_per_token is not None:
+        metrics["kl_mean"] = float(scored("kl_per_token").mean()) if signal.numel() else 0.0
+    return metrics
+
+
+def read_extra_state(checkpoint: str | Path) -> dict:
+    """The ``extra_state`` a complete checkpoint was saved with (empty for checkpoints that had none)."""
+    path = Path(checkpoint) / EXTRA_STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class OnlineSDPOUpdater:
+    """Holds the policy, its optimizer and the step counter; see the module docstring."""
+
+    def __init__(self, config: OnlineSDPOConfig, *, model=None, tokenizer=None, resume_from: str | Path | None = None):
+        """Load (or take) the model, wrap it with LoRA when asked, build the optimizer.
+
+        ``resume_from`` = a checkpoint folder written by ``save_checkpoint``: weights (or adapter),
+        optimizer state, step and RNG states are restored from it.
+        """
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.compute_dtype = resolve_dtype(config.torch_dtype)
+        self.step = 0
+        self.metrics_history: list[dict] = []
+        self.extra_state: dict = {}
+        self._wandb_run = None
+        self._inference_copy: InferenceCopy | None = None
+        self._inference_copy_stale = False
+        self._warned_truncation = False
+
+        if config.use_vllm:
+            from sdpo.models.vllm_engines import require_vllm
+
+            require_vllm(["use_vllm"])
+        resume_path = Path(resume_from) if resume_from else None
+        if resume_path is not None and not (resume_path / TRAINING_STATE_FILE).is_file():
+            raise FileNotFoundError(f"{resume_path} is not a checkpoint (no {TRAINING_STATE_FILE}); pass a step_<n> folder")
+        full_weights_dtype = torch.float32 if config.fp32_master_weights else self.compute_dtype
+        storage_dtype = self.compute_dtype if config.use_lora else full_weights_dtype
+        if model is None:
+            weights_source = config.model_name_or_path
+            if resume_path is not None and not config.use_lora:
+                weights_source = str(resume_path)
+            model, loaded_tokenizer = load_model_and_tokenizer(
+                weights_source, dtype=storage_dtype, device=self.device, attn_implementation=config.attn_implementation
+            )
+            tokenizer = tokenizer or loaded_tokenizer
+        elif tokenizer is None:
+            raise ValueError("pass the tokenizer together with a model")
+        self.tokenizer = tokenizer
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if config.use_lora:
+                model.enable_input_require_grads()
+        if config.use_lora:
+            model = self._wrap_lora(model, resume_path)
+        self.model = model.to(self.device)
+        self.model.train()
+        weights_dtype = next(p.dtype for p in self.model.parameters() if p.requires_grad)
+        self.autocast_dtype = self.compute_dtype if weights_dtype != self.compute_dtype else None
+        self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = self._build_optimizer()
+        n_trainable = sum(p.numel() for p in self.trainable_parameters)
+        n_total = sum(p.numel() for p in self.model.parameters())
+        logger.info(
+            "policy %s on %s: %.1fM / %.1fM trainable params, weights %s, autocast %s",
+            config.model_name_or_path, self.device, n_trainable / 1e6, n_total / 1e6, weights_dtype, self.autocast_dtype,
+        )
+        if resume_path is not None:
+            self._load_training_state(resume_path)
+        self.vllm_engine = None
+        if config.use_vllm:
+            from sdpo.models.vllm_engines import VLLMPolicyEngine
+
+            self.vllm_engine = VLLMPolicyEngine.from_config(config, self.tokenizer)
+            if resume_path is not None:
+                self._publish_adapter()
+
+    # ------------------------------------------------------------------ setup
+
+    def _wrap_lora(self, model, resume_path: Path | None):
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if resume_path is not None:
+            return PeftModel.from_pretrained(model, resume_path, is_trainable=True)
+        lora = LoraConfig(
+            r=self.config.lora_r,
+            lora_alpha=self.config.lora_alpha,
+            lora_dropout=self.config.lora_dropout,
+            target_modules=list(self.config.lora_target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            return get_peft_model(model, lora)
+        except ValueError as error:
+            raise ValueError(f"LoRA could not be attached ({error}); set lora_target_modules to module names of this model") from error
+
+    def _build_optimizer(self):
+        cfg = self.config
+        kwargs = dict(
+            lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay
+        )
+        if cfg.optimizer == "adamw_8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as error:
+                raise ImportError("optimizer 'adamw_8bit' needs bitsandbytes: pip install bitsandbytes (CUDA), or use 'adamw'") from error
+            return bnb.optim.AdamW8bit(self.trainable_parameters, **kwargs)
+        # fused: one kernel over all tensors (on CPU the default per-tensor loop is ~25x slower).
+        return torch.optim.AdamW(self.trainable_parameters, fused=True, **kwargs)
+
+    # ------------------------------------------------------------------ generation
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """The training-time sampling parameters of the config."""
+        cfg = self.config
+        if not cfg.do_sample:
+            return SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+        return SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+
+    def encode_context(self, messages: list[dict]) -> list[int]:
+        return encode_chat(
+            self.tokenizer, messages, max_length=self.config.max_context_length, chat_template_kwargs=self.config.chat_template_kwargs
+        )
+
+    @property
+    def scoring_temperature(self) -> float:
+        """The temperature y was sampled at, under which training scores it (1 for greedy decoding)."""
+        cfg = self.config
+        return cfg.temperature if cfg.do_sample and cfg.temperature > 0 else 1.0
+
+    def generation_model(self):
+        """The model HF generation runs: the inference copy (built on first use, refreshed after updates)
+        when ``config.inference_copy`` applies, else the training model."""
+        if not self.config.inference_copy or (self.autocast_dtype is None and not self.config.use_lora):
+            return self.model
+        if self._inference_copy is None:
+            self._inference_copy = InferenceCopy(self.model, self.autocast_dtype or self.compute_dtype)
+        elif self._inference_copy_stale:
+            self._inference_copy.refresh()
+        self._inference_copy_stale = False
+        return self._inference_copy.model
+
+    def generate(self, batch_messages: list[list[dict]], sampling: SamplingParams | None = None) -> list[Generation]:
+        """One sampled response per conversation, batched (``generation_batch_size``)."""
+        contexts = [self.encode_context(messages) for messages in batch_messages]
+        if self.vllm_engine is not None:
+            return self.vllm_engine.generate(contexts, sampling or self.sampling, stop_token_ids(self.model, self.tokenizer))
+        return generate(
+            self.generation_model(),
+            self.tokenizer,
+            contexts,
+            sampling or self.sampling,
+            batch_size=self.config.generation_batch_size,
+            autocast_dtype=self.autocast_dtype,
+        )
+
+    def generate_response(self, messages: list[dict], sampling: SamplingParams | None = None) -> Generation:
+        return self.generate([messages], sampling)[0]
+
+    # ------------------------------------------------------------------ training
+
+    def completion_ids(self, response: Generation | str) -> list[int]:
+        """Token ids to score: a Generation's exact ids; a string (e.g. logged text) is tokenized and
+        EOS appended, as a logged assistant turn ended there."""
+        if isinstance(response, Generation):
+            ids = list(response.token_ids)
+            if not ids or not response.text.strip():
+                raise EmptyResponseError("the response is empty (no text was generated); skip this interaction")
+        elif isinstance(response, str):
+            if not response.strip():
+                raise EmptyResponseError("the response is empty; skip this interaction")
+            ids = self.tokenizer(response.rstrip() + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        else:
+            raise TypeError(f"response must be a Generation or a str, got {type(response).__name__}")
+        if len(ids) > self.config.max_new_tokens:
+            raise ValueError(
+                f"the response has {len(ids)} tokens, more than the completion budget max_new_tokens="
+                f"{self.config.max_new_tokens}; raise max_new_tokens or shorten the response"
+            )
+        return ids
+
+    def train_step(self, messages_before_response: list[dict], assistant_response: Generation | str, user_follow_up: str) -> dict:
+        """One interaction (x, y, o) → ``train_steps_per_example`` optimizer steps. Returns metrics."""
+        return self.train_step_batch([messages_before_response], [assistant_response], [user_follow_up])
+
+    def train_step_batch(self, batch_messages: list[list[dict]], responses: list, follow_ups: list[str]) -> dict:
+        """Several interactions in one batch (per-sequence token mean, then batch mean)."""
+        if not (len(batch_messages) == len(responses) == len(follow_ups)) or not batch_messages:
+            raise ValueError("train_step_batch needs equally many (non-zero) conversations, responses and follow-ups")
+        cfg = self.config
+        started = time.perf_counter()
+        completions = [self.completion_ids(r) for r in responses]
+        contexts = [
+            encode_hindsight_contexts(
+                self.tokenizer,
+                m,
+                o,
+                template=cfg.hindsight_block_template,
+                max_context_length=cfg.max_context_length,
+                chat_template_kwargs=cfg.chat_template_kwargs,
+            )
+            for m, o in zip(batch_messages, follow_ups)
+        ]
+        truncated = sum(c.truncated_tokens > 0 for c in contexts)
+        if truncated and not self._warned_truncation:
+            self._warned_truncation = True
+            logger.warning(
+                "a conversation is longer than max_context_length=%d: its oldest tokens are cut from the student and "
+                "teacher contexts alike (counted per step as truncated_contexts; warned once)", cfg.max_context_length
+            )
+        pad = self.tokenizer.pad_token_id
+        # Micro-batches of similar length, one backward each (scaled by their share), one optimizer step: the
+        # same gradient as one padded batch without computing a short prompt padded to the longest one.
+        groups = length_groups([len(c.teacher) + len(y) for c, y in zip(contexts, completions)])
+        micro_batches = [
+            (
+                pad_contexts_and_completions([contexts[i].student for i in group], [completions[i] for i in group], pad, ignore_first_k=cfg.ignore_first_k).to(self.device),
+                pad_contexts_and_completions([contexts[i].teacher for i in group], [completions[i] for i in group], pad, ignore_first_k=cfg.ignore_first_k).to(self.device),
+                len(group) / len(completions),
+                group.index(0) if 0 in group else None,
+            )
+            for group in groups
+        ]
+
+        timings = {"student_forward": 0.0, "teacher_forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        self.model.train()
+        for _ in range(cfg.train_steps_per_example):
+            loss_value, scored = 0.0, []
+            for student_batch, teacher_batch, share, first_row in micro_batches:
+                loss, out = self._loss(student_batch, teacher_batch, timings, table_row=first_row)
+                tick = time.perf_counter()
+                (loss * share).backward()
+                timings["backward"] += time.perf_counter() - tick
+                loss_value += share * float(loss.detach())
+                scored.append(out)
+            tick = time.perf_counter()
+            grad_norm = self._clip_gradients()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._inference_copy_stale = True
+            timings["optimizer"] += time.perf_counter() - tick
+        step_metrics = token_statistics(scored)
+
+        self.step += 1
+        metrics = {
+            **step_metrics,
+            "completion_tokens": sum(map(len, completions)),
+            "truncated_contexts": truncated,
+            "loss_mode": cfg.loss_mode,
+            "step": self.step,
+            "grad_norm": grad_norm,
+            "loss": loss_value,
+            "micro_batches": len(micro_batches),
+            "train_steps_per_example": cfg.train_steps_per_example,
+            "train_time_s": round(time.perf_counter() - started, 2),
+            **{f"{phase}_time_s": round(seconds, 3) for phase, seconds in timings.items()},
+        }
+        self.metrics_history.append(metrics)
+        self._log_to_wandb(metrics)
+        if self.vllm_engine is not None:
+            self._publish_adapter()
+        if cfg.checkpoint_every_n_steps and self.step % cfg.checkpoint_every_n_steps == 0:
+            self.save_checkpoint()
+        return metrics
+
+    def _loss(self, student_batch, teacher_batch, timings: dict, *, table_row: int | None = None):
+        """Forward passes and the configured loss of one micro-batch; adds seconds per phase into ``timings``."""
+        cfg = self.config
+        out = sdpo_loss(
+            self.model,
+            student_batch,
+            teacher_batch,
+            loss_mode=cfg.loss_mode,
+            distillation_topk=cfg.distillation_topk,
+            distillation_add_tail=cfg.distillation_add_tail,
+            signal_clip=cfg.signal_clip,
+            autocast_dtype=self.autocast_dtype,
+            temperature=self.scoring_temperature,
+            fp32_head=cfg.fp32_lm_head,
+            timings=timings,
+        )
+        if cfg.print_token_table and table_row is not None:
+            n = int(student_batch.completion_mask[table_row].sum().item()) + cfg.ignore_first_k
+            ids = student_batch.completion_ids[table_row, :n].tolist()
+            print(format_token_table(self.tokenizer, ids, out.student_logprobs[table_row, :n], out.teacher_logprobs[table_row, :n]))
+        return out.loss, out
+
+    def _clip_gradients(self) -> float:
+        """Pre-clip global gradient norm (clipping only when max_grad_norm > 0)."""
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm))
+
+    # ------------------------------------------------------------------ logging
+
+    def _log_to_wandb(self, metrics: dict) -> None:
+        if not self.config.log_to_wandb:
+            return
+        import wandb
+
+        if wandb.run is None:
+            # An explicit dir: wandb caches its settings per process, so WANDB_DIR changes after a first
+            # run would otherwise be ignored.
+            self._wandb_run = wandb.init(
+                project=self.config.wandb_project,
+                name=self.config.wandb_run_name,
+                config=self.config.to_dict(),
+                dir=os.environ.get("WANDB_DIR") or self.config.checkpoint_dir,
+            )
+        numeric = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+        wandb.log(numeric, step=self.step)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _publish_adapter(self) -> None:
+        """Write the current adapter where the vLLM engine picks it up for the next generation."""
+        path = Path(self.config.checkpoint_dir) / LIVE_ADAPTER_DIR
+        self.model.save_pretrained(path)
+        self.vllm_engine.load_adapter(path)
+
+    def save_checkpoint(self, tag: str | None = None, extra_state: dict | None = None) -> Path:
+        """Write ``<checkpoint_dir>/<tag or step_<n>>`` atomically, then prune old ``step_*`` folders.
+
+        ``extra_state`` (JSON-like) is stored with the training state and restored as ``self.extra_state``; it is
+        also written as ``extra_state.json``, so a caller can read it (``read_extra_state``) without loading weights.
+        """
+        root = Path(self.config.checkpoint_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        target = root / (tag or f"step_{self.step}")
+        staging = root / f".{target.name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.model.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        if self.config.use_lora and self.config.save_merged_model:
+            self._save_merged(staging / "merged")
+        write_json_atomic(staging / EXTRA_STATE_FILE, extra_state or {})
+        torch.save(
+            {
+                "optimizer_state_dict": self.optimizer.state_dict(),
+                "step": self.step,
+                "metrics_history": self.metrics_history,
+                "config": asdict(self.config),
+                "extra_state": extra_state or {},
+                "rng": {
+                    "python": random.getstate(),
+                    "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                },
+            },
+            staging / TRAINING_STATE_FILE,
+        )
+        # The previous version stays on disk until the new one is complete (``complete_checkpoint`` falls back
+        # to it when an interrupt lands between the two renames).
+        backup = root / f".{target.name}.old"
+        if target.exists():
+            shutil.rmtree(backup, ignore_errors=True)
+            target.rename(backup)
+        staging.rename(target)
+        shutil.rmtree(backup, ignore_errors=True)
+        self._prune_checkpoints(root)
+        logger.info("saved checkpoint %s", target)
+        return target
+
+    def _save_merged(self, path: Path) -> None:
+        """A standalone full model (adapter merged into a CPU copy), loadable by ``from_pretrained``."""
+        merged = copy.deepcopy(self.model).to("cpu").merge_and_unload()
+        merged.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    def _prune_checkpoints(self, root: Path) -> None:
+        keep = self.config.max_checkpoints
+        if not keep:
+            return
+        steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_NAME.match(p.name)))
+        for _, path in steps[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _load_training_state(self, path: Path) -> None:
+        state = torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer_state_dict"])
+        self.step = int(state["step"])
+        self.metrics_history = list(state.get("metrics_history", []))
+        self.extra_state = dict(state.get("extra_state", {}))
+        rng = state.get("rng") or {}
+        if "python" in rng:
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        logger.info("resumed from %s at step %d", path, self.step)
