@@ -62,9 +62,10 @@ PHASE_FIELDS = {"generation": "gen_time_s", "user": "sim_time_s", "update": "tra
 
 @dataclass(frozen=True)
 class RunTiming:
-    """One loop run: its wall seconds and the seconds its records attribute to each phase of the interactions."""
+    """One loop run: its wall and CPU seconds and the seconds its records attribute to each phase of the interactions."""
 
     wall_s: float
+    cpu_s: float
     phases: dict[str, float]
 
 
@@ -75,6 +76,9 @@ class Measurement:
     short_s: float
     long_interactions: int
     long_s: float
+    # This process's CPU seconds (all threads) over the measured interactions: on a shared machine wall time also
+    # counts the time other jobs held the cores, CPU time does not (memory-bandwidth contention still shows in both).
+    cpu_s: float
     # Per measured interaction (long run minus short run): generation, user, update, and "other" (results files,
     # resume checkpoints, the loop's own work) as the wall time the three do not account for.
     phase_s_per_interaction: dict[str, float]
@@ -84,13 +88,18 @@ class Measurement:
         elapsed = self.long_s - self.short_s
         return (self.long_interactions - self.short_interactions) / elapsed if elapsed > 0 else float("nan")
 
+    @property
+    def interactions_per_cpu_s(self) -> float:
+        return (self.long_interactions - self.short_interactions) / self.cpu_s if self.cpu_s > 0 else float("nan")
+
 
 def measurement(batch_size: int, short: tuple[int, RunTiming], long: tuple[int, RunTiming]) -> Measurement:
     (short_n, short_run), (long_n, long_run) = short, long
     measured = long_n - short_n
     phases = {name: (long_run.phases[name] - short_run.phases[name]) / measured for name in PHASE_FIELDS}
     phases["other"] = (long_run.wall_s - short_run.wall_s) / measured - sum(phases.values())
-    return Measurement(batch_size, short_n, short_run.wall_s, long_n, long_run.wall_s, phases)
+    cpu_s = long_run.cpu_s - short_run.cpu_s
+    return Measurement(batch_size, short_n, short_run.wall_s, long_n, long_run.wall_s, cpu_s, phases)
 
 
 def parse_settings(argv=None) -> BenchSettings:
@@ -162,9 +171,9 @@ def timed_run(argv: list[str]) -> RunTiming:
     out_dir = Path(argv[argv.index("--out_dir") + 1])
     log = out_dir.with_suffix(".log")
     with open(log, "w") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         code = eval_online_sdpo.main(argv)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if code != 0:
         raise BenchError(
             f"loop run {out_dir.name} failed (exit {code}); its log ends with:\n{log.read_text()[-LOG_TAIL_CHARS:]}"
@@ -179,7 +188,7 @@ def timed_run(argv: list[str]) -> RunTiming:
     phases = {
         name: sum(record.get(field, 0.0) for record in first_of_each_batch) for name, field in PHASE_FIELDS.items()
     }
-    return RunTiming(elapsed, phases)
+    return RunTiming(elapsed, cpu, phases)
 
 
 def measure(settings: BenchSettings, work: Path) -> list[Measurement]:
@@ -210,17 +219,22 @@ def report(settings: BenchSettings, rows: list[Measurement], load_before, load_a
     base = rows[0]
     phase_names = [*PHASE_FIELDS, "other"]
     print(
-        f"{'B':>4}{'short run':>16}{'long run':>16}{'interactions/s':>16}{'s/interaction':>15}  "
+        f"{'B':>4}{'short run':>16}{'long run':>16}{'interactions/s':>16}{'s/interaction':>15}{'CPU s/int.':>12}  "
         + "".join(f"{name + ' s':>12}" for name in phase_names)
     )
     for row in rows:
         short, long = f"{row.short_interactions} in {row.short_s:.1f}s", f"{row.long_interactions} in {row.long_s:.1f}s"
         rate = row.interactions_per_s
         phases = "".join(f"{row.phase_s_per_interaction[name]:>12.2f}" for name in phase_names)
-        print(f"{row.batch_size:>4}{short:>16}{long:>16}{rate:>16.3f}{1 / rate:>15.2f}  {phases}")
+        cpu_per_interaction = 1 / row.interactions_per_cpu_s
+        print(f"{row.batch_size:>4}{short:>16}{long:>16}{rate:>16.3f}{1 / rate:>15.2f}{cpu_per_interaction:>12.2f}  {phases}")
     for row in rows[1:]:
         ratio = row.interactions_per_s / base.interactions_per_s
-        print(f"B={row.batch_size} vs B={base.batch_size}: {ratio:.2f}x interactions/s")
+        cpu_ratio = row.interactions_per_cpu_s / base.interactions_per_cpu_s
+        print(
+            f"B={row.batch_size} vs B={base.batch_size}: {ratio:.2f}x interactions/s "
+            f"({cpu_ratio:.2f}x interactions per CPU second)"
+        )
     threads = torch.get_num_threads()
     print(
         f"torch threads {threads}; load average (1, 5, 15 min) before {loads(load_before)}, after {loads(load_after)}"
@@ -236,6 +250,7 @@ def report(settings: BenchSettings, rows: list[Measurement], load_before, load_a
             {
                 **asdict(row),
                 "interactions_per_s": row.interactions_per_s,
+                "interactions_per_cpu_s": row.interactions_per_cpu_s,
                 "ratio": row.interactions_per_s / base.interactions_per_s,
             }
             for row in rows
