@@ -93,7 +93,7 @@ from sdpo.online.run_state import (
     start_or_resume,
 )
 from sdpo.personas.participants import ParticipantsArguments, build_participants, check_remote_backends
-from sdpo.utils.command_line import ConfigParser, UsageError
+from sdpo.utils.command_line import ConfigParser, UsageError, mask_secrets
 from sdpo.utils.env_file import load_project_env
 from sdpo.utils.tracking import Tracker
 
@@ -411,7 +411,7 @@ def main(argv=None) -> int:
     try:
         results = online_run.execute()
     except (DataError, ModelLoadError, BackendError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {mask_secrets(str(error))}", file=sys.stderr)
         if files.results.is_file():
             print(f"results so far: {files.results}; continue with: python eval_online_sdpo.py --resume --out_dir {files.out_dir}", file=sys.stderr)
         return 1

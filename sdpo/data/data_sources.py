@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdpo.utils.command_line import mask_secrets
 from sdpo.utils.file_io import find_utf8_error, installed_package_folder, iter_jsonl
 
 HUB_PROBE_TIMEOUT_S = 5.0
@@ -34,7 +35,11 @@ LOCAL_DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 
 
 class DataError(ValueError):
-    """Input data that cannot be used; the message is one line saying which file/row, what, and what to do."""
+    """Input data that cannot be used; the message is one line saying which file/row, what, and what to do
+    (with its secrets masked: it may quote a line holding a key)."""
+
+    def __init__(self, message: str):
+        super().__init__(mask_secrets(str(message)))
 
 
 def bundled_package_file(package: str, pip_name: str, relative_path: Path) -> Path:

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 from sdpo.learner.config import OnlineSDPOConfig, check_ranges
 from sdpo.personas.participants import ParticipantsArguments, ParticipantsConfig, StyleSchedule
 from sdpo.personas.user_simulator import resolve_style
+from sdpo.utils.command_line import MASK, is_secret_name
 from sdpo.utils.tracking import REPORT_TO
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -205,6 +206,15 @@ def without_credentials(url: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def stored_value(name: str, value):
+    """What a results or state file may hold of a setting: never a secret-named one, URLs without credentials."""
+    if is_secret_name(name) and value:
+        return MASK
+    if isinstance(value, str) and "://" in value:
+        return without_credentials(value)
+    return value
+
+
 @dataclass(frozen=True)
 class OnlineArguments:
     """The three parsed settings of an online run."""
@@ -226,8 +236,7 @@ class OnlineArguments:
             **dataclasses.asdict(self.participants),
             **dataclasses.asdict(self.run),
         }
-        settings["openai_base_url"] = without_credentials(settings["openai_base_url"])
-        return settings
+        return {name: stored_value(name, value) for name, value in settings.items()}
 
     @classmethod
     def from_dict(cls, settings: dict) -> OnlineArguments:

@@ -6,6 +6,7 @@ relative to it, so a copied run folder resumes in the copy (the folder is always
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 from sdpo.data.data_sources import DataError
 from sdpo.evaluation.evaluation_helpers import next_run_index
 from sdpo.learner.updater import complete_checkpoint, read_extra_state
-from sdpo.online.config import RESUME_OVERRIDABLE, OnlineArguments
+from sdpo.online.config import RESUME_OVERRIDABLE, OnlineArguments, without_credentials
 from sdpo.utils.file_io import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,15 @@ def _stored_state(out_dir: Path) -> dict:
     return read_json(out_dir / STATE_FILE, "settings", "index", "eval_dir")
 
 
+def with_credentials_of(resumed: OnlineArguments, given: OnlineArguments) -> OnlineArguments:
+    """The stored settings hold URLs without credentials: a resumed run takes them back from the same URL given
+    now (``--openai_base_url`` or ``$OPENAI_BASE_URL``)."""
+    url = given.participants.openai_base_url
+    if not url or without_credentials(url) != resumed.participants.openai_base_url:
+        return resumed
+    return dataclasses.replace(resumed, participants=dataclasses.replace(resumed.participants, openai_base_url=url))
+
+
 def start_or_resume(arguments: OnlineArguments) -> tuple[OnlineArguments, RunFiles, dict | None]:
     """New run: choose the result index and write ``run_state.json``. Resume: the stored settings and results.
 
@@ -98,6 +108,7 @@ def start_or_resume(arguments: OnlineArguments) -> tuple[OnlineArguments, RunFil
             )
         except ValueError as error:
             raise DataError(f"{out_dir / STATE_FILE}: the stored settings no longer hold ({error})") from None
+        resumed = with_credentials_of(resumed, arguments)
         files = _files_of(out_dir, state)
         results = read_json(files.results, "meta", "training_metrics", "eval_history") if files.results.is_file() else None
         return resumed, files, results
