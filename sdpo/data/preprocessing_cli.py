@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import sys
 from collections import Counter
@@ -238,6 +239,16 @@ class FilterCounts:
         return "\n".join(lines)
 
 
+def refuse_empty(what: str, source: str, counts: str, outputs: Sequence[Path]) -> None:
+    """Stop a run that found nothing to write, before it replaces any output (a good earlier output stays)."""
+    kept = [str(path) for path in outputs if path.exists()]
+    raise PreprocessError(
+        f"no usable {what} in {source} ({counts}); "
+        + (f"kept the existing {', '.join(kept)}; " if kept else "nothing written; ")
+        + "check --dataset_path and the filters"
+    )
+
+
 def stats_path_for(output: Path) -> Path:
     """``data/x/name.jsonl`` → ``data/x/name.stats.json``."""
     return output.with_name(output.name.removesuffix(".jsonl") + ".stats.json")
@@ -357,7 +368,19 @@ def write_interactions(
     ``rows`` atomically to ``<out_dir>/<output_name>``, print the counts and ``outcome()`` (how the run
     ended, known once the rows are consumed), and record both beside the output."""
     output = Path(args.out_dir) / output_name
-    extract.interactions.kept = write_jsonl_atomic(output, rows)
+    rows = iter(rows)
+    first = next(rows, None)
+    if first is None:
+        conversations = extract.conversations
+        reasons = ", ".join(f"{reason} {n}" for reason, n in conversations.skipped.most_common() if n)
+        refuse_empty(
+            "interactions",
+            source,
+            f"{conversations.scanned or 'no'} records read, {conversations.kept} usable conversations"
+            + (f"; skipped: {reasons}" if reasons else ""),
+            [output],
+        )
+    extract.interactions.kept = write_jsonl_atomic(output, itertools.chain([first], rows))
     print(extract.report())
     ended = outcome()
     for key, value in ended.items():
