@@ -398,8 +398,8 @@ def print_summary(results: dict) -> None:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    load_project_env()
     try:
+        load_project_env()
         arguments, files, previous = start_or_resume(parse_arguments(argv))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

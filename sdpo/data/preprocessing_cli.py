@@ -33,6 +33,7 @@ from sdpo.data.conversations import (
     normalize_conversation,
 )
 from sdpo.data.data_sources import DataError
+from sdpo.utils.command_line import UsageError
 from sdpo.utils.env_file import load_project_env
 from sdpo.utils.file_io import write_json_atomic, write_jsonl_atomic
 from sdpo.data.interaction_schema import Interaction, Message
@@ -52,9 +53,12 @@ def cli_entry(main: Callable[[Sequence[str] | None], None]) -> Callable[[Sequenc
 
     @functools.wraps(main)
     def wrapped(argv: Sequence[str] | None = None) -> int:
-        load_project_env()  # HF_TOKEN for gated datasets, as the scripts read it
         try:
+            load_project_env()  # HF_TOKEN for gated datasets, as the scripts read it
             main(argv)
+        except UsageError as error:  # a .env that is not text
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         except (DataError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

@@ -150,13 +150,36 @@ class ConfigParser(TrlParser):
         raise UsageError(f"{message} (see --help)")
 
     def set_defaults_with_config(self, **config) -> list[str]:
-        dest_of = {
-            option.lstrip("-"): action.dest
+        action_of = {
+            option.lstrip("-"): action
             for action in self._actions
             if not isinstance(action, argparse._StoreFalseAction)
             for option in action.option_strings
         }
-        return super().set_defaults_with_config(**{dest_of.get(key, key): value for key, value in config.items()})
+        defaults = {}
+        for key, value in config.items():
+            action = action_of.get(key)
+            defaults[action.dest if action else key] = self._typed_config_value(action, key, value) if action else value
+        return super().set_defaults_with_config(**defaults)
+
+    def _typed_config_value(self, action: argparse.Action, key: str, value):
+        """A YAML value as the flag's type would read it: YAML's 1e-5 (a string) becomes a float, while 2.5 for
+        a whole-number setting is refused instead of reaching the run."""
+        if value is None or action.type not in (int, float):
+            return value
+        if isinstance(value, list) and action.nargs not in (None, "?"):
+            return [self._typed_config_value(action, key, item) for item in value]
+        whole = action.type is int
+        ok = isinstance(value, int) if whole else isinstance(value, (int, float))
+        if isinstance(value, str):
+            try:
+                return action.type(value)
+            except ValueError:
+                ok = False
+        if not ok or isinstance(value, bool):
+            wanted = "a whole number" if whole else "a number"
+            raise UsageError(f"--config {self.config_file}: {key} must be {wanted}, got {value!r}")
+        return action.type(value)
 
     def parse(self, argv: list[str] | None = None) -> tuple:
         """The dataclasses from ``argv`` (and ``--config FILE``); any problem is one ``UsageError``."""
@@ -171,6 +194,7 @@ class ConfigParser(TrlParser):
             config_file = argv[index + 1]
             if Path(config_file).is_dir():
                 raise UsageError(f"--config {config_file}: is a folder; pass a YAML file")
+        self.config_file = config_file
         where = f"--config {config_file}: " if config_file else ""
         try:
             *parsed, unknown_keys, unknown_flags = self.parse_args_and_config(
