@@ -3,6 +3,7 @@ non-zero exit, no traceback, nothing left behind that blocks a rerun, and no mod
 
 import gzip
 import json
+import shutil
 
 import pytest
 
@@ -168,6 +169,42 @@ def test_resume_without_a_complete_checkpoint_never_restarts_over_finished_work(
     assert (out / "bad_1.json").read_text() == results, "the finished interactions must stay untouched"
     assert eval_online_sdpo.main(args) == 1
     assert "already holds a run" in capsys.readouterr().err
+
+
+def folder_bytes(folder):
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.slow
+def test_a_copied_run_folder_resumes_in_the_copy_and_leaves_the_original_untouched(files, tiny_model_path, monkeypatch):
+    original, copy = files["dir"] / "original", files["dir"] / "copy"
+    args = online(files, "--train_n", "4", "--eval_n", "1", "--eval_every", "2", "--resume_every", "2", "--max_new_tokens", "4", "--eval_max_new_tokens", "4", "--dtype", "float32", out=original)  # fmt: skip
+    args[1] = tiny_model_path
+    record_evaluation = eval_online_sdpo.OnlineRun.record_evaluation
+    evaluations = []
+
+    def interrupted_at_the_second_evaluation(self, *arguments):
+        evaluations.append(arguments[-1])
+        if len(evaluations) == 2:
+            raise KeyboardInterrupt
+        record_evaluation(self, *arguments)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(eval_online_sdpo.OnlineRun, "record_evaluation", interrupted_at_the_second_evaluation)
+        assert eval_online_sdpo.main(args) == 130
+    shutil.copytree(original, copy)
+    before = folder_bytes(original)
+    assert json.loads((copy / "run_state.json").read_text())["eval_dir"] == ".", "files are found from --out_dir"
+
+    assert eval_online_sdpo.main(["--resume", "--out_dir", str(copy)]) == 0
+    assert folder_bytes(original) == before, "resuming the copy must not touch the original"
+    resumed = json.loads((copy / "bad_1.json").read_text())
+    assert [m["interaction"] for m in resumed["training_metrics"]] == [1, 2, 3, 4]
+    assert [e["interaction"] for e in resumed["eval_history"]] == [2, 4]
+    assert eval_online_sdpo.main(["--resume", "--out_dir", str(original)]) == 0, "the original still resumes"
+    untimed = [{k: v for k, v in m.items() if not k.endswith("time_s")} for m in resumed["training_metrics"]]
+    original_records = json.loads((original / "bad_1.json").read_text())["training_metrics"]
+    assert [{k: v for k, v in m.items() if not k.endswith("time_s")} for m in original_records] == untimed
 
 
 CHECKPOINT_CASES = {
