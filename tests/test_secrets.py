@@ -28,7 +28,7 @@ WORDS = [
     (["--Password", "p", "--key=v"], ["--Password", "****", "--key=****"]),
     (["HF_TOKEN=1234", "--seed", "1234"], ["HF_TOKEN=****", "--seed", "1234"]),
     (["--note", f"x{ENV_SECRET}y"], ["--note", "x****y"]),
-    (["--openai_base_url", "http://bob:pw@host:8000/v1"], ["--openai_base_url", "http://****@host:8000/v1"]),
+    (["--openai_base_url", "http://bob:pw@host:8000/v1"], ["--openai_base_url", "http://bob:****@host:8000/v1"]),
     (["--openai_base_url=https://tok@host/v1"], ["--openai_base_url=https://****@host/v1"]),
     (["--tokenizer", "gpt2", "--max_tokens", "9"], ["--tokenizer", "gpt2", "--max_tokens", "9"]),
 ]
@@ -52,7 +52,7 @@ def test_python_masks_like_the_scripts(words, shown, monkeypatch):
 
 MESSAGES = [
     ("unrecognized arguments: --api_key=sk-1 --hf_token hf_2 (see --help)", "unrecognized arguments: --api_key=**** --hf_token **** (see --help)"),
-    ("--openai_base_url 'http://bob:pw@host/v1': bad", "--openai_base_url 'http://****@host/v1': bad"),
+    ("--openai_base_url 'http://bob:pw@host/v1': bad", "--openai_base_url 'http://bob:****@host/v1': bad"),
     ("['--openai_api_key', 'sk-3']", "['--openai_api_key', ****"),
     ("argument --hf_token: expected one argument", "argument --hf_token: expected one argument"),
     ("max_new_tokens 5 and a\ttab", "max_new_tokens 5 and a\ttab"),
@@ -126,7 +126,7 @@ def test_a_password_in_the_server_url_is_never_printed_or_stored(prompt_files, t
         "--openai_base_url", url, "--api_max_attempts", "1",
     )  # fmt: skip
     code, output = run_main(eval_online_sdpo.main, argv, capsys)
-    assert code == 1 and "cannot connect to http://****@127.0.0.1:9/v1" in output, output[-2000:]
+    assert code == 1 and "cannot connect to http://bob:****@127.0.0.1:9/v1" in output, output[-2000:]
     assert "hunter2" not in output
     state = (out / "run_state.json").read_text()
     assert "hunter2" not in state and "bob" not in state
@@ -155,4 +155,4 @@ def test_logs_are_masked_once_a_parser_ran(caplog):
         ConfigParser().parse(["--hub_token", "hf-remembered-secret"])
     with caplog.at_level(logging.INFO):
         logging.getLogger("sdpo.test").info("calling %s with %s", "http://u:pw@h/v1", "hf-remembered-secret")
-    assert caplog.records[-1].getMessage() == "calling http://****@h/v1 with ****"
+    assert caplog.records[-1].getMessage() == "calling http://u:****@h/v1 with ****"

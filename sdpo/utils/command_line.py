@@ -32,8 +32,8 @@ MASK = "****"
 # Values of secret-named variables are masked wherever they appear only from this length on (real keys are
 # longer), so HF_TOKEN=1234 leaves `--seed 1234` alone.
 MIN_SECRET_CHARS = 8
-# scheme://user:password@host or scheme://token@host: everything before the '@' is a credential.
-URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@]+@")
+# scheme://user:password@host (the password is the secret) or scheme://token@host (the token is).
+URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:]+:)?[^\s/@]+@")
 _remembered_secrets: set[str] = set()
 
 
@@ -50,7 +50,8 @@ def known_secrets() -> list[str]:
 
 def mask_words(words: list[str]) -> list[str]:
     """``words`` (a command line) with secrets replaced by ``MASK``: the word after a secret flag, the value of
-    ``--secret_flag=...`` and ``SECRET_NAME=...`` words, known secret values anywhere, URL credentials."""
+    ``--secret_flag=...`` and ``SECRET_NAME=...`` words, known secret values anywhere, a URL's password (or its
+    token, when the URL has no user name)."""
     secrets = known_secrets()
     masked, after_flag = [], False
     for word in words:
@@ -62,7 +63,7 @@ def mask_words(words: list[str]) -> list[str]:
         else:
             for secret in secrets:
                 word = word.replace(secret, MASK)
-            word = URL_CREDENTIALS.sub(rf"\g<scheme>{MASK}@", word)
+            word = URL_CREDENTIALS.sub(rf"\g<scheme>\g<user>{MASK}@", word)
         bare = word.strip("'\"([{,;)]}")
         after_flag = bare.startswith("-") and is_secret_name(bare)
         masked.append(word)
@@ -85,7 +86,8 @@ def remember_secrets(argv: list[str]) -> None:
         if name.startswith("-") and is_secret_name(name):
             _remembered_secrets.add(value if has_value else argv[index + 1] if index + 1 < len(argv) else "")
         for match in re.finditer(r"://([^\s/@]+)@", word):
-            _remembered_secrets.update({match.group(1), match.group(1).partition(":")[2]})
+            user, has_password, password = match.group(1).partition(":")
+            _remembered_secrets.add(password if has_password else user)
     _remembered_secrets.discard("")
 
 
