@@ -13,7 +13,7 @@ import pytest
 
 import eval_online_sdpo
 from offline_sdpo import main_offline_sdpo
-from sdpo.online.config import OnlineArguments
+from sdpo.online.config import OnlineArguments, build_parser
 from sdpo.utils.command_line import ConfigParser, UsageError, mask_secrets, mask_words
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,6 @@ def test_script_run_hides_a_mistyped_secret_flag(prompt_files, tmp_path):
         "DATA_DIR": str(train.parent),
         "OUTPUT_DIR": str(tmp_path / "run"),
         "HF_HUB_OFFLINE": "1",
-        "EVAL_STYLES": "short",
     }
     result = subprocess.run(
         [str(REPO / "scripts" / "eval_online_sdpo.sh"), "--user_backend", "rule", "--judge_backend", "rule",
@@ -139,7 +138,7 @@ def test_resume_takes_the_credentials_back_from_the_same_url(prompt_files, tmp_p
 
     out = tmp_path / "run"
     url = "http://bob:hunter2-password@127.0.0.1:9/v1"
-    parser = eval_online_sdpo.build_parser()
+    parser = build_parser()
     extra = ("--user_backend", "openai", "--user_model_name_or_path", "m", "--openai_base_url", url)
     start_or_resume(OnlineArguments(*parser.parse(online_argv(prompt_files, out, *extra))))
     resumed, _, _ = start_or_resume(
