@@ -155,3 +155,17 @@ def test_logs_are_masked_once_a_parser_ran(caplog):
     with caplog.at_level(logging.INFO):
         logging.getLogger("sdpo.test").info("calling %s with %s", "http://u:pw@h/v1", "hf-remembered-secret")
     assert caplog.records[-1].getMessage() == "calling http://u:****@h/v1 with ****"
+
+
+@pytest.mark.slow
+def test_wandb_run_files_hold_the_masked_command_line(tmp_path, monkeypatch):
+    from sdpo.utils.tracking import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    argv = ["eval_online_sdpo.py", "--openai_base_url", "http://u:hunter2-password@h/v1", f"--api_key={LONG_SECRET}"]
+    monkeypatch.setattr(sys, "argv", list(argv))
+    Tracker.start("wandb", project="p", name="n", config={}, directory=str(tmp_path), run_id="secrets").finish()
+    assert sys.argv == argv
+    written = b"".join(path.read_bytes() for path in tmp_path.rglob("*") if path.is_file())
+    assert b"u:****@h/v1" in written and b"hunter2" not in written and LONG_SECRET.encode() not in written
