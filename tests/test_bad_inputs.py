@@ -50,6 +50,7 @@ def files(tmp_path):
         ("wrong_state", json.dumps({"settings": [], "index": "1", "eval_dir": "."}), None),
         ("wrong_results", json.dumps({"settings": settings, "index": 1, "eval_dir": "."}), '{"meta": {}, "training_metrics": {"interaction": 1}, "eval_history": []}'),
         ("truncated_results", json.dumps({"settings": settings, "index": 1, "eval_dir": "."}), '{"meta": {}, "training_met'),
+        ("wrong_setting", json.dumps({"settings": {**settings, "train_n": "ten"}, "index": 1, "eval_dir": "."}), None),
     ):  # fmt: skip
         found[name] = tmp_path / name
         found[name].mkdir()
@@ -109,6 +110,7 @@ ONLINE_CASES = {
     "resume a run_state.json of the wrong shape": (lambda f: ["--resume", "--out_dir", str(f["wrong_state"])], 1, "run_state.json: not the shape this run writes"),
     "resume a results file of the wrong shape": (lambda f: ["--resume", "--out_dir", str(f["wrong_results"])], 1, "bad_1.json: 'training_metrics' is not a list of records"),
     "resume a truncated results file": (lambda f: ["--resume", "--out_dir", str(f["truncated_results"])], 1, "bad_1.json cannot be read (JSONDecodeError"),
+    "resume a run_state.json with a setting of the wrong type": (lambda f: ["--resume", "--out_dir", str(f["wrong_setting"])], 1, "run_state.json: the stored settings no longer hold"),
     "new run over a truncated results file": (lambda f: online(f, out=f["truncated_results"]), 1, "bad_1.json cannot be read"),
 }
 

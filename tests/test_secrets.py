@@ -169,3 +169,14 @@ def test_wandb_run_files_hold_the_masked_command_line(tmp_path, monkeypatch):
     assert sys.argv == argv
     written = b"".join(path.read_bytes() for path in tmp_path.rglob("*") if path.is_file())
     assert b"u:****@h/v1" in written and b"hunter2" not in written and LONG_SECRET.encode() not in written
+
+
+def test_preprocessing_stats_hold_no_url_password(tmp_path):
+    import argparse
+
+    from sdpo.data.preprocessing_cli import write_stats
+
+    args = argparse.Namespace(dataset_path=["https://u:hunter2-password@data.example/x.jsonl"], seed=1)
+    write_stats(tmp_path / "stats.json", "script.py", args, "local")
+    stored = json.loads((tmp_path / "stats.json").read_text())["arguments"]
+    assert stored == {"dataset_path": ["https://u:****@data.example/x.jsonl"], "seed": 1}

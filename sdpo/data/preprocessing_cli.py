@@ -33,7 +33,7 @@ from sdpo.data.conversations import (
     normalize_conversation,
 )
 from sdpo.data.data_sources import DataError
-from sdpo.utils.command_line import UsageError
+from sdpo.utils.command_line import UsageError, mask_secrets
 from sdpo.utils.env_file import load_project_env
 from sdpo.utils.file_io import write_json_atomic, write_jsonl_atomic
 from sdpo.data.interaction_schema import Interaction, Message
@@ -258,6 +258,15 @@ def stats_path_for(output: Path) -> Path:
     return output.with_name(output.name.removesuffix(".jsonl") + ".stats.json")
 
 
+def stored_argument(value):
+    """An argument as a stats file may hold it: secrets in strings (URL passwords, known keys) masked."""
+    if isinstance(value, str):
+        return mask_secrets(value)
+    if isinstance(value, list):
+        return [stored_argument(item) for item in value]
+    return value
+
+
 def write_stats(path: Path, script: str, args: argparse.Namespace, source: str, **sections) -> None:
     """Record what a run did: the script, its arguments, the source and the count sections."""
     write_json_atomic(
@@ -266,7 +275,7 @@ def write_stats(path: Path, script: str, args: argparse.Namespace, source: str, 
             "script": script,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "source": source,
-            "arguments": vars(args),
+            "arguments": {name: stored_argument(value) for name, value in vars(args).items()},
             **sections,
         },
     )

@@ -132,11 +132,11 @@ def start_or_resume(arguments: OnlineArguments) -> tuple[OnlineArguments, RunFil
         for name, value in given.items():
             if name not in RESUME_OVERRIDABLE and value != defaults.get(name) and value != stored.get(name):
                 logger.warning("--resume keeps the run's original --%s=%r (ignoring %r)", name, stored.get(name), value)
+        settings = {**stored, **{name: given[name] for name in RESUME_OVERRIDABLE}}
         try:
-            resumed = OnlineArguments.from_dict(
-                {**stored, **{name: given[name] for name in RESUME_OVERRIDABLE}}
-            )
-        except ValueError as error:
+            OnlineArguments.from_dict({**settings, "resume": False})  # the stored settings pass every check again
+            resumed = OnlineArguments.from_dict(settings)
+        except (ValueError, TypeError) as error:
             raise DataError(f"{out_dir / STATE_FILE}: the stored settings no longer hold ({error})") from None
         resumed = with_credentials_of(resumed, arguments)
         files = _files_of(out_dir, state)
