@@ -22,6 +22,9 @@ def make_inputs(tmp):
         "string_messages.jsonl": json.dumps({"conversations": ["hi", "yo"]}).encode() + b"\n",
         "int_conversation.jsonl": json.dumps({"conversation": 3, "language": "English"}).encode() + b"\n",
         "no_turns.jsonl": json.dumps({"question_id": 1, "category": "c"}).encode() + b"\n",
+        "empty.jsonl": b"",
+        "garbage.jsonl": b'{"a": 1}\ngarbage\n',
+        "fake.jsonl.gz": b"not gzip",
     }
     for name, content in files.items():
         (tmp / name).write_bytes(content)
@@ -45,6 +48,9 @@ CASES = [
     ("wildfeedback", ["--dataset_path", "{tmp}/latin1.json"], "latin1.json:1: not UTF-8 text (byte 0xe9"),
     ("wildfeedback", ["--max_history_messages", "0"], "--max_history_messages: must be a whole number >= 1"),
     ("wildchat", ["--dataset_path", "{tmp}/int_conversation.jsonl"], "row 0: the conversation must be a list"),
+    ("wildfeedback", ["--dataset_path", "{tmp}/empty.jsonl"], "--dataset_path {tmp}/empty.jsonl is an empty file"),
+    ("wildfeedback", ["--dataset_path", "{tmp}/garbage.jsonl"], "garbage.jsonl:2: not valid JSON"),
+    ("wildchat", ["--dataset_path", "{tmp}/fake.jsonl.gz"], "fake.jsonl.gz: Not a gzipped file"),
     ("wildchat", ["--max_conversations", "0"], "--max_conversations: must be a whole number >= 1, got 0"),
     ("wildchat", ["--seed", "x"], "--seed: invalid int value: 'x'"),
     ("sharegpt", ["--dataset_path", "{tmp}/int_conversations.json"], "conversation 0 (id 'x'): the conversation must"),
