@@ -560,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         load_project_env()
         run(parse_arguments(argv))
-    except (UsageError, command_line.UsageError, DataError, ModelLoadError) as error:  # command_line's: a .env that is not text
+    # command_line.UsageError: a .env that is not text
+    except (UsageError, command_line.UsageError, DataError, ModelLoadError) as error:
         print(f"error: {mask_secrets(str(error))}", file=sys.stderr)
         return 2 if isinstance(error, (UsageError, command_line.UsageError)) else 1
     return 0

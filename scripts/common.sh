@@ -126,7 +126,9 @@ sdpo_mask_words() {
       for secret in "${secrets[@]}"; do
         word="${word//"$secret"/$SDPO_MASK}"
       done
-      if [[ "$word" =~ $SDPO_URL_CREDENTIALS ]]; then word="${BASH_REMATCH[1]}${BASH_REMATCH[2]}$SDPO_MASK@${BASH_REMATCH[3]}"; fi
+      if [[ "$word" =~ $SDPO_URL_CREDENTIALS ]]; then
+        word="${BASH_REMATCH[1]}${BASH_REMATCH[2]}$SDPO_MASK@${BASH_REMATCH[3]}"
+      fi
     fi
     after_flag=0
     if [[ "$word" == -* ]] && sdpo_is_secret_name "$word"; then after_flag=1; fi

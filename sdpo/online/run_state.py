@@ -69,7 +69,8 @@ def read_results(path: Path) -> dict:
             isinstance(entry, dict) and type(entry.get("interaction")) is int for entry in entries
         ):
             raise DataError(
-                f"{path}: {key!r} is not a list of records with an 'interaction' number; it is not a file this run wrote"
+                f"{path}: {key!r} is not a list of records with an 'interaction' number; "
+                "it is not a file this run wrote"
             )
     return results
 
