@@ -512,9 +512,9 @@ def test_dry_run_defaults_follow_the_reference(tmp_path):
         flag(argv, "--per_device_train_batch_size"),
         flag(argv, "--gradient_accumulation_steps"),
         flag(argv, "--num_train_epochs"),
-    ) == ("Qwen/Qwen3-4B", "2e-6", "4", "8", "2")
+    ) == ("Qwen/Qwen3-4B", "2e-6", "4", "2", "2")
     assert flag(argv, "--output_dir") == "/scratch/me/offline-sdpo/offline-sdpo-test"
-    assert flag(argv, "--run_name") == "sdpo-Qwen-Qwen3-4B-lr2e-6-bs4-ga8"
+    assert flag(argv, "--run_name") == "sdpo-Qwen-Qwen3-4B-lr2e-6-bs4-ga2"
     assert flag(argv, "--project") == "offline-sdpo"
     assert not Path("/scratch/me/offline-sdpo").exists()
 
