@@ -71,14 +71,17 @@ class UsageError(ValueError):
 class EvalBenchmarksArguments:
     """Flags of ``auxiliary/eval_benchmarks.py`` (lm-eval's names where lm-eval has the option)."""
 
-    model_name_or_path: str = field(
-        default=None, metadata={"help": "The trained checkpoint: a model folder, a LoRA adapter folder or a Hub id."}
+    model_name_or_path: list[str] = field(
+        default=None,
+        metadata={"help": "The trained checkpoint(s): model folders, LoRA adapter folders or Hub ids (one row each)."},
     )
     base_model: str | None = field(
         default=None,
         metadata={"help": "Base model to compare against (default: an adapter's base; 'none': no base row)."},
     )
-    model_label: str | None = field(default=None, metadata={"help": "Row label of the checkpoint (default: its name)."})
+    model_label: list[str] | None = field(
+        default=None, metadata={"help": "Row labels of the checkpoints, in order (default: their folder names)."}
+    )
     tasks: str = field(
         default="table2",
         metadata={"help": "Comma list: lm-eval tasks/groups, alpaca_eval, arena_hard, or table2 / table6."},
@@ -103,7 +106,11 @@ class EvalBenchmarksArguments:
     )
     arena_hard_questions: str | None = field(default=None, metadata={"help": "Arena-Hard v2 question.jsonl."})
     arena_hard_baseline: str | None = field(
-        default=None, metadata={"help": "Arena-Hard baseline answers (model_answer/<baseline>.jsonl)."}
+        default=None, metadata={"help": "Arena-Hard hard-prompt baseline answers (v2: model_answer/o3-mini-2025-01-31.jsonl)."}
+    )
+    arena_hard_creative_baseline: str | None = field(
+        default=None,
+        metadata={"help": "Creative-writing baseline answers (v2: gemini-2.0-flash-001; default: --arena_hard_baseline)."},
     )
     max_new_tokens: int = field(default=2048, metadata={"help": "Answer budget for the pairwise benchmarks."})
     judge_backend: str = field(default="anthropic", metadata={"help": "Judge: anthropic | openai | vllm.",
@@ -118,6 +125,8 @@ class EvalBenchmarksArguments:
     def __post_init__(self):
         if not self.model_name_or_path:
             raise ValueError("pass --model_name_or_path (the trained checkpoint)")
+        if self.model_label and len(self.model_label) != len(self.model_name_or_path):
+            raise ValueError("--model_label needs one label per --model_name_or_path")
         if self.limit is not None and self.limit <= 0:
             raise ValueError(f"--limit must be > 0, got {self.limit}")
         if self.max_new_tokens < 1 or self.judge_max_tokens < 1:
@@ -159,26 +168,35 @@ def parse_arguments(argv: list[str] | None = None) -> EvalBenchmarksArguments:
 # --------------------------------------------------------------------------------------------------
 
 
+def _default_label(given: str) -> str:
+    path = Path(given)
+    return f"{path.parent.name}/{path.name}" if path.name in ("final_model", "final_model_merged") else path.name
+
+
 def models_under_test(arguments: EvalBenchmarksArguments) -> list[ModelUnderTest]:
-    """Base (unless ``none``) then the checkpoint; adapters resolved to their base."""
-    given = arguments.model_name_or_path
-    adapter = None
-    pretrained = given
-    if Path(given).expanduser().is_dir():
-        try:
-            checkpoint = inspect_checkpoint(given)
-        except CheckpointError as error:
-            raise UsageError(str(error)) from None
-        if checkpoint.is_adapter:
-            adapter, pretrained = str(checkpoint.path), checkpoint.base_model
-    label = arguments.model_label or (Path(given).name if Path(given).name not in ("final_model", "") else
-                                      Path(given).parent.name + "/" + Path(given).name)
-    models = [ModelUnderTest(label, pretrained, adapter)]
-    base = arguments.base_model if arguments.base_model is not None else (pretrained if adapter else None)
+    """The base (unless ``none``) first, then each checkpoint; adapters resolved to their base."""
+    models = []
+    for position, given in enumerate(arguments.model_name_or_path):
+        adapter, pretrained = None, given
+        if Path(given).expanduser().is_dir():
+            try:
+                checkpoint = inspect_checkpoint(given)
+            except CheckpointError as error:
+                raise UsageError(str(error)) from None
+            if checkpoint.is_adapter:
+                adapter, pretrained = str(checkpoint.path), checkpoint.base_model
+        label = arguments.model_label[position] if arguments.model_label else _default_label(given)
+        models.append(ModelUnderTest(label, pretrained, adapter))
+    base = arguments.base_model
     if base is None:
-        raise UsageError(
-            f"{given} is a full model: pass --base_model (the model it was trained from) or --base_model none"
-        )
+        bases = {model.pretrained for model in models if model.adapter}
+        full = [model.label for model in models if not model.adapter]
+        if full or len(bases) != 1:
+            raise UsageError(
+                f"{', '.join(full) or 'the adapters'}: pass --base_model (the model the checkpoints were trained "
+                "from) or --base_model none"
+            )
+        base = bases.pop()
     if base.lower() != "none":
         models.insert(0, ModelUnderTest(f"base {Path(base).name if Path(base).is_dir() else base}", base))
     return models
@@ -202,15 +220,17 @@ def check_tasks(arguments: EvalBenchmarksArguments) -> tuple[list[str], list[str
             f"--tasks {','.join(tasks)} needs {', '.join(missing)}: pip install -r requirements-eval.txt"
         )
     if lm_tasks:
-        from lm_eval.tasks import TaskManager
+        from sdpo.evaluation.benchmarks_lm_eval import builtin_task_manager
 
-        unknown = [t for t in lm_tasks if t not in TaskManager().all_tasks]
+        unknown = [t for t in lm_tasks if t not in builtin_task_manager().all_tasks]
         if unknown:
             raise UsageError(f"--tasks: {', '.join(unknown)} is neither an lm-eval task nor one of {', '.join(PAIRWISE)}")
     needed = {
         "alpaca_eval": [("--alpaca_eval_data", arguments.alpaca_eval_data)],
         "arena_hard": [("--arena_hard_questions", arguments.arena_hard_questions),
-                       ("--arena_hard_baseline", arguments.arena_hard_baseline)],
+                       ("--arena_hard_baseline", arguments.arena_hard_baseline),
+                       ("--arena_hard_creative_baseline", arguments.arena_hard_creative_baseline or
+                        arguments.arena_hard_baseline)],
     }
     for task in pairwise:
         for flag, value in needed[task]:
@@ -338,7 +358,11 @@ def run_pairwise(arguments, model: ModelUnderTest, pairwise: list[str], judge, o
     if "alpaca_eval" in pairwise:
         sets["alpaca_eval_lc"] = pw.load_alpaca_eval_set(Path(arguments.alpaca_eval_data))
     if "arena_hard" in pairwise:
-        arena = pw.load_arena_hard_set(Path(arguments.arena_hard_questions), Path(arguments.arena_hard_baseline))
+        baselines = {
+            "hard_prompt": Path(arguments.arena_hard_baseline),
+            "creative_writing": Path(arguments.arena_hard_creative_baseline or arguments.arena_hard_baseline),
+        }
+        arena = pw.load_arena_hard_set(Path(arguments.arena_hard_questions), baselines)
         for column, category in pw.ARENA_CATEGORIES.items():
             sets[column] = [item for item in arena if item.category == category]
     if arguments.limit is not None:
@@ -412,10 +436,10 @@ def run(arguments: EvalBenchmarksArguments) -> BenchmarkTable:
         lm_output = run_lm_eval_tasks(arguments, model, lm_tasks, output_dir) if lm_tasks else {}
         pair = run_pairwise(arguments, model, pairwise, judge, output_dir) if pairwise else {}
         values, details = table_values(lm_output, pair)
-        rows.append(table.add_model(model.label, values, details))
-        table.rows[-1].details["lm_eval_results"] = lm_output.get("results", {})
-    if len(rows) == 2:
-        table.add_delta(rows[1], rows[0])
+        rows.append(table.add_model(model.label, values, {**details, "lm_eval_results": lm_output.get("results", {})}))
+    if models[0].label.startswith("base ") and len(rows) > 1:
+        for trained in rows[1:]:
+            table.add_delta(trained, rows[0])
     table.add_paper_rows(paper_family(models[0].pretrained))
     table.notes += _notes(arguments, lm_tasks, pairwise, judge)
     json_path, md_path = table.write(output_dir)

@@ -83,7 +83,7 @@ def test_lc_glm_runs_on_a_difficulty_file_in_the_hub_files_shape(tmp_path, monke
 
 def test_arena_hard_style_judges_both_orders_through_claude(tmp_path, monkeypatch):
     items = pw.load_arena_hard_set(
-        DATA / "arena_hard" / "question.jsonl", DATA / "arena_hard" / "model_answer" / "o3-mini-2025-01-31.jsonl"
+        DATA / "arena_hard" / "question.jsonl", {"hard_prompt": DATA / "arena_hard" / "model_answer" / "o3-mini-2025-01-31.jsonl"}
     )
     hard = [item for item in items if item.category == "hard_prompt"]
     assert [item.uid for item in hard] == ["h1", "h2"] and hard[0].baseline_generator == "o3-mini-2025-01-31"
@@ -120,4 +120,4 @@ def test_bad_rows_name_file_and_field(tmp_path):
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"uid": "z", "category": "hard_prompt", "prompt": "p"}\n')
     with pytest.raises(pw.DataError, match=r"q.jsonl:1: question z has no answer"):
-        pw.load_arena_hard_set(questions, DATA / "arena_hard" / "model_answer" / "o3-mini-2025-01-31.jsonl")
+        pw.load_arena_hard_set(questions, {"hard_prompt": DATA / "arena_hard" / "model_answer" / "o3-mini-2025-01-31.jsonl"})

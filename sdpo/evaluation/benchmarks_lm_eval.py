@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -54,6 +55,14 @@ def missing_lm_eval_packages(tasks: list[str], backend: str) -> list[str]:
     return missing
 
 
+@cache
+def builtin_task_manager():
+    """lm-eval's index of its own tasks (built once: it reads every task YAML of the package)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def local_dataset_folder(data_dir: Path, dataset_path: str, dataset_name: str | None) -> Path:
     return data_dir / dataset_path.replace("/", "__") / (dataset_name or "")
 
@@ -74,10 +83,9 @@ def _leaf_tasks(task_manager, name: str) -> list[str]:
 def write_local_task_configs(tasks: list[str], data_dir: Path, config_dir: Path) -> dict[str, Path]:
     """Task YAMLs reading ``data_dir``'s files for every requested (leaf) task that has them; returns
     task name → local dataset folder. Tasks without local data are left to the harness (Hub)."""
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    manager = TaskManager()
+    manager = builtin_task_manager()
     config_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for task in [leaf for name in tasks for leaf in _leaf_tasks(manager, name)]:
@@ -124,8 +132,8 @@ def run_lm_eval(
     model_args: dict | None = None,
     seed: int = 1234,
 ) -> dict:
-    """Run the harness; returns its result dict (``results``, ``n-samples``, ``configs``, ...) without the
-    per-sample logs. ``model_args`` adds to the backend's arguments (e.g. ``max_model_len`` for vLLM)."""
+    """Run the harness; returns the JSON part of its output (``results``, ``n-samples``, ``versions``,
+    ``higher_is_better``; not the task configs, which hold functions). ``model_args`` adds to the backend's arguments (e.g. ``max_model_len`` for vLLM)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -154,4 +162,4 @@ def run_lm_eval(
     )
     if output is None:  # only non-zero ranks get None under multi-process HF runs
         return {}
-    return {key: output[key] for key in ("results", "n-samples", "configs", "versions") if key in output}
+    return {key: output[key] for key in ("results", "n-samples", "versions", "higher_is_better") if key in output}

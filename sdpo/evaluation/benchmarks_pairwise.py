@@ -113,21 +113,27 @@ def _arena_answer(where: str, row) -> str:
     return _field(where, row, "answer")
 
 
-def load_arena_hard_set(questions: Path, baseline_answers: Path) -> list[PairwiseItem]:
-    """Arena-Hard-Auto v2 ``question.jsonl`` rows (``uid``, ``category``, ``prompt``) joined with a
-    baseline model's answer file (``model_answer/<model>.jsonl``) by uid."""
-    answers, generator = {}, "baseline"
-    for where, row in _rows(baseline_answers):
-        answers[_field(where, row, "uid")] = _arena_answer(where, row)
-        generator = row.get("model") or generator
+def load_arena_hard_set(questions: Path, baseline_answers: dict[str, Path]) -> list[PairwiseItem]:
+    """Arena-Hard-Auto v2 ``question.jsonl`` rows (``uid``, ``category``, ``prompt``) joined by uid with the
+    answers of each category's baseline (``model_answer/<model>.jsonl``; v2: o3-mini for ``hard_prompt``,
+    gemini-2.0-flash for ``creative_writing``). ``baseline_answers``: category → file; questions of other
+    categories are left out."""
+    answers = {}
+    for category, path in baseline_answers.items():
+        by_uid, generator = {}, path.stem
+        for where, row in _rows(path):
+            by_uid[_field(where, row, "uid")] = _arena_answer(where, row)
+            generator = row.get("model") or generator
+        answers[category] = (by_uid, generator)
     items = []
     for where, row in _rows(questions):
-        uid = _field(where, row, "uid")
-        if uid not in answers:
-            raise DataError(f"{where}: question {uid} has no answer in {baseline_answers}")
-        items.append(
-            PairwiseItem(uid, _field(where, row, "prompt"), answers[uid], generator, _field(where, row, "category"))
-        )
+        uid, category = _field(where, row, "uid"), _field(where, row, "category")
+        if category not in answers:
+            continue
+        by_uid, generator = answers[category]
+        if uid not in by_uid:
+            raise DataError(f"{where}: question {uid} has no answer in {baseline_answers[category]}")
+        items.append(PairwiseItem(uid, _field(where, row, "prompt"), by_uid[uid], generator, category))
     return items
 
 
