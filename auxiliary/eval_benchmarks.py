@@ -44,6 +44,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from transformers import HfArgumentParser
@@ -51,15 +52,23 @@ from transformers import HfArgumentParser
 from auxiliary.eval_checkpoints import CheckpointError, inspect_checkpoint
 from sdpo.chat.backends import BackendError
 from sdpo.data.data_sources import DataError, first_line
-from sdpo.evaluation.benchmarks import BENCHMARKS, TABLE2_COLUMNS, TABLE6_COLUMNS, BenchmarkTable, paper_family
-from sdpo.evaluation.benchmarks import lm_eval_column_value
+from sdpo.evaluation.benchmarks import (
+    BENCHMARKS,
+    TABLE2_COLUMNS,
+    TABLE6_COLUMNS,
+    BenchmarkTable,
+    lm_eval_column_value,
+    paper_family,
+)
 from sdpo.models.model_loading import ModelLoadError, resolve_model_path
 from sdpo.utils.env_file import load_project_env
 from sdpo.utils.file_io import write_json_atomic, write_jsonl_atomic
 
 PAIRWISE = ("alpaca_eval", "arena_hard")
-SETS = {"table2": ("alpaca_eval", "ifeval", "arena_hard", "mmlu_pro"), "table6": ("truthfulqa_mc1", "hellaswag",
-                                                                                  "commonsense_qa")}
+SETS = {
+    "table2": ("alpaca_eval", "ifeval", "arena_hard", "mmlu_pro"),
+    "table6": ("truthfulqa_mc1", "hellaswag", "commonsense_qa"),
+}
 JUDGE_BACKENDS = ("anthropic", "openai", "vllm")
 
 
@@ -86,16 +95,25 @@ class EvalBenchmarksArguments:
         default="table2",
         metadata={"help": "Comma list: lm-eval tasks/groups, alpaca_eval, arena_hard, or table2 / table6."},
     )
-    model: str = field(default="hf", metadata={"help": "lm-eval backend: hf (CPU or GPU) or vllm (GPU).",
-                                                "choices": ["hf", "vllm"]})
-    model_args: str = field(default="", metadata={"help": "Extra lm-eval model_args, k=v,k=v (e.g. max_model_len=8192)."})
+    model: str = field(
+        default="hf", metadata={"help": "lm-eval backend: hf (CPU or GPU) or vllm (GPU).", "choices": ["hf", "vllm"]}
+    )
+    model_args: str = field(
+        default="", metadata={"help": "Extra lm-eval model_args, k=v,k=v (e.g. max_model_len=8192)."}
+    )
     dtype: str = field(default="auto", metadata={"help": "Weights dtype for lm-eval and the answer generation."})
     device: str | None = field(default=None, metadata={"help": "lm-eval device (cpu, cuda, cuda:0)."})
     batch_size: str = field(default="1", metadata={"help": "lm-eval batch size (a number or auto)."})
-    limit: float | None = field(default=None, metadata={"help": "Items per task (< 1: a fraction); also caps pairwise."})
+    limit: float | None = field(
+        default=None, metadata={"help": "Items per task (< 1: a fraction); also caps pairwise."}
+    )
     num_fewshot: int | None = field(default=None, metadata={"help": "Override the tasks' few-shot count."})
-    gen_kwargs: str | None = field(default=None, metadata={"help": "lm-eval generation overrides, e.g. max_gen_toks=64."})
-    apply_chat_template: bool = field(default=False, metadata={"help": "Render lm-eval prompts with the chat template."})
+    gen_kwargs: str | None = field(
+        default=None, metadata={"help": "lm-eval generation overrides, e.g. max_gen_toks=64."}
+    )
+    apply_chat_template: bool = field(
+        default=False, metadata={"help": "Render lm-eval prompts with the chat template."}
+    )
     fewshot_as_multiturn: bool = field(default=False, metadata={"help": "Few-shot examples as chat turns."})
     data_dir: str | None = field(
         default=None,
@@ -106,15 +124,19 @@ class EvalBenchmarksArguments:
     )
     arena_hard_questions: str | None = field(default=None, metadata={"help": "Arena-Hard v2 question.jsonl."})
     arena_hard_baseline: str | None = field(
-        default=None, metadata={"help": "Arena-Hard hard-prompt baseline answers (v2: model_answer/o3-mini-2025-01-31.jsonl)."}
+        default=None,
+        metadata={"help": "Arena-Hard hard-prompt baseline answers (v2: model_answer/o3-mini-2025-01-31.jsonl)."},
     )
     arena_hard_creative_baseline: str | None = field(
         default=None,
-        metadata={"help": "Creative-writing baseline answers (v2: gemini-2.0-flash-001; default: --arena_hard_baseline)."},
+        metadata={
+            "help": "Creative-writing baseline answers (v2: gemini-2.0-flash-001; default: --arena_hard_baseline)."
+        },
     )
     max_new_tokens: int = field(default=2048, metadata={"help": "Answer budget for the pairwise benchmarks."})
-    judge_backend: str = field(default="anthropic", metadata={"help": "Judge: anthropic | openai | vllm.",
-                                                               "choices": list(JUDGE_BACKENDS)})
+    judge_backend: str = field(
+        default="anthropic", metadata={"help": "Judge: anthropic | openai | vllm.", "choices": list(JUDGE_BACKENDS)}
+    )
     judge_model: str = field(default="claude-haiku-4-5-20251001", metadata={"help": "Judge model name."})
     judge_base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible judge server URL."})
     judge_max_tokens: int = field(default=2048, metadata={"help": "Token budget of an Arena-Hard judgement."})
@@ -213,24 +235,30 @@ def check_tasks(arguments: EvalBenchmarksArguments) -> tuple[list[str], list[str
     missing = (missing_lm_eval_packages(lm_tasks, arguments.model) if lm_tasks else []) + (
         missing_pairwise_packages() if pairwise else []
     )
-    if pairwise and arguments.judge_backend == "vllm" and "vllm" not in missing and not importlib.util.find_spec("vllm"):
+    if (
+        pairwise
+        and arguments.judge_backend == "vllm"
+        and "vllm" not in missing
+        and not importlib.util.find_spec("vllm")
+    ):
         missing.append("vllm")
     if missing:
-        raise UsageError(
-            f"--tasks {','.join(tasks)} needs {', '.join(missing)}: pip install -r requirements-eval.txt"
-        )
+        raise UsageError(f"--tasks {','.join(tasks)} needs {', '.join(missing)}: pip install -r requirements-eval.txt")
     if lm_tasks:
         from sdpo.evaluation.benchmarks_lm_eval import builtin_task_manager
 
         unknown = [t for t in lm_tasks if t not in builtin_task_manager().all_tasks]
         if unknown:
-            raise UsageError(f"--tasks: {', '.join(unknown)} is neither an lm-eval task nor one of {', '.join(PAIRWISE)}")
+            raise UsageError(
+                f"--tasks: {', '.join(unknown)} is neither an lm-eval task nor one of {', '.join(PAIRWISE)}"
+            )
     needed = {
         "alpaca_eval": [("--alpaca_eval_data", arguments.alpaca_eval_data)],
-        "arena_hard": [("--arena_hard_questions", arguments.arena_hard_questions),
-                       ("--arena_hard_baseline", arguments.arena_hard_baseline),
-                       ("--arena_hard_creative_baseline", arguments.arena_hard_creative_baseline or
-                        arguments.arena_hard_baseline)],
+        "arena_hard": [
+            ("--arena_hard_questions", arguments.arena_hard_questions),
+            ("--arena_hard_baseline", arguments.arena_hard_baseline),
+            ("--arena_hard_creative_baseline", arguments.arena_hard_creative_baseline or arguments.arena_hard_baseline),
+        ],
     }
     for task in pairwise:
         for flag, value in needed[task]:
@@ -252,8 +280,11 @@ def build_judge(arguments: EvalBenchmarksArguments):
     from sdpo.chat.backends import AnthropicBackend, OpenAICompatibleBackend, VLLMChatBackend
 
     if arguments.judge_backend == "anthropic":
-        judge = AnthropicBackend(arguments.judge_model, max_concurrency=arguments.judge_max_concurrency,
-                                 base_url=os.environ.get("ANTHROPIC_BASE_URL"))
+        judge = AnthropicBackend(
+            arguments.judge_model,
+            max_concurrency=arguments.judge_max_concurrency,
+            base_url=os.environ.get("ANTHROPIC_BASE_URL"),
+        )
     elif arguments.judge_backend == "openai":
         judge = OpenAICompatibleBackend(
             arguments.judge_model, base_url=arguments.judge_base_url, max_concurrency=arguments.judge_max_concurrency
@@ -263,8 +294,9 @@ def build_judge(arguments: EvalBenchmarksArguments):
         from sdpo.models.vllm_engines import build_vllm_engine
 
         engine = build_vllm_engine(arguments.judge_model, gpu_memory_utilization=0.45)
-        return VLLMChatBackend(engine, tokenizer=load_tokenizer(arguments.judge_model),
-                               name=f"vllm:{arguments.judge_model}")
+        return VLLMChatBackend(
+            engine, tokenizer=load_tokenizer(arguments.judge_model), name=f"vllm:{arguments.judge_model}"
+        )
     judge.check()
     return judge
 
@@ -367,7 +399,9 @@ def run_pairwise(arguments, model: ModelUnderTest, pairwise: list[str], judge, o
             sets[column] = [item for item in arena if item.category == category]
     if arguments.limit is not None:
         cap = int(arguments.limit) if arguments.limit >= 1 else None
-        sets = {c: items[:cap] if cap else items[: max(1, int(len(items) * arguments.limit))] for c, items in sets.items()}
+        sets = {
+            c: items[:cap] if cap else items[: max(1, int(len(items) * arguments.limit))] for c, items in sets.items()
+        }
     generator = None
     results = {}
     for column, items in sets.items():
@@ -382,16 +416,17 @@ def run_pairwise(arguments, model: ModelUnderTest, pairwise: list[str], judge, o
             generator = generator or answer_generator(arguments, model)
             sampling = SamplingParams(max_new_tokens=arguments.max_new_tokens, temperature=0)
             outputs = pw.generate_answers(generator, items, sampling)
-            write_jsonl_atomic(answers_path, ({"uid": i.uid, "instruction": i.instruction, "output": o}
-                                              for i, o in zip(items, outputs)))
-        work = output_dir / "work"
-        if column == "alpaca_eval_lc":
-            results[column] = _cached(result_path, lambda: pw.alpaca_eval_2(items, outputs, model.label, judge, work))
-        else:
-            results[column] = _cached(
-                result_path,
-                lambda: pw.arena_hard_style(items, outputs, model.label, judge, work, arguments.judge_max_tokens),
+            write_jsonl_atomic(
+                answers_path,
+                ({"uid": i.uid, "instruction": i.instruction, "output": o} for i, o in zip(items, outputs)),
             )
+        if column == "alpaca_eval_lc":
+            verdicts = partial(pw.alpaca_eval_2, items, outputs, model.label, judge, output_dir / "work")
+        else:
+            verdicts = partial(
+                pw.arena_hard_style, items, outputs, model.label, judge, output_dir / "work", arguments.judge_max_tokens
+            )
+        results[column] = _cached(result_path, verdicts)
     if generator is not None:
         from sdpo.chat.policies import release
 
@@ -402,17 +437,21 @@ def run_pairwise(arguments, model: ModelUnderTest, pairwise: list[str], judge, o
 def table_values(lm_output: dict, pairwise: dict) -> tuple[dict, dict]:
     """(column → value as a fraction, column → details) for the table."""
     values, details = {}, {}
-    results, counts = lm_output.get("results", {}), {
-        task: n.get("effective", 1) for task, n in lm_output.get("n-samples", {}).items()
-    }
+    results, counts = (
+        lm_output.get("results", {}),
+        {task: n.get("effective", 1) for task, n in lm_output.get("n-samples", {}).items()},
+    )
     for column, benchmark in BENCHMARKS.items():
         if benchmark.harness == "lm_eval":
             value = lm_eval_column_value(benchmark, results, counts)
             if value is not None:
                 values[column] = value
-                details[column] = {"tasks": sorted(t for t in results if t == benchmark.lm_eval_task or
-                                                   t.startswith(benchmark.lm_eval_task + "_")),
-                                   "n": sum(counts.get(t, 0) for t in results if t.startswith(benchmark.lm_eval_task))}
+                details[column] = {
+                    "tasks": sorted(
+                        t for t in results if t == benchmark.lm_eval_task or t.startswith(benchmark.lm_eval_task + "_")
+                    ),
+                    "n": sum(counts.get(t, 0) for t in results if t.startswith(benchmark.lm_eval_task)),
+                }
     for column, result in pairwise.items():
         key = "length_controlled_winrate" if column == "alpaca_eval_lc" else "win_rate"
         value = result.get(key)
@@ -431,8 +470,11 @@ def run(arguments: EvalBenchmarksArguments) -> BenchmarkTable:
     table = BenchmarkTable(columns)
     rows = []
     for model in models:
-        print(f"[eval_benchmarks] {model.label}: {model.pretrained}" + (f" + adapter {model.adapter}" if model.adapter
-                                                                         else ""), flush=True)
+        print(
+            f"[eval_benchmarks] {model.label}: {model.pretrained}"
+            + (f" + adapter {model.adapter}" if model.adapter else ""),
+            flush=True,
+        )
         lm_output = run_lm_eval_tasks(arguments, model, lm_tasks, output_dir) if lm_tasks else {}
         pair = run_pairwise(arguments, model, pairwise, judge, output_dir) if pairwise else {}
         values, details = table_values(lm_output, pair)

@@ -75,9 +75,6 @@ import torch
 import yaml
 from trl import TrlParser
 
-from sdpo.data.data_sources import DataError, first_line
-from sdpo.utils.env_file import load_project_env
-from sdpo.models.model_loading import DTYPES, ModelLoadError, load_model_and_tokenizer, load_tokenizer
 from offline_sdpo.offline_sdpo_trainer import (
     InteractionDataset,
     OfflineSDPOCollator,
@@ -88,7 +85,10 @@ from offline_sdpo.offline_sdpo_trainer import (
     sharded_launch,
 )
 from offline_sdpo.sft_baseline import SFTBaselineTrainer, sft_config, sft_dataset
+from sdpo.data.data_sources import DataError, first_line
 from sdpo.learner.config import DEFAULT_LORA_TARGET_MODULES
+from sdpo.models.model_loading import DTYPES, ModelLoadError, load_model_and_tokenizer, load_tokenizer
+from sdpo.utils.env_file import load_project_env
 
 DEFAULT_BASE_MODEL = "Qwen/Qwen3-4B"
 DATA_REPORT_FILE = "data_report.json"
@@ -541,7 +541,11 @@ def build_trainer(method: str, arguments: OfflineArguments, model, tokenizer, da
     config = arguments.config
     if method == "sdpo":
         return OfflineSDPOTrainer(
-            model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks) or None
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=list(callbacks) or None,
         )
     stored = next(p.dtype for p in model.parameters() if p.requires_grad)
     return SFTBaselineTrainer(

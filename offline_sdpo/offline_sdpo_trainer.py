@@ -52,12 +52,8 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from sdpo.data.data_sources import DataError, iter_dataset_rows
-from sdpo.data.interaction_schema import Interaction, Message, interactions_from_row, message_text, parse_messages
-from sdpo.models.model_loading import DTYPES, resolve_dtype
 from sdpo.core import (
     HINDSIGHT_VARIANTS,
-    LOSS_MODES,
     build_hindsight_messages,
     check_hindsight_template,
     encode_student_teacher_contexts,
@@ -68,6 +64,10 @@ from sdpo.core import (
     pad_contexts_and_completions,
     sdpo_loss,
 )
+from sdpo.data.data_sources import DataError, iter_dataset_rows
+from sdpo.data.interaction_schema import Interaction, Message, interactions_from_row, message_text, parse_messages
+from sdpo.learner.config import SDPOLossConfig
+from sdpo.models.model_loading import DTYPES, resolve_dtype
 
 OVERLONG_POLICIES = ("skip", "truncate")
 REPORTERS = ("wandb", "trackio", "tensorboard", "none")
@@ -94,11 +94,15 @@ METRIC_NAMES = (
 # --------------------------------------------------------------------------------------------------
 
 
+_LOSS_FIELDS = SDPOLossConfig.__dataclass_fields__
+
+
 @dataclass
-class OfflineSDPOConfig(TrainingArguments):
+class OfflineSDPOConfig(SDPOLossConfig, TrainingArguments):
     r"""
     Configuration of [`OfflineSDPOTrainer`]: every ``transformers.TrainingArguments`` field, with the
-    reference's offline defaults (spec §11.4), plus the SDPO fields below.
+    reference's offline defaults (spec §11.4), the shared loss fields of ``SDPOLossConfig`` (offline defaults:
+    ``simple_signal``, ``ignore_first_k=2``) and the offline fields below.
 
     Parameters that control the teacher (hindsight) context:
         hindsight_variant (`str`, defaults to `"online"`):
@@ -122,7 +126,7 @@ class OfflineSDPOConfig(TrainingArguments):
             loaded; the collator refuses them. ``truncate``: keep the first ``max_completion_length``
             tokens and no EOS.
 
-    Parameters that control the loss:
+    Parameters that control the loss (``SDPOLossConfig``'s, shared with the online learner):
         loss_mode (`str`, defaults to `"simple_signal"`):
             ``simple_signal``: sampled-token policy gradient with A_t as per-token advantage (paper and
             reference offline). ``full_distillation``: top-K reverse KL to the hindsight teacher (the
@@ -180,13 +184,9 @@ class OfflineSDPOConfig(TrainingArguments):
         default="skip",
         metadata={"help": "skip | truncate (truncated completions get no EOS).", "choices": OVERLONG_POLICIES},
     )
-    loss_mode: str = field(
-        default="simple_signal", metadata={"help": "simple_signal | full_distillation.", "choices": LOSS_MODES}
-    )
-    ignore_first_k: int = field(default=2, metadata={"help": "Leave the first k completion tokens out of the loss."})
-    signal_clip: float = field(default=0.0, metadata={"help": "Clip A_t to ±signal_clip (0: off)."})
-    distillation_topk: int = field(default=20, metadata={"help": "Top-K support size for full_distillation."})
-    distillation_add_tail: bool = field(default=True, metadata={"help": "Tail bucket for full_distillation."})
+    # The paper's and the reference's offline loss: the sampled-token policy gradient, first 2 tokens left out.
+    loss_mode: str = field(default="simple_signal", metadata=_LOSS_FIELDS["loss_mode"].metadata)
+    ignore_first_k: int = field(default=2, metadata=_LOSS_FIELDS["ignore_first_k"].metadata)
     compute_dtype: str = field(
         default="bfloat16",
         metadata={
@@ -268,6 +268,7 @@ class OfflineSDPOConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        SDPOLossConfig.__post_init__(self)
         self._check_numbers()
         if self.hindsight_variant not in HINDSIGHT_VARIANTS:
             raise ValueError(
@@ -275,8 +276,6 @@ class OfflineSDPOConfig(TrainingArguments):
             )
         if self.hindsight_template is not None:
             check_hindsight_template(self.hindsight_template)
-        if self.loss_mode not in LOSS_MODES:
-            raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {self.loss_mode!r}")
         if self.overlong_completion not in OVERLONG_POLICIES:
             raise ValueError(
                 f"overlong_completion must be one of {OVERLONG_POLICIES}, got {self.overlong_completion!r}"
@@ -304,7 +303,7 @@ class OfflineSDPOConfig(TrainingArguments):
                 raise ValueError(f"chat_template_kwargs is not valid JSON ({error.msg})") from None
         self.chat_template_kwargs = {} if self.chat_template_kwargs is None else self.chat_template_kwargs
         if not isinstance(self.chat_template_kwargs, dict):
-            raise ValueError(f"chat_template_kwargs must be a JSON object, got {self.chat_template_kwargs!r}")
+            raise TypeError(f"chat_template_kwargs must be a JSON object, got {self.chat_template_kwargs!r}")
         if self.activation_checkpointing is None:
             self.activation_checkpointing = self.gradient_checkpointing
         if self.use_cpu is None:
@@ -319,7 +318,7 @@ class OfflineSDPOConfig(TrainingArguments):
         if self.optim == "auto":
             self.optim, self.optim_reason = choose_optimizer(on_cuda)
         resolve_dtype(self.compute_dtype)
-        super().__post_init__()
+        TrainingArguments.__post_init__(self)
         # A launcher config may say bf16 (ACCELERATE_MIXED_PRECISION); the autocast lives in the loss
         # instead. DeepSpeed keeps its own setting: its bf16 mode manages fp32 master weights itself.
         if self.deepspeed_plugin is None:
@@ -332,7 +331,6 @@ class OfflineSDPOConfig(TrainingArguments):
             "gradient_accumulation_steps (--grad_accum)": self.gradient_accumulation_steps,
             "max_context_length": self.max_context_length,
             "max_completion_length": self.max_completion_length,
-            "distillation_topk": self.distillation_topk,
         }
         for name, value in at_least_one.items():
             if value < 1:
@@ -347,8 +345,6 @@ class OfflineSDPOConfig(TrainingArguments):
             "max_grad_norm": self.max_grad_norm,
             "weight_decay": self.weight_decay,
             "warmup_steps (--warmup_ratio)": self.warmup_steps,
-            "signal_clip": self.signal_clip,
-            "ignore_first_k": self.ignore_first_k,
         }
         for name, value in positive.items():
             if not math.isfinite(value) or value <= 0:

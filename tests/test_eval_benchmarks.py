@@ -12,11 +12,11 @@ import pytest
 pytest.importorskip("lm_eval")
 pytest.importorskip("alpaca_eval")
 
-from auxiliary.eval_benchmarks import main, parse_arguments  # noqa: E402
-from sdpo.evaluation.benchmarks import BENCHMARKS, BenchmarkTable, paper_family  # noqa: E402
-from sdpo.evaluation.benchmarks_lm_eval import write_local_task_configs  # noqa: E402
-from tests.conftest import FIXTURES  # noqa: E402
-from tests.fakes import FakeOpenAIServer, Reply  # noqa: E402
+from auxiliary.eval_benchmarks import main, parse_arguments
+from sdpo.evaluation.benchmarks import BENCHMARKS, BenchmarkTable, paper_family
+from sdpo.evaluation.benchmarks_lm_eval import write_local_task_configs
+from tests.conftest import FIXTURES
+from tests.fakes import FakeOpenAIServer, Reply
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA = FIXTURES / "benchmarks"
@@ -131,7 +131,11 @@ def test_cpu_run_on_the_bundled_model_writes_the_table(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads((tmp_path / "benchmark_table.json").read_text())
     assert [c["key"] for c in table["columns"]] == [
-        "alpaca_eval_lc", "ifeval", "arena_hard_hard", "arena_hard_creative", "commonsense_qa",
+        "alpaca_eval_lc",
+        "ifeval",
+        "arena_hard_hard",
+        "arena_hard_creative",
+        "commonsense_qa",
     ]
     (row,) = table["rows"]
     assert row["label"] == "smollm2"
@@ -141,11 +145,18 @@ def test_cpu_run_on_the_bundled_model_writes_the_table(tmp_path):
     assert {"prompt_level_loose_acc,none", "inst_level_strict_acc,none"} <= set(lm["ifeval"])
     assert row["values"]["arena_hard_hard"] == 50.0 and row["details"]["arena_hard_hard"]["games_judged"] == 4
     assert row["details"]["alpaca_eval_lc"]["win_rate"] is not None and row["details"]["alpaca_eval_lc"]["n"] == 2
-    assert judged == 2 + 4 + 4  # AlpacaEval 2 items, Arena-Hard 2 + 2 items in both orders
+    # AlpacaEval: alpaca_eval scores an answer identical to the reference as a draw without asking the judge
+    # (SmolLM2 answers "The capital of France is Paris." word for word); Arena-Hard: 2 + 2 items in both orders
+    references = json.loads((DATA / "alpaca_eval" / "alpaca_eval_gpt4_baseline.json").read_text())
+    ae_answers = [json.loads(line) for line in (tmp_path / "answers" / "smollm2__alpaca_eval_lc.jsonl").open()]
+    differing = sum(answer["output"] != reference["output"] for answer, reference in zip(ae_answers, references))
+    assert judged == differing + 4 + 4
     answers = (tmp_path / "answers" / "smollm2__arena_hard_creative.jsonl").read_text().splitlines()
     assert len(answers) == 2 and json.loads(answers[0])["uid"] == "c1"
     markdown = (tmp_path / "benchmark_table.md").read_text()
-    assert markdown.startswith("| model | AE2 LC | IFEval | AH-v2 Hard |") and "pairwise judge openai:judge@" in markdown
+    assert (
+        markdown.startswith("| model | AE2 LC | IFEval | AH-v2 Hard |") and "pairwise judge openai:judge@" in markdown
+    )
 
 
 @pytest.mark.slow

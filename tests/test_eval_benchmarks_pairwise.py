@@ -9,10 +9,10 @@ import pytest
 
 pytest.importorskip("alpaca_eval")
 
-from sdpo.chat.backends import AnthropicBackend, OpenAICompatibleBackend  # noqa: E402
-from sdpo.evaluation import benchmarks_pairwise as pw  # noqa: E402
-from tests.conftest import FIXTURES  # noqa: E402
-from tests.fakes import FakeAnthropicServer, FakeOpenAIServer, Reply, last_user_text  # noqa: E402
+from sdpo.chat.backends import AnthropicBackend, OpenAICompatibleBackend
+from sdpo.evaluation import benchmarks_pairwise as pw
+from tests.conftest import FIXTURES
+from tests.fakes import FakeAnthropicServer, FakeOpenAIServer, Reply, last_user_text
 
 DATA = FIXTURES / "benchmarks"
 GOOD = "GOOD ANSWER"
@@ -21,8 +21,8 @@ GOOD = "GOOD ANSWER"
 def ae2_judge(body: dict) -> Reply:
     """Picks the AE-2 identifier (m / M) of the output that holds GOOD, else of the longer one."""
     text = last_user_text(body)
-    first = re.search(r'"model_identifier": "m",\s*"output": """(.*?)"""', text, re.S).group(1)
-    second = re.search(r'"model_identifier": "M",\s*"output": """(.*?)"""', text, re.S).group(1)
+    first = re.search(r'"model_identifier": "m",\s*"output": """(.*?)"""', text, re.DOTALL).group(1)
+    second = re.search(r'"model_identifier": "M",\s*"output": """(.*?)"""', text, re.DOTALL).group(1)
     first_wins = GOOD in first if (GOOD in first) != (GOOD in second) else len(first) > len(second)
     return Reply(text="m" if first_wins else "M")
 
@@ -64,8 +64,14 @@ def test_lc_glm_runs_on_a_difficulty_file_in_the_hub_files_shape(tmp_path, monke
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
     rows = [
-        {"model": model, "index": index, "preference": preference, "std_delta_len": delta,
-         "instruction_difficulty": 0.3 * index - 0.5, "not_gamed_baseline": False}
+        {
+            "model": model,
+            "index": index,
+            "preference": preference,
+            "std_delta_len": delta,
+            "instruction_difficulty": 0.3 * index - 0.5,
+            "not_gamed_baseline": False,
+        }
         for model, delta, preference in (("gamed_verbose", 1.0, 0.9), ("gamed_concise", -1.0, 0.2))
         for index in range(6)
     ]
@@ -83,7 +89,8 @@ def test_lc_glm_runs_on_a_difficulty_file_in_the_hub_files_shape(tmp_path, monke
 
 def test_arena_hard_style_judges_both_orders_through_claude(tmp_path, monkeypatch):
     items = pw.load_arena_hard_set(
-        DATA / "arena_hard" / "question.jsonl", {"hard_prompt": DATA / "arena_hard" / "model_answer" / "o3-mini-2025-01-31.jsonl"}
+        DATA / "arena_hard" / "question.jsonl",
+        {"hard_prompt": DATA / "arena_hard" / "model_answer" / "o3-mini-2025-01-31.jsonl"},
     )
     hard = [item for item in items if item.category == "hard_prompt"]
     assert [item.uid for item in hard] == ["h1", "h2"] and hard[0].baseline_generator == "o3-mini-2025-01-31"
@@ -120,4 +127,6 @@ def test_bad_rows_name_file_and_field(tmp_path):
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"uid": "z", "category": "hard_prompt", "prompt": "p"}\n')
     with pytest.raises(pw.DataError, match=r"q.jsonl:1: question z has no answer"):
-        pw.load_arena_hard_set(questions, {"hard_prompt": DATA / "arena_hard" / "model_answer" / "o3-mini-2025-01-31.jsonl"})
+        pw.load_arena_hard_set(
+            questions, {"hard_prompt": DATA / "arena_hard" / "model_answer" / "o3-mini-2025-01-31.jsonl"}
+        )

@@ -18,8 +18,9 @@ def dry_run(script: Path, **env_overrides) -> tuple[subprocess.CompletedProcess,
     """(result, [(step name, argv of the command it prints)])."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV", "MODEL", "DATA_DIR")}
     env.update(BASE_WORK="/scratch/me", PYTHON="python3", RUN_ID="run", **env_overrides)
-    result = subprocess.run([str(script), "--dry-run"], env=env, capture_output=True, text=True, timeout=120,
-                            check=False)
+    result = subprocess.run(
+        [str(script), "--dry-run"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     steps, name = [], None
     for line in result.stdout.splitlines():
         if match := re.match(r"\[reproduce_paper_tables\] \S+ step \d+: (.*)", line):
@@ -57,7 +58,10 @@ def test_table2_prepares_wildfeedback_trains_sdpo_with_table5s_settings_and_eval
     assert (flag(train, "--learning_rate"), flag(train, "--num_train_epochs"), flag(train, "--global_batch_size")) == (
         "2e-6", "2", "32",
     )  # fmt: skip
-    per_device, accumulation = flag(train, "--per_device_train_batch_size"), flag(train, "--gradient_accumulation_steps")
+    per_device, accumulation = (
+        flag(train, "--per_device_train_batch_size"),
+        flag(train, "--gradient_accumulation_steps"),
+    )
     assert int(per_device) * int(accumulation) * int(flag(train, "--num_processes")) == 32
     assert (flag(train, "--max_context_length"), flag(train, "--max_completion_length")) == ("2048", "2048")
     output = flag(train, "--output_dir")
@@ -84,7 +88,9 @@ def test_each_table_runs_its_methods_and_learning_rates_into_one_table(table, mo
     names = [name for name, _ in steps]
     assert names[0] == f"prepare {data}" and names[-1] == "evaluate and write the table"
     trains = [argv for name, argv in steps if name.startswith("train ")]
-    assert [(flag(a, "--method"), flag(a, "--learning_rate")) for a in trains] == [(m, lr) for m in methods for lr in lrs]
+    assert [(flag(a, "--method"), flag(a, "--learning_rate")) for a in trains] == [
+        (m, lr) for m in methods for lr in lrs
+    ]
     assert all(flag(a, "--model_name_or_path") == model and flag(a, "--global_batch_size") == "32" for a in trains)
     evaluate = steps[-1][1]
     assert flag_values(evaluate, "--model_name_or_path") == [flag(a, "--output_dir") + "/final_model" for a in trains]

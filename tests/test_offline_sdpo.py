@@ -594,9 +594,11 @@ def test_sharded_configs_are_refused_on_cpu_with_one_line(config):
     result, argv = dry_run("--dry-run", TRAIN_JSONL="t.jsonl", CPU="1", WORLD_SIZE="2", ACCELERATE_CONFIG=str(path))
     assert result.returncode == 1 and argv is None
     assert result.stderr.strip().splitlines() == [
-        f"error: ACCELERATE_CONFIG={path} asks for {'FSDP' if config == 'fsdp.yaml' else 'DeepSpeed'}, which "
-        "accelerate runs only on GPUs (CPU processes would silently run plain DDP): unset ACCELERATE_CONFIG "
-        "(CPU=1 trains with DDP over gloo) or run on GPUs"
+        (
+            f"error: ACCELERATE_CONFIG={path} asks for {'FSDP' if config == 'fsdp.yaml' else 'DeepSpeed'}, which "
+            "accelerate runs only on GPUs (CPU processes would silently run plain DDP): unset ACCELERATE_CONFIG "
+            "(CPU=1 trains with DDP over gloo) or run on GPUs"
+        )
     ]
 
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from offline_sdpo.main_offline_sdpo import UsageError, main, parse_arguments, run
-from offline_sdpo.sft_baseline import sft_dataset
 from offline_sdpo.offline_sdpo_trainer import load_interactions
+from offline_sdpo.sft_baseline import sft_dataset
 from tests.conftest import FIXTURES
 from tests.test_offline_sdpo import dry_run, flag
 
@@ -18,8 +18,9 @@ MISSING_MODEL = "/nonexistent/model"
 def test_default_launch_gives_table_5s_global_batch_of_32(tmp_path):
     result, argv = dry_run("--dry-run", TRAIN_JSONL="data/x.jsonl", CPU="0")
     assert result.returncode == 0, result.stderr
-    per_device, accumulation = int(flag(argv, "--per_device_train_batch_size")), int(
-        flag(argv, "--gradient_accumulation_steps")
+    per_device, accumulation = (
+        int(flag(argv, "--per_device_train_batch_size")),
+        int(flag(argv, "--gradient_accumulation_steps")),
     )
     assert per_device * accumulation * int(flag(argv, "--num_processes")) == 32
     assert "global batch 4 x 2 x 4 processes = 32" in result.stdout

@@ -175,7 +175,9 @@ class BenchmarkTable:
         return row
 
     def add_delta(self, trained: TableRow, base: TableRow) -> None:
-        deltas = {c: trained.values[c] - base.values[c] for c in self.columns if c in trained.values and c in base.values}
+        deltas = {
+            c: trained.values[c] - base.values[c] for c in self.columns if c in trained.values and c in base.values
+        }
         self.rows.append(TableRow(f"Δ {trained.label} − {base.label}", "delta", deltas))
 
     def add_paper_rows(self, family: str | None) -> None:

@@ -172,8 +172,9 @@ def ae2_verdict_parser(completion: str) -> list:
     return [1 if token == "m" else 2 if token == "M" else None]
 
 
-def _annotator(name: str, prompt_template: Path, backend: ChatBackend, parser, max_new_tokens: int, shuffle: bool,
-               work_dir: Path):
+def _annotator(
+    name: str, prompt_template: Path, backend: ChatBackend, parser, max_new_tokens: int, shuffle: bool, work_dir: Path
+):
     """A ``PairwiseAnnotator`` from a one-annotator config written to ``work_dir``; the judge call and the
     parser are ours (passed to alpaca_eval as callables)."""
     from alpaca_eval.annotators import PairwiseAnnotator
@@ -214,9 +215,7 @@ def alpaca_eval_2(
     template = Path(EVALUATORS_CONFIG_DIR) / "alpaca_eval_clf_gpt4_turbo" / "alpaca_eval_clf.txt"
     annotator = _annotator("sdpo_alpaca_eval_2", template, judge, ae2_verdict_parser, 4, True, work_dir)
     generators = (items[0].baseline_generator if items else "reference", model_name)
-    annotations = pd.DataFrame(
-        _head2head(annotator, items, [i.baseline_output for i in items], outputs, generators)
-    )
+    annotations = pd.DataFrame(_head2head(annotator, items, [i.baseline_output for i in items], outputs, generators))
     judged = annotations[annotations["preference"].notna()]
     result = {
         "n": len(items),
@@ -231,14 +230,18 @@ def alpaca_eval_2(
         lc = get_length_controlled_winrate(judged, save_weights_dir=None, is_add_glm_preference_inplace=False)
         result["length_controlled_winrate"] = float(lc["length_controlled_winrate"])
         result["lc_standard_error"] = float(lc["lc_standard_error"])
-    except Exception as error:  # the Hub file or the GLM fit; the raw win rate still stands
+    except (OSError, ValueError, KeyError) as error:  # no Hub file (offline), or a fit the data cannot support
         result["length_controlled_winrate"] = None
         result["note"] = f"length-controlled GLM unavailable ({type(error).__name__}: {str(error)[:200]})"
     return result
 
 
 def arena_hard_style(
-    items: list[PairwiseItem], outputs: list[str], model_name: str, judge: ChatBackend, work_dir: Path,
+    items: list[PairwiseItem],
+    outputs: list[str],
+    model_name: str,
+    judge: ChatBackend,
+    work_dir: Path,
     max_judge_tokens: int = 2048,
 ) -> dict:
     """Win rate (percent) of ``outputs`` against the baseline answers, each pair judged in both orders."""
