@@ -24,8 +24,8 @@ folder (applied to the base its ``adapter_config.json`` names: ``peft=`` under H
 under vLLM); ``--base_model`` defaults to that base for adapters, ``none`` skips the base row.
 
 Judges (``--judge_backend``): ``anthropic`` (Claude; ANTHROPIC_API_KEY), ``openai`` (any
-OpenAI-compatible server at ``--judge_base_url``; OPENAI_API_KEY when it needs one) or ``vllm`` (an
-in-process vLLM engine on ``--judge_model``). Every judge call goes through ``sdpo.chat.backends`` (the
+OpenAI-compatible server at ``--judge_base_url``; OPENAI_API_KEY when it needs one), ``vllm`` (an
+in-process vLLM engine on ``--judge_model``) or ``hf`` (a local transformers model, for CPU runs). Every judge call goes through ``sdpo.chat.backends`` (the
 SDKs' retries). The paper's judges were GPT-4-Turbo (AlpacaEval) and GPT-4.1 (Arena-Hard): numbers
 from another judge are comparable with each other, not with the paper's.
 
@@ -69,7 +69,7 @@ SETS = {
     "table2": ("alpaca_eval", "ifeval", "arena_hard", "mmlu_pro"),
     "table6": ("truthfulqa_mc1", "hellaswag", "commonsense_qa"),
 }
-JUDGE_BACKENDS = ("anthropic", "openai", "vllm")
+JUDGE_BACKENDS = ("anthropic", "openai", "vllm", "hf")
 
 
 class UsageError(ValueError):
@@ -135,7 +135,12 @@ class EvalBenchmarksArguments:
     )
     max_new_tokens: int = field(default=2048, metadata={"help": "Answer budget for the pairwise benchmarks."})
     judge_backend: str = field(
-        default="anthropic", metadata={"help": "Judge: anthropic | openai | vllm.", "choices": list(JUDGE_BACKENDS)}
+        default="anthropic",
+        metadata={
+            "help": "Judge: anthropic | openai (any OpenAI-compatible server) | vllm (in-process engine) | hf "
+            "(a local transformers model, e.g. on CPU).",
+            "choices": list(JUDGE_BACKENDS),
+        },
     )
     judge_model: str = field(default="claude-haiku-4-5-20251001", metadata={"help": "Judge model name."})
     judge_base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible judge server URL."})
@@ -289,6 +294,11 @@ def build_judge(arguments: EvalBenchmarksArguments):
         judge = OpenAICompatibleBackend(
             arguments.judge_model, base_url=arguments.judge_base_url, max_concurrency=arguments.judge_max_concurrency
         )
+    elif arguments.judge_backend == "hf":
+        from sdpo.chat.policies import load_policy
+
+        dtype = arguments.dtype if arguments.dtype != "auto" else "bfloat16"
+        return load_policy(arguments.judge_model, dtype=dtype, device=arguments.device or "auto")
     else:
         from sdpo.models.model_loading import load_tokenizer
         from sdpo.models.vllm_engines import build_vllm_engine

@@ -75,15 +75,9 @@ import torch
 import yaml
 from trl import TrlParser
 
-from offline_sdpo.offline_sdpo_trainer import (
-    InteractionDataset,
-    OfflineSDPOCollator,
-    OfflineSDPOConfig,
-    OfflineSDPOTrainer,
-    drop_overlong_completions,
-    load_interactions,
-    sharded_launch,
-)
+from offline_sdpo.config import OfflineSDPOConfig, sharded_launch
+from offline_sdpo.data import InteractionDataset, OfflineSDPOCollator, drop_overlong_completions, load_interactions
+from offline_sdpo.offline_sdpo_trainer import OfflineSDPOTrainer
 from offline_sdpo.sft_baseline import SFTBaselineTrainer, sft_config, sft_dataset
 from sdpo.data.data_sources import DataError, first_line
 from sdpo.learner.config import DEFAULT_LORA_TARGET_MODULES

@@ -16,7 +16,8 @@ from datasets import Dataset
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from offline_sdpo.offline_sdpo_trainer import OfflineSDPOConfig, chat_messages
+from offline_sdpo.config import OfflineSDPOConfig
+from offline_sdpo.data import chat_messages
 from sdpo.data.interaction_schema import Interaction
 
 

@@ -54,6 +54,7 @@ def test_alpaca_eval_2_maps_verdicts_back_through_alpaca_evals_shuffling(tmp_pat
         assert "length-controlled GLM unavailable" in result["note"]
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # scikit-learn on alpaca_eval's GLM arguments
 def test_lc_glm_runs_on_a_difficulty_file_in_the_hub_files_shape(tmp_path, monkeypatch):
     """AlpacaEval's ``df_gamed.csv`` (per-instruction difficulty and two gamed baselines), here for the six
     fixture instructions, placed in a Hub cache the way a download leaves it."""
