@@ -19,7 +19,7 @@ reported in the JSON) and the pairwise benchmarks ``alpaca_eval`` (AlpacaEval 2 
 ``arena_hard`` (hard prompts and creative writing, Arena-Hard style); ``table2`` and ``table6`` stand
 for the paper's sets. ``--model hf|vllm``, ``--model_args``, ``--batch_size``, ``--limit``,
 ``--num_fewshot``, ``--gen_kwargs``, ``--apply_chat_template``, ``--fewshot_as_multiturn`` and
-``--device`` mean what they mean to ``lm_eval``. The checkpoint is a model folder or a LoRA adapter
+``--device`` mean what they mean to ``lm_eval``; ``--config run.yaml`` takes any flag as a YAML key. The checkpoint is a model folder or a LoRA adapter
 folder (applied to the base its ``adapter_config.json`` names: ``peft=`` under HF, ``lora_local_path=``
 under vLLM); ``--base_model`` defaults to that base for adapters, ``none`` skips the base row.
 
@@ -38,7 +38,6 @@ nothing finished) and ``answers/<model>__<benchmark>.jsonl`` (the pairwise answe
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -47,11 +46,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
 from auxiliary.eval_checkpoints import CheckpointError, inspect_checkpoint
 from sdpo.chat.backends import BackendError
-from sdpo.data.data_sources import DataError, first_line
+from sdpo.data.data_sources import DataError
 from sdpo.evaluation.benchmarks import (
     BENCHMARKS,
     TABLE2_COLUMNS,
@@ -61,6 +58,7 @@ from sdpo.evaluation.benchmarks import (
     paper_family,
 )
 from sdpo.models.model_loading import ModelLoadError, resolve_model_path
+from sdpo.utils.command_line import ConfigParser, UsageError
 from sdpo.utils.env_file import load_project_env
 from sdpo.utils.file_io import write_json_atomic, write_jsonl_atomic
 
@@ -70,10 +68,6 @@ SETS = {
     "table6": ("truthfulqa_mc1", "hellaswag", "commonsense_qa"),
 }
 JUDGE_BACKENDS = ("anthropic", "openai", "vllm", "hf")
-
-
-class UsageError(ValueError):
-    """A command-line problem, found before any model loads; the message is one line."""
 
 
 @dataclass
@@ -174,19 +168,9 @@ class ModelUnderTest:
     adapter: str | None = None
 
 
-class ArgumentParser(HfArgumentParser):
-    def error(self, message: str):
-        raise UsageError(f"{message} (see --help)")
-
-
 def parse_arguments(argv: list[str] | None = None) -> EvalBenchmarksArguments:
-    parser = ArgumentParser(
-        EvalBenchmarksArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    try:
-        (arguments,) = parser.parse_args_into_dataclasses(args=argv)
-    except (ValueError, TypeError) as error:
-        raise UsageError(first_line(error)) from None
+    """The flags (and ``--config run.yaml``); any problem is one ``UsageError`` line."""
+    (arguments,) = ConfigParser(EvalBenchmarksArguments, description=__doc__).parse(argv)
     return arguments
 
 
