@@ -224,15 +224,14 @@ def check_tasks(arguments: EvalBenchmarksArguments) -> tuple[list[str], list[str
     missing = (missing_lm_eval_packages(lm_tasks, arguments.model) if lm_tasks else []) + (
         missing_pairwise_packages() if pairwise else []
     )
-    if (
-        pairwise
-        and arguments.judge_backend == "vllm"
-        and "vllm" not in missing
-        and not importlib.util.find_spec("vllm")
-    ):
+    vllm_wanted = pairwise and "vllm" in (arguments.judge_backend, arguments.model)
+    if vllm_wanted and "vllm" not in missing and not importlib.util.find_spec("vllm"):
         missing.append("vllm")
     if missing:
-        raise UsageError(f"--tasks {','.join(tasks)} needs {', '.join(missing)}: pip install -r requirements-eval.txt")
+        raise UsageError(
+            f"--tasks {','.join(tasks)} needs {', '.join(missing)}: pip install -r requirements-eval.txt"
+            + (" -r requirements-vllm.txt" if "vllm" in missing else "")
+        )
     if lm_tasks:
         from sdpo.evaluation.benchmarks_lm_eval import builtin_task_manager
 
