@@ -213,6 +213,16 @@ def models_under_test(arguments: EvalBenchmarksArguments) -> list[ModelUnderTest
     return models
 
 
+def nltk_punkt_available() -> bool:
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab")
+    except LookupError:
+        return False
+    return True
+
+
 def check_tasks(arguments: EvalBenchmarksArguments) -> tuple[list[str], list[str]]:
     """(lm-eval tasks, pairwise benchmarks); unknown names, packages, keys and files are one line each."""
     tasks = arguments.task_list
@@ -231,6 +241,12 @@ def check_tasks(arguments: EvalBenchmarksArguments) -> tuple[list[str], list[str
         raise UsageError(
             f"--tasks {','.join(tasks)} needs {', '.join(missing)}: pip install -r requirements-eval.txt"
             + (" -r requirements-vllm.txt" if "vllm" in missing else "")
+        )
+    if any(task.startswith("ifeval") for task in lm_tasks) and not nltk_punkt_available():
+        print(
+            "note: NLTK's punkt_tab data is not installed (python -m nltk.downloader punkt_tab): IFEval's "
+            "sentence-counting instructions cannot be checked without it",
+            file=sys.stderr,
         )
     if lm_tasks:
         from sdpo.evaluation.benchmarks_lm_eval import builtin_task_manager
