@@ -242,12 +242,6 @@ def check_tasks(arguments: EvalBenchmarksArguments) -> tuple[list[str], list[str
             f"--tasks {','.join(tasks)} needs {', '.join(missing)}: pip install -r requirements-eval.txt"
             + (" -r requirements-vllm.txt" if "vllm" in missing else "")
         )
-    if any(task.startswith("ifeval") for task in lm_tasks) and not nltk_punkt_available():
-        print(
-            "note: NLTK's punkt_tab data is not installed (python -m nltk.downloader punkt_tab): IFEval's "
-            "sentence-counting instructions cannot be checked without it",
-            file=sys.stderr,
-        )
     if lm_tasks:
         from sdpo.evaluation.benchmarks_lm_eval import builtin_task_manager
 
@@ -276,6 +270,12 @@ def check_tasks(arguments: EvalBenchmarksArguments) -> tuple[list[str], list[str
         raise UsageError("--judge_backend openai needs --judge_base_url (the server's /v1 URL)")
     if arguments.data_dir and not Path(arguments.data_dir).is_dir():
         raise UsageError(f"--data_dir {arguments.data_dir}: no such folder")
+    if any(task.startswith("ifeval") for task in lm_tasks) and not nltk_punkt_available():
+        print(
+            "note: NLTK's punkt_tab data is not installed (python -m nltk.downloader punkt_tab): IFEval's "
+            "sentence-counting instructions cannot be checked without it",
+            file=sys.stderr,
+        )
     return lm_tasks, pairwise
 
 
