@@ -492,7 +492,7 @@ def run(arguments: EvalBenchmarksArguments) -> BenchmarkTable:
         for trained in rows[1:]:
             table.add_delta(trained, rows[0])
     table.add_paper_rows(paper_family(models[0].pretrained))
-    table.notes += _notes(arguments, lm_tasks, pairwise, judge)
+    table.notes += _notes(arguments, lm_tasks, pairwise, judge) + _missing_value_notes(rows)
     json_path, md_path = table.write(output_dir)
     print(table.markdown())
     print(f"[eval_benchmarks] wrote {json_path} and {md_path}", flush=True)
@@ -517,6 +517,24 @@ def _notes(arguments, lm_tasks, pairwise, judge) -> list[str]:
         )
     if pairwise:
         notes.append(f"pairwise judge {judge.name} (paper: GPT-4-Turbo for AlpacaEval, GPT-4.1 for Arena-Hard)")
+    return notes
+
+
+def _missing_value_notes(rows) -> list[str]:
+    """Why a pairwise cell is empty: the judge's parseable verdicts, the raw win rate, the LC note."""
+    notes = []
+    for row in rows:
+        for column in ("alpaca_eval_lc", "arena_hard_hard", "arena_hard_creative"):
+            detail = row.details.get(column)
+            if detail is None or column in row.values:
+                continue
+            if column == "alpaca_eval_lc":
+                raw = "none" if detail.get("win_rate") is None else f"{detail['win_rate']:.1f}"
+                text = f"{detail['n_judged']} of {detail['n']} pairs judged, raw win rate {raw}"
+                text += f"; {detail['note']}" if detail.get("note") else ""
+            else:
+                text = f"the judge gave a parseable verdict in {detail['games_judged']} of {detail['games']} games"
+            notes.append(f"{row.label}, {BENCHMARKS[column].title} empty: {text}")
     return notes
 
 

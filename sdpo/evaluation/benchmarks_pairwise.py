@@ -232,7 +232,12 @@ def alpaca_eval_2(
         result["lc_standard_error"] = float(lc["lc_standard_error"])
     except (OSError, ValueError, KeyError) as error:  # no Hub file (offline), or a fit the data cannot support
         result["length_controlled_winrate"] = None
-        result["note"] = f"length-controlled GLM unavailable ({type(error).__name__}: {str(error)[:200]})"
+        reason = (
+            "AlpacaEval's df_gamed.csv is not in the Hub cache (fetch it once with network)"
+            if isinstance(error, OSError)
+            else f"{type(error).__name__}: {str(error).split('. ')[0][:160]}"
+        )
+        result["note"] = f"length-controlled GLM unavailable: {reason}"
     return result
 
 
