@@ -1,14 +1,19 @@
-"""Live chat: teach the policy by talking to it in a browser, one LoRA adapter per user.
+"""Live chat: teach the policy by talking to it (in a browser or through an OpenAI-compatible API), one LoRA
+adapter per account.
 
 Every message a person sends after one of the model's replies is the follow-up o for that reply: one
-SDPO update on (x, y, o) with the reply's exact token ids runs in the background, while the reply to
-the new message is generated with the newest finished update (the page says which). Each user name
-selects its own adapter under --adapters_dir; a restart resumes every user's adapter and step.
+SDPO update on (x, y, o) with the reply's exact token ids is queued for a worker, while the reply to
+the new message is streamed from the newest finished update (the page says which). Each account has its
+own adapter under --adapters_dir/users/<id>/; a restart resumes every adapter, step and queued update.
 
-CPU, embedded SmolLM2-135M-Instruct (the defaults; open http://127.0.0.1:7860):
+CPU, embedded SmolLM2-135M-Instruct, one local user, no login (open http://127.0.0.1:7860):
     ./scripts/live_chat.sh
-GPU, the online loop's reference setup (Qwen3-8B, vLLM replies hot-swapping the adapter):
-    PRESET=gpu ./scripts/live_chat.sh
+Several people (accounts are required for --share or any --host other than 127.0.0.1/localhost):
+    python live_chat.py users add alice --accounts_file accounts.json      # asks a password, prints an API key
+    python live_chat.py --accounts_file accounts.json --host 0.0.0.0 --update_workers 2
+    # then, from any OpenAI client: base_url http://HOST:7860/v1, api_key = the account's key
+GPU, the online loop's reference setup (Qwen3-8B; one vLLM engine serves every user's adapter):
+    PRESET=gpu ACCOUNTS_FILE=accounts.json ./scripts/live_chat.sh
 Direct:
     python live_chat.py --model smollm2-135m-instruct --device cpu --adapters_dir runs/live_chat
 
@@ -20,6 +25,7 @@ o); training never delays a reply; adapters are per user, written atomically, an
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import signal
 import sys
@@ -27,10 +33,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from sdpo.utils.env_file import load_project_env
-from sdpo.live_chat.sessions import LiveChatError, check_adapters_dir
-from sdpo.models.model_loading import DEFAULT_CPU_MODEL, ModelLoadError
 from sdpo.learner.config import OnlineSDPOConfig
+from sdpo.live_chat.accounts import Accounts, users_main
+from sdpo.live_chat.sessions import Limits, LiveChatError, check_adapters_dir
+from sdpo.models.model_loading import DEFAULT_CPU_MODEL, ModelLoadError
+from sdpo.utils.env_file import load_project_env
 
 logger = logging.getLogger("live_chat")
 
@@ -49,6 +56,15 @@ class ChatSettings:
     signal_vmin: float
     signal_vmax: float
     seed: int
+    accounts_file: str | None
+    max_message_tokens: int
+    max_queued_updates: int
+    update_workers: int
+    max_resident_adapters: int
+    shutdown_timeout_s: float
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,12 +105,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="reply only after the update on the previous reply finished (synchronous)")
     chat.add_argument("--signal_vmin", type=float, default=-5.0, help="signal colour scale minimum (red)")
     chat.add_argument("--signal_vmax", type=float, default=5.0, help="signal colour scale maximum (blue)")
+    service = parser.add_argument_group("accounts and limits (several users)")
+    service.add_argument("--accounts_file", default=None,
+        help="accounts JSON (`python live_chat.py users add NAME --accounts_file F`); required for --share or a "
+             "non-local --host. Without it: one local user, no login")
+    service.add_argument("--max_message_tokens", type=int, default=512,
+        help="longest user message or follow-up, in tokens (shown in the page)")
+    service.add_argument("--max_queued_updates", type=int, default=16, help="a user's updates waiting or running")
+    service.add_argument("--update_workers", type=int, default=1,
+        help="update workers, each with its own copy of the training model; users take turns between them")
+    service.add_argument("--max_resident_adapters", type=int, default=8,
+        help="with --use_vllm: users' adapters kept loaded in the one vLLM engine (least recently used out)")
+    service.add_argument("--shutdown_timeout_s", type=float, default=600.0,
+        help="on stop, finish queued updates for at most this long; the rest is kept for the next start")
     return parser
 
 
-def resolve(argv=None) -> tuple[OnlineSDPOConfig, ChatSettings]:
+def resolve(argv=None) -> tuple[OnlineSDPOConfig, ChatSettings, Accounts | None]:
     """Parse and check everything that can be checked before the model loads."""
     args = build_parser().parse_args(argv)
+    if args.accounts_file is None and (args.share or args.host not in LOCAL_HOSTS):
+        exposed = "--share" if args.share else f"--host {args.host}"
+        raise LiveChatError(f"{exposed} serves other people: create accounts (python live_chat.py users add NAME "
+                            "--accounts_file accounts.json) and pass --accounts_file")
+    accounts = Accounts.load(args.accounts_file) if args.accounts_file is not None else None
+    if accounts is not None and not accounts.accounts:
+        raise LiveChatError(f"{args.accounts_file}: no accounts yet; add one with `python live_chat.py users add`")
+    for name in ("max_message_tokens", "max_queued_updates", "update_workers", "max_resident_adapters"):
+        if getattr(args, name) < 1:
+            raise LiveChatError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.shutdown_timeout_s >= 0:
+        raise LiveChatError(f"--shutdown_timeout_s must be >= 0, got {args.shutdown_timeout_s}")
     if not 0 < args.port < 65536:
         raise LiveChatError(f"--port {args.port} is not a port number (1-65535)")
     if args.max_history_messages < 0:
@@ -122,7 +163,7 @@ def resolve(argv=None) -> tuple[OnlineSDPOConfig, ChatSettings]:
     )
     settings = ChatSettings(**{field.name: getattr(args, field.name) for field in fields(ChatSettings)})
     check_adapters_dir(settings.adapters_dir, config)
-    return config, settings
+    return config, settings, accounts
 
 
 def stop_like_ctrl_c(signum, frame) -> None:
@@ -130,45 +171,58 @@ def stop_like_ctrl_c(signum, frame) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["users"]:
+        return users_main(argv[1:])
     load_project_env()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     try:
-        config, settings = resolve(argv)
-    except ValueError as error:  # LiveChatError and OnlineSDPOConfig's checks
+        config, settings, accounts = resolve(argv)
+    except ValueError as error:  # LiveChatError, AccountsError and OnlineSDPOConfig's checks
         print(f"error: {error}", file=sys.stderr)
         return 1
+    from sdpo.learner.updater import OnlineSDPOUpdater
+    from sdpo.live_chat.api import Identities
     from sdpo.live_chat.sessions import LiveChatEngine
     from sdpo.live_chat.ui import build_app, launch_app
-    from sdpo.learner.updater import OnlineSDPOUpdater
 
     torch.manual_seed(settings.seed)
     try:
-        updater = OnlineSDPOUpdater(config)
+        # One training model per worker, each with its own config object (saving sets its checkpoint_dir).
+        updaters = [OnlineSDPOUpdater(copy.deepcopy(config)) for _ in range(settings.update_workers)]
     except (ModelLoadError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     engine = LiveChatEngine(
-        updater,
+        updaters,
         settings.adapters_dir,
         use_vllm=settings.use_vllm,
+        max_resident_adapters=settings.max_resident_adapters,
         max_history_messages=settings.max_history_messages,
         wait_for_updates=settings.wait_for_updates,
+        limits=Limits(settings.max_message_tokens, settings.max_queued_updates),
     )
-    known = engine.users()
-    logger.info("adapters in %s: %s", settings.adapters_dir, ", ".join(known) if known else "none yet")
-    app = build_app(engine, signal_vmin=settings.signal_vmin, signal_vmax=settings.signal_vmax)
+    logger.info("adapters in %s: %d user(s)", settings.adapters_dir, len(engine.users()))
+    identities = Identities(accounts)
+    app = build_app(engine, identities, signal_vmin=settings.signal_vmin, signal_vmax=settings.signal_vmax)
     # SIGTERM stops the server like Ctrl-C does, so the queued updates still finish and are saved.
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    exit_code = 0
     try:
-        launch_app(app, host=settings.host, port=settings.port, share=settings.share)
+        launch_app(app, engine, identities, host=settings.host, port=settings.port, share=settings.share)
     except KeyboardInterrupt:  # a stop while the server was still starting (once serving, Gradio handles it)
         app.close()
+    except OSError as error:  # e.g. the port is taken
+        print(f"error: cannot serve on {settings.host}:{settings.port} ({error})", file=sys.stderr)
+        exit_code = 1
     finally:
-        logger.info("finishing %d queued update(s) before exiting", engine.queued())
-        engine.close()
-    return 0
+        logger.info("finishing %d queued update(s) before exiting (Ctrl-C again: keep them for the next start)",
+                    engine.queued())
+        kept = engine.close(settings.shutdown_timeout_s)
+        logger.info("stopped; %d queued update(s) kept for the next start", kept)
+    return exit_code
 
 
 if __name__ == "__main__":

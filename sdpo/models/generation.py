@@ -161,11 +161,15 @@ def generate(
     *,
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
+    streamer=None,
 ) -> list[Generation]:
     """Sample one completion per context (token-id lists), batched with left padding and a KV cache.
 
-    Contexts are grouped by length to limit padding; results come back in input order.
+    Contexts are grouped by length to limit padding; results come back in input order. ``streamer`` (a
+    transformers streamer, one context only) receives the tokens as they are sampled.
     """
+    if streamer is not None and len(contexts) != 1:
+        raise ValueError("a streamer follows exactly one context")
     if not contexts:
         return []
     if any(len(c) == 0 for c in contexts):
@@ -183,7 +187,7 @@ def generate(
             ids, mask = left_pad([contexts[i] for i in chunk], tokenizer.pad_token_id)
             with autocast_context(device, autocast_dtype):
                 out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, streamer=streamer
                 )
             new_tokens = out[:, ids.shape[1] :].tolist()
             for row, index in enumerate(chunk):
