@@ -20,8 +20,6 @@ a name in the request body is never read.
     client.chat.completions.create(model="sdpo-live", messages=[...], stream=True)
 """
 
-from __future__ import annotations
-
 import json
 import shutil
 import tempfile
@@ -100,7 +98,9 @@ class Identities:
 
 
 def api_routes(engine: LiveChatEngine, identities: Identities) -> list:
-    """The API's FastAPI routes (added to the page's app, see ``sdpo.live_chat.ui.launch_app``)."""
+    """The API's FastAPI routes (added to the page's app, see ``sdpo.live_chat.ui.launch_app``).
+
+    FastAPI reads the handlers' annotations at definition time, so this module keeps them unquoted."""
     from fastapi import APIRouter, Request
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from starlette.background import BackgroundTask

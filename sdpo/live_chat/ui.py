@@ -8,8 +8,6 @@ trained on, token by token, coloured by the SDPO signal of the follow-up (the si
 colour map: red = the follow-up made the token less likely, white = unchanged, blue = more likely).
 """
 
-from __future__ import annotations
-
 import html
 
 from sdpo.evaluation.plots import signal_color_hex, text_color_hex
