@@ -378,7 +378,7 @@ def test_adapters_of_another_shape_are_refused_before_the_model_loads(tmp_path, 
 
 
 def dry_run(*args, env=None):
-    environment = {k: v for k, v in os.environ.items() if k not in {"MODEL", "PRESET", "HOST", "PORT", "ADAPTERS_DIR"}}
+    environment = {k: v for k, v in os.environ.items() if k not in {"MODEL", "PRESET", "HOST", "PORT", "ADAPTERS_DIR", "ACCOUNTS_FILE"}}
     environment.update(TMPDIR="/tmp/sdpo-test", PYTHON="python", **(env or {}))
     script = str(REPO / "scripts" / "live_chat.sh")
     result = subprocess.run([script, *args], env=environment, capture_output=True, text=True, timeout=60)
@@ -395,7 +395,9 @@ def test_script_defaults_to_the_embedded_model_on_cpu_bound_to_localhost(tmp_pat
     value = {argv[i]: argv[i + 1] for i in range(2, len(argv) - 1) if argv[i].startswith("--")}
     assert value["--model"] == "smollm2-135m-instruct" and value["--device"] == "cpu" and value["--host"] == "127.0.0.1"
     assert value["--max_new_tokens"] == "96" and value["--port"] == "7860" and "--use_vllm" not in argv
-    assert value["--dtype"] == "float32"
+    assert value["--dtype"] == "float32" and "--accounts_file" not in argv
+    argv = dry_run("--dry-run", env={"ACCOUNTS_FILE": "accounts.json", "HOST": "0.0.0.0"})
+    assert argv[argv.index("--accounts_file") + 1] == "accounts.json" and argv[argv.index("--host") + 1] == "0.0.0.0"
     argv = dry_run("--port", "8000", "--dry-run", env={"PRESET": "gpu", "ADAPTERS_DIR": str(tmp_path / "a")})
     assert {"--use_vllm", "--use_lora"} <= set(argv) and argv[argv.index("--model") + 1] == "Qwen/Qwen3-8B"
     assert argv[argv.index("--dtype") + 1] == "bfloat16" and argv[argv.index("--device") + 1] == "auto"
@@ -559,6 +561,8 @@ def test_shutdown_keeps_every_queued_update_and_the_next_start_applies_each_once
     gated_train_step(monkeypatch, gate, calls)
     for interaction in interactions:
         engine.submit_update("alice", interaction)
+    while not calls:  # the first update is running (held at the gate)
+        threading.Event().wait(0.01)
     closing = threading.Thread(target=lambda: calls.append(("kept", engine.close(drain_timeout_s=0))))
     closing.start()
     while not engine._abandon:

@@ -236,7 +236,8 @@ class _UserRecord:
 
 
 class TransformersReplies:
-    """Replies from a frozen copy of the training model that loads the asked-for adapter folder."""
+    """Replies, streamed, from a frozen copy of the training model that loads the asked-for adapter folder;
+    one at a time (the adapter is swapped into the one copy)."""
 
     streams = True
 
@@ -245,21 +246,36 @@ class TransformersReplies:
         self.tokenizer = updater.tokenizer
         self.autocast_dtype = updater.autocast_dtype
         self.loaded: Path | None = None
+        self._lock = threading.Lock()
 
     def generate(self, adapter: Path, context: list[int], sampling: SamplingParams, streamer=None) -> Generation:
         from peft import load_peft_weights, set_peft_model_state_dict
 
-        if adapter != self.loaded:
-            set_peft_model_state_dict(self.model, load_peft_weights(str(adapter), device="cpu"))
-            self.loaded = adapter
-        return generate(
-            self.model, self.tokenizer, [context], sampling, autocast_dtype=self.autocast_dtype, streamer=streamer
-        )[0]
+        with self._lock:
+            if adapter != self.loaded:
+                set_peft_model_state_dict(self.model, load_peft_weights(str(adapter), device="cpu"))
+                self.loaded = adapter
+            return generate(
+                self.model, self.tokenizer, [context], sampling, autocast_dtype=self.autocast_dtype, streamer=streamer
+            )[0]
+
+
+@dataclass
+class _PendingReply:
+    adapter: Path
+    context: list[int]
+    result: Generation | None = None
+    error: Exception | None = None
+    done: bool = False
 
 
 class VLLMReplies:
     """Replies from one vLLM engine that serves every user's current adapter (multi-LoRA): each version
-    folder is its own LoRA, at most ``max_resident_adapters`` on the device and in vLLM's cache."""
+    folder is its own LoRA, at most ``max_resident_adapters`` on the device and in vLLM's cache.
+
+    Requests that arrive while the engine is busy go together into its next call (one batch, each prompt with
+    its own user's adapter), so concurrent users share the engine's batching instead of queueing one by one.
+    """
 
     streams = False
 
@@ -274,9 +290,33 @@ class VLLMReplies:
             max_cpu_loras=max_resident_adapters,
         )
         self.stop_ids = stop_token_ids(updater.model, updater.tokenizer)
+        self._pending: list[_PendingReply] = []
+        self._pending_lock = threading.Lock()
+        self._engine_lock = threading.Lock()
 
     def generate(self, adapter: Path, context: list[int], sampling: SamplingParams, streamer=None) -> Generation:
-        return self.engine.generate([context], sampling, self.stop_ids, adapters=[adapter])[0]
+        request = _PendingReply(adapter, context)
+        with self._pending_lock:
+            self._pending.append(request)
+        with self._engine_lock:
+            if not request.done:  # nobody took it into their batch: run everything waiting now
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                try:
+                    results = self.engine.generate(
+                        [r.context for r in batch], sampling, self.stop_ids, adapters=[r.adapter for r in batch]
+                    )
+                    for pending, result in zip(batch, results):
+                        pending.result = result
+                except Exception as error:  # every request of the batch gets it
+                    for pending in batch:
+                        pending.error = error
+                finally:
+                    for pending in batch:
+                        pending.done = True
+        if request.error is not None:
+            raise request.error
+        return request.result
 
     def close(self) -> None:
         self.engine.close()
@@ -375,7 +415,6 @@ class LiveChatEngine:
         self._work_ready = threading.Condition(self._lock)
         self._turns: collections.deque[str] = collections.deque()  # users with a job waiting and none running
         self._in_use: collections.Counter[Path] = collections.Counter()  # adapter folders a reply is reading
-        self._serving_lock = threading.Lock()  # one reply at a time on the reply model
         self._stopping = False  # no new jobs accepted
         self._abandon = False  # workers stop after their current job; the rest is persisted
         self._prepare_initial_adapter()
@@ -557,8 +596,7 @@ class LiveChatEngine:
             adapter = self._version_path(user, current)
             self._in_use[adapter] += 1
         try:
-            with self._serving_lock:
-                generation = self._replies.generate(adapter, context_ids, self.updater.sampling, streamer)
+            generation = self._replies.generate(adapter, context_ids, self.updater.sampling, streamer)
         finally:
             with self._lock:
                 self._in_use[adapter] -= 1
