@@ -28,7 +28,6 @@ import os
 import shlex
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,8 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_USERS = 64
 MAX_MINUTES = 30.0
 REQUEST_TIMEOUT_S = 600
-STYLES = ["no_emojis", "short", "no_lists", "less_formatting", "no_punctuation", "committing", "less_filler_praise_sycophancy",
-          "answer_directly_reduce_formatting"]
+STYLES = ["no_emojis", "short", "no_lists", "less_formatting", "no_punctuation", "committing",
+          "less_filler_praise_sycophancy", "answer_directly_reduce_formatting"]
 PROMPTS = [
     "Explain what a hash table is.",
     "Give me three tips for writing clear emails.",
@@ -108,7 +107,7 @@ def simulate_user(base_url: str, user: UserLog, index: int, deadline: float, tur
                     if piece and first is None:
                         first = time.perf_counter() - started
                     text += piece or ""
-            except Exception as error:  # recorded and counted as a failed check; the user goes on
+            except Exception as error:  # noqa: BLE001  (recorded; counted as a failed check)
                 user.errors.append(f"{type(error).__name__}: {error}")
                 return
             user.latencies.append(time.perf_counter() - started)
@@ -221,7 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="also write the figures and checks as JSON here")
     args = parser.parse_args(argv)
     baseline_minutes = args.minutes / 4 if args.baseline_minutes is None else args.baseline_minutes
-    if not 1 <= args.users <= MAX_USERS or not 0 < args.minutes <= MAX_MINUTES or not 0 < baseline_minutes <= MAX_MINUTES:
+    phases_ok = 0 < args.minutes <= MAX_MINUTES and 0 < baseline_minutes <= MAX_MINUTES
+    if not 1 <= args.users <= MAX_USERS or not phases_ok:
         parser.error(f"--users must be 1-{MAX_USERS} and the phases 0-{MAX_MINUTES} minutes")
     if args.turns < 2:
         parser.error("--turns must be >= 2 (a follow-up needs a reply before it)")

@@ -14,7 +14,8 @@ import torch
 from peft import get_peft_model_state_dict, load_peft_weights
 
 import live_chat
-from sdpo.models.generation import Generation
+from sdpo.learner.config import OnlineSDPOConfig
+from sdpo.learner.updater import TRAINING_STATE_FILE, OnlineSDPOUpdater
 from sdpo.live_chat.sessions import (
     FAILED_FILE,
     INITIAL,
@@ -27,8 +28,7 @@ from sdpo.live_chat.sessions import (
     check_user_id,
 )
 from sdpo.live_chat.ui import chat_display, render_signal_html, render_status, signal_color_hex
-from sdpo.learner.updater import TRAINING_STATE_FILE, OnlineSDPOUpdater
-from sdpo.learner.config import OnlineSDPOConfig
+from sdpo.models.generation import Generation
 from tests.conftest import build_tiny_llama
 from tests.test_vllm_policy import fake_policy_vllm  # noqa: F401  (fixture)
 
@@ -65,7 +65,9 @@ def start_engine(chat_tokenizer, tmp_path):
     def start(folder=None, seed=0, workers=1, config=None, **options):
         torch.manual_seed(seed)  # the LoRA init: a restart with another seed must still resume the stored one
         updaters = [
-            OnlineSDPOUpdater(config or learner_config(), model=build_tiny_llama(chat_tokenizer), tokenizer=chat_tokenizer)
+            OnlineSDPOUpdater(
+                config or learner_config(), model=build_tiny_llama(chat_tokenizer), tokenizer=chat_tokenizer
+            )
             for _ in range(workers)
         ]
         engine = LiveChatEngine(updaters, folder or tmp_path / "adapters", **options)
@@ -188,7 +190,8 @@ def test_undo_restores_the_adapter_bit_for_bit(start_engine):
     engine.submit_update("alice", second)
     engine.wait_until_idle()
     assert_same_weights(adapter_weights(engine.adapter_path("alice")), after_second)
-    assert len([p for p in engine.user_folder("alice").iterdir() if p.name.startswith("v")]) == 2  # current + previous only
+    versions = [p for p in engine.user_folder("alice").iterdir() if p.name.startswith("v")]
+    assert len(versions) == 2  # current + previous only
 
     engine.undo("alice")
     engine.undo("alice")

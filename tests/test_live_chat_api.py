@@ -16,11 +16,11 @@ import pytest
 pytest.importorskip("gradio")
 openai = pytest.importorskip("openai")
 
-import live_chat  # noqa: E402
-from sdpo.live_chat.accounts import Accounts, AccountsError  # noqa: E402
-from sdpo.live_chat.api import Identities  # noqa: E402
-from sdpo.live_chat.ui import build_app, launch_app  # noqa: E402
-from tests.test_live_chat import PROMPT, start_engine  # noqa: E402, F401  (fixture)
+import live_chat
+from sdpo.live_chat.accounts import Accounts, AccountsError
+from sdpo.live_chat.api import Identities
+from sdpo.live_chat.ui import build_app, launch_app
+from tests.test_live_chat import PROMPT, start_engine  # noqa: F401  (fixture)
 
 PASSWORDS = {"alice": "alice-password", "bob": "bob-password", "ops": "ops-password"}
 
@@ -78,7 +78,8 @@ def test_accounts_file_keeps_only_salted_hashes(tmp_path, monkeypatch, capsys):
     alice, bob = accounts.find("alice"), accounts.find("bob")
     assert alice.password_salt != bob.password_salt and alice.id != bob.id and alice.id.startswith("u")
     assert accounts.verify_password("alice", PASSWORDS["alice"]) == alice
-    assert accounts.verify_password("alice", PASSWORDS["bob"]) is None and accounts.verify_password("carol", "x") is None
+    assert accounts.verify_password("alice", PASSWORDS["bob"]) is None
+    assert accounts.verify_password("carol", "x") is None
     assert accounts.by_api_key(alice_key) == alice and accounts.by_api_key(bob_key) == bob
     assert accounts.by_api_key(alice_key + "x") is None and accounts.by_api_key("") is None
 

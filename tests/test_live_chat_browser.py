@@ -18,11 +18,11 @@ import torch
 pytest.importorskip("gradio")
 pytest.importorskip("selenium")
 
-from sdpo.live_chat.accounts import Accounts  # noqa: E402
-from sdpo.live_chat.api import Identities  # noqa: E402
-from sdpo.live_chat.sessions import INITIAL  # noqa: E402
-from sdpo.live_chat.ui import build_app, launch_app  # noqa: E402
-from tests.test_live_chat import PROMPT, adapter_weights, start_engine  # noqa: E402, F401  (fixture)
+from sdpo.live_chat.accounts import Accounts
+from sdpo.live_chat.api import Identities
+from sdpo.live_chat.sessions import INITIAL
+from sdpo.live_chat.ui import build_app, launch_app
+from tests.test_live_chat import PROMPT, adapter_weights, start_engine  # noqa: F401  (fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

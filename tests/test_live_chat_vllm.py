@@ -13,11 +13,11 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from sdpo.learner.config import OnlineSDPOConfig  # noqa: E402
-from sdpo.learner.updater import OnlineSDPOUpdater  # noqa: E402
-from sdpo.live_chat.sessions import Interaction, LiveChatEngine  # noqa: E402
-from sdpo.models.generation import generate  # noqa: E402
-from tests.test_vllm_real import tiny_vllm_model_path  # noqa: E402, F401  (fixture)
+from sdpo.learner.config import OnlineSDPOConfig
+from sdpo.learner.updater import OnlineSDPOUpdater
+from sdpo.live_chat.sessions import Interaction, LiveChatEngine
+from sdpo.models.generation import generate
+from tests.test_vllm_real import tiny_vllm_model_path  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.vllm
 QUESTION = [{"role": "user", "content": "Explain TCP in two sentences."}]

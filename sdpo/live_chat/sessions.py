@@ -308,7 +308,7 @@ class VLLMReplies:
                     )
                     for pending, result in zip(batch, results):
                         pending.result = result
-                except Exception as error:  # every request of the batch gets it
+                except Exception as error:  # noqa: BLE001  (raised in every request of the batch)
                     for pending in batch:
                         pending.error = error
                 finally:
@@ -350,7 +350,7 @@ class ReplyStream:
     def _run(self, engine: LiveChatEngine, user: str, messages: list[dict], streams: bool) -> None:
         try:
             self.reply = engine.reply(user, messages, streamer=self._streamer if streams else None)
-        except Exception as error:  # handed to the reading thread, which raises it
+        except Exception as error:  # noqa: BLE001  (handed to the reading thread, which raises it)
             self._error = error
         finally:
             if not streams or self._error is not None:
