@@ -379,8 +379,8 @@ class ReplyStream:
 class LiveChatEngine:
     """Per-user adapters, the update worker pool and the reply model; see the module docstring.
 
-    ``updaters``: one ``OnlineSDPOUpdater`` per worker (LoRA, no vLLM engine of its own, each with its own
-    config object); the first also tokenizes and seeds the reply model. ``use_vllm`` serves replies from one
+    ``updaters``: one ``OnlineSDPOUpdater`` per worker (LoRA, no vLLM engine of its own); the first also
+    tokenizes and seeds the reply model. ``use_vllm`` serves replies from one
     vLLM engine with up to ``max_resident_adapters`` adapters resident. Call ``close`` to stop the workers.
     """
 
@@ -401,8 +401,6 @@ class LiveChatEngine:
         for updater in updaters:
             if not updater.config.use_lora or updater.vllm_engine is not None:
                 raise ValueError("live chat needs updaters with use_lora=True and use_vllm=False (the engine serves)")
-        if len({id(u.config) for u in updaters}) != len(updaters):
-            raise ValueError("each worker's updater needs its own config object (saving sets its checkpoint_dir)")
         self.updater = updaters[0]
         self.root = Path(adapters_dir)
         self.max_history_messages = max_history_messages
@@ -947,23 +945,9 @@ def _conversation_key(messages: list[dict], reply_text: str) -> str:
 
 def _save_version(updater: OnlineSDPOUpdater, folder: Path, name: str, extra_state: dict) -> Path:
     """The training model's adapter and optimizer state as ``folder/name``, written atomically."""
-    cfg = updater.config
-    # save_checkpoint writes under config.checkpoint_dir; each worker has its own updater and config.
-    original = cfg.checkpoint_dir
-    cfg.checkpoint_dir = str(folder)
-    try:
-        return updater.save_checkpoint(tag=name, extra_state=extra_state)
-    finally:
-        cfg.checkpoint_dir = original
+    return updater.save_state(folder / name, extra_state)
 
 
 def _load_version(updater: OnlineSDPOUpdater, path: Path) -> None:
-    """Adapter weights, optimizer state, step and metrics of a version folder (RNG states untouched)."""
-    from peft import load_peft_weights, set_peft_model_state_dict
-
-    set_peft_model_state_dict(updater.model, load_peft_weights(str(path), device=str(updater.device)))
-    state = torch.load(path / TRAINING_STATE_FILE, map_location=updater.device, weights_only=False)
-    updater.optimizer.load_state_dict(state["optimizer_state_dict"])
-    updater.optimizer.zero_grad(set_to_none=True)
-    updater.step = int(state["step"])
-    updater.metrics_history = list(state.get("metrics_history", []))
+    """Adapter weights, optimizer state and step of a version folder (RNG states untouched)."""
+    updater.load_state(path, restore_rng=False)

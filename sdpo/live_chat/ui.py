@@ -5,8 +5,9 @@ Whose adapter a session uses comes from its login (``request.username``, checked
 the accounts file), never from anything the page sends; every handler checks it again. The page polls
 the engine once a second, so an update that finishes while the person reads or types
 shows up without a click: the adapter step and fingerprint in the status line, and the reply it was
-trained on, token by token, coloured by the SDPO signal of the follow-up (the signal-analysis figures'
-colour map: red = the follow-up made the token less likely, white = unchanged, blue = more likely).
+trained on, token by token, coloured by the A_t that update trained on (returned by ``train_step``, at its
+scoring temperature; the signal-analysis figures' colour map: red = the follow-up made the token less
+likely, white = unchanged, blue = more likely).
 """
 
 import html
