@@ -84,8 +84,11 @@ class ChatSettings:
     )
     max_resident_adapters: int = field(
         default=8,
-        metadata={"help": "With --use_vllm: users' adapters kept loaded in the one vLLM engine (least recently "
-                          "used out)."},
+        metadata={"help": "Users' adapters kept loaded in the one reply model (transformers copy or vLLM engine; "
+                          "least recently used out); also the most adapters in one reply batch."},
+    )
+    reply_batch_size: int = field(
+        default=8, metadata={"help": "Replies generated together, each with its own user's adapter (transformers)."}
     )
     shutdown_timeout_s: float = field(
         default=600.0,
@@ -97,7 +100,9 @@ class ChatSettings:
             exposed = "--share" if self.share else f"--host {self.host}"
             raise ValueError(f"{exposed} serves other people: create accounts (python live_chat.py users add NAME "
                              "--accounts_file accounts.json) and pass --accounts_file")
-        for name in ("max_message_tokens", "max_queued_updates", "update_workers", "max_resident_adapters"):
+        positive = ("max_message_tokens", "max_queued_updates", "update_workers", "max_resident_adapters",
+                    "reply_batch_size")
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not self.shutdown_timeout_s >= 0:
@@ -187,6 +192,7 @@ def main(argv=None) -> int:
         max_history_messages=settings.max_history_messages,
         wait_for_updates=settings.wait_for_updates,
         limits=Limits(settings.max_message_tokens, settings.max_queued_updates),
+        reply_batch_size=settings.reply_batch_size,
     )
     logger.info("adapters in %s: %d user(s)", settings.adapters_dir, len(engine.users()))
     identities = Identities(accounts)

@@ -598,3 +598,59 @@ def test_api_conversation_queues_the_follow_up_of_its_own_reply_once(start_engin
     assert engine.wait_until_idle(timeout=120)
     assert engine.status("alice").step == 1 and engine.status("bob").step == 0
     assert [row["follow_up"] for row in engine.applied_updates("alice")] == ["Shorter."]
+
+
+def test_concurrent_replies_share_one_batch_each_with_its_own_adapter(start_engine, monkeypatch):
+    import threading
+
+    from sdpo.live_chat import sessions
+
+    engine = start_engine(max_resident_adapters=2)
+    engine.submit_update("alice", interactions_for(engine)[0])
+    engine.submit_update("carol", interactions_for(engine)[1])
+    assert engine.wait_until_idle(timeout=120)
+    asks = [("alice", PROMPT), ("bob", PROMPT), ("alice", "Name a fruit."), ("carol", PROMPT)]
+    alone = [engine.reply(user, [{"role": "user", "content": text}]).generation for user, text in asks]
+
+    gate, batches = threading.Event(), []
+    original = sessions.generate
+
+    def held_generate(model, tokenizer, contexts, sampling, **options):
+        batches.append(len(contexts))
+        assert gate.wait(60)
+        return original(model, tokenizer, contexts, sampling, **options)
+
+    monkeypatch.setattr(sessions, "generate", held_generate)
+    results = {}
+
+    def ask(i):
+        user, text = asks[i]
+        results[i] = engine.reply(user, [{"role": "user", "content": text}])
+
+    first = threading.Thread(target=ask, args=(0,))
+    first.start()
+    while not batches:  # the first request is being generated alone; the others queue behind it
+        threading.Event().wait(0.01)
+    others = [threading.Thread(target=ask, args=(i,)) for i in (1, 2, 3)]
+    for thread in others:
+        thread.start()
+    while len(engine._replies._pending) < 3:
+        threading.Event().wait(0.01)
+    gate.set()
+    for thread in (first, *others):
+        thread.join(120)
+    # Bob's and alice's waiting requests form one batch; carol's adapter would be a third one: the next batch.
+    assert batches == [1, 2, 1]
+    assert [results[i].generation for i in range(4)] == alone
+    assert [results[i].step for i in range(4)] == [1, 0, 1, 1]
+    assert len(engine._replies._resident) == 2
+
+
+def test_streamed_pieces_add_up_to_the_reply(start_engine):
+    engine = start_engine()
+    conversation = Conversation("alice")
+    engine.add_user_message(conversation, PROMPT)
+    stream = engine.stream_answer(conversation)
+    pieces = list(stream)
+    assert "".join(pieces) == stream.reply.generation.text == conversation.messages[-1]["content"]
+    assert len(pieces) > 1 and conversation.awaiting_follow_up[1] == stream.reply.generation

@@ -236,37 +236,145 @@ class _UserRecord:
 
 
 class TransformersReplies:
-    """Replies, streamed, from a frozen copy of the training model that loads the asked-for adapter folder;
-    one at a time (the adapter is swapped into the one copy)."""
+    """Replies from a frozen copy of the policy that serves many users' adapters in one batch (PEFT's
+    mixed-adapter batches), streamed token by token to each request.
+
+    Requests that arrive while a batch is being generated form the next batch (up to ``max_batch``, with at most
+    ``max_resident_adapters`` different adapters). Each version folder is loaded once under its own name and
+    kept while it is among the ``max_resident_adapters`` most recently used.
+    """
 
     streams = True
 
-    def __init__(self, updater: OnlineSDPOUpdater):
+    def __init__(self, updater: OnlineSDPOUpdater, max_resident_adapters: int = 8, max_batch: int = 8):
         self.model = copy.deepcopy(updater.model).eval().requires_grad_(False)
         self.tokenizer = updater.tokenizer
         self.autocast_dtype = updater.autocast_dtype
-        self.loaded: Path | None = None
-        self._lock = threading.Lock()
+        self.stop_ids = stop_token_ids(updater.model, updater.tokenizer)
+        self.max_resident = max_resident_adapters
+        self.max_batch = max_batch
+        self._resident: collections.OrderedDict[Path, str] = collections.OrderedDict()  # least recently used first
+        self._loaded = 0
+        self._pending: list[_PendingReply] = []
+        self._ready = threading.Condition()
+        self._closed = False
+        self._server = threading.Thread(target=self._serve, name="live-chat-replies", daemon=True)
+        self._server.start()
 
     def generate(self, adapter: Path, context: list[int], sampling: SamplingParams, streamer=None) -> Generation:
-        from peft import load_peft_weights, set_peft_model_state_dict
+        request = _PendingReply(adapter, context, sampling, streamer)
+        with self._ready:
+            if self._closed:
+                raise LiveChatError("the server is shutting down; try again when it is back")
+            self._pending.append(request)
+            self._ready.notify_all()
+        request.finished.wait()
+        if request.error is not None:
+            raise request.error
+        return request.result
 
-        with self._lock:
-            if adapter != self.loaded:
-                set_peft_model_state_dict(self.model, load_peft_weights(str(adapter), device="cpu"))
-                self.loaded = adapter
-            return generate(
-                self.model, self.tokenizer, [context], sampling, autocast_dtype=self.autocast_dtype, streamer=streamer
-            )[0]
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        self._server.join()
+
+    def _serve(self) -> None:
+        while True:
+            with self._ready:
+                while not self._pending and not self._closed:
+                    self._ready.wait()
+                if not self._pending:
+                    return
+                batch = self._take_batch()
+            try:
+                for request, generation in zip(batch, self._generate(batch)):
+                    request.result = generation
+            except Exception as error:  # noqa: BLE001  (raised in every request of the batch)
+                for request in batch:
+                    request.error = error
+            finally:
+                for request in batch:
+                    request.finished.set()
+
+    def _take_batch(self) -> list[_PendingReply]:
+        """The oldest waiting requests that fit one batch (caller holds ``_ready``)."""
+        batch, adapters, first = [], set(), self._pending[0]
+        for request in list(self._pending):
+            fits = request.adapter in adapters or len(adapters) < self.max_resident
+            if len(batch) < self.max_batch and fits and request.sampling == first.sampling:
+                batch.append(request)
+                adapters.add(request.adapter)
+                self._pending.remove(request)
+        return batch
+
+    def _adapter_name(self, path: Path, needed: set[Path]) -> str:
+        """The loaded adapter's name for the folder ``path``, loading it (and evicting one not ``needed``)."""
+        if path in self._resident:
+            self._resident.move_to_end(path)
+            return self._resident[path]
+        while len(self._resident) >= self.max_resident:
+            evicted = next(p for p in self._resident if p not in needed)
+            self.model.delete_adapter(self._resident.pop(evicted))
+        self._loaded += 1
+        name = f"reply_{self._loaded}"
+        self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        self._resident[path] = name
+        return name
+
+    def _generate(self, batch: list[_PendingReply]) -> list[Generation]:
+        batch.sort(key=lambda request: len(request.context))  # little padding; results follow this order
+        needed = {request.adapter for request in batch}
+        names = [self._adapter_name(request.adapter, needed) for request in batch]
+        return generate(
+            self.model,
+            self.tokenizer,
+            [request.context for request in batch],
+            batch[0].sampling,
+            autocast_dtype=self.autocast_dtype,
+            streamer=_RowStreamer([request.streamer for request in batch], self.stop_ids),
+            adapter_names=names,
+        )
+
+
+class _RowStreamer:
+    """A transformers streamer for a batch: hands each row's tokens to that request's own streamer (if any),
+    up to the row's first stop token."""
+
+    def __init__(self, sinks: list, stop_ids: list[int]):
+        self.sinks = sinks
+        self.stops = set(stop_ids)
+        self.done = [sink is None for sink in sinks]
+        self.prompt = True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt:  # the first call carries the prompts; each sink skips its own
+            self.prompt = False
+            for row, sink in enumerate(self.sinks):
+                if sink is not None:
+                    sink.put(value[row : row + 1])
+            return
+        for row, token in enumerate(value.reshape(len(self.sinks), -1)[:, -1].tolist()):
+            if not self.done[row]:
+                self.sinks[row].put(torch.tensor([token]))
+                self.done[row] = token in self.stops
+
+    def end(self) -> None:
+        for sink in self.sinks:
+            if sink is not None:
+                sink.end()
 
 
 @dataclass
 class _PendingReply:
     adapter: Path
     context: list[int]
+    sampling: SamplingParams | None = None
+    streamer: object = None
     result: Generation | None = None
     error: Exception | None = None
     done: bool = False
+    finished: threading.Event = field(default_factory=threading.Event)
 
 
 class VLLMReplies:
@@ -380,8 +488,9 @@ class LiveChatEngine:
     """Per-user adapters, the update worker pool and the reply model; see the module docstring.
 
     ``updaters``: one ``OnlineSDPOUpdater`` per worker (LoRA, no vLLM engine of its own); the first also
-    tokenizes and seeds the reply model. ``use_vllm`` serves replies from one
-    vLLM engine with up to ``max_resident_adapters`` adapters resident. Call ``close`` to stop the workers.
+    tokenizes and seeds the reply model. Replies come from one transformers copy (or, with ``use_vllm``, one
+    vLLM engine) serving up to ``max_resident_adapters`` users' adapters at once, in batches (of up to
+    ``reply_batch_size`` requests with transformers). Call ``close`` to stop the workers.
     """
 
     def __init__(
@@ -394,6 +503,7 @@ class LiveChatEngine:
         max_history_messages: int = 0,
         wait_for_updates: bool = False,
         limits: Limits = Limits(),
+        reply_batch_size: int = 8,
     ):
         updaters = [updaters] if isinstance(updaters, OnlineSDPOUpdater) else list(updaters)
         if not updaters:
@@ -417,9 +527,10 @@ class LiveChatEngine:
         self._abandon = False  # workers stop after their current job; the rest is persisted
         self._prepare_initial_adapter()
         self.initial_fingerprint = file_fingerprint(self.root / INITIAL / ADAPTER_WEIGHTS_FILE)
-        self._replies = VLLMReplies(self.updater, max_resident_adapters) if use_vllm else TransformersReplies(
-            self.updater
-        )
+        if use_vllm:
+            self._replies = VLLMReplies(self.updater, max_resident_adapters)
+        else:
+            self._replies = TransformersReplies(self.updater, max_resident_adapters, reply_batch_size)
         self._workers = [
             threading.Thread(target=self._work, args=(_Trainer(u),), name=f"live-chat-worker-{i}", daemon=True)
             for i, u in enumerate(updaters)
