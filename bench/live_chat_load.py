@@ -97,7 +97,7 @@ def simulate_user(base_url: str, user: UserLog, index: int, deadline: float, tur
         prompt = PROMPTS[prompt_index % len(PROMPTS)]
         prompt_index += 1
         messages = [{"role": "user", "content": prompt}]
-        for _ in range(turns):
+        for turn in range(turns):
             started = time.perf_counter()
             first, text = None, ""
             try:
@@ -112,7 +112,7 @@ def simulate_user(base_url: str, user: UserLog, index: int, deadline: float, tur
                 return
             user.latencies.append(time.perf_counter() - started)
             user.first_token.append(first if first is not None else user.latencies[-1])
-            if time.time() >= deadline:
+            if turn == turns - 1 or time.time() >= deadline:  # a follow-up is made only when it will be sent
                 break
             # The rule-based user's reaction, tagged so the server's logs show whose follow-up it was.
             follow_up = f"{write_feedback(user.style, prompt, text)} [{user.name}#{len(user.follow_ups) + 1}]"
