@@ -104,6 +104,7 @@ def api_routes(engine: LiveChatEngine, identities: Identities) -> list:
     from fastapi import APIRouter, Request
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from starlette.background import BackgroundTask
+    from starlette.concurrency import run_in_threadpool
 
     router = APIRouter()
     max_chars = 32 * max(engine.limits.max_message_tokens, engine.updater.config.max_new_tokens)
@@ -146,7 +147,7 @@ def api_routes(engine: LiveChatEngine, identities: Identities) -> list:
                 raise APIError(400, f"the body is not JSON ({error})") from error
             messages, stream = parse_messages(body, max_chars)
             try:
-                reply_stream = engine.api_turn(account.id, messages)
+                reply_stream = await run_in_threadpool(engine.api_turn, account.id, messages)
             except LiveChatError as error:
                 raise APIError(400, str(error)) from error
         except APIError as error:
@@ -159,7 +160,7 @@ def api_routes(engine: LiveChatEngine, identities: Identities) -> list:
             return finish_reason, {"adapter_step": reply.step, "user_id": account.id}
 
         if not stream:
-            text = "".join(reply_stream)
+            text = await run_in_threadpool("".join, reply_stream)  # generation must not block the event loop
             finish_reason, extra = finish(reply_stream.reply)
             prompt_tokens = len(engine.updater.encode_context(engine.capped_context(messages)))
             completion_tokens = len(reply_stream.reply.generation.token_ids)

@@ -37,6 +37,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -114,8 +115,6 @@ def check_adapters_dir(adapters_dir: str | Path, config) -> None:
 
 
 def _writable(folder: Path) -> bool:
-    import os
-
     return os.access(folder, os.W_OK | os.X_OK)
 
 
@@ -725,10 +724,16 @@ class LiveChatEngine:
         if len(messages) >= 2 and messages[-2]["role"] == "assistant":
             key = _conversation_key(messages[:-2], messages[-2]["content"])
             with self._lock:
-                earlier = self._record(user).recent_replies.pop(key, None)
+                recent = self._record(user).recent_replies
+                earlier = recent.pop(key, None)  # taken, so a repeated request cannot queue it again
             if earlier is not None:
                 context, generation = earlier
-                self.submit_update(user, Interaction(context, generation, messages[-1]["content"]))
+                try:
+                    self.submit_update(user, Interaction(context, generation, messages[-1]["content"]))
+                except LiveChatError:  # e.g. the queue is full: the follow-up may be sent again later
+                    with self._lock:
+                        recent[key] = earlier
+                    raise
         context = self.capped_context(messages)
         stream = ReplyStream(self, user, context)
         return _RememberedStream(self, user, messages, context, stream)
@@ -784,8 +789,11 @@ class LiveChatEngine:
     def close(self, drain_timeout_s: float | None = None) -> int:
         """Stop: finish the queued jobs (all of them, or those done within ``drain_timeout_s``), then stop the
         workers; updates still queued are written to each user's ``pending_updates.jsonl`` and queued again at
-        the next start. An interrupt while draining persists the rest at once. Returns how many were persisted."""
+        the next start. An interrupt while draining persists the rest at once. Returns how many were persisted
+        (0 when already closed)."""
         with self._work_ready:
+            if self._abandon:
+                return 0
             self._stopping = True
             self._work_ready.notify_all()
         try:
