@@ -152,3 +152,22 @@ def test_admin_exports_and_deletes_a_users_data(server):
     with pytest.raises(urllib.error.HTTPError) as missing:
         get(f"{url}/v1/live/admin/users/carol/export", keys["ops"])
     assert missing.value.code == 404
+
+
+def test_service_settings_come_from_the_chat_settings_dataclass_and_yaml(tmp_path, monkeypatch, capsys):
+    accounts_file = tmp_path / "accounts.json"
+    add_user(accounts_file, "alice", monkeypatch=monkeypatch, capsys=capsys)
+    config_file = tmp_path / "live_chat.yaml"
+    config_file.write_text(
+        f"accounts_file: {accounts_file}\nhost: 0.0.0.0\nupdate_workers: 2\nmax_message_tokens: 64\n"
+        f"reply_batch_size: 4\nadapters_dir: {tmp_path / 'adapters'}\n"
+    )
+    config, settings, use_vllm, accounts = live_chat.resolve(["--config", str(config_file)])
+    assert (settings.host, settings.update_workers, settings.max_message_tokens, settings.reply_batch_size) == (
+        "0.0.0.0", 2, 64, 4)
+    assert [a.name for a in accounts.accounts] == ["alice"] and not use_vllm and config.use_lora
+    with pytest.raises(SystemExit):
+        live_chat.main(["--help"])
+    usage = capsys.readouterr().out
+    for flag in ("--accounts_file", "--max_message_tokens", "--update_workers", "--shutdown_timeout_s"):
+        assert flag in usage
