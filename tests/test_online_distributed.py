@@ -100,23 +100,22 @@ def test_online_loop_on_two_processes_writes_one_results_file_and_resumes(tiny_m
         "--model", tiny_model_dir, "--device", "cpu", "--dtype", "float32", "--use_lora", "--lora_r", "8",
         "--lora_alpha", "16", "--lr", "1e-2", "--max_new_tokens", "16", "--eval_max_new_tokens", "16",
         "--user_backend", "rule", "--judge_backend", "rule", "--style", "no_punctuation",
-        "--train_jsonl", prompt_files["train"], "--val_jsonl", prompt_files["val"],
-        "--train_n", "6", "--eval_n", "5", "--eval_every", "4", "--interactions_per_step", "3",
+        "--train_jsonl", str(prompt_files[0]), "--val_jsonl", str(prompt_files[1]),
+        "--train_n", "6", "--eval_n", "3", "--eval_every", "4", "--interactions_per_step", "3",
         "--run_name", "ddp", "--out_dir", str(out_dir),
     ]
     done = run(accelerate_launch(2, "eval_online_sdpo.py", *args))
     assert done.returncode == 0, done.stderr[-4000:]
     results_files = sorted(out_dir.glob("ddp_*.json"))
-    assert [f.name for f in results_files] == ["ddp_0.json"], "one results file, written by the main process"
+    assert [f.name for f in results_files] == ["ddp_1.json"], "one results file, written by the main process"
     results = json.loads(results_files[0].read_text())
     records = results["training_metrics"]
     assert [r["interaction"] for r in records] == list(range(1, 7))
     assert {r["step"] for r in records} == {1, 2}
     assert results["meta"]["world_size"] == 2
     assert [e["interaction"] for e in results["eval_history"]] == [6]
-    assert results["eval_history"][0]["n"] == 5
-    completions = json.loads((out_dir / "ddp_completions_0.json").read_text())
-    assert len(completions[-1]["current"]) == len(completions[-1]["baseline"]) == 5
+    completions = json.loads((out_dir / "ddp_completions_1.json").read_text())
+    assert len(completions[-1]["current"]) == len(completions[-1]["baseline"]) == 3
     assert not list(out_dir.glob("*.tmp")) and (out_dir / "checkpoints" / "last" / "training_state.pt").is_file()
 
     # Resume of a finished run: nothing left to train, the results stay as they were.

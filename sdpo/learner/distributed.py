@@ -23,10 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from functools import cached_property
 
 import torch
 
+# How long processes wait at a collective for the main process (judging a few hundred prompts with an LLM judge
+# takes minutes; torch's default is 10 to 30 minutes).
+COLLECTIVE_TIMEOUT = timedelta(hours=3)
 SHARDED_LAUNCH_ENV = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED"}
 
 
@@ -66,14 +70,18 @@ class DataParallel:
     @cached_property
     def accelerator(self):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
         # broadcast_buffers=False: DDP would otherwise broadcast buffers (rotary tables) at every forward, a
         # collective that deadlocks when processes run different numbers of micro-batches.
         accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # CPU processes: DDP over gloo (accelerate's MULTI_CPU)
             mixed_precision="no",
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+            # Processes wait for the main one while it judges or writes (minutes with LLM judges).
+            kwargs_handlers=[
+                DistributedDataParallelKwargs(broadcast_buffers=False),
+                InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT),
+            ],
         )
         if accelerator.num_processes != self.world_size:
             raise LaunchError(
@@ -126,6 +134,7 @@ class DataParallel:
             return list(objects)
         from accelerate.utils import gather_object
 
+        self.accelerator  # the process group is set up by the first Accelerator (MULTI_CPU on CPU processes)
         return gather_object(list(objects))
 
     def broadcast(self, obj):
@@ -134,6 +143,7 @@ class DataParallel:
             return obj
         from accelerate.utils import broadcast_object_list
 
+        self.accelerator  # the process group is set up by the first Accelerator (MULTI_CPU on CPU processes)
         return broadcast_object_list([obj])[0]
 
     def shard(self, items: list) -> list:
