@@ -82,6 +82,7 @@ from sdpo.learner.updater import EmptyResponseError, OnlineSDPOUpdater
 from sdpo.models.generation import SamplingParams
 from sdpo.models.model_loading import ModelLoadError
 from sdpo.models.vllm_engines import require_vllm
+from sdpo.models.vllm_server import VLLMServerPolicyEngine
 from sdpo.online import distributed
 from sdpo.online.config import SYSTEM_PROMPTS, OnlineArguments, OnlineRunConfig
 from sdpo.online.run_state import (
@@ -123,6 +124,9 @@ def parse_arguments(argv=None) -> OnlineArguments:
             f"--interactions_per_step {run.interactions_per_step} is smaller than the {world_size} processes launched: "
             f"give each process at least one interaction per step (--interactions_per_step {world_size}) or launch fewer"
         )
+    if run.vllm_mode == "server" and not learner.use_vllm:
+        # (--use_vllm implies LoRA: the server gets each new adapter.)
+        raise UsageError("--vllm_mode server needs --use_vllm: add it, or drop --vllm_mode server")
     if learner.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--optim adamw_8bit needs bitsandbytes (pip install bitsandbytes, CUDA); or use --optim adamw")
     return OnlineArguments(learner, participants, run)
@@ -212,7 +216,13 @@ class OnlineRun:
         run, learner, files = self.run, self.learner, self.files
         config = self.participants_config
         config.validate()
-        require_vllm([flag for flag, on in (("--use_vllm", learner.use_vllm), ("--user_vllm", config.uses_vllm)) if on])
+        colocated = learner.use_vllm and run.vllm_mode == "colocate"
+        require_vllm([flag for flag, on in (("--use_vllm", colocated), ("--user_vllm", config.uses_vllm)) if on])
+        policy_engine = None
+        if learner.use_vllm and run.vllm_mode == "server":
+            # A server that cannot serve the policy is one line before any model loads.
+            policy_engine = VLLMServerPolicyEngine(run.vllm_server_url, registers_adapters=self.parallel.is_main_process)
+            policy_engine.check()
         # Remote and rule participants cost nothing to build: built first, a bad key fails before the model loads.
         participants = build_participants(config) if config.user_backend not in ("hf", "vllm") else None
         if participants is not None:
@@ -220,7 +230,7 @@ class OnlineRun:
         seed_everything(run.seed)
         resume = resume_point(files, self.previous)
         checkpoint, done = resume.checkpoint, resume.interactions_done
-        updater = OnlineSDPOUpdater(learner_config(self.arguments, files), resume_from=checkpoint)
+        updater = OnlineSDPOUpdater(learner_config(self.arguments, files), resume_from=checkpoint, policy_engine=policy_engine)
 
         train_prompts = load_split(run.train_jsonl, updater.tokenizer, run.train_n, max_prompt_tokens=run.max_prompt_tokens, seed=run.seed, label="train")
         eval_prompts = load_split(run.val_jsonl, updater.tokenizer, run.eval_n, max_prompt_tokens=run.max_prompt_tokens, seed=run.seed, label="eval")

@@ -24,7 +24,8 @@ SYSTEM_PROMPTS = {
     "tldr": 'Summarize the following post in one or two sentences, starting with "TL;DR:".',
 }
 # Settings that may differ on --resume without changing what the run computes.
-RESUME_OVERRIDABLE = ("resume", "debug_first_example", "report_to", "wandb", "out_dir")
+RESUME_OVERRIDABLE = ("resume", "debug_first_example", "report_to", "wandb", "out_dir", "vllm_server_url")
+VLLM_MODES = ("colocate", "server")
 
 
 def _check_file(flag: str, value: str | None) -> None:
@@ -114,6 +115,23 @@ class OnlineRunConfig:
         default=5,
         metadata={"help": "The plot draws win rates from fewer decided pairs hollow, without error bars."},
     )
+    # ---- where the policy generates (docs/scaling.md)
+    vllm_mode: str = field(
+        default="colocate",
+        metadata={
+            "help": "With --use_vllm: colocate = a vLLM engine inside each training process; server = the policy "
+            "generates on --vllm_server_url (`vllm serve` with runtime LoRA loading), which gets the adapter after "
+            "every update (needs --use_lora).",
+            "choices": list(VLLM_MODES),
+        },
+    )
+    vllm_server_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --vllm_mode server: the server, e.g. http://127.0.0.1:8000 (started with "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve MODEL --enable-lora --max-lora-rank R)."
+        },
+    )
     # ---- outputs
     out_dir: str = field(
         default="./live_eval_results",
@@ -159,8 +177,12 @@ class OnlineRunConfig:
             self.report_to = "wandb"
         _check_folder("out_dir", self.out_dir)
         _check_folder("eval_dir", self.eval_dir)
+        if self.vllm_mode not in VLLM_MODES:
+            raise ValueError(f"--vllm_mode {self.vllm_mode!r}: choose one of {', '.join(VLLM_MODES)}")
         if self.resume:
             return  # the stored settings are checked when they are read back
+        if self.vllm_mode == "server" and not self.vllm_server_url:
+            raise ValueError("--vllm_mode server needs --vllm_server_url, e.g. http://127.0.0.1:8000")
         missing = [name for name in ("train_jsonl", "val_jsonl", "run_name") if not getattr(self, name)]
         if missing:
             raise ValueError("the following arguments are required: " + ", ".join(f"--{m}" for m in missing))
@@ -226,7 +248,8 @@ class OnlineArguments:
             **dataclasses.asdict(self.participants),
             **dataclasses.asdict(self.run),
         }
-        settings["openai_base_url"] = without_credentials(settings["openai_base_url"])
+        for name in ("openai_base_url", "vllm_server_url"):
+            settings[name] = without_credentials(settings[name])
         return settings
 
     @classmethod
