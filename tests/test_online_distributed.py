@@ -106,7 +106,7 @@ def test_online_loop_on_two_processes_writes_one_results_file_and_resumes(tiny_m
     ]
     done = run(accelerate_launch(2, "eval_online_sdpo.py", *args))
     assert done.returncode == 0, done.stderr[-4000:]
-    results_files = sorted(out_dir.glob("ddp_*.json"))
+    results_files = sorted(out_dir.glob("ddp_[0-9]*.json"))
     assert [f.name for f in results_files] == ["ddp_1.json"], "one results file, written by the main process"
     results = json.loads(results_files[0].read_text())
     records = results["training_metrics"]

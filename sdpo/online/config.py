@@ -216,9 +216,11 @@ class OnlineRunConfig:
 
 
 def without_credentials(url: str | None) -> str | None:
-    """``url`` without a user name or password (what results and state files may hold)."""
+    """``url`` (or comma-separated URLs) without a user name or password (what results and state files may hold)."""
     if not url:
         return url
+    if "," in url:
+        return ",".join(without_credentials(part) for part in url.split(","))
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url
