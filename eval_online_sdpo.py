@@ -118,18 +118,33 @@ def parse_arguments(argv=None) -> OnlineArguments:
         distributed.check_launch()
     except distributed.LaunchError as error:
         raise UsageError(str(error)) from None
-    world_size = distributed.launched_world_size()
-    if world_size > run.interactions_per_step and not run.resume:
-        raise UsageError(
-            f"--interactions_per_step {run.interactions_per_step} is smaller than the {world_size} processes launched: "
-            f"give each process at least one interaction per step (--interactions_per_step {world_size}) or launch fewer"
-        )
+    if not run.resume:
+        check_world_size(OnlineArguments(learner, participants, run))
     if run.vllm_mode == "server" and not learner.use_vllm:
         # (--use_vllm implies LoRA: the server gets each new adapter.)
         raise UsageError("--vllm_mode server needs --use_vllm: add it, or drop --vllm_mode server")
     if learner.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--optim adamw_8bit needs bitsandbytes (pip install bitsandbytes, CUDA); or use --optim adamw")
     return OnlineArguments(learner, participants, run)
+
+
+def check_world_size(arguments: OnlineArguments) -> None:
+    """What several processes cannot run: fewer interactions per step than processes, or a colocated vLLM engine
+    per process (untested; vLLM inside a torchrun launch needs its external-launcher executor)."""
+    world_size = distributed.launched_world_size()
+    if world_size == 1:
+        return
+    if world_size > arguments.run.interactions_per_step:
+        raise UsageError(
+            f"--interactions_per_step {arguments.run.interactions_per_step} is smaller than the {world_size} processes "
+            f"launched: give each process at least one interaction per step (--interactions_per_step {world_size}) "
+            "or launch fewer"
+        )
+    if arguments.learner.use_vllm and arguments.run.vllm_mode == "colocate":
+        raise UsageError(
+            f"--use_vllm with {world_size} processes: put the policy on a vLLM server (--vllm_mode server "
+            "--vllm_server_url ..., docs/scaling.md); a colocated engine runs in one-process launches only"
+        )
 
 
 def learner_config(arguments: OnlineArguments, files: RunFiles) -> OnlineSDPOConfig:
@@ -332,6 +347,8 @@ class OnlineRun:
 
     def interact(self, updater, participants, prompts: list[Prompt], first: int) -> tuple[list, list[str], list[str], float, float]:
         """One batch of interactions: responses (one generation call) and follow-ups (one call per persona)."""
+        if not prompts:  # this process's share of a short last batch
+            return [], [], [], 0.0, 0.0
         started = time.perf_counter()
         responses = updater.generate(self.conversations(prompts))
         gen_time = time.perf_counter() - started
@@ -451,6 +468,7 @@ def main(argv=None) -> int:
         arguments = parse_arguments(argv)
         # The main process chooses (or finds) the run's files; every process continues the same run.
         arguments, files, previous = distributed.on_main_then_shared(distributed.current(), lambda: start_or_resume(arguments))
+        check_world_size(arguments)  # a resumed run's stored settings against this launch
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

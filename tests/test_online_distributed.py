@@ -147,3 +147,23 @@ def test_shards_cover_the_batch_in_order(monkeypatch):
         monkeypatch.setenv("RANK", str(rank))
         shards.append(DataParallel().shard(items))
     assert shards == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+@pytest.mark.parametrize(
+    "flags, wanted",
+    [
+        (["--interactions_per_step", "1"], "smaller than the 2 processes launched"),
+        (["--interactions_per_step", "2", "--use_vllm"], "put the policy on a vLLM server"),
+    ],
+)
+def test_what_two_processes_cannot_run_is_one_line(monkeypatch, prompt_files, tmp_path, flags, wanted):
+    import eval_online_sdpo
+    from sdpo.utils.command_line import UsageError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = [
+        "--train_jsonl", str(prompt_files[0]), "--val_jsonl", str(prompt_files[1]), "--run_name", "ddp",
+        "--out_dir", str(tmp_path / "run"), *flags,
+    ]
+    with pytest.raises(UsageError, match=wanted):
+        eval_online_sdpo.parse_arguments(argv)
