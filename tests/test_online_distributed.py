@@ -25,7 +25,7 @@ WORKER = REPO / "tests" / "distributed_worker.py"
 # losses and gradient norms within 1e-5 relative; weights within 0.42% (LoRA) and 0.23% (full) of the learning
 # rate, which bounds one Adam step per weight (Adam's division by sqrt(v) + 1e-6 magnifies rounding in
 # near-zero gradients, so weights are compared in units of that step).
-LOSS_TOLERANCE = dict(rel=1e-4, abs=1e-6)
+LOSS_TOLERANCE = {"rel": 1e-4, "abs": 1e-6}
 WEIGHT_TOLERANCE_IN_LR = 0.01
 
 
@@ -38,8 +38,13 @@ def free_port() -> int:
 def environment() -> dict:
     env = dict(os.environ)
     env.update(
-        PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        WANDB_MODE="offline",
     )
     return env
 
@@ -47,14 +52,29 @@ def environment() -> dict:
 def accelerate_launch(processes: int, script: str, *args: str) -> list[str]:
     """What scripts/eval_online_sdpo.sh runs on CPU for WORLD_SIZE=processes."""
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), script, *args,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        script,
+        *args,
     ]
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=900, **kwargs)
+    return subprocess.run(
+        command, check=False, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=900, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +117,45 @@ def test_two_processes_train_like_one(tiny_model_dir, tmp_path):
 def test_online_loop_on_two_processes_writes_one_results_file_and_resumes(tiny_model_dir, tmp_path, prompt_files):
     out_dir = tmp_path / "run"
     args = [
-        "--model", tiny_model_dir, "--device", "cpu", "--dtype", "float32", "--use_lora", "--lora_r", "8",
-        "--lora_alpha", "16", "--lr", "1e-2", "--max_new_tokens", "16", "--eval_max_new_tokens", "16",
-        "--user_backend", "rule", "--judge_backend", "rule", "--style", "no_punctuation",
-        "--train_jsonl", str(prompt_files[0]), "--val_jsonl", str(prompt_files[1]),
-        "--train_n", "6", "--eval_n", "3", "--eval_every", "4", "--interactions_per_step", "3",
-        "--run_name", "ddp", "--out_dir", str(out_dir),
+        "--model",
+        tiny_model_dir,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--use_lora",
+        "--lora_r",
+        "8",
+        "--lora_alpha",
+        "16",
+        "--lr",
+        "1e-2",
+        "--max_new_tokens",
+        "16",
+        "--eval_max_new_tokens",
+        "16",
+        "--user_backend",
+        "rule",
+        "--judge_backend",
+        "rule",
+        "--style",
+        "no_punctuation",
+        "--train_jsonl",
+        str(prompt_files[0]),
+        "--val_jsonl",
+        str(prompt_files[1]),
+        "--train_n",
+        "6",
+        "--eval_n",
+        "3",
+        "--eval_every",
+        "4",
+        "--interactions_per_step",
+        "3",
+        "--run_name",
+        "ddp",
+        "--out_dir",
+        str(out_dir),
     ]
     done = run(accelerate_launch(2, "eval_online_sdpo.py", *args))
     assert done.returncode == 0, done.stderr[-4000:]
@@ -162,8 +215,15 @@ def test_what_two_processes_cannot_run_is_one_line(monkeypatch, prompt_files, tm
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     argv = [
-        "--train_jsonl", str(prompt_files[0]), "--val_jsonl", str(prompt_files[1]), "--run_name", "ddp",
-        "--out_dir", str(tmp_path / "run"), *flags,
+        "--train_jsonl",
+        str(prompt_files[0]),
+        "--val_jsonl",
+        str(prompt_files[1]),
+        "--run_name",
+        "ddp",
+        "--out_dir",
+        str(tmp_path / "run"),
+        *flags,
     ]
     with pytest.raises(UsageError, match=wanted):
         eval_online_sdpo.parse_arguments(argv)

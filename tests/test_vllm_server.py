@@ -60,13 +60,15 @@ class _ServerWithoutLoRARoutes(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
-    def do_GET(self):  # noqa: N802 (http.server's naming)
+    def do_GET(self):
         if self.path == "/v1/models":
-            self._reply(200, {"object": "list", "data": [{"id": "base", "object": "model", "created": 0, "owned_by": "x"}]})
+            self._reply(
+                200, {"object": "list", "data": [{"id": "base", "object": "model", "created": 0, "owned_by": "x"}]}
+            )
         else:
             self._reply(404, {"detail": "Not Found"})
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         self.rfile.read(int(self.headers.get("content-length", 0)))
         self._reply(404, {"detail": "Not Found"})
 
@@ -90,11 +92,28 @@ def test_online_loop_refuses_an_unreachable_server_before_any_model_loads(prompt
     import eval_online_sdpo
 
     argv = [
-        "--model", "no-such-model-is-loaded", "--use_lora", "--use_vllm", "--vllm_mode", "server",
-        "--vllm_server_url", f"http://127.0.0.1:{free_port()}", "--user_backend", "rule", "--judge_backend", "rule",
-        "--style", "no_punctuation",
-        "--train_jsonl", str(prompt_files[0]), "--val_jsonl", str(prompt_files[1]), "--run_name", "srv",
-        "--out_dir", str(tmp_path / "run"),
+        "--model",
+        "no-such-model-is-loaded",
+        "--use_lora",
+        "--use_vllm",
+        "--vllm_mode",
+        "server",
+        "--vllm_server_url",
+        f"http://127.0.0.1:{free_port()}",
+        "--user_backend",
+        "rule",
+        "--judge_backend",
+        "rule",
+        "--style",
+        "no_punctuation",
+        "--train_jsonl",
+        str(prompt_files[0]),
+        "--val_jsonl",
+        str(prompt_files[1]),
+        "--run_name",
+        "srv",
+        "--out_dir",
+        str(tmp_path / "run"),
     ]
     assert eval_online_sdpo.main(argv) == 1
     error = capsys.readouterr().err
@@ -112,8 +131,17 @@ def test_server_mode_settings_are_checked(prompt_files, tmp_path, capsys, flags,
     import eval_online_sdpo
 
     argv = [
-        "--model", "smollm2-135m-instruct", "--train_jsonl", str(prompt_files[0]), "--val_jsonl",
-        str(prompt_files[1]), "--run_name", "srv", "--out_dir", str(tmp_path / "run"), *flags,
+        "--model",
+        "smollm2-135m-instruct",
+        "--train_jsonl",
+        str(prompt_files[0]),
+        "--val_jsonl",
+        str(prompt_files[1]),
+        "--run_name",
+        "srv",
+        "--out_dir",
+        str(tmp_path / "run"),
+        *flags,
     ]
     assert eval_online_sdpo.main(argv) == 2
     assert wanted in capsys.readouterr().err
@@ -141,10 +169,28 @@ class TestRealServer:
         port = free_port()
         log = tmp_path_factory.mktemp("vllm-server") / "server.log"
         command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", bundled_model_path,
-            "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-            "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20), "--enable-lora",
-            "--max-lora-rank", "8", "--max-loras", "2",
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            bundled_model_path,
+            "--served-model-name",
+            "smollm2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "1024",
+            "--kv-cache-memory-bytes",
+            str(256 << 20),
+            "--enable-lora",
+            "--max-lora-rank",
+            "8",
+            "--max-loras",
+            "2",
         ]
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
         with open(log, "w") as sink:
@@ -174,9 +220,19 @@ class TestRealServer:
         engine.check()
         assert engine.base_model == "smollm2"
         config = OnlineSDPOConfig(
-            model_name_or_path="smollm2-135m-instruct", device="cpu", torch_dtype="float32", use_lora=True,
-            use_vllm=True, lora_r=8, lora_alpha=16, learning_rate=2e-2, do_sample=False, max_new_tokens=24,
-            max_context_length=512, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_n_steps=0,
+            model_name_or_path="smollm2-135m-instruct",
+            device="cpu",
+            torch_dtype="float32",
+            use_lora=True,
+            use_vllm=True,
+            lora_r=8,
+            lora_alpha=16,
+            learning_rate=2e-2,
+            do_sample=False,
+            max_new_tokens=24,
+            max_context_length=512,
+            checkpoint_dir=str(tmp_path / "ckpt"),
+            checkpoint_every_n_steps=0,
         )
         updater = OnlineSDPOUpdater(config, policy_engine=engine)
 
@@ -188,7 +244,9 @@ class TestRealServer:
         before = [g.token_ids for g in updater.generate(CONVERSATIONS)]
         assert before == hf_greedy()
         for step in range(2):
-            updater.train_step(CONVERSATIONS[step], "Here is a long answer:\n- one\n- two\n- three", "Too long, no lists.")
+            updater.train_step(
+                CONVERSATIONS[step], "Here is a long answer:\n- one\n- two\n- three", "Too long, no lists."
+            )
         assert engine.adapter_name == "sdpo-policy-v2"
         after_hf = hf_greedy()
         assert after_hf != before, "the updates must change the greedy answers, or the adapter swap is not tested"

@@ -90,6 +90,11 @@ class DataParallel:
             )
         return accelerator
 
+    def set_up(self) -> None:
+        """Set the process group up (the first ``Accelerator`` does; MULTI_CPU over gloo on CPU processes)."""
+        if self.distributed:
+            _ = self.accelerator
+
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
@@ -134,7 +139,7 @@ class DataParallel:
             return list(objects)
         from accelerate.utils import gather_object
 
-        self.accelerator  # the process group is set up by the first Accelerator (MULTI_CPU on CPU processes)
+        self.set_up()
         return gather_object(list(objects))
 
     def broadcast(self, obj):
@@ -143,7 +148,7 @@ class DataParallel:
             return obj
         from accelerate.utils import broadcast_object_list
 
-        self.accelerator  # the process group is set up by the first Accelerator (MULTI_CPU on CPU processes)
+        self.set_up()
         return broadcast_object_list([obj])[0]
 
     def shard(self, items: list) -> list:

@@ -41,7 +41,7 @@ class VLLMServerError(BackendError):
 def api_root(url: str) -> str:
     """``http://host:port`` from a server URL given with or without ``/v1``."""
     url = url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
+    return url.removesuffix("/v1")
 
 
 class VLLMServerPolicyEngine:
@@ -65,7 +65,9 @@ class VLLMServerPolicyEngine:
         self.registers_adapters = registers_adapters
         # vLLM checks a key only when started with --api-key; the client insists on having one.
         api_key = api_key or os.environ.get("VLLM_API_KEY") or "EMPTY"
-        self.client = openai.OpenAI(base_url=f"{self.root}/v1", api_key=api_key, max_retries=max_retries, timeout=timeout)
+        self.client = openai.OpenAI(
+            base_url=f"{self.root}/v1", api_key=api_key, max_retries=max_retries, timeout=timeout
+        )
         self.base_model: str | None = None
         self.adapter_version = 0
         self.adapter_name: str | None = None

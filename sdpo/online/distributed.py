@@ -15,6 +15,7 @@ resumed run draws what an uninterrupted one did without storing N random states.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
 import numpy as np
 
 from sdpo.chat.backends import ChatBackend
@@ -33,6 +34,7 @@ __all__ = [
     "on_main_then_shared",
     "seed_step",
 ]
+
 
 def answer_sharded(
     parallel: DataParallel,
@@ -54,7 +56,7 @@ def on_main_then_shared(parallel: DataParallel, compute: Callable[[], object]):
     if parallel.is_main_process:
         try:
             outcome = ("value", compute())
-        except Exception as error:  # shared, so every process stops with the same one line
+        except Exception as error:  # noqa: BLE001 (any error is shared, so every process stops with the same line)
             outcome = ("error", error)
     kind, value = parallel.broadcast(outcome)
     if kind == "error":
