@@ -114,7 +114,7 @@ def worker(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ the parent: launches and compares
 
 
-def start_server(model: str, lora_r: int, device: str, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, lora_r: int, device: str, dtype: str, log: Path) -> tuple[subprocess.Popen, str]:
     """``vllm serve`` for ``model`` with runtime LoRA loading, on a free local port; returns once it answers."""
     from sdpo.models.model_loading import resolve_model_path
 
@@ -131,6 +131,8 @@ def start_server(model: str, lora_r: int, device: str, log: Path) -> tuple[subpr
         str(port),
         "--max-model-len",
         "1024",
+        "--dtype",
+        dtype,
         "--enable-lora",
         "--max-lora-rank",
         str(lora_r),
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for engine in args.engine_list:
             server, url = (None, None)
             if engine == "server":
-                server, url = start_server(args.model, args.lora_r, args.device, folder / "server.log")
+                server, url = start_server(args.model, args.lora_r, args.device, args.dtype, folder / "server.log")
             try:
                 for processes in sorted({1, args.processes}):
                     results.append(measure(args, processes, engine, folder, url))
