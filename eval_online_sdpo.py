@@ -52,7 +52,6 @@ seeded; the final evaluation uses --temperature; strict judge parsing with unpar
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import sys
@@ -84,7 +83,7 @@ from sdpo.models.model_loading import ModelLoadError
 from sdpo.models.vllm_engines import require_vllm
 from sdpo.models.vllm_server import VLLMServerPolicyEngine
 from sdpo.online import distributed
-from sdpo.online.config import SYSTEM_PROMPTS, OnlineArguments, OnlineRunConfig
+from sdpo.online.config import SYSTEM_PROMPTS, OnlineArguments, check_world_size, parse_arguments
 from sdpo.online.run_state import (
     RESUME_TAG,
     ResumePoint,
@@ -94,57 +93,14 @@ from sdpo.online.run_state import (
     resume_point,
     start_or_resume,
 )
-from sdpo.personas.participants import ParticipantsArguments, build_participants, check_remote_backends
-from sdpo.utils.command_line import ConfigParser, UsageError
+from sdpo.personas.participants import build_participants, check_remote_backends
+from sdpo.utils.command_line import UsageError
 from sdpo.utils.env_file import load_project_env
 from sdpo.utils.tracking import Tracker
 
 logger = logging.getLogger("eval_online_sdpo")
 
 TEXT_PREVIEW_CHARS = 300
-
-
-def build_parser() -> ConfigParser:
-    parser = ConfigParser((OnlineSDPOConfig, ParticipantsArguments, OnlineRunConfig), description=__doc__)
-    # The online loop keeps its checkpoints in <out_dir>/checkpoints and saves only with --save_checkpoints.
-    parser.set_defaults(checkpoint_every_n_steps=0, max_checkpoints=0)
-    return parser
-
-
-def parse_arguments(argv=None) -> OnlineArguments:
-    """Every setting, checked for everything that can be checked before a model loads (one ``UsageError``)."""
-    learner, participants, run = build_parser().parse(argv)
-    try:
-        distributed.check_launch()
-    except distributed.LaunchError as error:
-        raise UsageError(str(error)) from None
-    if not run.resume:
-        check_world_size(OnlineArguments(learner, participants, run))
-    if run.vllm_mode == "server" and not learner.use_vllm:
-        # (--use_vllm implies LoRA: the server gets each new adapter.)
-        raise UsageError("--vllm_mode server needs --use_vllm: add it, or drop --vllm_mode server")
-    if learner.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        raise UsageError("--optim adamw_8bit needs bitsandbytes (pip install bitsandbytes, CUDA); or use --optim adamw")
-    return OnlineArguments(learner, participants, run)
-
-
-def check_world_size(arguments: OnlineArguments) -> None:
-    """What several processes cannot run: fewer interactions per step than processes, or a colocated vLLM engine
-    per process (untested; vLLM inside a torchrun launch needs its external-launcher executor)."""
-    world_size = distributed.launched_world_size()
-    if world_size == 1:
-        return
-    if world_size > arguments.run.interactions_per_step:
-        raise UsageError(
-            f"--interactions_per_step {arguments.run.interactions_per_step} is smaller than the {world_size} processes "
-            f"launched: give each process at least one interaction per step (--interactions_per_step {world_size}) "
-            "or launch fewer"
-        )
-    if arguments.learner.use_vllm and arguments.run.vllm_mode == "colocate":
-        raise UsageError(
-            f"--use_vllm with {world_size} processes: put the policy on a vLLM server (--vllm_mode server "
-            "--vllm_server_url ..., docs/scaling.md); a colocated engine runs in one-process launches only"
-        )
 
 
 def learner_config(arguments: OnlineArguments, files: RunFiles) -> OnlineSDPOConfig:
@@ -465,7 +421,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     load_project_env()
     try:
-        arguments = parse_arguments(argv)
+        arguments = parse_arguments(argv, description=__doc__)
         # The main process chooses (or finds) the run's files; every process continues the same run.
         arguments, files, previous = distributed.on_main_then_shared(distributed.current(), lambda: start_or_resume(arguments))
         check_world_size(arguments)  # a resumed run's stored settings against this launch

@@ -210,7 +210,7 @@ def test_shards_cover_the_batch_in_order(monkeypatch):
     ],
 )
 def test_what_two_processes_cannot_run_is_one_line(monkeypatch, prompt_files, tmp_path, flags, wanted):
-    import eval_online_sdpo
+    from sdpo.online.config import parse_arguments
     from sdpo.utils.command_line import UsageError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -226,4 +226,4 @@ def test_what_two_processes_cannot_run_is_one_line(monkeypatch, prompt_files, tm
         *flags,
     ]
     with pytest.raises(UsageError, match=wanted):
-        eval_online_sdpo.parse_arguments(argv)
+        parse_arguments(argv)

@@ -7,14 +7,17 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from sdpo.learner import distributed
 from sdpo.learner.config import OnlineSDPOConfig, check_ranges
 from sdpo.personas.participants import ParticipantsArguments, ParticipantsConfig, StyleSchedule
 from sdpo.personas.user_simulator import resolve_style
+from sdpo.utils.command_line import ConfigParser, UsageError
 from sdpo.utils.tracking import REPORT_TO
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -263,3 +266,48 @@ class OnlineArguments:
             return dataclass_type(**{k: v for k, v in settings.items() if k in names})
 
         return cls(build(OnlineSDPOConfig), build(ParticipantsArguments), build(OnlineRunConfig))
+
+
+def build_parser(description: str | None = None) -> ConfigParser:
+    """The online loop's parser: the learner, the participants and the run, one flag (and YAML key) per field."""
+    parser = ConfigParser((OnlineSDPOConfig, ParticipantsArguments, OnlineRunConfig), description=description)
+    # The online loop keeps its checkpoints in <out_dir>/checkpoints and saves only with --save_checkpoints.
+    parser.set_defaults(checkpoint_every_n_steps=0, max_checkpoints=0)
+    return parser
+
+
+def parse_arguments(argv: list[str] | None = None, description: str | None = None) -> OnlineArguments:
+    """Every setting, checked for everything that can be checked before a model loads (one ``UsageError``)."""
+    learner, participants, run = build_parser(description).parse(argv)
+    try:
+        distributed.check_launch()
+    except distributed.LaunchError as error:
+        raise UsageError(str(error)) from None
+    if not run.resume:  # a resumed run's stored settings are checked once they are read back
+        check_world_size(OnlineArguments(learner, participants, run))
+    if run.vllm_mode == "server" and not learner.use_vllm:
+        # (--use_vllm implies LoRA: the server gets each new adapter.)
+        raise UsageError("--vllm_mode server needs --use_vllm: add it, or drop --vllm_mode server")
+    if learner.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("--optim adamw_8bit needs bitsandbytes (pip install bitsandbytes, CUDA); or use --optim adamw")
+    return OnlineArguments(learner, participants, run)
+
+
+def check_world_size(arguments: OnlineArguments) -> None:
+    """What several processes (``accelerate launch``) cannot run: fewer interactions per step than processes, or a
+    colocated vLLM engine per process (untested; vLLM inside a torchrun launch needs its external-launcher
+    executor). One ``UsageError`` line."""
+    world_size = distributed.launched_world_size()
+    if world_size == 1:
+        return
+    if world_size > arguments.run.interactions_per_step:
+        raise UsageError(
+            f"--interactions_per_step {arguments.run.interactions_per_step} is smaller than the {world_size} processes "
+            f"launched: give each process at least one interaction per step (--interactions_per_step {world_size}) "
+            "or launch fewer"
+        )
+    if arguments.learner.use_vllm and arguments.run.vllm_mode == "colocate":
+        raise UsageError(
+            f"--use_vllm with {world_size} processes: put the policy on a vLLM server (--vllm_mode server "
+            "--vllm_server_url ..., docs/scaling.md); a colocated engine runs in one-process launches only"
+        )
