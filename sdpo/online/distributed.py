@@ -21,19 +21,10 @@ import numpy as np
 from sdpo.chat.backends import ChatBackend
 from sdpo.chat.policies import answer
 from sdpo.evaluation.evaluation_helpers import seed_everything
-from sdpo.learner.distributed import DataParallel, LaunchError, check_launch, current, launched_world_size
+from sdpo.learner.distributed import DataParallel, current
 from sdpo.models.generation import SamplingParams
 
-__all__ = [
-    "DataParallel",
-    "LaunchError",
-    "answer_sharded",
-    "check_launch",
-    "current",
-    "launched_world_size",
-    "on_main_then_shared",
-    "seed_step",
-]
+__all__ = ["DataParallel", "answer_sharded", "current", "on_main_then_shared", "seed_step"]
 
 
 def answer_sharded(
