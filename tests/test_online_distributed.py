@@ -2,7 +2,8 @@
 
 * 2 processes give the same losses, gradient norms and weights as 1 process on the same global batches and seed
   (LoRA and full fine-tuning; uneven shares and a process with nothing to train on included).
-* The online loop under 2 processes writes one results file, and ``--resume`` continues it.
+* The online loop under 2 processes writes one results file; killed after its first step and resumed, it ends
+  with what the uninterrupted run recorded.
 * An FSDP/DeepSpeed launch and too small an interaction batch are one line each, before any model loads.
 """
 
@@ -25,6 +26,9 @@ WORKER = REPO / "tests" / "distributed_worker.py"
 # losses and gradient norms within 1e-5 relative; weights within 0.42% (LoRA) and 0.23% (full) of the learning
 # rate, which bounds one Adam step per weight (Adam's division by sqrt(v) + 1e-6 magnifies rounding in
 # near-zero gradients, so weights are compared in units of that step).
+# The main process's 16th file-system commit point (tests/fault_injection.py): after step 1's checkpoint and the
+# results naming it, before step 2's (run_state 2, baseline 2, results 6, checkpoint 3, results 6).
+KILL_AT_COMMIT = 16
 LOSS_TOLERANCE = {"rel": 1e-4, "abs": 1e-6}
 WEIGHT_TOLERANCE_IN_LR = 0.01
 
@@ -176,6 +180,24 @@ def test_online_loop_on_two_processes_writes_one_results_file_and_resumes(tiny_m
     done = run(accelerate_launch(2, "eval_online_sdpo.py", "--resume", "--out_dir", str(out_dir)))
     assert done.returncode == 0, done.stderr[-4000:]
     assert json.loads(results_files[0].read_text())["training_metrics"] == json.loads(before)["training_metrics"]
+
+    # The same run killed (SIGKILL of the main process) after its first step's checkpoint and results, then
+    # resumed: it ends with what the uninterrupted run recorded (each process's sampling stream is per step).
+    killed_dir = tmp_path / "killed"
+    killed_args = [*args[:-1], str(killed_dir)]
+    fault = ["tests/fault_injection.py", str(KILL_AT_COMMIT), "SIGKILL", "--", "eval_online_sdpo.py"]
+    done = run(accelerate_launch(2, *fault, *killed_args))
+    assert done.returncode != 0
+    partial = json.loads((killed_dir / "ddp_1.json").read_text())
+    assert [r["interaction"] for r in partial["training_metrics"]] == [1, 2, 3]
+    assert partial["meta"]["resume_checkpoint_interactions"] == 3
+    done = run(accelerate_launch(2, "eval_online_sdpo.py", "--resume", "--out_dir", str(killed_dir)))
+    assert done.returncode == 0, done.stderr[-4000:]
+    resumed = json.loads((killed_dir / "ddp_1.json").read_text())
+    compared = ("interaction", "step", "style", "loss", "grad_norm", "prompt", "response", "feedback")
+    assert [{k: r[k] for k in compared} for r in resumed["training_metrics"]] == [
+        {k: r[k] for k in compared} for r in results["training_metrics"]
+    ]
 
 
 def test_fsdp_launch_is_refused_on_cpu_before_any_model_loads(monkeypatch):
