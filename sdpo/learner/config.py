@@ -6,7 +6,14 @@ import logging
 from dataclasses import asdict, dataclass, field
 
 from sdpo.models.model_loading import DTYPES
-from sdpo.core import HINDSIGHT_ONLINE_TEMPLATE, LOSS_MODES, check_hindsight_template
+from sdpo.core import (
+    ADVANTAGE_CENTERINGS,
+    HINDSIGHT_ONLINE_TEMPLATE,
+    LOSS_MODES,
+    TOPK_SUPPORTS,
+    check_hindsight_template,
+)
+from sdpo.teachers import resolve_teacher_kind
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +163,14 @@ class OnlineSDPOConfig:
     hindsight_block_template: str = HINDSIGHT_ONLINE_TEMPLATE
     train_steps_per_example: int = 1
     fp32_lm_head: bool = True
+    teacher: str = "live"
+    teacher_ema_rate: float = 0.05
+    teacher_sync_interval: int = 1
+    trust_region_mix: float = 0.05
+    distillation_alpha: float = 1.0
+    topk_from: str = "student"
+    is_clip: float = 0.0
+    advantage_centering: str = "none"
     # optimizer
     learning_rate: float = 5e-6
     optimizer: str = "adamw"
@@ -193,6 +208,28 @@ class OnlineSDPOConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: use one of {list(OPTIMIZERS)}")
         check_hindsight_template(self.hindsight_block_template)
+        self.teacher = resolve_teacher_kind(self.teacher)
+        for name, value, low, high in (
+            ("teacher_ema_rate", self.teacher_ema_rate, 0.0, 1.0),
+            ("trust_region_mix", self.trust_region_mix, 0.0, 1.0),
+            ("distillation_alpha", self.distillation_alpha, 0.0, 1.0),
+        ):
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+        if self.teacher == "ema" and self.teacher_ema_rate == 0:
+            raise ValueError("teacher_ema_rate must be > 0 for the ema teacher (0 would freeze it: use teacher=base)")
+        if self.teacher_sync_interval < 1:
+            raise ValueError(f"teacher_sync_interval must be >= 1, got {self.teacher_sync_interval}")
+        if self.topk_from not in TOPK_SUPPORTS:
+            raise ValueError(f"unknown topk_from {self.topk_from!r}: use one of {list(TOPK_SUPPORTS)}")
+        if self.advantage_centering not in ADVANTAGE_CENTERINGS:
+            raise ValueError(
+                f"unknown advantage_centering {self.advantage_centering!r}: use one of {list(ADVANTAGE_CENTERINGS)}"
+            )
+        if self.advantage_centering != "none" and self.loss_mode != "simple_signal":
+            raise ValueError("advantage_centering applies to loss_mode=simple_signal (full_distillation has no advantages)")
+        if self.is_clip < 0:
+            raise ValueError(f"is_clip must be >= 0 (0 disables importance weighting), got {self.is_clip}")
         positive = {
             "distillation_topk": self.distillation_topk,
             "train_steps_per_example": self.train_steps_per_example,
