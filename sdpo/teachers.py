@@ -73,7 +73,7 @@ def frozen_copy(model, dtype: torch.dtype):
     are copied as they are, as ``from_pretrained(dtype=...)`` keeps them.
     """
     memo = {
-        id(p): torch.nn.Parameter(p.detach().to(dtype) if p.is_floating_point() else p.detach().clone(), requires_grad=False)
+        id(p): torch.nn.Parameter(p.detach().to(dtype if p.is_floating_point() else p.dtype, copy=True), requires_grad=False)
         for p in model.parameters()
     }
     twin = copy.deepcopy(model, memo)
