@@ -19,14 +19,15 @@ o); training never delays a reply; adapters are per user, written atomically, an
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import signal
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 
 import torch
 
+from sdpo.utils.command_line import ConfigParser, UsageError
 from sdpo.utils.env_file import load_project_env
 from sdpo.live_chat.sessions import LiveChatError, check_adapters_dir
 from sdpo.models.model_loading import DEFAULT_CPU_MODEL, ModelLoadError
@@ -35,94 +36,72 @@ from sdpo.learner.config import OnlineSDPOConfig
 logger = logging.getLogger("live_chat")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ChatSettings:
-    """Everything about the chat server that is not the learner's config."""
+    """Everything about the chat server that is not the learner's (``OnlineSDPOConfig``) settings."""
 
-    adapters_dir: str
-    host: str
-    port: int
-    share: bool
-    use_vllm: bool
-    max_history_messages: int
-    wait_for_updates: bool
-    signal_vmin: float
-    signal_vmax: float
-    seed: int
+    adapters_dir: str = field(
+        default="./live_chat_adapters",
+        metadata={"help": "One adapter folder per user name (--checkpoint_dir, the reference's name, sets it too)."},
+    )
+    host: str = field(
+        default="127.0.0.1", metadata={"help": "Address to bind (0.0.0.0 exposes the page to the network)."}
+    )
+    port: int = field(default=7860, metadata={"help": "Port of the page."})
+    share: bool = field(default=False, metadata={"help": "Also open a public Gradio share link."})
+    max_history_messages: int = field(
+        default=8, metadata={"help": "Messages of the chat the model sees (0: all)."}
+    )
+    wait_for_updates: bool = field(
+        default=False,
+        metadata={"help": "Reply only after the update on the previous reply finished (synchronous)."},
+    )
+    signal_vmin: float = field(default=-5.0, metadata={"help": "Signal colour scale minimum (red)."})
+    signal_vmax: float = field(default=5.0, metadata={"help": "Signal colour scale maximum (blue)."})
+    seed: int = field(default=42, metadata={"help": "Seeds the initial adapter and the sampling."})
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port {self.port} is not a port number (1-65535)")
+        if self.max_history_messages < 0:
+            raise ValueError(f"--max_history_messages must be >= 0, got {self.max_history_messages}")
+        if not self.signal_vmin < 0 < self.signal_vmax:
+            raise ValueError(f"--signal_vmin ({self.signal_vmin}) must be < 0 < --signal_vmax ({self.signal_vmax})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    policy = parser.add_argument_group("policy and training (the online loop's flags; CPU defaults)")
-    policy.add_argument("--model", default=DEFAULT_CPU_MODEL, help="policy: HF id, local folder or bundled alias")
-    policy.add_argument("--lr", type=float, default=1e-4, help="learning rate (constant)")
-    policy.add_argument("--use_lora", action="store_true",
-        help="accepted for the online loop's command lines; live chat always trains LoRA")
-    policy.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
-    policy.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha (scale = alpha / r)")
-    policy.add_argument("--loss_mode", default="simple_signal", choices=["simple_signal", "full_distillation"],
-        help="SDPO loss")
-    policy.add_argument("--distillation_topk", type=int, default=20, help="K of the top-K distillation")
-    policy.add_argument("--signal_clip", type=float, default=0.0,
-        help="clip the per-token signal to ±this in simple_signal mode (0: off)")
-    policy.add_argument("--train_steps_per_example", type=int, default=1, help="gradient steps per follow-up")
-    policy.add_argument("--max_new_tokens", type=int, default=96,
-        help="reply length budget (also the longest reply trained on)")
-    policy.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the replies")
-    policy.add_argument("--dtype", default="float32",
-        help="compute dtype: float32 on CPU (bf16 autocast is ~10x slower there without AVX512-BF16), bfloat16 on GPU")
-    policy.add_argument("--device", default="auto", help="training device: auto, cpu, cuda, cuda:1, ...")
-    policy.add_argument("--use_vllm", action="store_true",
-        help="generate replies with vLLM, hot-swapping to the user's newest adapter (GPU)")
-    policy.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.3,
-        help="GPU memory share of the vLLM engine")
-    policy.add_argument("--seed", type=int, default=42, help="seeds the initial adapter and the sampling")
-    chat = parser.add_argument_group("chat server")
-    chat.add_argument("--adapters_dir", "--checkpoint_dir", default="./live_chat_adapters",
-        help="one adapter folder per user name")
-    chat.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the page to the network)")
-    chat.add_argument("--port", type=int, default=7860, help="port of the page")
-    chat.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    chat.add_argument("--max_history_messages", type=int, default=8,
-        help="messages of the chat the model sees (0: all)")
-    chat.add_argument("--wait_for_updates", action="store_true",
-        help="reply only after the update on the previous reply finished (synchronous)")
-    chat.add_argument("--signal_vmin", type=float, default=-5.0, help="signal colour scale minimum (red)")
-    chat.add_argument("--signal_vmax", type=float, default=5.0, help="signal colour scale maximum (blue)")
+# The live chat's defaults where they differ from the online loop's: the CPU model, a small LoRA and short replies.
+LIVE_CHAT_DEFAULTS = {
+    "model_name_or_path": DEFAULT_CPU_MODEL,
+    "learning_rate": 1e-4,
+    "use_lora": True,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "loss_mode": "simple_signal",
+    "max_new_tokens": 96,
+    "temperature": 0.7,
+    "torch_dtype": "auto",
+    "vllm_gpu_memory_utilization": 0.3,
+    "checkpoint_every_n_steps": 0,
+    "max_checkpoints": 0,
+}
+
+
+def build_parser() -> ConfigParser:
+    parser = ConfigParser((OnlineSDPOConfig, ChatSettings), description=__doc__)
+    parser.set_defaults(**LIVE_CHAT_DEFAULTS)
     return parser
 
 
-def resolve(argv=None) -> tuple[OnlineSDPOConfig, ChatSettings]:
+def resolve(argv=None) -> tuple[OnlineSDPOConfig, ChatSettings, bool]:
     """Parse and check everything that can be checked before the model loads."""
-    args = build_parser().parse_args(argv)
-    if not 0 < args.port < 65536:
-        raise LiveChatError(f"--port {args.port} is not a port number (1-65535)")
-    if args.max_history_messages < 0:
-        raise LiveChatError(f"--max_history_messages must be >= 0, got {args.max_history_messages}")
-    if not args.signal_vmin < 0 < args.signal_vmax:
-        raise LiveChatError(f"--signal_vmin ({args.signal_vmin}) must be < 0 < --signal_vmax ({args.signal_vmax})")
-    config = OnlineSDPOConfig(
-        model_name_or_path=args.model,
-        learning_rate=args.lr,
-        use_lora=True,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        loss_mode=args.loss_mode,
-        distillation_topk=args.distillation_topk,
-        signal_clip=args.signal_clip,
-        train_steps_per_example=args.train_steps_per_example,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        torch_dtype=args.dtype,
-        device=args.device,
-        vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-        checkpoint_dir=args.adapters_dir,
-        checkpoint_every_n_steps=0,
-        max_checkpoints=0,
-    )
-    settings = ChatSettings(**{field.name: getattr(args, field.name) for field in fields(ChatSettings)})
+    config, settings = build_parser().parse(argv)
+    if config.checkpoint_dir != OnlineSDPOConfig.checkpoint_dir and settings.adapters_dir == ChatSettings.adapters_dir:
+        settings = dataclasses.replace(settings, adapters_dir=config.checkpoint_dir)
+    # The chat trains per-user LoRA adapters and serves replies itself (vLLM through the chat's own engine).
+    use_vllm = config.use_vllm
+    config = dataclasses.replace(config, use_lora=True, use_vllm=False, checkpoint_dir=settings.adapters_dir)
     check_adapters_dir(settings.adapters_dir, config)
-    return config, settings
+    return config, settings, use_vllm
 
 
 def stop_like_ctrl_c(signum, frame) -> None:
@@ -135,8 +114,11 @@ def main(argv=None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     try:
-        config, settings = resolve(argv)
-    except ValueError as error:  # LiveChatError and OnlineSDPOConfig's checks
+        config, settings, use_vllm = resolve(argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # LiveChatError
         print(f"error: {error}", file=sys.stderr)
         return 1
     from sdpo.live_chat.sessions import LiveChatEngine
@@ -152,7 +134,7 @@ def main(argv=None) -> int:
     engine = LiveChatEngine(
         updater,
         settings.adapters_dir,
-        use_vllm=settings.use_vllm,
+        use_vllm=use_vllm,
         max_history_messages=settings.max_history_messages,
         wait_for_updates=settings.wait_for_updates,
     )

@@ -119,6 +119,10 @@ class Teacher:
         """Parameters this teacher holds beyond the student's (for the memory comparison)."""
         return 0
 
+    def reset(self) -> None:
+        """Start over from the current student (a state with nothing saved: a new user, an old checkpoint)."""
+        self.optimizer_steps = self.last_sync_step = 0
+
 
 class BaseTeacher(Teacher):
     """The frozen initial network: a LoRA model with its adapter off, or ``reference`` (a frozen copy)."""
@@ -216,6 +220,12 @@ class EMATeacher(Teacher):
 
     def extra_parameters(self) -> int:
         return sum(teacher.numel() for _, _, teacher in self.pairs)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        super().reset()
+        for _, student, teacher in self.pairs:
+            teacher.copy_(student)
 
 
 class AdapterEMATeacher(EMATeacher):

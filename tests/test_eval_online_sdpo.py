@@ -44,8 +44,9 @@ def test_embedded_model_two_interactions_and_one_evaluation(tmp_path, prompt_fil
     results = read_results(out)
     assert set(results) == {"meta", "eval_history", "training_metrics"}
     meta = results["meta"]
-    assert meta["model"] == "smollm2-135m-instruct" and meta["train_n"] == 2 and meta["eval_n"] == 3
-    assert meta["judge_model"] == "rule-based" and meta["user_model"] == "rule-based" and meta["style"] == "no_emojis"
+    settings = meta["settings"]
+    assert settings["model_name_or_path"] == "smollm2-135m-instruct" and meta["n_train_prompts"] == 2 and meta["n_eval_prompts"] == 3
+    assert meta["judge_label"] == "rule-based" and meta["user_label"] == "rule-based" and meta["judged_styles"] == ["no_emojis"]
     assert [m["interaction"] for m in results["training_metrics"]] == [1, 2]
     for metrics in results["training_metrics"]:
         assert {"kl_mean", "loss", "grad_norm", "policy_logp_mean", "gen_time_s", "sim_time_s", "prompt", "response", "feedback"} <= set(metrics)
@@ -78,17 +79,16 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, prompt_files, tiny_model_
     assert eval_online_sdpo.main(base_args(tiny_model_path, broken, val, tmp_path / "a", user_backend="rule", judge_backend="rule")) == 1
     assert "broken.jsonl:2" in capsys.readouterr().err
 
-    with pytest.raises(SystemExit) as exited:
-        eval_online_sdpo.main(base_args(tiny_model_path, train, val, tmp_path / "b", user_backend="rule", judge_backend="rule", style="pirate"))
+    returned = eval_online_sdpo.main(base_args(tiny_model_path, train, val, tmp_path / "b", user_backend="rule", judge_backend="rule", style="pirate"))
     err = capsys.readouterr().err
-    assert exited.value.code == 2 and "pirate" in err and "no_emojis" in err and len(err.strip().splitlines()) == 1
+    assert returned == 2 and "pirate" in err and "no_emojis" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists(), "an argument error must leave nothing behind"
     assert eval_online_sdpo.main(base_args(tiny_model_path, train, val, tmp_path / "b", user_backend="rule", judge_backend="rule", train_n=1, eval_n=1)) == 0
 
-    with pytest.raises(SystemExit, match="--resume needs"):
-        eval_online_sdpo.main(["--resume", "--out_dir", str(tmp_path / "nothing")])
-    with pytest.raises(SystemExit, match="already holds a run"):
-        eval_online_sdpo.main(base_args(tiny_model_path, train, val, tmp_path / "b", user_backend="rule", judge_backend="rule"))
+    assert eval_online_sdpo.main(["--resume", "--out_dir", str(tmp_path / "nothing")]) == 1
+    assert "--resume needs" in capsys.readouterr().err
+    assert eval_online_sdpo.main(base_args(tiny_model_path, train, val, tmp_path / "b", user_backend="rule", judge_backend="rule")) == 1
+    assert "already holds a run" in capsys.readouterr().err
 
 
 def test_fewer_prompts_than_requested_records_the_real_count(tmp_path, prompt_files, tiny_model_path, caplog):
@@ -96,7 +96,7 @@ def test_fewer_prompts_than_requested_records_the_real_count(tmp_path, prompt_fi
     out = tmp_path / "run"
     assert eval_online_sdpo.main(base_args(tiny_model_path, train, val, out, user_backend="rule", judge_backend="rule", train_n=2, eval_n=50)) == 0
     meta = read_results(out)["meta"]
-    assert meta["eval_n"] == 3 and meta["eval_n_requested"] == 50
+    assert meta["n_eval_prompts"] == 3 and meta["settings"]["eval_n"] == 50
     assert "requested 50 prompts but only 3" in caplog.text
 
 

@@ -18,7 +18,7 @@ from sdpo.evaluation.evaluation_helpers import (
     format_metrics_line,
     load_prompts,
     next_run_index,
-    save_completions_snapshot,
+    write_completions_snapshot,
     select_prompts,
     to_json_safe,
     write_json_atomic,
@@ -333,23 +333,23 @@ def test_next_run_index(tmp_path):
     assert next_run_index(tmp_path, "other") == 1
 
 
-def test_save_completions_snapshot_appends_truncated_rows(tmp_path):
+def test_completions_snapshot_is_rewritten_with_truncated_rows(tmp_path):
     path = tmp_path / "run" / "run_1_completions.jsonl"
     prompts = [f"prompt {i} " + "x" * 500 for i in range(12)]
     current = [f"current {i}" for i in range(12)]
     baseline = [f"baseline {i}" for i in range(12)]
-    save_completions_snapshot(path, 3, prompts, current, baseline)
-    save_completions_snapshot(path, 6, prompts, current, baseline, n=2, max_chars=5)
+    first = {"step": 3, "current": current, "baseline": baseline}
+    write_completions_snapshot(path, [first], prompts)
+    write_completions_snapshot(path, [first, {"step": 6, "current": current, "baseline": baseline}], prompts, max_chars=5)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 12
-    assert rows[0] == {"step": 3, "prompt": prompts[0][:300], "current": "current 0", "baseline": "baseline 0"}
-    assert len(rows[0]["prompt"]) == 300
+    assert len(rows) == 20  # rewritten, not appended: a redone evaluation never appears twice
+    assert rows[0] == {"step": 3, "prompt": "promp", "current": "curre", "baseline": "basel"}
     assert rows[10] == {"step": 6, "prompt": "promp", "current": "curre", "baseline": "basel"}
 
 
-def test_save_completions_snapshot_rejects_unequal_lengths(tmp_path):
+def test_completions_snapshot_rejects_unequal_lengths(tmp_path):
     with pytest.raises(ValueError, match="equal lengths"):
-        save_completions_snapshot(tmp_path / "s.jsonl", 1, ["p"], ["c", "d"], ["b"])
+        write_completions_snapshot(tmp_path / "s.jsonl", [{"step": 1, "current": ["c", "d"], "baseline": ["b"]}], ["p"])
 
 
 def test_prompts_may_be_conversations(tmp_path):

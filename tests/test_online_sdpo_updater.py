@@ -63,9 +63,6 @@ def test_config_defaults_equal_the_reference_table():
         "checkpoint_dir": "./live_checkpoints",
         "checkpoint_every_n_steps": 10,
         "max_checkpoints": 5,
-        "log_to_wandb": False,
-        "wandb_project": "live-sdpo",
-        "wandb_run_name": None,
     }
     assert {k: getattr(cfg, k) for k in expected} == expected
     assert "=== HINDSIGHT CONTEXT ===" in cfg.hindsight_block_template and "{follow_up}" in cfg.hindsight_block_template
@@ -78,7 +75,7 @@ def test_config_defaults_equal_the_reference_table():
         ("torch_dtype", "fp8", "unknown torch_dtype 'fp8'"),
         ("optimizer", "sgd", "unknown optimizer"),
         ("hindsight_block_template", "no slot", "follow_up"),
-        ("distillation_topk", 0, "distillation_topk must be > 0"),
+        ("distillation_topk", 0, "distillation_topk must be >= 1"),
         ("top_p", 0.0, "top_p"),
     ],
 )
@@ -124,12 +121,11 @@ def test_train_step_metrics_follow_the_reference_schema(tiny_model_path, tmp_pat
     updater = make_updater(tiny_model_path, tmp_path, loss_mode=loss_mode, train_steps_per_example=2)
     metrics = updater.train_step(MESSAGES, fixed_response(updater), FOLLOW_UP)
     common = {"policy_logp_mean", "completion_tokens", "loss_mode", "step", "grad_norm", "loss", "train_steps_per_example", "train_time_s"}
-    mode_keys = {"kl_mean"} if loss_mode == "full_distillation" else {"signal_mean", "signal_std", "critic_logp_mean"}
+    mode_keys = {"kl_mean"} if loss_mode == "full_distillation" else {"signal_mean", "signal_std", "teacher_logp_mean"}
     assert common | mode_keys <= set(metrics)
     assert metrics["step"] == 1 and updater.step == 1 and metrics["train_steps_per_example"] == 2
     assert metrics["completion_tokens"] == len(fixed_response(updater).token_ids)
     assert all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "policy_logp_mean"))
-    assert updater.metrics_history == [metrics]
 
 
 def _signal_objective(updater, response_ids, follow_up):
@@ -206,7 +202,7 @@ def test_checkpoint_then_resume_gives_the_identical_next_step(tiny_model_path, t
 
     resumed = make_updater(tiny_model_path, tmp_path / "other", **extra)
     resumed = OnlineSDPOUpdater(resumed.config, resume_from=checkpoint)
-    assert resumed.step == 1 and len(resumed.metrics_history) == 1
+    assert resumed.step == 1
     got = resumed.train_step(MESSAGES, response, FOLLOW_UP)
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6, abs=1e-7)
     assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
@@ -256,20 +252,6 @@ def test_fp32_master_weights_with_bf16_autocast_by_default(tiny_model_path, tmp_
     assert math.isfinite(metrics["loss"]) and not torch.equal(before, next(updater.model.parameters()))
     pure = make_updater(tiny_model_path, tmp_path, torch_dtype="bfloat16", fp32_master_weights=False)
     assert next(pure.model.parameters()).dtype == torch.bfloat16 and pure.autocast_dtype is None
-
-
-def test_wandb_logging_works_offline(tiny_model_path, tmp_path, monkeypatch):
-    import wandb
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    updater = make_updater(tiny_model_path, tmp_path, log_to_wandb=True, wandb_project="test", wandb_run_name="unit")
-    try:
-        updater.train_step(MESSAGES, fixed_response(updater), FOLLOW_UP)
-        assert wandb.run is not None and wandb.run.name == "unit"
-    finally:
-        wandb.finish()
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
 def test_sampling_parameters_are_not_inherited_from_the_model(tiny_model_path, tmp_path):

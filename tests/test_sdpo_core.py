@@ -411,7 +411,7 @@ def test_micro_batches_give_the_update_of_one_padded_batch(tiny_model, chat_toke
     follow_ups = ["Shorter.", "No lists.", "Too long.", "Fine."]
     results = []
     for ratio in (1.25, 1e9):  # several micro-batches, then one padded batch
-        monkeypatch.setattr("sdpo.learner.updater.length_groups", lambda lengths, r=ratio: sdpo.core.length_groups(lengths, r))
+        monkeypatch.setattr("sdpo.learner.updater.length_groups", lambda lengths, r=ratio: sdpo_core.length_groups(lengths, r))
         config = OnlineSDPOConfig(model_name_or_path="tiny", device="cpu", torch_dtype="float32", learning_rate=1e-3, loss_mode="simple_signal", max_new_tokens=32)
         updater = OnlineSDPOUpdater(config, model=copy.deepcopy(tiny_model), tokenizer=chat_tokenizer)
         metrics = updater.train_step_batch(conversations, responses, follow_ups)

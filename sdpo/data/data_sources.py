@@ -33,7 +33,7 @@ HUB_PROBE_TIMEOUT_S = 5.0
 LOCAL_DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 
 
-class DataError(RuntimeError):
+class DataError(ValueError):
     """Input data that cannot be used; the message is one line saying which file/row, what, and what to do."""
 
 

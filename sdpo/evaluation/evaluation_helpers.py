@@ -12,7 +12,7 @@ Used by ``eval_online_sdpo.py`` (and the checkpoint evaluator) in this order:
    ``judge_every_style`` run a judge (both orders) and ``compute_metrics`` for every evaluator.
 3. ``write_json_atomic`` rewrites the results file after every evaluation (temp file + rename, so a
    crash never leaves a half-written file), ``next_run_index`` numbers runs ``<run_name>_<idx>.json``,
-   and ``save_completions_snapshot`` appends a few
+   and ``write_completions_snapshot`` rewrites a few
    truncated completions per evaluation to a JSONL file inside the run's own output folder (the
    reference wrote to a hard-coded ``~/output/sdpo/``).
 
@@ -21,7 +21,6 @@ JSON has no NaN or infinity; ``to_json_safe`` maps them to ``null`` and every wr
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -38,7 +37,9 @@ from sdpo.utils.file_io import (  # noqa: F401 - part of this module's API
     replace_atomically,
     to_json_safe,
     write_json_atomic,
+    write_jsonl_atomic,
 )
+from sdpo.data.data_sources import DataError  # noqa: F401 - raised here, re-exported for callers
 from sdpo.models.generation import encode_chat
 from sdpo.data.interaction_schema import USER, parse_messages
 
@@ -49,10 +50,6 @@ CURRENT_WINS = 0  # completion A: the policy being trained
 BASELINE_WINS = 1  # completion B: the baseline (the policy before training, or --baseline_model)
 TIE = -1  # a tie, an unparsable judgement, or the two presentation orders disagreeing
 DECISION_VALUES = (CURRENT_WINS, BASELINE_WINS, TIE)
-
-
-class DataError(ValueError):
-    """An input data file cannot be used; the message names the file (and line) and what to do."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,34 +314,34 @@ def next_run_index(directory: str | os.PathLike, run_name: str) -> int:
     return index
 
 
-def save_completions_snapshot(
+def write_completions_snapshot(
     path: str | os.PathLike,
-    step: int,
+    evaluations: Sequence[dict],
     prompts: Sequence[Prompt],
-    current: Sequence[str],
-    baseline: Sequence[str],
     n: int = 10,
     max_chars: int = 300,
 ) -> None:
-    """Append ``{"step", "prompt", "current", "baseline"}`` lines for the first ``n`` eval prompts.
+    """Rewrite ``path`` (atomically) with ``{"step", "prompt", "current", "baseline"}`` lines for the first ``n``
+    eval prompts of every evaluation (``{"step", "current", "baseline"}`` entries), texts cut to ``max_chars``.
 
-    Every text is cut to ``max_chars`` characters: a quick look at how completions drift across
-    evaluations (the full completions go in the completions JSON). ``path`` should sit in the run's
-    output folder; parent folders are created.
+    A quick look at how completions drift across evaluations (the full completions go in the completions JSON).
+    Rewritten from the run's kept evaluations, so an evaluation redone after ``--resume`` appears once.
     """
-    if not len(prompts) == len(current) == len(baseline):
-        raise ValueError(
-            "prompts, current and baseline must have equal lengths, "
-            f"got {len(prompts)}, {len(current)}, {len(baseline)}"
-        )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
+    rows = []
+    for evaluation in evaluations:
+        current, baseline = evaluation["current"], evaluation["baseline"]
+        if not len(prompts) == len(current) == len(baseline):
+            raise ValueError(
+                "prompts, current and baseline must have equal lengths, "
+                f"got {len(prompts)}, {len(current)}, {len(baseline)}"
+            )
         for prompt, current_text, baseline_text in list(zip(prompts, current, baseline))[:n]:
-            row = {
-                "step": step,
-                "prompt": request_text(prompt)[:max_chars],
-                "current": current_text[:max_chars],
-                "baseline": baseline_text[:max_chars],
-            }
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            rows.append(
+                {
+                    "step": evaluation["step"],
+                    "prompt": request_text(prompt)[:max_chars],
+                    "current": current_text[:max_chars],
+                    "baseline": baseline_text[:max_chars],
+                }
+            )
+    write_jsonl_atomic(path, rows)

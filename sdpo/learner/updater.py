@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -99,7 +98,7 @@ def token_statistics(outputs, *, is_clip: float = 0.0) -> dict:
         "signal_mean": float(signal.mean()) if signal.numel() else 0.0,
         "signal_std": float(signal.std()) if signal.numel() > 1 else 0.0,
         "policy_logp_mean": float(scored("student_logprobs").mean()) if signal.numel() else 0.0,
-        "critic_logp_mean": float(scored("teacher_logprobs").mean()) if signal.numel() else 0.0,
+        "teacher_logp_mean": float(scored("teacher_logprobs").mean()) if signal.numel() else 0.0,
     }
     if outputs[0].kl_per_token is not None:
         metrics["kl_mean"] = float(scored("kl_per_token").mean()) if signal.numel() else 0.0
@@ -131,9 +130,7 @@ class OnlineSDPOUpdater:
         self.device = resolve_device(config.device)
         self.compute_dtype = resolve_dtype(config.torch_dtype)
         self.step = 0
-        self.metrics_history: list[dict] = []
         self.extra_state: dict = {}
-        self._wandb_run = None
         self._inference_copy: InferenceCopy | None = None
         self._inference_copy_stale = False
         self._warned_truncation = False
@@ -188,7 +185,6 @@ class OnlineSDPOUpdater:
         )
         if resume_path is not None:
             self._load_training_state(resume_path)
-            load_teacher_state(self.teacher, resume_path)
         self.vllm_engine = None
         if config.use_vllm:
             from sdpo.models.vllm_engines import VLLMPolicyEngine
@@ -401,8 +397,6 @@ class OnlineSDPOUpdater:
             "train_time_s": round(time.perf_counter() - started, 2),
             **{f"{phase}_time_s": round(seconds, 3) for phase, seconds in timings.items()},
         }
-        self.metrics_history.append(metrics)
-        self._log_to_wandb(metrics)
         if self.vllm_engine is not None:
             self._publish_adapter()
         if cfg.checkpoint_every_n_steps and self.step % cfg.checkpoint_every_n_steps == 0:
@@ -443,25 +437,6 @@ class OnlineSDPOUpdater:
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         return float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm))
 
-    # ------------------------------------------------------------------ logging
-
-    def _log_to_wandb(self, metrics: dict) -> None:
-        if not self.config.log_to_wandb:
-            return
-        import wandb
-
-        if wandb.run is None:
-            # An explicit dir: wandb caches its settings per process, so WANDB_DIR changes after a first
-            # run would otherwise be ignored.
-            self._wandb_run = wandb.init(
-                project=self.config.wandb_project,
-                name=self.config.wandb_run_name,
-                config=self.config.to_dict(),
-                dir=os.environ.get("WANDB_DIR") or self.config.checkpoint_dir,
-            )
-        numeric = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
-        wandb.log(numeric, step=self.step)
-
     # ------------------------------------------------------------------ checkpoints
 
     def _publish_adapter(self) -> None:
@@ -471,14 +446,22 @@ class OnlineSDPOUpdater:
         self.vllm_engine.load_adapter(path)
 
     def save_checkpoint(self, tag: str | None = None, extra_state: dict | None = None) -> Path:
-        """Write ``<checkpoint_dir>/<tag or step_<n>>`` atomically, then prune old ``step_*`` folders.
+        """Write ``<checkpoint_dir>/<tag or step_<n>>`` (``save_state``), then prune old ``step_*`` folders."""
+        root = Path(self.config.checkpoint_dir)
+        target = self.save_state(root / (tag or f"step_{self.step}"), extra_state)
+        self._prune_checkpoints(root)
+        return target
+
+    def save_state(self, target: str | Path, extra_state: dict | None = None) -> Path:
+        """Weights (or adapter), tokenizer, teacher state, optimizer, step and RNG states as the folder ``target``,
+        atomically.
 
         ``extra_state`` (JSON-like) is stored with the training state and restored as ``self.extra_state``; it is
         also written as ``extra_state.json``, so a caller can read it (``read_extra_state``) without loading weights.
         """
-        root = Path(self.config.checkpoint_dir)
+        target = Path(target)
+        root = target.parent
         root.mkdir(parents=True, exist_ok=True)
-        target = root / (tag or f"step_{self.step}")
         staging = root / f".{target.name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         self.model.save_pretrained(staging, **self._policy_save_options())
@@ -491,7 +474,6 @@ class OnlineSDPOUpdater:
             {
                 "optimizer_state_dict": self.optimizer.state_dict(),
                 "step": self.step,
-                "metrics_history": self.metrics_history,
                 "config": asdict(self.config),
                 "extra_state": extra_state or {},
                 "rng": {
@@ -511,7 +493,6 @@ class OnlineSDPOUpdater:
             target.rename(backup)
         staging.rename(target)
         shutil.rmtree(backup, ignore_errors=True)
-        self._prune_checkpoints(root)
         logger.info("saved checkpoint %s", target)
         return target
 
@@ -533,14 +514,27 @@ class OnlineSDPOUpdater:
         for _, path in steps[:-keep]:
             shutil.rmtree(path, ignore_errors=True)
 
-    def _load_training_state(self, path: Path) -> None:
+    def load_state(self, path: str | Path, *, restore_rng: bool = True) -> None:
+        """Make the policy what ``save_state`` wrote to ``path``: LoRA adapter weights (with LoRA; a full model is
+        loaded at construction with ``resume_from``), the teacher's state, optimizer state, step, ``extra_state``
+        and, unless ``restore_rng`` is False, the RNG states."""
+        path = Path(path)
+        if self.config.use_lora:
+            from peft import load_peft_weights, set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, load_peft_weights(str(path), device=str(self.device)))
+            self._inference_copy_stale = True
+        self._load_training_state(path, restore_rng=restore_rng)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _load_training_state(self, path: Path, *, restore_rng: bool = True) -> None:
+        load_teacher_state(self.teacher, path)
         state = torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
         self.step = int(state["step"])
-        self.metrics_history = list(state.get("metrics_history", []))
         self.extra_state = dict(state.get("extra_state", {}))
         rng = state.get("rng") or {}
-        if "python" in rng:
+        if restore_rng and "python" in rng:
             random.setstate(rng["python"])
             np.random.set_state(rng["numpy"])
             torch.set_rng_state(rng["torch"])

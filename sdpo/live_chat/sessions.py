@@ -296,26 +296,11 @@ class LiveChatEngine:
 
     def _save_version(self, folder: Path, name: str, extra_state: dict) -> Path:
         """The training model's adapter and optimizer state as ``folder/name``, written atomically."""
-        cfg = self.updater.config
-        # save_checkpoint writes under config.checkpoint_dir; only this worker thread uses the updater.
-        original = cfg.checkpoint_dir
-        cfg.checkpoint_dir = str(folder)
-        try:
-            return self.updater.save_checkpoint(tag=name, extra_state=extra_state)
-        finally:
-            cfg.checkpoint_dir = original
+        return self.updater.save_state(folder / name, extra_state)
 
     def _load_into_training_model(self, path: Path) -> None:
-        """Adapter weights, optimizer state, step and metrics of a version folder (RNG states untouched)."""
-        from peft import load_peft_weights, set_peft_model_state_dict
-
-        updater = self.updater
-        set_peft_model_state_dict(updater.model, load_peft_weights(str(path), device=str(updater.device)))
-        state = torch.load(path / TRAINING_STATE_FILE, map_location=updater.device, weights_only=False)
-        updater.optimizer.load_state_dict(state["optimizer_state_dict"])
-        updater.optimizer.zero_grad(set_to_none=True)
-        updater.step = int(state["step"])
-        updater.metrics_history = list(state.get("metrics_history", []))
+        """Adapter weights, optimizer state and step of a version folder (RNG states untouched)."""
+        self.updater.load_state(path, restore_rng=False)
 
     def _version_path(self, user: str, entry: dict) -> Path:
         return self.root / INITIAL if entry["name"] == INITIAL else self.root / user / entry["name"]

@@ -20,6 +20,7 @@ canonical names.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ class StyleSchedule:
             style, _, count = part.strip().rpartition(":")
             if not style or not count.isdigit() or int(count) < 1:
                 raise ValueError(f'--style_schedule: {part.strip()!r} is not "style:N" with N >= 1 (e.g. "short:250,detailed_professional_expert:250")')
-            segments.append((style_name(style), int(count)))
+            segments.append((resolve_style(style), int(count)))
         return cls(tuple(segments))
 
     @property
@@ -111,22 +112,75 @@ class StyleSchedule:
 
 
 def add_participant_arguments(parser: argparse.ArgumentParser) -> None:
-    """The simulated-user and judge flags (names and defaults of the reference, plus backends)."""
+    """``ParticipantsArguments``' fields as flags of a plain argparse parser (entry points not yet on dataclasses)."""
     group = parser.add_argument_group("simulated user and judge")
-    group.add_argument("--user_model_name_or_path", default=None, help="local user-simulator model (HF id, path or alias); unset → Claude")
-    group.add_argument("--user_backend", default="auto", choices=USER_BACKENDS, help="who writes the follow-ups; auto = reference rule (see auxiliary/participants.py)")
-    group.add_argument("--judge_model", default=DEFAULT_ANTHROPIC_MODEL, help="model of the judge when not local (Claude, or the model an OpenAI-compatible server serves)")
-    group.add_argument("--judge_local", action="store_true", help="judge with the user-simulator model instead of Claude")
-    group.add_argument("--judge_backend", default="auto", choices=JUDGE_BACKENDS, help="who judges; auto = --judge_local ? user : anthropic")
-    group.add_argument("--user_vllm", action="store_true", help="run the local user model (and local judge) in an in-process vLLM engine")
-    group.add_argument("--user_vllm_tp", type=int, default=1, help="tensor-parallel size of the user vLLM engine")
-    group.add_argument("--user_vllm_gpu_start", type=int, default=2, help="first visible GPU index for the user vLLM engine")
-    group.add_argument("--user_vllm_gpu_memory_utilization", type=float, default=0.9, help="GPU memory share of the user vLLM engine")
-    group.add_argument("--user_dtype", default="bfloat16", help="dtype of a local transformers user model")
-    group.add_argument("--user_device", default="auto", help="device of a local transformers user model")
-    group.add_argument("--openai_base_url", default=os.environ.get("OPENAI_BASE_URL"), help="OpenAI-compatible server for the 'openai' backends (model = --user_model_name_or_path or --judge_model)")
-    group.add_argument("--api_max_concurrency", type=int, default=16, help="parallel requests to a remote API")
-    group.add_argument("--api_max_attempts", type=int, default=8, help="attempts per remote request (transient errors only: 429, 5xx, timeouts)")
+    for spec in dataclasses.fields(ParticipantsArguments):
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        kwargs = {"default": default, "help": spec.metadata.get("help")}
+        if isinstance(default, bool):
+            kwargs["action"] = "store_true"
+        elif isinstance(default, (int, float)):
+            kwargs["type"] = type(default)
+        if "choices" in spec.metadata:
+            kwargs["choices"] = spec.metadata["choices"]
+        group.add_argument(f"--{spec.name}", **kwargs)
+
+
+@dataclass
+class ParticipantsArguments:
+    """The simulated-user and judge settings of every entry point (the reference's names, plus backends)."""
+
+    user_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Local user-simulator model (HF id, path or alias); unset → Claude."}
+    )
+    user_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Who writes the follow-ups; auto = the reference's rule (a user model → hf, or vllm with "
+            "--user_vllm; none → anthropic).",
+            "choices": list(USER_BACKENDS),
+        },
+    )
+    judge_model: str = field(
+        default=DEFAULT_ANTHROPIC_MODEL,
+        metadata={"help": "Model of the judge when not local (Claude, or the model an OpenAI-compatible server serves)."},
+    )
+    judge_local: bool = field(default=False, metadata={"help": "Judge with the user-simulator model instead of Claude."})
+    judge_backend: str = field(
+        default="auto",
+        metadata={"help": "Who judges; auto = --judge_local ? user : anthropic.", "choices": list(JUDGE_BACKENDS)},
+    )
+    user_vllm: bool = field(
+        default=False, metadata={"help": "Run the local user model (and local judge) in an in-process vLLM engine."}
+    )
+    user_vllm_tp: int = field(default=1, metadata={"help": "Tensor-parallel size of the user vLLM engine."})
+    user_vllm_gpu_start: int = field(default=2, metadata={"help": "First visible GPU index for the user vLLM engine."})
+    user_vllm_gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "GPU memory share of the user vLLM engine."}
+    )
+    user_dtype: str = field(default="bfloat16", metadata={"help": "dtype of a local transformers user model."})
+    user_device: str = field(default="auto", metadata={"help": "Device of a local transformers user model."})
+    openai_base_url: str | None = field(
+        default_factory=lambda: os.environ.get("OPENAI_BASE_URL"),
+        metadata={
+            "help": "OpenAI-compatible server of the 'openai' backends (model = --user_model_name_or_path or "
+            "--judge_model); default $OPENAI_BASE_URL."
+        },
+    )
+    api_max_concurrency: int = field(default=16, metadata={"help": "Parallel requests to a remote API."})
+    api_max_attempts: int = field(
+        default=8, metadata={"help": "Attempts per remote request (transient errors only: 429, 5xx, timeouts)."}
+    )
+
+    def __post_init__(self):
+        if self.api_max_attempts < 1 or self.api_max_concurrency < 1:
+            raise ValueError("api_max_attempts and api_max_concurrency must be >= 1")
+        if not 0 < self.user_vllm_gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"user_vllm_gpu_memory_utilization must be in (0, 1], got {self.user_vllm_gpu_memory_utilization}"
+            )
+        if self.user_vllm_tp < 1 or self.user_vllm_gpu_start < 0:
+            raise ValueError("user_vllm_tp must be >= 1 and user_vllm_gpu_start >= 0")
 
 
 @dataclass(frozen=True)
@@ -160,8 +214,8 @@ class ParticipantsConfig:
     api_max_attempts: int = 8
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, *, user_styles, judge_styles) -> ParticipantsConfig:
-        """The flags of ``add_participant_arguments`` with the reference's ``auto`` rules applied."""
+    def from_args(cls, args: ParticipantsArguments, *, user_styles, judge_styles) -> ParticipantsConfig:
+        """``ParticipantsArguments`` with the reference's ``auto`` rules applied."""
         user_backend = args.user_backend
         if user_backend == "auto":
             user_backend = ("vllm" if args.user_vllm else "hf") if args.user_model_name_or_path else "anthropic"

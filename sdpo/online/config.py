@@ -1,0 +1,240 @@
+"""Settings of one online run (data, the simulated user's personas, evaluation, outputs) beside the learner's.
+
+``eval_online_sdpo.py`` parses ``OnlineSDPOConfig`` (the learner), ``ParticipantsArguments`` (user and judges) and
+``OnlineRunConfig`` (this file) with one ``ConfigParser``; ``OnlineArguments`` carries the three.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from sdpo.learner.config import OnlineSDPOConfig, check_ranges
+from sdpo.personas.participants import ParticipantsArguments, ParticipantsConfig, StyleSchedule
+from sdpo.personas.user_simulator import resolve_style
+from sdpo.utils.tracking import REPORT_TO
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The reference's TL;DR experiments put this instruction in a system message (--system_prompt tldr).
+SYSTEM_PROMPTS = {
+    "general": None,
+    "tldr": 'Summarize the following post in one or two sentences, starting with "TL;DR:".',
+}
+# Settings that may differ on --resume without changing what the run computes.
+RESUME_OVERRIDABLE = ("resume", "debug_first_example", "report_to", "wandb", "out_dir")
+
+
+def _check_file(flag: str, value: str | None) -> None:
+    path = Path(value or "")
+    if not path.is_file():
+        raise ValueError(f"--{flag} {value}: {'is a folder, not a file' if path.is_dir() else 'no such file'}")
+
+
+def _check_folder(flag: str, value: str | None) -> None:
+    if not value:
+        return
+    path = Path(value)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--{flag} {value}: {parent} is a file; pass a folder")
+            break
+
+
+@dataclass
+class OnlineRunConfig:
+    """One online run: which prompts, which personas over time, how it is evaluated, where it is written."""
+
+    # ---- data
+    train_jsonl: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training prompts (JSONL: a 'prompt' string, or a 'messages' list ending with the user turn, "
+            "per line)."
+        },
+    )
+    val_jsonl: str | None = field(default=None, metadata={"help": "Held-out evaluation prompts (same format)."})
+    train_n: int = field(default=10, metadata={"help": "Number of training interactions."})
+    eval_n: int = field(default=50, metadata={"help": "Number of evaluation prompts."})
+    max_prompt_tokens: int = field(default=2048, metadata={"help": "Drop prompts longer than this once chat-rendered."})
+    # The reference's Python default is 42 and its script's 1234 (scripts/eval_online_sdpo.sh): both kept.
+    seed: int = field(
+        default=42, metadata={"help": "Seeds data selection, sampling (python/numpy/torch) and the bootstrap."}
+    )
+    # ---- the interactions
+    interactions_per_step: int = field(
+        default=1,
+        metadata={
+            "help": "Interactions per optimizer step: one batched generation, B follow-ups, one update "
+            "(1 = the reference)."
+        },
+    )
+    system_prompt: str = field(
+        default="general",
+        metadata={
+            "help": "general: no system message; tldr: the reference's TL;DR instruction.",
+            "choices": sorted(SYSTEM_PROMPTS),
+        },
+    )
+    # ---- the user's personas and evaluation
+    # The reference's Python default; its script defaults to no_emojis (scripts/eval_online_sdpo.sh).
+    style: str = field(
+        default="concise_casual_beginner",
+        metadata={"help": "Persona of the simulated user and of the primary judge (without --style_schedule)."},
+    )
+    style_schedule: str | None = field(
+        default=None,
+        metadata={
+            "help": 'Personas over time, "styleA:N,styleB:M": the user takes styleA for N interactions, then '
+            "styleB, ...; every scheduled style is judged."
+        },
+    )
+    eval_styles: list[str] = field(
+        default_factory=list, metadata={"help": "Further personas judging the same completions."}
+    )
+    oracle: bool = field(
+        default=False,
+        metadata={
+            "help": "Before training, judge the in-context oracle (persona in a system message) against the "
+            "baseline, per judged style."
+        },
+    )
+    baseline_model: str | None = field(
+        default=None,
+        metadata={"help": "Model for the baseline completions (default: the policy before training)."},
+    )
+    eval_every: int = field(
+        default=1, metadata={"help": "Evaluate after every N interactions (0: only at the end)."}
+    )
+    eval_max_new_tokens: int = field(default=2048, metadata={"help": "Generation budget for evaluation."})
+    min_decided: int = field(
+        default=5,
+        metadata={"help": "The plot draws win rates from fewer decided pairs hollow, without error bars."},
+    )
+    # ---- outputs
+    out_dir: str = field(
+        default="./live_eval_results",
+        metadata={"help": "Run directory: checkpoints, completions, plot, results."},
+    )
+    eval_dir: str | None = field(
+        default=None, metadata={"help": "Where the results JSON goes (default: --out_dir)."}
+    )
+    run_name: str | None = field(
+        default=None,
+        metadata={"help": "Name of the run (results file prefix; letters, digits, '.', '_', '-')."},
+    )
+    save_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "Keep a checkpoint after every optimizer step (checkpoints/step_<n>)."},
+    )
+    resume_every: int = field(
+        default=1,
+        metadata={
+            "help": "Refresh the resume checkpoint every N interactions, at step boundaries (0: only at the end)."
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue the interrupted run in --out_dir with its original settings."},
+    )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "Experiment tracking (WANDB_MODE=offline works without network).",
+            "choices": list(REPORT_TO),
+        },
+    )
+    wandb: bool = field(default=False, metadata={"help": "Alias of --report_to wandb."})
+    wandb_project: str = field(default="live-sdpo", metadata={"help": "Project of the wandb/trackio run."})
+    debug_first_example: bool = field(
+        default=False,
+        metadata={"help": "Print the first simulator and judge inputs and outputs in full."},
+    )
+
+    def __post_init__(self):
+        if self.wandb:
+            self.report_to = "wandb"
+        _check_folder("out_dir", self.out_dir)
+        _check_folder("eval_dir", self.eval_dir)
+        if self.resume:
+            return  # the stored settings are checked when they are read back
+        missing = [name for name in ("train_jsonl", "val_jsonl", "run_name") if not getattr(self, name)]
+        if missing:
+            raise ValueError("the following arguments are required: " + ", ".join(f"--{m}" for m in missing))
+        if not RUN_NAME.fullmatch(self.run_name):
+            raise ValueError(
+                f"--run_name {self.run_name!r}: use letters, digits, '.', '_' and '-' only "
+                "(it names files inside --out_dir)"
+            )
+        _check_file("train_jsonl", self.train_jsonl)
+        _check_file("val_jsonl", self.val_jsonl)
+        check_ranges(
+            self,
+            at_least_one=("interactions_per_step", "train_n", "eval_n", "max_prompt_tokens", "eval_max_new_tokens"),
+        )
+        for name in ("eval_every", "resume_every", "min_decided"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        self.style = resolve_style(self.style)
+        self.eval_styles = [resolve_style(style) for style in self.eval_styles]
+        StyleSchedule.parse(self.style_schedule, self.style)
+
+    @property
+    def schedule(self) -> StyleSchedule:
+        return StyleSchedule.parse(self.style_schedule, self.style)
+
+    @property
+    def judged_styles(self) -> tuple[str, ...]:
+        """Every scheduled style (or --style), then --eval_styles; the first is the primary judge."""
+        schedule = self.schedule
+        return tuple(dict.fromkeys((*schedule.styles, *([] if self.style_schedule else [self.style]), *self.eval_styles)))
+
+
+def without_credentials(url: str | None) -> str | None:
+    """``url`` without a user name or password (what results and state files may hold)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True)
+class OnlineArguments:
+    """The three parsed settings of an online run."""
+
+    learner: OnlineSDPOConfig
+    participants: ParticipantsArguments
+    run: OnlineRunConfig
+
+    def participants_config(self) -> ParticipantsConfig:
+        """Simulated users for the scheduled styles; judges for those, --style and --eval_styles."""
+        return ParticipantsConfig.from_args(
+            self.participants, user_styles=self.run.schedule.styles, judge_styles=self.run.judged_styles
+        )
+
+    def to_dict(self) -> dict:
+        """Every setting by field name (what results meta and run_state.json record); no URL credentials."""
+        settings = {
+            **dataclasses.asdict(self.learner),
+            **dataclasses.asdict(self.participants),
+            **dataclasses.asdict(self.run),
+        }
+        settings["openai_base_url"] = without_credentials(settings["openai_base_url"])
+        return settings
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> OnlineArguments:
+        """The inverse of ``to_dict`` (unknown keys are ignored, missing ones take their defaults)."""
+
+        def build(dataclass_type):
+            names = {f.name for f in dataclasses.fields(dataclass_type) if f.init}
+            return dataclass_type(**{k: v for k, v in settings.items() if k in names})
+
+        return cls(build(OnlineSDPOConfig), build(ParticipantsArguments), build(OnlineRunConfig))
