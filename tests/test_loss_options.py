@@ -55,7 +55,7 @@ def test_centring_comes_before_the_signal_clip():
 def test_centring_needs_the_sampled_token_mode():
     from sdpo.learner.config import OnlineSDPOConfig
 
-    with pytest.raises(ValueError, match="advantage_centering applies to loss_mode=simple_signal"):
+    with pytest.raises(ValueError, match="advantage_centering applies to --loss_mode simple_signal"):
         OnlineSDPOConfig(advantage_centering="sequence", loss_mode="full_distillation")
     OnlineSDPOConfig(advantage_centering="sequence", loss_mode="simple_signal")
 
