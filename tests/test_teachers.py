@@ -219,3 +219,21 @@ def test_full_model_base_teacher_after_resume_is_still_the_initial_model(tiny_mo
 def test_config_rejects_bad_teacher_and_loss_options(field, value, message):
     with pytest.raises(ValueError, match=message):
         OnlineSDPOConfig(**{field: value})
+
+
+def test_teacher_and_loss_options_parse_from_flags_aliases_and_yaml(tmp_path):
+    from sdpo.utils.command_line import ConfigParser, UsageError
+
+    parser = ConfigParser([OnlineSDPOConfig])
+    (config,) = parser.parse(
+        ["--teacher_model_kind", "trust-region", "--alpha", "0.5", "--distillation_is_clip", "2", "--topk_from", "teacher",
+         "--teacher_update_rate", "0.1", "--teacher_sync_steps", "3", "--trust_region_mix", "0.2"]
+    )
+    assert (config.teacher, config.distillation_alpha, config.is_clip, config.topk_from) == ("trust_region", 0.5, 2.0, "teacher")
+    assert (config.teacher_ema_rate, config.teacher_sync_interval, config.trust_region_mix) == (0.1, 3, 0.2)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("teacher: ema\nteacher_ema_rate: 0.02\nloss_mode: simple_signal\nadvantage_centering: sequence\n")
+    (config,) = ConfigParser([OnlineSDPOConfig]).parse(["--config", str(yaml_file)])
+    assert (config.teacher, config.teacher_ema_rate, config.advantage_centering) == ("ema", 0.02, "sequence")
+    with pytest.raises(UsageError, match="unknown teacher 'mean'"):
+        ConfigParser([OnlineSDPOConfig]).parse(["--teacher", "mean"])

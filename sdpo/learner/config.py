@@ -20,7 +20,7 @@ from sdpo.core import (
     check_hindsight_template,
 )
 from sdpo.models.model_loading import DTYPES, concrete_dtype
-from sdpo.teachers import TEACHER_KINDS, resolve_teacher_kind
+from sdpo.teachers import resolve_teacher_kind
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +111,7 @@ class SDPOLossConfig:
             "help": "Who scores y under x+o: live (the current network, recomputed every step; the paper), ema (an "
             "exponential moving average of the student: a second LoRA adapter, or a weight copy in the compute "
             "dtype), base (the frozen initial network: LoRA off, or a copy), trust_region (logits (1-mix) z_base + "
-            "mix z_current, lasgroup/SDPO). TRL calls it teacher_model_kind.",
-            "choices": list(TEACHER_KINDS),
+            "mix z_current, lasgroup/SDPO; also spelled trust-region). TRL calls it teacher_model_kind.",
             "aliases": ["--teacher_model_kind", "--teacher_regularization"],
         },
     )
