@@ -51,10 +51,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from sdpo.data.data_sources import DataError, iter_dataset_rows
 from sdpo.data.interaction_schema import Interaction, Message, interactions_from_row, message_text, parse_messages
+from sdpo.learner.config import SDPOLossConfig
 from sdpo.models.model_loading import DTYPES, resolve_dtype
+from sdpo.teachers import TeacherCallback, build_teacher, check_sharded_training
 from sdpo.core import (
     HINDSIGHT_VARIANTS,
     LOSS_MODES,
@@ -95,10 +98,13 @@ METRIC_NAMES = (
 
 
 @dataclass
-class OfflineSDPOConfig(TrainingArguments):
+class OfflineSDPOConfig(TrainingArguments, SDPOLossConfig):
     r"""
     Configuration of [`OfflineSDPOTrainer`]: every ``transformers.TrainingArguments`` field, with the
-    reference's offline defaults (spec §11.4), plus the SDPO fields below.
+    reference's offline defaults (spec §11.4), plus the SDPO fields below and the teacher and loss options
+    shared with the online learner (``sdpo.learner.config.SDPOLossConfig``: ``teacher``, ``teacher_ema_rate``,
+    ``teacher_sync_interval``, ``trust_region_mix``, ``distillation_alpha``, ``topk_from``, ``is_clip``,
+    ``advantage_centering``; see ``--help``).
 
     Parameters that control the teacher (hindsight) context:
         hindsight_variant (`str`, defaults to `"online"`):
@@ -275,6 +281,7 @@ class OfflineSDPOConfig(TrainingArguments):
             check_hindsight_template(self.hindsight_template)
         if self.loss_mode not in LOSS_MODES:
             raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {self.loss_mode!r}")
+        SDPOLossConfig.__post_init__(self)  # TrainingArguments' __post_init__ does not chain to it
         if self.overlong_completion not in OVERLONG_POLICIES:
             raise ValueError(
                 f"overlong_completion must be one of {OVERLONG_POLICIES}, got {self.overlong_completion!r}"
@@ -619,6 +626,17 @@ class OfflineSDPOTrainer(Trainer):
             **kwargs,
         )
         self.compute_dtype = resolve_dtype(args.compute_dtype)
+        # Built once the model sits on its device, before accelerate wraps it; the EMA teacher follows each step.
+        check_sharded_training(args.teacher, self.model, zero3=is_deepspeed_zero3_enabled(), fsdp=self.is_fsdp_enabled)
+        self.teacher = build_teacher(
+            args.teacher,
+            self.model,
+            ema_rate=args.teacher_ema_rate,
+            sync_interval=args.teacher_sync_interval,
+            trust_region_mix=args.trust_region_mix,
+            compute_dtype=self.compute_dtype,
+        )
+        self.add_callback(TeacherCallback(self.teacher))
         self._metric_sums = torch.zeros(len(METRIC_NAMES), dtype=torch.float64)
         self._metric_counts = torch.zeros(len(METRIC_NAMES), dtype=torch.float64)
         self.examples_seen = 0
@@ -642,14 +660,13 @@ class OfflineSDPOTrainer(Trainer):
         teacher_batch = pad_contexts_and_completions(
             inputs["teacher_context_ids"], inputs["completion_ids"], pad, ignore_first_k=args.ignore_first_k
         ).to(args.device)
+        # No is_clip here: a logged y has no known sampling policy π_old (paper Eq. 4).
         out = sdpo_loss(
             model,
             student_batch,
             teacher_batch,
-            loss_mode=args.loss_mode,
-            distillation_topk=args.distillation_topk,
-            distillation_add_tail=args.distillation_add_tail,
-            signal_clip=args.signal_clip,
+            **args.loss_options(),
+            teacher=self.teacher,
             autocast_dtype=self.autocast_dtype(model),
         )
         loss, mask, advantages = out.loss, out.mask, out.advantages

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from sdpo.core import LogitBlend
 
@@ -327,3 +328,37 @@ def load_teacher_state(teacher: Teacher, folder) -> bool:
         return False
     teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return True
+
+
+def check_sharded_training(kind: str, model, *, zero3: bool, fsdp: bool) -> None:
+    """Refuse a teacher that would read sharded weights: a copy or adapter average taken from ZeRO-3 or FSDP shards
+    holds empty or partial tensors (TRL #6828/#6829). The live teacher, and base/trust_region through a LoRA adapter
+    switched off, need no copy and work under any sharding."""
+    if not (zero3 or fsdp) or kind == "live" or (kind in ("base", "trust_region") and is_lora_model(unwrap(model))):
+        return
+    where = "DeepSpeed ZeRO-3" if zero3 else "FSDP"
+    raise ValueError(
+        f"teacher={kind} is not supported under {where}: its weights would be copied from sharded parameters; use "
+        "DDP or ZeRO-1/2, or teacher=live (or base/trust_region with LoRA)"
+    )
+
+
+class TeacherCallback(TrainerCallback):
+    """``transformers.Trainer`` callback: the teacher's update after every optimizer step, its state saved into
+    every ``checkpoint-<step>`` folder (main process) and restored from it when training resumes."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.teacher.update()
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            save_teacher_state(self.teacher, folder)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.global_step > 0 and folder.is_dir():
+            load_teacher_state(self.teacher, folder)
