@@ -173,8 +173,9 @@ class TrustRegionTeacher(BaseTeacher):
 class EMATeacher(Teacher):
     """θ_T ← (1 − rate)·θ_T + rate·θ_S every ``sync_interval`` optimizer steps, from θ_T = θ_S.
 
-    ``pairs`` are (student tensor, teacher tensor) of equal shapes; the update is computed in fp32 and stored in the
-    teacher tensor's dtype. Subclasses say where the teacher tensors live.
+    Subclasses name the (student parameter, teacher parameter) pairs in ``names`` of ``student_module`` and
+    ``teacher_module``; ``pairs`` looks them up at every use, since a checkpoint load may replace parameter objects
+    (a Trainer resuming a LoRA adapter does). The update is computed in fp32 and stored in the teacher's dtype.
     """
 
     kind = "ema"
@@ -187,7 +188,14 @@ class EMATeacher(Teacher):
             raise ValueError(f"teacher_sync_interval must be >= 1, got {sync_interval}")
         self.rate = rate
         self.sync_interval = sync_interval
-        self.pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self.names: list[tuple[str, str]] = []
+        self.student_module = self.teacher_module = None
+
+    @property
+    def pairs(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(student parameter name, student tensor, teacher tensor) for every averaged parameter."""
+        student, teacher = dict(self.student_module.named_parameters()), dict(self.teacher_module.named_parameters())
+        return [(name, student[name], teacher[teacher_name]) for name, teacher_name in self.names]
 
     @torch.no_grad()
     def _sync(self) -> bool:
@@ -240,16 +248,17 @@ class AdapterEMATeacher(EMATeacher):
             self.model.add_adapter(TEACHER_ADAPTER, copy.deepcopy(self.model.peft_config[self.student_adapter]))
         # add_adapter may mark the new adapter trainable; the teacher never is, and the student stays active.
         self.model.set_adapter(self.student_adapter)
-        parameters = dict(self.model.named_parameters())
+        self.student_module = self.teacher_module = self.model
         student_key, teacher_key = f".{self.student_adapter}.", f".{TEACHER_ADAPTER}."
-        for name, student in parameters.items():
-            if student_key in name and "lora_" in name:
-                teacher = parameters[name.replace(student_key, teacher_key)]
-                teacher.requires_grad_(False)
-                with torch.no_grad():
-                    teacher.copy_(student)
-                self.pairs.append((name, student, teacher))
-        if not self.pairs:
+        self.names = [
+            (name, name.replace(student_key, teacher_key))
+            for name, _ in self.model.named_parameters()
+            if student_key in name and "lora_" in name
+        ]
+        for _, _, teacher in self.pairs:
+            teacher.requires_grad_(False)
+        self.reset()
+        if not self.names:
             raise ValueError("the LoRA model has no adapter weights to average for an EMA teacher")
 
     @contextmanager
@@ -273,10 +282,8 @@ class CopyEMATeacher(EMATeacher):
         super().__init__(rate, sync_interval)
         student = unwrap(model)
         self.network = frozen_copy(student, dtype)
-        teacher_parameters = dict(self.network.named_parameters())
-        for name, parameter in student.named_parameters():
-            if parameter.is_floating_point():
-                self.pairs.append((name, parameter, teacher_parameters[name]))
+        self.student_module, self.teacher_module = student, self.network
+        self.names = [(name, name) for name, parameter in student.named_parameters() if parameter.is_floating_point()]
 
     @contextmanager
     def scoring(self, model):

@@ -1,6 +1,7 @@
 """Teacher kinds (sdpo.teachers) on tiny models, alone and inside the online updater."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -237,3 +238,45 @@ def test_teacher_and_loss_options_parse_from_flags_aliases_and_yaml(tmp_path):
     assert (config.teacher, config.teacher_ema_rate, config.advantage_centering) == ("ema", 0.02, "sequence")
     with pytest.raises(UsageError, match="unknown teacher 'mean'"):
         ConfigParser([OnlineSDPOConfig]).parse(["--teacher", "mean"])
+
+
+# ------------------------------------------------------------------ inside the offline trainer
+
+
+@pytest.mark.slow  # four short CLI training runs (~20 s)
+@pytest.mark.parametrize("extra", [("--teacher", "ema", "--teacher_ema_rate", "0.5"), ("--teacher", "ema", "--use_lora")])
+def test_offline_resume_with_an_ema_teacher_matches_an_uninterrupted_run(tiny_model_path, tmp_path, extra):
+    from offline_sdpo.main_offline_sdpo import run
+    from tests.test_offline_sdpo import InterruptAtStep, cli_args
+
+    common = ("--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-2", "--dtype", "float32", *extra)
+    if "--use_lora" in extra:
+        common = (*common, "--lora_r", "4", "--lora_alpha", "8")
+    # main_offline_sdpo seeds only inside the Trainer, after get_peft_model drew the adapter's A: seed here.
+    torch.manual_seed(0)
+    run(cli_args(tiny_model_path, tmp_path / "straight", *common))
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        run(cli_args(tiny_model_path, tmp_path / "interrupted", *common), callbacks=[InterruptAtStep(3)])
+    teacher_state = torch.load(tmp_path / "interrupted" / "checkpoint-2" / "teacher_state.pt", weights_only=True)
+    assert teacher_state["kind"] == "ema" and teacher_state["optimizer_steps"] == 2 and teacher_state["weights"]
+    run(cli_args(tiny_model_path, tmp_path / "interrupted", *common, "--resume_from_checkpoint", "latest"))
+    straight = torch.load(tmp_path / "straight" / "checkpoint-4" / "teacher_state.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "interrupted" / "checkpoint-4" / "teacher_state.pt", weights_only=True)
+    assert resumed["optimizer_steps"] == straight["optimizer_steps"] == 4
+    for name, tensor in straight["weights"].items():
+        torch.testing.assert_close(resumed["weights"][name], tensor, msg=name)
+    history = json.loads((tmp_path / "interrupted" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    straight_history = json.loads((tmp_path / "straight" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    assert [e["loss"] for e in history if "loss" in e] == pytest.approx([e["loss"] for e in straight_history if "loss" in e])
+
+
+def test_offline_trainer_refuses_a_teacher_copy_of_sharded_weights(tiny_model):
+    from sdpo.teachers import check_sharded_training
+
+    with pytest.raises(ValueError, match="teacher=ema is not supported under DeepSpeed ZeRO-3"):
+        check_sharded_training("ema", tiny_model, zero3=True, fsdp=False)
+    with pytest.raises(ValueError, match="teacher=base is not supported under FSDP"):
+        check_sharded_training("base", tiny_model, zero3=False, fsdp=True)
+    check_sharded_training("live", tiny_model, zero3=True, fsdp=False)
+    check_sharded_training("trust_region", lora_model(tiny_model), zero3=True, fsdp=False)
