@@ -47,7 +47,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--interactions", type=int, default=16)
     parser.add_argument("--interactions_per_step", type=int, default=4)
     parser.add_argument("--new_tokens", type=int, default=96)
-    parser.add_argument("--full_weights", action="store_true", help="train all weights (EMA and base teachers copy them)")
+    parser.add_argument(
+        "--full_weights", action="store_true", help="train all weights (EMA and base teachers copy them)"
+    )
     parser.add_argument("--teacher_ema_rate", type=float, default=0.05)
     parser.add_argument("--trust_region_mix", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=1234)
@@ -57,7 +59,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 def learner_config(args, teacher: str, checkpoint_dir: str):
     from sdpo.learner.config import OnlineSDPOConfig
 
-    lora = {} if args.full_weights else dict(use_lora=True, lora_r=16, lora_alpha=32)
+    lora = {} if args.full_weights else {"use_lora": True, "lora_r": 16, "lora_alpha": 32}
     return OnlineSDPOConfig(
         model_name_or_path=args.model,
         device="cpu",
@@ -91,7 +93,9 @@ def record_interactions(args) -> list[tuple]:
         conversations = [as_conversation(p) for p in prompts]
         generations = updater.generate(conversations)
     follow_ups = RuleBasedUserSimulator(STYLE).generate_feedback(prompts, [g.text for g in generations])
-    return [(c, list(g.token_ids), g.text, o) for c, g, o in zip(conversations, generations, follow_ups) if g.text.strip()]
+    return [
+        (c, list(g.token_ids), g.text, o) for c, g, o in zip(conversations, generations, follow_ups) if g.text.strip()
+    ]
 
 
 def run_variant(args, teacher: str, interactions: list[tuple], results) -> None:
@@ -113,7 +117,9 @@ def run_variant(args, teacher: str, interactions: list[tuple], results) -> None:
             chunk = interactions[first : first + args.interactions_per_step]
             started = time.perf_counter()
             metrics = updater.train_step_batch(
-                [c for c, _, _, _ in chunk], [Generation(ids, text, True) for _, ids, text, _ in chunk], [o for *_, o in chunk]
+                [c for c, _, _, _ in chunk],
+                [Generation(ids, text, True) for _, ids, text, _ in chunk],
+                [o for *_, o in chunk],
             )
             step_seconds.append(time.perf_counter() - started)
     results[teacher] = {

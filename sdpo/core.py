@@ -496,7 +496,8 @@ def distillation_divergence(
 
     alpha = 1: reverse KL(student ‖ teacher) (the paper's Eq. 2 and this project's default); alpha = 0: forward
     KL(teacher ‖ student); in between the generalised Jensen-Shannon divergence
-    (1 − α)·KL(student ‖ m) + α·KL(teacher ‖ m) with m = (1 − α)·student + α·teacher (the sister paper's α).
+    (1 − α)·KL(student ‖ m) + α·KL(teacher ‖ m) with m = (1 − α)·student + α·teacher (the sister
+    paper's α).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"distillation alpha must be in [0, 1], got {alpha}")
@@ -617,23 +618,28 @@ def sdpo_loss(
     distill = loss_mode == "full_distillation"
     teacher_first = distill and topk_from == "teacher"
     device = student_batch.input_ids.device
-    scoring = dict(temperature=temperature, fp32_head=fp32_head)
+    scoring = {"temperature": temperature, "fp32_head": fp32_head}
     sampled = student_batch.completion_ids.to(device).unsqueeze(-1)
 
     def score_teacher(gather: torch.Tensor | None, topk: int) -> TokenScores:
         started = time.perf_counter()
-        with torch.no_grad(), autocast_context(device, autocast_dtype), _teacher_scoring(teacher, model) as (
-            teacher_model,
-            blend,
+        with (
+            torch.no_grad(),
+            autocast_context(device, autocast_dtype),
+            _teacher_scoring(teacher, model) as (teacher_model, blend),
         ):
-            scores = score_completions(teacher_model, teacher_batch, gather_indices=gather, topk=topk, blend=blend, **scoring)
+            scores = score_completions(
+                teacher_model, teacher_batch, gather_indices=gather, topk=topk, blend=blend, **scoring
+            )
         _add_time(timings, "teacher_forward", started)
         return scores
 
     def score_student(gather: torch.Tensor | None, topk: int) -> TokenScores:
         started = time.perf_counter()
         with autocast_context(device, autocast_dtype):
-            scores = score_completions(model, student_batch, topk=topk, gather_indices=gather, entropy=entropy, **scoring)
+            scores = score_completions(
+                model, student_batch, topk=topk, gather_indices=gather, entropy=entropy, **scoring
+            )
         _add_time(timings, "student_forward", started)
         return scores
 

@@ -74,7 +74,9 @@ def frozen_copy(model, dtype: torch.dtype):
     are copied as they are, as ``from_pretrained(dtype=...)`` keeps them.
     """
     memo = {
-        id(p): torch.nn.Parameter(p.detach().to(dtype if p.is_floating_point() else p.dtype, copy=True), requires_grad=False)
+        id(p): torch.nn.Parameter(
+            p.detach().to(dtype if p.is_floating_point() else p.dtype, copy=True), requires_grad=False
+        )
         for p in model.parameters()
     }
     twin = copy.deepcopy(model, memo)
@@ -111,7 +113,8 @@ class Teacher:
         saved = state.get("kind", "live")
         if saved != self.kind:
             raise ValueError(
-                f"the checkpoint's teacher is {saved!r} but this run asks for {self.kind!r}; resume with teacher={saved}"
+                f"the checkpoint's teacher is {saved!r} but this run asks for {self.kind!r}; "
+                f"resume with teacher={saved}"
             )
         self.optimizer_steps = int(state.get("optimizer_steps", 0))
         self.last_sync_step = int(state.get("last_sync_step", 0))
@@ -155,7 +158,7 @@ class BaseTeacher(Teacher):
 
 
 class TrustRegionTeacher(BaseTeacher):
-    """Logits (1 − mix)·z_base + mix·z_current under x⊕o (lasgroup/SDPO ``teacher_regularization: trust-region``)."""
+    """Logits (1 − mix)·z_base + mix·z_current under x⊕o (lasgroup/SDPO's ``teacher_regularization: trust-region``)."""
 
     kind = "trust_region"
 
@@ -331,7 +334,9 @@ def load_teacher_state(teacher: Teacher, folder) -> bool:
     path = Path(folder) / TEACHER_STATE_FILE
     if not path.is_file():
         if teacher.kind == "ema":
-            logger.warning("%s holds no %s: the EMA teacher restarts from the resumed student", folder, TEACHER_STATE_FILE)
+            logger.warning(
+                "%s holds no %s: the EMA teacher restarts from the resumed student", folder, TEACHER_STATE_FILE
+            )
         return False
     teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return True

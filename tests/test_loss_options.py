@@ -1,6 +1,5 @@
 """Loss options of sdpo.core: advantage centring, α, teacher-side top-K, importance clipping, masked batches."""
 
-import copy
 import os
 import socket
 
@@ -13,7 +12,6 @@ from sdpo.core import (
     center_advantages,
     distillation_divergence,
     pad_contexts_and_completions,
-    score_completions,
     sdpo_loss,
     simple_signal_loss,
     support_distribution,
@@ -64,7 +62,9 @@ def test_online_updater_trains_on_centred_advantages(tiny_model_path, tmp_path):
     updater = make_updater(tiny_model_path, tmp_path, loss_mode="simple_signal", advantage_centering="sequence")
     response = fixed_response(updater)
     student_batch, teacher_batch = scoring_batches(updater, response)
-    out = sdpo_loss(updater.model, student_batch, teacher_batch, loss_mode="simple_signal", advantage_centering="sequence")
+    out = sdpo_loss(
+        updater.model, student_batch, teacher_batch, loss_mode="simple_signal", advantage_centering="sequence"
+    )
     scored = out.advantages[out.mask > 0]
     assert float(scored.mean()) == pytest.approx(0.0, abs=1e-6) and float(scored.abs().max()) > 0
     metrics = updater.train_step(MESSAGES, response, FOLLOW_UP)
@@ -91,12 +91,14 @@ def batches(tokenizer):
     teacher = encode_chat(tokenizer, [{"role": "user", "content": MESSAGES[0]["content"] + " " + FOLLOW_UP}])
     completion = tokenizer(" Blue, a calm colour.", add_special_tokens=False)["input_ids"]
     pad = tokenizer.pad_token_id
-    return pad_contexts_and_completions([student], [completion], pad), pad_contexts_and_completions([teacher], [completion], pad)
+    return pad_contexts_and_completions([student], [completion], pad), pad_contexts_and_completions(
+        [teacher], [completion], pad
+    )
 
 
 def full_logprobs(model, batch):
     keep = batch.completion_width + 1
-    forward = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    forward = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
     return model(**forward).logits[:, -keep:-1].float().log_softmax(-1)
 
 
@@ -106,8 +108,13 @@ def test_sdpo_loss_distils_on_the_chosen_support_with_alpha(tiny_model, chat_tok
     student_batch, teacher_batch = batches(chat_tokenizer)
     k = 5
     out = sdpo_loss(
-        tiny_model, student_batch, teacher_batch, loss_mode="full_distillation", distillation_topk=k,
-        distillation_alpha=alpha, topk_from=topk_from,
+        tiny_model,
+        student_batch,
+        teacher_batch,
+        loss_mode="full_distillation",
+        distillation_topk=k,
+        distillation_alpha=alpha,
+        topk_from=topk_from,
     )
     with torch.no_grad():
         student, teacher = full_logprobs(tiny_model, student_batch), full_logprobs(tiny_model, teacher_batch)
@@ -126,8 +133,16 @@ def test_sdpo_loss_distils_on_the_chosen_support_with_alpha(tiny_model, chat_tok
 def test_the_two_supports_differ_when_student_and_teacher_disagree(tiny_model, chat_tokenizer):
     student_batch, teacher_batch = batches(chat_tokenizer)
     losses = {
-        side: float(sdpo_loss(tiny_model, student_batch, teacher_batch, loss_mode="full_distillation", distillation_topk=3,
-                              topk_from=side).loss)
+        side: float(
+            sdpo_loss(
+                tiny_model,
+                student_batch,
+                teacher_batch,
+                loss_mode="full_distillation",
+                distillation_topk=3,
+                topk_from=side,
+            ).loss
+        )
         for side in ("student", "teacher")
     }
     assert losses["student"] != pytest.approx(losses["teacher"], rel=1e-3)
@@ -135,7 +150,12 @@ def test_the_two_supports_differ_when_student_and_teacher_disagree(tiny_model, c
 
 def test_importance_weights_in_the_updater_start_at_one_and_stay_below_the_clip(tiny_model_path, tmp_path):
     updater = make_updater(
-        tiny_model_path, tmp_path, loss_mode="simple_signal", is_clip=1.05, train_steps_per_example=3, learning_rate=5e-2
+        tiny_model_path,
+        tmp_path,
+        loss_mode="simple_signal",
+        is_clip=1.05,
+        train_steps_per_example=3,
+        learning_rate=5e-2,
     )
     metrics = updater.train_step(MESSAGES, fixed_response(updater), FOLLOW_UP)
     # Reported for the last pass, two updates after y was sampled: weights moved off 1 and are bounded.
@@ -148,10 +168,10 @@ def test_importance_weights_in_the_updater_start_at_one_and_stay_below_the_clip(
 # ------------------------------------------------------------------ fully masked batches (TRL #5569)
 
 OPTION_SETS = [
-    dict(loss_mode="simple_signal"),
-    dict(loss_mode="simple_signal", advantage_centering="sequence", signal_clip=1.0),
-    dict(loss_mode="full_distillation", distillation_topk=4),
-    dict(loss_mode="full_distillation", distillation_topk=4, distillation_alpha=0.5, topk_from="teacher"),
+    {"loss_mode": "simple_signal"},
+    {"loss_mode": "simple_signal", "advantage_centering": "sequence", "signal_clip": 1.0},
+    {"loss_mode": "full_distillation", "distillation_topk": 4},
+    {"loss_mode": "full_distillation", "distillation_topk": 4, "distillation_alpha": 0.5, "topk_from": "teacher"},
 ]
 
 
@@ -161,8 +181,10 @@ def test_a_fully_masked_batch_gives_a_zero_loss_that_still_backpropagates(tiny_m
     width = student_batch.completion_width
     masked = [
         pad_contexts_and_completions(
-            [b.input_ids[0, : b.input_ids.shape[1] - width].tolist()], [b.completion_ids[0].tolist()],
-            chat_tokenizer.pad_token_id, ignore_first_k=width,
+            [b.input_ids[0, : b.input_ids.shape[1] - width].tolist()],
+            [b.completion_ids[0].tolist()],
+            chat_tokenizer.pad_token_id,
+            ignore_first_k=width,
         )
         for b in (student_batch, teacher_batch)
     ]
@@ -189,8 +211,15 @@ def _ddp_worker(rank: int, world: int, port: int, state: dict, vocab: int, resul
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config)
     model.load_state_dict(state)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -209,14 +238,23 @@ def test_two_process_ddp_with_one_fully_masked_rank_does_not_hang():
 
     vocab = 32
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     state = LlamaForCausalLM(config).state_dict()
     context = mp.get_context("spawn")
     with context.Manager() as manager:
         results = manager.dict()
         processes = [
-            context.Process(target=_ddp_worker, args=(rank, 2, _free_port() if rank == 0 else None, state, vocab, results))
+            context.Process(
+                target=_ddp_worker, args=(rank, 2, _free_port() if rank == 0 else None, state, vocab, results)
+            )
             for rank in range(2)
         ]
         port = processes[0]._args[2]

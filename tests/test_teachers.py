@@ -8,19 +8,20 @@ import torch
 
 from sdpo.core import pad_contexts_and_completions, score_completions
 from sdpo.learner.config import OnlineSDPOConfig
-from sdpo.models.generation import encode_chat
 from sdpo.learner.updater import OnlineSDPOUpdater
+from sdpo.models.generation import encode_chat
 from sdpo.teachers import TEACHER_KINDS, build_teacher, resolve_teacher_kind
 from tests.test_online_sdpo_updater import FOLLOW_UP, MESSAGES, fixed_response, make_updater
 
-LORA = dict(use_lora=True, lora_r=4, lora_alpha=8)
+LORA = {"use_lora": True, "lora_r": 4, "lora_alpha": 8}
 
 
 def lora_model(tiny_model, seed=3):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(
-        copy.deepcopy(tiny_model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        copy.deepcopy(tiny_model),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
     nudge_(model, seed)  # LoRA starts with B = 0; make the adapter change the outputs
     return model
@@ -117,7 +118,11 @@ def test_trust_region_teacher_blends_base_and_current_logits(tiny_model, chat_to
     nudge_(model, 14)
     with torch.no_grad():
         keep = batch.completion_width + 1
-        forward = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+        forward = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "position_ids": batch.position_ids,
+        }
         current = model(**forward).logits[:, -keep:-1].float()
         base = tiny_model(**forward).logits[:, -keep:-1].float()
         blended = torch.lerp(base, current, mix).log_softmax(-1)
@@ -171,12 +176,16 @@ def test_resume_with_an_ema_teacher_gives_the_same_next_loss(tiny_model_path, tm
         assert not (checkpoint / "sdpo_ema_teacher").exists()  # the policy adapter alone is saved as weights
     expected = first.train_step(MESSAGES, response, FOLLOW_UP)
 
-    resumed = OnlineSDPOUpdater(make_updater(tiny_model_path, tmp_path / "other", **extra).config, resume_from=checkpoint)
+    resumed = OnlineSDPOUpdater(
+        make_updater(tiny_model_path, tmp_path / "other", **extra).config, resume_from=checkpoint
+    )
     got = resumed.train_step(MESSAGES, response, FOLLOW_UP)
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6, abs=1e-7)
     assert got["teacher_logp_mean"] == pytest.approx(expected["teacher_logp_mean"], rel=1e-6)
 
-    fresh_teacher = OnlineSDPOUpdater(make_updater(tiny_model_path, tmp_path / "third", **extra).config, resume_from=checkpoint)
+    fresh_teacher = OnlineSDPOUpdater(
+        make_updater(tiny_model_path, tmp_path / "third", **extra).config, resume_from=checkpoint
+    )
     (checkpoint / "teacher_state.pt").unlink()  # without the state the teacher restarts from the student: differs
     restarted = OnlineSDPOUpdater(fresh_teacher.config, resume_from=checkpoint)
     assert restarted.train_step(MESSAGES, response, FOLLOW_UP)["teacher_logp_mean"] != pytest.approx(
@@ -227,13 +236,34 @@ def test_teacher_and_loss_options_parse_from_flags_aliases_and_yaml(tmp_path):
 
     parser = ConfigParser([OnlineSDPOConfig])
     (config,) = parser.parse(
-        ["--teacher_model_kind", "trust-region", "--alpha", "0.5", "--distillation_is_clip", "2", "--topk_from", "teacher",
-         "--teacher_update_rate", "0.1", "--teacher_sync_steps", "3", "--trust_region_mix", "0.2"]
+        [
+            "--teacher_model_kind",
+            "trust-region",
+            "--alpha",
+            "0.5",
+            "--distillation_is_clip",
+            "2",
+            "--topk_from",
+            "teacher",
+            "--teacher_update_rate",
+            "0.1",
+            "--teacher_sync_steps",
+            "3",
+            "--trust_region_mix",
+            "0.2",
+        ]
     )
-    assert (config.teacher, config.distillation_alpha, config.is_clip, config.topk_from) == ("trust_region", 0.5, 2.0, "teacher")
+    assert (config.teacher, config.distillation_alpha, config.is_clip, config.topk_from) == (
+        "trust_region",
+        0.5,
+        2.0,
+        "teacher",
+    )
     assert (config.teacher_ema_rate, config.teacher_sync_interval, config.trust_region_mix) == (0.1, 3, 0.2)
     yaml_file = tmp_path / "run.yaml"
-    yaml_file.write_text("teacher: ema\nteacher_ema_rate: 0.02\nloss_mode: simple_signal\nadvantage_centering: sequence\n")
+    yaml_file.write_text(
+        "teacher: ema\nteacher_ema_rate: 0.02\nloss_mode: simple_signal\nadvantage_centering: sequence\n"
+    )
     (config,) = ConfigParser([OnlineSDPOConfig]).parse(["--config", str(yaml_file)])
     assert (config.teacher, config.teacher_ema_rate, config.advantage_centering) == ("ema", 0.02, "sequence")
     with pytest.raises(UsageError, match="unknown teacher 'mean'"):
@@ -244,7 +274,9 @@ def test_teacher_and_loss_options_parse_from_flags_aliases_and_yaml(tmp_path):
 
 
 @pytest.mark.slow  # four short CLI training runs (~20 s)
-@pytest.mark.parametrize("extra", [("--teacher", "ema", "--teacher_ema_rate", "0.5"), ("--teacher", "ema", "--use_lora")])
+@pytest.mark.parametrize(
+    "extra", [("--teacher", "ema", "--teacher_ema_rate", "0.5"), ("--teacher", "ema", "--use_lora")]
+)
 def test_offline_resume_with_an_ema_teacher_matches_an_uninterrupted_run(tiny_model_path, tmp_path, extra):
     from offline_sdpo.main_offline_sdpo import run
     from tests.test_offline_sdpo import InterruptAtStep, cli_args
@@ -267,8 +299,12 @@ def test_offline_resume_with_an_ema_teacher_matches_an_uninterrupted_run(tiny_mo
     for name, tensor in straight["weights"].items():
         torch.testing.assert_close(resumed["weights"][name], tensor, msg=name)
     history = json.loads((tmp_path / "interrupted" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
-    straight_history = json.loads((tmp_path / "straight" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
-    assert [e["loss"] for e in history if "loss" in e] == pytest.approx([e["loss"] for e in straight_history if "loss" in e])
+    straight_history = json.loads((tmp_path / "straight" / "checkpoint-4" / "trainer_state.json").read_text())[
+        "log_history"
+    ]
+    assert [e["loss"] for e in history if "loss" in e] == pytest.approx(
+        [e["loss"] for e in straight_history if "loss" in e]
+    )
 
 
 def test_offline_trainer_refuses_a_teacher_copy_of_sharded_weights(tiny_model):

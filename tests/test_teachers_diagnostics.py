@@ -31,9 +31,13 @@ def test_diagnostics_of_a_lora_policy_before_and_after_training(tiny_model_path,
     )
     with torch.no_grad():
         keep = batch.completion_width + 1
-        logits = updater.model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-        ).logits[:, -keep:-1].float()
+        logits = (
+            updater.model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+            )
+            .logits[:, -keep:-1]
+            .float()
+        )
         logprobs = logits.log_softmax(-1)
         entropy = -(logprobs.exp() * logprobs).sum(-1)
     mask = batch.completion_mask
@@ -62,7 +66,13 @@ def test_diagnostics_panel_appears_under_the_win_rate_curve(tmp_path):
     ]
     plain = plot_winrate(history, tmp_path / "plain.png", styles=["no_emojis"])
     with_diagnostics = [
-        {**entry, "policy_entropy_mean": 2.0 - i / 20, "distinct_2": 0.8, "base_logratio_mean": i / 100, "answer_tokens_mean": 40}
+        {
+            **entry,
+            "policy_entropy_mean": 2.0 - i / 20,
+            "distinct_2": 0.8,
+            "base_logratio_mean": i / 100,
+            "answer_tokens_mean": 40,
+        }
         for i, entry in zip((0, 8, 16), history)
     ]
     figure = plot_winrate(with_diagnostics, tmp_path / "diag.png", styles=["no_emojis"])

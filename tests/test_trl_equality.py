@@ -11,11 +11,11 @@ import pytest
 import torch
 
 pytest.importorskip("trl.experimental.sdpo")
-from trl.experimental.sdpo import loss_utils as trl_loss  # noqa: E402
-from trl.experimental.sdpo.teacher_sync import PEFTAdapterEMACallback  # noqa: E402
-from trl.trainer.callbacks import SyncRefModelCallback  # noqa: E402
+from trl.experimental.sdpo import loss_utils as trl_loss
+from trl.experimental.sdpo.teacher_sync import PEFTAdapterEMACallback
+from trl.trainer.callbacks import SyncRefModelCallback
 
-from sdpo.core import (  # noqa: E402
+from sdpo.core import (
     clipped_importance_weights,
     distillation_divergence,
     full_distillation_loss,
@@ -24,7 +24,7 @@ from sdpo.core import (  # noqa: E402
     support_distribution,
     topk_divergence,
 )
-from sdpo.teachers import build_teacher  # noqa: E402
+from sdpo.teachers import build_teacher
 
 B, T, V, K = 3, 5, 40, 7
 ALPHAS = [0.0, 0.25, 0.5, 0.9, 1.0]
@@ -169,7 +169,9 @@ def test_importance_clipped_sampled_token_loss_equals_trl(is_clip):
         per_token = trl_loss.compute_sampled_token_self_distillation_loss(
             logits, teacher_logits, completion, distillation_alpha=1.0
         )
-        per_token = trl_loss.apply_importance_sampling_clipping(per_token, gather(logits, completion), old_logprobs, is_clip)
+        per_token = trl_loss.apply_importance_sampling_clipping(
+            per_token, gather(logits, completion), old_logprobs, is_clip
+        )
         return sequence_mean(per_token, MASK)
 
     assert_same_value_and_gradient(ours, theirs, student_logits)
@@ -195,7 +197,9 @@ def test_importance_clipped_topk_loss_equals_trl(alpha):
         per_token = trl_loss.compute_topk_self_distillation_loss(
             logits, teacher_logits, distillation_topk=K, distillation_alpha=alpha, distillation_add_tail=True
         )
-        per_token = trl_loss.apply_importance_sampling_clipping(per_token, gather(logits, completion), old_logprobs, 2.0)
+        per_token = trl_loss.apply_importance_sampling_clipping(
+            per_token, gather(logits, completion), old_logprobs, 2.0
+        )
         return sequence_mean(per_token, MASK)
 
     assert_same_value_and_gradient(ours, theirs, student_logits)

@@ -65,14 +65,18 @@ def collapse_diagnostics(updater, conversations: Sequence[list[dict]], answers: 
     try:
         for start in range(0, len(kept), SCORING_BATCH):
             rows = slice(start, start + SCORING_BATCH)
-            batch = pad_contexts_and_completions(contexts[rows], completions[rows], tokenizer.pad_token_id).to(updater.device)
+            batch = pad_contexts_and_completions(contexts[rows], completions[rows], tokenizer.pad_token_id).to(
+                updater.device
+            )
             with torch.no_grad(), autocast_context(updater.device, updater.autocast_dtype):
                 policy = score_completions(updater.model, batch, entropy=True, fp32_head=updater.config.fp32_lm_head)
                 entropy_sum += float(policy.entropy.sum())
                 tokens += float(policy.mask.sum())
                 if reference is not None:
                     with reference.reference_context():
-                        base = score_completions(reference.reference_network, batch, fp32_head=updater.config.fp32_lm_head)
+                        base = score_completions(
+                            reference.reference_network, batch, fp32_head=updater.config.fp32_lm_head
+                        )
                     logratio_sum += float(((policy.logprobs - base.logprobs) * policy.mask).sum())
     finally:
         updater.model.train(was_training)
@@ -101,7 +105,9 @@ def draw_diagnostics(axes, eval_history: Sequence[Mapping]) -> None:
         points = [(entry.get("interaction", entry.get("step")), entry[key]) for entry in eval_history if key in entry]
         if points:
             xs, ys = zip(*points)
-            lines += target.plot(xs, ys, marker=".", color=color, label=label, linestyle="--" if target is length_axes else "-")
+            lines += target.plot(
+                xs, ys, marker=".", color=color, label=label, linestyle="--" if target is length_axes else "-"
+            )
     axes.set_ylabel("collapse\ndiagnostics")
     length_axes.set_ylabel("tokens")
     axes.grid(alpha=0.3)

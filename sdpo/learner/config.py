@@ -125,7 +125,10 @@ class SDPOLossConfig:
     )
     teacher_sync_interval: int = field(
         default=1,
-        metadata={"help": "EMA teacher: optimizer steps between syncs (TRL's teacher_sync_steps).", "aliases": ["--teacher_sync_steps"]},
+        metadata={
+            "help": "EMA teacher: optimizer steps between syncs (TRL's teacher_sync_steps).",
+            "aliases": ["--teacher_sync_steps"],
+        },
     )
     trust_region_mix: float = field(
         default=0.05,
@@ -157,20 +160,14 @@ class SDPOLossConfig:
                 f"unknown advantage_centering {self.advantage_centering!r}: use one of {list(ADVANTAGE_CENTERINGS)}"
             )
         if self.advantage_centering != "none" and self.loss_mode != "simple_signal":
-            raise ValueError("--advantage_centering applies to --loss_mode simple_signal (full_distillation has no advantages)")
+            raise ValueError(
+                "--advantage_centering applies to --loss_mode simple_signal (full_distillation has no advantages)"
+            )
 
     def loss_options(self) -> dict:
         """The keyword arguments of ``sdpo.core.sdpo_loss`` these settings fix."""
-        return dict(
-            loss_mode=self.loss_mode,
-            distillation_topk=self.distillation_topk,
-            distillation_add_tail=self.distillation_add_tail,
-            distillation_alpha=self.distillation_alpha,
-            topk_from=self.topk_from,
-            signal_clip=self.signal_clip,
-            advantage_centering=self.advantage_centering,
-            is_clip=self.is_clip,
-        )
+        names = ("loss_mode", "distillation_topk", "distillation_add_tail", "distillation_alpha", "topk_from")
+        return {name: getattr(self, name) for name in (*names, "signal_clip", "advantage_centering", "is_clip")}
 
 
 @dataclass
