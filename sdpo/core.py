@@ -553,70 +553,61 @@ def full_distillation_loss(
 
 
 @dataclass
-class SDPOLoss:
-    """One batch's SDPO loss and what the callers log.
+class HindsightScores:
+    """y scored under x (student) and x⊕o (teacher): what every SDPO loss and every signal display reads.
 
     Attributes:
-        loss: scalar to back-propagate (zero but attached to the graph when every token is masked).
-        student_logprobs / teacher_logprobs: (B, T) log π(y_t|x) and log π_teacher(y_t|x⊕o), detached.
-        mask: (B, T) scored tokens.
-        advantages: (B, T) the per-token weights of ``simple_signal`` (centred and clipped when asked); in
-            ``full_distillation`` mode the raw signal.
-        kl_per_token: (B, T) detached per-position divergence in ``full_distillation`` mode, else None.
-        entropy: (B, T) the student's next-token entropy on y (detached), when asked for.
-        importance_weights: (B, T) the clipped importance weights applied, when ``is_clip`` was active.
+        student: the student's ``TokenScores`` (differentiable when scored with gradient; entropy when asked for).
+        teacher_logprobs: (B, T) log π_teacher(y_t|x⊕o), detached, zero on masked tokens.
+        student_support / teacher_support: (B, T, K) both sides' log-probs on the top-K support (the student's or
+            the teacher's K most likely tokens, ``topk_from``), when a top-K was asked for.
     """
 
-    loss: torch.Tensor
-    student_logprobs: torch.Tensor
+    student: TokenScores
     teacher_logprobs: torch.Tensor
-    mask: torch.Tensor
-    advantages: torch.Tensor
-    kl_per_token: torch.Tensor | None = None
-    entropy: torch.Tensor | None = None
-    importance_weights: torch.Tensor | None = None
+    student_support: torch.Tensor | None = None
+    teacher_support: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.student.mask
 
     @property
     def signal(self) -> torch.Tensor:
-        return (self.teacher_logprobs - self.student_logprobs) * self.mask
+        """(B, T) A_t of every completion token (``sdpo_signal``)."""
+        return sdpo_signal(self.student.logprobs, self.teacher_logprobs, self.mask)
+
+    def signal_rows(self, lengths: Sequence[int]) -> list[list[float]]:
+        """A_t of row i's first ``lengths[i]`` tokens as floats (0 on tokens the loss ignores)."""
+        signal = self.signal.float().cpu()
+        return [signal[row, :length].tolist() for row, length in enumerate(lengths)]
 
 
-def sdpo_loss(
+def score_hindsight(
     model,
     student_batch: CompletionBatch,
     teacher_batch: CompletionBatch,
     *,
-    loss_mode: str,
-    distillation_topk: int = 20,
-    distillation_add_tail: bool = True,
-    distillation_alpha: float = 1.0,
+    distillation_topk: int = 0,
     topk_from: str = "student",
-    signal_clip: float = 0.0,
-    advantage_centering: str = "none",
-    is_clip: float = 0.0,
-    old_logprobs: torch.Tensor | None = None,
     teacher=None,
     autocast_dtype: torch.dtype | None = None,
     temperature: float = 1.0,
     fp32_head: bool = True,
     entropy: bool = False,
     timings: dict | None = None,
-) -> SDPOLoss:
-    """Score y under x (with gradient) and under x⊕o (teacher, no gradient), then apply ``loss_mode``.
+) -> HindsightScores:
+    """The one SDPO scorer: y under x (with gradient unless the caller is in no_grad) and under x⊕o (no gradient).
 
-    ``teacher`` is a ``sdpo.teachers.Teacher`` (None: the live teacher, ``model`` itself). In
-    ``full_distillation`` mode the divergence (``distillation_alpha``) is taken on the K most likely tokens of
-    the student (``topk_from="student"``) or of the teacher, and the teacher is also read at the sampled token
-    (for the signal), so only (B, T, K + 1) teacher values are kept. ``is_clip`` > 0 with ``old_logprobs``
-    (B, T) weights each token's loss by min(π/π_old, is_clip). ``temperature`` and ``fp32_head`` apply to both
-    scorings. ``timings``, when given, accumulates seconds under ``student_forward`` and ``teacher_forward``.
+    Training (``sdpo_loss``), the live chat's signal panel (through the updater's ``train_step``) and the signal
+    analysis all read A_t from here, so they show the same numbers at the same ``temperature``. ``teacher`` is a
+    ``sdpo.teachers.Teacher`` (None: the live teacher, ``model`` itself). ``distillation_topk`` > 0 also returns
+    both sides on the K most likely tokens of the student (``topk_from="student"``) or of the teacher; the teacher
+    is then read only at those K tokens and the sampled one. ``entropy`` asks for the student's next-token entropy.
+    ``timings``, when given, accumulates seconds under ``student_forward`` and ``teacher_forward``.
     """
-    if loss_mode not in LOSS_MODES:
-        raise ValueError(f"unknown loss_mode {loss_mode!r}: use one of {list(LOSS_MODES)}")
     if topk_from not in TOPK_SUPPORTS:
         raise ValueError(f"unknown topk_from {topk_from!r}: use one of {list(TOPK_SUPPORTS)}")
-    distill = loss_mode == "full_distillation"
-    teacher_first = distill and topk_from == "teacher"
     device = student_batch.input_ids.device
     scoring = {"temperature": temperature, "fp32_head": fp32_head}
     sampled = student_batch.completion_ids.to(device).unsqueeze(-1)
@@ -643,35 +634,117 @@ def sdpo_loss(
         _add_time(timings, "student_forward", started)
         return scores
 
-    if teacher_first:
+    if distillation_topk and topk_from == "teacher":
         teacher_scores = score_teacher(sampled, distillation_topk)
         student = score_student(teacher_scores.topk_indices, 0)
-        student_support, teacher_support = student.gathered_logprobs, teacher_scores.topk_logprobs
-        teacher_logprobs = teacher_scores.gathered_logprobs[..., 0]
-    else:
-        student = score_student(None, distillation_topk if distill else 0)
-        gather = torch.cat([student.topk_indices, sampled], dim=-1) if distill else None
-        teacher_scores = score_teacher(gather, 0)
-        if distill:
-            student_support, teacher_support = student.topk_logprobs, teacher_scores.gathered_logprobs[..., :-1]
-            teacher_logprobs = teacher_scores.gathered_logprobs[..., -1]
-        else:
-            teacher_logprobs = teacher_scores.logprobs
-    mask = student.mask
-    teacher_logprobs = teacher_logprobs * mask
+        return HindsightScores(
+            student,
+            (teacher_scores.gathered_logprobs[..., 0] * student.mask).detach(),
+            student.gathered_logprobs,
+            teacher_scores.topk_logprobs,
+        )
+    student = score_student(None, distillation_topk)
+    if distillation_topk:
+        teacher_scores = score_teacher(torch.cat([student.topk_indices, sampled], dim=-1), 0)
+        return HindsightScores(
+            student,
+            (teacher_scores.gathered_logprobs[..., -1] * student.mask).detach(),
+            student.topk_logprobs,
+            teacher_scores.gathered_logprobs[..., :-1],
+        )
+    teacher_scores = score_teacher(None, 0)
+    return HindsightScores(student, (teacher_scores.logprobs * student.mask).detach())
+
+
+@dataclass
+class SDPOLoss:
+    """One batch's SDPO loss and what the callers log.
+
+    Attributes:
+        loss: scalar to back-propagate (zero but attached to the graph when every token is masked).
+        student_logprobs / teacher_logprobs: (B, T) log π(y_t|x) and log π_teacher(y_t|x⊕o), detached.
+        mask: (B, T) scored tokens.
+        advantages: (B, T) the per-token weights of ``simple_signal`` (centred and clipped when asked); in
+            ``full_distillation`` mode the raw signal.
+        kl_per_token: (B, T) detached per-position divergence in ``full_distillation`` mode, else None.
+        entropy: (B, T) the student's next-token entropy on y (detached), when asked for.
+        importance_weights: (B, T) the clipped importance weights applied, when ``is_clip`` was active.
+        scores: the ``score_hindsight`` result the loss was computed from (``scores.signal`` = A_t).
+    """
+
+    loss: torch.Tensor
+    student_logprobs: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    kl_per_token: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    importance_weights: torch.Tensor | None = None
+    scores: HindsightScores | None = None
+
+    @property
+    def signal(self) -> torch.Tensor:
+        return sdpo_signal(self.student_logprobs, self.teacher_logprobs, self.mask)
+
+
+def sdpo_loss(
+    model,
+    student_batch: CompletionBatch,
+    teacher_batch: CompletionBatch,
+    *,
+    loss_mode: str,
+    distillation_topk: int = 20,
+    distillation_add_tail: bool = True,
+    distillation_alpha: float = 1.0,
+    topk_from: str = "student",
+    signal_clip: float = 0.0,
+    advantage_centering: str = "none",
+    is_clip: float = 0.0,
+    old_logprobs: torch.Tensor | None = None,
+    teacher=None,
+    autocast_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
+    fp32_head: bool = True,
+    entropy: bool = False,
+    timings: dict | None = None,
+) -> SDPOLoss:
+    """Score y with ``score_hindsight`` (student with gradient, teacher without), then apply ``loss_mode``.
+
+    ``teacher``, ``topk_from``, ``temperature``, ``fp32_head``, ``entropy`` and ``timings`` are passed to the
+    scorer. In ``full_distillation`` mode the divergence (``distillation_alpha``: 1 reverse KL, 0 forward KL, in
+    between the generalised JSD) is taken on the top-K support with or without the tail bucket. ``is_clip`` > 0 with
+    ``old_logprobs`` (B, T) weights each token's loss by min(π/π_old, is_clip).
+    """
+    if loss_mode not in LOSS_MODES:
+        raise ValueError(f"unknown loss_mode {loss_mode!r}: use one of {list(LOSS_MODES)}")
+    distill = loss_mode == "full_distillation"
+    scores = score_hindsight(
+        model,
+        student_batch,
+        teacher_batch,
+        distillation_topk=distillation_topk if distill else 0,
+        topk_from=topk_from,
+        teacher=teacher,
+        autocast_dtype=autocast_dtype,
+        temperature=temperature,
+        fp32_head=fp32_head,
+        entropy=entropy,
+        timings=timings,
+    )
+    student, teacher_logprobs, mask = scores.student, scores.teacher_logprobs, scores.mask
     weights = None
     if is_clip > 0 and old_logprobs is not None:
-        weights = clipped_importance_weights(student.logprobs, old_logprobs.to(device), is_clip) * mask
+        weights = clipped_importance_weights(student.logprobs, old_logprobs.to(mask.device), is_clip) * mask
     if distill:
         loss, kl_per_token = full_distillation_loss(
-            student_support,
-            teacher_support,
+            scores.student_support,
+            scores.teacher_support,
             mask,
             add_tail=distillation_add_tail,
             alpha=distillation_alpha,
             importance_weights=weights,
         )
-        advantages = sdpo_signal(student.logprobs, teacher_logprobs, mask)
+        advantages = scores.signal
         kl_per_token = kl_per_token.detach() * mask
     else:
         loss, advantages = simple_signal_loss(
@@ -686,12 +759,13 @@ def sdpo_loss(
     return SDPOLoss(
         loss,
         student.logprobs.detach(),
-        teacher_logprobs.detach(),
+        teacher_logprobs,
         mask,
         advantages,
         kl_per_token,
         entropy=student.entropy,
         importance_weights=weights,
+        scores=scores,
     )
 
 

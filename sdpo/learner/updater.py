@@ -312,12 +312,28 @@ class OnlineSDPOUpdater:
             )
         return ids
 
-    def train_step(self, messages_before_response: list[dict], assistant_response: Generation | str, user_follow_up: str) -> dict:
+    def train_step(
+        self,
+        messages_before_response: list[dict],
+        assistant_response: Generation | str,
+        user_follow_up: str,
+        *,
+        return_token_signals: bool = False,
+    ) -> dict:
         """One interaction (x, y, o) → ``train_steps_per_example`` optimizer steps. Returns metrics."""
-        return self.train_step_batch([messages_before_response], [assistant_response], [user_follow_up])
+        return self.train_step_batch(
+            [messages_before_response], [assistant_response], [user_follow_up], return_token_signals=return_token_signals
+        )
 
-    def train_step_batch(self, batch_messages: list[list[dict]], responses: list, follow_ups: list[str]) -> dict:
-        """Several interactions in one batch (per-sequence token mean, then batch mean)."""
+    def train_step_batch(
+        self, batch_messages: list[list[dict]], responses: list, follow_ups: list[str], *, return_token_signals: bool = False
+    ) -> dict:
+        """Several interactions in one batch (per-sequence token mean, then batch mean).
+
+        ``return_token_signals`` adds ``token_signals``: per interaction (input order), A_t of every token of y as
+        trained on (``sdpo.core.score_hindsight``: the scoring temperature and context truncation of this step, the
+        last of ``train_steps_per_example``).
+        """
         if not (len(batch_messages) == len(responses) == len(follow_ups)) or not batch_messages:
             raise ValueError("train_step_batch needs equally many (non-zero) conversations, responses and follow-ups")
         cfg = self.config
@@ -356,6 +372,7 @@ class OnlineSDPOUpdater:
         ]
 
         timings = {"student_forward": 0.0, "teacher_forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        token_signals: list[list[float] | None] = [None] * len(completions)
         self.model.train()
         # log π_old(y_t|x) of each micro-batch: the policy before this interaction's first update, which sampled y
         # (importance weights for the later passes when is_clip > 0).
@@ -363,10 +380,15 @@ class OnlineSDPOUpdater:
         teacher_syncs = 0
         for _ in range(cfg.train_steps_per_example):
             loss_value, scored = 0.0, []
-            for index, (student_batch, teacher_batch, share, first_row) in enumerate(micro_batches):
+            for index, (group, micro_batch) in enumerate(zip(groups, micro_batches)):
+                student_batch, teacher_batch, share, first_row = micro_batch
                 loss, out = self._loss(student_batch, teacher_batch, timings, old_logprobs[index], table_row=first_row)
                 if old_logprobs[index] is None:
                     old_logprobs[index] = out.student_logprobs
+                if return_token_signals:
+                    rows = out.scores.signal_rows([len(completions[i]) for i in group])
+                    for row_index, row in zip(group, rows):
+                        token_signals[row_index] = row
                 tick = time.perf_counter()
                 (loss * share).backward()
                 timings["backward"] += time.perf_counter() - tick
@@ -397,6 +419,8 @@ class OnlineSDPOUpdater:
             "train_time_s": round(time.perf_counter() - started, 2),
             **{f"{phase}_time_s": round(seconds, 3) for phase, seconds in timings.items()},
         }
+        if return_token_signals:
+            metrics["token_signals"] = token_signals
         if self.vllm_engine is not None:
             self._publish_adapter()
         if cfg.checkpoint_every_n_steps and self.step % cfg.checkpoint_every_n_steps == 0:
