@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import Trainer
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 # The configuration and the data live in their own modules; they stay importable from here, the
 # reference-named face of the offline trainer.
@@ -67,6 +68,7 @@ from sdpo.core import (
     sdpo_loss,
 )
 from sdpo.models.model_loading import resolve_dtype
+from sdpo.teachers import TeacherCallback, build_teacher, check_sharded_training
 
 __all__ = [
     "OVERLONG_POLICIES",
@@ -146,6 +148,17 @@ class OfflineSDPOTrainer(Trainer):
             **kwargs,
         )
         self.compute_dtype = resolve_dtype(args.compute_dtype)
+        # Built once the model sits on its device, before accelerate wraps it; the EMA teacher follows each step.
+        check_sharded_training(args.teacher, self.model, zero3=is_deepspeed_zero3_enabled(), fsdp=self.is_fsdp_enabled)
+        self.teacher = build_teacher(
+            args.teacher,
+            self.model,
+            ema_rate=args.teacher_ema_rate,
+            sync_interval=args.teacher_sync_interval,
+            trust_region_mix=args.trust_region_mix,
+            compute_dtype=self.compute_dtype,
+        )
+        self.add_callback(TeacherCallback(self.teacher))
         self._metric_sums = torch.zeros(len(METRIC_NAMES), dtype=torch.float64)
         self._metric_counts = torch.zeros(len(METRIC_NAMES), dtype=torch.float64)
         self.examples_seen = 0
@@ -169,14 +182,13 @@ class OfflineSDPOTrainer(Trainer):
         teacher_batch = pad_contexts_and_completions(
             inputs["teacher_context_ids"], inputs["completion_ids"], pad, ignore_first_k=args.ignore_first_k
         ).to(args.device)
+        # No is_clip here: a logged y has no known sampling policy π_old (paper Eq. 4).
         out = sdpo_loss(
             model,
             student_batch,
             teacher_batch,
-            loss_mode=args.loss_mode,
-            distillation_topk=args.distillation_topk,
-            distillation_add_tail=args.distillation_add_tail,
-            signal_clip=args.signal_clip,
+            **args.loss_options(),
+            teacher=self.teacher,
             autocast_dtype=self.autocast_dtype(model),
         )
         loss, mask, advantages = out.loss, out.mask, out.advantages
