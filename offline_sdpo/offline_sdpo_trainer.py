@@ -95,7 +95,7 @@ METRIC_NAMES = (
     "signal_std",
     "len_signal_mean",
     "policy_logp",
-    "critic_logp",
+    "teacher_logp",
     "base_loss",
     "completion_tokens",
     "eos_signal_mean",
@@ -199,7 +199,7 @@ class OfflineSDPOTrainer(Trainer):
             signal_std=masked_std(signal, mask),
             len_signal_mean=float(masked_sequence_mean(signal, mask).mean()),
             policy_logp=masked_mean(student_logprobs, mask),
-            critic_logp=masked_mean(teacher_logprobs, mask),
+            teacher_logp=masked_mean(teacher_logprobs, mask),
             base_loss=float(loss.detach()),
             completion_tokens=sum(map(len, inputs["completion_ids"])) / len(inputs["completion_ids"]),
         )

@@ -218,7 +218,7 @@ def test_metrics_are_window_means_and_reset(chat_tokenizer, tmp_path):
         "signal_mean",
         "signal_std",
         "policy_logp",
-        "critic_logp",
+        "teacher_logp",
         "len_signal_mean",
         "base_loss",
         "eos_logp_mean",
@@ -226,7 +226,7 @@ def test_metrics_are_window_means_and_reset(chat_tokenizer, tmp_path):
         assert logged[f"sdpo/{name}"] == pytest.approx((per_batch[0][name] + per_batch[1][name]) / 2, rel=1e-5)
     assert "sdpo/kl_mean" not in logged  # simple_signal mode has no KL
     assert logged["sdpo/signal_mean"] == pytest.approx(
-        logged["sdpo/critic_logp"] - logged["sdpo/policy_logp"], abs=1e-5
+        logged["sdpo/teacher_logp"] - logged["sdpo/policy_logp"], abs=1e-5
     )
     assert trainer.reduced_metrics() == {}
 
@@ -348,7 +348,7 @@ def test_single_process_run_saves_a_loadable_final_model(tiny_model_path, tmp_pa
     trained, initial = weights(final), weights(tiny_model_path)
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)
     state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
-    assert {"sdpo/signal_mean", "sdpo/policy_logp", "sdpo/critic_logp", "sdpo/eos_logp_mean"} <= set(
+    assert {"sdpo/signal_mean", "sdpo/policy_logp", "sdpo/teacher_logp", "sdpo/eos_logp_mean"} <= set(
         state["log_history"][0]
     )
     assert json.loads((tmp_path / "train_summary.json").read_text())["global_step"] == 3
