@@ -107,9 +107,9 @@ def test_full_and_adapter_checkpoints_are_judged_per_style(checkpoints, tiny_mod
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
-def test_loaded_checkpoint_reproduces_the_trained_policy(checkpoints, tiny_model_path, kind):
+def test_loaded_checkpoint_reproduces_the_trained_policy(checkpoints, tiny_model_path, prompt_file, kind):
     path, trained_logits = checkpoints[kind]
-    args = eval_checkpoints.build_parser().parse_args(["--checkpoints", str(path), "--baseline_model", "b", "--val_jsonl", "v", "--run_name", "r", "--device", "cpu", "--dtype", "float32"])
+    args, _ = eval_checkpoints.parse_arguments(["--checkpoints", str(path), "--baseline_model", "b", "--val_jsonl", str(prompt_file), "--run_name", "r", "--device", "cpu", "--dtype", "float32"])
     policy = eval_checkpoints.load_checkpoint_policy(eval_checkpoints.inspect_checkpoint(str(path)), args)
     model, tokenizer = policy.model, policy.tokenizer
     base, _ = load_model_and_tokenizer(tiny_model_path, dtype="float32", device="cpu")
@@ -131,6 +131,43 @@ def test_a_missing_checkpoint_fails_in_one_line_before_any_work(checkpoints, tin
     assert eval_checkpoints.main(cli([checkpoints["full"][0], missing], tiny_model_path, prompt_file, out)) == 1
     assert capsys.readouterr().err.strip().splitlines() == [f"error: checkpoint {missing}: no such folder"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--checkpoints", "{ckpt}", "{ckpt}/../{name}"], "error: --checkpoints {ckpt} and {ckpt}/../{name} are the same checkpoint; pass each once"),
+        (["--checkpoints", "{ckpt}", "--run_name", "../../x"], "error: --run_name '../../x': use letters, digits, '.', '_' and '-' only (it names files inside --out_dir)"),
+        (["--checkpoints", "{ckpt}", "--out_dir", "{prompts}/eval"], "error: --out_dir {prompts}/eval: {prompts} is a file; pass a folder"),
+        (["--checkpoints", "{ckpt}", "--val_jsonl", "{ckpt}/none.jsonl"], "error: --val_jsonl {ckpt}/none.jsonl: no such file"),
+    ],
+    ids=["same checkpoint twice", "run name outside out_dir", "out_dir below a file", "missing prompts"],
+)
+def test_bad_command_lines_fail_in_one_line_with_status_2_before_any_work(checkpoints, prompt_file, tmp_path, monkeypatch, capsys, extra, message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the command line was checked")
+
+    monkeypatch.setattr(eval_checkpoints, "load_tokenizer", no_loading)
+    monkeypatch.setattr(eval_checkpoints, "load_policy", no_loading)
+    monkeypatch.chdir(tmp_path)
+    ckpt = checkpoints["full"][0]
+    fill = {"ckpt": ckpt, "name": ckpt.name, "prompts": prompt_file}
+    argv = ["--baseline_model", "b", "--val_jsonl", str(prompt_file), "--run_name", "r", "--judge_backend", "rule", "--out_dir", "eval"]
+    assert eval_checkpoints.main(argv + [a.format(**fill) for a in extra]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [message.format(**fill)]
+    assert not (tmp_path / "eval").exists() and not (tmp_path.parent / "x_1.json").exists()
+
+
+def test_a_yaml_config_holds_any_setting_and_the_command_line_wins(checkpoints, prompt_file, tmp_path):
+    config = tmp_path / "ckpt.yaml"
+    config.write_text(
+        f"checkpoints: [{checkpoints['full'][0]}, {checkpoints['lora'][0]}]\nbaseline_model: b\nval_jsonl: {prompt_file}\n"
+        "run_name: from_yaml\neval_n: 7\njudge_backend: rule\njudge_tp: 2\neval_styles: [short, no_lists]\n"
+    )
+    args, judges = eval_checkpoints.parse_arguments(["--config", str(config), "--eval_n", "3"])
+    assert args.checkpoints == [str(checkpoints["full"][0]), str(checkpoints["lora"][0])] and args.run_name == "from_yaml"
+    assert args.eval_n == 3 and args.eval_styles == ["short", "no_lists"]
+    assert judges.judge_backend == "rule" and judges.user_vllm_tp == 2  # judge_tp: the reference oracle's alias
 
 
 def test_unusable_checkpoint_folders_are_named_with_the_reason(checkpoints, tmp_path):

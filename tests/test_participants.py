@@ -1,7 +1,5 @@
 """Flag → simulated user and judges, with the reference's auto rules; vLLM policy engine on a fake engine."""
 
-import argparse
-
 import pytest
 
 from auxiliary.claude_style_judge import ClaudeStyleJudge
@@ -10,20 +8,19 @@ from sdpo.models.generation import SamplingParams
 from sdpo.personas.participants import (
     ParticipantsConfig,
     ParticipantsError,
-    add_participant_arguments,
+    ParticipantsArguments,
     build_participants,
-    style_name,
 )
 from sdpo.personas.rule_based_user import RuleBasedJudge, RuleBasedUserSimulator
 from sdpo.personas.style_judge import LLMStyleJudge
 from sdpo.personas.user_simulator import LLMUserSimulator
+from sdpo.utils.command_line import ConfigParser
 from tests.fakes import FakeOpenAIServer, Reply
 
 
-def parse(*argv):
-    parser = argparse.ArgumentParser()
-    add_participant_arguments(parser)
-    return parser.parse_args(list(argv))
+def parse(*argv) -> ParticipantsArguments:
+    (arguments,) = ConfigParser(ParticipantsArguments).parse(list(argv))
+    return arguments
 
 
 def config(*argv, user_styles=("no_emojis",), judge_styles=("no_emojis",)) -> ParticipantsConfig:
@@ -40,9 +37,6 @@ def test_auto_rules_follow_the_reference():
 
 
 def test_style_names_are_canonical_once_parsed():
-    assert style_name("answer_direclty_reduce_formatting") == "answer_directly_reduce_formatting"
-    with pytest.raises(argparse.ArgumentTypeError, match="unknown style 'pirate'"):
-        style_name("pirate")
     assert config(judge_styles=("short", "no_lists", "short")).judge_styles == ("short", "no_lists")
 
 
@@ -103,5 +97,5 @@ def test_style_schedule_switches_after_each_segment():
     assert [schedule.style_at(i) for i in range(7)] == ["concise_casual_beginner"] * 3 + ["detailed_professional_expert"] * 4
     assert schedule.switch_points(7) == [(3, "detailed_professional_expert")] and schedule.switch_points(3) == []
     assert StyleSchedule.parse(None, default_style="short").style_at(100) == "short"
-    with pytest.raises(argparse.ArgumentTypeError, match="unknown style 'pirate'"):
+    with pytest.raises(ValueError, match="unknown style 'pirate'"):
         StyleSchedule.parse("short:2,pirate:1", default_style="short")
