@@ -115,9 +115,11 @@ def test_policy_on_a_vllm_engine_on_gen_gpu(tiny_model_path, chat_tokenizer, pro
 
 
 @pytest.mark.parametrize("backend", ["vllm", "hf", "openai", "anthropic", "rule"])
-def test_judge_flags_map_onto_the_participant_flags(backend):
-    args = eval_incontext_oracle.parse_args(["--judge_backend", backend, "--judge_gpu_start", "1", "--judge_tp", "2", "--openai_base_url", "http://h/v1"])
-    mapped = eval_incontext_oracle.judge_config(args)
+def test_judge_flags_are_the_participant_flags(backend, prompt_file):
+    args, judges = eval_incontext_oracle.parse_arguments(
+        ["--val_jsonl", str(prompt_file), "--judge_backend", backend, "--judge_gpu_start", "1", "--judge_tp", "2", "--openai_base_url", "http://h/v1"]
+    )
+    mapped = eval_incontext_oracle.judge_config(args, judges)
     assert mapped.user_styles == ()  # no simulated user
     if backend in ("vllm", "hf"):  # a local judge model = the participants' user-model judge
         assert mapped.judge_backend == "user" and mapped.user_backend == backend
@@ -125,17 +127,25 @@ def test_judge_flags_map_onto_the_participant_flags(backend):
         assert (mapped.user_vllm_gpu_start, mapped.user_vllm_tp) == (1, 2)
     else:
         assert mapped.judge_backend == backend
-    expected_model = "claude-haiku-4-5-20251001" if backend == "anthropic" else "Qwen/Qwen3-32B"
-    assert mapped.judge_model == expected_model and mapped.openai_base_url == "http://h/v1"
+    if backend != "rule":  # a rule judge has no model
+        assert mapped.judge_model == ("claude-haiku-4-5-20251001" if backend == "anthropic" else "Qwen/Qwen3-32B")
+    assert mapped.openai_base_url == "http://h/v1"
+
+
+def test_the_reference_judge_is_the_default(prompt_file):
+    args, judges = eval_incontext_oracle.parse_arguments(["--val_jsonl", str(prompt_file)])
+    mapped = eval_incontext_oracle.judge_config(args, judges)
+    assert (mapped.user_backend, mapped.judge_backend, mapped.user_model) == ("vllm", "user", "Qwen/Qwen3-32B")
 
 
 @pytest.mark.parametrize(("backend", "judge_type"), [("rule", RuleBasedJudge), ("openai", LLMStyleJudge)])
-def test_keyless_judges_build_without_an_anthropic_key(backend, judge_type, monkeypatch):
+def test_keyless_judges_build_without_an_anthropic_key(backend, judge_type, prompt_file, monkeypatch):
     """No simulated user is needed: the unused one is built on the judge's backend, so no Claude key is asked for."""
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
-    args = eval_incontext_oracle.parse_args(["--judge_backend", backend, "--judge_model", "served", "--openai_base_url", "http://h/v1"])
-    args.styles = STYLES
-    participants = build_participants(eval_incontext_oracle.judge_config(args))
+    args, judges = eval_incontext_oracle.parse_arguments(
+        ["--val_jsonl", str(prompt_file), "--judge_backend", backend, "--judge_model", "served", "--openai_base_url", "http://h/v1", "--styles", *STYLES]
+    )
+    participants = build_participants(eval_incontext_oracle.judge_config(args, judges))
     assert list(participants.judges) == STYLES and all(isinstance(j, judge_type) for j in participants.judges.values())
 
 
