@@ -403,8 +403,8 @@ def _make_folder(path: Path) -> Path:
 
 # (id, setup(tmp_path) -> {flag: value} overriding cli_args, extra argv, expected part of the error line)
 BAD_INPUTS = [
-    ("out_dir is a file", lambda t: {"--out_dir": _make_file(t / "out")}, [], "out is a file, not a folder"),
-    ("out_dir below a file", lambda t: {"--out_dir": _make_file(t / "f") / "out"}, [], "cannot create --out_dir"),
+    ("out_dir is a file", lambda t: {"--out_dir": _make_file(t / "out")}, [], "out is a file; pass a folder"),
+    ("out_dir below a file", lambda t: {"--out_dir": _make_file(t / "f") / "out"}, [], "f is a file; pass a folder"),
     (
         "an output file name is a folder",
         lambda t: {"--out_dir": _make_folder(t / "out" / "summary.json").parent},
@@ -508,7 +508,7 @@ def test_the_script_file_reports_a_bad_out_dir_in_one_line_without_traceback(tmp
         timeout=300,
     )
     assert result.returncode == 2
-    assert result.stderr == f"error: --out_dir {out_file} is a file, not a folder; pass a folder (created if missing)\n"
+    assert result.stderr == f"error: --out_dir {out_file} is a file; pass a folder\n"
     assert out_file.read_text() == "not a folder"
 
 

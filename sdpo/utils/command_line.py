@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class ConfigParser(TrlParser):
         super().__init__(dataclass_types, **kwargs)
 
     def error(self, message: str):
+        # HfArgumentParser also accepts --a-b for --a_b; name only the documented spelling.
+        message = re.sub(r"(--\w+)/--[\w-]+", r"\1", message)
         raise UsageError(f"{message} (see --help)")
 
     def set_defaults_with_config(self, **config) -> list[str]:
