@@ -38,6 +38,28 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+class ConfigValueError(UsageError):
+    """A YAML value of the wrong type or outside a field's choices (argparse converts only command-line strings)."""
+
+
+def _check_config_value(key: str, value, action: argparse.Action) -> None:
+    """Raise ``ConfigValueError`` unless the YAML ``value`` is what ``action`` would have parsed from the flag."""
+    if value is None:
+        return  # None keeps a field unset
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int) and action.nargs > 1
+    if many and not isinstance(value, list):
+        raise ConfigValueError(f"{key}: expected a list, got {value!r}")
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, str) and action.type not in (None, str):
+            continue  # argparse parses a string default like a command-line value, with the same one-line errors
+        if action.type is int and (isinstance(item, bool) or not isinstance(item, int)):
+            raise ConfigValueError(f"{key}: expected a whole number, got {item!r}")
+        if action.type is float and (isinstance(item, bool) or not isinstance(item, (int, float))):
+            raise ConfigValueError(f"{key}: expected a number, got {item!r}")
+        if action.choices is not None and item not in action.choices:
+            raise ConfigValueError(f"{key}: {item!r} is not one of {', '.join(map(str, action.choices))}")
+
+
 class ConfigParser(TrlParser):
     """``TrlParser`` whose errors raise ``UsageError`` and whose YAML files may use a flag's aliases as keys.
 
@@ -54,13 +76,19 @@ class ConfigParser(TrlParser):
         raise UsageError(f"{message} (see --help)")
 
     def set_defaults_with_config(self, **config) -> list[str]:
-        dest_of = {
-            option.lstrip("-"): action.dest
+        actions = {
+            option.lstrip("-"): action
             for action in self._actions
             if not isinstance(action, argparse._StoreFalseAction)
             for option in action.option_strings
         }
-        return super().set_defaults_with_config(**{dest_of.get(key, key): value for key, value in config.items()})
+        # Checked here, before the dataclasses are built: their __post_init__ would report a symptom instead.
+        unknown = [key for key in config if key not in actions]
+        if unknown:
+            raise ConfigValueError(f"unknown key(s) {', '.join(unknown)}: use the option names of --help")
+        for key, value in config.items():
+            _check_config_value(key, value, actions[key])
+        return super().set_defaults_with_config(**{actions[key].dest: value for key, value in config.items()})
 
     def parse(self, argv: list[str] | None = None) -> tuple:
         """The dataclasses from ``argv`` (and ``--config FILE``); any problem is one ``UsageError``."""
@@ -75,7 +103,7 @@ class ConfigParser(TrlParser):
                 raise UsageError(f"--config {config_file}: is a folder; pass a YAML file")
         where = f"--config {config_file}: " if config_file else ""
         try:
-            *parsed, unknown_keys, unknown_flags = self.parse_args_and_config(
+            *parsed, _, unknown_flags = self.parse_args_and_config(
                 argv, return_remaining_strings=True, separate_remaining_strings=True
             )
         except FileNotFoundError:
@@ -84,13 +112,12 @@ class ConfigParser(TrlParser):
             raise UsageError(f"{where}not a UTF-8 text file") from None
         except yaml.YAMLError as error:
             raise UsageError(f"{where}not valid YAML ({first_line(error)})") from None
+        except ConfigValueError as error:
+            raise UsageError(f"{where}{error}") from None
         except UsageError:
             raise
         except (ValueError, TypeError) as error:
             raise UsageError(f"{where if 'config' in str(error).lower() else ''}{first_line(error)}") from None
-        if unknown_keys:
-            keys = ", ".join(key.removeprefix("--") for key in unknown_keys[::2])
-            raise UsageError(f"{where}unknown key(s) {keys}: use the option names of --help")
         if unknown_flags:
             raise UsageError(f"unrecognized arguments: {' '.join(unknown_flags)} (see --help)")
         return tuple(parsed)
@@ -108,15 +135,3 @@ def run_main(entry, argv=None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """Plain argparse for the entry points not yet on dataclasses: ``error: <message>`` and exit status 2."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
