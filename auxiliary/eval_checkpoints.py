@@ -73,8 +73,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdpo.chat.backends import BackendError
-from sdpo.chat.policies import VLLMAdapterPolicy, answer, load_policy, release
+from sdpo.chat.backends import BackendError, VLLMChatBackend
+from sdpo.chat.policies import answer, load_policy, release
 from sdpo.evaluation.evaluation_helpers import (
     DataError,
     as_conversation,
@@ -321,7 +321,7 @@ def load_checkpoint_policy(checkpoint: Checkpoint, args):
         raise CheckpointError(f"checkpoint {checkpoint.given}: could not be loaded ({error})") from error
 
 
-def build_adapter_engine(checkpoints: list[Checkpoint], args) -> VLLMAdapterPolicy:
+def build_adapter_engine(checkpoints: list[Checkpoint], args: CheckpointEvalConfig) -> VLLMChatBackend:
     """One vLLM engine on the adapters' base model, large enough for every adapter's rank."""
     base = checkpoints[0].base_model
     tokenizer = load_tokenizer(base)
@@ -334,7 +334,7 @@ def build_adapter_engine(checkpoints: list[Checkpoint], args) -> VLLMAdapterPoli
         max_model_len=args.max_prompt_tokens + args.eval_max_new_tokens,
         seed=args.seed,
     )
-    return VLLMAdapterPolicy(engine, tokenizer, max_input_tokens=args.max_prompt_tokens, name=f"vllm:{base}")
+    return VLLMChatBackend(engine, tokenizer=tokenizer, max_input_tokens=args.max_prompt_tokens, name=f"vllm:{base}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -362,7 +362,7 @@ def run(
     def answers_of(policy, label: str) -> list[str]:
         seed_everything(args.seed)  # a checkpoint's answers do not depend on its place in the list
         # vLLM schedules a whole list best: one call for all prompts.
-        batch_size = len(conversations) if isinstance(policy, VLLMAdapterPolicy) else args.generation_batch_size
+        batch_size = len(conversations) if isinstance(policy, VLLMChatBackend) else args.generation_batch_size
         return answer(policy, conversations, sampling, batch_size=batch_size, label=label)
 
     # With --use_vllm the baseline answers on the engine when it is the adapters' base model; otherwise it

@@ -97,7 +97,7 @@ def test_policy_on_a_vllm_engine_on_gen_gpu(tiny_model_path, chat_tokenizer, pro
     engines = []
 
     def start_engine(**kwargs):
-        engine = FakeLLM(reply=lambda prompt: "Plain answer." if "USER PROFILE" not in chat_tokenizer.decode(prompt["prompt_token_ids"]) else "Short.")
+        engine = FakeLLM(reply=lambda prompt: "Plain answer." if "USER PROFILE" not in chat_tokenizer.decode(prompt["prompt_token_ids"]) else "Short.", tokenizer=chat_tokenizer)
         engine.kwargs, engine.visible_devices = kwargs, os.environ.get("CUDA_VISIBLE_DEVICES")
         engines.append(engine)
         return engine
