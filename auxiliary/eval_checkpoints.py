@@ -64,7 +64,6 @@ Anthropic or rule-based (the flags of eval_online_sdpo.py).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -82,7 +81,7 @@ from sdpo.evaluation.evaluation_helpers import (
     format_style_line,
     judge_every_style,
     load_split,
-    next_run_index,
+    numbered_results_paths,
     seed_everything,
     write_json_atomic,
 )
@@ -90,7 +89,7 @@ from sdpo.learner.config import check_ranges
 from sdpo.models.generation import SamplingParams
 from sdpo.models.model_loading import ModelLoadError, concrete_dtype, load_tokenizer, resolve_model_path
 from sdpo.models.vllm_engines import VLLMPolicyEngine, require_vllm
-from sdpo.online.config import RUN_NAME, without_credentials
+from sdpo.online.config import RUN_NAME, settings_record
 from sdpo.personas.participants import (
     ParticipantsArguments,
     ParticipantsConfig,
@@ -104,7 +103,12 @@ from sdpo.utils.file_io import check_output_folder
 
 logger = logging.getLogger("eval_checkpoints")
 
-FULL_MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+FULL_MODEL_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -142,9 +146,7 @@ class CheckpointEvalConfig:
     )
     # ---- generation
     eval_max_new_tokens: int = field(default=2048, metadata={"help": "Generation budget per answer."})
-    temperature: float = field(
-        default=1.0, metadata={"help": "Sampling temperature (top-p 1, no top-k; 0 = greedy)."}
-    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (top-p 1, no top-k; 0 = greedy)."})
     dtype: str = field(
         default="bfloat16",
         metadata={
@@ -175,7 +177,9 @@ class CheckpointEvalConfig:
     )
 
     def __post_init__(self):
-        missing = [name for name in ("checkpoints", "baseline_model", "val_jsonl", "run_name") if not getattr(self, name)]
+        missing = [
+            name for name in ("checkpoints", "baseline_model", "val_jsonl", "run_name") if not getattr(self, name)
+        ]
         if missing:
             raise ValueError("the following arguments are required: " + ", ".join(f"--{m}" for m in missing))
         if not RUN_NAME.fullmatch(self.run_name):
@@ -247,8 +251,14 @@ def _looks_like_local_path(name: str) -> bool:
 
 def _checkpoint_hint(path: Path) -> str:
     """Names of checkpoint folders inside ``path`` (or its ``checkpoints/``), for a pointer in the error."""
-    folders = [p for parent in (path, path / "checkpoints") if parent.is_dir() for p in sorted(parent.iterdir()) if p.is_dir()]
-    found = [str(p.relative_to(path)) for p in folders if (p / "config.json").is_file() or (p / "adapter_config.json").is_file()]
+    folders = [
+        p for parent in (path, path / "checkpoints") if parent.is_dir() for p in sorted(parent.iterdir()) if p.is_dir()
+    ]
+    found = [
+        str(p.relative_to(path))
+        for p in folders
+        if (p / "config.json").is_file() or (p / "adapter_config.json").is_file()
+    ]
     return f"; checkpoints inside it: {', '.join(found[:6])}" if found else ""
 
 
@@ -269,13 +279,17 @@ def inspect_checkpoint(given: str) -> Checkpoint:
         if not base:
             raise CheckpointError(f"checkpoint {given}: adapter_config.json names no base_model_name_or_path")
         if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
-            raise CheckpointError(f"checkpoint {given}: LoRA adapter without weights (no {' or '.join(ADAPTER_WEIGHTS)})")
+            raise CheckpointError(
+                f"checkpoint {given}: LoRA adapter without weights (no {' or '.join(ADAPTER_WEIGHTS)})"
+            )
         if _looks_like_local_path(base) and not Path(base).expanduser().is_dir():
             raise CheckpointError(f"checkpoint {given}: its base model {base} (adapter_config.json) does not exist")
         return Checkpoint(given=given, path=path, base_model=base, lora_rank=settings.get("r"))
     if (path / "config.json").is_file():
         if not any((path / name).is_file() for name in FULL_MODEL_WEIGHTS):
-            raise CheckpointError(f"checkpoint {given}: config.json but no model weights (no {', '.join(FULL_MODEL_WEIGHTS)})")
+            raise CheckpointError(
+                f"checkpoint {given}: config.json but no model weights (no {', '.join(FULL_MODEL_WEIGHTS)})"
+            )
         return Checkpoint(given=given, path=path)
     raise CheckpointError(
         f"checkpoint {given}: neither a model folder (config.json) nor a LoRA adapter (adapter_config.json){_checkpoint_hint(path)}"
@@ -294,9 +308,13 @@ def inspect_checkpoints(paths: list[str], use_vllm: bool) -> list[Checkpoint]:
         full = [c.given for c in checkpoints if not c.is_adapter]
         bases = {resolve_model_path(c.base_model) for c in checkpoints if c.is_adapter}
         if full:
-            problems.append(f"--use_vllm evaluates LoRA adapters on one engine; {', '.join(full)} is a full model: drop --use_vllm or pass adapter folders")
+            problems.append(
+                f"--use_vllm evaluates LoRA adapters on one engine; {', '.join(full)} is a full model: drop --use_vllm or pass adapter folders"
+            )
         elif len(bases) > 1:
-            problems.append(f"--use_vllm needs adapters of one base model, got {', '.join(sorted(bases))}: evaluate each base in its own run")
+            problems.append(
+                f"--use_vllm needs adapters of one base model, got {', '.join(sorted(bases))}: evaluate each base in its own run"
+            )
     if problems:
         raise CheckpointError("\n".join(problems))
     return checkpoints
@@ -315,8 +333,21 @@ def load_checkpoint_policy(checkpoint: Checkpoint, args):
     """The checkpoint as a transformers policy; an adapter is applied, unmerged, to its base model."""
     try:
         if checkpoint.is_adapter:
-            return load_policy(checkpoint.base_model, adapter=checkpoint.path, dtype=args.dtype, device=args.device, batch_size=args.generation_batch_size, max_input_tokens=args.max_prompt_tokens)
-        return load_policy(str(checkpoint.path), dtype=args.dtype, device=args.device, batch_size=args.generation_batch_size, max_input_tokens=args.max_prompt_tokens)
+            return load_policy(
+                checkpoint.base_model,
+                adapter=checkpoint.path,
+                dtype=args.dtype,
+                device=args.device,
+                batch_size=args.generation_batch_size,
+                max_input_tokens=args.max_prompt_tokens,
+            )
+        return load_policy(
+            str(checkpoint.path),
+            dtype=args.dtype,
+            device=args.device,
+            batch_size=args.generation_batch_size,
+            max_input_tokens=args.max_prompt_tokens,
+        )
     except ModelLoadError as error:
         raise CheckpointError(f"checkpoint {checkpoint.given}: could not be loaded ({error})") from error
 
@@ -351,7 +382,9 @@ def run(
     completions_path: Path,
 ) -> dict:
     tokenizer = load_tokenizer(args.baseline_model)
-    prompts = load_split(args.val_jsonl, tokenizer, args.eval_n, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, label="eval")
+    prompts = load_split(
+        args.val_jsonl, tokenizer, args.eval_n, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, label="eval"
+    )
     if not prompts:
         raise DataError(f"{args.val_jsonl}: no prompts left after filtering to {args.max_prompt_tokens} tokens")
     participants = build_participants(participants_config)
@@ -367,15 +400,31 @@ def run(
 
     # With --use_vllm the baseline answers on the engine when it is the adapters' base model; otherwise it
     # answers with transformers first and is freed before the engine claims its share of the GPU.
-    baseline_on_engine = args.use_vllm and resolve_model_path(args.baseline_model) == resolve_model_path(checkpoints[0].base_model)
+    baseline_on_engine = args.use_vllm and resolve_model_path(args.baseline_model) == resolve_model_path(
+        checkpoints[0].base_model
+    )
     started = time.perf_counter()
     if not baseline_on_engine:
-        baseline = answers_of(load_policy(args.baseline_model, dtype=args.dtype, device=args.device, batch_size=args.generation_batch_size, max_input_tokens=args.max_prompt_tokens), "baseline")
+        baseline = answers_of(
+            load_policy(
+                args.baseline_model,
+                dtype=args.dtype,
+                device=args.device,
+                batch_size=args.generation_batch_size,
+                max_input_tokens=args.max_prompt_tokens,
+            ),
+            "baseline",
+        )
         release()
     adapter_engine = build_adapter_engine(checkpoints, args) if args.use_vllm else None
     if baseline_on_engine:
         baseline = answers_of(adapter_engine, "baseline")
-    logger.info("baseline: %d answers in %.1f s, mean %.0f chars", len(baseline), time.perf_counter() - started, average_chars(baseline))
+    logger.info(
+        "baseline: %d answers in %.1f s, mean %.0f chars",
+        len(baseline),
+        time.perf_counter() - started,
+        average_chars(baseline),
+    )
 
     results = {
         "meta": {
@@ -395,7 +444,7 @@ def run(
             "user_model": judges.user_model_name_or_path,
             "run_name": args.run_name,
             "baseline_avg_completion_len": average_chars(baseline),
-            "settings": settings_of(args, judges),
+            "settings": settings_record(args, judges),
         },
         "results": [],
     }
@@ -421,7 +470,9 @@ def run(
         del policy
         if adapter_engine is None:
             release()
-        per_style = judge_every_style(participants.judges, prompts, answers, baseline, seed=args.seed, label=checkpoint.path.name)
+        per_style = judge_every_style(
+            participants.judges, prompts, answers, baseline, seed=args.seed, label=checkpoint.path.name
+        )
         results["results"].append(
             {
                 "checkpoint": checkpoint.given,
@@ -441,16 +492,11 @@ def run(
     return results
 
 
-def settings_of(args: CheckpointEvalConfig, judges: ParticipantsArguments) -> dict:
-    """Every setting by field name (what the results meta records); no URL credentials."""
-    settings = {**dataclasses.asdict(args), **dataclasses.asdict(judges)}
-    settings["openai_base_url"] = without_credentials(settings["openai_base_url"])
-    return settings
-
-
 def main(argv=None) -> int:
     """Exit status 2 for a bad command line or config file, 1 for unusable checkpoints, data or judges."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     load_project_env()
     try:
         args, judges = parse_arguments(argv)
@@ -461,15 +507,21 @@ def main(argv=None) -> int:
         checkpoints = inspect_checkpoints(args.checkpoints, args.use_vllm)
         participants_config = ParticipantsConfig.from_args(judges, user_styles=(), judge_styles=args.eval_styles)
         participants_config.validate()
-        require_vllm([flag for flag, on in (("--use_vllm", args.use_vllm), ("--user_vllm (local judge)", participants_config.uses_vllm)) if on])
+        require_vllm(
+            [
+                flag
+                for flag, on in (
+                    ("--use_vllm", args.use_vllm),
+                    ("--user_vllm (local judge)", participants_config.uses_vllm),
+                )
+                if on
+            ]
+        )
     except ValueError as error:  # CheckpointError and ParticipantsError included: one line per problem
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 1
-    out_dir = Path(args.out_dir)
-    index = next_run_index(out_dir, args.run_name)
-    results_path = out_dir / f"{args.run_name}_{index}.json"
-    completions_path = out_dir / f"{args.run_name}_completions_{index}.json"
+    results_path, completions_path = numbered_results_paths(args.out_dir, args.run_name)
     try:
         results = run(args, judges, checkpoints, participants_config, results_path, completions_path)
     except (DataError, ModelLoadError, BackendError, ValueError) as error:

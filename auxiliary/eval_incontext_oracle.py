@@ -53,7 +53,6 @@ checked before any work; results are written after every judged style; completio
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import sys
@@ -72,7 +71,7 @@ from sdpo.evaluation.evaluation_helpers import (
     format_style_line,
     judge_against_baseline,
     load_split,
-    next_run_index,
+    numbered_results_paths,
     seed_everything,
     write_json_atomic,
 )
@@ -81,7 +80,7 @@ from sdpo.learner.config import check_ranges
 from sdpo.models.generation import SamplingParams
 from sdpo.models.model_loading import ModelLoadError, concrete_dtype, load_tokenizer
 from sdpo.models.vllm_engines import build_vllm_engine, require_vllm
-from sdpo.online.config import RUN_NAME, without_credentials
+from sdpo.online.config import RUN_NAME, settings_record
 from sdpo.personas.participants import (
     ParticipantsArguments,
     ParticipantsConfig,
@@ -106,7 +105,10 @@ class OracleConfig:
     # ---- policy
     model_name_or_path: str = field(
         default="Qwen/Qwen3-8B",
-        metadata={"help": "Policy: HF id, local folder or bundled alias (smollm2-135m-instruct).", "aliases": ["--model"]},
+        metadata={
+            "help": "Policy: HF id, local folder or bundled alias (smollm2-135m-instruct).",
+            "aliases": ["--model"],
+        },
     )
     max_new_tokens: int = field(default=2048, metadata={"help": "Generation budget per answer."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (top-p 1, no top-k; 0 = greedy)."})
@@ -197,17 +199,32 @@ def judge_config(args: OracleConfig, judges: ParticipantsArguments) -> Participa
 def build_policy(args: OracleConfig) -> ChatBackend:
     """The policy: transformers (batched) or an in-process vLLM engine on --gen_gpu."""
     if args.use_vllm:
-        engine = build_vllm_engine(args.model_name_or_path, gpu_start=args.gen_gpu, gpu_memory_utilization=args.vllm_gpu_memory_utilization)
-        return VLLMChatBackend(engine, tokenizer=load_tokenizer(args.model_name_or_path), name=f"vllm:{args.model_name_or_path}")
+        engine = build_vllm_engine(
+            args.model_name_or_path, gpu_start=args.gen_gpu, gpu_memory_utilization=args.vllm_gpu_memory_utilization
+        )
+        return VLLMChatBackend(
+            engine, tokenizer=load_tokenizer(args.model_name_or_path), name=f"vllm:{args.model_name_or_path}"
+        )
     device = f"cuda:{args.gen_gpu}" if args.device == "auto" and torch.cuda.is_available() else args.device
     return load_policy(args.model_name_or_path, dtype=args.dtype, device=device, batch_size=args.generation_batch_size)
 
 
 def run(
-    args: OracleConfig, judges: ParticipantsArguments, config: ParticipantsConfig, results_path: Path, completions_path: Path
+    args: OracleConfig,
+    judges: ParticipantsArguments,
+    config: ParticipantsConfig,
+    results_path: Path,
+    completions_path: Path,
 ) -> dict:
     styles = list(config.judge_styles)
-    prompts = load_split(args.val_jsonl, load_tokenizer(args.model_name_or_path), args.eval_n, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, label="eval")
+    prompts = load_split(
+        args.val_jsonl,
+        load_tokenizer(args.model_name_or_path),
+        args.eval_n,
+        max_prompt_tokens=args.max_prompt_tokens,
+        seed=args.seed,
+        label="eval",
+    )
     if not prompts:
         raise DataError(f"{args.val_jsonl}: no prompts left after filtering to {args.max_prompt_tokens} tokens")
     # A rule or API judge costs nothing to build: build it first so a missing key fails before generation.
@@ -229,9 +246,18 @@ def run(
     del policy
     write_json_atomic(
         completions_path,
-        {"prompts": prompts, "baseline": baseline, "oracle": oracle, "oracle_system_prompts": {s: oracle_system_prompt(s) for s in styles}},
+        {
+            "prompts": prompts,
+            "baseline": baseline,
+            "oracle": oracle,
+            "oracle_system_prompts": {s: oracle_system_prompt(s) for s in styles},
+        },
     )
-    logger.info("baseline mean %.0f chars; oracle: %s", average_chars(baseline), {s: average_chars(a) for s, a in oracle.items()})
+    logger.info(
+        "baseline mean %.0f chars; oracle: %s",
+        average_chars(baseline),
+        {s: average_chars(a) for s, a in oracle.items()},
+    )
 
     if participants is None:
         participants = build_participants(config)
@@ -253,29 +279,26 @@ def run(
             "run_name": args.run_name,
             "baseline_avg_completion_len": average_chars(baseline),
             "baseline_gen_time_s": round(baseline_time, 1),
-            "settings": settings_of(args, judges),
+            "settings": settings_record(args, judges),
         },
         "results": {},
         "oracle_avg_lens": {s: average_chars(oracle[s]) for s in styles},
         "oracle_gen_time_s": oracle_times,
     }
     for style in styles:
-        results["results"][style] = judge_against_baseline(participants.judges[style], prompts, oracle[style], baseline, seed=args.seed)
+        results["results"][style] = judge_against_baseline(
+            participants.judges[style], prompts, oracle[style], baseline, seed=args.seed
+        )
         print(format_style_line(f"oracle | {style}", results["results"][style]))
         write_json_atomic(results_path, results)
     return results
 
 
-def settings_of(args: OracleConfig, judges: ParticipantsArguments) -> dict:
-    """Every setting by field name (what the results meta records); no URL credentials."""
-    settings = {**dataclasses.asdict(args), **dataclasses.asdict(judges)}
-    settings["openai_base_url"] = without_credentials(settings["openai_base_url"])
-    return settings
-
-
 def main(argv=None) -> int:
     """Exit status 2 for a bad command line or config file, 1 for an unusable judge, prompt file or model."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     load_project_env()
     try:
         args, judges = parse_arguments(argv)
@@ -285,20 +308,21 @@ def main(argv=None) -> int:
     try:
         config = judge_config(args, judges)
         config.validate()
-        require_vllm([flag for flag, on in (("--use_vllm", args.use_vllm), ("--judge_backend vllm", config.uses_vllm)) if on])
+        require_vllm(
+            [flag for flag, on in (("--use_vllm", args.use_vllm), ("--judge_backend vllm", config.uses_vllm)) if on]
+        )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    eval_dir = Path(args.eval_dir)
-    index = next_run_index(eval_dir, args.run_name)
-    results_path = eval_dir / f"{args.run_name}_{index}.json"
-    completions_path = eval_dir / f"{args.run_name}_completions_{index}.json"
+    results_path, completions_path = numbered_results_paths(args.eval_dir, args.run_name)
     try:
         results = run(args, judges, config, results_path, completions_path)
     except (DataError, ModelLoadError, BackendError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"in-context oracle ({args.model_name_or_path}) vs the same model without the persona; baseline {results['meta']['baseline_avg_completion_len']:.0f} chars")
+    print(
+        f"in-context oracle ({args.model_name_or_path}) vs the same model without the persona; baseline {results['meta']['baseline_avg_completion_len']:.0f} chars"
+    )
     for style, metrics in results["results"].items():
         print(f"  {format_style_line(style, metrics)} oracle {results['oracle_avg_lens'][style]:.0f} chars")
     print(f"results: {results_path}\ncompletions: {completions_path}")

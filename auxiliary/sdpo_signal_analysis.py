@@ -80,7 +80,7 @@ from sdpo.utils.env_file import load_project_env
 from sdpo.evaluation.evaluation_helpers import seed_everything
 from sdpo.utils.file_io import check_output_folder, write_json_atomic
 from sdpo.models.generation import Generation, SamplingParams, encode_chat, generate
-from sdpo.models.model_loading import ModelLoadError, load_model_and_tokenizer, resolve_device
+from sdpo.models.model_loading import ModelLoadError, concrete_dtype, load_model_and_tokenizer, resolve_device
 from sdpo.evaluation.plots import SIGNAL_HEATMAP_FILES, SignalFigureSettings, token_figure_name, write_signal_figures
 from sdpo.core import (
     HINDSIGHT_VARIANTS,
@@ -453,7 +453,11 @@ class SignalAnalysisConfig:
     # ---- model
     dtype: str = field(
         default="auto",
-        metadata={"help": "auto: bf16 on CUDA, fp32 on CPU.", "choices": ["auto", "bfloat16", "float16", "float32"]},
+        metadata={
+            "help": "auto: bfloat16 where the device computes it natively, else float32 (the one rule of every entry "
+            "point).",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     # ---- generation
@@ -585,7 +589,7 @@ def run(config: SignalAnalysisConfig) -> int:
     device = resolve_checked_device(config.device)
 
     cases = sample_cases(cases_file["cases"], defaults["variant_suffix_pool"], config.n_cases, config.seed)
-    dtype = ("bfloat16" if device.type == "cuda" else "float32") if config.dtype == "auto" else config.dtype
+    dtype = concrete_dtype(config.dtype, device)
     model, tokenizer = load_model_and_tokenizer(config.model, dtype=dtype, device=device)
     model.eval()
     # Seeded after loading: weight initialisation inside from_pretrained may draw from the torch RNG.

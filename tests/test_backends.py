@@ -9,6 +9,8 @@ import types
 
 import pytest
 
+from auxiliary.claude_style_judge import ClaudeStyleJudge
+from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
 from sdpo.chat.backends import (
     AnthropicBackend,
     BackendError,
@@ -18,8 +20,6 @@ from sdpo.chat.backends import (
     VLLMChatBackend,
     _share_fairly,
 )
-from auxiliary.claude_style_judge import ClaudeStyleJudge
-from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
 from sdpo.models.generation import SamplingParams, encode_chat
 from tests.fakes import (
     FakeAnthropicServer,

@@ -23,7 +23,17 @@ def squeezed(text: str) -> str:
 
 def online_argv(prompt_files, tmp_path, *extra) -> list[str]:
     train, val = prompt_files
-    return ["--train_jsonl", str(train), "--val_jsonl", str(val), "--run_name", "r", "--out_dir", str(tmp_path / "run"), *extra]
+    return [
+        "--train_jsonl",
+        str(train),
+        "--val_jsonl",
+        str(val),
+        "--run_name",
+        "r",
+        "--out_dir",
+        str(tmp_path / "run"),
+        *extra,
+    ]
 
 
 # ---- --help and the reference's names
@@ -60,14 +70,18 @@ def test_every_reference_alias_sets_its_field(prompt_files, tmp_path, flag, valu
 
 
 def test_the_reference_oracle_judge_names_are_aliases(tmp_path):
-    (judges,) = ConfigParser(ParticipantsArguments).parse(["--judge_tp", "2", "--judge_gpu_start", "3", "--judge_device", "cpu"])
+    (judges,) = ConfigParser(ParticipantsArguments).parse(
+        ["--judge_tp", "2", "--judge_gpu_start", "3", "--judge_device", "cpu"]
+    )
     assert (judges.user_vllm_tp, judges.user_vllm_gpu_start, judges.user_device) == (2, 3, "cpu")
 
 
 def test_errors_name_the_documented_spelling_of_a_flag():
     with pytest.raises(UsageError) as raised:
         ConfigParser(OnlineSDPOConfig).parse(["--loss_mode", "nope"])
-    assert str(raised.value).startswith("argument --loss_mode: invalid choice: 'nope'") and "--loss-mode" not in str(raised.value)
+    assert str(raised.value).startswith("argument --loss_mode: invalid choice: 'nope'") and "--loss-mode" not in str(
+        raised.value
+    )
 
 
 # ---- YAML --config
@@ -84,17 +98,25 @@ def test_online_yaml_values_land_in_the_dataclasses_and_the_command_line_wins(pr
     arguments = eval_online_sdpo.parse_arguments(["--config", str(config), "--train_n", "3", "--lr", "1e-4"])
     learner, participants, run = arguments.learner, arguments.participants, arguments.run
     assert learner.model_name_or_path == "smollm2-135m-instruct" and learner.learning_rate == 1e-4  # the flag wins
-    assert learner.lora_target_modules == ["q_proj", "v_proj"] and learner.chat_template_kwargs == {"enable_thinking": True}
+    assert learner.lora_target_modules == ["q_proj", "v_proj"] and learner.chat_template_kwargs == {
+        "enable_thinking": True
+    }
     assert (run.train_n, run.run_name, run.eval_styles) == (3, "from_yaml", ["short"])
     assert (participants.user_backend, participants.judge_backend) == ("rule", "rule")
 
 
 def test_live_chat_yaml_values_land_in_the_dataclasses_and_the_command_line_wins(tmp_path):
     config = tmp_path / "chat.yaml"
-    config.write_text(f"model: some-model\nport: 7000\nadapters_dir: {tmp_path / 'adapters'}\nlora_r: 8\nmax_history_messages: 4\n")
+    config.write_text(
+        f"model: some-model\nport: 7000\nadapters_dir: {tmp_path / 'adapters'}\nlora_r: 8\nmax_history_messages: 4\n"
+    )
     learner, settings, use_vllm = live_chat.resolve(["--config", str(config), "--port", "7001"])
     assert learner.model_name_or_path == "some-model" and learner.lora_r == 8 and learner.use_lora
-    assert (settings.port, settings.max_history_messages, settings.adapters_dir) == (7001, 4, str(tmp_path / "adapters"))
+    assert (settings.port, settings.max_history_messages, settings.adapters_dir) == (
+        7001,
+        4,
+        str(tmp_path / "adapters"),
+    )
     assert learner.checkpoint_dir == settings.adapters_dir and use_vllm is False
 
 

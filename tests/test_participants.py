@@ -6,9 +6,9 @@ from auxiliary.claude_style_judge import ClaudeStyleJudge
 from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
 from sdpo.models.generation import SamplingParams
 from sdpo.personas.participants import (
+    ParticipantsArguments,
     ParticipantsConfig,
     ParticipantsError,
-    ParticipantsArguments,
     build_participants,
 )
 from sdpo.personas.rule_based_user import RuleBasedJudge, RuleBasedUserSimulator

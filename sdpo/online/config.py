@@ -205,6 +205,15 @@ def without_credentials(url: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def settings_record(*configs) -> dict:
+    """Every setting of the parsed dataclasses by field name (what results meta and state files record), with
+    ``openai_base_url`` stored without credentials."""
+    settings = {key: value for config in configs for key, value in dataclasses.asdict(config).items()}
+    if "openai_base_url" in settings:
+        settings["openai_base_url"] = without_credentials(settings["openai_base_url"])
+    return settings
+
+
 @dataclass(frozen=True)
 class OnlineArguments:
     """The three parsed settings of an online run."""
@@ -221,13 +230,7 @@ class OnlineArguments:
 
     def to_dict(self) -> dict:
         """Every setting by field name (what results meta and run_state.json record); no URL credentials."""
-        settings = {
-            **dataclasses.asdict(self.learner),
-            **dataclasses.asdict(self.participants),
-            **dataclasses.asdict(self.run),
-        }
-        settings["openai_base_url"] = without_credentials(settings["openai_base_url"])
-        return settings
+        return settings_record(self.learner, self.participants, self.run)
 
     @classmethod
     def from_dict(cls, settings: dict) -> OnlineArguments:
