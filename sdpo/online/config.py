@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 from sdpo.learner.config import OnlineSDPOConfig, check_ranges
 from sdpo.personas.participants import ParticipantsArguments, ParticipantsConfig, StyleSchedule
 from sdpo.personas.user_simulator import resolve_style
+from sdpo.utils.file_io import check_output_folder
 from sdpo.utils.tracking import REPORT_TO
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -34,14 +35,8 @@ def _check_file(flag: str, value: str | None) -> None:
 
 
 def _check_folder(flag: str, value: str | None) -> None:
-    if not value:
-        return
-    path = Path(value)
-    for parent in (path, *path.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--{flag} {value}: {parent} is a file; pass a folder")
-            break
+    if value:
+        check_output_folder(value, f"--{flag}")
 
 
 @dataclass
