@@ -89,7 +89,7 @@ from sdpo.learner.config import check_ranges
 from sdpo.models.generation import SamplingParams
 from sdpo.models.model_loading import ModelLoadError, concrete_dtype, load_tokenizer, resolve_model_path
 from sdpo.models.vllm_engines import VLLMPolicyEngine, require_vllm
-from sdpo.online.config import RUN_NAME, settings_record
+from sdpo.online.config import check_run_name, settings_record
 from sdpo.personas.participants import (
     ParticipantsArguments,
     ParticipantsConfig,
@@ -182,11 +182,7 @@ class CheckpointEvalConfig:
         ]
         if missing:
             raise ValueError("the following arguments are required: " + ", ".join(f"--{m}" for m in missing))
-        if not RUN_NAME.fullmatch(self.run_name):
-            raise ValueError(
-                f"--run_name {self.run_name!r}: use letters, digits, '.', '_' and '-' only "
-                "(it names files inside --out_dir)"
-            )
+        check_run_name(self.run_name)
         seen: dict[Path, str] = {}
         for given in self.checkpoints:
             folder = Path(given).expanduser().resolve()

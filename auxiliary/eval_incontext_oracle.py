@@ -80,7 +80,7 @@ from sdpo.learner.config import check_ranges
 from sdpo.models.generation import SamplingParams
 from sdpo.models.model_loading import ModelLoadError, concrete_dtype, load_tokenizer
 from sdpo.models.vllm_engines import build_vllm_engine, require_vllm
-from sdpo.online.config import RUN_NAME, settings_record
+from sdpo.online.config import check_run_name, settings_record
 from sdpo.personas.participants import (
     ParticipantsArguments,
     ParticipantsConfig,
@@ -160,11 +160,7 @@ class OracleConfig:
     )
 
     def __post_init__(self):
-        if not RUN_NAME.fullmatch(self.run_name):
-            raise ValueError(
-                f"--run_name {self.run_name!r}: use letters, digits, '.', '_' and '-' only "
-                "(it names files inside --eval_dir)"
-            )
+        check_run_name(self.run_name, "--eval_dir")
         if not Path(self.val_jsonl).is_file():
             raise ValueError(f"--val_jsonl {self.val_jsonl}: no such file")
         self.styles = list(dict.fromkeys(resolve_style(style) for style in self.styles))

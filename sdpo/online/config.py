@@ -28,6 +28,14 @@ SYSTEM_PROMPTS = {
 RESUME_OVERRIDABLE = ("resume", "debug_first_example", "report_to", "wandb", "out_dir")
 
 
+def check_run_name(run_name: str, folder_flag: str = "--out_dir") -> None:
+    """One ``ValueError`` line unless ``run_name`` is a plain file-name prefix (it names files in the folder)."""
+    if not RUN_NAME.fullmatch(run_name):
+        raise ValueError(
+            f"--run_name {run_name!r}: use letters, digits, '.', '_' and '-' only (it names files inside {folder_flag})"
+        )
+
+
 def _check_file(flag: str, value: str | None) -> None:
     path = Path(value or "")
     if not path.is_file():
@@ -159,11 +167,7 @@ class OnlineRunConfig:
         missing = [name for name in ("train_jsonl", "val_jsonl", "run_name") if not getattr(self, name)]
         if missing:
             raise ValueError("the following arguments are required: " + ", ".join(f"--{m}" for m in missing))
-        if not RUN_NAME.fullmatch(self.run_name):
-            raise ValueError(
-                f"--run_name {self.run_name!r}: use letters, digits, '.', '_' and '-' only "
-                "(it names files inside --out_dir)"
-            )
+        check_run_name(self.run_name)
         _check_file("train_jsonl", self.train_jsonl)
         _check_file("val_jsonl", self.val_jsonl)
         check_ranges(
