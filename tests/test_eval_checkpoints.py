@@ -464,3 +464,21 @@ def test_script_cpu_preset():
     assert values(argv, "--device") == "cpu" and values(argv, "--eval_n") == "24"
     assert values(argv, "--val_jsonl").endswith("data/mtbench_prompts/validation.jsonl")
     assert not {"--use_vllm", "--user_vllm", "--judge_local"} & set(argv)
+
+
+@pytest.mark.parametrize("preset", ["", "cpu"])
+def test_the_scripts_commands_parse(preset, prompt_file, tmp_path):
+    env = {
+        "PRESET": preset,
+        "CHECKPOINTS": "a b",
+        "BASELINE_MODEL": "m",
+        "DATA_DIR": str(prompt_file.parent),
+        "OUTPUT_DIR": str(tmp_path),
+    }
+    argv = dry_run_argv("eval_checkpoints.sh", "--dry-run", env=env)
+    args, judges = eval_checkpoints.parse_arguments(argv[2:])
+    assert args.checkpoints == ["a", "b"] and args.baseline_model == "m"
+    if preset == "cpu":
+        assert judges.judge_backend == "rule"
+    else:
+        assert judges.judge_local and judges.user_vllm and judges.user_model_name_or_path == "Qwen/Qwen3-32B"

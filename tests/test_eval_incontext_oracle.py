@@ -272,3 +272,17 @@ def test_script_cpu_preset():
     assert values(argv, "--device") == "cpu" and values(argv, "--eval_n") == "16"
     assert values(argv, "--val_jsonl").endswith("data/mtbench_prompts/validation.jsonl")
     assert "--use_vllm" not in argv and "--judge_model" not in argv
+
+
+@pytest.mark.parametrize("preset", ["", "cpu"])
+def test_the_scripts_commands_parse(preset, prompt_file, tmp_path):
+    """Both presets' command lines are valid settings (the GPU one keeps the reference's vLLM Qwen3-32B judge)."""
+    env = {"PRESET": preset, "DATA_DIR": str(prompt_file.parent), "OUTPUT_DIR": str(tmp_path / "out")}
+    argv = dry_run_argv("eval_incontext_oracle.sh", "--dry-run", env=env)
+    args, judges = eval_incontext_oracle.parse_arguments(argv[2:])
+    mapped = eval_incontext_oracle.judge_config(args, judges)
+    if preset == "cpu":
+        assert mapped.judge_backend == "rule" and args.device == "cpu"
+    else:
+        assert (mapped.user_backend, mapped.judge_backend, mapped.user_model) == ("vllm", "user", "Qwen/Qwen3-32B")
+        assert args.use_vllm and args.model_name_or_path == "Qwen/Qwen3-8B"
