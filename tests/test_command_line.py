@@ -11,6 +11,7 @@ import eval_online_sdpo
 import live_chat
 from auxiliary import eval_checkpoints, eval_incontext_oracle, sdpo_signal_analysis
 from sdpo.learner.config import OnlineSDPOConfig
+from sdpo.online import config as online_config
 from sdpo.online.config import OnlineRunConfig
 from sdpo.personas.participants import ParticipantsArguments
 from sdpo.utils.command_line import ConfigParser, UsageError
@@ -40,7 +41,7 @@ def online_argv(prompt_files, tmp_path, *extra) -> list[str]:
 
 
 def test_the_online_help_is_derived_from_every_dataclass_field():
-    text = squeezed(eval_online_sdpo.build_parser().format_help())
+    text = squeezed(online_config.build_parser().format_help())
     for dataclass_type in (OnlineSDPOConfig, ParticipantsArguments, OnlineRunConfig):
         for spec in dataclasses.fields(dataclass_type):
             assert f"--{spec.name}" in text, spec.name
@@ -65,7 +66,7 @@ def test_the_live_chat_help_is_derived_from_its_dataclasses():
     ],
 )
 def test_every_reference_alias_sets_its_field(prompt_files, tmp_path, flag, value, field, expected):
-    arguments = eval_online_sdpo.parse_arguments(online_argv(prompt_files, tmp_path, flag, value))
+    arguments = online_config.parse_arguments(online_argv(prompt_files, tmp_path, flag, value))
     assert getattr(arguments.learner, field) == expected
 
 
@@ -95,7 +96,7 @@ def test_online_yaml_values_land_in_the_dataclasses_and_the_command_line_wins(pr
         f"out_dir: {tmp_path / 'run'}\ntrain_n: 6\nuser_backend: rule\njudge_backend: rule\n"
         "lora_target_modules: [q_proj, v_proj]\neval_styles: [short]\nchat_template_kwargs: {enable_thinking: true}\n"
     )
-    arguments = eval_online_sdpo.parse_arguments(["--config", str(config), "--train_n", "3", "--lr", "1e-4"])
+    arguments = online_config.parse_arguments(["--config", str(config), "--train_n", "3", "--lr", "1e-4"])
     learner, participants, run = arguments.learner, arguments.participants, arguments.run
     assert learner.model_name_or_path == "smollm2-135m-instruct" and learner.learning_rate == 1e-4  # the flag wins
     assert learner.lora_target_modules == ["q_proj", "v_proj"] and learner.chat_template_kwargs == {

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-import eval_online_sdpo
+from sdpo.online import config as online_config
 from sdpo.personas.user_simulator import STYLE_PERSONAS
 from tests.test_scripts import REPO, dry_run, flag
 
@@ -76,15 +76,16 @@ def test_fig6_is_the_helpsteer_setting_with_claude_and_three_sequential_preferen
 
 @pytest.mark.parametrize("figure", FIGURES)
 def test_each_recipe_is_a_command_the_loop_accepts(figure, tmp_path, monkeypatch):
-    real_find_spec = eval_online_sdpo.importlib.util.find_spec
+    real_find_spec = online_config.importlib.util.find_spec
     # Fig. 6's 8-bit AdamW needs bitsandbytes (CUDA only), which this CPU machine does not have.
-    monkeypatch.setattr(eval_online_sdpo.importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real_find_spec(name, *a))
+    monkeypatch.setattr(online_config.importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real_find_spec(name, *a))
     for split in ("train", "validation"):
         (tmp_path / f"{split}.jsonl").write_text('{"prompt": "hi"}\n')
-    args = eval_online_sdpo.parse_args(recipe(figure, env={"DATA_DIR": str(tmp_path)})[2:])
-    assert (args.lr, args.temperature, args.eval_n, args.loss_mode) == (5e-6, 1.0, 256, "simple_signal")
-    assert args.interactions_per_step == (32 if figure == "fig6" else 16)
-    assert args.use_lora and args.use_vllm
+    arguments = online_config.parse_arguments(recipe(figure, env={"DATA_DIR": str(tmp_path)})[2:])
+    learner, run = arguments.learner, arguments.run
+    assert (learner.learning_rate, learner.temperature, run.eval_n, learner.loss_mode) == (5e-6, 1.0, 256, "simple_signal")
+    assert run.interactions_per_step == (32 if figure == "fig6" else 16)
+    assert learner.use_lora and learner.use_vllm
 
 
 def test_env_overrides_and_extra_arguments_are_forwarded(tmp_path):

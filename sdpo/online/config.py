@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 from sdpo.learner.config import OnlineSDPOConfig, check_ranges
 from sdpo.personas.participants import ParticipantsArguments, ParticipantsConfig, StyleSchedule
 from sdpo.personas.user_simulator import resolve_style
+from sdpo.utils.command_line import ConfigParser, UsageError
 from sdpo.utils.file_io import check_output_folder
 from sdpo.utils.tracking import REPORT_TO
 
@@ -240,3 +242,19 @@ class OnlineArguments:
             return dataclass_type(**{k: v for k, v in settings.items() if k in names})
 
         return cls(build(OnlineSDPOConfig), build(ParticipantsArguments), build(OnlineRunConfig))
+
+
+def build_parser(description: str | None = None) -> ConfigParser:
+    """The online loop's parser: the learner, the participants and the run, one flag (and YAML key) per field."""
+    parser = ConfigParser((OnlineSDPOConfig, ParticipantsArguments, OnlineRunConfig), description=description)
+    # The online loop keeps its checkpoints in <out_dir>/checkpoints and saves only with --save_checkpoints.
+    parser.set_defaults(checkpoint_every_n_steps=0, max_checkpoints=0)
+    return parser
+
+
+def parse_arguments(argv: list[str] | None = None, description: str | None = None) -> OnlineArguments:
+    """Every setting, checked for everything that can be checked before a model loads (one ``UsageError``)."""
+    learner, participants, run = build_parser(description).parse(argv)
+    if learner.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("--optim adamw_8bit needs bitsandbytes (pip install bitsandbytes, CUDA); or use --optim adamw")
+    return OnlineArguments(learner, participants, run)

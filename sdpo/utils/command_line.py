@@ -69,6 +69,10 @@ class ConfigParser(TrlParser):
     def __init__(self, dataclass_types=None, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(dataclass_types, **kwargs)
+        # A list field whose default is a list may also be given empty (``--eval_styles`` with no style).
+        for action in self._actions:
+            if action.nargs == "+" and isinstance(action.default, list):
+                action.nargs = "*"
 
     def error(self, message: str):
         # HfArgumentParser also accepts --a-b for --a_b; name only the documented spelling.
