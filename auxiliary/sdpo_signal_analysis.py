@@ -16,7 +16,7 @@ Commands:
     ./scripts/run_signal_analysis.sh
     python auxiliary/sdpo_signal_analysis.py --model Qwen/Qwen3-8B --out_dir out/signals
 
-    # CPU, the bundled SmolLM2-135M-Instruct (fp32): about 2 minutes on 2 cores
+    # CPU, the bundled SmolLM2-135M-Instruct (fp32, or bf16 on CPUs that compute it natively): about 2 minutes on 2 cores
     MODEL=smollm2-135m-instruct N_CASES=12 ./scripts/run_signal_analysis.sh --max_new_tokens 128 --min_y_tokens 48
     # On a machine shared with other jobs, one torch thread avoids OpenMP oversubscription (measured with
     # other jobs running: 105 s with OMP_NUM_THREADS=1 vs 487 s with the default 2 threads; same output).
