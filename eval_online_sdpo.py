@@ -92,7 +92,7 @@ from sdpo.online.run_state import (
     start_or_resume,
 )
 from sdpo.personas.participants import build_participants, check_remote_backends
-from sdpo.utils.command_line import UsageError
+from sdpo.utils.command_line import UsageError, mask_secrets
 from sdpo.utils.env_file import load_project_env
 from sdpo.utils.tracking import Tracker
 
@@ -382,8 +382,8 @@ def print_summary(results: dict) -> None:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    load_project_env()
     try:
+        load_project_env()
         arguments, files, previous = start_or_resume(parse_arguments(argv, description=__doc__))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -395,7 +395,7 @@ def main(argv=None) -> int:
     try:
         results = online_run.execute()
     except (DataError, ModelLoadError, BackendError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {mask_secrets(str(error))}", file=sys.stderr)
         if files.results.is_file():
             print(f"results so far: {files.results}; continue with: python eval_online_sdpo.py --resume --out_dir {files.out_dir}", file=sys.stderr)
         return 1

@@ -134,7 +134,7 @@ CONFIG_MISTAKES = {
     "a missing file": (lambda t: ["--config", str(t / "none.yaml")], "--config {t}/none.yaml: no such file"),
     "a float for an int field": (
         lambda t: ["--config", _yaml(t, "seed: 2.5\n")],
-        "--config {t}/c.yaml: seed: expected a whole number, got 2.5",
+        "--config {t}/c.yaml: seed must be a whole number, got 2.5",
     ),
     "an unknown key": (
         lambda t: ["--config", _yaml(t, "seed: 3\nno_such_setting: 1\n")],

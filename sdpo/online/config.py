@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from sdpo.data.data_sources import DataError
+from sdpo.evaluation.evaluation_helpers import load_prompts
 from sdpo.learner.config import OnlineSDPOConfig, check_ranges
 from sdpo.personas.participants import ParticipantsArguments, ParticipantsConfig, StyleSchedule
 from sdpo.personas.user_simulator import resolve_style
-from sdpo.utils.command_line import ConfigParser, UsageError
+from sdpo.utils.command_line import MASK, ConfigParser, UsageError, is_secret_name
 from sdpo.utils.file_io import check_output_folder
 from sdpo.utils.tracking import REPORT_TO
 
@@ -47,6 +49,21 @@ def _check_file(flag: str, value: str | None) -> None:
 def _check_folder(flag: str, value: str | None) -> None:
     if value:
         check_output_folder(value, f"--{flag}")
+
+
+def _looks_like_local_path(name: str) -> bool:
+    # Hub ids are "org/name"; anything absolute, relative-marked or deeper is a filesystem path.
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def check_local_model(flag: str, name: str | None) -> None:
+    """A model given as a local path must be an existing folder (checked before any model loads)."""
+    if not name or not _looks_like_local_path(name):
+        return
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        problem = "is a file; pass the model folder" if path.exists() else "does not exist; fix the path"
+        raise DataError(f"--{flag} {name}: {problem}")
 
 
 @dataclass
@@ -206,13 +223,20 @@ def without_credentials(url: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def stored_value(name: str, value):
+    """What a results or state file may hold of a setting: never a secret-named one, URLs without credentials."""
+    if is_secret_name(name) and value:
+        return MASK
+    if isinstance(value, str) and "://" in value:
+        return without_credentials(value)
+    return value
+
+
 def settings_record(*configs) -> dict:
-    """Every setting of the parsed dataclasses by field name (what results meta and state files record), with
-    ``openai_base_url`` stored without credentials."""
+    """Every setting of the parsed dataclasses by field name (what results meta and state files record), each as
+    ``stored_value`` keeps it."""
     settings = {key: value for config in configs for key, value in dataclasses.asdict(config).items()}
-    if "openai_base_url" in settings:
-        settings["openai_base_url"] = without_credentials(settings["openai_base_url"])
-    return settings
+    return {name: stored_value(name, value) for name, value in settings.items()}
 
 
 @dataclass(frozen=True)
@@ -228,6 +252,26 @@ class OnlineArguments:
         return ParticipantsConfig.from_args(
             self.participants, user_styles=self.run.schedule.styles, judge_styles=self.run.judged_styles
         )
+
+    def check_inputs(self) -> None:
+        """Everything about the run's files and models that can be checked before a model loads: both prompt
+        files read and validated in full, local model folders present, a batch the training prompts can fill.
+        One ``DataError`` line naming the file, line or flag."""
+        run, participants = self.run, self.participants
+        train = load_prompts(run.train_jsonl)
+        load_prompts(run.val_jsonl)
+        config = self.participants_config()
+        local_user = config.user_backend in ("hf", "vllm") and (config.user_styles or config.judge_backend == "user")
+        check_local_model("model_name_or_path", self.learner.model_name_or_path)
+        check_local_model("user_model_name_or_path", participants.user_model_name_or_path if local_user else None)
+        check_local_model("baseline_model", run.baseline_model)
+        usable = min(run.train_n, len(train))
+        if run.interactions_per_step > usable:
+            raise DataError(
+                f"--interactions_per_step {run.interactions_per_step} exceeds the {usable} training interactions "
+                f"(--train_n {run.train_n}, {len(train)} prompts in {run.train_jsonl}): no step would be full; "
+                f"use --interactions_per_step {usable} or more prompts"
+            )
 
     def to_dict(self) -> dict:
         """Every setting by field name (what results meta and run_state.json record); no URL credentials."""
