@@ -111,7 +111,7 @@ def test_live_chat_yaml_values_land_in_the_dataclasses_and_the_command_line_wins
     config.write_text(
         f"model: some-model\nport: 7000\nadapters_dir: {tmp_path / 'adapters'}\nlora_r: 8\nmax_history_messages: 4\n"
     )
-    learner, settings, use_vllm = live_chat.resolve(["--config", str(config), "--port", "7001"])
+    learner, settings, use_vllm, _ = live_chat.resolve(["--config", str(config), "--port", "7001"])
     assert learner.model_name_or_path == "some-model" and learner.lora_r == 8 and learner.use_lora
     assert (settings.port, settings.max_history_messages, settings.adapters_dir) == (
         7001,
