@@ -39,7 +39,16 @@ import numpy as np
 import torch
 
 from sdpo.utils.file_io import write_json_atomic
-from sdpo.models.generation import Generation, InferenceCopy, SamplingParams, encode_chat, generate, stop_token_ids
+from sdpo.models.generation import (
+    Generation,
+    InferenceCopy,
+    SamplingParams,
+    encode_chat,
+    encode_completions,
+    generate,
+    stop_token_ids,
+)
+from sdpo.models.lora import attach_lora
 from sdpo.models.model_loading import load_model_and_tokenizer, resolve_device, resolve_dtype
 from sdpo.learner import distributed
 from sdpo.learner.config import OnlineSDPOConfig
@@ -174,7 +183,14 @@ class OnlineSDPOUpdater:
             if config.use_lora:
                 model.enable_input_require_grads()
         if config.use_lora:
-            model = self._wrap_lora(model, resume_path)
+            model = attach_lora(
+                model,
+                r=config.lora_r,
+                alpha=config.lora_alpha,
+                dropout=config.lora_dropout,
+                target_modules=config.lora_target_modules,
+                resume_from=resume_path,
+            )
         self.model = model.to(self.device)
         self.model.train()
         # What the scoring forward passes run: DDP under a multi-process launch (gradients all-reduced), else the
@@ -210,24 +226,6 @@ class OnlineSDPOUpdater:
             self._publish_adapter()
 
     # ------------------------------------------------------------------ setup
-
-    def _wrap_lora(self, model, resume_path: Path | None):
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if resume_path is not None:
-            return PeftModel.from_pretrained(model, resume_path, is_trainable=True)
-        lora = LoraConfig(
-            r=self.config.lora_r,
-            lora_alpha=self.config.lora_alpha,
-            lora_dropout=self.config.lora_dropout,
-            target_modules=list(self.config.lora_target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        try:
-            return get_peft_model(model, lora)
-        except ValueError as error:
-            raise ValueError(f"LoRA could not be attached ({error}); set lora_target_modules to module names of this model") from error
 
     def _initial_weights(self, resume_path: Path | None, model_given: bool):
         """The untrained full model a ``base``/``trust_region`` teacher copies when the policy was resumed from
@@ -318,7 +316,7 @@ class OnlineSDPOUpdater:
         elif isinstance(response, str):
             if not response.strip():
                 raise EmptyResponseError("the response is empty; skip this interaction")
-            ids = self.tokenizer(response.rstrip() + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            (ids,) = encode_completions(self.tokenizer, [response])
         else:
             raise TypeError(f"response must be a Generation or a str, got {type(response).__name__}")
         if len(ids) > self.config.max_new_tokens:
