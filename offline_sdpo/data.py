@@ -14,6 +14,7 @@ from offline_sdpo.config import OVERLONG_POLICIES, OfflineSDPOConfig
 from sdpo.core import build_hindsight_messages, encode_student_teacher_contexts
 from sdpo.data.data_sources import DataError, iter_dataset_rows
 from sdpo.data.interaction_schema import Interaction, Message, interactions_from_row, message_text, parse_messages
+from sdpo.models.generation import encode_completions
 
 
 class InteractionDataError(DataError):
@@ -147,8 +148,7 @@ class OfflineSDPOCollator:
 
     def encode_completions(self, texts: list[str]) -> list[list[int]]:
         """Full token ids of each completion (text.rstrip() + EOS), before any budget is applied."""
-        closed = [text.rstrip() + self.tokenizer.eos_token for text in texts]
-        return self.tokenizer(closed, add_special_tokens=False)["input_ids"]
+        return encode_completions(self.tokenizer, texts)
 
     def fit_completion(self, ids: list[int], source: str = "") -> tuple[list[int], bool]:
         """Apply the completion budget: (ids, ends_with_eos)."""

@@ -72,27 +72,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
-from trl import TrlParser
 
 from offline_sdpo.config import OfflineSDPOConfig, sharded_launch
 from offline_sdpo.data import InteractionDataset, OfflineSDPOCollator, drop_overlong_completions, load_interactions
 from offline_sdpo.offline_sdpo_trainer import OfflineSDPOTrainer
 from offline_sdpo.sft_baseline import SFTBaselineTrainer, sft_config, sft_dataset
-from sdpo.data.data_sources import DataError, first_line
+from sdpo.data.data_sources import DataError
 from sdpo.learner.config import DEFAULT_LORA_TARGET_MODULES
+from sdpo.models.lora import LoRASetupError, attach_lora
 from sdpo.models.model_loading import DTYPES, ModelLoadError, load_model_and_tokenizer, load_tokenizer
-from sdpo.utils import command_line
-from sdpo.utils.command_line import mask_secrets, mask_secrets_in_logs, remember_secrets
+from sdpo.utils.command_line import ConfigParser, UsageError, mask_secrets, mask_secrets_in_logs, remember_secrets
+from sdpo.utils.file_io import OutputFolderError, check_output_folder
 from sdpo.utils.env_file import load_project_env
 
 DEFAULT_BASE_MODEL = "Qwen/Qwen3-4B"
 DATA_REPORT_FILE = "data_report.json"
 SUMMARY_FILE = "train_summary.json"
-
-
-class UsageError(ValueError):
-    """A command-line or config-file problem; the message is one line."""
 
 
 @dataclass
@@ -208,24 +203,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The module docstring's layout, and each flag's default."""
 
 
-class OfflineArgumentParser(TrlParser):
-    """``TrlParser`` whose usage errors are one line and whose config files may use the old flag names."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see --help)")
-
-    def set_defaults_with_config(self, **config) -> list[str]:
-        dest_of = {
-            option.lstrip("-"): action.dest
-            for action in self._actions
-            if not isinstance(action, argparse._StoreFalseAction)
-            for option in action.option_strings
-        }
-        return super().set_defaults_with_config(**{dest_of.get(key, key): value for key, value in config.items()})
-
-
-def build_parser() -> OfflineArgumentParser:
-    return OfflineArgumentParser(
+def build_parser() -> ConfigParser:
+    return ConfigParser(
         (DataArguments, ModelArguments, OfflineSDPOConfig, MethodArguments),
         description=__doc__,
         formatter_class=HelpFormatter,
@@ -236,25 +215,7 @@ def parse_arguments(argv: list[str] | None = None) -> OfflineArguments:
     """Parse the command line and ``--config`` file; every problem is a one-line ``UsageError``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     check_distributed_launch(on_cpu=not torch.cuda.is_available())
-    config_file = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
-    where = f"--config {config_file}: " if config_file else ""
-    try:
-        data, model, config, method, unknown_keys, unknown_flags = build_parser().parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True
-        )
-    except FileNotFoundError:
-        raise UsageError(f"{where}no such file") from None
-    except yaml.YAMLError as error:
-        raise UsageError(f"{where}not valid YAML ({first_line(error)})") from None
-    except UsageError:
-        raise
-    except (ValueError, TypeError) as error:
-        raise UsageError(first_line(error)) from None
-    if unknown_keys:
-        keys = ", ".join(key.removeprefix("--") for key in unknown_keys[::2])
-        raise UsageError(f"{where}unknown key(s) {keys}: use the option names of --help")
-    if unknown_flags:
-        raise UsageError(f"unrecognized arguments: {' '.join(unknown_flags)} (see --help)")
+    data, model, config, method = build_parser().parse(argv)
     return OfflineArguments(data, model, config, method)
 
 
@@ -265,9 +226,10 @@ def parse_arguments(argv: list[str] | None = None) -> OfflineArguments:
 
 def check_output_dir(output_dir: str) -> None:
     """The output folder exists (or can be made) and is writable."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--output_dir {path} is a file; pass a folder")
+    try:
+        path = check_output_folder(output_dir, "--output_dir")
+    except OutputFolderError as error:
+        raise UsageError(str(error)) from None
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -467,23 +429,16 @@ def load_policy(arguments: OfflineArguments):
         attn_implementation=attn,
     )
     if model_args.use_peft:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
-            target_modules=list(model_args.lora_target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
         try:
-            model = get_peft_model(model, lora)
-        except ValueError as error:
-            raise UsageError(
-                f"LoRA could not be attached ({first_line(error)}); set --lora_target_modules to module names "
-                "of this model"
-            ) from None
+            model = attach_lora(
+                model,
+                r=model_args.lora_r,
+                alpha=model_args.lora_alpha,
+                dropout=model_args.lora_dropout,
+                target_modules=model_args.lora_target_modules,
+            )
+        except LoRASetupError as error:
+            raise UsageError(str(error).replace("set lora_target_modules", "set --lora_target_modules")) from None
     stored = next(p.dtype for p in model.parameters() if p.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -630,9 +585,9 @@ def main(argv: list[str] | None = None) -> int:
         load_project_env()
         run(parse_arguments(argv))
     # command_line.UsageError: a .env that is not text
-    except (UsageError, command_line.UsageError, DataError, ModelLoadError) as error:
+    except (UsageError, DataError, ModelLoadError) as error:
         print(f"error: {mask_secrets(str(error))}", file=sys.stderr)
-        return 2 if isinstance(error, (UsageError, command_line.UsageError)) else 1
+        return 2 if isinstance(error, UsageError) else 1
     return 0
 
 

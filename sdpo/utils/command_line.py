@@ -173,6 +173,9 @@ class ConfigParser(TrlParser):
         defaults = {}
         for key, value in config.items():
             action = action_of[key]
+            many = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 1)
+            if many and isinstance(value, (str, int, float, bool)):
+                value = [value]  # one value for a list setting, as on the command line (report_to: none)
             self._check_config_shape(action, key, value)
             defaults[action.dest] = self._typed_config_value(action, key, value)
         return super().set_defaults_with_config(**defaults)
