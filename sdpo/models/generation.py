@@ -124,6 +124,14 @@ def encode_chat(
     return ids
 
 
+def encode_completions(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of completions known only as text (logged or offline data): ``text.rstrip()`` + EOS, as an
+    assistant turn that ended there; the one text→completion-ids rule of the online and offline learners."""
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no EOS token; the completion cannot be closed")
+    return tokenizer([text.rstrip() + tokenizer.eos_token for text in texts], add_special_tokens=False)["input_ids"]
+
+
 def stop_token_ids(model, tokenizer) -> list[int]:
     """The tokenizer's eos plus any eos ids in the model's generation config (Qwen lists two)."""
     ids = {tokenizer.eos_token_id}
@@ -186,6 +194,8 @@ def generate(
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
     max_padding_ratio: float = MAX_PADDING_RATIO,
+    streamer=None,
+    adapter_names: list[str] | None = None,
 ) -> list[Generation]:
     """Sample one completion per context (token-id lists); results come back in input order.
 
@@ -194,6 +204,11 @@ def generate(
     and the groups' KV caches are joined, left-padded and masked, so the whole batch decodes together. The split is
     by cost: a prefill computes every padded position, whereas a decode step reads every weight once whatever the
     batch size, so one decode loop over the batch beats one per group while padding the prefill would not.
+
+    With ``streamer`` (a transformers streamer, which receives the batch's tokens as they are sampled) or
+    ``adapter_names`` (PEFT's mixed-adapter batch: one loaded adapter name per context) the contexts run as one
+    batch in the given order; with ``adapter_names`` transformers prefills it (PEFT routes the adapters inside
+    the model's own forward, which the grouped prefill bypasses).
     """
     if not contexts:
         return []
@@ -203,6 +218,10 @@ def generate(
     stops = stop_token_ids(model, tokenizer)
     config = sampling.to_generation_config(stops, tokenizer.pad_token_id, getattr(model, "generation_config", None))
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+    extra = {}
+    if streamer is not None or adapter_names is not None:
+        order, batch_size = list(range(len(contexts))), len(contexts)
+        extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
     results: list[Generation | None] = [None] * len(contexts)
     was_training = model.training
     model.eval()
@@ -212,9 +231,14 @@ def generate(
             batch = [contexts[i] for i in chunk]
             ids, mask = left_pad(batch, tokenizer.pad_token_id)
             with autocast_context(device, autocast_dtype):
-                cache = prefill(model, batch, tokenizer.pad_token_id, max_padding_ratio)
+                cache = prefill(model, batch, tokenizer.pad_token_id, max_padding_ratio) if not extra else {}
                 out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, **cache
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    generation_config=config,
+                    streamer=streamer,
+                    **extra,
+                    **cache,
                 )
             new_tokens = out[:, ids.shape[1] :].tolist()
             for row, index in enumerate(chunk):
