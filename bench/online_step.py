@@ -24,17 +24,14 @@ import contextlib
 import importlib.util
 import os
 import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-
+from sdpo.learner.config import OnlineSDPOConfig
+from sdpo.learner.updater import OnlineSDPOUpdater
 from sdpo.models.generation import SamplingParams
 from sdpo.models.model_loading import concrete_dtype, cpu_has_native_bf16
-from sdpo.learner.updater import OnlineSDPOUpdater
-from sdpo.learner.config import OnlineSDPOConfig
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -109,13 +106,23 @@ class ReferenceStyleScoring:
         self.module.score_completions = self.original
 
     @staticmethod
-    def full_vocab_scoring(model, batch, *, topk=0, gather_indices=None, temperature=1.0, fp32_head=True):
-        """The model's own head at every position (fp32 when the model is); like the reference, no temperature."""
+    def full_vocab_scoring(
+        model, batch, *, topk=0, gather_indices=None, temperature=1.0, fp32_head=True, blend=None, entropy=False
+    ):
+        """The model's own head at every position (fp32 when the model is); like the reference, no temperature.
+        A trust-region teacher (``blend``) mixes its reference's full logits in, as ``score_completions`` does."""
         from sdpo.core import TokenScores
 
-        output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
+        def full_logits(network):
+            inputs = {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids, "use_cache": False}
+            return network(input_ids=batch.input_ids, **inputs).logits.float()
+
+        logits = full_logits(model)
+        if blend is not None:
+            with blend.reference_context():
+                logits = torch.lerp(full_logits(blend.reference), logits, blend.mix)
         width = batch.completion_width
-        logprobs = torch.log_softmax(output.logits.float(), dim=-1)[:, -(width + 1) : -1]
+        logprobs = torch.log_softmax(logits, dim=-1)[:, -(width + 1) : -1]
         mask = batch.completion_mask
         values, indices = logprobs.topk(topk, dim=-1) if topk else (None, None)
         return TokenScores(
@@ -124,6 +131,7 @@ class ReferenceStyleScoring:
             topk_logprobs=values,
             topk_indices=indices,
             gathered_logprobs=logprobs.gather(-1, gather_indices) if gather_indices is not None else None,
+            entropy=-(logprobs.exp() * logprobs).sum(-1).detach() * mask if entropy else None,
         )
 
 
