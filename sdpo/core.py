@@ -40,12 +40,20 @@ from sdpo.models.generation import autocast_context, encode_chat
 
 FOLLOW_UP_SLOT = "{follow_up}"
 
-HINDSIGHT_ONLINE_TEMPLATE = (
+HINDSIGHT_AFTER_REPLY_TEMPLATE = (
     "\n\n=== HINDSIGHT CONTEXT ===\n"
     "[What follows is the next message this user will send after reading your reply. "
     "Let it shape how you answer the request above.]\n"
     "{follow_up}"
 )
+# Table 1's framing: o is a future message of the user that should guide the answer; it does not say that o
+# reacts to the answer, so an unrelated o need not read as feedback.
+HINDSIGHT_FUTURE_MESSAGE_TEMPLATE = (
+    "\n\n=== HINDSIGHT CONTEXT ===\n"
+    "[Below is a message this user will send in the future. Use it to guide your answer to the request above.]\n"
+    "{follow_up}"
+)
+HINDSIGHT_ONLINE_TEMPLATE = HINDSIGHT_AFTER_REPLY_TEMPLATE
 HINDSIGHT_OFFLINE_V1_TEMPLATE = (
     "\n\n[HINDSIGHT CONTEXT]\n"
     "An earlier assistant reply to this request fell short, and the user reacted to it with the "
@@ -77,6 +85,8 @@ class HindsightVariant:
 
 HINDSIGHT_VARIANTS = {
     "online": HindsightVariant(HINDSIGHT_ONLINE_TEMPLATE, "last_user"),
+    "online_after_reply": HindsightVariant(HINDSIGHT_AFTER_REPLY_TEMPLATE, "last_user"),
+    "online_future_message": HindsightVariant(HINDSIGHT_FUTURE_MESSAGE_TEMPLATE, "last_user"),
     "offline_v1": HindsightVariant(HINDSIGHT_OFFLINE_V1_TEMPLATE, "last_message"),
     "offline_assistant": HindsightVariant(HINDSIGHT_ASSISTANT_TURN_TEMPLATE, "assistant_turn"),
 }

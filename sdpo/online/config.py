@@ -14,9 +14,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from sdpo.learner.config import OnlineSDPOConfig, check_ranges
 from sdpo.personas.participants import ParticipantsArguments, ParticipantsConfig, StyleSchedule
+from sdpo.personas.style_judge import PROTOCOLS
 from sdpo.personas.user_simulator import resolve_style
 from sdpo.utils.tracking import REPORT_TO
 
+STYLE_BASELINES = ("base", "introduced")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The reference's TL;DR experiments put this instruction in a system message (--system_prompt tldr).
 SYSTEM_PROMPTS = {
@@ -108,6 +110,28 @@ class OnlineRunConfig:
     )
     eval_every: int = field(
         default=1, metadata={"help": "Evaluate after every N interactions (0: only at the end)."}
+    )
+    eval_at_start: bool = field(
+        default=False,
+        metadata={"help": "Also evaluate before the first update (interaction 0), where the paper's curves start."},
+    )
+    style_baseline: str = field(
+        default="base",
+        metadata={
+            "help": "What each style is judged against. base: the policy before training, at every evaluation; "
+            "introduced: the policy when the style entered the schedule (its answers are taken at the switch and "
+            "the style is judged from then on; paper Fig. 6).",
+            "choices": list(STYLE_BASELINES),
+        },
+    )
+    protocol: str = field(
+        default="reasoning",
+        metadata={
+            "help": "Judge and simulated-user prompts. reasoning: the judge may reason and ends with a verdict "
+            "line; paper: the judge answers one character A/B/C, the user replies very briefly and may approve "
+            "(App. D.3).",
+            "choices": list(PROTOCOLS),
+        },
     )
     eval_max_new_tokens: int = field(default=2048, metadata={"help": "Generation budget for evaluation."})
     min_decided: int = field(
@@ -215,9 +239,10 @@ class OnlineArguments:
 
     def participants_config(self) -> ParticipantsConfig:
         """Simulated users for the scheduled styles; judges for those, --style and --eval_styles."""
-        return ParticipantsConfig.from_args(
+        config = ParticipantsConfig.from_args(
             self.participants, user_styles=self.run.schedule.styles, judge_styles=self.run.judged_styles
         )
+        return dataclasses.replace(config, protocol=self.run.protocol)
 
     def to_dict(self) -> dict:
         """Every setting by field name (what results meta and run_state.json record); no URL credentials."""

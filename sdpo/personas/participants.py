@@ -212,6 +212,7 @@ class ParticipantsConfig:
     openai_base_url: str | None = None
     api_max_concurrency: int = 16
     api_max_attempts: int = 8
+    protocol: str = "reasoning"  # judge and user prompts (style_judge.PROTOCOLS)
 
     @classmethod
     def from_args(cls, args: ParticipantsArguments, *, user_styles, judge_styles) -> ParticipantsConfig:
@@ -326,13 +327,14 @@ def _simulator(config: ParticipantsConfig, style: str, backend: ChatBackend | No
         from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
 
         return ClaudeStyleUserSimulator(
-            style, max_tokens=256, temperature=0.0, **_api(config)
+            style, max_tokens=256, temperature=0.0, protocol=config.protocol, **_api(config)
         )
     greedy = config.user_backend != "hf"  # the reference samples its HF simulator at T=0.7, vLLM/API greedily
     return LLMUserSimulator(
         backend,
         style,
         sampling=SamplingParams(max_new_tokens=128, temperature=0.0 if greedy else 0.7),
+        prompt_variant="paper" if config.protocol == "paper" else "default",
         budget=TokenBudget(tokenizer, USER_MAX_INPUT_TOKENS) if tokenizer is not None else None,
     )
 
@@ -343,12 +345,12 @@ def _judge(config: ParticipantsConfig, style: str, user_backend: ChatBackend | N
     if config.judge_backend == "anthropic":
         from auxiliary.claude_style_judge import ClaudeStyleJudge
 
-        return ClaudeStyleJudge(style, model=config.judge_model, **_api(config))
+        return ClaudeStyleJudge(style, model=config.judge_model, protocol=config.protocol, **_api(config))
     if config.judge_backend == "openai":
         backend = OpenAICompatibleBackend(config.judge_model, base_url=config.openai_base_url, **_api(config))
-        return LLMStyleJudge(backend, style)
+        return LLMStyleJudge(backend, style, protocol=config.protocol)
     budget = TokenBudget(user_tokenizer, JUDGE_MAX_INPUT_TOKENS) if user_tokenizer is not None else None
-    return LLMStyleJudge(user_backend, style, budget=budget)
+    return LLMStyleJudge(user_backend, style, budget=budget, protocol=config.protocol)
 
 
 def build_participants(config: ParticipantsConfig) -> Participants:
