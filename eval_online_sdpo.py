@@ -88,6 +88,7 @@ from sdpo.online.run_state import (
     ResumePoint,
     RunFiles,
     kept_history,
+    read_json,
     nothing_pending,
     resume_point,
     start_or_resume,
@@ -169,6 +170,55 @@ class OnlineRun:
         logger.info("baseline: %d completions, mean %.0f chars", len(texts), average_chars(texts))
         return texts
 
+    def introductions(self, n_interactions: int) -> dict[str, int]:
+        """Interactions done when each judged style gets its baseline: 0 for all under --style_baseline base;
+        under ``introduced`` a scheduled style entering after the first update has its switch point."""
+        batch = self.run.interactions_per_step
+        introduced = {style: 0 for style in self.participants_config.judge_styles}
+        if self.run.style_baseline == "introduced":
+            seen = {self.schedule.segments[0][0]}
+            for point, style in self.schedule.switch_points(n_interactions):
+                if style not in seen and point >= batch:  # within the first update the policy is still the base
+                    introduced[style] = point
+                seen.add(style)
+        return introduced
+
+    def stored_style_baselines(self, records: dict, base: list[str]) -> dict[str, list[str]]:
+        """Every style's baseline answers known so far: the base answers, and those taken at introductions."""
+        baselines = {}
+        for style in self.participants_config.judge_styles:
+            record = records.get(style)
+            if record is None and self.introductions(self.n_train)[style] == 0:
+                records[style] = {"style": style, "interaction": 0, "step": 0, "file": self.files.baseline.name}
+                baselines[style] = base
+            elif record is not None:
+                path = self.files.out_dir / record["file"]
+                baselines[style] = base if record["interaction"] == 0 else read_json(path, "completions")["completions"]
+        return baselines
+
+    def take_style_baselines(self, policy, results: dict, interaction: int, step: int) -> list[str]:
+        """Under --style_baseline introduced: the current policy answers the eval prompts once for every style
+        introduced by the next update; those answers become the style's baseline from now on."""
+        n = results["meta"]["n_train_prompts"]
+        batch = self.run.interactions_per_step
+        new = [
+            style
+            for style, point in self.introductions(n).items()
+            if style not in self.baselines and interaction <= point < interaction + batch
+        ]
+        if not new:
+            return []
+        texts = answer(policy, self.conversations(self.eval_prompts), self.eval_sampling, batch_size=self.learner.generation_batch_size, label="baseline at switch")
+        for style in new:
+            path = self.files.style_baseline(style)
+            write_json_atomic(path, {"style": style, "interaction": interaction, "step": step, "prompts": self.eval_prompts, "completions": texts})
+            record = {"style": style, "interaction": interaction, "step": step, "file": path.name}
+            results["meta"]["style_baselines"][style] = record
+            self.pending["baselines"].append(record)
+            self.baselines[style] = texts
+            logger.info("baseline of %s: the policy after %d interactions (step %d), mean %.0f chars", style, interaction, step, average_chars(texts))
+        return new
+
     def oracle_metrics(self, policy, participants, eval_prompts: list[str], baseline: list[str]) -> dict:
         """The in-context oracle judged against the baseline, per judged style (stored answers reused on resume)."""
         styles = list(participants.judges)
@@ -207,16 +257,20 @@ class OnlineRun:
         if not eval_prompts or not train_prompts:
             raise DataError(f"no prompts left after filtering ({len(train_prompts)} train, {len(eval_prompts)} eval); check the files and --max_prompt_tokens")
         policy = TrainingPolicy(updater)
+        self.n_train = len(train_prompts)
         baseline = self.baseline_completions(eval_prompts, policy)
         if participants is None:
             participants = build_participants(config)
         results = self.initial_results(participants, train_prompts, eval_prompts, resume)
+        self.baselines = self.stored_style_baselines(results["meta"]["style_baselines"], baseline)
         if run.oracle and "oracle" not in results["meta"]:
             results["meta"]["oracle"] = self.oracle_metrics(policy, participants, eval_prompts, baseline)
             self.save(results)
         if checkpoint is None:
             # Training draws from the same stream whether the baseline was generated now or read from disk.
             seed_everything(run.seed)
+            if run.eval_at_start:
+                self.record_evaluation(updater, policy, participants, eval_prompts, baseline, results, 0)
         self.tracker = Tracker.start(
             run.report_to, project=run.wandb_project, name=run.run_name, config=self.arguments.to_dict(), directory=str(files.out_dir), run_id=f"{run.run_name}-{files.results.stem}"
         )
@@ -237,6 +291,8 @@ class OnlineRun:
             "user_label": participants.user_label,
             "baseline": run.baseline_model or learner.model_name_or_path,
             "n_skipped": 0,
+            # Per judged style: the interaction its baseline answers were taken at, and their file.
+            "style_baselines": {},
         }
         results = {"meta": meta, "eval_history": [], "training_metrics": []}
         self.eval_prompts = eval_prompts
@@ -256,8 +312,13 @@ class OnlineRun:
         completions = json.loads(self.files.completions.read_text()) if self.previous and self.files.completions.is_file() else []
         pending = resume.pending or {}
         results["training_metrics"] = kept_history(records, pending.get("records", []), done)
-        results["eval_history"] = kept_history(previous["eval_history"], pending.get("evaluations", []), done)
-        self.completions_log = kept_history(completions, pending.get("completions", []), done)
+        # Without a checkpoint everything is done again, the evaluation at interaction 0 included.
+        results["eval_history"] = kept_history(previous["eval_history"], pending.get("evaluations", []), done) if done else []
+        taken = [*previous["meta"].get("style_baselines", {}).values(), *pending.get("baselines", [])]
+        meta["style_baselines"] = {
+            record["style"]: record for record in kept_history(taken, [], done) if record["style"] in meta["judged_styles"]
+        }
+        self.completions_log = kept_history(completions, pending.get("completions", []), done) if done else []
         meta["n_skipped"] = sum(1 for m in results["training_metrics"] if m.get("skipped"))
         if done:
             logger.info("resumed at interaction %d/%d", done, len(train_prompts))
@@ -279,12 +340,16 @@ class OnlineRun:
                 title=f"{self.run.run_name}: {self.learner.model_name_or_path}",
             )
 
-    def evaluate(self, policy, participants, eval_prompts, baseline, interaction: int, step: int) -> tuple[dict, list[str]]:
-        """Judge the current policy against the baseline with every style; returns (history entry, completions)."""
+    def evaluate(self, policy, participants, eval_prompts, interaction: int, step: int) -> tuple[dict, list[str]]:
+        """Judge the current policy with every style that has a baseline, each against its own; returns (history
+        entry, completions). A style introduced later is absent from the entries before its introduction."""
         started = time.perf_counter()
         current = answer(policy, self.conversations(eval_prompts), self.eval_sampling, batch_size=self.learner.generation_batch_size, label="eval generation")
         gen_time = time.perf_counter() - started
-        per_style = judge_every_style(participants.judges, eval_prompts, current, baseline, seed=self.run.seed, label=f"interaction {interaction}")
+        per_style = {}
+        for style, judge in participants.judges.items():
+            if style in self.baselines:
+                per_style.update(judge_every_style({style: judge}, eval_prompts, current, self.baselines[style], seed=self.run.seed, label=f"interaction {interaction}"))
         primary = self.participants_config.judge_styles[0]
         entry = {**per_style[primary], **{f"secondary_{style}": metrics for style, metrics in per_style.items() if style != primary}}
         entry.update(step=step, interaction=interaction, eval_gen_time_s=round(gen_time, 1), avg_completion_chars=average_chars(current))
@@ -349,7 +414,9 @@ class OnlineRun:
             results["meta"]["n_skipped"] += len(skipped)
             progress.update(len(prompts))
             progress.set_postfix(loss=f"{step_metrics.get('loss', float('nan')):.4f}", style=styles[-1])
-            if run.eval_every > 0 and last // run.eval_every > first // run.eval_every:
+            introduced = self.take_style_baselines(policy, results, last, updater.step) if last < n else []
+            if introduced or (run.eval_every > 0 and last // run.eval_every > first // run.eval_every):
+                # A style enters with a point at its own introduction (≈ 50%: the policy against itself).
                 self.record_evaluation(updater, policy, participants, eval_prompts, baseline, results, last)
             crossed_resume_point = run.resume_every > 0 and last // run.resume_every > first // run.resume_every
             if crossed_resume_point or last == n:
@@ -366,7 +433,7 @@ class OnlineRun:
 
     def record_evaluation(self, updater, policy, participants, eval_prompts, baseline, results, interaction: int) -> None:
         debug = self.run.debug_first_example and not results["eval_history"]
-        entry, current = self.evaluate(policy, participants, eval_prompts, baseline, interaction, updater.step)
+        entry, current = self.evaluate(policy, participants, eval_prompts, interaction, updater.step)
         if debug:
             judge = participants.judges[results["meta"]["judged_styles"][0]]
             if judge.last_raw_outputs:
