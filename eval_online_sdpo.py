@@ -338,6 +338,7 @@ class OnlineRun:
                 switch_points=[tuple(point) for point in meta["switch_points"]],
                 min_decided=self.run.min_decided,
                 title=f"{self.run.run_name}: {self.learner.model_name_or_path}",
+                baseline_at={style: record["interaction"] for style, record in meta["style_baselines"].items()},
             )
 
     def evaluate(self, policy, participants, eval_prompts, interaction: int, step: int) -> tuple[dict, list[str]]:

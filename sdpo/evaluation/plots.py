@@ -5,7 +5,10 @@ Win rate (the online loop, checkpoint evaluation):
   * ``plot_winrate``: win rate ± s.e. (ties excluded) against interactions, one line per judged style,
     the in-context oracle as a dashed line per style, the simulated user's persona switches as vertical
     lines, and a panel below with the share of decided pairs (coverage). A point decided by fewer than
-    ``min_decided`` pairs is drawn hollow, without an error bar.
+    ``min_decided`` pairs is drawn hollow, without an error bar. A style judged against the policy of its
+    introduction (``--style_baseline introduced``) is drawn from that point on and says so in the legend.
+  * ``plot_profile_grid``: one panel per run (paper Fig. 9): the run's style over interactions with its
+    in-context oracle line.
 
 Per-token SDPO signals (``sdpo_signal_analysis.py``):
   * ``signal_colormap`` / ``signal_color_hex``: the one colour scale of a signal (RdBu on a
@@ -222,6 +225,7 @@ def plot_winrate(
     switch_points: Sequence[tuple[int, str]] = (),
     min_decided: int = 5,
     title: str | None = None,
+    baseline_at: Mapping[str, int] | None = None,
 ) -> Figure:
     """Draw the win rate of the trained policy against the baseline over interactions; return the figure.
 
@@ -231,6 +235,9 @@ def plot_winrate(
     ``n_effective``, ``n``, ...). ``oracle`` maps a style to the in-context oracle's metrics (a dashed
     line in the style's colour; dotted and faint when fewer than ``min_decided`` pairs were decided).
     ``switch_points`` are ``(interaction, new_style)`` pairs where the simulated user changed persona.
+    ``baseline_at`` maps a style to the interaction its baseline was taken at (results meta
+    ``style_baselines``); a style whose baseline is a later policy is labelled with it (its curve has
+    points only from there, where the history starts judging it).
 
     A point decided by fewer than ``min_decided`` pairs is drawn hollow and without an error bar; a style
     that had only ties stays in the legend, marked "(no decided pairs)". The lower panel shows each
@@ -257,18 +264,20 @@ def plot_winrate(
         shift = (position - (len(styles) - 1) / 2) * 0.02 * spacing
         key = None if position == 0 else f"{SECONDARY_PREFIX}{style}"
         curve = _style_curve(eval_history, key, min_decided, shift)
-        handles.append(
-            _draw_style(
-                axes,
-                coverage_axes,
-                style,
-                curve,
-                color=colors[style],
-                marker=STYLE_MARKERS[position % len(STYLE_MARKERS)],
-                primary=position == 0,
-                min_decided=min_decided,
-            )
+        handle = _draw_style(
+            axes,
+            coverage_axes,
+            style,
+            curve,
+            color=colors[style],
+            marker=STYLE_MARKERS[position % len(STYLE_MARKERS)],
+            primary=position == 0,
+            min_decided=min_decided,
         )
+        introduced = (baseline_at or {}).get(style, 0)
+        if introduced:
+            handle.set_label(f"{handle.get_label()} (vs the policy at interaction {introduced})")
+        handles.append(handle)
     handles += [
         _draw_oracle(axes, coverage_axes, style, metrics, color=colors[style], min_decided=min_decided)
         for style, metrics in oracle.items()
@@ -332,6 +341,60 @@ def plot_winrate(
     figure.legend(handles=handles, loc="outside right upper", fontsize="small", frameon=False)
     if title:
         axes.set_title(title)
+    save_figure(figure, path, dpi=WINRATE_DPI)
+    return figure
+
+
+GRID_COLUMNS = 3
+
+
+def plot_profile_grid(
+    panels: Sequence[tuple[str, Sequence[Mapping], Mapping | None]],
+    path: str | os.PathLike,
+    *,
+    min_decided: int = 5,
+    title: str | None = None,
+) -> Figure:
+    """One panel per run, three per row (paper Fig. 9): ``(style, eval_history, oracle metrics or None)``.
+
+    Each panel draws the run's primary style (the history's top-level metrics) ± s.e. against interactions and,
+    when given, its in-context oracle as a dashed line; hollow points as in ``plot_winrate``.
+    """
+    if not panels:
+        raise ValueError("plot_profile_grid needs at least one run")
+    rows = math.ceil(len(panels) / GRID_COLUMNS)
+    figure = Figure(figsize=(4.6 * GRID_COLUMNS, 3.6 * rows), layout="constrained")
+    grid = np.atleast_2d(figure.subplots(rows, GRID_COLUMNS, sharey=True, squeeze=False))
+    color = colormaps["tab10"].colors[0]
+    for index, axes in enumerate(grid.flat):
+        if index >= len(panels):
+            axes.set_visible(False)
+            continue
+        style, history, oracle = panels[index]
+        axes.axhline(50.0, color="grey", linewidth=1, linestyle=(0, (1, 3)))
+        # The grid shows win rates only: the coverage artists go to a hidden twin.
+        hidden = axes.twinx()
+        hidden.set_visible(False)
+        curve = _style_curve(history, None, min_decided, 0.0)
+        _draw_style(axes, hidden, style, curve, color=color, marker="o", primary=True, min_decided=min_decided)
+        if oracle:
+            _draw_oracle(axes, hidden, style, oracle, color=color, min_decided=min_decided)
+        axes.set_title(style.replace("_", " / "), fontsize="medium")
+        axes.set_ylim(-3, 103)
+        axes.set_yticks(range(0, 101, 20))
+        axes.grid(alpha=0.3)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+        if index % GRID_COLUMNS == 0:
+            axes.set_ylabel("win rate vs base (%)")
+        if index >= len(panels) - GRID_COLUMNS:
+            axes.set_xlabel("interactions")
+    handles = [
+        Line2D([], [], color=color, marker="o", label="SDPO, ± 1 s.e."),
+        Line2D([], [], color=color, linestyle="--", label="in-context oracle"),
+    ]
+    figure.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
+    if title:
+        figure.suptitle(title)
     save_figure(figure, path, dpi=WINRATE_DPI)
     return figure
 
