@@ -20,10 +20,11 @@ from sdpo.utils.tracking import REPORT_TO
 
 STYLE_BASELINES = ("base", "introduced")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# The reference's TL;DR experiments put this instruction in a system message (--system_prompt tldr).
+# The paper-era TL;DR runs asked for the summary once, in a system message (--system_prompt tldr), over posts
+# whose trailing "TL;DR:" cue was removed (auxiliary/preprocess_tldr_dataset.py --prompt_format post).
 SYSTEM_PROMPTS = {
     "general": None,
-    "tldr": 'Summarize the following post in one or two sentences, starting with "TL;DR:".',
+    "tldr": "Summarize the following post in one or two sentences.",
 }
 # Settings that may differ on --resume without changing what the run computes.
 RESUME_OVERRIDABLE = ("resume", "debug_first_example", "report_to", "wandb", "out_dir")
