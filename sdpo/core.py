@@ -53,7 +53,11 @@ HINDSIGHT_FUTURE_MESSAGE_TEMPLATE = (
     "[Below is a message this user will send in the future. Use it to guide your answer to the request above.]\n"
     "{follow_up}"
 )
-HINDSIGHT_ONLINE_TEMPLATE = HINDSIGHT_AFTER_REPLY_TEMPLATE
+# The default by measurement (auxiliary/sdpo_signal_analysis.py, bundled cases, SmolLM2-135M, 12 cases, same
+# answers): mean |A_t| on unrelated follow-ups 0.298 (future message) vs 0.305 (after reply), on relevant ones
+# 0.246 vs 0.250, and the part due to the follow-up's content, mean |A_rel − A_unrel|, 0.238 vs 0.234. The
+# differences are within noise at 135M; the paper's framing does not lose on relevant follow-ups, so it is used.
+HINDSIGHT_ONLINE_TEMPLATE = HINDSIGHT_FUTURE_MESSAGE_TEMPLATE
 HINDSIGHT_OFFLINE_V1_TEMPLATE = (
     "\n\n[HINDSIGHT CONTEXT]\n"
     "An earlier assistant reply to this request fell short, and the user reacted to it with the "
@@ -85,8 +89,8 @@ class HindsightVariant:
 
 HINDSIGHT_VARIANTS = {
     "online": HindsightVariant(HINDSIGHT_ONLINE_TEMPLATE, "last_user"),
+    # The earlier online wording, kept so the measurement above can be repeated (--hindsight_variant).
     "online_after_reply": HindsightVariant(HINDSIGHT_AFTER_REPLY_TEMPLATE, "last_user"),
-    "online_future_message": HindsightVariant(HINDSIGHT_FUTURE_MESSAGE_TEMPLATE, "last_user"),
     "offline_v1": HindsightVariant(HINDSIGHT_OFFLINE_V1_TEMPLATE, "last_message"),
     "offline_assistant": HindsightVariant(HINDSIGHT_ASSISTANT_TURN_TEMPLATE, "assistant_turn"),
 }

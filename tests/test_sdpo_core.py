@@ -65,7 +65,7 @@ def test_custom_template_and_bad_inputs():
         build_hindsight_messages(MESSAGES, "o", variant="nope")
     with pytest.raises(ValueError, match="no user message"):
         build_hindsight_messages([{"role": "system", "content": "s"}], "o")
-    assert set(HINDSIGHT_VARIANTS) == {"online", "offline_v1", "offline_assistant"}
+    assert set(HINDSIGHT_VARIANTS) == {"online", "online_after_reply", "offline_v1", "offline_assistant"}
 
 
 def test_follow_up_with_braces_is_inserted_verbatim():
