@@ -83,6 +83,7 @@ from sdpo.models.generation import SamplingParams
 from sdpo.models.model_loading import ModelLoadError
 from sdpo.models.vllm_engines import require_vllm
 from sdpo.online.config import SYSTEM_PROMPTS, OnlineArguments, OnlineRunConfig
+from sdpo.online.preflight import run_preflight
 from sdpo.online.run_state import (
     RESUME_TAG,
     ResumePoint,
@@ -266,6 +267,14 @@ class OnlineRun:
         if run.oracle and "oracle" not in results["meta"]:
             results["meta"]["oracle"] = self.oracle_metrics(policy, participants, eval_prompts, baseline)
             self.save(results)
+        if run.preflight and "preflight" not in results["meta"]:
+            prompts = train_prompts[: run.preflight]
+            results["meta"]["preflight"] = run_preflight(
+                updater, participants, self.schedule.styles, self.conversations(prompts), [request_text(p) for p in prompts], seed=run.seed
+            )
+            for check in results["meta"]["preflight"].values():
+                print(check["verdict"])
+            self.save(results)
         if checkpoint is None:
             # Training draws from the same stream whether the baseline was generated now or read from disk.
             seed_everything(run.seed)
@@ -301,8 +310,9 @@ class OnlineRun:
         done = resume.interactions_done
         meta["resume_checkpoint_interactions"] = done
         previous = self.previous or {"meta": {}, "training_metrics": [], "eval_history": []}
-        if "oracle" in previous["meta"]:
-            meta["oracle"] = previous["meta"]["oracle"]
+        for stored in ("oracle", "preflight"):
+            if stored in previous["meta"]:
+                meta[stored] = previous["meta"][stored]
         records = previous["training_metrics"]
         if records and records[-1]["interaction"] > done:
             logger.warning(
@@ -329,7 +339,7 @@ class OnlineRun:
         write_json_atomic(self.files.completions, self.completions_log)
         write_completions_snapshot(self.files.snapshot, self.completions_log, self.eval_prompts)
         meta = results["meta"]
-        if results["eval_history"] or meta.get("oracle"):
+        if results["eval_history"] or meta.get("oracle") or meta.get("preflight"):
             plot_winrate(
                 results["eval_history"],
                 self.files.plot,
@@ -339,6 +349,7 @@ class OnlineRun:
                 min_decided=self.run.min_decided,
                 title=f"{self.run.run_name}: {self.learner.model_name_or_path}",
                 baseline_at={style: record["interaction"] for style, record in meta["style_baselines"].items()},
+                preflight=meta.get("preflight"),
             )
 
     def evaluate(self, policy, participants, eval_prompts, interaction: int, step: int) -> tuple[dict, list[str]]:

@@ -226,6 +226,7 @@ def plot_winrate(
     min_decided: int = 5,
     title: str | None = None,
     baseline_at: Mapping[str, int] | None = None,
+    preflight: Mapping[str, Mapping] | None = None,
 ) -> Figure:
     """Draw the win rate of the trained policy against the baseline over interactions; return the figure.
 
@@ -237,7 +238,8 @@ def plot_winrate(
     ``switch_points`` are ``(interaction, new_style)`` pairs where the simulated user changed persona.
     ``baseline_at`` maps a style to the interaction its baseline was taken at (results meta
     ``style_baselines``); a style whose baseline is a later policy is labelled with it (its curve has
-    points only from there, where the history starts judging it).
+    points only from there, where the history starts judging it). ``preflight`` maps a style to the
+    pre-flight check's teacher-vs-policy metrics (a dash-dot line in the style's colour, beside the oracle's).
 
     A point decided by fewer than ``min_decided`` pairs is drawn hollow and without an error bar; a style
     that had only ties stays in the legend, marked "(no decided pairs)". The lower panel shows each
@@ -282,6 +284,19 @@ def plot_winrate(
         _draw_oracle(axes, coverage_axes, style, metrics, color=colors[style], min_decided=min_decided)
         for style, metrics in oracle.items()
     ]
+    for style, metrics in (preflight or {}).items():
+        if _finite(metrics.get("winrate_a")) and _decided(metrics):
+            handles.append(
+                axes.axhline(
+                    metrics["winrate_a"],
+                    color=colors.get(style, "0.3"),
+                    linestyle="-.",
+                    linewidth=1.3,
+                    alpha=0.8,
+                    gid=f"preflight:{style}",
+                    label=f"{style} pre-flight: teacher x⊕o vs policy {metrics['winrate_a']:.0f}% ({_decided(metrics)} decided)",
+                )
+            )
     for interaction, new_style in switch_points:
         for panel in (axes, coverage_axes):
             panel.axvline(interaction, color=SWITCH_COLOR, linestyle="-.", linewidth=1.2, gid=f"switch:{interaction}")

@@ -125,6 +125,14 @@ class OnlineRunConfig:
             "choices": list(STYLE_BASELINES),
         },
     )
+    preflight: int = field(
+        default=0,
+        metadata={
+            "help": "Before training, check on N training prompts whether the hindsight teacher's answers beat the "
+            "policy's (judged per user style) and how much its follow-ups move token log-probs against an "
+            "unrelated one; one verdict line per style, stored in the results meta (0: no check)."
+        },
+    )
     protocol: str = field(
         default="reasoning",
         metadata={
@@ -200,7 +208,7 @@ class OnlineRunConfig:
             self,
             at_least_one=("interactions_per_step", "train_n", "eval_n", "max_prompt_tokens", "eval_max_new_tokens"),
         )
-        for name in ("eval_every", "resume_every", "min_decided"):
+        for name in ("eval_every", "resume_every", "min_decided", "preflight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         self.style = resolve_style(self.style)
