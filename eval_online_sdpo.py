@@ -275,6 +275,8 @@ class OnlineRun:
             for check in results["meta"]["preflight"].values():
                 print(check["verdict"])
             self.save(results)
+        if run.preflight_only:
+            return results
         if checkpoint is None:
             # Training draws from the same stream whether the baseline was generated now or read from disk.
             seed_everything(run.seed)

@@ -49,3 +49,16 @@ def test_preflight_reports_per_style_and_leaves_the_run_unchanged(tmp_path, prom
     reference = json.loads((plain / "unit_1.json").read_text())
     assert without_timings(results["training_metrics"]) == without_timings(reference["training_metrics"])
     assert without_timings(results["eval_history"]) == without_timings(reference["eval_history"])
+
+
+def test_preflight_only_trains_nothing_and_needs_a_count(tmp_path, prompt_files, tiny_model_path, capsys):
+    train, val = prompt_files
+    out = tmp_path / "run"
+    assert eval_online_sdpo.main([*switch_args(tiny_model_path, train, val, out), "--preflight_only"]) == 2
+    assert "--preflight_only needs --preflight N" in capsys.readouterr().err
+    args = [*switch_args(tiny_model_path, train, val, out), "--preflight", "2", "--preflight_only"]
+    assert eval_online_sdpo.main(args) == 0
+    results = json.loads((out / "unit_1.json").read_text())
+    assert results["training_metrics"] == [] and results["eval_history"] == []
+    assert set(results["meta"]["preflight"]) == {"short", "no_lists"} and not (out / "checkpoints").exists()
+    assert (out / "winrate.png").is_file(), "the plot draws the pre-flight lines"

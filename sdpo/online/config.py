@@ -133,6 +133,10 @@ class OnlineRunConfig:
             "unrelated one; one verdict line per style, stored in the results meta (0: no check)."
         },
     )
+    preflight_only: bool = field(
+        default=False,
+        metadata={"help": "Stop after the --preflight check (no training, no evaluation); scripts/preflight_check.sh."},
+    )
     protocol: str = field(
         default="reasoning",
         metadata={
@@ -211,6 +215,8 @@ class OnlineRunConfig:
         for name in ("eval_every", "resume_every", "min_decided", "preflight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.preflight_only and not self.preflight:
+            raise ValueError("--preflight_only needs --preflight N (the number of training prompts to check)")
         self.style = resolve_style(self.style)
         self.eval_styles = [resolve_style(style) for style in self.eval_styles]
         StyleSchedule.parse(self.style_schedule, self.style)
