@@ -78,12 +78,13 @@ STYLE_PERSONAS: dict[str, str] = {
     "short": "USER PROFILE: You want replies to be extremely short and to the point.",
     "less_filler_praise_sycophancy": (
         'USER PROFILE: You dislike replies that open by complimenting you or your question ("great '
-        'question" and the like) and replies that close with filler such as "I hope this helps" or '
-        '"let me know if you need anything else". You want the answer and nothing around it.'
+        'question" and the like), that agree with you just to please you, or that close with filler such as '
+        '"I hope this helps" or "let me know if you need anything else". You want the answer and nothing '
+        "around it."
     ),
     "answer_directly_reduce_formatting": (
-        "USER PROFILE: You want concise answers in short, plain text. Long lists and heavy markdown such as "
-        "bold text and ### headers put you off."
+        "USER PROFILE: You want the reply to answer your question directly, from its first sentence, in short "
+        "plain text. Long lists and heavy markdown such as bold text and ### headers put you off."
     ),
     "clarification_first": (
         "USER PROFILE: When your request is ambiguous, you want the assistant to ask you a clarifying "
