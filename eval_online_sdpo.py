@@ -52,7 +52,6 @@ seeded; the final evaluation uses --temperature; strict judge parsing with unpar
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import sys
@@ -82,7 +81,7 @@ from sdpo.learner.updater import EmptyResponseError, OnlineSDPOUpdater
 from sdpo.models.generation import SamplingParams
 from sdpo.models.model_loading import ModelLoadError
 from sdpo.models.vllm_engines import require_vllm
-from sdpo.online.config import SYSTEM_PROMPTS, OnlineArguments, OnlineRunConfig
+from sdpo.online.config import SYSTEM_PROMPTS, OnlineArguments, parse_arguments
 from sdpo.online.preflight import run_preflight
 from sdpo.online.run_state import (
     RESUME_TAG,
@@ -94,29 +93,14 @@ from sdpo.online.run_state import (
     resume_point,
     start_or_resume,
 )
-from sdpo.personas.participants import ParticipantsArguments, build_participants, check_remote_backends
-from sdpo.utils.command_line import ConfigParser, UsageError
+from sdpo.personas.participants import build_participants, check_remote_backends
+from sdpo.utils.command_line import UsageError, mask_secrets
 from sdpo.utils.env_file import load_project_env
 from sdpo.utils.tracking import Tracker
 
 logger = logging.getLogger("eval_online_sdpo")
 
 TEXT_PREVIEW_CHARS = 300
-
-
-def build_parser() -> ConfigParser:
-    parser = ConfigParser((OnlineSDPOConfig, ParticipantsArguments, OnlineRunConfig), description=__doc__)
-    # The online loop keeps its checkpoints in <out_dir>/checkpoints and saves only with --save_checkpoints.
-    parser.set_defaults(checkpoint_every_n_steps=0, max_checkpoints=0)
-    return parser
-
-
-def parse_arguments(argv=None) -> OnlineArguments:
-    """Every setting, checked for everything that can be checked before a model loads (one ``UsageError``)."""
-    learner, participants, run = build_parser().parse(argv)
-    if learner.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        raise UsageError("--optim adamw_8bit needs bitsandbytes (pip install bitsandbytes, CUDA); or use --optim adamw")
-    return OnlineArguments(learner, participants, run)
 
 
 def learner_config(arguments: OnlineArguments, files: RunFiles) -> OnlineSDPOConfig:
@@ -479,9 +463,9 @@ def print_summary(results: dict) -> None:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    load_project_env()
     try:
-        arguments, files, previous = start_or_resume(parse_arguments(argv))
+        load_project_env()
+        arguments, files, previous = start_or_resume(parse_arguments(argv, description=__doc__))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -492,7 +476,7 @@ def main(argv=None) -> int:
     try:
         results = online_run.execute()
     except (DataError, ModelLoadError, BackendError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {mask_secrets(str(error))}", file=sys.stderr)
         if files.results.is_file():
             print(f"results so far: {files.results}; continue with: python eval_online_sdpo.py --resume --out_dir {files.out_dir}", file=sys.stderr)
         return 1

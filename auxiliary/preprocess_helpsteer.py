@@ -36,6 +36,7 @@ from sdpo.data.preprocessing_cli import (
     cli_entry,
     make_parser,
     positive_int,
+    refuse_empty,
     write_stats,
 )
 
@@ -94,8 +95,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         counts = FilterCounts(SKIP_REASONS)
         prompts_by_split[split] = select_prompts(rows, meter, args, counts)
         counts_by_split[split] = counts
-        write_jsonl_atomic(out_dir / f"{split}.jsonl", ({"prompt": prompt} for prompt in prompts_by_split[split]))
         print(counts.report(split))
+    empty = [split for split, prompts in prompts_by_split.items() if not prompts]
+    if empty:
+        refuse_empty(
+            "prompts",
+            describe_source(SOURCE, args.dataset_path, args.revision),
+            "; ".join(f"{split}: {counts_by_split[split].scanned} rows read, none kept" for split in empty),
+            [out_dir / f"{split}.jsonl" for split in splits],
+        )
+    for split, prompts in prompts_by_split.items():
+        write_jsonl_atomic(out_dir / f"{split}.jsonl", ({"prompt": prompt} for prompt in prompts))
     overlap = len(set(prompts_by_split["validation"]) & set(prompts_by_split["train"]))
     print(f"validation prompts also in train: {overlap} (kept)")
 

@@ -48,6 +48,7 @@ from sdpo.data.preprocessing_cli import (
     count_or_zero,
     make_parser,
     positive_int,
+    refuse_empty,
     write_stats,
 )
 
@@ -140,6 +141,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         del prompts["validation"][key]
     counts["validation"].skip("duplicate_of_train", len(seen_in_train))
     print(f"removed {len(seen_in_train)} validation prompts that also occur in train")
+
+    empty = [split for split, by_key in prompts.items() if not by_key]
+    if empty:
+        refuse_empty(
+            "prompts",
+            describe_source(SOURCE, args.dataset_path, args.revision),
+            "; ".join(f"{split}: {counts[split].scanned} rows read, none kept" for split in empty),
+            [*(out_dir / f"{split}.jsonl" for split in prompts), out_dir / "dataset_dict.json"],
+        )
 
     from datasets import Dataset, DatasetDict, Features, Value
 

@@ -53,8 +53,9 @@ Choices that differ from the reference script (spec §10):
     ``--hindsight_variant offline_v1`` reproduces the reference;
   * sampling uses T from the case file with top-p 1.0 and no top-k, stated explicitly (the reference
     inherited Qwen3's generation config, top-p 0.95 / top-k 20);
-  * log-probs come from fp32 log-softmax (``sdpo.core.score_completions``), and the three contexts are
-    scored in one left-padded batch; contexts longer than 2048 tokens lose their oldest tokens;
+  * log-probs come from fp32 log-softmax through training's scorer (``sdpo.core.score_hindsight``), at the
+    temperature y was sampled at (1 when greedy), as the updater scores; contexts longer than 2048 tokens
+    lose their oldest tokens;
   * the default cases file is found relative to the repository root (the reference's path broke when
     the script moved into ``auxiliary/``);
   * a case whose answer stays shorter than ``--min_y_tokens`` after ``--max_retries`` extra samples is
@@ -87,8 +88,7 @@ from sdpo.core import (
     HINDSIGHT_VARIANTS,
     encode_student_teacher_contexts,
     pad_contexts_and_completions,
-    score_completions,
-    sdpo_signal,
+    score_hindsight,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -306,10 +306,12 @@ def score_case_signals(
     feedback_followup: str,
     *,
     hindsight_variant: str = "online",
+    temperature: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(sig_unrel, sig_follow) of one completion, float32 arrays of length ``len(completion_ids)``.
 
-    y is scored under x, x⊕o_unrelated and x⊕o_feedback in one batch of three rows.
+    The signal is ``sdpo.core.score_hindsight``'s, the scorer training uses: y under x (twice) against
+    x⊕o_unrelated and x⊕o_feedback, at ``temperature`` (the one y was sampled at, as the updater scores).
     """
     messages = [{"role": "user", "content": prompt}]
     student, teacher_unrelated = encode_student_teacher_contexts(
@@ -318,12 +320,12 @@ def score_case_signals(
     _, teacher_feedback = encode_student_teacher_contexts(
         tokenizer, messages, feedback_followup, variant=hindsight_variant, max_context_length=MAX_CONTEXT_TOKENS
     )
-    batch = pad_contexts_and_completions(
-        [student, teacher_unrelated, teacher_feedback], [completion_ids] * 3, tokenizer.pad_token_id
-    )
-    scores = score_completions(model, batch.to(next(model.parameters()).device))
-    student_logprobs = scores.logprobs[0:1].expand(2, -1)
-    signals = sdpo_signal(student_logprobs, scores.logprobs[1:], scores.mask[1:]).float().cpu().numpy()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    student_batch = pad_contexts_and_completions([student, student], [completion_ids] * 2, pad).to(device)
+    teacher_batch = pad_contexts_and_completions([teacher_unrelated, teacher_feedback], [completion_ids] * 2, pad)
+    scores = score_hindsight(model, student_batch, teacher_batch.to(device), temperature=temperature)
+    signals = np.asarray(scores.signal_rows([len(completion_ids)] * 2), dtype=np.float32)
     return signals[0], signals[1]
 
 
@@ -650,6 +652,7 @@ def run(config: SignalAnalysisConfig) -> int:
             case.unrelated_followup,
             case.feedback_followup,
             hindsight_variant=config.hindsight_variant,
+            temperature=temperature if do_sample else 1.0,
         )
         if not sig_unrel.size == sig_follow.size == len(ids):
             raise RuntimeError(

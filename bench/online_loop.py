@@ -33,6 +33,8 @@ import torch
 
 import eval_online_sdpo
 from auxiliary import preprocess_mtbench
+from sdpo.online.config import parse_arguments
+from sdpo.utils.command_line import UsageError
 
 RUN_NAME = "bench"
 LOG_TAIL_CHARS = 3000
@@ -165,7 +167,7 @@ def measure(settings: BenchSettings, work: Path) -> list[Measurement]:
     runs = [(b, n) for b in settings.batch_sizes for n in (b, b + settings.interactions)]
     commands = {run: loop_argv(settings, data_dir, *run, work / f"b{run[0]}_n{run[1]}") for run in runs}
     for argv in commands.values():
-        eval_online_sdpo.parse_args(argv)  # a bad forwarded flag stops here, before any model loads
+        parse_arguments(argv)  # a bad forwarded flag stops here, before any model loads
     first = min(settings.batch_sizes)
     timed_run(loop_argv(settings, data_dir, first, first, work / "warmup"))
     seconds = {run: timed_run(argv) for run, argv in commands.items()}
@@ -226,6 +228,9 @@ def main(argv=None) -> int:
     except BenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     summary = report(settings, rows, load_before, os.getloadavg())
     if settings.json_out is not None:
         settings.json_out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -101,8 +101,8 @@ class ReferenceStyleScoring:
         from sdpo import core as sdpo_core
 
         self.module = sdpo_core
-        self.original = sdpo.core.score_completions
-        sdpo.core.score_completions = self.full_vocab_scoring
+        self.original = sdpo_core.score_completions
+        sdpo_core.score_completions = self.full_vocab_scoring
         return self
 
     def __exit__(self, *exc):

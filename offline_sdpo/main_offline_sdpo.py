@@ -71,6 +71,8 @@ import yaml
 from trl import TrlParser
 
 from sdpo.data.data_sources import DataError, first_line
+from sdpo.utils import command_line
+from sdpo.utils.command_line import mask_secrets, mask_secrets_in_logs, remember_secrets
 from sdpo.utils.env_file import load_project_env
 from sdpo.models.model_loading import DTYPES, ModelLoadError, load_model_and_tokenizer, load_tokenizer
 from offline_sdpo.offline_sdpo_trainer import (
@@ -553,12 +555,15 @@ def run(arguments: OfflineArguments, callbacks=()) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    load_project_env()
+    remember_secrets(list(sys.argv[1:] if argv is None else argv))
+    mask_secrets_in_logs()
     try:
+        load_project_env()
         run(parse_arguments(argv))
-    except (UsageError, DataError, ModelLoadError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, UsageError) else 1
+    # command_line.UsageError: a .env that is not text
+    except (UsageError, command_line.UsageError, DataError, ModelLoadError) as error:
+        print(f"error: {mask_secrets(str(error))}", file=sys.stderr)
+        return 2 if isinstance(error, (UsageError, command_line.UsageError)) else 1
     return 0
 
 

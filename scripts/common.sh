@@ -96,8 +96,12 @@ sdpo_python() {
 #   * the word after a secret flag, and the value of --secret_flag=... and SECRET_NAME=... words;
 #   * any word holding the value of an exported variable with a secret name, when that value has 8+
 #     characters (real keys do). Shorter values are masked only in the places above, so HF_TOKEN=1234
-#     leaves `--seed 1234` alone.
+#     leaves `--seed 1234` alone;
+#   * the password of a URL (scheme://user:password@host → scheme://user:****@host), or its token
+#     (scheme://token@host → scheme://****@host).
+# sdpo/utils/command_line.py's mask_words applies the same rules (tests/test_secrets.py compares the two).
 SDPO_SECRET_NAME='^-*([a-z0-9]+[_-])*(api_?key|key|token|secret|password)$'
+SDPO_URL_CREDENTIALS='^(.*[A-Za-z][A-Za-z0-9+.-]*://)([^[:space:]/@:]+:)?[^[:space:]/@]+@(.*)$'
 SDPO_MASK='****'
 
 sdpo_is_secret_name() {
@@ -122,6 +126,9 @@ sdpo_mask_words() {
       for secret in "${secrets[@]}"; do
         word="${word//"$secret"/$SDPO_MASK}"
       done
+      if [[ "$word" =~ $SDPO_URL_CREDENTIALS ]]; then
+        word="${BASH_REMATCH[1]}${BASH_REMATCH[2]}$SDPO_MASK@${BASH_REMATCH[3]}"
+      fi
     fi
     after_flag=0
     if [[ "$word" == -* ]] && sdpo_is_secret_name "$word"; then after_flag=1; fi

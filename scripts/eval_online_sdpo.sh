@@ -75,14 +75,11 @@ cmd=("$PYTHON" eval_online_sdpo.py
   --model "$MODEL" --lr "$LR" --loss_mode "$LOSS_MODE" --style "$STYLE"
   --train_jsonl "$DATA_DIR/train.jsonl" --val_jsonl "$DATA_DIR/validation.jsonl"
   --train_n "$TRAIN_N" --eval_n "$EVAL_N" --eval_every "$EVAL_EVERY" --train_steps_per_example "$TRAIN_STEPS_PER_EXAMPLE"
-  --out_dir "$OUTPUT_DIR" --run_name "$RUN_NAME" --seed "$SEED"
+  --out_dir "$OUTPUT_DIR" --run_name "$RUN_NAME" --seed "$SEED" --eval_styles "${eval_styles[@]}"
   --interactions_per_step "$INTERACTIONS_PER_STEP" --system_prompt "$SYSTEM_PROMPT" --report_to "$REPORT_TO"
   --style_baseline "$STYLE_BASELINE" --protocol "$PROTOCOL")
 if [[ -n "$STYLE_SCHEDULE" ]]; then
   cmd+=(--style_schedule "$STYLE_SCHEDULE")
-fi
-if [[ ${#eval_styles[@]} -gt 0 ]]; then  # the flag takes one or more styles
-  cmd+=(--eval_styles "${eval_styles[@]}")
 fi
 if [[ -n "$ORACLE" && "$ORACLE" != 0 ]]; then
   cmd+=(--oracle)

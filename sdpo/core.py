@@ -445,6 +445,73 @@ def full_distillation_loss(
 
 
 @dataclass
+class HindsightScores:
+    """y scored under x (student) and x⊕o (teacher): what every SDPO loss and every signal display reads.
+
+    Attributes:
+        student: the student's ``TokenScores`` (differentiable when scored with gradient; top-K when asked for).
+        teacher_logprobs: (B, T) log π(y_t|x⊕o), detached, zero on masked tokens.
+        teacher_gathered: (B, T, K) the teacher's log-probs at the student's top-K tokens, when asked for.
+    """
+
+    student: TokenScores
+    teacher_logprobs: torch.Tensor
+    teacher_gathered: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.student.mask
+
+    @property
+    def signal(self) -> torch.Tensor:
+        """(B, T) A_t of every completion token (``sdpo_signal``)."""
+        return sdpo_signal(self.student.logprobs, self.teacher_logprobs, self.mask)
+
+    def signal_rows(self, lengths: Sequence[int]) -> list[list[float]]:
+        """A_t of row i's first ``lengths[i]`` tokens as floats (0 on tokens the loss ignores)."""
+        signal = self.signal.float().cpu()
+        return [signal[row, :length].tolist() for row, length in enumerate(lengths)]
+
+
+def score_hindsight(
+    model,
+    student_batch: CompletionBatch,
+    teacher_batch: CompletionBatch,
+    *,
+    distillation_topk: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
+    fp32_head: bool = True,
+    timings: dict | None = None,
+) -> HindsightScores:
+    """The one SDPO scorer: y under x (with gradient unless the caller is in no_grad) and under x⊕o (no gradient).
+
+    Training (``sdpo_loss``), the live chat's signal panel (through the updater's ``train_step``) and the signal
+    analysis all read A_t from here, so they show the same numbers at the same ``temperature``.
+    ``distillation_topk`` > 0 also returns the student's top-K and the teacher at those tokens. ``timings``, when
+    given, accumulates seconds under ``student_forward`` and ``teacher_forward``.
+    """
+    device = student_batch.input_ids.device
+    scoring = dict(temperature=temperature, fp32_head=fp32_head)
+    started = time.perf_counter()
+    with autocast_context(device, autocast_dtype):
+        student = score_completions(model, student_batch, topk=distillation_topk, **scoring)
+    after_student = time.perf_counter()
+    gather = None
+    if distillation_topk:
+        gather = torch.cat([student.topk_indices, student_batch.completion_ids.unsqueeze(-1)], dim=-1)
+    with torch.no_grad(), autocast_context(device, autocast_dtype):
+        teacher = score_completions(model, teacher_batch, gather_indices=gather, **scoring)
+    if timings is not None:
+        timings["student_forward"] = timings.get("student_forward", 0.0) + after_student - started
+        timings["teacher_forward"] = timings.get("teacher_forward", 0.0) + time.perf_counter() - after_student
+    if distillation_topk:
+        return HindsightScores(student, teacher.gathered_logprobs[..., -1] * student.mask,
+                               teacher.gathered_logprobs[..., :-1])
+    return HindsightScores(student, teacher.logprobs.detach())
+
+
+@dataclass
 class SDPOLoss:
     """One batch's SDPO loss and what the callers log.
 
@@ -455,6 +522,7 @@ class SDPOLoss:
         advantages: (B, T) the per-token weights of ``simple_signal`` (clipped when asked); in
             ``full_distillation`` mode the raw signal.
         kl_per_token: (B, T) detached per-position KL in ``full_distillation`` mode, else None.
+        scores: the ``score_hindsight`` result the loss was computed from (``scores.signal`` = A_t).
     """
 
     loss: torch.Tensor
@@ -463,10 +531,11 @@ class SDPOLoss:
     mask: torch.Tensor
     advantages: torch.Tensor
     kl_per_token: torch.Tensor | None = None
+    scores: HindsightScores | None = None
 
     @property
     def signal(self) -> torch.Tensor:
-        return (self.teacher_logprobs - self.student_logprobs) * self.mask
+        return sdpo_signal(self.student_logprobs, self.teacher_logprobs, self.mask)
 
 
 def sdpo_loss(
@@ -483,7 +552,8 @@ def sdpo_loss(
     fp32_head: bool = True,
     timings: dict | None = None,
 ) -> SDPOLoss:
-    """Score y under x (with gradient) and x⊕o (same model, no gradient), then apply ``loss_mode``.
+    """Score y under x (with gradient) and x⊕o (same model, no gradient) with ``score_hindsight``, then apply
+    ``loss_mode``.
 
     In ``full_distillation`` mode the teacher is read at the student's top-K tokens and at the
     sampled token (for the signal), so only (B, T, K + 1) teacher values are kept. ``temperature`` and
@@ -493,31 +563,29 @@ def sdpo_loss(
     if loss_mode not in LOSS_MODES:
         raise ValueError(f"unknown loss_mode {loss_mode!r}: use one of {list(LOSS_MODES)}")
     distill = loss_mode == "full_distillation"
-    device = student_batch.input_ids.device
-    scoring = dict(temperature=temperature, fp32_head=fp32_head)
-    started = time.perf_counter()
-    with autocast_context(device, autocast_dtype):
-        student = score_completions(model, student_batch, topk=distillation_topk if distill else 0, **scoring)
-    after_student = time.perf_counter()
-    gather = torch.cat([student.topk_indices, student_batch.completion_ids.unsqueeze(-1)], dim=-1) if distill else None
-    with torch.no_grad(), autocast_context(device, autocast_dtype):
-        teacher = score_completions(model, teacher_batch, gather_indices=gather, **scoring)
-    if timings is not None:
-        timings["student_forward"] = timings.get("student_forward", 0.0) + after_student - started
-        timings["teacher_forward"] = timings.get("teacher_forward", 0.0) + time.perf_counter() - after_student
-    mask = student.mask
+    scores = score_hindsight(
+        model,
+        student_batch,
+        teacher_batch,
+        distillation_topk=distillation_topk if distill else 0,
+        autocast_dtype=autocast_dtype,
+        temperature=temperature,
+        fp32_head=fp32_head,
+        timings=timings,
+    )
+    student, teacher_logprobs, mask = scores.student, scores.teacher_logprobs, scores.mask
     if distill:
-        teacher_logprobs = teacher.gathered_logprobs[..., -1] * mask
         loss, kl_per_token = full_distillation_loss(
-            student.topk_logprobs, teacher.gathered_logprobs[..., :-1], mask, add_tail=distillation_add_tail
+            student.topk_logprobs, scores.teacher_gathered, mask, add_tail=distillation_add_tail
         )
-        advantages = sdpo_signal(student.logprobs, teacher_logprobs, mask)
+        advantages = scores.signal
         kl_per_token = kl_per_token.detach()
     else:
-        teacher_logprobs = teacher.logprobs
         loss, advantages = simple_signal_loss(student.logprobs, teacher_logprobs, mask, signal_clip=signal_clip)
         kl_per_token = None
-    return SDPOLoss(loss, student.logprobs.detach(), teacher_logprobs.detach(), mask, advantages, kl_per_token)
+    return SDPOLoss(
+        loss, student.logprobs.detach(), teacher_logprobs.detach(), mask, advantages, kl_per_token, scores
+    )
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

@@ -1,12 +1,16 @@
 """Bad input to the online loop, checkpoint evaluation and the oracle: one line saying what and where, a
 non-zero exit, no traceback, nothing left behind that blocks a rerun, and no model loaded first."""
 
+import gzip
 import json
+import shutil
 
 import pytest
 
 import eval_online_sdpo
 from auxiliary import eval_checkpoints, eval_incontext_oracle
+from sdpo.data.interaction_schema import interactions_from_row
+from sdpo.utils import env_file
 
 
 @pytest.fixture()
@@ -21,7 +25,39 @@ def files(tmp_path):
     wrong_field.write_text('{"question": "no prompt field"}\n')
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    return {"good": good, "broken": broken, "latin1": latin1, "wrong_field": wrong_field, "a_file": a_file, "dir": tmp_path}
+    found = {"good": good, "broken": broken, "latin1": latin1, "wrong_field": wrong_field, "a_file": a_file, "dir": tmp_path}
+    user, assistant = {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}
+    prompt_files = {
+        "array": json.dumps([{"prompt": "a"}, {"prompt": "b"}], indent=1),
+        "one_line_array": json.dumps([{"prompt": "a"}, {"prompt": "b"}]),
+        "blank_prompt": '{"prompt": "a"}\n{"prompt": "  \\t "}\n',
+        "ends_with_assistant": json.dumps({"messages": [user, assistant]}),
+        "starts_with_assistant": json.dumps({"messages": [assistant, user]}),
+        "unknown_role": json.dumps({"messages": [{"role": "bot", "content": "x"}, user]}),
+    }
+    for name, text in prompt_files.items():
+        found[name] = tmp_path / f"{name}.jsonl"
+        found[name].write_text(text + "\n")
+    found["gzip"] = tmp_path / "gzip.jsonl"
+    found["gzip"].write_bytes(gzip.compress(good.read_bytes()))
+    found["float_batch_yaml"] = tmp_path / "float_batch.yaml"
+    found["float_batch_yaml"].write_text("interactions_per_step: 2.5\n")
+    # run folders to --resume: a truncated state, a state of the wrong shape, a results file of the wrong shape
+    settings = {"run_name": "bad", "train_jsonl": str(good), "val_jsonl": str(good), "user_backend": "rule",
+                "judge_backend": "rule", "style": "short", "model_name_or_path": "no-such-model-anywhere"}  # fmt: skip
+    for name, state, results in (
+        ("truncated_state", '{"settings": {"run_na', None),
+        ("wrong_state", json.dumps({"settings": [], "index": "1", "eval_dir": "."}), None),
+        ("wrong_results", json.dumps({"settings": settings, "index": 1, "eval_dir": "."}), '{"meta": {}, "training_metrics": {"interaction": 1}, "eval_history": []}'),
+        ("truncated_results", json.dumps({"settings": settings, "index": 1, "eval_dir": "."}), '{"meta": {}, "training_met'),
+        ("wrong_setting", json.dumps({"settings": {**settings, "train_n": "ten"}, "index": 1, "eval_dir": "."}), None),
+    ):  # fmt: skip
+        found[name] = tmp_path / name
+        found[name].mkdir()
+        (found[name] / "run_state.json").write_text(state)
+        if results is not None:
+            (found[name] / "bad_1.json").write_text(results)
+    return found
 
 
 def online(files, *extra, train=None, out=None):
@@ -52,6 +88,30 @@ ONLINE_CASES = {
     "vllm not installed": (lambda f: online(f, "--use_vllm"), 1, "--use_vllm needs vLLM"),
     "8-bit AdamW without bitsandbytes": (lambda f: online(f, "--optim", "adamw_8bit"), 2, "--optim adamw_8bit needs bitsandbytes"),
     "unloadable model": (lambda f: online(f), 1, "no-such-model-anywhere"),
+    # found before any model loads (the model named cannot load: a check after loading would say so instead)
+    "prompt file is a JSON array": (lambda f: online(f, train=f["array"]), 1, "array.jsonl: a JSON array spread over lines; prompt files are JSON Lines"),
+    "prompt file is a one-line JSON array": (lambda f: online(f, train=f["one_line_array"]), 1, "one_line_array.jsonl:1: expected a JSON object with a 'prompt' field, got a JSON array"),
+    "whitespace-only prompt": (lambda f: online(f, train=f["blank_prompt"]), 1, "blank_prompt.jsonl:2: field 'prompt' is empty"),
+    "conversation ends with the assistant": (lambda f: online(f, train=f["ends_with_assistant"]), 1, "ends_with_assistant.jsonl:1: field 'messages' must end with a non-empty user message"),
+    "conversation starts with the assistant": (lambda f: online(f, train=f["starts_with_assistant"]), 1, "starts_with_assistant.jsonl:1: field 'messages' must start with a user message"),
+    "unknown role": (lambda f: online(f, train=f["unknown_role"]), 1, "unknown_role.jsonl:1: field 'messages[0]' has speaker 'bot'"),
+    "gzip prompt file": (lambda f: online(f, train=f["gzip"]), 1, "gzip.jsonl: gzip-compressed; decompress it first"),
+    "bad validation prompt file": (lambda f: [*online(f), "--val_jsonl", str(f["array"])], 1, "array.jsonl: a JSON array"),
+    "missing local user model": (lambda f: online(f, "--user_backend", "hf", "--user_model_name_or_path", "./no/user"), 1, "--user_model_name_or_path ./no/user: does not exist"),
+    "missing local judge model": (lambda f: online(f, "--user_backend", "hf", "--judge_backend", "user", "--user_model_name_or_path", "/no/judge", "--style", "poetic"), 1, "--user_model_name_or_path /no/judge: does not exist"),
+    "missing baseline model": (lambda f: online(f, "--baseline_model", "./no/baseline"), 1, "--baseline_model ./no/baseline: does not exist"),
+    "missing local policy model": (lambda f: [*online(f), "--model", "/no/policy"], 1, "--model_name_or_path /no/policy: does not exist"),
+    "batch larger than the training prompts": (lambda f: online(f, "--interactions_per_step", "8"), 1, "--interactions_per_step 8 exceeds the 4 training interactions"),
+    "batch larger than --train_n": (lambda f: online(f, "--interactions_per_step", "3", "--train_n", "2"), 1, "--interactions_per_step 3 exceeds the 2 training interactions"),
+    "float batch size in YAML": (lambda f: online(f, "--config", str(f["float_batch_yaml"])), 2, "interactions_per_step must be a whole number, got 2.5"),
+    "output folder below a file": (lambda f: online(f, out=f["a_file"] / "run"), 2, "a_file is a file; pass a folder"),
+    "output folder not writable": (lambda f: online(f, out="/sys/sdpo-bad-input-run"), 1, "--out_dir /sys/sdpo-bad-input-run cannot be written"),
+    "resume a truncated run_state.json": (lambda f: ["--resume", "--out_dir", str(f["truncated_state"])], 1, "run_state.json cannot be read (JSONDecodeError"),
+    "resume a run_state.json of the wrong shape": (lambda f: ["--resume", "--out_dir", str(f["wrong_state"])], 1, "run_state.json: not the shape this run writes"),
+    "resume a results file of the wrong shape": (lambda f: ["--resume", "--out_dir", str(f["wrong_results"])], 1, "bad_1.json: 'training_metrics' is not a list of records"),
+    "resume a truncated results file": (lambda f: ["--resume", "--out_dir", str(f["truncated_results"])], 1, "bad_1.json cannot be read (JSONDecodeError"),
+    "resume a run_state.json with a setting of the wrong type": (lambda f: ["--resume", "--out_dir", str(f["wrong_setting"])], 1, "run_state.json: the stored settings no longer hold"),
+    "new run over a truncated results file": (lambda f: online(f, out=f["truncated_results"]), 1, "bad_1.json cannot be read"),
 }
 
 
@@ -67,6 +127,23 @@ def test_online_bad_input(case, files, capsys, monkeypatch):
     error_lines = [line for line in err.splitlines() if "error" in line.lower()]
     assert returned == code, err[-2000:]
     assert "Traceback" not in err and len(error_lines) == 1 and message in error_lines[0], err[-2000:]
+
+
+def test_online_binary_env_file_is_one_line(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(env_file, "REPOSITORY_ROOT", tmp_path)
+    (tmp_path / ".env").write_bytes(gzip.compress(b"OPENAI_API_KEY=x\n"))
+    assert eval_online_sdpo.main(online(files)) == 2
+    err = capsys.readouterr().err
+    assert err.count("error") == 1 and ".env: not UTF-8 text (byte 0x8b at offset 1); write it as NAME=value lines" in err and "Traceback" not in err
+
+
+def test_a_completion_labelled_user_is_refused():
+    row = {"prompt": [{"role": "user", "content": "Hi"}], "completion": {"role": "user", "content": "Hello"},
+           "user_response": {"role": "user", "content": "Shorter."}}  # fmt: skip
+    with pytest.raises(ValueError, match="field 'completion' must be an assistant message"):
+        interactions_from_row(row)
+    row["completion"] = {"content": "Hello"}  # no speaker: the field says who speaks
+    assert interactions_from_row(row)[0].completion.role == "assistant"
 
 
 @pytest.mark.parametrize(("name", "message"), [("broken", "broken.jsonl:2: not valid JSON"), ("latin1", "latin1.jsonl:2: not UTF-8 text"), ("wrong_field", "wrong_field.jsonl:1: no 'prompt' field")])
@@ -94,6 +171,42 @@ def test_resume_without_a_complete_checkpoint_never_restarts_over_finished_work(
     assert (out / "bad_1.json").read_text() == results, "the finished interactions must stay untouched"
     assert eval_online_sdpo.main(args) == 1
     assert "already holds a run" in capsys.readouterr().err
+
+
+def folder_bytes(folder):
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.slow
+def test_a_copied_run_folder_resumes_in_the_copy_and_leaves_the_original_untouched(files, tiny_model_path, monkeypatch):
+    original, copy = files["dir"] / "original", files["dir"] / "copy"
+    args = online(files, "--train_n", "4", "--eval_n", "1", "--eval_every", "2", "--resume_every", "2", "--max_new_tokens", "4", "--eval_max_new_tokens", "4", "--dtype", "float32", out=original)  # fmt: skip
+    args[1] = tiny_model_path
+    record_evaluation = eval_online_sdpo.OnlineRun.record_evaluation
+    evaluations = []
+
+    def interrupted_at_the_second_evaluation(self, *arguments):
+        evaluations.append(arguments[-1])
+        if len(evaluations) == 2:
+            raise KeyboardInterrupt
+        record_evaluation(self, *arguments)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(eval_online_sdpo.OnlineRun, "record_evaluation", interrupted_at_the_second_evaluation)
+        assert eval_online_sdpo.main(args) == 130
+    shutil.copytree(original, copy)
+    before = folder_bytes(original)
+    assert json.loads((copy / "run_state.json").read_text())["eval_dir"] == ".", "files are found from --out_dir"
+
+    assert eval_online_sdpo.main(["--resume", "--out_dir", str(copy)]) == 0
+    assert folder_bytes(original) == before, "resuming the copy must not touch the original"
+    resumed = json.loads((copy / "bad_1.json").read_text())
+    assert [m["interaction"] for m in resumed["training_metrics"]] == [1, 2, 3, 4]
+    assert [e["interaction"] for e in resumed["eval_history"]] == [2, 4]
+    assert eval_online_sdpo.main(["--resume", "--out_dir", str(original)]) == 0, "the original still resumes"
+    untimed = [{k: v for k, v in m.items() if not k.endswith("time_s")} for m in resumed["training_metrics"]]
+    original_records = json.loads((original / "bad_1.json").read_text())["training_metrics"]
+    assert [{k: v for k, v in m.items() if not k.endswith("time_s")} for m in original_records] == untimed
 
 
 CHECKPOINT_CASES = {

@@ -2,7 +2,10 @@
 
 import os
 
-from sdpo.utils.env_file import load_project_env
+import pytest
+
+from sdpo.utils.command_line import UsageError
+from sdpo.utils.env_file import REPOSITORY_ROOT, load_project_env
 
 
 def test_dotenv_fills_only_what_the_environment_lacks(tmp_path, monkeypatch):
@@ -25,3 +28,14 @@ def test_dotenv_fills_only_what_the_environment_lacks(tmp_path, monkeypatch):
 
 def test_a_missing_env_file_is_fine(tmp_path):
     load_project_env(tmp_path / "absent.env")
+
+
+def test_a_binary_env_file_is_one_usage_line(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_bytes(b"OPENAI_API_KEY=\xff\xfe\n")
+    with pytest.raises(UsageError, match=r"\.env: not UTF-8 text \(byte 0xff at offset 15\)"):
+        load_project_env(env_file)
+
+
+def test_the_default_env_file_is_the_repository_root():
+    assert (REPOSITORY_ROOT / "pyproject.toml").is_file() and (REPOSITORY_ROOT / "scripts" / "common.sh").is_file()

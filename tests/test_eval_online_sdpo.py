@@ -46,7 +46,7 @@ def test_embedded_model_two_interactions_and_one_evaluation(tmp_path, prompt_fil
     meta = results["meta"]
     settings = meta["settings"]
     assert settings["model_name_or_path"] == "smollm2-135m-instruct" and meta["n_train_prompts"] == 2 and meta["n_eval_prompts"] == 3
-    assert meta["judge_label"] == "rule-based" and meta["user_label"] == "rule-based" and meta["judged_styles"] == ["no_emojis"]
+    assert meta["judge_label"] == "rule-based" and meta["user_label"] == "rule-based" and meta["judged_styles"] == ["no_emojis", "less_filler_praise_sycophancy"]
     assert [m["interaction"] for m in results["training_metrics"]] == [1, 2]
     for metrics in results["training_metrics"]:
         assert {"kl_mean", "loss", "grad_norm", "policy_logp_mean", "gen_time_s", "sim_time_s", "prompt", "response", "feedback"} <= set(metrics)

@@ -103,5 +103,5 @@ def test_style_schedule_switches_after_each_segment():
     assert [schedule.style_at(i) for i in range(7)] == ["concise_casual_beginner"] * 3 + ["detailed_professional_expert"] * 4
     assert schedule.switch_points(7) == [(3, "detailed_professional_expert")] and schedule.switch_points(3) == []
     assert StyleSchedule.parse(None, default_style="short").style_at(100) == "short"
-    with pytest.raises(argparse.ArgumentTypeError, match="unknown style 'pirate'"):
+    with pytest.raises(ValueError, match="unknown style 'pirate'"):
         StyleSchedule.parse("short:2,pirate:1", default_style="short")

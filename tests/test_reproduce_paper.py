@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-import eval_online_sdpo
+from sdpo.online import config as online_config
 from sdpo.personas.user_simulator import STYLE_PERSONAS
 from tests.test_scripts import REPO, dry_run, flag
 
@@ -121,10 +121,10 @@ def test_fig9_runs_the_six_profiles_with_oracles_then_draws_one_grid():
 
 @pytest.mark.parametrize("figure", FIGURES)
 def test_each_recipe_is_a_command_the_loop_accepts(figure, tmp_path, monkeypatch):
-    real_find_spec = eval_online_sdpo.importlib.util.find_spec
+    real_find_spec = online_config.importlib.util.find_spec
     # Fig. 6's 8-bit AdamW needs bitsandbytes (CUDA only), which this CPU machine does not have.
     monkeypatch.setattr(
-        eval_online_sdpo.importlib.util,
+        online_config.importlib.util,
         "find_spec",
         lambda name, *a: object() if name == "bitsandbytes" else real_find_spec(name, *a),
     )
@@ -132,7 +132,7 @@ def test_each_recipe_is_a_command_the_loop_accepts(figure, tmp_path, monkeypatch
         (tmp_path / f"{split}.jsonl").write_text('{"prompt": "hi"}\n')
     runs = [argv for argv in recipe_commands(figure, env={"DATA_DIR": str(tmp_path)}) if "eval_online_sdpo.py" in argv]
     for argv in runs:
-        arguments = eval_online_sdpo.parse_arguments(argv[2:])
+        arguments = online_config.parse_arguments(argv[2:])
         learner, run = arguments.learner, arguments.run
         assert (learner.learning_rate, learner.temperature, run.eval_n, learner.loss_mode) == (
             5e-6, 1.0, 256, "simple_signal"

@@ -21,12 +21,14 @@ A local copy (``--dataset_path``) in any of these forms:
 from __future__ import annotations
 
 import contextlib
+import logging
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdpo.utils.command_line import mask_secrets
 from sdpo.utils.file_io import find_utf8_error, installed_package_folder, iter_jsonl
 
 HUB_PROBE_TIMEOUT_S = 5.0
@@ -34,7 +36,11 @@ LOCAL_DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 
 
 class DataError(ValueError):
-    """Input data that cannot be used; the message is one line saying which file/row, what, and what to do."""
+    """Input data that cannot be used; the message is one line saying which file/row, what, and what to do
+    (with its secrets masked: it may quote a line holding a key)."""
+
+    def __init__(self, message: str):
+        super().__init__(mask_secrets(str(message)))
 
 
 def bundled_package_file(package: str, pip_name: str, relative_path: Path) -> Path:
@@ -160,7 +166,23 @@ def _load_local_dataset(path: Path, source: HubSource, cache_dir: str | None):
     not_utf8 = find_utf8_error(path) if builder == "json" and _data_suffix(path) == path.suffix.lower() else None
     if not_utf8:
         raise DataError(not_utf8)
-    return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+    if path.stat().st_size == 0:
+        raise DataError(f"{source.local_flag} {path} is an empty file; pass the data file")
+    # A file that fails to parse is reported below in one line; the library would log its traceback first.
+    library_logger = logging.getLogger("datasets")
+    level = library_logger.level
+    library_logger.setLevel(logging.CRITICAL)
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+    except Exception:
+        # The library's error names neither file nor line; for JSON Lines the first bad line says both.
+        if path.suffix.lower() == ".jsonl":
+            line_number, error = next(((n, e) for n, _, e in iter_jsonl(path) if e), (None, None))
+            if error:
+                raise DataError(f"{path}:{line_number}: {error}; each line must be one JSON object") from None
+        raise
+    finally:
+        library_logger.setLevel(level)
 
 
 def _load_local_folder(path: Path, source: HubSource, cache_dir: str | None) -> dict:

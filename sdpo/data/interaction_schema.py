@@ -129,6 +129,13 @@ def parse_messages(messages, field_name: str) -> list[Message]:
     return [Message(message.role, message.text, index) for index, message in enumerate(parsed)]
 
 
+def _message_in_role(message, field_name: str, role: str) -> Message:
+    """y or o given as one message object: its speaker may be left out (the field says who speaks), but a
+    speaker it names must be known (``_checked`` then holds it to ``role``)."""
+    speaker, _ = message_speaker_and_text(message) if isinstance(message, dict) else (None, None)
+    return Message(role, message_text(message, field_name)) if speaker is None else parse_message(message, field_name)
+
+
 def _checked(history: list[Message], completion: Message, user_response: Message, fields: tuple[str, str]):
     """The tuple, once y is a non-empty assistant message and o a non-empty user message."""
     y_field, o_field = fields
@@ -183,8 +190,8 @@ def _from_prompt_completion(row: dict) -> list[Interaction]:
         if "user_response" not in row:
             present = ", ".join(repr(key) for key in list(row)[:10])
             raise ValueError(f"field 'user_response' is missing (fields present: {present})")
-        completion = Message(ASSISTANT, message_text(row["completion"], "completion"))
-        user_response = Message(USER, message_text(row["user_response"], "user_response"))
+        completion = _message_in_role(row["completion"], "completion", ASSISTANT)
+        user_response = _message_in_role(row["user_response"], "user_response", USER)
         fields = ("completion", "user_response")
     return [_checked(history, completion, user_response, fields)]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import sys
 from collections import Counter
@@ -32,6 +33,7 @@ from sdpo.data.conversations import (
     normalize_conversation,
 )
 from sdpo.data.data_sources import DataError
+from sdpo.utils.command_line import UsageError, mask_secrets
 from sdpo.utils.env_file import load_project_env
 from sdpo.utils.file_io import write_json_atomic, write_jsonl_atomic
 from sdpo.data.interaction_schema import Interaction, Message
@@ -51,9 +53,12 @@ def cli_entry(main: Callable[[Sequence[str] | None], None]) -> Callable[[Sequenc
 
     @functools.wraps(main)
     def wrapped(argv: Sequence[str] | None = None) -> int:
-        load_project_env()  # HF_TOKEN for gated datasets, as the scripts read it
         try:
+            load_project_env()  # HF_TOKEN for gated datasets, as the scripts read it
             main(argv)
+        except UsageError as error:  # a .env that is not text
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         except (DataError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
@@ -238,9 +243,28 @@ class FilterCounts:
         return "\n".join(lines)
 
 
+def refuse_empty(what: str, source: str, counts: str, outputs: Sequence[Path]) -> None:
+    """Stop a run that found nothing to write, before it replaces any output (a good earlier output stays)."""
+    kept = [str(path) for path in outputs if path.exists()]
+    raise PreprocessError(
+        f"no usable {what} in {source} ({counts}); "
+        + (f"kept the existing {', '.join(kept)}; " if kept else "nothing written; ")
+        + "check --dataset_path and the filters"
+    )
+
+
 def stats_path_for(output: Path) -> Path:
     """``data/x/name.jsonl`` → ``data/x/name.stats.json``."""
     return output.with_name(output.name.removesuffix(".jsonl") + ".stats.json")
+
+
+def stored_argument(value):
+    """An argument as a stats file may hold it: secrets in strings (URL passwords, known keys) masked."""
+    if isinstance(value, str):
+        return mask_secrets(value)
+    if isinstance(value, list):
+        return [stored_argument(item) for item in value]
+    return value
 
 
 def write_stats(path: Path, script: str, args: argparse.Namespace, source: str, **sections) -> None:
@@ -251,7 +275,7 @@ def write_stats(path: Path, script: str, args: argparse.Namespace, source: str, 
             "script": script,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "source": source,
-            "arguments": vars(args),
+            "arguments": {name: stored_argument(value) for name, value in vars(args).items()},
             **sections,
         },
     )
@@ -357,7 +381,19 @@ def write_interactions(
     ``rows`` atomically to ``<out_dir>/<output_name>``, print the counts and ``outcome()`` (how the run
     ended, known once the rows are consumed), and record both beside the output."""
     output = Path(args.out_dir) / output_name
-    extract.interactions.kept = write_jsonl_atomic(output, rows)
+    rows = iter(rows)
+    first = next(rows, None)
+    if first is None:
+        conversations = extract.conversations
+        reasons = ", ".join(f"{reason} {n}" for reason, n in conversations.skipped.most_common() if n)
+        refuse_empty(
+            "interactions",
+            source,
+            f"{conversations.scanned or 'no'} records read, {conversations.kept} usable conversations"
+            + (f"; skipped: {reasons}" if reasons else ""),
+            [output],
+        )
+    extract.interactions.kept = write_jsonl_atomic(output, itertools.chain([first], rows))
     print(extract.report())
     ended = outcome()
     for key, value in ended.items():

@@ -41,9 +41,11 @@ from sdpo.utils.file_io import (  # noqa: F401 - part of this module's API
 )
 from sdpo.data.data_sources import DataError  # noqa: F401 - raised here, re-exported for callers
 from sdpo.models.generation import encode_chat
-from sdpo.data.interaction_schema import USER, parse_messages
+from sdpo.data.interaction_schema import SYSTEM, USER, parse_messages
 
 logger = logging.getLogger(__name__)
+
+GZIP_MAGIC = b"\x1f\x8b"
 
 # Judge decisions: which completion the judge preferred after both presentation orders agreed.
 CURRENT_WINS = 0  # completion A: the policy being trained
@@ -81,11 +83,20 @@ def load_prompts(path: str | os.PathLike, field: str = "prompt") -> list[Prompt]
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: prompt file not found; pass an existing JSONL file with a {field!r} field per line")
+    with path.open("rb") as handle:
+        start = handle.read(4096)
+    if start.startswith(GZIP_MAGIC):
+        raise DataError(f"{path}: gzip-compressed; decompress it first (gunzip -k {path})")
+    to_jsonl = f"prompt files are JSON Lines, one object per line (jq -c '.[]' {path} > prompts.jsonl)"
     prompts: list[Prompt] = []
     for line_number, row, error in iter_jsonl(path):
         where = f"{path}:{line_number}"
+        if error and not prompts and start.lstrip().startswith(b"["):
+            raise DataError(f"{path}: a JSON array spread over lines; {to_jsonl}")
         if error:
             raise DataError(f"{where}: {error}; each line must be one JSON object — fix or delete that line")
+        if isinstance(row, list):
+            raise DataError(f"{where}: expected a JSON object with a {field!r} field, got a JSON array; {to_jsonl}")
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object with a {field!r} field, got {type(row).__name__}")
         key = field if field in row else "messages" if "messages" in row else None
@@ -101,6 +112,9 @@ def load_prompts(path: str | os.PathLike, field: str = "prompt") -> list[Prompt]
                 messages = parse_messages(value, key)
             except ValueError as error:
                 raise DataError(f"{where}: {error}") from None
+            first = next((message for message in messages if message.role != SYSTEM), None)
+            if first is None or first.role != USER:
+                raise DataError(f"{where}: field {key!r} must start with a user message (after any system message)")
             if messages[-1].role != USER or not messages[-1].text.strip():
                 raise DataError(f"{where}: field {key!r} must end with a non-empty user message (the request the policy answers)")
             prompts.append([message.as_chat() for message in messages])

@@ -279,12 +279,28 @@ class OnlineSDPOUpdater:
             )
         return ids
 
-    def train_step(self, messages_before_response: list[dict], assistant_response: Generation | str, user_follow_up: str) -> dict:
+    def train_step(
+        self,
+        messages_before_response: list[dict],
+        assistant_response: Generation | str,
+        user_follow_up: str,
+        *,
+        return_token_signals: bool = False,
+    ) -> dict:
         """One interaction (x, y, o) → ``train_steps_per_example`` optimizer steps. Returns metrics."""
-        return self.train_step_batch([messages_before_response], [assistant_response], [user_follow_up])
+        return self.train_step_batch(
+            [messages_before_response], [assistant_response], [user_follow_up], return_token_signals=return_token_signals
+        )
 
-    def train_step_batch(self, batch_messages: list[list[dict]], responses: list, follow_ups: list[str]) -> dict:
-        """Several interactions in one batch (per-sequence token mean, then batch mean)."""
+    def train_step_batch(
+        self, batch_messages: list[list[dict]], responses: list, follow_ups: list[str], *, return_token_signals: bool = False
+    ) -> dict:
+        """Several interactions in one batch (per-sequence token mean, then batch mean).
+
+        ``return_token_signals`` adds ``token_signals``: per interaction (input order), A_t of every token of y as
+        trained on (``sdpo.core.score_hindsight``: the scoring temperature and context truncation of this step, the
+        last of ``train_steps_per_example``).
+        """
         if not (len(batch_messages) == len(responses) == len(follow_ups)) or not batch_messages:
             raise ValueError("train_step_batch needs equally many (non-zero) conversations, responses and follow-ups")
         cfg = self.config
@@ -323,11 +339,16 @@ class OnlineSDPOUpdater:
         ]
 
         timings = {"student_forward": 0.0, "teacher_forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        token_signals: list[list[float] | None] = [None] * len(completions)
         self.model.train()
         for _ in range(cfg.train_steps_per_example):
             loss_value, scored = 0.0, []
-            for student_batch, teacher_batch, share, first_row in micro_batches:
+            for group, (student_batch, teacher_batch, share, first_row) in zip(groups, micro_batches):
                 loss, out = self._loss(student_batch, teacher_batch, timings, table_row=first_row)
+                if return_token_signals:
+                    rows = out.scores.signal_rows([len(completions[i]) for i in group])
+                    for index, row in zip(group, rows):
+                        token_signals[index] = row
                 tick = time.perf_counter()
                 (loss * share).backward()
                 timings["backward"] += time.perf_counter() - tick
@@ -355,6 +376,8 @@ class OnlineSDPOUpdater:
             "train_time_s": round(time.perf_counter() - started, 2),
             **{f"{phase}_time_s": round(seconds, 3) for phase, seconds in timings.items()},
         }
+        if return_token_signals:
+            metrics["token_signals"] = token_signals
         if self.vllm_engine is not None:
             self._publish_adapter()
         if cfg.checkpoint_every_n_steps and self.step % cfg.checkpoint_every_n_steps == 0:

@@ -1,17 +1,20 @@
-"""The browser side of the live chat (Gradio): chat box, adapter controls, and the signal panel.
+"""The browser side of the live chat (Gradio): login, chat box with streamed replies, adapter controls,
+and the signal panel.
 
-The page polls the engine once a second, so an update that finishes while the person reads or types
+Whose adapter a session uses comes from its login (``request.username``, checked by Gradio's auth against
+the accounts file), never from anything the page sends; every handler checks it again. The page polls
+the engine once a second, so an update that finishes while the person reads or types
 shows up without a click: the adapter step and fingerprint in the status line, and the reply it was
-trained on, token by token, coloured by the SDPO signal of the follow-up (the signal-analysis figures'
-colour map: red = the follow-up made the token less likely, white = unchanged, blue = more likely).
+trained on, token by token, coloured by the A_t that update trained on (returned by ``train_step``, at its
+scoring temperature; the signal-analysis figures' colour map: red = the follow-up made the token less
+likely, white = unchanged, blue = more likely).
 """
-
-from __future__ import annotations
 
 import html
 
-from sdpo.live_chat.sessions import Conversation, LiveChatEngine, LiveChatError, UpdateReport, UserStatus
 from sdpo.evaluation.plots import signal_color_hex, text_color_hex
+from sdpo.live_chat.api import Identities, api_routes
+from sdpo.live_chat.sessions import Conversation, LiveChatEngine, LiveChatError, UpdateReport, UserStatus
 
 POLL_SECONDS = 1.0
 
@@ -52,9 +55,9 @@ def render_signal_html(report: UpdateReport | None, vmin: float, vmax: float) ->
     )
 
 
-def render_status(status: UserStatus, conversation: Conversation | None) -> str:
-    """One status line: adapter step and fingerprint, queue, which step made the last reply, notices."""
-    parts = [f"**{status.user}**", f"adapter step {status.step}", f"adapter `{status.fingerprint}`"]
+def render_status(status: UserStatus, conversation: Conversation | None, login: str | None = None) -> str:
+    """One status line: who, adapter step and fingerprint, queue, which step made the last reply, notices."""
+    parts = [f"**{login or status.user}**", f"adapter step {status.step}", f"adapter `{status.fingerprint}`"]
     if status.queued:
         parts.append(f"updates running or queued: {status.queued}")
     if conversation is not None and conversation.reply_steps:
@@ -81,68 +84,87 @@ def chat_display(conversation: Conversation | None) -> list[dict]:
     return shown
 
 
-def build_app(engine: LiveChatEngine, *, signal_vmin: float = -5.0, signal_vmax: float = 5.0):
-    """The Gradio Blocks page for ``engine`` (launch with ``launch_app``)."""
+def build_app(engine: LiveChatEngine, identities: Identities, *, signal_vmin: float = -5.0,
+              signal_vmax: float = 5.0):
+    """The Gradio Blocks page for ``engine`` (serve with ``launch_app``)."""
     import gradio as gr
 
-    def require_user(conversation: Conversation | None) -> Conversation:
-        if conversation is None:
-            raise gr.Error("enter your name and press Load first")
-        return conversation
+    limit = engine.limits.max_message_tokens
 
-    def panels(conversation: Conversation | None):
-        if conversation is None:
-            welcome = "Enter your name and press **Load** to start (a new name starts a fresh adapter)."
-            return welcome, render_signal_html(None, signal_vmin, signal_vmax)
-        status = engine.status(conversation.user)
-        return render_status(status, conversation), render_signal_html(status.last_update, signal_vmin, signal_vmax)
-
-    def load_user(name: str):
+    def session_user(request: gr.Request) -> str:
         try:
-            conversation = Conversation(user=engine.status(name).user)
+            return identities.user_of_login(request.username)
         except LiveChatError as error:
             raise gr.Error(str(error)) from error
-        return conversation, chat_display(conversation), *panels(conversation)
 
-    def receive(text: str, conversation: Conversation | None):
-        conversation = require_user(conversation)
+    def own(conversation: Conversation | None, request: gr.Request) -> Conversation:
+        """The session's conversation, always of the logged-in user (a fresh one if the state is not theirs)."""
+        user = session_user(request)
+        if conversation is None or conversation.user != user:
+            conversation = Conversation(user=user)
+        return conversation
+
+    def panels(conversation: Conversation, request: gr.Request):
+        status = engine.status(conversation.user)
+        return (render_status(status, conversation, request.username),
+                render_signal_html(status.last_update, signal_vmin, signal_vmax))
+
+    def start(conversation: Conversation | None, request: gr.Request):
+        conversation = own(conversation, request)
+        return conversation, chat_display(conversation), *panels(conversation, request)
+
+    def receive(text: str, conversation: Conversation | None, request: gr.Request):
+        conversation = own(conversation, request)
         try:
             engine.add_user_message(conversation, text)
         except LiveChatError as error:
             raise gr.Error(str(error)) from error
-        return "", conversation, chat_display(conversation), *panels(conversation)
+        return "", conversation, chat_display(conversation), *panels(conversation, request)
 
-    def respond(conversation: Conversation | None):
-        conversation = require_user(conversation)
-        if conversation.messages and conversation.messages[-1]["role"] == "user":
-            engine.answer(conversation)
-        return conversation, chat_display(conversation), *panels(conversation)
+    def respond(conversation: Conversation | None, request: gr.Request):
+        conversation = own(conversation, request)
+        if not conversation.messages or conversation.messages[-1]["role"] != "user":
+            yield conversation, chat_display(conversation), *panels(conversation, request)
+            return
+        shown, text = chat_display(conversation), ""
+        for piece in engine.stream_answer(conversation):
+            text += piece
+            yield conversation, [*shown, {"role": "assistant", "content": text}], *panels(conversation, request)
+        yield conversation, chat_display(conversation), *panels(conversation, request)
 
-    def new_conversation(conversation: Conversation | None):
-        conversation = Conversation(user=require_user(conversation).user)
-        return conversation, chat_display(conversation), *panels(conversation)
+    def new_conversation(conversation: Conversation | None, request: gr.Request):
+        conversation = Conversation(user=session_user(request))
+        return conversation, chat_display(conversation), *panels(conversation, request)
 
     def adapter_action(action):
-        def run(conversation: Conversation | None):
-            action(require_user(conversation).user)
-            return panels(conversation)
+        def run(conversation: Conversation | None, request: gr.Request):
+            conversation = own(conversation, request)
+            try:
+                action(conversation.user)
+            except LiveChatError as error:
+                raise gr.Error(str(error)) from error
+            return conversation, *panels(conversation, request)
 
         return run
+
+    def refresh(conversation: Conversation | None, request: gr.Request):
+        return panels(own(conversation, request), request)
 
     with gr.Blocks(title="SDPO live chat", analytics_enabled=False) as app:
         conversation = gr.State(None)
         gr.Markdown(f"## SDPO live chat\n{INTRO}")
-        with gr.Row():
-            user_name = gr.Textbox(label="Your name (selects your adapter)", elem_id="user-name", scale=4)
-            load_button = gr.Button("Load", elem_id="load-user", scale=1)
         status = gr.Markdown(elem_id="status")
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(elem_id="chat", height=420, label="Conversation")
-                message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, elem_id="message")
+                message = gr.Textbox(placeholder=f"Type a message (up to {limit} tokens) and press Enter",
+                                     show_label=False, elem_id="message")
+                gr.Markdown(f"Messages and follow-ups are limited to **{limit} tokens**.", elem_id="limits")
                 with gr.Row():
                     send_button = gr.Button("Send", variant="primary", elem_id="send")
                     new_button = gr.Button("New conversation", elem_id="new-conversation")
+                    if identities.accounts is not None:
+                        gr.Button("Log out", link="/logout", elem_id="logout")
             with gr.Column(scale=2):
                 signal_panel = gr.HTML(elem_id="signal-panel")
                 with gr.Row():
@@ -152,23 +174,30 @@ def build_app(engine: LiveChatEngine, *, signal_vmin: float = -5.0, signal_vmax:
                     save_button = gr.Button("Save a copy", elem_id="save")
                     retry_button = gr.Button("Retry failed updates", elem_id="retry")
         chat_outputs = [conversation, chatbot, status, signal_panel]
-        load_button.click(load_user, [user_name], chat_outputs)
-        user_name.submit(load_user, [user_name], chat_outputs)
         for trigger in (message.submit, send_button.click):
             sent = trigger(receive, [message, conversation], [message, *chat_outputs])
-            sent.then(respond, [conversation], chat_outputs)
+            sent.success(respond, [conversation], chat_outputs)
         new_button.click(new_conversation, [conversation], chat_outputs)
         for button, action in ((undo_button, engine.undo), (reset_button, engine.reset), (save_button, engine.save),
                                (retry_button, engine.retry_failed)):
-            button.click(adapter_action(action), [conversation], [status, signal_panel])
-        app.load(panels, [conversation], [status, signal_panel])
-        gr.Timer(POLL_SECONDS).tick(panels, [conversation], [status, signal_panel])
+            button.click(adapter_action(action), [conversation], [conversation, status, signal_panel])
+        app.load(start, [conversation], chat_outputs)
+        gr.Timer(POLL_SECONDS).tick(refresh, [conversation], [status, signal_panel])
     return app
 
 
-def launch_app(app, *, host: str, port: int, share: bool = False, block: bool = True) -> str:
-    """Serve ``app``; returns the local URL (``block=False`` returns at once, for tests)."""
+def launch_app(app, engine: LiveChatEngine, identities: Identities, *, host: str, port: int, share: bool = False,
+               block: bool = True) -> str:
+    """Serve the page ``app`` with the API beside it, behind the accounts' login when there are accounts; returns
+    the local URL (``block=False`` returns at once, for tests)."""
     import gradio as gr
+
+    auth = None
+    if identities.accounts is not None:
+        accounts = identities.accounts
+
+        def auth(name: str, password: str) -> bool:
+            return accounts.verify_password(name, password) is not None
 
     # System fonts: the default theme would fetch web fonts, and this page must work offline.
     theme = gr.themes.Default(
@@ -181,6 +210,9 @@ def launch_app(app, *, host: str, port: int, share: bool = False, block: bool = 
         prevent_thread_lock=not block,
         quiet=not block,
         ssr_mode=False,
+        auth=auth,
+        auth_message="Log in with your live-chat account (created with `python live_chat.py users add`).",
+        app_kwargs={"routes": api_routes(engine, identities)},
         theme=theme,
         css=PAGE_CSS,
     )

@@ -161,10 +161,14 @@ def generate(
     *,
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
+    streamer=None,
+    adapter_names: list[str] | None = None,
 ) -> list[Generation]:
     """Sample one completion per context (token-id lists), batched with left padding and a KV cache.
 
-    Contexts are grouped by length to limit padding; results come back in input order.
+    Contexts are grouped by length to limit padding; results come back in input order. With ``streamer`` (a
+    transformers streamer, which receives the batch's tokens as they are sampled) or ``adapter_names`` (PEFT's
+    mixed-adapter batch: one loaded adapter name per context) the contexts run as one batch in the given order.
     """
     if not contexts:
         return []
@@ -174,6 +178,10 @@ def generate(
     stops = stop_token_ids(model, tokenizer)
     config = sampling.to_generation_config(stops, tokenizer.pad_token_id, getattr(model, "generation_config", None))
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+    extra = {}
+    if streamer is not None or adapter_names is not None:
+        order, batch_size = list(range(len(contexts))), len(contexts)
+        extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
     results: list[Generation | None] = [None] * len(contexts)
     was_training = model.training
     model.eval()
@@ -183,7 +191,11 @@ def generate(
             ids, mask = left_pad([contexts[i] for i in chunk], tokenizer.pad_token_id)
             with autocast_context(device, autocast_dtype):
                 out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    generation_config=config,
+                    streamer=streamer,
+                    **extra,
                 )
             new_tokens = out[:, ids.shape[1] :].tolist()
             for row, index in enumerate(chunk):

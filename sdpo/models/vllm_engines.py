@@ -190,12 +190,14 @@ class VLLMPolicyEngine:
         self.tokenizer = tokenizer
         self.adapter_path: Path | None = None
         self.adapter_version = 0
+        self._adapter_ids: dict[str, int] = {}  # folder → vLLM LoRA id, for per-call adapters
         if self.sleeps:
             self.llm.sleep(level=1)
 
     @classmethod
-    def from_config(cls, config, tokenizer) -> VLLMPolicyEngine:
-        """The engine for an ``OnlineSDPOConfig``'s policy: its base model, LoRA rank, dtype and budgets."""
+    def from_config(cls, config, tokenizer, **engine_kwargs) -> VLLMPolicyEngine:
+        """The engine for an ``OnlineSDPOConfig``'s policy: its base model, LoRA rank, dtype and budgets
+        (``engine_kwargs``, e.g. ``max_loras``, go to the constructor)."""
         return cls(
             config.model_name_or_path,
             tokenizer,
@@ -203,6 +205,7 @@ class VLLMPolicyEngine:
             gpu_memory_utilization=config.vllm_gpu_memory_utilization,
             dtype=config.torch_dtype,
             max_model_len=config.max_context_length + config.max_new_tokens,
+            **engine_kwargs,
         )
 
     def load_adapter(self, path: Path) -> None:
@@ -211,10 +214,25 @@ class VLLMPolicyEngine:
         self.adapter_version += 1
 
     def generate(
-        self, contexts: list[list[int]], sampling: SamplingParams, stop_token_ids: list[int]
+        self,
+        contexts: list[list[int]],
+        sampling: SamplingParams,
+        stop_token_ids: list[int],
+        *,
+        adapters: list[Path] | None = None,
     ) -> list[Generation]:
+        """One generation per context; ``adapters`` (one folder per context) serves each context with its own
+        LoRA adapter in the same batch instead of the one ``load_adapter`` set. Each folder keeps one id, so vLLM
+        caches it (``max_loras`` resident on the device, ``max_cpu_loras`` in its cache, least recently used out)."""
         lora_request = None
-        if self.adapter_path is not None:
+        if adapters is not None:
+            from vllm.lora.request import LoRARequest
+
+            if len(adapters) != len(contexts):
+                raise ValueError(f"{len(adapters)} adapters for {len(contexts)} contexts")
+            ids = [self._adapter_ids.setdefault(str(path), len(self._adapter_ids) + 1) for path in adapters]
+            lora_request = [LoRARequest(f"adapter_{i}", i, str(path)) for i, path in zip(ids, adapters)]
+        elif self.adapter_path is not None:
             from vllm.lora.request import LoRARequest
 
             lora_request = LoRARequest(f"policy_v{self.adapter_version}", self.adapter_version, str(self.adapter_path))

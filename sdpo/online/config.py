@@ -7,15 +7,19 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from sdpo.data.data_sources import DataError
+from sdpo.evaluation.evaluation_helpers import load_prompts
 from sdpo.learner.config import OnlineSDPOConfig, check_ranges
 from sdpo.personas.participants import ParticipantsArguments, ParticipantsConfig, StyleSchedule
 from sdpo.personas.style_judge import PROTOCOLS
 from sdpo.personas.user_simulator import resolve_style
+from sdpo.utils.command_line import MASK, ConfigParser, UsageError, is_secret_name
 from sdpo.utils.tracking import REPORT_TO
 
 STYLE_BASELINES = ("base", "introduced")
@@ -45,6 +49,21 @@ def _check_folder(flag: str, value: str | None) -> None:
             if not parent.is_dir():
                 raise ValueError(f"--{flag} {value}: {parent} is a file; pass a folder")
             break
+
+
+def _looks_like_local_path(name: str) -> bool:
+    # Hub ids are "org/name"; anything absolute, relative-marked or deeper is a filesystem path.
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def check_local_model(flag: str, name: str | None) -> None:
+    """A model given as a local path must be an existing folder (checked before any model loads)."""
+    if not name or not _looks_like_local_path(name):
+        return
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        problem = "is a file; pass the model folder" if path.exists() else "does not exist; fix the path"
+        raise DataError(f"--{flag} {name}: {problem}")
 
 
 @dataclass
@@ -244,6 +263,15 @@ def without_credentials(url: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def stored_value(name: str, value):
+    """What a results or state file may hold of a setting: never a secret-named one, URLs without credentials."""
+    if is_secret_name(name) and value:
+        return MASK
+    if isinstance(value, str) and "://" in value:
+        return without_credentials(value)
+    return value
+
+
 @dataclass(frozen=True)
 class OnlineArguments:
     """The three parsed settings of an online run."""
@@ -259,6 +287,26 @@ class OnlineArguments:
         )
         return dataclasses.replace(config, protocol=self.run.protocol)
 
+    def check_inputs(self) -> None:
+        """Everything about the run's files and models that can be checked before a model loads: both prompt
+        files read and validated in full, local model folders present, a batch the training prompts can fill.
+        One ``DataError`` line naming the file, line or flag."""
+        run, participants = self.run, self.participants
+        train = load_prompts(run.train_jsonl)
+        load_prompts(run.val_jsonl)
+        config = self.participants_config()
+        local_user = config.user_backend in ("hf", "vllm") and (config.user_styles or config.judge_backend == "user")
+        check_local_model("model_name_or_path", self.learner.model_name_or_path)
+        check_local_model("user_model_name_or_path", participants.user_model_name_or_path if local_user else None)
+        check_local_model("baseline_model", run.baseline_model)
+        usable = min(run.train_n, len(train))
+        if run.interactions_per_step > usable:
+            raise DataError(
+                f"--interactions_per_step {run.interactions_per_step} exceeds the {usable} training interactions "
+                f"(--train_n {run.train_n}, {len(train)} prompts in {run.train_jsonl}): no step would be full; "
+                f"use --interactions_per_step {usable} or more prompts"
+            )
+
     def to_dict(self) -> dict:
         """Every setting by field name (what results meta and run_state.json record); no URL credentials."""
         settings = {
@@ -266,8 +314,7 @@ class OnlineArguments:
             **dataclasses.asdict(self.participants),
             **dataclasses.asdict(self.run),
         }
-        settings["openai_base_url"] = without_credentials(settings["openai_base_url"])
-        return settings
+        return {name: stored_value(name, value) for name, value in settings.items()}
 
     @classmethod
     def from_dict(cls, settings: dict) -> OnlineArguments:
@@ -278,3 +325,19 @@ class OnlineArguments:
             return dataclass_type(**{k: v for k, v in settings.items() if k in names})
 
         return cls(build(OnlineSDPOConfig), build(ParticipantsArguments), build(OnlineRunConfig))
+
+
+def build_parser(description: str | None = None) -> ConfigParser:
+    """The online loop's parser: the learner, the participants and the run, one flag (and YAML key) per field."""
+    parser = ConfigParser((OnlineSDPOConfig, ParticipantsArguments, OnlineRunConfig), description=description)
+    # The online loop keeps its checkpoints in <out_dir>/checkpoints and saves only with --save_checkpoints.
+    parser.set_defaults(checkpoint_every_n_steps=0, max_checkpoints=0)
+    return parser
+
+
+def parse_arguments(argv: list[str] | None = None, description: str | None = None) -> OnlineArguments:
+    """Every setting, checked for everything that can be checked before a model loads (one ``UsageError``)."""
+    learner, participants, run = build_parser(description).parse(argv)
+    if learner.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("--optim adamw_8bit needs bitsandbytes (pip install bitsandbytes, CUDA); or use --optim adamw")
+    return OnlineArguments(learner, participants, run)

@@ -6,6 +6,7 @@ relative to it, so a copied run folder resumes in the copy (the folder is always
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 from sdpo.data.data_sources import DataError
 from sdpo.evaluation.evaluation_helpers import next_run_index
 from sdpo.learner.updater import complete_checkpoint, read_extra_state
-from sdpo.online.config import RESUME_OVERRIDABLE, OnlineArguments
+from sdpo.online.config import RESUME_OVERRIDABLE, OnlineArguments, without_credentials
 from sdpo.utils.file_io import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class RunFiles:
         """Interactions recorded in the results file (0 when it does not exist yet)."""
         if not self.results.is_file():
             return 0
-        return len(read_json(self.results, "training_metrics")["training_metrics"])
+        return len(read_results(self.results)["training_metrics"])
 
 
 def read_json(path: Path, *required_keys: str) -> dict:
@@ -58,6 +59,24 @@ def read_json(path: Path, *required_keys: str) -> dict:
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}; it is not a file this run wrote")
     return value
+
+
+def read_results(path: Path) -> dict:
+    """A results file this run wrote: ``meta`` an object, ``training_metrics`` and ``eval_history`` lists of
+    objects each naming its ``interaction`` (a whole number); else one ``DataError`` line."""
+    results = read_json(path, "meta", "training_metrics", "eval_history")
+    if not isinstance(results["meta"], dict):
+        raise DataError(f"{path}: 'meta' is not an object; it is not a file this run wrote")
+    for key in ("training_metrics", "eval_history"):
+        entries = results[key]
+        if not isinstance(entries, list) or not all(
+            isinstance(entry, dict) and type(entry.get("interaction")) is int for entry in entries
+        ):
+            raise DataError(
+                f"{path}: {key!r} is not a list of records with an 'interaction' number; "
+                "it is not a file this run wrote"
+            )
+    return results
 
 
 def _relative_to(folder: Path, path: Path) -> str:
@@ -76,7 +95,29 @@ def _files_of(out_dir: Path, state: dict) -> RunFiles:
 
 
 def _stored_state(out_dir: Path) -> dict:
-    return read_json(out_dir / STATE_FILE, "settings", "index", "eval_dir")
+    path = out_dir / STATE_FILE
+    state = read_json(path, "settings", "index", "eval_dir")
+    settings = state["settings"]
+    if (
+        not isinstance(settings, dict)
+        or not isinstance(settings.get("run_name"), str)
+        or type(state["index"]) is not int
+        or not isinstance(state["eval_dir"], str)
+    ):
+        raise DataError(
+            f"{path}: not the shape this run writes (settings with a run_name, a whole-number index, an eval_dir); "
+            "restore it from a copy of the run folder, or start a new run with another --out_dir"
+        )
+    return state
+
+
+def with_credentials_of(resumed: OnlineArguments, given: OnlineArguments) -> OnlineArguments:
+    """The stored settings hold URLs without credentials: a resumed run takes them back from the same URL given
+    now (``--openai_base_url`` or ``$OPENAI_BASE_URL``)."""
+    url = given.participants.openai_base_url
+    if not url or without_credentials(url) != resumed.participants.openai_base_url:
+        return resumed
+    return dataclasses.replace(resumed, participants=dataclasses.replace(resumed.participants, openai_base_url=url))
 
 
 def start_or_resume(arguments: OnlineArguments) -> tuple[OnlineArguments, RunFiles, dict | None]:
@@ -96,20 +137,23 @@ def start_or_resume(arguments: OnlineArguments) -> tuple[OnlineArguments, RunFil
         for name, value in given.items():
             if name not in RESUME_OVERRIDABLE and value != defaults.get(name) and value != stored.get(name):
                 logger.warning("--resume keeps the run's original --%s=%r (ignoring %r)", name, stored.get(name), value)
+        settings = {**stored, **{name: given[name] for name in RESUME_OVERRIDABLE}}
         try:
-            resumed = OnlineArguments.from_dict(
-                {**stored, **{name: given[name] for name in RESUME_OVERRIDABLE}}
-            )
-        except ValueError as error:
+            OnlineArguments.from_dict({**settings, "resume": False})  # the stored settings pass every check again
+            resumed = OnlineArguments.from_dict(settings)
+        except (ValueError, TypeError) as error:
             raise DataError(f"{out_dir / STATE_FILE}: the stored settings no longer hold ({error})") from None
+        resumed = with_credentials_of(resumed, arguments)
         files = _files_of(out_dir, state)
-        results = read_json(files.results, "meta", "training_metrics", "eval_history") if files.results.is_file() else None
+        results = read_results(files.results) if files.results.is_file() else None
+        resumed.check_inputs()
         return resumed, files, results
     if (out_dir / STATE_FILE).is_file():
         previous = _files_of(out_dir, _stored_state(out_dir))
         if previous.finished_interactions() or (previous.checkpoints / RESUME_TAG).exists():
             raise DataError(f"{out_dir} already holds a run; continue it with --resume or choose another --out_dir")
         logger.info("%s holds a run that finished no interaction; starting over", out_dir)
+    arguments.check_inputs()
     eval_dir = Path(run.eval_dir or run.out_dir)
     files = RunFiles(out_dir, eval_dir, run.run_name, next_run_index(eval_dir, run.run_name))
     try:

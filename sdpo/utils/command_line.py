@@ -4,12 +4,19 @@ A setting lives in one dataclass field (its ``help`` and reference-name ``aliase
 the YAML ``--config`` keys and ``--help`` all come from it, and its checks run in ``__post_init__``. Problems are
 one ``UsageError`` line (``parse`` turns argparse's, YAML's and ``__post_init__``'s into it); ``main`` functions
 print it and exit 2.
+
+Secrets never reach the terminal or a log through here: ``mask_secrets`` (the rules of ``scripts/common.sh``'s
+``sdpo_mask_words``, plus URL credentials) rewrites every ``UsageError`` message and, once a parser has run,
+every log record.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,8 +24,102 @@ import yaml
 from trl import TrlParser
 
 
+# A secret name ends in key, token, secret or password (any case, after leading dashes): ANTHROPIC_API_KEY,
+# HF_TOKEN, --api_key, --hf-token; not MAX_NEW_TOKENS or --max_new_tokens. The same pattern as SDPO_SECRET_NAME
+# in scripts/common.sh (tests/test_secrets.py holds the two to the same answers).
+SECRET_NAME = re.compile(r"^-*([a-z0-9]+[_-])*(api_?key|key|token|secret|password)$", re.IGNORECASE)
+MASK = "****"
+# Values of secret-named variables are masked wherever they appear only from this length on (real keys are
+# longer), so HF_TOKEN=1234 leaves `--seed 1234` alone.
+MIN_SECRET_CHARS = 8
+# scheme://user:password@host (the password is the secret) or scheme://token@host (the token is).
+URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:]+:)?[^\s/@]+@")
+_remembered_secrets: set[str] = set()
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(SECRET_NAME.match(name))
+
+
+def known_secrets() -> list[str]:
+    """Values to mask wherever they appear: secret-named environment variables and the secret flags' values
+    seen by a parser (``remember_secrets``), longest first, each at least ``MIN_SECRET_CHARS`` long."""
+    values = {value for name, value in os.environ.items() if is_secret_name(name)} | _remembered_secrets
+    return sorted((v for v in values if len(v) >= MIN_SECRET_CHARS), key=len, reverse=True)
+
+
+def mask_words(words: list[str]) -> list[str]:
+    """``words`` (a command line) with secrets replaced by ``MASK``: the word after a secret flag, the value of
+    ``--secret_flag=...`` and ``SECRET_NAME=...`` words, known secret values anywhere, a URL's password (or its
+    token, when the URL has no user name)."""
+    secrets = known_secrets()
+    masked, after_flag = [], False
+    for word in words:
+        name = word.split("=", 1)[0].lstrip("([{'\"")
+        if after_flag:
+            word = MASK
+        elif "=" in word and is_secret_name(name):
+            word = word[: word.index("=") + 1] + MASK
+        else:
+            for secret in secrets:
+                word = word.replace(secret, MASK)
+            word = URL_CREDENTIALS.sub(rf"\g<scheme>\g<user>{MASK}@", word)
+        bare = word.strip("'\"([{,;)]}")
+        after_flag = bare.startswith("-") and is_secret_name(bare)
+        masked.append(word)
+    return masked
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` (a message, a log line) with the secrets of ``mask_words`` masked; whitespace is kept."""
+    parts = re.split(r"(\s+)", text)
+    words = mask_words(parts[::2])
+    parts[::2] = words
+    return "".join(parts)
+
+
+def remember_secrets(argv: list[str]) -> None:
+    """Note the secrets in ``argv`` (secret flags' values, URL credentials) so later messages and logs mask them
+    wherever they appear."""
+    for index, word in enumerate(argv):
+        name, has_value, value = word.partition("=")
+        if name.startswith("-") and is_secret_name(name):
+            _remembered_secrets.add(value if has_value else argv[index + 1] if index + 1 < len(argv) else "")
+        for match in re.finditer(r"://([^\s/@]+)@", word):
+            user, has_password, password = match.group(1).partition(":")
+            _remembered_secrets.add(password if has_password else user)
+    _remembered_secrets.discard("")
+
+
+class _MaskingRecordFactory:
+    """A log-record factory that masks secrets in each record's final message."""
+
+    def __init__(self, wrapped):
+        self.wrapped = wrapped
+
+    def __call__(self, *args, **kwargs) -> logging.LogRecord:
+        record = self.wrapped(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed call: logging reports it when the record is emitted
+            return record
+        masked = mask_secrets(message)
+        if masked != message:  # records without secrets stay as they are (some formatters read their args)
+            record.msg, record.args = masked, None
+        return record
+
+
+def mask_secrets_in_logs() -> None:
+    """From now on every log record of this process has its secrets masked (idempotent)."""
+    if not isinstance(logging.getLogRecordFactory(), _MaskingRecordFactory):
+        logging.setLogRecordFactory(_MaskingRecordFactory(logging.getLogRecordFactory()))
+
+
 class UsageError(ValueError):
-    """A command-line or config-file problem; the message is one line."""
+    """A command-line or config-file problem; the message is one line, with its secrets masked."""
+
+    def __init__(self, message: str):
+        super().__init__(mask_secrets(str(message)))
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -46,22 +147,51 @@ class ConfigParser(TrlParser):
     def __init__(self, dataclass_types=None, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(dataclass_types, **kwargs)
+        # A list field whose default is a list may also be given empty (``--eval_styles`` with no style).
+        for action in self._actions:
+            if action.nargs == "+" and isinstance(action.default, list):
+                action.nargs = "*"
 
     def error(self, message: str):
         raise UsageError(f"{message} (see --help)")
 
     def set_defaults_with_config(self, **config) -> list[str]:
-        dest_of = {
-            option.lstrip("-"): action.dest
+        action_of = {
+            option.lstrip("-"): action
             for action in self._actions
             if not isinstance(action, argparse._StoreFalseAction)
             for option in action.option_strings
         }
-        return super().set_defaults_with_config(**{dest_of.get(key, key): value for key, value in config.items()})
+        defaults = {}
+        for key, value in config.items():
+            action = action_of.get(key)
+            defaults[action.dest if action else key] = self._typed_config_value(action, key, value) if action else value
+        return super().set_defaults_with_config(**defaults)
+
+    def _typed_config_value(self, action: argparse.Action, key: str, value):
+        """A YAML value as the flag's type would read it: YAML's 1e-5 (a string) becomes a float, while 2.5 for
+        a whole-number setting is refused instead of reaching the run."""
+        if value is None or action.type not in (int, float):
+            return value
+        if isinstance(value, list) and action.nargs not in (None, "?"):
+            return [self._typed_config_value(action, key, item) for item in value]
+        whole = action.type is int
+        ok = isinstance(value, int) if whole else isinstance(value, (int, float))
+        if isinstance(value, str):
+            try:
+                return action.type(value)
+            except ValueError:
+                ok = False
+        if not ok or isinstance(value, bool):
+            wanted = "a whole number" if whole else "a number"
+            raise UsageError(f"--config {self.config_file}: {key} must be {wanted}, got {value!r}")
+        return action.type(value)
 
     def parse(self, argv: list[str] | None = None) -> tuple:
         """The dataclasses from ``argv`` (and ``--config FILE``); any problem is one ``UsageError``."""
         argv = list(sys.argv[1:] if argv is None else argv)
+        remember_secrets(argv)
+        mask_secrets_in_logs()
         config_file = None
         if "--config" in argv:
             index = argv.index("--config")
@@ -70,6 +200,7 @@ class ConfigParser(TrlParser):
             config_file = argv[index + 1]
             if Path(config_file).is_dir():
                 raise UsageError(f"--config {config_file}: is a folder; pass a YAML file")
+        self.config_file = config_file
         where = f"--config {config_file}: " if config_file else ""
         try:
             *parsed, unknown_keys, unknown_flags = self.parse_args_and_config(
@@ -100,6 +231,8 @@ def flag_help(dataclass_type) -> dict[str, str]:
 
 def run_main(entry, argv=None) -> int:
     """Call ``entry(argv)``; a ``UsageError`` becomes ``error: <line>`` on stderr and exit status 2."""
+    remember_secrets(list(sys.argv[1:] if argv is None else argv))
+    mask_secrets_in_logs()
     try:
         return entry(argv)
     except UsageError as error:
@@ -115,5 +248,5 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        print(f"{self.prog}: error: {mask_secrets(message)} (see --help)", file=sys.stderr)
         sys.exit(2)

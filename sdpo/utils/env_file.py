@@ -10,10 +10,22 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 
-REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+from sdpo.utils.command_line import UsageError
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def load_project_env(path: Path = REPOSITORY_ROOT / ".env") -> None:
-    """Export the KEY=VALUE lines of ``path`` that the environment does not already set (never executed)."""
-    if path.is_file():
-        load_dotenv(path, override=False, interpolate=False)
+def load_project_env(path: Path | None = None) -> None:
+    """Export the KEY=VALUE lines of ``path`` (default: the repository's ``.env``) that the environment does not
+    already set (never executed). A file that is not UTF-8 text is one ``UsageError`` line."""
+    path = REPOSITORY_ROOT / ".env" if path is None else Path(path)
+    if not path.is_file():
+        return
+    try:
+        path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+            "write it as NAME=value lines, or remove it"
+        ) from None
+    load_dotenv(path, override=False, interpolate=False)

@@ -7,7 +7,10 @@ its runs in a local database). The offline trainer uses transformers' own ``repo
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
+
+from sdpo.utils.command_line import mask_words
 
 REPORT_TO = ("none", "wandb", "trackio")
 
@@ -28,7 +31,13 @@ class Tracker:
         except ImportError:
             raise ValueError(f"--report_to {report_to} needs the {report_to} package: pip install {report_to}") from None
         if report_to == "wandb":
-            module.init(project=project, name=name, config=config, dir=directory, id=run_id, resume="allow")
+            # wandb stores the command line in its run files: it sees the one with its secrets masked.
+            given = sys.argv
+            sys.argv = [given[0], *mask_words(given[1:])] if given else given
+            try:
+                module.init(project=project, name=name, config=config, dir=directory, id=run_id, resume="allow")
+            finally:
+                sys.argv = given
         else:
             module.init(project=project, name=name, config=config, resume="allow")
         return cls(report_to, module)
