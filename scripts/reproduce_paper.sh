@@ -47,7 +47,11 @@ case "$FIGURE" in
     MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-258}"                 # Table 5 max completion
     EVAL_MAX_NEW_TOKENS="${EVAL_MAX_NEW_TOKENS:-258}"       # paper silent on the evaluation budget: the training one
     SYSTEM_PROMPT="${SYSTEM_PROMPT:-tldr}"                  # paper-era code: one instruction asks for the summary
-    ORACLE="${ORACLE:-1}"                                   # Fig. 5 and Fig. 9 draw the in-context oracle
+    if [[ "$FIGURE" == fig4 ]]; then
+      ORACLE="${ORACLE:-0}"                                 # Fig. 4 has no oracle line; ORACLE=1 adds it
+    else
+      ORACLE="${ORACLE:-1}"                                 # Fig. 5 and Fig. 9 draw the in-context oracle
+    fi
     EVAL_EVERY="${EVAL_EVERY:-48}"                          # 3 updates of 16: the figures' point every 50
     STYLE_BASELINE="${STYLE_BASELINE:-base}"                # Fig. 4/5/9: every point against the base model
     DATA_DIR="${DATA_DIR:-$REPO_ROOT/data/tldr_prompts_unique}"   # prepare_data_tldr.sh
@@ -121,7 +125,8 @@ figure_command() {
     --train_jsonl "$DATA_DIR/train.jsonl" --val_jsonl "$DATA_DIR/validation.jsonl"
     --train_n "$TRAIN_N" --eval_n "$EVAL_N" --eval_every "$EVAL_EVERY" --eval_at_start --seed "$SEED"
     --out_dir "$out_dir" --run_name "$run_name" --report_to "$REPORT_TO"
-    # Paper silent on LoRA: the reference launcher's LoRA (r 256, alpha 512) with the policy generating on vLLM.
+    # The paper text is silent on LoRA (the code behind its figures trained all weights, which needs the policy
+    # off vLLM here): the reference launcher's LoRA (r 256, alpha 512) with the policy generating on vLLM.
     --use_lora --use_vllm --debug_first_example)
   if [[ "$persona" == *:* ]]; then
     cmd+=(--style_schedule "$persona")
@@ -134,14 +139,16 @@ figure_command() {
   if [[ "$FIGURE" == fig6 ]]; then
     cmd+=(--user_backend anthropic --judge_backend anthropic --judge_model "$JUDGE_MODEL")
   else
-    cmd+=(--user_model_name_or_path "$USER_MODEL" --judge_local --user_vllm --user_vllm_gpu_start "$USER_VLLM_GPU_START")
+    cmd+=(--user_model_name_or_path "$USER_MODEL" --judge_local --user_vllm
+      --user_vllm_gpu_start "$USER_VLLM_GPU_START")
   fi
   cmd+=("${SDPO_ARGS[@]}")
 }
 
 if [[ "$FIGURE" == fig9 ]]; then
   read -r -a profiles <<< "$PROFILES"
-  echo "[reproduce_paper] $(date '+%F %T') fig9: model=$MODEL profiles=${profiles[*]} train_n=$TRAIN_N out=$OUTPUT_DIR" >&2
+  echo "[reproduce_paper] $(date '+%F %T') fig9: model=$MODEL profiles=${profiles[*]} train_n=$TRAIN_N" \
+    "out=$OUTPUT_DIR" >&2
   folders=()
   for profile in "${profiles[@]}"; do
     figure_command "$profile" "$OUTPUT_DIR/$profile" "${RUN_NAME}_$profile"
