@@ -60,7 +60,7 @@ import time
 from tqdm.auto import tqdm
 
 from sdpo.chat.backends import BackendError
-from sdpo.chat.policies import TrainingPolicy, answer, load_policy, release
+from sdpo.chat.policies import TrainingPolicy, load_policy, release
 from sdpo.evaluation.evaluation_helpers import (
     DataError,
     Prompt,
@@ -81,7 +81,9 @@ from sdpo.learner.updater import EmptyResponseError, OnlineSDPOUpdater
 from sdpo.models.generation import SamplingParams
 from sdpo.models.model_loading import ModelLoadError
 from sdpo.models.vllm_engines import require_vllm
-from sdpo.online.config import SYSTEM_PROMPTS, OnlineArguments, parse_arguments
+from sdpo.models.vllm_server import VLLMServerPolicyEngine
+from sdpo.online import distributed
+from sdpo.online.config import SYSTEM_PROMPTS, OnlineArguments, check_world_size, parse_arguments
 from sdpo.online.preflight import run_preflight
 from sdpo.online.run_state import (
     RESUME_TAG,
@@ -129,6 +131,7 @@ class OnlineRun:
         self.eval_sampling = SamplingParams(max_new_tokens=self.run.eval_max_new_tokens, temperature=self.learner.temperature, top_p=1.0)
         self.previous = previous
         self.tracker = Tracker()
+        self.parallel = distributed.current()
 
     # ------------------------------------------------------------------ set-up
 
@@ -147,11 +150,14 @@ class OnlineRun:
         separate = bool(run.baseline_model) and run.baseline_model != learner.model_name_or_path
         if separate:
             policy = load_policy(run.baseline_model, dtype=learner.torch_dtype, device=learner.device, batch_size=learner.generation_batch_size)
-        texts = answer(policy, self.conversations(eval_prompts), self.eval_sampling, batch_size=learner.generation_batch_size, label="baseline")
+        texts = distributed.answer_sharded(
+            self.parallel, policy, self.conversations(eval_prompts), self.eval_sampling, batch_size=learner.generation_batch_size, label="baseline"
+        )
         if separate:
             release(policy)
         del policy
-        write_json_atomic(files.baseline, {"model": run.baseline_model or learner.model_name_or_path, "prompts": eval_prompts, "completions": texts})
+        if self.parallel.is_main_process:
+            write_json_atomic(files.baseline, {"model": run.baseline_model or learner.model_name_or_path, "prompts": eval_prompts, "completions": texts})
         logger.info("baseline: %d completions, mean %.0f chars", len(texts), average_chars(texts))
         return texts
 
@@ -193,10 +199,13 @@ class OnlineRun:
         ]
         if not new:
             return []
-        texts = answer(policy, self.conversations(self.eval_prompts), self.eval_sampling, batch_size=self.learner.generation_batch_size, label="baseline at switch")
+        texts = distributed.answer_sharded(
+            self.parallel, policy, self.conversations(self.eval_prompts), self.eval_sampling, batch_size=self.learner.generation_batch_size, label="baseline at switch"
+        )
         for style in new:
             path = self.files.style_baseline(style)
-            write_json_atomic(path, {"style": style, "interaction": interaction, "step": step, "prompts": self.eval_prompts, "completions": texts})
+            if self.parallel.is_main_process:
+                write_json_atomic(path, {"style": style, "interaction": interaction, "step": step, "prompts": self.eval_prompts, "completions": texts})
             record = {"style": style, "interaction": interaction, "step": step, "file": path.name}
             results["meta"]["style_baselines"][style] = record
             self.pending["baselines"].append(record)
@@ -211,14 +220,19 @@ class OnlineRun:
             answers = json.loads(self.files.oracle.read_text())["completions"]
         else:
             sampling = self.eval_sampling
-            answers, _ = oracle_answers(
-                policy, eval_prompts, styles, sampling, batch_size=self.learner.generation_batch_size, seed=self.run.seed, system_prompt=self.system_prompt
+            shard, _ = oracle_answers(
+                policy, self.parallel.shard(eval_prompts), styles, sampling, batch_size=self.learner.generation_batch_size, seed=self.run.seed, system_prompt=self.system_prompt
             )
-            write_json_atomic(self.files.oracle, {"prompts": eval_prompts, "completions": answers})
+            answers = {style: self.parallel.gather(shard[style]) for style in styles}
+            if self.parallel.is_main_process:
+                write_json_atomic(self.files.oracle, {"prompts": eval_prompts, "completions": answers})
+        return distributed.on_main_then_shared(self.parallel, lambda: self.judge_oracle(participants, eval_prompts, answers, baseline))
+
+    def judge_oracle(self, participants, eval_prompts: list[str], answers: dict[str, list[str]], baseline: list[str]) -> dict:
         metrics = {}
-        for style in styles:
-            metrics[style] = judge_every_style({style: participants.judges[style]}, eval_prompts, answers[style], baseline, seed=self.run.seed, label="oracle")[style]
-            metrics[style]["avg_completion_chars"] = average_chars(answers[style])
+        for style, texts in answers.items():
+            metrics[style] = judge_every_style({style: participants.judges[style]}, eval_prompts, texts, baseline, seed=self.run.seed, label="oracle")[style]
+            metrics[style]["avg_completion_chars"] = average_chars(texts)
         return metrics
 
     # ------------------------------------------------------------------ the run
@@ -227,7 +241,13 @@ class OnlineRun:
         run, learner, files = self.run, self.learner, self.files
         config = self.participants_config
         config.validate()
-        require_vllm([flag for flag, on in (("--use_vllm", learner.use_vllm), ("--user_vllm", config.uses_vllm)) if on])
+        colocated = learner.use_vllm and run.vllm_mode == "colocate"
+        require_vllm([flag for flag, on in (("--use_vllm", colocated), ("--user_vllm", config.uses_vllm)) if on])
+        policy_engine = None
+        if learner.use_vllm and run.vllm_mode == "server":
+            # A server that cannot serve the policy is one line before any model loads.
+            policy_engine = VLLMServerPolicyEngine(run.vllm_server_url, registers_adapters=self.parallel.is_main_process)
+            policy_engine.check()
         # Remote and rule participants cost nothing to build: built first, a bad key fails before the model loads.
         participants = build_participants(config) if config.user_backend not in ("hf", "vllm") else None
         if participants is not None:
@@ -235,7 +255,7 @@ class OnlineRun:
         seed_everything(run.seed)
         resume = resume_point(files, self.previous)
         checkpoint, done = resume.checkpoint, resume.interactions_done
-        updater = OnlineSDPOUpdater(learner_config(self.arguments, files), resume_from=checkpoint)
+        updater = OnlineSDPOUpdater(learner_config(self.arguments, files), resume_from=checkpoint, policy_engine=policy_engine)
 
         train_prompts = load_split(run.train_jsonl, updater.tokenizer, run.train_n, max_prompt_tokens=run.max_prompt_tokens, seed=run.seed, label="train")
         eval_prompts = load_split(run.val_jsonl, updater.tokenizer, run.eval_n, max_prompt_tokens=run.max_prompt_tokens, seed=run.seed, label="eval")
@@ -267,7 +287,7 @@ class OnlineRun:
             if run.eval_at_start:
                 self.record_evaluation(updater, policy, participants, eval_prompts, baseline, results, 0)
         self.tracker = Tracker.start(
-            run.report_to, project=run.wandb_project, name=run.run_name, config=self.arguments.to_dict(), directory=str(files.out_dir), run_id=f"{run.run_name}-{files.results.stem}"
+            run.report_to if self.parallel.is_main_process else "none", project=run.wandb_project, name=run.run_name, config=self.arguments.to_dict(), directory=str(files.out_dir), run_id=f"{run.run_name}-{files.results.stem}"
         )
         self.train_and_evaluate(updater, policy, participants, train_prompts, eval_prompts, baseline, results, done)
         return results
@@ -286,6 +306,7 @@ class OnlineRun:
             "user_label": participants.user_label,
             "baseline": run.baseline_model or learner.model_name_or_path,
             "n_skipped": 0,
+            "world_size": self.parallel.world_size,
             # Per judged style: the interaction its baseline answers were taken at, and their file.
             "style_baselines": {},
         }
@@ -321,6 +342,8 @@ class OnlineRun:
         return results
 
     def save(self, results: dict) -> None:
+        if not self.parallel.is_main_process:
+            return
         write_json_atomic(self.files.results, results)
         write_json_atomic(self.files.completions, self.completions_log)
         write_completions_snapshot(self.files.snapshot, self.completions_log, self.eval_prompts)
@@ -340,14 +363,22 @@ class OnlineRun:
 
     def evaluate(self, policy, participants, eval_prompts, interaction: int, step: int) -> tuple[dict, list[str]]:
         """Judge the current policy with every style that has a baseline, each against its own; returns (history
-        entry, completions). A style introduced later is absent from the entries before its introduction."""
+        entry, completions). A style introduced later is absent from the entries before its introduction. Under
+        several processes each answers its share of the prompts; the main process judges, and every process gets
+        the verdicts (all hold the same results; only the main one writes them)."""
         started = time.perf_counter()
-        current = answer(policy, self.conversations(eval_prompts), self.eval_sampling, batch_size=self.learner.generation_batch_size, label="eval generation")
+        current = distributed.answer_sharded(
+            self.parallel, policy, self.conversations(eval_prompts), self.eval_sampling, batch_size=self.learner.generation_batch_size, label="eval generation"
+        )
         gen_time = time.perf_counter() - started
-        per_style = {}
-        for style, judge in participants.judges.items():
-            if style in self.baselines:
-                per_style.update(judge_every_style({style: judge}, eval_prompts, current, self.baselines[style], seed=self.run.seed, label=f"interaction {interaction}"))
+        def judge_introduced_styles() -> dict:
+            per_style = {}
+            for style, judge in participants.judges.items():
+                if style in self.baselines:
+                    per_style.update(judge_every_style({style: judge}, eval_prompts, current, self.baselines[style], seed=self.run.seed, label=f"interaction {interaction}"))
+            return per_style
+
+        per_style = distributed.on_main_then_shared(self.parallel, judge_introduced_styles)
         primary = self.participants_config.judge_styles[0]
         entry = {**per_style[primary], **{f"secondary_{style}": metrics for style, metrics in per_style.items() if style != primary}}
         entry.update(step=step, interaction=interaction, eval_gen_time_s=round(gen_time, 1), avg_completion_chars=average_chars(current))
@@ -355,6 +386,8 @@ class OnlineRun:
 
     def interact(self, updater, participants, prompts: list[Prompt], first: int) -> tuple[list, list[str], list[str], float, float]:
         """One batch of interactions: responses (one generation call) and follow-ups (one call per persona)."""
+        if not prompts:  # this process's share of a short last batch
+            return [], [], [], 0.0, 0.0
         started = time.perf_counter()
         responses = updater.generate(self.conversations(prompts))
         gen_time = time.perf_counter() - started
@@ -369,13 +402,18 @@ class OnlineRun:
         return responses, follow_ups, styles, gen_time, time.perf_counter() - started
 
     def train_and_evaluate(self, updater, policy, participants, train_prompts, eval_prompts, baseline, results, done: int) -> None:
-        run = self.run
+        run, parallel = self.run, self.parallel
         n = len(train_prompts)
         self.save(results)
-        progress = tqdm(total=n, initial=done, desc="interactions", unit="it")
-        for first in range(done, n, run.interactions_per_step):
-            prompts = train_prompts[first : first + run.interactions_per_step]
-            last = first + len(prompts)
+        progress = tqdm(total=n, initial=done, desc="interactions", unit="it", disable=not parallel.is_main_process)
+        for batch_first in range(done, n, run.interactions_per_step):
+            batch = train_prompts[batch_first : batch_first + run.interactions_per_step]
+            last = batch_first + len(batch)
+            # This process's contiguous share of the batch (all of it in one process).
+            offsets = parallel.shard(list(range(len(batch))))
+            first = batch_first + (offsets[0] if offsets else 0)
+            prompts = [batch[offset] for offset in offsets]
+            distributed.seed_step(parallel, run.seed, batch_first)
             responses, follow_ups, styles, gen_time, sim_time = self.interact(updater, participants, prompts, first)
             if run.debug_first_example and first == 0:
                 print(f"[debug] first interaction ({styles[0]}): {request_text(prompts[0])[:500]!r} → {responses[0].text[:500]!r}\n[debug] follow-up: {follow_ups[0]!r}")
@@ -388,35 +426,38 @@ class OnlineRun:
                     skipped[row] = str(error)
                     logger.warning("interaction %d skipped: %s", first + row + 1, error)
             step_metrics = {}
-            if trainable:
+            if parallel.sum(len(trainable)):  # every process takes part in the step, with an empty share too
                 step_metrics = updater.train_step_batch(
                     [policy_conversation(prompts[i], self.system_prompt) for i in trainable],
                     [responses[i] for i in trainable],
                     [follow_ups[i] for i in trainable],
                 )
                 self.tracker.log(step_metrics, step=updater.step, prefix="train")
+            records = []
             for row, prompt in enumerate(prompts):
                 record = {"step": updater.step, "skipped": skipped[row]} if row in skipped else dict(step_metrics)
                 record.update(
                     interaction=first + row + 1,
                     style=styles[row],
-                    batch_size=len(prompts),
+                    batch_size=len(batch),
                     gen_time_s=round(gen_time, 2),
                     sim_time_s=round(sim_time, 2),
                     prompt=request_text(prompt)[:TEXT_PREVIEW_CHARS],
                     response=responses[row].text[:TEXT_PREVIEW_CHARS],
                     feedback=follow_ups[row][:TEXT_PREVIEW_CHARS],
                 )
-                results["training_metrics"].append(record)
-                self.pending["records"].append(record)
-            results["meta"]["n_skipped"] += len(skipped)
-            progress.update(len(prompts))
-            progress.set_postfix(loss=f"{step_metrics.get('loss', float('nan')):.4f}", style=styles[-1])
+                records.append(record)
+            records = parallel.gather(records)  # every process's records, in interaction order
+            results["training_metrics"].extend(records)
+            self.pending["records"].extend(records)
+            results["meta"]["n_skipped"] += sum(1 for record in records if "skipped" in record)
+            progress.update(len(batch))
+            progress.set_postfix(loss=f"{step_metrics.get('loss', float('nan')):.4f}", style=records[-1]["style"])
             introduced = self.take_style_baselines(policy, results, last, updater.step) if last < n else []
-            if introduced or (run.eval_every > 0 and last // run.eval_every > first // run.eval_every):
+            if introduced or (run.eval_every > 0 and last // run.eval_every > batch_first // run.eval_every):
                 # A style enters with a point at its own introduction (≈ 50%: the policy against itself).
                 self.record_evaluation(updater, policy, participants, eval_prompts, baseline, results, last)
-            crossed_resume_point = run.resume_every > 0 and last // run.resume_every > first // run.resume_every
+            crossed_resume_point = run.resume_every > 0 and last // run.resume_every > batch_first // run.resume_every
             if crossed_resume_point or last == n:
                 # Checkpoint first, then the results that name it: a crash in between loses nothing, since the
                 # checkpoint carries what was recorded since the previous one.
@@ -465,7 +506,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         load_project_env()
-        arguments, files, previous = start_or_resume(parse_arguments(argv, description=__doc__))
+        arguments = parse_arguments(argv, description=__doc__)
+        # The main process chooses (or finds) the run's files; every process continues the same run.
+        arguments, files, previous = distributed.on_main_then_shared(distributed.current(), lambda: start_or_resume(arguments))
+        check_world_size(arguments)  # a resumed run's stored settings against this launch
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -485,6 +529,8 @@ def main(argv=None) -> int:
         return 130
     finally:
         online_run.tracker.finish()
+    if not online_run.parallel.is_main_process:
+        return 0
     print_summary(results)
     print(f"results: {files.results}\nplot: {files.plot}")
     return 0

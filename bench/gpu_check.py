@@ -6,6 +6,7 @@ download, no data files.
     python bench/gpu_check.py                          # Qwen3-0.6B's shape (~0.6B params), random weights, CUDA
     python bench/gpu_check.py --tiny --device cpu      # the same code on a ~0.1M-parameter Qwen3, seconds on CPU
     python bench/gpu_check.py --attn flash_attention_2 --batch_size 8 --new_tokens 128 --repeats 2
+    python bench/gpu_check.py --scaling                # also docs/scaling.md's figures on this machine's GPUs
 
 Online step (through ``OnlineSDPOUpdater`` with ``model=`` and ``tokenizer=``): generate ``--new_tokens`` at
 batch ``--batch_size``, teacher and student scoring, backward, optimizer. Offline step: the logged-interaction
@@ -17,6 +18,10 @@ measured ones.
 Prints seconds per phase, generation tokens/s, training MFU (student forward + backward, linear-layer FLOPs as
 in bench/online_step.py) against a bf16 matmul peak measured in this run, and peak memory (CUDA: the allocator's
 peak; CPU: peak RSS), then one JSON line with every figure.
+
+``--scaling`` then saves the model and runs ``bench/online_scaling.py`` on it: interactions/s of 1 process vs
+one process per visible GPU (DDP; needs 2 or more GPUs, else only the 1-process figure), and, where vLLM is
+installed, the policy generating colocated vs on a local ``vllm serve`` with runtime LoRA loading.
 
 The tokenizer is built here with ``tokenizers``: the 256 byte symbols, ChatML special tokens and synthetic
 word tokens up to the model's vocabulary size, so a random model can sample any id and still decode to text.
@@ -203,6 +208,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--matmul_size", type=int, default=0, help="side of the peak-measuring matmul (0: 8192 on CUDA, 512 on CPU)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="also measure 1 vs N processes (N = visible GPUs) and colocated vs server vLLM (bench/online_scaling.py)",
+    )
     args = parser.parse_args(argv)
     if min(args.batch_size, args.new_tokens, args.repeats) < 1 or args.matmul_size < 0:
         parser.error("--batch_size, --new_tokens and --repeats must be >= 1, --matmul_size >= 0")
@@ -285,8 +295,38 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if not all(math.isfinite(v) for phase in (online, offline) for v in phase.values()):
         raise SystemExit(f"error: a non-finite figure: {json.dumps(result)}")
+    if args.scaling:
+        result["scaling"] = scaling_figures(updater, tokenizer, device, args)
     print(json.dumps(result))
     return result
+
+
+def scaling_figures(updater: OnlineSDPOUpdater, tokenizer, device: torch.device, args: argparse.Namespace) -> list:
+    """docs/scaling.md's figures for this model on this machine (bench/online_scaling.py in fresh processes)."""
+    import importlib.util
+    import tempfile
+
+    from bench import online_scaling
+
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    processes = gpus if gpus > 1 else (2 if device.type == "cpu" else 1)
+    engines = ["hf"]
+    if importlib.util.find_spec("vllm") is not None:
+        engines += ["colocate", "server"]
+    else:
+        print("scaling: vLLM is not installed here: colocated vs server generation not measured")
+    if device.type == "cuda" and gpus < 2:
+        print("scaling: one GPU visible: the 1-vs-N processes comparison needs two or more")
+    with tempfile.TemporaryDirectory(prefix="gpu-check-model-") as folder:
+        updater.model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return online_scaling.main(
+            [
+                "--model", folder, "--device", device.type, "--dtype", "bfloat16" if device.type == "cuda" else "float32",
+                "--processes", str(processes), "--engines", ",".join(engines), "--batch_size",
+                str(max(args.batch_size, processes)), "--new_tokens", str(args.new_tokens), "--steps", str(args.repeats + 1),
+            ]
+        )
 
 
 if __name__ == "__main__":

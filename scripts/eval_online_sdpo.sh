@@ -6,6 +6,8 @@
 #     ./scripts/eval_online_sdpo.sh
 #   PRESET=cpu ./scripts/eval_online_sdpo.sh           # embedded SmolLM2-135M, rule-based user and judge, MT-Bench prompts
 #   ./scripts/eval_online_sdpo.sh --dry-run --eval_every 5   # print the command; extra arguments go to eval_online_sdpo.py
+#   WORLD_SIZE=2 PRESET=cpu ./scripts/eval_online_sdpo.sh   # 2 CPU processes (DDP over gloo), one results file
+#   WORLD_SIZE=4 VLLM_MODE=server VLLM_SERVER_URL=http://gpu-node:8000 ./scripts/eval_online_sdpo.sh   # see docs/scaling.md
 #
 # Env (defaults): MODEL Qwen/Qwen3-8B | USER_MODEL Qwen/Qwen3-32B | STYLE no_emojis | EVAL_STYLES (empty)
 #   LR 5e-6 | LOSS_MODE full_distillation | TRAIN_N 15 | EVAL_N 100 | EVAL_EVERY 3 | TRAIN_STEPS_PER_EXAMPLE 1
@@ -16,6 +18,12 @@
 #   STYLE_BASELINE base (or introduced: each scheduled style against the policy of its introduction, Fig. 6)
 #   PROTOCOL reasoning (or paper: one-character A/B/C judge, very brief user, App. D.3)
 #   BASE_WORK ${SCRATCH:-${TMPDIR:-/tmp}} | CACHE_DIR $BASE_WORK/hf-cache | PRESET (empty or cpu)
+#   VLLM_MODE colocate (or server: the policy generates on VLLM_SERVER_URL, which gets each new adapter)
+# Launch (as scripts/train_offline_sdpo.sh): WORLD_SIZE 1 → python; WORLD_SIZE N > 1 → accelerate launch with N
+#   processes, each taking INTERACTIONS_PER_STEP / N interactions of every step (INTERACTIONS_PER_STEP defaults
+#   to WORLD_SIZE): on GPUs with --config_file $ACCELERATE_CONFIG (default multigpu_accelerate_config.yaml, DDP),
+#   without GPUs (or CPU=1) accelerate's multi-GPU launcher on CPU processes (DDP over gloo), $(nproc)/N threads
+#   each. The online loop runs DDP only: an FSDP/DeepSpeed ACCELERATE_CONFIG stops with one line.
 # PRESET=cpu changes the defaults (each still overridable by its env var): MODEL smollm2-135m-instruct,
 #   rule-based user and judge, STYLE no_punctuation, EVAL_STYLES short, ORACLE 1, --dtype auto,
 #   LR 1e-4 with LoRA r 16, LOSS_MODE simple_signal, TRAIN_N 16, EVAL_N 24, EVAL_EVERY 4, 96 new tokens,
@@ -26,6 +34,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 sdpo_init "$@"
 
 PRESET="${PRESET:-}"
+WORLD_SIZE="${WORLD_SIZE:-1}"
+if [[ ! "$WORLD_SIZE" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: WORLD_SIZE must be a whole number >= 1, got '$WORLD_SIZE'" >&2
+  exit 1
+fi
 RUN_ID="${RUN_ID:-eval-online-sdpo-$(date +%Y%m%d-%H%M%S)}"
 case "$PRESET" in
   cpu)
@@ -61,7 +74,9 @@ SEED="${SEED:-1234}"
 RUN_NAME="${RUN_NAME:-eval_online_sdpo}"
 DATA_DIR="${DATA_DIR:-$REPO_ROOT/data/helpsteer_prompts}"
 BASELINE_MODEL="${BASELINE_MODEL:-}"
-INTERACTIONS_PER_STEP="${INTERACTIONS_PER_STEP:-1}"
+INTERACTIONS_PER_STEP="${INTERACTIONS_PER_STEP:-$WORLD_SIZE}"
+VLLM_MODE="${VLLM_MODE:-colocate}"
+VLLM_SERVER_URL="${VLLM_SERVER_URL:-}"
 STYLE_SCHEDULE="${STYLE_SCHEDULE:-}"
 ORACLE="${ORACLE:-}"
 SYSTEM_PROMPT="${SYSTEM_PROMPT:-general}"
@@ -71,7 +86,7 @@ REPORT_TO="${REPORT_TO:-none}"
 export OUTPUT_DIR="${OUTPUT_DIR:-$BASE_WORK/eval-online-sdpo/$RUN_ID}"
 
 read -r -a eval_styles <<< "$EVAL_STYLES"
-cmd=("$PYTHON" eval_online_sdpo.py
+cmd=(eval_online_sdpo.py
   --model "$MODEL" --lr "$LR" --loss_mode "$LOSS_MODE" --style "$STYLE"
   --train_jsonl "$DATA_DIR/train.jsonl" --val_jsonl "$DATA_DIR/validation.jsonl"
   --train_n "$TRAIN_N" --eval_n "$EVAL_N" --eval_every "$EVAL_EVERY" --train_steps_per_example "$TRAIN_STEPS_PER_EXAMPLE"
@@ -94,7 +109,37 @@ fi
 if [[ -n "$BASELINE_MODEL" ]]; then
   cmd+=(--baseline_model "$BASELINE_MODEL")
 fi
+if [[ "$VLLM_MODE" != colocate || -n "$VLLM_SERVER_URL" ]]; then
+  cmd+=(--use_vllm --vllm_mode "$VLLM_MODE")
+  [[ -n "$VLLM_SERVER_URL" ]] && cmd+=(--vllm_server_url "$VLLM_SERVER_URL")
+fi
 
-echo "[eval_online_sdpo] $(date '+%F %T') model=$MODEL style=$STYLE loss=$LOSS_MODE train_n=$TRAIN_N eval_n=$EVAL_N out=$OUTPUT_DIR preset=${PRESET:-none}" >&2
+# One process, or WORLD_SIZE processes under accelerate (DDP; gloo on CPU processes).
+if [[ -z "${CPU:-}" ]]; then
+  GPU_COUNT=0
+  if command -v nvidia-smi > /dev/null 2>&1; then GPU_COUNT="$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)"; fi
+  if [[ "$GPU_COUNT" -gt 0 && "$PRESET" != cpu ]]; then CPU=0; else CPU=1; fi
+fi
+ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$REPO_ROOT/multigpu_accelerate_config.yaml}"
+if [[ -f "$ACCELERATE_CONFIG" ]] && grep -Eq '^distributed_type:[[:space:]]*.?(FSDP|DEEPSPEED)' "$ACCELERATE_CONFIG"; then
+  echo "error: ACCELERATE_CONFIG=$ACCELERATE_CONFIG asks for FSDP/DeepSpeed; the online loop runs DDP only (every process holds the policy): use multigpu_accelerate_config.yaml, or put the policy's generation on a vLLM server (VLLM_MODE=server, docs/scaling.md)" >&2
+  exit 1
+fi
+if [[ "$WORLD_SIZE" -le 1 ]]; then
+  LAUNCH=("$PYTHON")
+elif [[ "$CPU" == 1 ]]; then
+  THREADS=$(( $(nproc) / WORLD_SIZE )); [[ "$THREADS" -ge 1 ]] || THREADS=1
+  LAUNCH=(env CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS="${OMP_NUM_THREADS:-$THREADS}"
+    "$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$WORLD_SIZE" --num_machines 1
+    --mixed_precision no --dynamo_backend no)
+else
+  if [[ ! -f "$ACCELERATE_CONFIG" ]]; then
+    echo "error: ACCELERATE_CONFIG=$ACCELERATE_CONFIG does not exist (multigpu_accelerate_config.yaml is the DDP one)" >&2
+    exit 1
+  fi
+  LAUNCH=("$PYTHON" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" --num_processes "$WORLD_SIZE")
+fi
+
+echo "[eval_online_sdpo] $(date '+%F %T') model=$MODEL style=$STYLE loss=$LOSS_MODE train_n=$TRAIN_N eval_n=$EVAL_N out=$OUTPUT_DIR preset=${PRESET:-none} processes=$WORLD_SIZE ($([[ "$CPU" == 1 ]] && echo CPU || echo GPU))" >&2
 sdpo_mkdir "$OUTPUT_DIR"
-sdpo_run "${cmd[@]}" "${SDPO_ARGS[@]}"
+sdpo_run "${LAUNCH[@]}" "${cmd[@]}" "${SDPO_ARGS[@]}"

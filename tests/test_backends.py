@@ -449,3 +449,15 @@ def test_token_budget_keeps_instructions_and_clips_long_fields(chat_tokenizer):
     assert "short request" in text and "FINAL QUESTION" in text
     assert text.index("start") < text.index("tokens omitted") < text.rindex("end")
     assert re.search(r"\[\.\.\. \d+ tokens omitted \.\.\.\]", text)
+
+
+def test_openai_several_servers_take_requests_in_turn_and_are_all_checked():
+    with FakeOpenAIServer(models=["m"]) as first, FakeOpenAIServer(models=["other"]) as second:
+        backend = OpenAICompatibleBackend("m", base_url=f"{first.base_url}, {second.base_url}", max_concurrency=1)
+        texts = backend.generate([conversation(f"q{i}") for i in range(4)], SamplingParams(max_new_tokens=4))
+        assert texts == [f"echo: q{i}" for i in range(4)]
+        with pytest.raises(BackendError, match=f"server at {re.escape(second.base_url)}/? does not serve model 'm'"):
+            backend.check()
+    sent = [[last_user_text(b) for b in server.bodies] for server in (first, second)]
+    assert sent == [["q0", "q2"], ["q1", "q3"]]
+    assert [r["path"] for r in second.requests][-1] == "/v1/models"

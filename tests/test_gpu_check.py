@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from bench.gpu_check import QWEN3_0_6B, build_model, build_tokenizer, main
@@ -40,3 +41,17 @@ def test_tiny_check_runs_both_steps_on_cpu(capsys):
             for key in ("teacher_s", "student_fwd_s", "backward_s", "step_s", "train_mfu", "peak_memory_gib")
         )
     assert math.isfinite(offline["loss"]) and offline["completion_tokens"] <= 2 * 6
+
+
+@pytest.mark.slow
+def test_tiny_scaling_figures_on_cpu_processes(capsys, monkeypatch):
+    """--scaling on CPU: the tiny model saved, then 1 process and 2 DDP processes measured by bench/online_scaling.py."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    result = main(
+        ["--tiny", "--device", "cpu", "--batch_size", "2", "--new_tokens", "4", "--matmul_size", "128", "--scaling"]
+    )
+    printed = capsys.readouterr().out
+    assert "hf        x1" in printed and "hf        x2" in printed
+    figures = {(r["engine"], r["processes"]): r for r in result["scaling"]}
+    assert set(figures) >= {("hf", 1), ("hf", 2)}
+    assert all(r["interactions_per_s"] > 0 and r["train_s"] > 0 for r in figures.values())

@@ -31,6 +31,7 @@ the instructions at the start and the question at the end survive.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -421,6 +422,9 @@ class OpenAICompatibleBackend(RemoteChatBackend):
     is merged into every request, e.g. ``{"chat_template_kwargs": {"enable_thinking": False}}`` to
     switch Qwen3 thinking off on a vLLM server. ``check()`` lists the served models (``GET /models``)
     and fails when the model is not among them: pass the name the server lists.
+
+    ``base_url`` may name several servers of the same model, separated by commas: requests go to them in turn
+    (round-robin), each with the SDK's retries; ``check()`` checks every one.
     """
 
     api_key_env = "OPENAI_API_KEY"
@@ -442,13 +446,28 @@ class OpenAICompatibleBackend(RemoteChatBackend):
         self.extra_body = dict(extra_body or {})
         # Local servers usually ignore the key, but the client insists on having one.
         api_key = api_key or os.environ.get(self.api_key_env) or "EMPTY"
-        self.client = openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout)
+        urls = [url.strip() for url in base_url.split(",") if url.strip()]
+        if not urls:
+            raise ValueError(f"base_url {base_url!r} names no server")
+        self.clients = [
+            openai.OpenAI(api_key=api_key, base_url=url, max_retries=max_retries, timeout=timeout) for url in urls
+        ]
+        self.client = self.clients[0]
+        self._turns = itertools.count()  # next() on a count is atomic under the GIL: safe across the pool's threads
+
+    def check(self) -> None:
+        """``RemoteChatBackend.check`` against every server named in ``base_url``."""
+        for client in self.clients:
+            self.client = client  # what the check and its error line use
+            super().check()
+        self.client = self.clients[0]
 
     def _check_model(self, client) -> None:
         served = [model.id for model in client.models.list().data]
         if served and self.model not in served:
+            where = f" at {client.base_url}" if len(self.clients) > 1 else ""
             raise BackendError(
-                f"{self.name}: the server does not serve model {self.model!r}; it serves {', '.join(served[:10])}: "
+                f"{self.name}: the server{where} does not serve model {self.model!r}; it serves {', '.join(served[:10])}: "
                 "pass one of these names"
             )
 
@@ -456,7 +475,8 @@ class OpenAICompatibleBackend(RemoteChatBackend):
         extra_body = dict(self.extra_body)
         if sampling.top_k > 0:
             extra_body["top_k"] = sampling.top_k
-        response = self.client.chat.completions.create(
+        client = self.clients[next(self._turns) % len(self.clients)]
+        response = client.chat.completions.create(
             model=self.model,
             messages=conversation,
             max_tokens=sampling.max_new_tokens,

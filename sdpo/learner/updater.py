@@ -39,6 +39,7 @@ import torch
 from sdpo.utils.file_io import write_json_atomic
 from sdpo.models.generation import Generation, InferenceCopy, SamplingParams, encode_chat, generate, stop_token_ids
 from sdpo.models.model_loading import load_model_and_tokenizer, resolve_device, resolve_dtype
+from sdpo.learner import distributed
 from sdpo.learner.config import OnlineSDPOConfig
 from sdpo.core import (
     encode_hindsight_contexts,
@@ -110,14 +111,26 @@ def read_extra_state(checkpoint: str | Path) -> dict:
 class OnlineSDPOUpdater:
     """Holds the policy, its optimizer and the step counter; see the module docstring."""
 
-    def __init__(self, config: OnlineSDPOConfig, *, model=None, tokenizer=None, resume_from: str | Path | None = None):
+    def __init__(
+        self,
+        config: OnlineSDPOConfig,
+        *,
+        model=None,
+        tokenizer=None,
+        resume_from: str | Path | None = None,
+        policy_engine=None,
+    ):
         """Load (or take) the model, wrap it with LoRA when asked, build the optimizer.
 
         ``resume_from`` = a checkpoint folder written by ``save_checkpoint``: weights (or adapter),
-        optimizer state, step and RNG states are restored from it.
+        optimizer state, step and RNG states are restored from it. ``policy_engine``: where generation runs
+        instead of transformers (e.g. ``sdpo.models.vllm_server.VLLMServerPolicyEngine``); it gets the adapter
+        after every update. Under ``accelerate launch`` every process builds its own updater (see
+        ``sdpo.learner.distributed``).
         """
         self.config = config
-        self.device = resolve_device(config.device)
+        self.parallel = distributed.current()
+        self.device = resolve_device(self.parallel.device(config.device))
         self.compute_dtype = resolve_dtype(config.torch_dtype)
         self.step = 0
         self.extra_state: dict = {}
@@ -125,7 +138,7 @@ class OnlineSDPOUpdater:
         self._inference_copy_stale = False
         self._warned_truncation = False
 
-        if config.use_vllm:
+        if config.use_vllm and policy_engine is None:
             from sdpo.models.vllm_engines import require_vllm
 
             require_vllm(["use_vllm"])
@@ -153,6 +166,9 @@ class OnlineSDPOUpdater:
             model = self._wrap_lora(model, resume_path)
         self.model = model.to(self.device)
         self.model.train()
+        # What the scoring forward passes run: DDP under a multi-process launch (gradients all-reduced), else the
+        # model; self.model stays what generates and is saved.
+        self.training_model = self.parallel.wrap(self.model)
         weights_dtype = next(p.dtype for p in self.model.parameters() if p.requires_grad)
         self.autocast_dtype = self.compute_dtype if weights_dtype != self.compute_dtype else None
         self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -165,13 +181,13 @@ class OnlineSDPOUpdater:
         )
         if resume_path is not None:
             self._load_training_state(resume_path)
-        self.vllm_engine = None
-        if config.use_vllm:
+        self.vllm_engine = policy_engine
+        if config.use_vllm and policy_engine is None:
             from sdpo.models.vllm_engines import VLLMPolicyEngine
 
             self.vllm_engine = VLLMPolicyEngine.from_config(config, self.tokenizer)
-            if resume_path is not None:
-                self._publish_adapter()
+        if self.vllm_engine is not None and resume_path is not None:
+            self._publish_adapter()
 
     # ------------------------------------------------------------------ setup
 
@@ -300,8 +316,12 @@ class OnlineSDPOUpdater:
         ``return_token_signals`` adds ``token_signals``: per interaction (input order), A_t of every token of y as
         trained on (``sdpo.core.score_hindsight``: the scoring temperature and context truncation of this step, the
         last of ``train_steps_per_example``).
+
+        Under a multi-process launch every process calls this together with its share of the global batch (an
+        empty share too): one optimizer step on the mean over all processes' interactions.
         """
-        if not (len(batch_messages) == len(responses) == len(follow_ups)) or not batch_messages:
+        parallel = self.parallel
+        if not (len(batch_messages) == len(responses) == len(follow_ups)) or not (batch_messages or parallel.distributed):
             raise ValueError("train_step_batch needs equally many (non-zero) conversations, responses and follow-ups")
         cfg = self.config
         started = time.perf_counter()
@@ -325,6 +345,9 @@ class OnlineSDPOUpdater:
                 "teacher contexts alike (counted per step as truncated_contexts; warned once)", cfg.max_context_length
             )
         pad = self.tokenizer.pad_token_id
+        total = int(parallel.sum(len(completions)))
+        if total == 0:
+            raise ValueError("train_step_batch: no process has an interaction to train on")
         # Micro-batches of similar length, one backward each (scaled by their share), one optimizer step: the
         # same gradient as one padded batch without computing a short prompt padded to the longest one.
         groups = length_groups([len(c.teacher) + len(y) for c, y in zip(contexts, completions)])
@@ -332,7 +355,8 @@ class OnlineSDPOUpdater:
             (
                 pad_contexts_and_completions([contexts[i].student for i in group], [completions[i] for i in group], pad, ignore_first_k=cfg.ignore_first_k).to(self.device),
                 pad_contexts_and_completions([contexts[i].teacher for i in group], [completions[i] for i in group], pad, ignore_first_k=cfg.ignore_first_k).to(self.device),
-                len(group) / len(completions),
+                # This group's share of the global batch; DDP's mean over processes divides by world_size again.
+                len(group) * parallel.world_size / total,
                 group.index(0) if 0 in group else None,
             )
             for group in groups
@@ -343,24 +367,28 @@ class OnlineSDPOUpdater:
         self.model.train()
         for _ in range(cfg.train_steps_per_example):
             loss_value, scored = 0.0, []
-            for group, (student_batch, teacher_batch, share, first_row) in zip(groups, micro_batches):
-                loss, out = self._loss(student_batch, teacher_batch, timings, table_row=first_row)
-                if return_token_signals:
-                    rows = out.scores.signal_rows([len(completions[i]) for i in group])
-                    for index, row in zip(group, rows):
-                        token_signals[index] = row
-                tick = time.perf_counter()
-                (loss * share).backward()
-                timings["backward"] += time.perf_counter() - tick
+            for index, (group, (student_batch, teacher_batch, share, first_row)) in enumerate(zip(groups, micro_batches)):
+                with parallel.gradient_sync(self.training_model, last=index == len(micro_batches) - 1):
+                    loss, out = self._loss(student_batch, teacher_batch, timings, table_row=first_row)
+                    if return_token_signals:
+                        rows = out.scores.signal_rows([len(completions[i]) for i in group])
+                        for row_index, row in zip(group, rows):
+                            token_signals[row_index] = row
+                    tick = time.perf_counter()
+                    (loss * share).backward()
+                    timings["backward"] += time.perf_counter() - tick
                 loss_value += share * float(loss.detach())
                 scored.append(out)
+            if not micro_batches:
+                parallel.join_gradient_sync(self.training_model, pad, self.device)
+            loss_value = parallel.sum(loss_value) / parallel.world_size
             tick = time.perf_counter()
             grad_norm = self._clip_gradients()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self._inference_copy_stale = True
             timings["optimizer"] += time.perf_counter() - tick
-        step_metrics = token_statistics(scored)
+        step_metrics = token_statistics(scored) if scored else {}
 
         self.step += 1
         metrics = {
@@ -388,7 +416,7 @@ class OnlineSDPOUpdater:
         """Forward passes and the configured loss of one micro-batch; adds seconds per phase into ``timings``."""
         cfg = self.config
         out = sdpo_loss(
-            self.model,
+            self.training_model,
             student_batch,
             teacher_batch,
             loss_mode=cfg.loss_mode,
@@ -414,16 +442,26 @@ class OnlineSDPOUpdater:
     # ------------------------------------------------------------------ checkpoints
 
     def _publish_adapter(self) -> None:
-        """Write the current adapter where the vLLM engine picks it up for the next generation."""
+        """Write the current adapter where the vLLM engine picks it up for the next generation (the main process
+        writes it; every process's engine then points at it, and none generates before all do)."""
         path = Path(self.config.checkpoint_dir) / LIVE_ADAPTER_DIR
-        self.model.save_pretrained(path)
+        if self.parallel.is_main_process:
+            self.model.save_pretrained(path)
+        self.parallel.wait()
         self.vllm_engine.load_adapter(path)
+        self.parallel.wait()
 
     def save_checkpoint(self, tag: str | None = None, extra_state: dict | None = None) -> Path:
-        """Write ``<checkpoint_dir>/<tag or step_<n>>`` (``save_state``), then prune old ``step_*`` folders."""
+        """Write ``<checkpoint_dir>/<tag or step_<n>>`` (``save_state``), then prune old ``step_*`` folders.
+
+        Under a multi-process launch every process calls it; the main process writes (the weights are the same
+        on all), and all return once the checkpoint is complete."""
         root = Path(self.config.checkpoint_dir)
-        target = self.save_state(root / (tag or f"step_{self.step}"), extra_state)
-        self._prune_checkpoints(root)
+        target = root / (tag or f"step_{self.step}")
+        if self.parallel.is_main_process:
+            self.save_state(target, extra_state)
+            self._prune_checkpoints(root)
+        self.parallel.wait()
         return target
 
     def save_state(self, target: str | Path, extra_state: dict | None = None) -> Path:

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from sdpo.data.data_sources import DataError
 from sdpo.evaluation.evaluation_helpers import load_prompts
+from sdpo.learner import distributed
 from sdpo.learner.config import OnlineSDPOConfig, check_ranges
 from sdpo.personas.participants import ParticipantsArguments, ParticipantsConfig, StyleSchedule
 from sdpo.personas.style_judge import PROTOCOLS
@@ -31,7 +32,8 @@ SYSTEM_PROMPTS = {
     "tldr": "Summarize the following post in one or two sentences.",
 }
 # Settings that may differ on --resume without changing what the run computes.
-RESUME_OVERRIDABLE = ("resume", "debug_first_example", "report_to", "wandb", "out_dir")
+RESUME_OVERRIDABLE = ("resume", "debug_first_example", "report_to", "wandb", "out_dir", "vllm_server_url")
+VLLM_MODES = ("colocate", "server")
 
 
 def _check_file(flag: str, value: str | None) -> None:
@@ -170,6 +172,23 @@ class OnlineRunConfig:
         default=5,
         metadata={"help": "The plot draws win rates from fewer decided pairs hollow, without error bars."},
     )
+    # ---- where the policy generates (docs/scaling.md)
+    vllm_mode: str = field(
+        default="colocate",
+        metadata={
+            "help": "With --use_vllm: colocate = a vLLM engine inside each training process; server = the policy "
+            "generates on --vllm_server_url (`vllm serve` with runtime LoRA loading), which gets the adapter after "
+            "every update (needs --use_lora).",
+            "choices": list(VLLM_MODES),
+        },
+    )
+    vllm_server_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --vllm_mode server: the server, e.g. http://127.0.0.1:8000 (started with "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve MODEL --enable-lora --max-lora-rank R)."
+        },
+    )
     # ---- outputs
     out_dir: str = field(
         default="./live_eval_results",
@@ -215,8 +234,12 @@ class OnlineRunConfig:
             self.report_to = "wandb"
         _check_folder("out_dir", self.out_dir)
         _check_folder("eval_dir", self.eval_dir)
+        if self.vllm_mode not in VLLM_MODES:
+            raise ValueError(f"--vllm_mode {self.vllm_mode!r}: choose one of {', '.join(VLLM_MODES)}")
         if self.resume:
             return  # the stored settings are checked when they are read back
+        if self.vllm_mode == "server" and not self.vllm_server_url:
+            raise ValueError("--vllm_mode server needs --vllm_server_url, e.g. http://127.0.0.1:8000")
         missing = [name for name in ("train_jsonl", "val_jsonl", "run_name") if not getattr(self, name)]
         if missing:
             raise ValueError("the following arguments are required: " + ", ".join(f"--{m}" for m in missing))
@@ -252,9 +275,11 @@ class OnlineRunConfig:
 
 
 def without_credentials(url: str | None) -> str | None:
-    """``url`` without a user name or password (what results and state files may hold)."""
+    """``url`` (or comma-separated URLs) without a user name or password (what results and state files may hold)."""
     if not url:
         return url
+    if "," in url:
+        return ",".join(without_credentials(part) for part in url.split(","))
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url
@@ -338,6 +363,40 @@ def build_parser(description: str | None = None) -> ConfigParser:
 def parse_arguments(argv: list[str] | None = None, description: str | None = None) -> OnlineArguments:
     """Every setting, checked for everything that can be checked before a model loads (one ``UsageError``)."""
     learner, participants, run = build_parser(description).parse(argv)
+    try:
+        distributed.check_launch()
+    except distributed.LaunchError as error:
+        raise UsageError(str(error)) from None
+    if not run.resume:  # a resumed run's stored settings are checked once they are read back
+        check_world_size(OnlineArguments(learner, participants, run))
+    if run.vllm_mode == "server" and not learner.use_vllm:
+        # (--use_vllm implies LoRA: the server gets each new adapter.)
+        raise UsageError("--vllm_mode server needs --use_vllm: add it, or drop --vllm_mode server")
     if learner.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--optim adamw_8bit needs bitsandbytes (pip install bitsandbytes, CUDA); or use --optim adamw")
     return OnlineArguments(learner, participants, run)
+
+
+def check_world_size(arguments: OnlineArguments) -> None:
+    """What several processes (``accelerate launch``) cannot run: fewer interactions per step than processes, or a
+    colocated vLLM engine per process (untested; vLLM inside a torchrun launch needs its external-launcher
+    executor). One ``UsageError`` line."""
+    world_size = distributed.launched_world_size()
+    if world_size == 1:
+        return
+    if world_size > arguments.run.interactions_per_step:
+        raise UsageError(
+            f"--interactions_per_step {arguments.run.interactions_per_step} is smaller than the {world_size} processes "
+            f"launched: give each process at least one interaction per step (--interactions_per_step {world_size}) "
+            "or launch fewer"
+        )
+    if arguments.run.preflight:
+        raise UsageError(
+            f"--preflight with {world_size} processes: the check runs in one process (scripts/preflight_check.sh "
+            "without accelerate launch); drop --preflight here"
+        )
+    if arguments.learner.use_vllm and arguments.run.vllm_mode == "colocate":
+        raise UsageError(
+            f"--use_vllm with {world_size} processes: put the policy on a vLLM server (--vllm_mode server "
+            "--vllm_server_url ..., docs/scaling.md); a colocated engine runs in one-process launches only"
+        )

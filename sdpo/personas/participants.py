@@ -164,7 +164,7 @@ class ParticipantsArguments:
         default_factory=lambda: os.environ.get("OPENAI_BASE_URL"),
         metadata={
             "help": "OpenAI-compatible server of the 'openai' backends (model = --user_model_name_or_path or "
-            "--judge_model); default $OPENAI_BASE_URL."
+            "--judge_model); default $OPENAI_BASE_URL. Several servers, comma-separated, are used round-robin."
         },
     )
     api_max_concurrency: int = field(default=16, metadata={"help": "Parallel requests to a remote API."})

@@ -1,0 +1,176 @@
+"""Data parallelism for the online learner and loop, on accelerate: one object, a no-op in a single process.
+
+Under ``accelerate launch --num_processes N`` (DDP over NCCL on GPUs, over gloo on CPU processes) every process
+holds the whole policy and trains on its share of each interaction batch. ``DataParallel`` gives the learner
+and the loop what they need from the process group:
+
+* ``wrap(model)``: the model in torch's ``DistributedDataParallel`` (through ``Accelerator.prepare_model``) for
+  the scoring forward passes; the plain model stays what generates and is saved.
+* ``gradient_sync(last)``: a context; micro-batches other than a process's last one skip DDP's all-reduce
+  (``no_sync``), so each process reduces once per optimizer step whatever number of micro-batches it has.
+* ``sum(x)``, ``gather(objects)``, ``broadcast(obj)``, ``shard(items)``, ``wait()``: the collectives the loop
+  uses to split interactions and evaluation prompts and to bring results to the main process.
+
+DDP averages gradients over processes; the learner scales each process's loss by its share of the global batch
+(``len(group) * N / total``), so the reduced gradient is the gradient of the global batch mean whatever the
+shares: the same step as one process on the whole batch.
+
+FSDP and DeepSpeed are refused for the online loop (``check_launch``): on CPU accelerate would silently run
+plain DDP, and on GPUs the online learner's generation and checkpoint code reads unsharded weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from functools import cached_property
+
+import torch
+
+# How long processes wait at a collective for the main process (judging a few hundred prompts with an LLM judge
+# takes minutes; torch's default is 10 to 30 minutes).
+COLLECTIVE_TIMEOUT = timedelta(hours=3)
+SHARDED_LAUNCH_ENV = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED"}
+
+
+class LaunchError(ValueError):
+    """The process launch cannot run the online loop; the message says what to launch instead."""
+
+
+def launched_world_size() -> int:
+    """Processes of this launch as ``accelerate launch``/``torchrun`` set them in the environment (1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def check_launch() -> None:
+    """One ``LaunchError`` line for an accelerate launch the online loop cannot run (before any model loads)."""
+    for kind, variable in SHARDED_LAUNCH_ENV.items():
+        if os.environ.get(variable, "").lower() == "true":
+            where = (
+                "this run is on CPU, where accelerate would run plain DDP instead (every process holding the whole "
+                "model)"
+                if not torch.cuda.is_available()
+                else "the online loop generates from and checkpoints unsharded weights"
+            )
+            raise LaunchError(
+                f"the accelerate config asks for {kind}, but {where}: launch without that config "
+                "(WORLD_SIZE=N ./scripts/eval_online_sdpo.sh runs N DDP processes)"
+            )
+
+
+class DataParallel:
+    """This process's place in the launch: rank, world size, device, and the collectives (see the module)."""
+
+    def __init__(self):
+        # Only a multi-process launch pays for accelerate's process-group set-up.
+        self.world_size = launched_world_size()
+        self.rank = int(os.environ.get("RANK", "0") or 0)
+
+    @cached_property
+    def accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+        # broadcast_buffers=False: DDP would otherwise broadcast buffers (rotary tables) at every forward, a
+        # collective that deadlocks when processes run different numbers of micro-batches.
+        accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # CPU processes: DDP over gloo (accelerate's MULTI_CPU)
+            mixed_precision="no",
+            # Processes wait for the main one while it judges or writes (minutes with LLM judges).
+            kwargs_handlers=[
+                DistributedDataParallelKwargs(broadcast_buffers=False),
+                InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT),
+            ],
+        )
+        if accelerator.num_processes != self.world_size:
+            raise LaunchError(
+                f"WORLD_SIZE={self.world_size} but accelerate set up {accelerator.num_processes} process(es) "
+                f"({accelerator.distributed_type}); launch with accelerate launch --num_processes {self.world_size}"
+            )
+        return accelerator
+
+    def set_up(self) -> None:
+        """Set the process group up (the first ``Accelerator`` does; MULTI_CPU over gloo on CPU processes)."""
+        if self.distributed:
+            _ = self.accelerator
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: str) -> str | torch.device:
+        """The policy's device: under a multi-GPU launch ``auto``/``cuda`` mean this process's own GPU."""
+        if self.distributed and requested in ("auto", "cuda") and self.accelerator.device.type != "cpu":
+            return self.accelerator.device
+        return requested
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` in DDP under a multi-process launch (it stays on its device), else ``model`` itself."""
+        if not self.distributed:
+            return model
+        return self.accelerator.prepare_model(model, device_placement=False)
+
+    def gradient_sync(self, wrapped: torch.nn.Module, last: bool):
+        """Context for one micro-batch's forward and backward: DDP's all-reduce only on the ``last`` one."""
+        if not self.distributed or last:
+            return contextlib.nullcontext()
+        return wrapped.no_sync()
+
+    def join_gradient_sync(self, wrapped: torch.nn.Module, token_id: int, device) -> None:
+        """Take part in the gradient all-reduce with a zero gradient (a process with nothing to train on)."""
+        logits = wrapped(input_ids=torch.tensor([[token_id]], device=device)).logits
+        (logits.float().sum() * 0.0).backward()
+
+    def sum(self, value: float) -> float:
+        """``value`` summed over processes."""
+        if not self.distributed:
+            return value
+        total = torch.tensor([float(value)], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(total, reduction="sum").item())
+
+    def gather(self, objects: list) -> list:
+        """Every process's ``objects`` (picklable), concatenated in rank order, on every process."""
+        if not self.distributed:
+            return list(objects)
+        from accelerate.utils import gather_object
+
+        self.set_up()
+        return gather_object(list(objects))
+
+    def broadcast(self, obj):
+        """The main process's ``obj`` (picklable) on every process."""
+        if not self.distributed:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        self.set_up()
+        return broadcast_object_list([obj])[0]
+
+    def shard(self, items: list) -> list:
+        """This process's contiguous share of ``items`` (sizes differ by at most one; ``gather`` reassembles)."""
+        if not self.distributed:
+            return list(items)
+        per, extra = divmod(len(items), self.world_size)
+        start = self.rank * per + min(self.rank, extra)
+        return list(items[start : start + per + (self.rank < extra)])
+
+    def wait(self) -> None:
+        """Barrier: every process reaches this point before any goes on."""
+        if self.distributed:
+            self.accelerator.wait_for_everyone()
+
+
+_current: DataParallel | None = None
+
+
+def current() -> DataParallel:
+    """This process's ``DataParallel`` (one per process: the loop and the learner share its process group)."""
+    global _current
+    if _current is None:
+        _current = DataParallel()
+    return _current
