@@ -90,8 +90,8 @@ from sdpo.online.run_state import (
     ResumePoint,
     RunFiles,
     kept_history,
-    read_json,
     nothing_pending,
+    read_json,
     resume_point,
     start_or_resume,
 )

@@ -33,10 +33,8 @@ import argparse
 import hashlib
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from sdpo.data.data_sources import HubSource, describe_source, load_splits
-from sdpo.utils.file_io import write_jsonl_atomic
 from sdpo.data.preprocessing_cli import (
     FilterCounts,
     LengthMeter,
@@ -51,6 +49,7 @@ from sdpo.data.preprocessing_cli import (
     refuse_empty,
     write_stats,
 )
+from sdpo.utils.file_io import write_jsonl_atomic
 
 SOURCE = HubSource("openai/summarize_from_feedback", config="comparisons", splits=("train", "validation"))
 INSTRUCTION = 'Write a brief summary of the following text. Start your summary with "TL;DR:".'
