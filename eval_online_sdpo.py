@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 
 from sdpo.chat.backends import BackendError
 from sdpo.chat.policies import TrainingPolicy, load_policy, release
+from sdpo.evaluation.diagnostics import collapse_diagnostics
 from sdpo.evaluation.evaluation_helpers import (
     DataError,
     Prompt,
@@ -473,6 +474,7 @@ class OnlineRun:
     def record_evaluation(self, updater, policy, participants, eval_prompts, baseline, results, interaction: int) -> None:
         debug = self.run.debug_first_example and not results["eval_history"]
         entry, current = self.evaluate(policy, participants, eval_prompts, interaction, updater.step)
+        entry.update(collapse_diagnostics(updater, self.conversations(eval_prompts), current))
         if debug:
             judge = participants.judges[results["meta"]["judged_styles"][0]]
             if judge.last_raw_outputs:

@@ -16,7 +16,7 @@ Commands:
     ./scripts/run_signal_analysis.sh
     python auxiliary/sdpo_signal_analysis.py --model Qwen/Qwen3-8B --out_dir out/signals
 
-    # CPU, the bundled SmolLM2-135M-Instruct (fp32): about 2 minutes on 2 cores
+    # CPU, the bundled SmolLM2-135M-Instruct (fp32, or bf16 on CPUs that compute it natively): about 2 minutes on 2 cores
     MODEL=smollm2-135m-instruct N_CASES=12 ./scripts/run_signal_analysis.sh --max_new_tokens 128 --min_y_tokens 48
     # On a machine shared with other jobs, one torch thread avoids OpenMP oversubscription (measured with
     # other jobs running: 105 s with OMP_NUM_THREADS=1 vs 487 s with the default 2 threads; same output).
@@ -64,25 +64,24 @@ Choices that differ from the reference script (spec §10):
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sdpo.utils.command_line import ArgumentParser
+from sdpo.utils.command_line import ConfigParser, UsageError
 from sdpo.utils.env_file import load_project_env
 from sdpo.evaluation.evaluation_helpers import seed_everything
-from sdpo.utils.file_io import write_json_atomic
+from sdpo.utils.file_io import check_output_folder, write_json_atomic
 from sdpo.models.generation import Generation, SamplingParams, encode_chat, generate
-from sdpo.models.model_loading import ModelLoadError, load_model_and_tokenizer, resolve_device
+from sdpo.models.model_loading import ModelLoadError, concrete_dtype, load_model_and_tokenizer, resolve_device
 from sdpo.evaluation.plots import SIGNAL_HEATMAP_FILES, SignalFigureSettings, token_figure_name, write_signal_figures
 from sdpo.core import (
     HINDSIGHT_VARIANTS,
@@ -422,31 +421,85 @@ SUMMARY_FILE = "summary.json"
 
 @dataclass(frozen=True)
 class SignalAnalysisConfig:
-    """Every setting of one run, resolved and checked once from the command line (``parse_args``).
-
-    ``max_new_tokens`` and ``temperature`` are None where the cases file's defaults apply.
+    """Every setting of one run, parsed by ``ConfigParser`` (flags, or a YAML ``--config`` by field name) and
+    checked in ``__post_init__``; ``$MODEL``, ``$CASES_JSON``, ``$OUT_DIR``, ``$N_CASES`` and ``$SEED`` are the
+    defaults of their fields. ``max_new_tokens`` and ``temperature`` are None where the cases file's defaults apply.
     """
 
-    model: str
-    cases_json: Path
-    out_dir: Path
-    n_cases: int
-    seed: int
-    hindsight_variant: str
-    dtype: str
-    device: str
-    max_new_tokens: int | None
-    temperature: float | None
-    min_y_tokens: int
-    max_retries: int
-    batch_size: int
-    figures: SignalFigureSettings
+    # ---- inputs and outputs
+    model: str = field(
+        default_factory=lambda: os.environ.get("MODEL", "Qwen/Qwen3-8B"),
+        metadata={"help": "Hub id, local folder or bundled alias ($MODEL)."},
+    )
+    cases_json: Path = field(
+        default_factory=lambda: Path(os.environ.get("CASES_JSON", str(DEFAULT_CASES_JSON))),
+        metadata={"help": "Cases file ($CASES_JSON)."},
+    )
+    out_dir: Path = field(
+        default_factory=lambda: Path(os.environ.get("OUT_DIR", "signal_analysis_out")),
+        metadata={"help": "Output folder ($OUT_DIR)."},
+    )
+    # String defaults: argparse converts them with the field's type, so a bad $N_CASES is one usage line.
+    n_cases: int = field(
+        default_factory=lambda: os.environ.get("N_CASES", "24"),
+        metadata={"help": "Cases to sample, with replacement ($N_CASES)."},
+    )
+    seed: int = field(
+        default_factory=lambda: os.environ.get("SEED", "123"),
+        metadata={"help": "Seed for case sampling and generation ($SEED)."},
+    )
+    hindsight_variant: str = field(
+        default="online",
+        metadata={"help": "Hindsight block for x⊕o (sdpo.core).", "choices": sorted(HINDSIGHT_VARIANTS)},
+    )
+    # ---- model
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: bfloat16 where the device computes it natively, else float32 (the one rule of every entry "
+            "point).",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    # ---- generation
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Override the cases file default."})
+    temperature: float | None = field(default=None, metadata={"help": "Override the cases file default."})
+    min_y_tokens: int = field(
+        default=80, metadata={"help": "Resample answers shorter than this (ids, stop token included)."}
+    )
+    max_retries: int = field(
+        default=6, metadata={"help": "Extra samples for a short answer before the case is skipped."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Generation batch size."})
+    # ---- figures
+    max_cols: int = field(default=120, metadata={"help": "Tokens per heatmap row."})
+    vmin: float = field(default=-15.0, metadata={"help": "Colour scale minimum (values below are clipped)."})
+    vmax: float = field(default=3.0, metadata={"help": "Colour scale maximum (values above are clipped)."})
+    token_case_index: int = field(default=1, metadata={"help": "1-based heatmap row drawn as token boxes."})
+    token_n: int = field(default=15, metadata={"help": "Tokens shown in the token-box figure."})
+
+    def __post_init__(self):
+        problems = _argument_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        check_output_folder(self.out_dir)
+
+    @property
+    def figures(self) -> SignalFigureSettings:
+        return SignalFigureSettings(
+            max_cols=self.max_cols,
+            vmin=self.vmin,
+            vmax=self.vmax,
+            token_case_index=self.token_case_index,
+            token_n=self.token_n,
+        )
 
     def output_files(self) -> list[str]:
-        return [SIGNALS_FILE, SUMMARY_FILE, *SIGNAL_HEATMAP_FILES, token_figure_name(self.figures.token_case_index)]
+        return [SIGNALS_FILE, SUMMARY_FILE, *SIGNAL_HEATMAP_FILES, token_figure_name(self.token_case_index)]
 
 
-def _argument_problems(args: argparse.Namespace) -> list[str]:
+def _argument_problems(args: SignalAnalysisConfig) -> list[str]:
     minimums = {
         "n_cases": 1,
         "min_y_tokens": 1,
@@ -475,91 +528,20 @@ def _argument_problems(args: argparse.Namespace) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> SignalAnalysisConfig:
-    """The run's settings from ``argv`` (env vars as fallbacks); ``SignalAnalysisError`` lists bad values."""
-    env = os.environ.get
-    parser = ArgumentParser(
-        description="Per-token SDPO signal heatmaps: unrelated vs feedback follow-ups (spec §10).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    """The run's settings from ``argv`` (and ``--config FILE``; env vars as fallbacks); one ``UsageError`` line."""
+    parser = ConfigParser(
+        SignalAnalysisConfig, description="Per-token SDPO signal heatmaps: unrelated vs feedback follow-ups (spec §10)."
     )
-    # ---- inputs and outputs
-    parser.add_argument(
-        "--model", default=env("MODEL", "Qwen/Qwen3-8B"), help="Hub id, local folder or bundled alias ($MODEL)"
-    )
-    parser.add_argument(
-        "--cases_json", default=env("CASES_JSON", str(DEFAULT_CASES_JSON)), help="cases file ($CASES_JSON)"
-    )
-    parser.add_argument("--out_dir", default=env("OUT_DIR", "signal_analysis_out"), help="output folder ($OUT_DIR)")
-    parser.add_argument(
-        "--n_cases", type=int, default=env("N_CASES", "24"), help="cases to sample, with replacement ($N_CASES)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=env("SEED", "123"), help="seed for case sampling and generation ($SEED)"
-    )
-    parser.add_argument(
-        "--hindsight_variant",
-        default="online",
-        choices=sorted(HINDSIGHT_VARIANTS),
-        help="hindsight block for x⊕o (sdpo_core)",
-    )
-    # ---- model
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bfloat16", "float16", "float32"],
-        help="auto: bf16 on CUDA, fp32 on CPU",
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    # ---- generation
-    parser.add_argument("--max_new_tokens", type=int, default=None, help="override the cases file default")
-    parser.add_argument("--temperature", type=float, default=None, help="override the cases file default")
-    parser.add_argument(
-        "--min_y_tokens", type=int, default=80, help="resample answers shorter than this (ids, stop token included)"
-    )
-    parser.add_argument(
-        "--max_retries", type=int, default=6, help="extra samples for a short answer before the case is skipped"
-    )
-    parser.add_argument("--batch_size", type=int, default=8, help="generation batch size")
-    # ---- figures
-    parser.add_argument("--max_cols", type=int, default=120, help="tokens per heatmap row")
-    parser.add_argument("--vmin", type=float, default=-15.0, help="colour scale minimum (values below are clipped)")
-    parser.add_argument("--vmax", type=float, default=3.0, help="colour scale maximum (values above are clipped)")
-    parser.add_argument("--token_case_index", type=int, default=1, help="1-based heatmap row drawn as token boxes")
-    parser.add_argument("--token_n", type=int, default=15, help="tokens shown in the token-box figure")
-    args = parser.parse_args(argv)
-    problems = _argument_problems(args)
-    if problems:
-        raise SignalAnalysisError("; ".join(problems))
-    return SignalAnalysisConfig(
-        model=args.model,
-        cases_json=Path(args.cases_json),
-        out_dir=Path(args.out_dir),
-        n_cases=args.n_cases,
-        seed=args.seed,
-        hindsight_variant=args.hindsight_variant,
-        dtype=args.dtype,
-        device=args.device,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        min_y_tokens=args.min_y_tokens,
-        max_retries=args.max_retries,
-        batch_size=args.batch_size,
-        figures=SignalFigureSettings(
-            max_cols=args.max_cols,
-            vmin=args.vmin,
-            vmax=args.vmax,
-            token_case_index=args.token_case_index,
-            token_n=args.token_n,
-        ),
-    )
+    (config,) = parser.parse(argv)
+    return config
 
 
 def prepare_out_dir(out_dir: Path, file_names: list[str]) -> None:
-    """Create the output folder and check that every output file can be written there.
+    """Create the output folder (``check_output_folder`` refused a file already) and check that every output file
+    can be written there.
 
     Done before the model loads, so a bad folder costs seconds instead of the whole scoring run.
     """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SignalAnalysisError(f"--out_dir {out_dir} is a file, not a folder; pass a folder (created if missing)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -609,7 +591,7 @@ def run(config: SignalAnalysisConfig) -> int:
     device = resolve_checked_device(config.device)
 
     cases = sample_cases(cases_file["cases"], defaults["variant_suffix_pool"], config.n_cases, config.seed)
-    dtype = ("bfloat16" if device.type == "cuda" else "float32") if config.dtype == "auto" else config.dtype
+    dtype = concrete_dtype(config.dtype, device)
     model, tokenizer = load_model_and_tokenizer(config.model, dtype=dtype, device=device)
     model.eval()
     # Seeded after loading: weight initialisation inside from_pretrained may draw from the torch RNG.
@@ -727,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     load_project_env()
     try:
         return run(parse_args(argv))
-    except (SignalAnalysisError, ModelLoadError) as error:
+    except (UsageError, SignalAnalysisError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -31,8 +31,13 @@ Several processes (DDP): GPUs via the accelerate config, or CPU via accelerate's
 
 ``scripts/train_offline_sdpo.sh`` wraps all of this with the reference's environment variables.
 
-Defaults are the reference's (spec §11.4): lr 2e-6 cosine with 5% warm-up, per-device batch 4 × 8
-accumulation steps, 2 epochs, grad clip 10, activation checkpointing, 8-bit AdamW when bitsandbytes and
+``--method sft`` trains the paper's Table-4 baseline instead: TRL's ``SFTTrainer`` on the logged replies y
+of the same tuples (``offline_sdpo/sft_baseline.py``), with every other flag meaning the same. The launch
+prints its global batch (per device x accumulation x processes); ``--global_batch_size 32`` (Table 5)
+stops before anything loads when the launch gives another.
+
+Defaults are the reference's (spec §11.4) except the batch: lr 2e-6 cosine with 5% warm-up, per-device
+batch 4 × 2 accumulation steps (× 4 processes of the default launch = Table 5's 32), 2 epochs, grad clip 10, activation checkpointing, 8-bit AdamW when bitsandbytes and
 CUDA are available (plain AdamW otherwise; the log says which), full fine-tuning, ``ignore_first_k`` 2,
 ``simple_signal`` loss, reporting to wandb. Deliberate simplifications and changes: no KL-to-reference
 term (inactive in every reference config); hindsight variant ``online`` by default (the paper's
@@ -67,32 +72,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
-from trl import TrlParser
 
-from sdpo.data.data_sources import DataError, first_line
-from sdpo.utils import command_line
-from sdpo.utils.command_line import mask_secrets, mask_secrets_in_logs, remember_secrets
-from sdpo.utils.env_file import load_project_env
-from sdpo.models.model_loading import DTYPES, ModelLoadError, load_model_and_tokenizer, load_tokenizer
-from offline_sdpo.offline_sdpo_trainer import (
-    InteractionDataset,
-    OfflineSDPOCollator,
-    OfflineSDPOConfig,
-    OfflineSDPOTrainer,
-    drop_overlong_completions,
-    load_interactions,
-    sharded_launch,
-)
+from offline_sdpo.config import OfflineSDPOConfig, sharded_launch
+from offline_sdpo.data import InteractionDataset, OfflineSDPOCollator, drop_overlong_completions, load_interactions
+from offline_sdpo.offline_sdpo_trainer import OfflineSDPOTrainer
+from offline_sdpo.sft_baseline import SFTBaselineTrainer, sft_config, sft_dataset
+from sdpo.data.data_sources import DataError
 from sdpo.learner.config import DEFAULT_LORA_TARGET_MODULES
+from sdpo.models.lora import LoRASetupError, attach_lora
+from sdpo.models.model_loading import DTYPES, ModelLoadError, load_model_and_tokenizer, load_tokenizer
+from sdpo.utils.command_line import ConfigParser, UsageError, mask_secrets, mask_secrets_in_logs, remember_secrets
+from sdpo.utils.file_io import OutputFolderError, check_output_folder
+from sdpo.utils.env_file import load_project_env
 
 DEFAULT_BASE_MODEL = "Qwen/Qwen3-4B"
 DATA_REPORT_FILE = "data_report.json"
 SUMMARY_FILE = "train_summary.json"
-
-
-class UsageError(ValueError):
-    """A command-line or config-file problem; the message is one line."""
 
 
 @dataclass
@@ -164,6 +159,36 @@ class DataArguments:
             raise ValueError("no training data: pass --dataset_name (or --train_jsonl) FILE_OR_HUB_ID")
 
 
+METHODS = ("sdpo", "sft")
+
+
+@dataclass
+class MethodArguments:
+    """What is trained on the logged tuples, and the global batch the launch must give."""
+
+    method: str = field(
+        default="sdpo",
+        metadata={
+            "help": "sdpo: self-distillation from the follow-ups (Eq. 4). sft: the paper's Table-4 baseline, "
+            "TRL SFTTrainer on the logged replies y (same data, batch, schedule and launch).",
+            "choices": METHODS,
+        },
+    )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop before loading when per-device batch x accumulation x processes differs from this "
+            "(Table 5: 32)."
+        },
+    )
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
+
+
 @dataclass(frozen=True)
 class OfflineArguments:
     """Everything one run needs, parsed and checked once."""
@@ -171,31 +196,18 @@ class OfflineArguments:
     data: DataArguments
     model: ModelArguments
     config: OfflineSDPOConfig
+    method: MethodArguments = field(default_factory=MethodArguments)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring's layout, and each flag's default."""
 
 
-class OfflineArgumentParser(TrlParser):
-    """``TrlParser`` whose usage errors are one line and whose config files may use the old flag names."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see --help)")
-
-    def set_defaults_with_config(self, **config) -> list[str]:
-        dest_of = {
-            option.lstrip("-"): action.dest
-            for action in self._actions
-            if not isinstance(action, argparse._StoreFalseAction)
-            for option in action.option_strings
-        }
-        return super().set_defaults_with_config(**{dest_of.get(key, key): value for key, value in config.items()})
-
-
-def build_parser() -> OfflineArgumentParser:
-    return OfflineArgumentParser(
-        (DataArguments, ModelArguments, OfflineSDPOConfig), description=__doc__, formatter_class=HelpFormatter
+def build_parser() -> ConfigParser:
+    return ConfigParser(
+        (DataArguments, ModelArguments, OfflineSDPOConfig, MethodArguments),
+        description=__doc__,
+        formatter_class=HelpFormatter,
     )
 
 
@@ -203,26 +215,8 @@ def parse_arguments(argv: list[str] | None = None) -> OfflineArguments:
     """Parse the command line and ``--config`` file; every problem is a one-line ``UsageError``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     check_distributed_launch(on_cpu=not torch.cuda.is_available())
-    config_file = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
-    where = f"--config {config_file}: " if config_file else ""
-    try:
-        data, model, config, unknown_keys, unknown_flags = build_parser().parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True
-        )
-    except FileNotFoundError:
-        raise UsageError(f"{where}no such file") from None
-    except yaml.YAMLError as error:
-        raise UsageError(f"{where}not valid YAML ({first_line(error)})") from None
-    except UsageError:
-        raise
-    except (ValueError, TypeError) as error:
-        raise UsageError(first_line(error)) from None
-    if unknown_keys:
-        keys = ", ".join(key.removeprefix("--") for key in unknown_keys[::2])
-        raise UsageError(f"{where}unknown key(s) {keys}: use the option names of --help")
-    if unknown_flags:
-        raise UsageError(f"unrecognized arguments: {' '.join(unknown_flags)} (see --help)")
-    return OfflineArguments(data, model, config)
+    data, model, config, method = build_parser().parse(argv)
+    return OfflineArguments(data, model, config, method)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,15 +226,36 @@ def parse_arguments(argv: list[str] | None = None) -> OfflineArguments:
 
 def check_output_dir(output_dir: str) -> None:
     """The output folder exists (or can be made) and is writable."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--output_dir {path} is a file; pass a folder")
+    try:
+        path = check_output_folder(output_dir, "--output_dir")
+    except OutputFolderError as error:
+        raise UsageError(str(error)) from None
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"--output_dir {path} cannot be created ({error.strerror}); pass a writable folder") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"--output_dir {path} is not writable; pass a writable folder")
+
+
+def global_batch(config: OfflineSDPOConfig) -> tuple[int, str]:
+    """(interactions per optimizer step, how it is made up) of this launch."""
+    size = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
+    return size, (
+        f"{config.per_device_train_batch_size} per device x {config.gradient_accumulation_steps} accumulation x "
+        f"{config.world_size} processes = {size}"
+    )
+
+
+def check_global_batch(arguments: OfflineArguments) -> None:
+    """A requested ``--global_batch_size`` is what the launch gives, or one line says how to get it."""
+    wanted = arguments.method.global_batch_size
+    size, made_of = global_batch(arguments.config)
+    if wanted is not None and size != wanted:
+        raise UsageError(
+            f"--global_batch_size {wanted}, but this launch gives {made_of}: change --per_device_train_batch_size, "
+            "--gradient_accumulation_steps or the number of processes (WORLD_SIZE)"
+        )
 
 
 def check_wandb_ready() -> None:
@@ -414,23 +429,16 @@ def load_policy(arguments: OfflineArguments):
         attn_implementation=attn,
     )
     if model_args.use_peft:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
-            target_modules=list(model_args.lora_target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
         try:
-            model = get_peft_model(model, lora)
-        except ValueError as error:
-            raise UsageError(
-                f"LoRA could not be attached ({first_line(error)}); set --lora_target_modules to module names "
-                "of this model"
-            ) from None
+            model = attach_lora(
+                model,
+                r=model_args.lora_r,
+                alpha=model_args.lora_alpha,
+                dropout=model_args.lora_dropout,
+                target_modules=model_args.lora_target_modules,
+            )
+        except LoRASetupError as error:
+            raise UsageError(str(error).replace("set lora_target_modules", "set --lora_target_modules")) from None
     stored = next(p.dtype for p in model.parameters() if p.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -468,7 +476,9 @@ def write_summary(trainer: OfflineSDPOTrainer, arguments: OfflineArguments, extr
         "global_step": trainer.state.global_step,
         "base_model": arguments.model.model_name_or_path,
         "hindsight_variant": config.hindsight_variant,
-        "loss_mode": config.loss_mode,
+        "method": arguments.method.method,
+        "loss_mode": config.loss_mode if arguments.method.method == "sdpo" else "sft",
+        "global_batch_size": global_batch(config)[0],
         "use_lora": arguments.model.use_peft,
         **extra,
     }
@@ -477,18 +487,41 @@ def write_summary(trainer: OfflineSDPOTrainer, arguments: OfflineArguments, extr
     return summary
 
 
+def build_trainer(method: str, arguments: OfflineArguments, model, tokenizer, dataset, callbacks):
+    """The SDPO trainer, or for ``--method sft`` TRL's SFTTrainer on the same tuples' (x, y)."""
+    config = arguments.config
+    if method == "sdpo":
+        return OfflineSDPOTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=list(callbacks) or None,
+        )
+    stored = next(p.dtype for p in model.parameters() if p.requires_grad)
+    return SFTBaselineTrainer(
+        model=model,
+        args=sft_config(config, stored),
+        train_dataset=sft_dataset(dataset.interactions, config.chat_template_kwargs),
+        processing_class=tokenizer,
+        callbacks=list(callbacks) or None,
+    )
+
+
 def run(arguments: OfflineArguments, callbacks=()) -> dict:
     """Train as ``arguments`` say; returns the training summary. ``callbacks`` are extra TrainerCallbacks.
     Problems found before training are ``UsageError`` / ``DataError`` / ``ModelLoadError``."""
-    config, model_args = arguments.config, arguments.model
+    config, model_args, method = arguments.config, arguments.model, arguments.method.method
+    check_global_batch(arguments)
     check_output_dir(config.output_dir)
     check_reporters(config)
     check_distributed_launch(config.use_cpu)
     print0(
         config,
-        f"world size {config.world_size}, device {config.device}, optimizer {config.optim.value}"
+        f"method {method}, world size {config.world_size}, device {config.device}, optimizer {config.optim.value}"
         f" ({config.optim_reason})",
     )
+    print0(config, f"global batch: {global_batch(config)[1]} interactions per optimizer step")
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir, config)
     if config.resume_from_checkpoint == "latest" and resume is None:
         print0(config, f"no complete checkpoint in {config.output_dir} yet: starting fresh")
@@ -505,16 +538,7 @@ def run(arguments: OfflineArguments, callbacks=()) -> dict:
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     dataset = training_dataset(arguments, interactions, report, tokenizer)
     model, tokenizer = load_policy(arguments)
-    global_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
-    print0(
-        config,
-        f"global batch {global_batch} interactions per optimizer step ({config.per_device_train_batch_size} x "
-        f"{config.gradient_accumulation_steps} accumulation x {config.world_size} processes)",
-    )
-
-    trainer = OfflineSDPOTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks) or None
-    )
+    trainer = build_trainer(method, arguments, model, tokenizer, dataset, callbacks)
     parallelism = describe_parallelism(trainer)
     print0(config, f"running {parallelism}")
     started = time.perf_counter()
@@ -561,9 +585,9 @@ def main(argv: list[str] | None = None) -> int:
         load_project_env()
         run(parse_arguments(argv))
     # command_line.UsageError: a .env that is not text
-    except (UsageError, command_line.UsageError, DataError, ModelLoadError) as error:
+    except (UsageError, DataError, ModelLoadError) as error:
         print(f"error: {mask_secrets(str(error))}", file=sys.stderr)
-        return 2 if isinstance(error, (UsageError, command_line.UsageError)) else 1
+        return 2 if isinstance(error, UsageError) else 1
     return 0
 
 

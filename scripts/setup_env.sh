@@ -38,6 +38,10 @@ pip_install --upgrade pip
 # torch first and pinned, so no other requirement can pull a CUDA build of a different version.
 pip_install "$(grep -E '^torch==' "$REPO_ROOT/requirements.txt")"
 pip_install -r "$REPO_ROOT/$REQUIREMENTS" -r "$REPO_ROOT/requirements-test.txt"
+if [[ "$MODE" != --vllm-cpu ]]; then
+  # Benchmark harnesses (lm-eval, alpaca-eval): the evaluation's tests run them on CPU from fixture files.
+  pip_install -r "$REPO_ROOT/requirements-eval.txt"
+fi
 pip_install --no-deps -r "$REPO_ROOT/requirements-embedded.txt"
 # The project itself, editable: its modules import as packages from anywhere (no sys.path edits).
 pip_install --no-deps --no-build-isolation -e "$REPO_ROOT"

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Offline SDPO on logged interactions (offline_sdpo/main_offline_sdpo.py), one or several processes.
+# Offline SDPO (or its SFT baseline) on logged interactions (offline_sdpo/main_offline_sdpo.py), one or several processes.
 #
 #   TRAIN_JSONL=data/sharegpt/sharegpt_interactions.jsonl ./scripts/train_offline_sdpo.sh
 #   TRAIN_JSONL=... WORLD_SIZE=1 BASE_MODEL=smollm2-135m-instruct ./scripts/train_offline_sdpo.sh --max_steps 20 --report_to none
 #   TRAIN_JSONL=... CPU=1 WORLD_SIZE=2 ./scripts/train_offline_sdpo.sh ...     # 2 CPU processes (DDP over gloo)
+#   TRAIN_JSONL=... METHOD=sft ./scripts/train_offline_sdpo.sh                # Table 4's baseline: SFT on the logged y
 #   ./scripts/train_offline_sdpo.sh --dry-run                                  # print the command, run nothing
 #
-# Environment (defaults): TRAIN_JSONL (required; any --dataset_name: a .jsonl/.parquet file, folder or Hub id), BASE_MODEL Qwen/Qwen3-4B, LR 2e-6, BS 4 (per device),
-# GA 8, NUM_EPOCHS 2, WORLD_SIZE 4, ACCELERATE_CONFIG <repo>/multigpu_accelerate_config.yaml (GPU runs
+# Environment (defaults): TRAIN_JSONL (required; any --dataset_name: a .jsonl/.parquet file, folder or Hub id),
+# METHOD sdpo (or sft), BASE_MODEL Qwen/Qwen3-4B, LR 2e-6, BS 4 (per device), GA 2 (4 x 2 x 4 processes = Table 5's
+# global batch of 32), GLOBAL_BATCH (unset; when set, --global_batch_size: a launch giving another stops), NUM_EPOCHS 2, WORLD_SIZE 4, ACCELERATE_CONFIG <repo>/multigpu_accelerate_config.yaml (GPU runs
 # with WORLD_SIZE > 1), CPU auto (1 when no GPU is visible), WANDB_PROJECT offline-sdpo,
-# WANDB_NAME sdpo-<BASE_MODEL, / → ->-lr<LR>-bs<BS>-ga<GA>, RUN_ID offline-sdpo-<timestamp>,
+# WANDB_NAME <METHOD>-<BASE_MODEL, / → ->-lr<LR>-bs<BS>-ga<GA>, RUN_ID offline-sdpo-<timestamp>,
 # OUTPUT_DIR $BASE_WORK/offline-sdpo/$RUN_ID (exported). Extra arguments (any flag of
 # offline_sdpo/main_offline_sdpo.py, e.g. --config run.yaml) go to the Python script and win over these.
 #
@@ -28,7 +30,8 @@ sdpo_require TRAIN_JSONL "Point it at the training data (an interaction JSONL, a
 BASE_MODEL="${BASE_MODEL:-Qwen/Qwen3-4B}"
 LR="${LR:-2e-6}"
 BS="${BS:-4}"
-GA="${GA:-8}"
+GA="${GA:-2}"
+METHOD="${METHOD:-sdpo}"
 NUM_EPOCHS="${NUM_EPOCHS:-2}"
 WORLD_SIZE="${WORLD_SIZE:-4}"
 ACCELERATE_CONFIG_GIVEN="${ACCELERATE_CONFIG:-}"
@@ -36,7 +39,7 @@ ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$REPO_ROOT/multigpu_accelerate_config.ya
 RUN_ID="${RUN_ID:-offline-sdpo-$(date +%Y%m%d-%H%M%S)}"
 export OUTPUT_DIR="${OUTPUT_DIR:-$BASE_WORK/offline-sdpo/$RUN_ID}"
 export WANDB_PROJECT="${WANDB_PROJECT:-offline-sdpo}"
-export WANDB_NAME="${WANDB_NAME:-sdpo-${BASE_MODEL//\//-}-lr${LR}-bs${BS}-ga${GA}}"
+export WANDB_NAME="${WANDB_NAME:-$METHOD-${BASE_MODEL//\//-}-lr${LR}-bs${BS}-ga${GA}}"
 
 if [[ ! "$WORLD_SIZE" =~ ^[0-9]+$ ]]; then
   echo "error: WORLD_SIZE must be a whole number, got '$WORLD_SIZE'" >&2
@@ -68,6 +71,7 @@ fi
 
 SCRIPT="$REPO_ROOT/offline_sdpo/main_offline_sdpo.py"
 PY_ARGS=(
+  --method "$METHOD"
   --dataset_name "$TRAIN_JSONL"
   --model_name_or_path "$BASE_MODEL"
   --learning_rate "$LR"
@@ -78,6 +82,7 @@ PY_ARGS=(
   --run_name "$WANDB_NAME"
   --project "$WANDB_PROJECT"
 )
+if [[ -n "${GLOBAL_BATCH:-}" ]]; then PY_ARGS+=(--global_batch_size "$GLOBAL_BATCH"); fi
 PY_ARGS+=("${SDPO_ARGS[@]}")
 
 if [[ "$WORLD_SIZE" -le 1 && -z "$SHARDING" ]]; then
@@ -100,7 +105,7 @@ else
   LAUNCH=("$PYTHON" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" --num_processes "$WORLD_SIZE" "$SCRIPT")
 fi
 
-echo "== offline SDPO | $(date '+%Y-%m-%d %H:%M:%S') | $([[ "$CPU" == 1 ]] && echo CPU || echo "GPUs: ${GPU_COUNT:-?}") | WORLD_SIZE=$WORLD_SIZE | ${SHARDING:-DDP}"
-echo "== model $BASE_MODEL | lr $LR | per-device batch $BS x accumulation $GA | epochs $NUM_EPOCHS | output $OUTPUT_DIR"
+echo "== offline $METHOD | $(date '+%Y-%m-%d %H:%M:%S') | $([[ "$CPU" == 1 ]] && echo CPU || echo "GPUs: ${GPU_COUNT:-?}") | WORLD_SIZE=$WORLD_SIZE | ${SHARDING:-DDP}"
+echo "== model $BASE_MODEL | lr $LR | global batch $BS x $GA x $WORLD_SIZE processes = $((BS * GA * WORLD_SIZE)) | epochs $NUM_EPOCHS | output $OUTPUT_DIR"
 sdpo_mkdir "$OUTPUT_DIR"
 sdpo_run "${LAUNCH[@]}" "${PY_ARGS[@]}"

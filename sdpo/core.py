@@ -26,8 +26,10 @@ fp32 logits at once; logits are divided by the sampling temperature first (T = 1
 from __future__ import annotations
 
 import copy
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -274,6 +276,7 @@ class TokenScores:
         mask: (B, T) 1.0 for scored tokens.
         topk_logprobs / topk_indices: (B, T, K) this model's K most likely tokens, when asked for.
         gathered_logprobs: (B, T, K') log-probs at caller-given indices, when asked for.
+        entropy: (B, T) entropy of the full next-token distribution (detached), when asked for.
     """
 
     logprobs: torch.Tensor
@@ -281,6 +284,35 @@ class TokenScores:
     topk_logprobs: torch.Tensor | None = None
     topk_indices: torch.Tensor | None = None
     gathered_logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LogitBlend:
+    """A teacher whose logits are (1 − mix)·z_reference + mix·z_model (the sister paper's trust-region teacher).
+
+    Attributes:
+        reference: the frozen reference network (may be ``model`` itself when ``reference_context`` switches
+            its LoRA adapter off).
+        mix: weight of the current model's logits, in [0, 1]; 0 is the reference alone, 1 the current model.
+        reference_context: a zero-argument callable returning the context manager the reference runs under.
+    """
+
+    reference: object
+    mix: float
+    reference_context: Callable[[], AbstractContextManager] = nullcontext
+
+
+def _hidden_and_head(model, batch: CompletionBatch, keep: int, fp32_head: bool):
+    """The last ``keep`` positions' decoder states and the function that turns a row block of them into fp32 logits."""
+    forward = dict(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+    )
+    # A DistributedDataParallel wrapper must run its own forward (it prepares the gradient all-reduce there), so
+    # wrapped models keep their head in the compute dtype.
+    if fp32_head and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.get_decoder()(**forward).last_hidden_state[:, -keep:, :], _Fp32Head(model)
+    return model(**forward, logits_to_keep=keep).logits[:, -keep:, :], torch.Tensor.float
 
 
 def score_completions(
@@ -291,14 +323,18 @@ def score_completions(
     gather_indices: torch.Tensor | None = None,
     temperature: float = 1.0,
     fp32_head: bool = True,
+    blend: LogitBlend | None = None,
+    entropy: bool = False,
 ) -> TokenScores:
     """Log-probabilities of ``batch.completion_ids`` under ``model`` (differentiable unless in no_grad).
 
     ``topk`` > 0 also returns the model's top-K log-probs per position; ``gather_indices`` (B, T, K')
-    returns the log-probs at those vocabulary indices (used to read the teacher at the student's top-K).
+    returns the log-probs at those vocabulary indices (used to read one side at the other's top-K).
     ``temperature`` scores under softmax(logits / T), the distribution that sampled y at temperature T.
     ``fp32_head`` runs the LM head in fp32 (autocast off) on the scored positions, so bf16 rounding of the
     logits never reaches the loss; False keeps the model's own head (bf16 logits under autocast, upcast).
+    ``blend`` scores under the trust-region mixture of ``model`` and a reference (``LogitBlend``).
+    ``entropy`` also returns the per-position entropy of the full next-token distribution (detached).
     """
     if temperature <= 0:
         raise ValueError(f"scoring temperature must be > 0, got {temperature}")
@@ -307,17 +343,18 @@ def score_completions(
     # dropped from the (small) results rather than sliced off the logits, whose slice backward would
     # zero-fill a full-size gradient.
     keep = width + 1
-    forward = dict(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
-    )
-    # A DistributedDataParallel wrapper must run its own forward (it prepares the gradient all-reduce there), so
-    # wrapped models keep their head in the compute dtype.
-    if fp32_head and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        hidden = model.get_decoder()(**forward).last_hidden_state[:, -keep:, :]
-        chunk_logits = _Fp32Head(model)
+    hidden, head = _hidden_and_head(model, batch, keep, fp32_head)
+    if blend is not None:
+        with blend.reference_context():
+            reference_hidden, reference_head = _hidden_and_head(blend.reference, batch, keep, fp32_head)
+
+        def chunk_logits(rows: slice) -> torch.Tensor:
+            return torch.lerp(reference_head(reference_hidden[rows]), head(hidden[rows]), blend.mix)
     else:
-        hidden = model(**forward, logits_to_keep=keep).logits[:, -keep:, :]
-        chunk_logits = torch.Tensor.float
+
+        def chunk_logits(rows: slice) -> torch.Tensor:
+            return head(hidden[rows])
+
     batch_size, positions = hidden.shape[:2]
     vocab = getattr(model, "module", model).get_output_embeddings().weight.shape[0]
     targets = torch.nn.functional.pad(batch.completion_ids.to(hidden.device), (0, 1))
@@ -325,13 +362,13 @@ def score_completions(
     indices = torch.cat([gather_indices, extra_target], dim=1) if gather_indices is not None else None
     # fp32 logits and log-softmax over as many sequences at once as fit the element budget.
     rows_per_chunk = max(1, FP32_LOGIT_ELEMENTS // (positions * vocab))
-    logprobs, topk_values, topk_indices, gathered = [], [], [], []
-    for start, chunk in zip(range(0, batch_size, rows_per_chunk), hidden.split(rows_per_chunk, dim=0)):
-        logits = chunk_logits(chunk)
+    logprobs, topk_values, topk_indices, gathered, entropies = [], [], [], [], []
+    for start in range(0, batch_size, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, batch_size))
+        logits = chunk_logits(rows)
         if temperature != 1.0:
             logits = logits / temperature
         normaliser = logits.logsumexp(dim=-1, keepdim=True)
-        rows = slice(start, start + chunk.shape[0])
         logprobs.append((logits.gather(-1, targets[rows].unsqueeze(-1)) - normaliser).squeeze(-1))
         if topk:
             values, top = logits.topk(topk, dim=-1)
@@ -339,6 +376,10 @@ def score_completions(
             topk_indices.append(top)
         if indices is not None:
             gathered.append(logits.gather(-1, indices[rows]) - normaliser)
+        if entropy:
+            with torch.no_grad():
+                probs = (logits - normaliser).exp()
+                entropies.append(normaliser.squeeze(-1) - (probs * logits).sum(-1))
     mask = batch.completion_mask.to(hidden.device)
     drop_last = slice(0, width)
     return TokenScores(
@@ -347,6 +388,7 @@ def score_completions(
         topk_logprobs=torch.cat(topk_values)[:, drop_last] if topk else None,
         topk_indices=torch.cat(topk_indices)[:, drop_last] if topk else None,
         gathered_logprobs=torch.cat(gathered)[:, drop_last] if indices is not None else None,
+        entropy=torch.cat(entropies)[:, drop_last] * mask if entropy else None,
     )
 
 
@@ -378,6 +420,11 @@ class _Fp32Head:
 # --------------------------------------------------------------------------------------------------
 
 LOSS_MODES = ("simple_signal", "full_distillation")
+# Whose K most likely tokens form the support of the top-K distillation at each position.
+TOPK_SUPPORTS = ("student", "teacher")
+ADVANTAGE_CENTERINGS = ("none", "sequence")
+# Bound on |log π − log π_old| before exponentiating the importance weight (as TRL and lasgroup/SDPO do).
+LOG_RATIO_BOUND = 20.0
 
 
 def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -390,17 +437,47 @@ def sdpo_signal(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, 
     return (teacher_logprobs - student_logprobs).detach() * mask
 
 
+def center_advantages(advantages: torch.Tensor, mask: torch.Tensor, centering: str = "none") -> torch.Tensor:
+    """``sequence``: subtract from every scored A_t its sequence's mean over scored tokens (what the reference
+    batch trainer did); ``none``: unchanged. Masked entries stay zero."""
+    if centering not in ADVANTAGE_CENTERINGS:
+        raise ValueError(f"unknown advantage_centering {centering!r}: use one of {list(ADVANTAGE_CENTERINGS)}")
+    if centering == "none":
+        return advantages
+    return (advantages - masked_sequence_mean(advantages, mask).unsqueeze(-1)) * mask
+
+
+def clipped_importance_weights(
+    student_logprobs: torch.Tensor, old_logprobs: torch.Tensor, is_clip: float
+) -> torch.Tensor:
+    """min(π/π_old, is_clip) per token, detached: the weight that corrects a loss computed on y sampled from
+    π_old (the policy before this interaction's first update) for the current π, bounded from above."""
+    log_ratio = (student_logprobs - old_logprobs).detach().clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    return log_ratio.exp().clamp(max=is_clip)
+
+
 def simple_signal_loss(
-    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor, *, signal_clip: float = 0.0
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    signal_clip: float = 0.0,
+    advantage_centering: str = "none",
+    importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled-token policy gradient with the SDPO signal as per-token advantage.
 
-    Returns (loss, advantages). No baseline, no centring: the sign of A_t is the signal.
+    A_t is centred per sequence when asked (``center_advantages``), then clipped to ±signal_clip when
+    signal_clip > 0; ``importance_weights`` (B, T), when given, multiply each token's term. Returns (loss,
+    advantages actually used). Without centring there is no baseline: the sign of A_t is the signal.
     """
-    advantages = sdpo_signal(student_logprobs, teacher_logprobs, mask)
+    advantages = center_advantages(sdpo_signal(student_logprobs, teacher_logprobs, mask), mask, advantage_centering)
     if signal_clip > 0:
         advantages = advantages.clamp(-signal_clip, signal_clip)
-    loss = -masked_sequence_mean(advantages * student_logprobs, mask).mean()
+    per_token = -advantages * student_logprobs
+    if importance_weights is not None:
+        per_token = per_token * importance_weights
+    loss = masked_sequence_mean(per_token, mask).mean()
     return loss, advantages
 
 
@@ -414,21 +491,63 @@ def tail_logprob(topk_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.log(-torch.expm1(top_mass))
 
 
+def support_distribution(topk_logprobs: torch.Tensor, *, add_tail: bool) -> torch.Tensor:
+    """A proper log-distribution on a K-token support: K buckets + the tail bucket, or the K renormalised."""
+    if add_tail:
+        return torch.cat([topk_logprobs, tail_logprob(topk_logprobs)], dim=-1)
+    return topk_logprobs - topk_logprobs.logsumexp(dim=-1, keepdim=True)
+
+
+def _kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) over the last axis (finite log-probs)."""
+    return (p_logprobs.exp() * (p_logprobs - q_logprobs)).sum(-1)
+
+
+def distillation_divergence(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
+    """Per-position divergence between two log-distributions over the last axis; the teacher is detached.
+
+    alpha = 1: reverse KL(student ‖ teacher) (the paper's Eq. 2 and this project's default); alpha = 0: forward
+    KL(teacher ‖ student); in between the generalised Jensen-Shannon divergence
+    (1 − α)·KL(student ‖ m) + α·KL(teacher ‖ m) with m = (1 − α)·student + α·teacher (the sister
+    paper's α).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"distillation alpha must be in [0, 1], got {alpha}")
+    teacher_logprobs = teacher_logprobs.detach()
+    if alpha == 1.0:
+        return _kl(student_logprobs, teacher_logprobs)
+    if alpha == 0.0:
+        return _kl(teacher_logprobs, student_logprobs)
+    mixture = torch.logaddexp(student_logprobs + math.log(1.0 - alpha), teacher_logprobs + math.log(alpha))
+    return (1.0 - alpha) * _kl(student_logprobs, mixture) + alpha * _kl(teacher_logprobs, mixture)
+
+
 def topk_reverse_kl(
     student_topk_logprobs: torch.Tensor, teacher_topk_logprobs: torch.Tensor, *, add_tail: bool = True
 ) -> torch.Tensor:
-    """Per-position KL(student ‖ teacher) on the student's top-K support (last axis = K).
+    """Per-position KL(student ‖ teacher) on a shared K-token support (last axis = K).
 
     add_tail=True: K buckets + one bucket for the remaining mass of each distribution.
     add_tail=False: both K-vectors renormalised to sum to one.
     """
-    if add_tail:
-        student = torch.cat([student_topk_logprobs, tail_logprob(student_topk_logprobs)], dim=-1)
-        teacher = torch.cat([teacher_topk_logprobs, tail_logprob(teacher_topk_logprobs)], dim=-1)
-    else:
-        student = student_topk_logprobs - student_topk_logprobs.logsumexp(dim=-1, keepdim=True)
-        teacher = teacher_topk_logprobs - teacher_topk_logprobs.logsumexp(dim=-1, keepdim=True)
-    return (student.exp() * (student - teacher.detach())).sum(dim=-1)
+    return topk_divergence(student_topk_logprobs, teacher_topk_logprobs, add_tail=add_tail, alpha=1.0)
+
+
+def topk_divergence(
+    student_topk_logprobs: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    *,
+    add_tail: bool = True,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """``distillation_divergence`` of the two distributions on a shared K-token support (``support_distribution``)."""
+    return distillation_divergence(
+        support_distribution(student_topk_logprobs, add_tail=add_tail),
+        support_distribution(teacher_topk_logprobs, add_tail=add_tail),
+        alpha,
+    )
 
 
 def full_distillation_loss(
@@ -437,11 +556,14 @@ def full_distillation_loss(
     mask: torch.Tensor,
     *,
     add_tail: bool = True,
+    alpha: float = 1.0,
+    importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-K reverse-KL self-distillation. Returns (loss, per-token KL)."""
-    per_token_kl = topk_reverse_kl(student_topk_logprobs, teacher_topk_logprobs, add_tail=add_tail)
-    loss = masked_sequence_mean(per_token_kl, mask).mean()
-    return loss, per_token_kl
+    """Top-K self-distillation (reverse KL at alpha = 1). Returns (loss, per-token divergence)."""
+    per_token = topk_divergence(student_topk_logprobs, teacher_topk_logprobs, add_tail=add_tail, alpha=alpha)
+    weighted = per_token if importance_weights is None else per_token * importance_weights
+    loss = masked_sequence_mean(weighted, mask).mean()
+    return loss, per_token
 
 
 @dataclass
@@ -449,14 +571,16 @@ class HindsightScores:
     """y scored under x (student) and x⊕o (teacher): what every SDPO loss and every signal display reads.
 
     Attributes:
-        student: the student's ``TokenScores`` (differentiable when scored with gradient; top-K when asked for).
-        teacher_logprobs: (B, T) log π(y_t|x⊕o), detached, zero on masked tokens.
-        teacher_gathered: (B, T, K) the teacher's log-probs at the student's top-K tokens, when asked for.
+        student: the student's ``TokenScores`` (differentiable when scored with gradient; entropy when asked for).
+        teacher_logprobs: (B, T) log π_teacher(y_t|x⊕o), detached, zero on masked tokens.
+        student_support / teacher_support: (B, T, K) both sides' log-probs on the top-K support (the student's or
+            the teacher's K most likely tokens, ``topk_from``), when a top-K was asked for.
     """
 
     student: TokenScores
     teacher_logprobs: torch.Tensor
-    teacher_gathered: torch.Tensor | None = None
+    student_support: torch.Tensor | None = None
+    teacher_support: torch.Tensor | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -479,36 +603,71 @@ def score_hindsight(
     teacher_batch: CompletionBatch,
     *,
     distillation_topk: int = 0,
+    topk_from: str = "student",
+    teacher=None,
     autocast_dtype: torch.dtype | None = None,
     temperature: float = 1.0,
     fp32_head: bool = True,
+    entropy: bool = False,
     timings: dict | None = None,
 ) -> HindsightScores:
     """The one SDPO scorer: y under x (with gradient unless the caller is in no_grad) and under x⊕o (no gradient).
 
     Training (``sdpo_loss``), the live chat's signal panel (through the updater's ``train_step``) and the signal
-    analysis all read A_t from here, so they show the same numbers at the same ``temperature``.
-    ``distillation_topk`` > 0 also returns the student's top-K and the teacher at those tokens. ``timings``, when
-    given, accumulates seconds under ``student_forward`` and ``teacher_forward``.
+    analysis all read A_t from here, so they show the same numbers at the same ``temperature``. ``teacher`` is a
+    ``sdpo.teachers.Teacher`` (None: the live teacher, ``model`` itself). ``distillation_topk`` > 0 also returns
+    both sides on the K most likely tokens of the student (``topk_from="student"``) or of the teacher; the teacher
+    is then read only at those K tokens and the sampled one. ``entropy`` asks for the student's next-token entropy.
+    ``timings``, when given, accumulates seconds under ``student_forward`` and ``teacher_forward``.
     """
+    if topk_from not in TOPK_SUPPORTS:
+        raise ValueError(f"unknown topk_from {topk_from!r}: use one of {list(TOPK_SUPPORTS)}")
     device = student_batch.input_ids.device
-    scoring = dict(temperature=temperature, fp32_head=fp32_head)
-    started = time.perf_counter()
-    with autocast_context(device, autocast_dtype):
-        student = score_completions(model, student_batch, topk=distillation_topk, **scoring)
-    after_student = time.perf_counter()
-    gather = None
+    scoring = {"temperature": temperature, "fp32_head": fp32_head}
+    sampled = student_batch.completion_ids.to(device).unsqueeze(-1)
+
+    def score_teacher(gather: torch.Tensor | None, topk: int) -> TokenScores:
+        started = time.perf_counter()
+        with (
+            torch.no_grad(),
+            autocast_context(device, autocast_dtype),
+            _teacher_scoring(teacher, model) as (teacher_model, blend),
+        ):
+            scores = score_completions(
+                teacher_model, teacher_batch, gather_indices=gather, topk=topk, blend=blend, **scoring
+            )
+        _add_time(timings, "teacher_forward", started)
+        return scores
+
+    def score_student(gather: torch.Tensor | None, topk: int) -> TokenScores:
+        started = time.perf_counter()
+        with autocast_context(device, autocast_dtype):
+            scores = score_completions(
+                model, student_batch, topk=topk, gather_indices=gather, entropy=entropy, **scoring
+            )
+        _add_time(timings, "student_forward", started)
+        return scores
+
+    if distillation_topk and topk_from == "teacher":
+        teacher_scores = score_teacher(sampled, distillation_topk)
+        student = score_student(teacher_scores.topk_indices, 0)
+        return HindsightScores(
+            student,
+            (teacher_scores.gathered_logprobs[..., 0] * student.mask).detach(),
+            student.gathered_logprobs,
+            teacher_scores.topk_logprobs,
+        )
+    student = score_student(None, distillation_topk)
     if distillation_topk:
-        gather = torch.cat([student.topk_indices, student_batch.completion_ids.unsqueeze(-1)], dim=-1)
-    with torch.no_grad(), autocast_context(device, autocast_dtype):
-        teacher = score_completions(model, teacher_batch, gather_indices=gather, **scoring)
-    if timings is not None:
-        timings["student_forward"] = timings.get("student_forward", 0.0) + after_student - started
-        timings["teacher_forward"] = timings.get("teacher_forward", 0.0) + time.perf_counter() - after_student
-    if distillation_topk:
-        return HindsightScores(student, teacher.gathered_logprobs[..., -1] * student.mask,
-                               teacher.gathered_logprobs[..., :-1])
-    return HindsightScores(student, teacher.logprobs.detach())
+        teacher_scores = score_teacher(torch.cat([student.topk_indices, sampled], dim=-1), 0)
+        return HindsightScores(
+            student,
+            (teacher_scores.gathered_logprobs[..., -1] * student.mask).detach(),
+            student.topk_logprobs,
+            teacher_scores.gathered_logprobs[..., :-1],
+        )
+    teacher_scores = score_teacher(None, 0)
+    return HindsightScores(student, (teacher_scores.logprobs * student.mask).detach())
 
 
 @dataclass
@@ -516,12 +675,14 @@ class SDPOLoss:
     """One batch's SDPO loss and what the callers log.
 
     Attributes:
-        loss: scalar to back-propagate.
-        student_logprobs / teacher_logprobs: (B, T) log π(y_t|x) and log π(y_t|x⊕o), detached.
+        loss: scalar to back-propagate (zero but attached to the graph when every token is masked).
+        student_logprobs / teacher_logprobs: (B, T) log π(y_t|x) and log π_teacher(y_t|x⊕o), detached.
         mask: (B, T) scored tokens.
-        advantages: (B, T) the per-token weights of ``simple_signal`` (clipped when asked); in
+        advantages: (B, T) the per-token weights of ``simple_signal`` (centred and clipped when asked); in
             ``full_distillation`` mode the raw signal.
-        kl_per_token: (B, T) detached per-position KL in ``full_distillation`` mode, else None.
+        kl_per_token: (B, T) detached per-position divergence in ``full_distillation`` mode, else None.
+        entropy: (B, T) the student's next-token entropy on y (detached), when asked for.
+        importance_weights: (B, T) the clipped importance weights applied, when ``is_clip`` was active.
         scores: the ``score_hindsight`` result the loss was computed from (``scores.signal`` = A_t).
     """
 
@@ -531,6 +692,8 @@ class SDPOLoss:
     mask: torch.Tensor
     advantages: torch.Tensor
     kl_per_token: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    importance_weights: torch.Tensor | None = None
     scores: HindsightScores | None = None
 
     @property
@@ -546,19 +709,25 @@ def sdpo_loss(
     loss_mode: str,
     distillation_topk: int = 20,
     distillation_add_tail: bool = True,
+    distillation_alpha: float = 1.0,
+    topk_from: str = "student",
     signal_clip: float = 0.0,
+    advantage_centering: str = "none",
+    is_clip: float = 0.0,
+    old_logprobs: torch.Tensor | None = None,
+    teacher=None,
     autocast_dtype: torch.dtype | None = None,
     temperature: float = 1.0,
     fp32_head: bool = True,
+    entropy: bool = False,
     timings: dict | None = None,
 ) -> SDPOLoss:
-    """Score y under x (with gradient) and x⊕o (same model, no gradient) with ``score_hindsight``, then apply
-    ``loss_mode``.
+    """Score y with ``score_hindsight`` (student with gradient, teacher without), then apply ``loss_mode``.
 
-    In ``full_distillation`` mode the teacher is read at the student's top-K tokens and at the
-    sampled token (for the signal), so only (B, T, K + 1) teacher values are kept. ``temperature`` and
-    ``fp32_head`` are passed to both ``score_completions`` calls. ``timings``, when given, accumulates
-    seconds under ``student_forward`` and ``teacher_forward``.
+    ``teacher``, ``topk_from``, ``temperature``, ``fp32_head``, ``entropy`` and ``timings`` are passed to the
+    scorer. In ``full_distillation`` mode the divergence (``distillation_alpha``: 1 reverse KL, 0 forward KL, in
+    between the generalised JSD) is taken on the top-K support with or without the tail bucket. ``is_clip`` > 0 with
+    ``old_logprobs`` (B, T) weights each token's loss by min(π/π_old, is_clip).
     """
     if loss_mode not in LOSS_MODES:
         raise ValueError(f"unknown loss_mode {loss_mode!r}: use one of {list(LOSS_MODES)}")
@@ -568,24 +737,62 @@ def sdpo_loss(
         student_batch,
         teacher_batch,
         distillation_topk=distillation_topk if distill else 0,
+        topk_from=topk_from,
+        teacher=teacher,
         autocast_dtype=autocast_dtype,
         temperature=temperature,
         fp32_head=fp32_head,
+        entropy=entropy,
         timings=timings,
     )
     student, teacher_logprobs, mask = scores.student, scores.teacher_logprobs, scores.mask
+    weights = None
+    if is_clip > 0 and old_logprobs is not None:
+        weights = clipped_importance_weights(student.logprobs, old_logprobs.to(mask.device), is_clip) * mask
     if distill:
         loss, kl_per_token = full_distillation_loss(
-            student.topk_logprobs, scores.teacher_gathered, mask, add_tail=distillation_add_tail
+            scores.student_support,
+            scores.teacher_support,
+            mask,
+            add_tail=distillation_add_tail,
+            alpha=distillation_alpha,
+            importance_weights=weights,
         )
         advantages = scores.signal
-        kl_per_token = kl_per_token.detach()
+        kl_per_token = kl_per_token.detach() * mask
     else:
-        loss, advantages = simple_signal_loss(student.logprobs, teacher_logprobs, mask, signal_clip=signal_clip)
+        loss, advantages = simple_signal_loss(
+            student.logprobs,
+            teacher_logprobs,
+            mask,
+            signal_clip=signal_clip,
+            advantage_centering=advantage_centering,
+            importance_weights=weights,
+        )
         kl_per_token = None
     return SDPOLoss(
-        loss, student.logprobs.detach(), teacher_logprobs.detach(), mask, advantages, kl_per_token, scores
+        loss,
+        student.logprobs.detach(),
+        teacher_logprobs,
+        mask,
+        advantages,
+        kl_per_token,
+        entropy=student.entropy,
+        importance_weights=weights,
+        scores=scores,
     )
+
+
+def _teacher_scoring(teacher, model):
+    """The teacher's scoring context (yields the network to run and an optional ``LogitBlend``); live when None."""
+    if teacher is None:
+        return nullcontext((model, None))
+    return teacher.scoring(model)
+
+
+def _add_time(timings: dict | None, phase: str, started: float) -> None:
+    if timings is not None:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - started
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

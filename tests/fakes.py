@@ -325,23 +325,30 @@ class FakeLLM:
     """Stands in for ``vllm.LLM`` (vLLM >= 0.11): the ``chat`` and ``generate`` entry points the
     backend calls, with their signatures, returning ``RequestOutput``-shaped objects; records calls.
 
-    ``reply(prompt)`` gives the text for one conversation (chat) or token prompt (generate).
+    ``reply(prompt)`` gives the text for one conversation (chat) or token prompt (generate); with a
+    ``tokenizer`` each output also carries that text's token ids (finish reason "length"), as vLLM's do.
     """
 
-    def __init__(self, reply: Callable[[object], str] = lambda prompt: " reply "):
+    def __init__(self, reply: Callable[[object], str] = lambda prompt: " reply ", tokenizer=None):
         self.reply = reply
+        self.tokenizer = tokenizer
         self.calls: list[tuple] = []
 
-    @staticmethod
-    def _outputs(texts: list[str]) -> list:
-        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=t)]) for t in texts]
+    def _outputs(self, texts: list[str]) -> list:
+        def completion(text: str):
+            if self.tokenizer is None:
+                return types.SimpleNamespace(text=text)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return types.SimpleNamespace(text=text, token_ids=ids, finish_reason="length")
+
+        return [types.SimpleNamespace(outputs=[completion(t)]) for t in texts]
 
     def chat(self, messages, sampling_params=None, use_tqdm=True, *, chat_template_kwargs=None):
         self.calls.append(("chat", messages, sampling_params, chat_template_kwargs))
         return self._outputs([self.reply(m) for m in messages])
 
-    def generate(self, prompts, sampling_params=None, *, use_tqdm=True):
-        self.calls.append(("generate", prompts, sampling_params, None))
+    def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None):
+        self.calls.append(("generate", prompts, sampling_params, lora_request))
         return self._outputs([self.reply(p) for p in prompts])
 
 

@@ -4,10 +4,13 @@ model, the vLLM backend with a stand-in engine, TokenBudget."""
 
 import logging
 import re
+import sys
 import types
 
 import pytest
 
+from auxiliary.claude_style_judge import ClaudeStyleJudge
+from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
 from sdpo.chat.backends import (
     AnthropicBackend,
     BackendError,
@@ -17,8 +20,6 @@ from sdpo.chat.backends import (
     VLLMChatBackend,
     _share_fairly,
 )
-from auxiliary.claude_style_judge import ClaudeStyleJudge
-from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
 from sdpo.models.generation import SamplingParams, encode_chat
 from tests.fakes import (
     FakeAnthropicServer,
@@ -409,12 +410,29 @@ def test_vllm_chat_path_is_one_batched_call(fake_vllm):
 
 
 def test_vllm_token_path_matches_hf_rendering(fake_vllm, chat_tokenizer):
-    llm = FakeLLM()
+    llm = FakeLLM(tokenizer=chat_tokenizer)
     backend = VLLMChatBackend(llm, tokenizer=chat_tokenizer, max_input_tokens=16)
     backend.generate([conversation("hello " * 50)], SamplingParams(max_new_tokens=3, top_k=5))
     kind, prompts, params, _ = llm.calls[0]
     assert kind == "generate" and params.top_k == 5
     assert prompts == [{"prompt_token_ids": encode_chat(chat_tokenizer, conversation("hello " * 50))[-16:]}]
+
+
+def test_vllm_token_path_returns_the_text_of_the_sampled_ids_and_swaps_adapters(fake_vllm, chat_tokenizer, tmp_path, monkeypatch):
+    lora = types.ModuleType("vllm.lora.request")
+    lora.LoRARequest = lambda name, id_, path: (id_, path)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
+    llm = FakeLLM(reply=lambda prompt: " Blue, mostly. ", tokenizer=chat_tokenizer)
+    backend = VLLMChatBackend(llm, tokenizer=chat_tokenizer)
+    sampling = SamplingParams(max_new_tokens=8)
+    assert backend.generate([conversation("sky?")], sampling) == ["Blue, mostly."]
+    backend.use_adapter(tmp_path / "a")
+    backend.generate([conversation("sky?")], sampling)
+    backend.use_adapter(tmp_path / "a")  # the same folder: no reload
+    backend.use_adapter(tmp_path / "b")
+    backend.generate([conversation("sky?")], sampling)
+    assert [call[3] for call in llm.calls] == [None, (1, str(tmp_path / "a")), (2, str(tmp_path / "b"))]
 
 
 def test_vllm_needs_tokenizer_for_truncation():

@@ -31,8 +31,25 @@ def prompt_file(tmp_path):
 
 def cli(model, prompt_file, eval_dir, *extra):
     return [
-        "--model", model, "--val_jsonl", str(prompt_file), "--eval_n", "3", "--styles", *STYLES, "--judge_backend", "rule",
-        "--max_new_tokens", "8", "--device", "cpu", "--dtype", "float32", "--eval_dir", str(eval_dir), *extra,
+        "--model",
+        model,
+        "--val_jsonl",
+        str(prompt_file),
+        "--eval_n",
+        "3",
+        "--styles",
+        *STYLES,
+        "--judge_backend",
+        "rule",
+        "--max_new_tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--eval_dir",
+        str(eval_dir),
+        *extra,
     ]
 
 
@@ -52,7 +69,12 @@ def test_oracle_against_baseline_per_style(tiny_model_path, chat_tokenizer, prom
     assert set(results) == {"meta", "results", "oracle_avg_lens", "oracle_gen_time_s"}
     meta = results["meta"]
     assert meta["method"] == "incontext_oracle" and meta["model"] == tiny_model_path and meta["styles"] == STYLES
-    assert meta["eval_n"] == 3 and meta["seed"] == 1234 and meta["judge_model"] == "rule-based" and meta["baseline_avg_completion_len"] > 0
+    assert (
+        meta["eval_n"] == 3
+        and meta["seed"] == 1234
+        and meta["judge_model"] == "rule-based"
+        and meta["baseline_avg_completion_len"] > 0
+    )
     assert list(results["results"]) == STYLES and list(results["oracle_avg_lens"]) == STYLES
     for metrics in results["results"].values():
         assert METRIC_KEYS <= set(metrics) and metrics["n"] == 3
@@ -80,7 +102,17 @@ def test_a_local_hf_judge_model_judges_every_style(tiny_model_path, prompt_file,
     """--judge_backend hf --judge_model <path>: the participants' local-model judge (the random tiny model
     writes no verdict line, so every verdict is unparsed and counted)."""
     out = tmp_path / "eval"
-    args = cli(tiny_model_path, prompt_file, out, "--judge_model", tiny_model_path, "--judge_device", "cpu", "--judge_dtype", "float32")
+    args = cli(
+        tiny_model_path,
+        prompt_file,
+        out,
+        "--judge_model",
+        tiny_model_path,
+        "--judge_device",
+        "cpu",
+        "--judge_dtype",
+        "float32",
+    )
     args[args.index("--judge_backend") + 1] = "hf"
     args[args.index("--eval_n") + 1] = "1"
     assert eval_incontext_oracle.main(args) == 0
@@ -97,7 +129,12 @@ def test_policy_on_a_vllm_engine_on_gen_gpu(tiny_model_path, chat_tokenizer, pro
     engines = []
 
     def start_engine(**kwargs):
-        engine = FakeLLM(reply=lambda prompt: "Plain answer." if "USER PROFILE" not in chat_tokenizer.decode(prompt["prompt_token_ids"]) else "Short.")
+        engine = FakeLLM(
+            reply=lambda prompt: (
+                "Plain answer." if "USER PROFILE" not in chat_tokenizer.decode(prompt["prompt_token_ids"]) else "Short."
+            ),
+            tokenizer=chat_tokenizer,
+        )
         engine.kwargs, engine.visible_devices = kwargs, os.environ.get("CUDA_VISIBLE_DEVICES")
         engines.append(engine)
         return engine
@@ -110,14 +147,29 @@ def test_policy_on_a_vllm_engine_on_gen_gpu(tiny_model_path, chat_tokenizer, pro
     assert engine.kwargs["model"] == tiny_model_path and engine.kwargs["tensor_parallel_size"] == 1
     assert [len(prompts) for _, prompts, _, _ in engine.calls] == [3, 3, 3]
     results = json.loads((out / "incontext_oracle_1.json").read_text())
-    assert results["meta"]["use_vllm"] is True and results["meta"]["baseline_avg_completion_len"] == len("Plain answer.")
+    assert results["meta"]["use_vllm"] is True and results["meta"]["baseline_avg_completion_len"] == len(
+        "Plain answer."
+    )
     assert results["oracle_avg_lens"] == {style: len("Short.") for style in STYLES}
 
 
 @pytest.mark.parametrize("backend", ["vllm", "hf", "openai", "anthropic", "rule"])
-def test_judge_flags_map_onto_the_participant_flags(backend):
-    args = eval_incontext_oracle.parse_args(["--judge_backend", backend, "--judge_gpu_start", "1", "--judge_tp", "2", "--openai_base_url", "http://h/v1"])
-    mapped = eval_incontext_oracle.judge_config(args)
+def test_judge_flags_are_the_participant_flags(backend, prompt_file):
+    args, judges = eval_incontext_oracle.parse_arguments(
+        [
+            "--val_jsonl",
+            str(prompt_file),
+            "--judge_backend",
+            backend,
+            "--judge_gpu_start",
+            "1",
+            "--judge_tp",
+            "2",
+            "--openai_base_url",
+            "http://h/v1",
+        ]
+    )
+    mapped = eval_incontext_oracle.judge_config(args, judges)
     assert mapped.user_styles == ()  # no simulated user
     if backend in ("vllm", "hf"):  # a local judge model = the participants' user-model judge
         assert mapped.judge_backend == "user" and mapped.user_backend == backend
@@ -125,17 +177,36 @@ def test_judge_flags_map_onto_the_participant_flags(backend):
         assert (mapped.user_vllm_gpu_start, mapped.user_vllm_tp) == (1, 2)
     else:
         assert mapped.judge_backend == backend
-    expected_model = "claude-haiku-4-5-20251001" if backend == "anthropic" else "Qwen/Qwen3-32B"
-    assert mapped.judge_model == expected_model and mapped.openai_base_url == "http://h/v1"
+    if backend != "rule":  # a rule judge has no model
+        assert mapped.judge_model == ("claude-haiku-4-5-20251001" if backend == "anthropic" else "Qwen/Qwen3-32B")
+    assert mapped.openai_base_url == "http://h/v1"
+
+
+def test_the_reference_judge_is_the_default(prompt_file):
+    args, judges = eval_incontext_oracle.parse_arguments(["--val_jsonl", str(prompt_file)])
+    mapped = eval_incontext_oracle.judge_config(args, judges)
+    assert (mapped.user_backend, mapped.judge_backend, mapped.user_model) == ("vllm", "user", "Qwen/Qwen3-32B")
 
 
 @pytest.mark.parametrize(("backend", "judge_type"), [("rule", RuleBasedJudge), ("openai", LLMStyleJudge)])
-def test_keyless_judges_build_without_an_anthropic_key(backend, judge_type, monkeypatch):
+def test_keyless_judges_build_without_an_anthropic_key(backend, judge_type, prompt_file, monkeypatch):
     """No simulated user is needed: the unused one is built on the judge's backend, so no Claude key is asked for."""
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
-    args = eval_incontext_oracle.parse_args(["--judge_backend", backend, "--judge_model", "served", "--openai_base_url", "http://h/v1"])
-    args.styles = STYLES
-    participants = build_participants(eval_incontext_oracle.judge_config(args))
+    args, judges = eval_incontext_oracle.parse_arguments(
+        [
+            "--val_jsonl",
+            str(prompt_file),
+            "--judge_backend",
+            backend,
+            "--judge_model",
+            "served",
+            "--openai_base_url",
+            "http://h/v1",
+            "--styles",
+            *STYLES,
+        ]
+    )
+    participants = build_participants(eval_incontext_oracle.judge_config(args, judges))
     assert list(participants.judges) == STYLES and all(isinstance(j, judge_type) for j in participants.judges.values())
 
 
@@ -171,11 +242,25 @@ def test_script_default_is_the_reference_gpu_setup():
 
 
 def test_script_env_overrides_and_extra_arguments(tmp_path):
-    env = {"MODEL": "Qwen/Qwen3-4B", "JUDGE_MODEL": "judge", "EVAL_N": "10", "STYLES": "no_emojis short", "DATA_DIR": "/d",
-           "BASE_WORK": str(tmp_path / "work")}
-    argv = dry_run_argv("eval_incontext_oracle.sh", "--max_new_tokens", "64", "--dry-run", "--run_name", "with space", env=env)
-    assert values(argv, "--model") == "Qwen/Qwen3-4B" and values(argv, "--judge_model") == "judge" and values(argv, "--eval_n") == "10"
-    assert values(argv, "--styles", 2) == ["no_emojis", "short"] and values(argv, "--val_jsonl") == "/d/validation.jsonl"
+    env = {
+        "MODEL": "Qwen/Qwen3-4B",
+        "JUDGE_MODEL": "judge",
+        "EVAL_N": "10",
+        "STYLES": "no_emojis short",
+        "DATA_DIR": "/d",
+        "BASE_WORK": str(tmp_path / "work"),
+    }
+    argv = dry_run_argv(
+        "eval_incontext_oracle.sh", "--max_new_tokens", "64", "--dry-run", "--run_name", "with space", env=env
+    )
+    assert (
+        values(argv, "--model") == "Qwen/Qwen3-4B"
+        and values(argv, "--judge_model") == "judge"
+        and values(argv, "--eval_n") == "10"
+    )
+    assert (
+        values(argv, "--styles", 2) == ["no_emojis", "short"] and values(argv, "--val_jsonl") == "/d/validation.jsonl"
+    )
     assert argv[-4:] == ["--max_new_tokens", "64", "--run_name", "with space"]
     assert not (tmp_path / "work").exists(), "dry-run must create nothing"
 
@@ -187,3 +272,17 @@ def test_script_cpu_preset():
     assert values(argv, "--device") == "cpu" and values(argv, "--eval_n") == "16"
     assert values(argv, "--val_jsonl").endswith("data/mtbench_prompts/validation.jsonl")
     assert "--use_vllm" not in argv and "--judge_model" not in argv
+
+
+@pytest.mark.parametrize("preset", ["", "cpu"])
+def test_the_scripts_commands_parse(preset, prompt_file, tmp_path):
+    """Both presets' command lines are valid settings (the GPU one keeps the reference's vLLM Qwen3-32B judge)."""
+    env = {"PRESET": preset, "DATA_DIR": str(prompt_file.parent), "OUTPUT_DIR": str(tmp_path / "out")}
+    argv = dry_run_argv("eval_incontext_oracle.sh", "--dry-run", env=env)
+    args, judges = eval_incontext_oracle.parse_arguments(argv[2:])
+    mapped = eval_incontext_oracle.judge_config(args, judges)
+    if preset == "cpu":
+        assert mapped.judge_backend == "rule" and args.device == "cpu"
+    else:
+        assert (mapped.user_backend, mapped.judge_backend, mapped.user_model) == ("vllm", "user", "Qwen/Qwen3-32B")
+        assert args.use_vllm and args.model_name_or_path == "Qwen/Qwen3-8B"

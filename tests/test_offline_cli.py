@@ -71,7 +71,7 @@ def test_defaults_follow_the_reference(tmp_path, monkeypatch):
     assert (config.learning_rate, config.per_device_train_batch_size, config.gradient_accumulation_steps) == (
         2e-6,
         4,
-        8,
+        2,
     )
     assert (config.num_train_epochs, config.report_to, config.project) == (2.0, ["wandb"], "offline-sdpo")
     assert config.output_dir == "./local_checkpoints" and config.activation_checkpointing

@@ -218,7 +218,7 @@ def test_metrics_are_window_means_and_reset(chat_tokenizer, tmp_path):
         "signal_mean",
         "signal_std",
         "policy_logp",
-        "critic_logp",
+        "teacher_logp",
         "len_signal_mean",
         "base_loss",
         "eos_logp_mean",
@@ -226,7 +226,7 @@ def test_metrics_are_window_means_and_reset(chat_tokenizer, tmp_path):
         assert logged[f"sdpo/{name}"] == pytest.approx((per_batch[0][name] + per_batch[1][name]) / 2, rel=1e-5)
     assert "sdpo/kl_mean" not in logged  # simple_signal mode has no KL
     assert logged["sdpo/signal_mean"] == pytest.approx(
-        logged["sdpo/critic_logp"] - logged["sdpo/policy_logp"], abs=1e-5
+        logged["sdpo/teacher_logp"] - logged["sdpo/policy_logp"], abs=1e-5
     )
     assert trainer.reduced_metrics() == {}
 
@@ -348,7 +348,7 @@ def test_single_process_run_saves_a_loadable_final_model(tiny_model_path, tmp_pa
     trained, initial = weights(final), weights(tiny_model_path)
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)
     state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
-    assert {"sdpo/signal_mean", "sdpo/policy_logp", "sdpo/critic_logp", "sdpo/eos_logp_mean"} <= set(
+    assert {"sdpo/signal_mean", "sdpo/policy_logp", "sdpo/teacher_logp", "sdpo/eos_logp_mean"} <= set(
         state["log_history"][0]
     )
     assert json.loads((tmp_path / "train_summary.json").read_text())["global_step"] == 3
@@ -512,9 +512,9 @@ def test_dry_run_defaults_follow_the_reference(tmp_path):
         flag(argv, "--per_device_train_batch_size"),
         flag(argv, "--gradient_accumulation_steps"),
         flag(argv, "--num_train_epochs"),
-    ) == ("Qwen/Qwen3-4B", "2e-6", "4", "8", "2")
+    ) == ("Qwen/Qwen3-4B", "2e-6", "4", "2", "2")
     assert flag(argv, "--output_dir") == "/scratch/me/offline-sdpo/offline-sdpo-test"
-    assert flag(argv, "--run_name") == "sdpo-Qwen-Qwen3-4B-lr2e-6-bs4-ga8"
+    assert flag(argv, "--run_name") == "sdpo-Qwen-Qwen3-4B-lr2e-6-bs4-ga2"
     assert flag(argv, "--project") == "offline-sdpo"
     assert not Path("/scratch/me/offline-sdpo").exists()
 
@@ -594,9 +594,11 @@ def test_sharded_configs_are_refused_on_cpu_with_one_line(config):
     result, argv = dry_run("--dry-run", TRAIN_JSONL="t.jsonl", CPU="1", WORLD_SIZE="2", ACCELERATE_CONFIG=str(path))
     assert result.returncode == 1 and argv is None
     assert result.stderr.strip().splitlines() == [
-        f"error: ACCELERATE_CONFIG={path} asks for {'FSDP' if config == 'fsdp.yaml' else 'DeepSpeed'}, which "
-        "accelerate runs only on GPUs (CPU processes would silently run plain DDP): unset ACCELERATE_CONFIG "
-        "(CPU=1 trains with DDP over gloo) or run on GPUs"
+        (
+            f"error: ACCELERATE_CONFIG={path} asks for {'FSDP' if config == 'fsdp.yaml' else 'DeepSpeed'}, which "
+            "accelerate runs only on GPUs (CPU processes would silently run plain DDP): unset ACCELERATE_CONFIG "
+            "(CPU=1 trains with DDP over gloo) or run on GPUs"
+        )
     ]
 
 

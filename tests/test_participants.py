@@ -1,29 +1,26 @@
 """Flag → simulated user and judges, with the reference's auto rules; vLLM policy engine on a fake engine."""
 
-import argparse
-
 import pytest
 
 from auxiliary.claude_style_judge import ClaudeStyleJudge
 from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
 from sdpo.models.generation import SamplingParams
 from sdpo.personas.participants import (
+    ParticipantsArguments,
     ParticipantsConfig,
     ParticipantsError,
-    add_participant_arguments,
     build_participants,
-    style_name,
 )
 from sdpo.personas.rule_based_user import RuleBasedJudge, RuleBasedUserSimulator
 from sdpo.personas.style_judge import LLMStyleJudge
 from sdpo.personas.user_simulator import LLMUserSimulator
+from sdpo.utils.command_line import ConfigParser
 from tests.fakes import FakeOpenAIServer, Reply
 
 
-def parse(*argv):
-    parser = argparse.ArgumentParser()
-    add_participant_arguments(parser)
-    return parser.parse_args(list(argv))
+def parse(*argv) -> ParticipantsArguments:
+    (arguments,) = ConfigParser(ParticipantsArguments).parse(list(argv))
+    return arguments
 
 
 def config(*argv, user_styles=("no_emojis",), judge_styles=("no_emojis",)) -> ParticipantsConfig:
@@ -40,9 +37,6 @@ def test_auto_rules_follow_the_reference():
 
 
 def test_style_names_are_canonical_once_parsed():
-    assert style_name("answer_direclty_reduce_formatting") == "answer_directly_reduce_formatting"
-    with pytest.raises(argparse.ArgumentTypeError, match="unknown style 'pirate'"):
-        style_name("pirate")
     assert config(judge_styles=("short", "no_lists", "short")).judge_styles == ("short", "no_lists")
 
 

@@ -166,7 +166,7 @@ def test_claude_judge_against_fake_api():
 
 def test_vllm_judge_with_fake_engine(monkeypatch, chat_tokenizer):
     install_fake_vllm(monkeypatch)
-    llm = FakeLLM(reply=lambda prompt: "Judgement: A")
+    llm = FakeLLM(reply=lambda prompt: "Judgement: A", tokenizer=chat_tokenizer)
     judge = VLLMStyleJudge(llm, chat_tokenizer, "no_emojis")
     assert judge.choose_batch_generated(["p", "q"], ["a1", "a2"], ["b1", "b2"]) == [-1, -1]  # always slot A
     assert len(llm.calls) == 1 and len(llm.calls[0][1]) == 4

@@ -148,7 +148,7 @@ def test_claude_simulator_against_fake_api():
 
 def test_vllm_simulator_with_fake_engine(monkeypatch, chat_tokenizer):
     install_fake_vllm(monkeypatch)
-    llm = FakeLLM(reply=lambda prompt: " No emojis, please. ")
+    llm = FakeLLM(reply=lambda prompt: " No emojis, please. ", tokenizer=chat_tokenizer)
     simulator = VLLMStyleUserSimulator(llm, chat_tokenizer, "no_emojis")
     assert simulator.generate_feedback(["q1", "q2"], ["a1", "a2"]) == ["No emojis, please."] * 2
     assert len(llm.calls) == 1

@@ -59,7 +59,7 @@ def test_vllm_policy_engine_follows_the_adapter_and_keeps_exact_ids(fake_policy_
     engine.load_adapter(tmp_path / "a")
     engine.load_adapter(tmp_path / "a")
     engine.generate([[1]], sampling, [eos])
-    assert engine.llm.calls[-1][2] == ("policy_v2", 2, str(tmp_path / "a"))
+    assert engine.llm.calls[-1][2] == ("adapter_v2", 2, str(tmp_path / "a"))
 
 
 def test_updater_generates_with_vllm_and_publishes_each_update(fake_policy_vllm, tiny_model_path, tmp_path):

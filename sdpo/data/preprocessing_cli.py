@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -33,7 +32,8 @@ from sdpo.data.conversations import (
     normalize_conversation,
 )
 from sdpo.data.data_sources import DataError
-from sdpo.utils.command_line import UsageError, mask_secrets
+from sdpo.utils import file_io
+from sdpo.utils.command_line import ConfigParser, UsageError, mask_secrets
 from sdpo.utils.env_file import load_project_env
 from sdpo.utils.file_io import write_json_atomic, write_jsonl_atomic
 from sdpo.data.interaction_schema import Interaction, Message
@@ -49,14 +49,14 @@ class PreprocessError(DataError):
 def cli_entry(main: Callable[[Sequence[str] | None], None]) -> Callable[[Sequence[str] | None], int]:
     """Wrap a script's ``main(argv)``: bad input data (``DataError``, text that is not UTF-8), or a file
     that cannot be read or written (missing folder, permissions, disk full), becomes one ``error:`` line
-    on stderr and exit status 1, without a traceback."""
+    on stderr and exit status 1, without a traceback; a bad command line is one ``error:`` line and exit status 2."""
 
     @functools.wraps(main)
     def wrapped(argv: Sequence[str] | None = None) -> int:
         try:
             load_project_env()  # HF_TOKEN for gated datasets, as the scripts read it
             main(argv)
-        except UsageError as error:  # a .env that is not text
+        except UsageError as error:  # a bad command line, or a .env that is not text
             print(f"error: {error}", file=sys.stderr)
             return 2
         except (DataError, OSError) as error:
@@ -75,25 +75,9 @@ def cli_entry(main: Callable[[Sequence[str] | None], None]) -> Callable[[Sequenc
 # --------------------------------------------------------------------------------------------------
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the module docstring's layout and appends each flag's default when it has one."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.option_strings and not any(action.default is unset for unset in (None, False, argparse.SUPPRESS)):
-            text += " (default: %(default)s)"
-        return text
-
-
-class ScriptParser(argparse.ArgumentParser):
-    """argparse with the one-line error path of the scripts: ``error: ...`` on stderr, exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def make_parser(description: str | None) -> argparse.ArgumentParser:
-    return ScriptParser(description=description, formatter_class=HelpFormatter)
+def make_parser(description: str | None) -> ConfigParser:
+    """A plain-mode ``ConfigParser``: a bad flag raises one ``UsageError`` line, which ``cli_entry`` prints (exit 2)."""
+    return ConfigParser(description=description)
 
 
 def positive_int(text: str) -> int:
@@ -168,17 +152,11 @@ def add_history_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_output_folder(out_dir: str) -> Path:
-    """``--out_dir``, refused before any work when it is a file or its nearest existing folder is not
-    writable; nothing is created yet (a run that fails later leaves no empty folder)."""
-    path = Path(out_dir)
-    if path.exists() and not path.is_dir():
-        raise PreprocessError(f"--out_dir {path} is a file; pass a folder")
-    existing = next(folder for folder in (path, *path.parents) if folder.exists())
-    if not existing.is_dir():
-        raise PreprocessError(f"--out_dir {path}: {existing} is a file; pass a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PreprocessError(f"--out_dir {path}: {existing} is not writable; pass a writable folder")
-    return path
+    """``--out_dir`` checked by the shared ``file_io.check_output_folder`` (nothing created), as a ``PreprocessError``."""
+    try:
+        return file_io.check_output_folder(out_dir)
+    except file_io.OutputFolderError as error:
+        raise PreprocessError(str(error)) from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -328,6 +328,14 @@ def next_run_index(directory: str | os.PathLike, run_name: str) -> int:
     return index
 
 
+def numbered_results_paths(directory: str | os.PathLike, run_name: str) -> tuple[Path, Path]:
+    """``<run_name>_<idx>.json`` and ``<run_name>_completions_<idx>.json`` in ``directory`` (``next_run_index``):
+    the results files of the standalone evaluations."""
+    directory = Path(directory)
+    index = next_run_index(directory, run_name)
+    return directory / f"{run_name}_{index}.json", directory / f"{run_name}_completions_{index}.json"
+
+
 def write_completions_snapshot(
     path: str | os.PathLike,
     evaluations: Sequence[dict],

@@ -23,7 +23,7 @@ def oracle_system_prompt(style: str) -> str:
     """The oracle's system message: the assistant role, then the user's persona, then what to do with it."""
     return (
         "You are a helpful assistant. Before this conversation started, the person you are talking to "
-        "described how they like replies to be written. Their own description follows; in it, \"you\" "
+        'described how they like replies to be written. Their own description follows; in it, "you" '
         "means them, not you.\n\n"
         f"{get_persona(style)}\n\n"
         "Answer their request, and shape the reply to these preferences: its length, tone, wording, "

@@ -38,6 +38,7 @@ from matplotlib.patches import FancyBboxPatch
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import Affine2D
 
+from sdpo.evaluation.diagnostics import draw_diagnostics, has_diagnostics
 from sdpo.utils.file_io import replace_atomically
 
 SECONDARY_PREFIX = "secondary_"
@@ -254,8 +255,10 @@ def plot_winrate(
     ordered = list(dict.fromkeys([*styles, *oracle, *(style for _, style in switch_points)]))
     colors = {style: palette[index % len(palette)] for index, style in enumerate(ordered)}
 
-    figure = Figure(figsize=(11, 6.2), layout="constrained")
-    axes, coverage_axes = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    diagnostics = has_diagnostics(eval_history)  # a third panel: collapse diagnostics (sdpo.evaluation.diagnostics)
+    figure = Figure(figsize=(11, 7.8 if diagnostics else 6.2), layout="constrained")
+    panels = figure.subplots(3 if diagnostics else 2, 1, sharex=True, height_ratios=[3, 1, 1.4][: 3 if diagnostics else 2])
+    axes, coverage_axes = panels[0], panels[1]
     reference = axes.axhline(50.0, color="grey", linewidth=1, linestyle=(0, (1, 3)), label="50% = no preference")
 
     xs = sorted({_interaction(entry) for entry in eval_history})
@@ -351,8 +354,10 @@ def plot_winrate(
     coverage_axes.set_ylim(-5, 105)
     coverage_axes.set_yticks([0, 50, 100])
     coverage_axes.set_ylabel("decided\npairs (%)")
-    coverage_axes.set_xlabel("interactions")
     coverage_axes.grid(alpha=0.3)
+    if diagnostics:
+        draw_diagnostics(panels[2], eval_history)
+    panels[-1].set_xlabel("interactions")
     figure.legend(handles=handles, loc="outside right upper", fontsize="small", frameon=False)
     if title:
         axes.set_title(title)

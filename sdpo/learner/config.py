@@ -12,8 +12,15 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 
-from sdpo.core import HINDSIGHT_ONLINE_TEMPLATE, LOSS_MODES, check_hindsight_template
+from sdpo.core import (
+    ADVANTAGE_CENTERINGS,
+    HINDSIGHT_ONLINE_TEMPLATE,
+    LOSS_MODES,
+    TOPK_SUPPORTS,
+    check_hindsight_template,
+)
 from sdpo.models.model_loading import DTYPES, concrete_dtype
+from sdpo.teachers import resolve_teacher_kind
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +69,105 @@ class SDPOLossConfig:
         default=0.0, metadata={"help": "Clip A_t to ±signal_clip in simple_signal mode; 0 disables clipping."}
     )
     ignore_first_k: int = field(default=0, metadata={"help": "Leave the first k completion tokens out of the loss."})
+    distillation_alpha: float = field(
+        default=1.0,
+        metadata={
+            "help": "Divergence of full_distillation: 1 reverse KL(student || teacher) (the paper's Eq. 2), 0 forward "
+            "KL(teacher || student), in between the generalised Jensen-Shannon divergence with mixture weight alpha "
+            "(lasgroup/SDPO uses 0.5). Same values as TRL's distillation_alpha.",
+            "aliases": ["--alpha"],
+        },
+    )
+    topk_from: str = field(
+        default="student",
+        metadata={
+            "help": "Whose K most likely tokens form the top-K support of full_distillation: student (the "
+            "reference, TRL's local top-K) or teacher (TRL's teacher-server top-K).",
+            "choices": list(TOPK_SUPPORTS),
+        },
+    )
+    is_clip: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight each token's loss by min(pi/pi_old, is_clip), pi_old = the policy that sampled y (before "
+            "this interaction's first update), as TRL's distillation_is_clip and lasgroup/SDPO's is_clip (both 2). "
+            "Acts only when train_steps_per_example > 1 (the first pass has pi = pi_old); offline, where the logged y "
+            "came from an unknown policy, there is no pi_old and it never acts. 0 disables.",
+            "aliases": ["--distillation_is_clip"],
+        },
+    )
+    advantage_centering: str = field(
+        default="none",
+        metadata={
+            "help": "simple_signal only: sequence subtracts from each A_t its sequence's mean over scored tokens "
+            "before signal_clip (what the code behind the paper's figures did); none keeps the sign of A_t as the "
+            "signal (the paper's equations).",
+            "choices": list(ADVANTAGE_CENTERINGS),
+        },
+    )
+    teacher: str = field(
+        default="live",
+        metadata={
+            "help": "Who scores y under x+o: live (the current network, recomputed every step; the paper), ema (an "
+            "exponential moving average of the student: a second LoRA adapter, or a weight copy in the compute "
+            "dtype), base (the frozen initial network: LoRA off, or a copy), trust_region (logits (1-mix) z_base + "
+            "mix z_current, lasgroup/SDPO; also spelled trust-region). TRL calls it teacher_model_kind.",
+            "aliases": ["--teacher_model_kind", "--teacher_regularization"],
+        },
+    )
+    teacher_ema_rate: float = field(
+        default=0.05,
+        metadata={
+            "help": "EMA teacher: theta_T <- (1 - rate) theta_T + rate theta_S at each sync (TRL's "
+            "teacher_update_rate, lasgroup/SDPO's 0.05).",
+            "aliases": ["--teacher_update_rate"],
+        },
+    )
+    teacher_sync_interval: int = field(
+        default=1,
+        metadata={
+            "help": "EMA teacher: optimizer steps between syncs (TRL's teacher_sync_steps).",
+            "aliases": ["--teacher_sync_steps"],
+        },
+    )
+    trust_region_mix: float = field(
+        default=0.05,
+        metadata={
+            "help": "trust_region teacher: weight of the current model's logits (0 = base, 1 = live; lasgroup/SDPO "
+            "reuses its teacher_update_rate, 0.05)."
+        },
+    )
 
     def __post_init__(self):
         if self.loss_mode not in LOSS_MODES:
             raise ValueError(f"unknown loss_mode {self.loss_mode!r}: use one of {list(LOSS_MODES)}")
-        check_ranges(self, non_negative=("signal_clip", "ignore_first_k"), at_least_one=("distillation_topk",))
+        check_ranges(
+            self,
+            non_negative=("signal_clip", "ignore_first_k", "is_clip"),
+            at_least_one=("distillation_topk", "teacher_sync_interval"),
+        )
+        self.teacher = resolve_teacher_kind(self.teacher)
+        for name in ("distillation_alpha", "teacher_ema_rate", "trust_region_mix"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"--{name} must be in [0, 1], got {value}")
+        if self.teacher == "ema" and self.teacher_ema_rate == 0:
+            raise ValueError("--teacher_ema_rate must be > 0 for teacher=ema (0 freezes it: use --teacher base)")
+        if self.topk_from not in TOPK_SUPPORTS:
+            raise ValueError(f"unknown topk_from {self.topk_from!r}: use one of {list(TOPK_SUPPORTS)}")
+        if self.advantage_centering not in ADVANTAGE_CENTERINGS:
+            raise ValueError(
+                f"unknown advantage_centering {self.advantage_centering!r}: use one of {list(ADVANTAGE_CENTERINGS)}"
+            )
+        if self.advantage_centering != "none" and self.loss_mode != "simple_signal":
+            raise ValueError(
+                "--advantage_centering applies to --loss_mode simple_signal (full_distillation has no advantages)"
+            )
+
+    def loss_options(self) -> dict:
+        """The keyword arguments of ``sdpo.core.sdpo_loss`` these settings fix."""
+        names = ("loss_mode", "distillation_topk", "distillation_add_tail", "distillation_alpha", "topk_from")
+        return {name: getattr(self, name) for name in (*names, "signal_clip", "advantage_centering", "is_clip")}
 
 
 @dataclass

@@ -5,9 +5,10 @@
     response = updater.generate_response(messages)          # Generation: text + exact token ids
     metrics = updater.train_step(messages, response, "Too long, and skip the emojis.")
 
-One interaction = one (x, y, o) tuple; ``train_step_batch`` takes several. The teacher is the same
-network with the follow-up placed in the last user turn (``sdpo.core.build_hindsight_messages``),
-evaluated without gradient with the current weights at every step.
+One interaction = one (x, y, o) tuple; ``train_step_batch`` takes several. The teacher sees the follow-up
+placed in the last user turn (``sdpo.core.build_hindsight_messages``) and scores without gradient; by default
+(``teacher="live"``) it is the same network with the current weights at every step, otherwise an EMA of the
+student, the frozen base model or the trust-region blend of both (``sdpo.teachers``).
 
 Deliberate choices (and reference traps avoided):
   * the exact generated token ids are scored; EOS is part of y only when the model emitted it;
@@ -17,8 +18,9 @@ Deliberate choices (and reference traps avoided):
   * a long x loses the same oldest tokens in student and teacher context (counted as ``truncated_contexts``);
   * HF generation runs on an inference copy (``inference_copy``: matmul weights in the compute dtype, LoRA
     merged), refreshed lazily after updates;
-  * checkpoints hold the LoRA adapter (or the model), tokenizer and ``training_state.pt`` (optimizer,
-    step, RNG states) and are enough to resume; a merged full model is written only on request.
+  * checkpoints hold the LoRA adapter (or the model), tokenizer, ``training_state.pt`` (optimizer,
+    step, RNG states) and ``teacher_state.pt`` (the EMA teacher's weights) and are enough to resume; a merged
+    full model is written only on request.
 """
 
 from __future__ import annotations
@@ -37,7 +39,16 @@ import numpy as np
 import torch
 
 from sdpo.utils.file_io import write_json_atomic
-from sdpo.models.generation import Generation, InferenceCopy, SamplingParams, encode_chat, generate, stop_token_ids
+from sdpo.models.generation import (
+    Generation,
+    InferenceCopy,
+    SamplingParams,
+    encode_chat,
+    encode_completions,
+    generate,
+    stop_token_ids,
+)
+from sdpo.models.lora import attach_lora
 from sdpo.models.model_loading import load_model_and_tokenizer, resolve_device, resolve_dtype
 from sdpo.learner import distributed
 from sdpo.learner.config import OnlineSDPOConfig
@@ -48,6 +59,7 @@ from sdpo.core import (
     pad_contexts_and_completions,
     sdpo_loss,
 )
+from sdpo.teachers import build_teacher, is_lora_model, load_teacher_state, save_teacher_state
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +96,9 @@ def complete_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
-def token_statistics(outputs) -> dict:
-    """Signal and log-prob statistics over every scored token of a step's micro-batches (``sdpo_loss`` outputs)."""
+def token_statistics(outputs, *, is_clip: float = 0.0) -> dict:
+    """Signal and log-prob statistics over every scored token of a step's micro-batches (``sdpo_loss`` outputs);
+    ``is_clip``: the importance-weight bound, to count the clipped tokens."""
 
     def scored(name: str) -> torch.Tensor:
         return torch.cat([getattr(out, name).detach()[out.mask > 0].float() for out in outputs])
@@ -99,6 +112,12 @@ def token_statistics(outputs) -> dict:
     }
     if outputs[0].kl_per_token is not None:
         metrics["kl_mean"] = float(scored("kl_per_token").mean()) if signal.numel() else 0.0
+    if outputs[0].entropy is not None:
+        metrics["policy_entropy_mean"] = float(scored("entropy").mean()) if signal.numel() else 0.0
+    if outputs[0].importance_weights is not None and signal.numel():
+        weights = scored("importance_weights")
+        metrics["is_weight_mean"] = float(weights.mean())
+        metrics["is_clipped_fraction"] = float((weights >= is_clip).float().mean())
     return metrics
 
 
@@ -147,6 +166,7 @@ class OnlineSDPOUpdater:
             raise FileNotFoundError(f"{resume_path} is not a checkpoint (no {TRAINING_STATE_FILE}); pass a step_<n> folder")
         full_weights_dtype = torch.float32 if config.fp32_master_weights else self.compute_dtype
         storage_dtype = self.compute_dtype if config.use_lora else full_weights_dtype
+        model_given = model is not None
         if model is None:
             weights_source = config.model_name_or_path
             if resume_path is not None and not config.use_lora:
@@ -163,7 +183,14 @@ class OnlineSDPOUpdater:
             if config.use_lora:
                 model.enable_input_require_grads()
         if config.use_lora:
-            model = self._wrap_lora(model, resume_path)
+            model = attach_lora(
+                model,
+                r=config.lora_r,
+                alpha=config.lora_alpha,
+                dropout=config.lora_dropout,
+                target_modules=config.lora_target_modules,
+                resume_from=resume_path,
+            )
         self.model = model.to(self.device)
         self.model.train()
         # What the scoring forward passes run: DDP under a multi-process launch (gradients all-reduced), else the
@@ -179,6 +206,15 @@ class OnlineSDPOUpdater:
             "policy %s on %s: %.1fM / %.1fM trainable params, weights %s, autocast %s",
             config.model_name_or_path, self.device, n_trainable / 1e6, n_total / 1e6, weights_dtype, self.autocast_dtype,
         )
+        self.teacher = build_teacher(
+            config.teacher,
+            self.model,
+            ema_rate=config.teacher_ema_rate,
+            sync_interval=config.teacher_sync_interval,
+            trust_region_mix=config.trust_region_mix,
+            compute_dtype=self.compute_dtype,
+            initial_model=self._initial_weights(resume_path, model_given),
+        )
         if resume_path is not None:
             self._load_training_state(resume_path)
         self.vllm_engine = policy_engine
@@ -191,23 +227,18 @@ class OnlineSDPOUpdater:
 
     # ------------------------------------------------------------------ setup
 
-    def _wrap_lora(self, model, resume_path: Path | None):
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if resume_path is not None:
-            return PeftModel.from_pretrained(model, resume_path, is_trainable=True)
-        lora = LoraConfig(
-            r=self.config.lora_r,
-            lora_alpha=self.config.lora_alpha,
-            lora_dropout=self.config.lora_dropout,
-            target_modules=list(self.config.lora_target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
+    def _initial_weights(self, resume_path: Path | None, model_given: bool):
+        """The untrained full model a ``base``/``trust_region`` teacher copies when the policy was resumed from
+        trained weights (None: the policy is still the initial model, or LoRA keeps it under the adapter)."""
+        if self.config.teacher not in ("base", "trust_region") or self.config.use_lora:
+            return None
+        if resume_path is None or model_given:
+            return None
+        model, _ = load_model_and_tokenizer(
+            self.config.model_name_or_path, dtype=self.compute_dtype, device=self.device,
+            attn_implementation=self.config.attn_implementation,
         )
-        try:
-            return get_peft_model(model, lora)
-        except ValueError as error:
-            raise ValueError(f"LoRA could not be attached ({error}); set lora_target_modules to module names of this model") from error
+        return model
 
     def _build_optimizer(self):
         cfg = self.config
@@ -285,7 +316,7 @@ class OnlineSDPOUpdater:
         elif isinstance(response, str):
             if not response.strip():
                 raise EmptyResponseError("the response is empty; skip this interaction")
-            ids = self.tokenizer(response.rstrip() + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            (ids,) = encode_completions(self.tokenizer, [response])
         else:
             raise TypeError(f"response must be a Generation or a str, got {type(response).__name__}")
         if len(ids) > self.config.max_new_tokens:
@@ -365,11 +396,20 @@ class OnlineSDPOUpdater:
         timings = {"student_forward": 0.0, "teacher_forward": 0.0, "backward": 0.0, "optimizer": 0.0}
         token_signals: list[list[float] | None] = [None] * len(completions)
         self.model.train()
+        # log π_old(y_t|x) of each micro-batch: the policy before this interaction's first update, which sampled y
+        # (importance weights for the later passes when is_clip > 0).
+        old_logprobs: list = [None] * len(micro_batches)
+        teacher_syncs = 0
         for _ in range(cfg.train_steps_per_example):
             loss_value, scored = 0.0, []
-            for index, (group, (student_batch, teacher_batch, share, first_row)) in enumerate(zip(groups, micro_batches)):
+            for index, (group, micro_batch) in enumerate(zip(groups, micro_batches)):
+                student_batch, teacher_batch, share, first_row = micro_batch
                 with parallel.gradient_sync(self.training_model, last=index == len(micro_batches) - 1):
-                    loss, out = self._loss(student_batch, teacher_batch, timings, table_row=first_row)
+                    loss, out = self._loss(
+                        student_batch, teacher_batch, timings, old_logprobs[index], table_row=first_row
+                    )
+                    if old_logprobs[index] is None:
+                        old_logprobs[index] = out.student_logprobs
                     if return_token_signals:
                         rows = out.scores.signal_rows([len(completions[i]) for i in group])
                         for row_index, row in zip(group, rows):
@@ -386,9 +426,10 @@ class OnlineSDPOUpdater:
             grad_norm = self._clip_gradients()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            teacher_syncs += self.teacher.update()
             self._inference_copy_stale = True
             timings["optimizer"] += time.perf_counter() - tick
-        step_metrics = token_statistics(scored) if scored else {}
+        step_metrics = token_statistics(scored, is_clip=cfg.is_clip) if scored else {}
 
         self.step += 1
         metrics = {
@@ -396,6 +437,8 @@ class OnlineSDPOUpdater:
             "completion_tokens": sum(map(len, completions)),
             "truncated_contexts": truncated,
             "loss_mode": cfg.loss_mode,
+            "teacher": self.teacher.kind,
+            "teacher_syncs": teacher_syncs,
             "step": self.step,
             "grad_norm": grad_norm,
             "loss": loss_value,
@@ -412,7 +455,7 @@ class OnlineSDPOUpdater:
             self.save_checkpoint()
         return metrics
 
-    def _loss(self, student_batch, teacher_batch, timings: dict, *, table_row: int | None = None):
+    def _loss(self, student_batch, teacher_batch, timings: dict, old_logprobs=None, *, table_row: int | None = None):
         """Forward passes and the configured loss of one micro-batch; adds seconds per phase into ``timings``."""
         cfg = self.config
         out = sdpo_loss(
@@ -422,10 +465,17 @@ class OnlineSDPOUpdater:
             loss_mode=cfg.loss_mode,
             distillation_topk=cfg.distillation_topk,
             distillation_add_tail=cfg.distillation_add_tail,
+            distillation_alpha=cfg.distillation_alpha,
+            topk_from=cfg.topk_from,
             signal_clip=cfg.signal_clip,
+            advantage_centering=cfg.advantage_centering,
+            is_clip=cfg.is_clip,
+            old_logprobs=old_logprobs,
+            teacher=self.teacher,
             autocast_dtype=self.autocast_dtype,
             temperature=self.scoring_temperature,
             fp32_head=cfg.fp32_lm_head,
+            entropy=True,
             timings=timings,
         )
         if cfg.print_token_table and table_row is not None:
@@ -446,7 +496,7 @@ class OnlineSDPOUpdater:
         writes it; every process's engine then points at it, and none generates before all do)."""
         path = Path(self.config.checkpoint_dir) / LIVE_ADAPTER_DIR
         if self.parallel.is_main_process:
-            self.model.save_pretrained(path)
+            self.model.save_pretrained(path, **self._policy_save_options())
         self.parallel.wait()
         self.vllm_engine.load_adapter(path)
         self.parallel.wait()
@@ -465,7 +515,8 @@ class OnlineSDPOUpdater:
         return target
 
     def save_state(self, target: str | Path, extra_state: dict | None = None) -> Path:
-        """Weights (or adapter), tokenizer, optimizer, step and RNG states as the folder ``target``, atomically.
+        """Weights (or adapter), tokenizer, teacher state, optimizer, step and RNG states as the folder ``target``,
+        atomically.
 
         ``extra_state`` (JSON-like) is stored with the training state and restored as ``self.extra_state``; it is
         also written as ``extra_state.json``, so a caller can read it (``read_extra_state``) without loading weights.
@@ -475,8 +526,9 @@ class OnlineSDPOUpdater:
         root.mkdir(parents=True, exist_ok=True)
         staging = root / f".{target.name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        self.model.save_pretrained(staging)
+        self.model.save_pretrained(staging, **self._policy_save_options())
         self.tokenizer.save_pretrained(staging)
+        save_teacher_state(self.teacher, staging)
         if self.config.use_lora and self.config.save_merged_model:
             self._save_merged(staging / "merged")
         write_json_atomic(staging / EXTRA_STATE_FILE, extra_state or {})
@@ -506,6 +558,10 @@ class OnlineSDPOUpdater:
         logger.info("saved checkpoint %s", target)
         return target
 
+    def _policy_save_options(self) -> dict:
+        """Save only the policy's own adapter (an EMA teacher's adapter travels in ``teacher_state.pt``)."""
+        return {"selected_adapters": [self.model.active_adapter]} if is_lora_model(self.model) else {}
+
     def _save_merged(self, path: Path) -> None:
         """A standalone full model (adapter merged into a CPU copy), loadable by ``from_pretrained``."""
         merged = copy.deepcopy(self.model).to("cpu").merge_and_unload()
@@ -522,8 +578,8 @@ class OnlineSDPOUpdater:
 
     def load_state(self, path: str | Path, *, restore_rng: bool = True) -> None:
         """Make the policy what ``save_state`` wrote to ``path``: LoRA adapter weights (with LoRA; a full model is
-        loaded at construction with ``resume_from``), optimizer state, step, ``extra_state`` and, unless
-        ``restore_rng`` is False, the RNG states."""
+        loaded at construction with ``resume_from``), the teacher's state, optimizer state, step, ``extra_state``
+        and, unless ``restore_rng`` is False, the RNG states."""
         path = Path(path)
         if self.config.use_lora:
             from peft import load_peft_weights, set_peft_model_state_dict
@@ -534,6 +590,7 @@ class OnlineSDPOUpdater:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _load_training_state(self, path: Path, *, restore_rng: bool = True) -> None:
+        load_teacher_state(self.teacher, path)
         state = torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
         self.step = int(state["step"])

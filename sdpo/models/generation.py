@@ -122,6 +122,14 @@ def encode_chat(
     return ids
 
 
+def encode_completions(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of completions known only as text (logged or offline data): ``text.rstrip()`` + EOS, as an
+    assistant turn that ended there; the one text→completion-ids rule of the online and offline learners."""
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no EOS token; the completion cannot be closed")
+    return tokenizer([text.rstrip() + tokenizer.eos_token for text in texts], add_special_tokens=False)["input_ids"]
+
+
 def stop_token_ids(model, tokenizer) -> list[int]:
     """The tokenizer's eos plus any eos ids in the model's generation config (Qwen lists two)."""
     ids = {tokenizer.eos_token_id}

@@ -86,7 +86,12 @@ def cpu_has_native_bf16() -> bool:
 
 
 def concrete_dtype(name: str, device: str | torch.device) -> str:
-    """``name``, with ``auto`` replaced by ``native_compute_dtype(device)`` (resolved once, at the command line)."""
+    """``name``, with ``auto`` replaced by ``native_compute_dtype(device)`` (resolved once, at the command line).
+
+    The one dtype-"auto" rule of every entry point; an unknown name is one ``ValueError`` line.
+    """
+    if name != "auto" and name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use auto or one of {sorted(DTYPES)}")
     return native_compute_dtype(device) if name == "auto" else name
 
 

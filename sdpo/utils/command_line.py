@@ -153,6 +153,8 @@ class ConfigParser(TrlParser):
                 action.nargs = "*"
 
     def error(self, message: str):
+        # HfArgumentParser also accepts --a-b for --a_b; name only the documented spelling.
+        message = re.sub(r"(--\w+)/--[\w-]+", r"\1", message)
         raise UsageError(f"{message} (see --help)")
 
     def set_defaults_with_config(self, **config) -> list[str]:
@@ -162,11 +164,35 @@ class ConfigParser(TrlParser):
             if not isinstance(action, argparse._StoreFalseAction)
             for option in action.option_strings
         }
+        # Checked here, before the dataclasses are built: their __post_init__ would report a symptom instead.
+        unknown = [key for key in config if key not in action_of]
+        if unknown:
+            raise UsageError(
+                f"--config {self.config_file}: unknown key(s) {', '.join(unknown)}: use the option names of --help"
+            )
         defaults = {}
         for key, value in config.items():
-            action = action_of.get(key)
-            defaults[action.dest if action else key] = self._typed_config_value(action, key, value) if action else value
+            action = action_of[key]
+            many = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 1)
+            if many and isinstance(value, (str, int, float, bool)):
+                value = [value]  # one value for a list setting, as on the command line (report_to: none)
+            self._check_config_shape(action, key, value)
+            defaults[action.dest] = self._typed_config_value(action, key, value)
         return super().set_defaults_with_config(**defaults)
+
+    def _check_config_shape(self, action: argparse.Action, key: str, value) -> None:
+        """A list where the flag takes several values, and a value among the flag's choices (argparse checks
+        neither for defaults, which is what YAML values become)."""
+        if value is None:
+            return
+        many = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 1)
+        if many and not isinstance(value, list):
+            raise UsageError(f"--config {self.config_file}: {key} must be a list, got {value!r}")
+        if action.choices is not None and action.type in (None, str):
+            for item in value if isinstance(value, list) else [value]:
+                if item not in action.choices:
+                    choices = ", ".join(map(str, action.choices))
+                    raise UsageError(f"--config {self.config_file}: {key} {item!r} is not one of {choices}")
 
     def _typed_config_value(self, action: argparse.Action, key: str, value):
         """A YAML value as the flag's type would read it: YAML's 1e-5 (a string) becomes a float, while 2.5 for
@@ -203,7 +229,7 @@ class ConfigParser(TrlParser):
         self.config_file = config_file
         where = f"--config {config_file}: " if config_file else ""
         try:
-            *parsed, unknown_keys, unknown_flags = self.parse_args_and_config(
+            *parsed, _, unknown_flags = self.parse_args_and_config(
                 argv, return_remaining_strings=True, separate_remaining_strings=True
             )
         except FileNotFoundError:
@@ -216,9 +242,6 @@ class ConfigParser(TrlParser):
             raise
         except (ValueError, TypeError) as error:
             raise UsageError(f"{where if 'config' in str(error).lower() else ''}{first_line(error)}") from None
-        if unknown_keys:
-            keys = ", ".join(key.removeprefix("--") for key in unknown_keys[::2])
-            raise UsageError(f"{where}unknown key(s) {keys}: use the option names of --help")
         if unknown_flags:
             raise UsageError(f"unrecognized arguments: {' '.join(unknown_flags)} (see --help)")
         return tuple(parsed)
@@ -238,15 +261,3 @@ def run_main(entry, argv=None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """Plain argparse for the entry points not yet on dataclasses: ``error: <message>`` and exit status 2."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        print(f"{self.prog}: error: {mask_secrets(message)} (see --help)", file=sys.stderr)
-        sys.exit(2)

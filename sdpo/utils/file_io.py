@@ -62,6 +62,26 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[object], None],
         raise
 
 
+class OutputFolderError(ValueError):
+    """An output folder that cannot be used; the message is one line naming the flag and what to pass."""
+
+
+def check_output_folder(value: str | os.PathLike, flag: str = "--out_dir") -> Path:
+    """``value`` as an output folder, refused when it or its nearest existing parent is a file or not writable.
+
+    The one output-folder check of every entry point: cheap, before any model loads, and nothing is created (a
+    run that fails later leaves no empty folder).
+    """
+    path = Path(value)
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        where = "" if existing == path else f": {existing}"
+        raise OutputFolderError(f"{flag} {path}{where} is a file; pass a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputFolderError(f"{flag} {path}: {existing} is not writable; pass a writable folder")
+    return path
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented strict JSON (NaN/inf as null) atomically."""
     # Serialise first: an unencodable value raises before any file is touched.
