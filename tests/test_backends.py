@@ -60,6 +60,7 @@ def failure_of(backend, conversations=None):
 # ---- AnthropicBackend: requests -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_anthropic_success_forwards_system_and_sampling():
     with FakeAnthropicServer(api_key="sk-test") as server:
         backend = AnthropicBackend("claude-test", api_key="sk-test", base_url=server.base_url)

@@ -158,6 +158,7 @@ def test_online_bad_prompt_files_name_the_line(name, message, files, tiny_model_
     assert eval_online_sdpo.main([*args, "--train_n", "1", "--eval_n", "1", "--max_new_tokens", "4", "--eval_max_new_tokens", "4", "--dtype", "float32"]) == 0
 
 
+@pytest.mark.slow
 def test_resume_without_a_complete_checkpoint_never_restarts_over_finished_work(files, tiny_model_path, capsys):
     out = files["dir"] / "run"
     args = online(files, "--train_n", "2", "--eval_n", "1", "--max_new_tokens", "4", "--eval_max_new_tokens", "4", "--dtype", "float32", out=out)

@@ -113,6 +113,7 @@ def cli(paths, baseline, prompt_file, out_dir, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_full_and_adapter_checkpoints_are_judged_per_style(
     checkpoints, tiny_model_path, prompt_file, tmp_path, monkeypatch, capsys
 ):
@@ -160,6 +161,7 @@ def test_full_and_adapter_checkpoints_are_judged_per_style(
     assert len(table) == 4 and table[0].startswith("  no_emojis" + " " * (40 - len("no_emojis")) + " winrate=")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_loaded_checkpoint_reproduces_the_trained_policy(checkpoints, tiny_model_path, prompt_file, kind):
     path, trained_logits = checkpoints[kind]

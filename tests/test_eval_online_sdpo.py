@@ -63,6 +63,7 @@ def test_embedded_model_two_interactions_and_one_evaluation(tmp_path, prompt_fil
     assert (out / "checkpoints" / "last" / "training_state.pt").is_file()
 
 
+@pytest.mark.slow
 def test_training_runs_and_results_are_written_each_interaction(tmp_path, prompt_files, tiny_model_path):
     train, val = prompt_files
     out = tmp_path / "run"
@@ -91,6 +92,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, prompt_files, tiny_model_
     assert "already holds a run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fewer_prompts_than_requested_records_the_real_count(tmp_path, prompt_files, tiny_model_path, caplog):
     train, val = prompt_files
     out = tmp_path / "run"
@@ -100,6 +102,7 @@ def test_fewer_prompts_than_requested_records_the_real_count(tmp_path, prompt_fi
     assert "requested 50 prompts but only 3" in caplog.text
 
 
+@pytest.mark.slow
 def test_api_failure_stops_cleanly_and_resume_finishes_the_run(tmp_path, prompt_files, tiny_model_path, monkeypatch, capsys):
     """The simulator's API fails (HTTP 500) on interaction 3: exit 1, nothing lost, --resume completes."""
     train, val = prompt_files
@@ -124,6 +127,7 @@ def test_api_failure_stops_cleanly_and_resume_finishes_the_run(tmp_path, prompt_
     assert [e["interaction"] for e in after["eval_history"]] == [2, 4]
 
 
+@pytest.mark.slow
 def test_killed_run_resumed_keeps_all_finished_interactions(tmp_path, prompt_files, tiny_model_path):
     """SIGKILL while the simulator is answering interaction 3; --resume keeps interactions 1-2 unchanged."""
     train, val = prompt_files
@@ -161,6 +165,7 @@ def test_killed_run_resumed_keeps_all_finished_interactions(tmp_path, prompt_fil
     assert [m["step"] for m in after["training_metrics"]] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_training_and_evaluation(tmp_path, prompt_files, tiny_model_path, monkeypatch):
     """A real offline wandb run in the run directory; every training and evaluation metric is logged."""
     import wandb

@@ -101,6 +101,7 @@ def _updater(model_path, tmp_path, **overrides):
     return OnlineSDPOUpdater(OnlineSDPOConfig(**{**settings, **overrides}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_updater_generates_from_a_copy_that_follows_every_update(tiny_model_path, chat_tokenizer, tmp_path, use_lora):
     updater = _updater(tiny_model_path, tmp_path, use_lora=use_lora, lora_r=4, lora_alpha=8)

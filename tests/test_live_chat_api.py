@@ -129,6 +129,7 @@ def test_streamed_reply_for_a_bearer_token_and_a_wrong_token_refused(server):
             model="sdpo-live", messages=[{"role": "user", "content": "word " * 600}])
 
 
+@pytest.mark.slow
 def test_admin_exports_and_deletes_a_users_data(server):
     url, engine, accounts, keys = server
     alice = accounts.find("alice")

@@ -23,6 +23,7 @@ def experiment_args(model, train, val, out_dir, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_batched_schedule_with_the_oracle(tmp_path, prompt_files, tiny_model_path, monkeypatch):
     asked = []
     real_feedback = RuleBasedUserSimulator.generate_feedback
@@ -114,6 +115,7 @@ def test_faults_at_commit_points_then_resume_equal_an_uninterrupted_run(tmp_path
         assert resumed == expected, f"fault {signal_name} at commit point {k}: the resumed run differs from an uninterrupted one"
 
 
+@pytest.mark.slow
 def test_conversational_prompt_files_and_the_tldr_system_prompt(tmp_path, prompt_files, tiny_model_path, chat_tokenizer, monkeypatch):
     from sdpo.models import generation
 

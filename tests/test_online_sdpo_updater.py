@@ -191,6 +191,7 @@ def test_batched_train_step_loss_is_the_mean_of_single_losses(tiny_model_path, t
     assert batched == pytest.approx(sum(singles) / 2, rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_checkpoint_then_resume_gives_the_identical_next_step(tiny_model_path, tmp_path, use_lora):
     extra = dict(use_lora=use_lora, lora_r=4, lora_alpha=8) if use_lora else {}
@@ -222,6 +223,7 @@ def test_periodic_checkpoints_are_pruned_and_found(tiny_model_path, tmp_path):
         OnlineSDPOUpdater(updater.config, resume_from=tmp_path)
 
 
+@pytest.mark.slow
 def test_lora_checkpoint_holds_the_adapter_and_optionally_a_merged_model(tiny_model_path, tmp_path):
     from transformers import AutoModelForCausalLM
 

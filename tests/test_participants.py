@@ -57,6 +57,7 @@ def test_rule_based_user_and_judge_need_no_model_or_key(monkeypatch):
     assert isinstance(participants.judges["no_lists"], RuleBasedJudge)
 
 
+@pytest.mark.slow
 def test_local_user_model_shared_by_the_local_judge(tiny_model_path):
     participants = build_participants(
         config("--user_model_name_or_path", tiny_model_path, "--judge_local", "--user_device", "cpu", "--user_dtype", "float32",

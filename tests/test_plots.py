@@ -245,6 +245,7 @@ def test_token_boxes_are_coloured_by_signal_color_hex(tmp_path):
     assert to_hex(figure.texts[5].get_color()) == "#ffffff"  # white on the dark red of -12
 
 
+@pytest.mark.slow
 def test_write_signal_figures_writes_every_file_and_skips_an_out_of_range_token_case(tmp_path):
     cases = [
         {

@@ -3,6 +3,7 @@ the run then does."""
 
 import json
 import math
+import pytest
 
 import eval_online_sdpo
 from sdpo.evaluation.evaluation_helpers import compute_metrics
@@ -31,6 +32,7 @@ def test_signal_summary_pools_tokens():
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_preflight_reports_per_style_and_leaves_the_run_unchanged(tmp_path, prompt_files, tiny_model_path, capsys):
     train, val = prompt_files
     plain = tmp_path / "plain"

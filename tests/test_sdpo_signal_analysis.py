@@ -278,6 +278,7 @@ def test_statistics():
 # ------------------------------------------------------------------ full runs on the tiny model
 
 
+@pytest.mark.slow
 def test_full_run_writes_the_schema_the_summary_and_every_figure(tiny_model_path, tmp_path, capsys):
     out_dir = tmp_path / "out"
     cases_json = small_cases_file(tmp_path)
@@ -347,6 +348,7 @@ def cut_marked_answers(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.slow
 def test_a_case_that_stays_short_is_skipped_and_reported(tiny_model_path, tmp_path, capsys, cut_marked_answers):
     out_dir = tmp_path / "out"
     cases_json = small_cases_file(tmp_path, short_marker=SHORT_MARKER)
@@ -492,6 +494,7 @@ def test_bad_input_is_one_line_exit_2_before_the_model_loads(
     assert not list(tmp_path.rglob("sdpo_signals.json")) and not list(tmp_path.rglob("*.png"))
 
 
+@pytest.mark.slow
 def test_the_script_file_reports_a_bad_out_dir_in_one_line_without_traceback(tmp_path):
     out_file = _make_file(tmp_path / "results")
     result = subprocess.run(

@@ -39,6 +39,7 @@ def without_timings(value):
     return value
 
 
+@pytest.mark.slow
 def test_a_style_introduced_later_is_judged_against_the_policy_at_its_introduction(
     tmp_path, prompt_files, tiny_model_path, monkeypatch
 ):
@@ -80,6 +81,7 @@ def test_a_style_introduced_later_is_judged_against_the_policy_at_its_introducti
     assert without_timings(mine) == without_timings(stored)
 
 
+@pytest.mark.slow
 def test_base_is_the_default_and_judges_every_style_from_the_start(tmp_path, prompt_files, tiny_model_path):
     train, val = prompt_files
     out = tmp_path / "run"
