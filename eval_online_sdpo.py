@@ -48,7 +48,6 @@ seeded; the final evaluation uses --temperature; strict judge parsing with unpar
 (n_unparsed); the ties-as-half win rate stored.
 """
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -129,7 +128,9 @@ class OnlineRun:
         self.schedule = self.run.schedule
         self.participants_config = arguments.participants_config()
         self.system_prompt = SYSTEM_PROMPTS[self.run.system_prompt]
-        self.eval_sampling = SamplingParams(max_new_tokens=self.run.eval_max_new_tokens, temperature=self.learner.temperature, top_p=1.0)
+        self.eval_sampling = SamplingParams(
+            max_new_tokens=self.run.eval_max_new_tokens, temperature=self.learner.temperature, top_p=1.0
+        )
         self.previous = previous
         self.tracker = Tracker()
         self.parallel = distributed.current()
@@ -150,15 +151,32 @@ class OnlineRun:
         seed_everything(run.seed)
         separate = bool(run.baseline_model) and run.baseline_model != learner.model_name_or_path
         if separate:
-            policy = load_policy(run.baseline_model, dtype=learner.torch_dtype, device=learner.device, batch_size=learner.generation_batch_size)
+            policy = load_policy(
+                run.baseline_model,
+                dtype=learner.torch_dtype,
+                device=learner.device,
+                batch_size=learner.generation_batch_size,
+            )
         texts = distributed.answer_sharded(
-            self.parallel, policy, self.conversations(eval_prompts), self.eval_sampling, batch_size=learner.generation_batch_size, label="baseline"
+            self.parallel,
+            policy,
+            self.conversations(eval_prompts),
+            self.eval_sampling,
+            batch_size=learner.generation_batch_size,
+            label="baseline",
         )
         if separate:
             release(policy)
         del policy
         if self.parallel.is_main_process:
-            write_json_atomic(files.baseline, {"model": run.baseline_model or learner.model_name_or_path, "prompts": eval_prompts, "completions": texts})
+            write_json_atomic(
+                files.baseline,
+                {
+                    "model": run.baseline_model or learner.model_name_or_path,
+                    "prompts": eval_prompts,
+                    "completions": texts,
+                },
+            )
         logger.info("baseline: %d completions, mean %.0f chars", len(texts), average_chars(texts))
         return texts
 
@@ -201,17 +219,37 @@ class OnlineRun:
         if not new:
             return []
         texts = distributed.answer_sharded(
-            self.parallel, policy, self.conversations(self.eval_prompts), self.eval_sampling, batch_size=self.learner.generation_batch_size, label="baseline at switch"
+            self.parallel,
+            policy,
+            self.conversations(self.eval_prompts),
+            self.eval_sampling,
+            batch_size=self.learner.generation_batch_size,
+            label="baseline at switch",
         )
         for style in new:
             path = self.files.style_baseline(style)
             if self.parallel.is_main_process:
-                write_json_atomic(path, {"style": style, "interaction": interaction, "step": step, "prompts": self.eval_prompts, "completions": texts})
+                write_json_atomic(
+                    path,
+                    {
+                        "style": style,
+                        "interaction": interaction,
+                        "step": step,
+                        "prompts": self.eval_prompts,
+                        "completions": texts,
+                    },
+                )
             record = {"style": style, "interaction": interaction, "step": step, "file": path.name}
             results["meta"]["style_baselines"][style] = record
             self.pending["baselines"].append(record)
             self.baselines[style] = texts
-            logger.info("baseline of %s: the policy after %d interactions (step %d), mean %.0f chars", style, interaction, step, average_chars(texts))
+            logger.info(
+                "baseline of %s: the policy after %d interactions (step %d), mean %.0f chars",
+                style,
+                interaction,
+                step,
+                average_chars(texts),
+            )
         return new
 
     def oracle_metrics(self, policy, participants, eval_prompts: list[str], baseline: list[str]) -> dict:
@@ -222,17 +260,29 @@ class OnlineRun:
         else:
             sampling = self.eval_sampling
             shard, _ = oracle_answers(
-                policy, self.parallel.shard(eval_prompts), styles, sampling, batch_size=self.learner.generation_batch_size, seed=self.run.seed, system_prompt=self.system_prompt
+                policy,
+                self.parallel.shard(eval_prompts),
+                styles,
+                sampling,
+                batch_size=self.learner.generation_batch_size,
+                seed=self.run.seed,
+                system_prompt=self.system_prompt,
             )
             answers = {style: self.parallel.gather(shard[style]) for style in styles}
             if self.parallel.is_main_process:
                 write_json_atomic(self.files.oracle, {"prompts": eval_prompts, "completions": answers})
-        return distributed.on_main_then_shared(self.parallel, lambda: self.judge_oracle(participants, eval_prompts, answers, baseline))
+        return distributed.on_main_then_shared(
+            self.parallel, lambda: self.judge_oracle(participants, eval_prompts, answers, baseline)
+        )
 
-    def judge_oracle(self, participants, eval_prompts: list[str], answers: dict[str, list[str]], baseline: list[str]) -> dict:
+    def judge_oracle(
+        self, participants, eval_prompts: list[str], answers: dict[str, list[str]], baseline: list[str]
+    ) -> dict:
         metrics = {}
         for style, texts in answers.items():
-            metrics[style] = judge_every_style({style: participants.judges[style]}, eval_prompts, texts, baseline, seed=self.run.seed, label="oracle")[style]
+            metrics[style] = judge_every_style(
+                {style: participants.judges[style]}, eval_prompts, texts, baseline, seed=self.run.seed, label="oracle"
+            )[style]
             metrics[style]["avg_completion_chars"] = average_chars(texts)
         return metrics
 
@@ -247,7 +297,9 @@ class OnlineRun:
         policy_engine = None
         if learner.use_vllm and run.vllm_mode == "server":
             # A server that cannot serve the policy is one line before any model loads.
-            policy_engine = VLLMServerPolicyEngine(run.vllm_server_url, registers_adapters=self.parallel.is_main_process)
+            policy_engine = VLLMServerPolicyEngine(
+                run.vllm_server_url, registers_adapters=self.parallel.is_main_process
+            )
             policy_engine.check()
         # Remote and rule participants cost nothing to build: built first, a bad key fails before the model loads.
         participants = build_participants(config) if config.user_backend not in ("hf", "vllm") else None
@@ -256,12 +308,31 @@ class OnlineRun:
         seed_everything(run.seed)
         resume = resume_point(files, self.previous)
         checkpoint, done = resume.checkpoint, resume.interactions_done
-        updater = OnlineSDPOUpdater(learner_config(self.arguments, files), resume_from=checkpoint, policy_engine=policy_engine)
+        updater = OnlineSDPOUpdater(
+            learner_config(self.arguments, files), resume_from=checkpoint, policy_engine=policy_engine
+        )
 
-        train_prompts = load_split(run.train_jsonl, updater.tokenizer, run.train_n, max_prompt_tokens=run.max_prompt_tokens, seed=run.seed, label="train")
-        eval_prompts = load_split(run.val_jsonl, updater.tokenizer, run.eval_n, max_prompt_tokens=run.max_prompt_tokens, seed=run.seed, label="eval")
+        train_prompts = load_split(
+            run.train_jsonl,
+            updater.tokenizer,
+            run.train_n,
+            max_prompt_tokens=run.max_prompt_tokens,
+            seed=run.seed,
+            label="train",
+        )
+        eval_prompts = load_split(
+            run.val_jsonl,
+            updater.tokenizer,
+            run.eval_n,
+            max_prompt_tokens=run.max_prompt_tokens,
+            seed=run.seed,
+            label="eval",
+        )
         if not eval_prompts or not train_prompts:
-            raise DataError(f"no prompts left after filtering ({len(train_prompts)} train, {len(eval_prompts)} eval); check the files and --max_prompt_tokens")
+            raise DataError(
+                f"no prompts left after filtering ({len(train_prompts)} train, {len(eval_prompts)} eval); check "
+                "the files and --max_prompt_tokens"
+            )
         policy = TrainingPolicy(updater)
         self.n_train = len(train_prompts)
         baseline = self.baseline_completions(eval_prompts, policy)
@@ -275,7 +346,12 @@ class OnlineRun:
         if run.preflight and "preflight" not in results["meta"]:
             prompts = train_prompts[: run.preflight]
             results["meta"]["preflight"] = run_preflight(
-                updater, participants, self.schedule.styles, self.conversations(prompts), [request_text(p) for p in prompts], seed=run.seed
+                updater,
+                participants,
+                self.schedule.styles,
+                self.conversations(prompts),
+                [request_text(p) for p in prompts],
+                seed=run.seed,
             )
             for check in results["meta"]["preflight"].values():
                 print(check["verdict"])
@@ -288,7 +364,12 @@ class OnlineRun:
             if run.eval_at_start:
                 self.record_evaluation(updater, policy, participants, eval_prompts, baseline, results, 0)
         self.tracker = Tracker.start(
-            run.report_to if self.parallel.is_main_process else "none", project=run.wandb_project, name=run.run_name, config=self.arguments.to_dict(), directory=str(files.out_dir), run_id=f"{run.run_name}-{files.results.stem}"
+            run.report_to if self.parallel.is_main_process else "none",
+            project=run.wandb_project,
+            name=run.run_name,
+            config=self.arguments.to_dict(),
+            directory=str(files.out_dir),
+            run_id=f"{run.run_name}-{files.results.stem}",
         )
         self.train_and_evaluate(updater, policy, participants, train_prompts, eval_prompts, baseline, results, done)
         return results
@@ -325,16 +406,24 @@ class OnlineRun:
         if records and records[-1]["interaction"] > done:
             logger.warning(
                 "interactions %d-%d came after the last resume checkpoint (--resume_every %d) and are done again",
-                done + 1, records[-1]["interaction"], run.resume_every,
+                done + 1,
+                records[-1]["interaction"],
+                run.resume_every,
             )
-        completions = json.loads(self.files.completions.read_text()) if self.previous and self.files.completions.is_file() else []
+        completions = (
+            json.loads(self.files.completions.read_text()) if self.previous and self.files.completions.is_file() else []
+        )
         pending = resume.pending or {}
         results["training_metrics"] = kept_history(records, pending.get("records", []), done)
         # Without a checkpoint everything is done again, the evaluation at interaction 0 included.
-        results["eval_history"] = kept_history(previous["eval_history"], pending.get("evaluations", []), done) if done else []
+        results["eval_history"] = (
+            kept_history(previous["eval_history"], pending.get("evaluations", []), done) if done else []
+        )
         taken = [*previous["meta"].get("style_baselines", {}).values(), *pending.get("baselines", [])]
         meta["style_baselines"] = {
-            record["style"]: record for record in kept_history(taken, [], done) if record["style"] in meta["judged_styles"]
+            record["style"]: record
+            for record in kept_history(taken, [], done)
+            if record["style"] in meta["judged_styles"]
         }
         self.completions_log = kept_history(completions, pending.get("completions", []), done) if done else []
         meta["n_skipped"] = sum(1 for m in results["training_metrics"] if m.get("skipped"))
@@ -369,23 +458,48 @@ class OnlineRun:
         the verdicts (all hold the same results; only the main one writes them)."""
         started = time.perf_counter()
         current = distributed.answer_sharded(
-            self.parallel, policy, self.conversations(eval_prompts), self.eval_sampling, batch_size=self.learner.generation_batch_size, label="eval generation"
+            self.parallel,
+            policy,
+            self.conversations(eval_prompts),
+            self.eval_sampling,
+            batch_size=self.learner.generation_batch_size,
+            label="eval generation",
         )
         gen_time = time.perf_counter() - started
+
         def judge_introduced_styles() -> dict:
             per_style = {}
             for style, judge in participants.judges.items():
                 if style in self.baselines:
-                    per_style.update(judge_every_style({style: judge}, eval_prompts, current, self.baselines[style], seed=self.run.seed, label=f"interaction {interaction}"))
+                    per_style.update(
+                        judge_every_style(
+                            {style: judge},
+                            eval_prompts,
+                            current,
+                            self.baselines[style],
+                            seed=self.run.seed,
+                            label=f"interaction {interaction}",
+                        )
+                    )
             return per_style
 
         per_style = distributed.on_main_then_shared(self.parallel, judge_introduced_styles)
         primary = self.participants_config.judge_styles[0]
-        entry = {**per_style[primary], **{f"secondary_{style}": metrics for style, metrics in per_style.items() if style != primary}}
-        entry.update(step=step, interaction=interaction, eval_gen_time_s=round(gen_time, 1), avg_completion_chars=average_chars(current))
+        entry = {
+            **per_style[primary],
+            **{f"secondary_{style}": metrics for style, metrics in per_style.items() if style != primary},
+        }
+        entry.update(
+            step=step,
+            interaction=interaction,
+            eval_gen_time_s=round(gen_time, 1),
+            avg_completion_chars=average_chars(current),
+        )
         return entry, current
 
-    def interact(self, updater, participants, prompts: list[Prompt], first: int) -> tuple[list, list[str], list[str], float, float]:
+    def interact(
+        self, updater, participants, prompts: list[Prompt], first: int
+    ) -> tuple[list, list[str], list[str], float, float]:
         """One batch of interactions: responses (one generation call) and follow-ups (one call per persona)."""
         if not prompts:  # this process's share of a short last batch
             return [], [], [], 0.0, 0.0
@@ -397,12 +511,16 @@ class OnlineRun:
         started = time.perf_counter()
         for style in dict.fromkeys(styles):
             rows = [i for i, s in enumerate(styles) if s == style]
-            replies = participants.simulators[style].generate_feedback([request_text(prompts[i]) for i in rows], [responses[i].text for i in rows])
+            replies = participants.simulators[style].generate_feedback(
+                [request_text(prompts[i]) for i in rows], [responses[i].text for i in rows]
+            )
             for row, reply in zip(rows, replies):
                 follow_ups[row] = reply
         return responses, follow_ups, styles, gen_time, time.perf_counter() - started
 
-    def train_and_evaluate(self, updater, policy, participants, train_prompts, eval_prompts, baseline, results, done: int) -> None:
+    def train_and_evaluate(
+        self, updater, policy, participants, train_prompts, eval_prompts, baseline, results, done: int
+    ) -> None:
         run, parallel = self.run, self.parallel
         n = len(train_prompts)
         self.save(results)
@@ -417,7 +535,10 @@ class OnlineRun:
             distributed.seed_step(parallel, run.seed, batch_first)
             responses, follow_ups, styles, gen_time, sim_time = self.interact(updater, participants, prompts, first)
             if run.debug_first_example and first == 0:
-                print(f"[debug] first interaction ({styles[0]}): {request_text(prompts[0])[:500]!r} → {responses[0].text[:500]!r}\n[debug] follow-up: {follow_ups[0]!r}")
+                print(
+                    f"[debug] first interaction ({styles[0]}): {request_text(prompts[0])[:500]!r} → "
+                    f"{responses[0].text[:500]!r}\n[debug] follow-up: {follow_ups[0]!r}"
+                )
             trainable, skipped = [], {}
             for row, response in enumerate(responses):
                 try:
@@ -471,7 +592,9 @@ class OnlineRun:
             self.record_evaluation(updater, policy, participants, eval_prompts, baseline, results, n)
         self.save(results)
 
-    def record_evaluation(self, updater, policy, participants, eval_prompts, baseline, results, interaction: int) -> None:
+    def record_evaluation(
+        self, updater, policy, participants, eval_prompts, baseline, results, interaction: int
+    ) -> None:
         debug = self.run.debug_first_example and not results["eval_history"]
         entry, current = self.evaluate(policy, participants, eval_prompts, interaction, updater.step)
         entry.update(collapse_diagnostics(updater, self.conversations(eval_prompts), current))
@@ -505,12 +628,16 @@ def print_summary(results: dict) -> None:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         load_project_env()
         arguments = parse_arguments(argv, description=__doc__)
         # The main process chooses (or finds) the run's files; every process continues the same run.
-        arguments, files, previous = distributed.on_main_then_shared(distributed.current(), lambda: start_or_resume(arguments))
+        arguments, files, previous = distributed.on_main_then_shared(
+            distributed.current(), lambda: start_or_resume(arguments)
+        )
         check_world_size(arguments)  # a resumed run's stored settings against this launch
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -524,10 +651,18 @@ def main(argv=None) -> int:
     except (DataError, ModelLoadError, BackendError, ValueError, FileNotFoundError) as error:
         print(f"error: {mask_secrets(str(error))}", file=sys.stderr)
         if files.results.is_file():
-            print(f"results so far: {files.results}; continue with: python eval_online_sdpo.py --resume --out_dir {files.out_dir}", file=sys.stderr)
+            print(
+                f"results so far: {files.results}; continue with: python eval_online_sdpo.py --resume --out_dir "
+                f"{files.out_dir}",
+                file=sys.stderr,
+            )
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted; finished interactions are in {files.results}; continue with: python eval_online_sdpo.py --resume --out_dir {files.out_dir}", file=sys.stderr)
+        print(
+            f"interrupted; finished interactions are in {files.results}; continue with: python eval_online_sdpo.py "
+            f"--resume --out_dir {files.out_dir}",
+            file=sys.stderr,
+        )
         return 130
     finally:
         online_run.tracker.finish()

@@ -39,5 +39,8 @@ class ClaudeStyleJudge(LLMStyleJudge):
             api_key=api_key, base_url=base_url,
         )  # fmt: skip
         super().__init__(
-            backend, style, sampling=SamplingParams(max_new_tokens=max_tokens, temperature=temperature), protocol=protocol
+            backend,
+            style,
+            sampling=SamplingParams(max_new_tokens=max_tokens, temperature=temperature),
+            protocol=protocol,
         )

@@ -209,7 +209,7 @@ class CompletionBatch:
     def completion_width(self) -> int:
         return self.completion_ids.shape[1]
 
-    def to(self, device) -> "CompletionBatch":
+    def to(self, device) -> CompletionBatch:
         return CompletionBatch(*(t.to(device) for t in vars(self).values()))
 
 
@@ -811,5 +811,8 @@ def format_token_table(tokenizer, token_ids, student_logprobs, teacher_logprobs,
     for index, (token, lp_x, lp_xo) in enumerate(zip(token_ids[:limit], student_logprobs, teacher_logprobs)):
         piece = tokenizer.convert_ids_to_tokens(int(token)).replace("\n", "\\n")
         piece = piece if len(piece) <= 15 else piece[:12] + "..."
-        lines.append(f"{index:>4} {int(token):>7} {piece:<16} {float(lp_x):>8.3f} {float(lp_xo):>8.3f} {float(lp_xo - lp_x):>8.3f}")
+        lines.append(
+            f"{index:>4} {int(token):>7} {piece:<16} {float(lp_x):>8.3f} {float(lp_xo):>8.3f} "
+            f"{float(lp_xo - lp_x):>8.3f}"
+        )
     return "\n".join(lines)

@@ -419,7 +419,9 @@ def test_vllm_token_path_matches_hf_rendering(fake_vllm, chat_tokenizer):
     assert prompts == [{"prompt_token_ids": encode_chat(chat_tokenizer, conversation("hello " * 50))[-16:]}]
 
 
-def test_vllm_token_path_returns_the_text_of_the_sampled_ids_and_swaps_adapters(fake_vllm, chat_tokenizer, tmp_path, monkeypatch):
+def test_vllm_token_path_returns_the_text_of_the_sampled_ids_and_swaps_adapters(
+    fake_vllm, chat_tokenizer, tmp_path, monkeypatch
+):
     lora = types.ModuleType("vllm.lora.request")
     lora.LoRARequest = lambda name, id_, path: (id_, path)
     monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))

@@ -45,7 +45,8 @@ def test_tiny_check_runs_both_steps_on_cpu(capsys):
 
 @pytest.mark.slow
 def test_tiny_scaling_figures_on_cpu_processes(capsys, monkeypatch):
-    """--scaling on CPU: the tiny model saved, then 1 process and 2 DDP processes measured by bench/online_scaling.py."""
+    """--scaling on CPU: the tiny model saved, then 1 process and 2 DDP processes measured by "
+    "bench/online_scaling.py."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     result = main(
         ["--tiny", "--device", "cpu", "--batch_size", "2", "--new_tokens", "4", "--matmul_size", "128", "--scaling"]

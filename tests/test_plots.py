@@ -10,7 +10,6 @@ from matplotlib import colormaps
 from matplotlib.colors import to_hex, to_rgb
 
 from sdpo.evaluation.evaluation_helpers import compute_metrics
-from sdpo.utils.file_io import to_json_safe
 from sdpo.evaluation.plots import (
     SIGNAL_HEATMAP_FILES,
     SignalFigureSettings,
@@ -27,6 +26,7 @@ from sdpo.evaluation.plots import (
     token_display_text,
     write_signal_figures,
 )
+from sdpo.utils.file_io import to_json_safe
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -315,7 +315,9 @@ def test_profile_grid_has_one_panel_per_run_with_its_oracle(tmp_path):
     visible = [axes for axes in figure.axes if axes.get_visible()]
     assert len(visible) == 6 and path.read_bytes()[:8] == PNG_MAGIC
     assert [axes.get_title() for axes in visible] == [f"style / {i}" for i in range(6)]
-    oracle_lines = [[a for a in axes.get_children() if a.get_gid() == f"oracle:style_{i}"] for i, axes in enumerate(visible)]
+    oracle_lines = [
+        [a for a in axes.get_children() if a.get_gid() == f"oracle:style_{i}"] for i, axes in enumerate(visible)
+    ]
     assert [len(lines) for lines in oracle_lines] == [1, 1, 0, 1, 1, 1]
     assert list(by_gid(visible[0], "winrate-certain:style_0").get_xdata()) == [0, 8]  # interaction 4 had 3 decided
     with pytest.raises(ValueError, match="at least one"):

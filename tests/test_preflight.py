@@ -3,6 +3,7 @@ the run then does."""
 
 import json
 import math
+
 import pytest
 
 import eval_online_sdpo

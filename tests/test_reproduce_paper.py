@@ -32,7 +32,9 @@ def recipe(figure, *args, env=None):
 def recipe_commands(figure, *args, env=None):
     """Every command a recipe prints (fig9 prints one run per profile, then the grid)."""
     environment = {k: v for k, v in os.environ.items() if not k.endswith(("KEY", "TOKEN")) and k != "TABLE"}
-    environment.update({"TMPDIR": "/tmp/sdpo-test", "RUN_ID": "rid", "PYTHON": "python", "FIGURE": figure, **(env or {})})
+    environment.update(
+        {"TMPDIR": "/tmp/sdpo-test", "RUN_ID": "rid", "PYTHON": "python", "FIGURE": figure, **(env or {})}
+    )
     result = subprocess.run(
         [str(REPO / "scripts" / "reproduce_paper.sh"), "--dry-run", *args],
         env=environment, capture_output=True, text=True, timeout=60, check=False,
@@ -69,7 +71,11 @@ def test_fig4_runs_250_interactions_then_500_of_the_opposite_persona_against_the
     assert (first, first_n, second_n) == ("concise_casual_beginner", "250", "500") and second in STYLE_PERSONAS
     assert second.split("_") == [OPPOSITE_AXIS[axis] for axis in first.split("_")]
     assert flag(argv, "--train_n") == "750" and "--style" not in argv
-    assert (flag(argv, "--eval_every"), flag(argv, "--style_baseline"), flag(argv, "--protocol")) == ("48", "base", "paper")
+    assert (flag(argv, "--eval_every"), flag(argv, "--style_baseline"), flag(argv, "--protocol")) == (
+        "48",
+        "base",
+        "paper",
+    )
     assert (
         flag(argv, "--model") == "Qwen/Qwen3-4B"
         and flag(argv, "--interactions_per_step") == "16"
@@ -186,7 +192,6 @@ def test_figure_is_required_and_checked():
     assert result.returncode == 1 and "FIGURE is required" in result.stderr
     result = run_recipe("--dry-run", env={"FIGURE": "fig7"})
     assert result.returncode == 1 and "unknown FIGURE=fig7" in result.stderr
-
 
 
 def test_fig6_stops_before_any_work_without_an_anthropic_key(tmp_path):

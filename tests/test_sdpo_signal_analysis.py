@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from auxiliary import sdpo_signal_analysis as analysis
-from sdpo.models.generation import Generation, SamplingParams, encode_chat
-from sdpo.evaluation.plots import SIGNAL_HEATMAP_FILES
 from sdpo.core import build_hindsight_messages, pad_contexts_and_completions, score_completions
+from sdpo.evaluation.plots import SIGNAL_HEATMAP_FILES
+from sdpo.models.generation import Generation, SamplingParams, encode_chat
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

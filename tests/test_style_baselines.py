@@ -16,12 +16,15 @@ from sdpo.evaluation.evaluation_helpers import judge_against_baseline
 from sdpo.personas.rule_based_user import RuleBasedJudge
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 # fmt: off
 def switch_args(model, train, val, out_dir, *extra):
     return [
         "--model", model, "--train_jsonl", str(train), "--val_jsonl", str(val), "--out_dir", str(out_dir),
         "--run_name", "unit", "--device", "cpu", "--dtype", "float32", "--max_new_tokens", "6",
-        "--eval_max_new_tokens", "6", "--lr", "1e-3", "--seed", "3", "--user_backend", "rule", "--judge_backend", "rule",
+        "--eval_max_new_tokens", "6", "--lr", "1e-3", "--seed", "3",
+        "--user_backend", "rule", "--judge_backend", "rule",
         "--train_n", "6", "--eval_n", "2", "--eval_every", "0", "--interactions_per_step", "2",
         "--style_schedule", "short:4,no_lists:4", "--style_baseline", "introduced", "--eval_at_start", *extra,
     ]
@@ -62,7 +65,10 @@ def test_a_style_introduced_later_is_judged_against_the_policy_at_its_introducti
     baselines = results["meta"]["style_baselines"]
     assert baselines["short"] == {"style": "short", "interaction": 0, "step": 0, "file": "baseline_completions.json"}
     assert baselines["no_lists"] == {
-        "style": "no_lists", "interaction": 4, "step": 2, "file": "baseline_completions_no_lists.json"
+        "style": "no_lists",
+        "interaction": 4,
+        "step": 2,
+        "file": "baseline_completions_no_lists.json",
     }
     base = json.loads((out / "baseline_completions.json").read_text())["completions"]
     taken = json.loads((out / baselines["no_lists"]["file"]).read_text())
@@ -71,12 +77,16 @@ def test_a_style_introduced_later_is_judged_against_the_policy_at_its_introducti
     assert taken["completions"] != base
     assert judged == [
         ("short", base),  # interaction 0
-        ("short", base), ("no_lists", taken["completions"]),  # interaction 4
-        ("short", base), ("no_lists", taken["completions"]),  # interaction 6
+        ("short", base),
+        ("no_lists", taken["completions"]),  # interaction 4
+        ("short", base),
+        ("no_lists", taken["completions"]),  # interaction 6
     ]
     # The stored metrics are those of the judge against that baseline.
     completions = {c["interaction"]: c["current"] for c in json.loads((out / "unit_completions_1.json").read_text())}
-    mine = judge_against_baseline(RuleBasedJudge("no_lists"), taken["prompts"], completions[4], taken["completions"], seed=3)
+    mine = judge_against_baseline(
+        RuleBasedJudge("no_lists"), taken["prompts"], completions[4], taken["completions"], seed=3
+    )
     stored = history[1]["secondary_no_lists"]
     assert without_timings(mine) == without_timings(stored)
 
@@ -123,7 +133,9 @@ def test_a_kill_at_the_switch_then_resume_equals_an_uninterrupted_run(tmp_path, 
     # The switch: from the write of no_lists' baseline to the checkpoint that covers it (the next rename of a
     # checkpoint folder after it), every commit point.
     first = next(i for i, path in enumerate(points) if "baseline_completions_no_lists" in path)
-    last = next(i for i in range(first, len(points)) if "checkpoints" in points[i] and "training_state" not in points[i])
+    last = next(
+        i for i in range(first, len(points)) if "checkpoints" in points[i] and "training_state" not in points[i]
+    )
     # 1-based commit points: the baseline's fsync and rename, the next write, the checkpoint's rename and just after.
     for k in sorted({first + 1, first + 2, first + 3, last + 1, last + 2}):
         out = tmp_path / f"kill_{k}"
@@ -132,4 +144,6 @@ def test_a_kill_at_the_switch_then_resume_equals_an_uninterrupted_run(tmp_path, 
         assert faulted.returncode in (-9, 0), faulted.stderr[-2000:]
         _run(["eval_online_sdpo.py", "--resume", "--out_dir", str(out)], env)
         resumed = without_timings(json.loads((out / "unit_1.json").read_text()))
-        assert comparable(resumed) == comparable(expected), f"kill at commit point {k} ({points[k - 1]}): the resumed run differs"
+        assert comparable(resumed) == comparable(expected), (
+            f"kill at commit point {k} ({points[k - 1]}): the resumed run differs"
+        )

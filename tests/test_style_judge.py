@@ -3,20 +3,20 @@
 
 import pytest
 
-from sdpo.chat.backends import ChatBackend
 from auxiliary.claude_style_judge import ClaudeStyleJudge
+from auxiliary.vllm_user_simulator import VLLMStyleJudge
+from sdpo.chat.backends import ChatBackend
 from sdpo.models.generation import SamplingParams, encode_chat
 from sdpo.personas.style_judge import (
+    PAPER_VERDICT_MAX_TOKENS,
     LLMStyleJudge,
     StyleJudge,
     build_judge_messages,
-    PAPER_VERDICT_MAX_TOKENS,
     combine_orders,
     parse_judgement,
     parse_paper_verdict,
 )
 from sdpo.personas.user_simulator import STYLE_PERSONAS
-from auxiliary.vllm_user_simulator import VLLMStyleJudge
 from tests.fakes import FakeAnthropicServer, FakeLLM, Reply, install_fake_vllm
 
 
@@ -175,8 +175,18 @@ def test_vllm_judge_with_fake_engine(monkeypatch, chat_tokenizer):
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("A", 0), ("B", 1), ("C", -1), (" B\n", 1), ("a", None), ("A.", None), ("Judgement: A", None), ("AB", None),
-     ("A because it is shorter", None), ("", None)],
+    [
+        ("A", 0),
+        ("B", 1),
+        ("C", -1),
+        (" B\n", 1),
+        ("a", None),
+        ("A.", None),
+        ("Judgement: A", None),
+        ("AB", None),
+        ("A because it is shorter", None),
+        ("", None),
+    ],
 )
 def test_paper_verdict_is_one_character_or_unparsed(text, expected):
     assert parse_paper_verdict(text) == expected

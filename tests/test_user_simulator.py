@@ -5,8 +5,9 @@ import re
 
 import pytest
 
-from sdpo.chat.backends import ChatBackend
 from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
+from auxiliary.vllm_user_simulator import VLLMStyleUserSimulator
+from sdpo.chat.backends import ChatBackend
 from sdpo.models.generation import SamplingParams, encode_chat
 from sdpo.personas.user_simulator import (
     CORE_STYLES,
@@ -20,7 +21,6 @@ from sdpo.personas.user_simulator import (
     get_persona,
     resolve_style,
 )
-from auxiliary.vllm_user_simulator import VLLMStyleUserSimulator
 from tests.fakes import FakeAnthropicServer, FakeLLM, Reply, install_fake_vllm
 
 NEW_TABLE = {

@@ -257,7 +257,9 @@ def plot_winrate(
 
     diagnostics = has_diagnostics(eval_history)  # a third panel: collapse diagnostics (sdpo.evaluation.diagnostics)
     figure = Figure(figsize=(11, 7.8 if diagnostics else 6.2), layout="constrained")
-    panels = figure.subplots(3 if diagnostics else 2, 1, sharex=True, height_ratios=[3, 1, 1.4][: 3 if diagnostics else 2])
+    panels = figure.subplots(
+        3 if diagnostics else 2, 1, sharex=True, height_ratios=[3, 1, 1.4][: 3 if diagnostics else 2]
+    )
     axes, coverage_axes = panels[0], panels[1]
     reference = axes.axhline(50.0, color="grey", linewidth=1, linestyle=(0, (1, 3)), label="50% = no preference")
 
@@ -297,7 +299,8 @@ def plot_winrate(
                     linewidth=1.3,
                     alpha=0.8,
                     gid=f"preflight:{style}",
-                    label=f"{style} pre-flight: teacher x⊕o vs policy {metrics['winrate_a']:.0f}% ({_decided(metrics)} decided)",
+                    label=f"{style} pre-flight: teacher x⊕o vs policy {metrics['winrate_a']:.0f}% "
+                    f"({_decided(metrics)} decided)",
                 )
             )
     for interaction, new_style in switch_points:

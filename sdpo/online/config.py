@@ -133,9 +133,7 @@ class OnlineRunConfig:
         default=None,
         metadata={"help": "Model for the baseline completions (default: the policy before training)."},
     )
-    eval_every: int = field(
-        default=1, metadata={"help": "Evaluate after every N interactions (0: only at the end)."}
-    )
+    eval_every: int = field(default=1, metadata={"help": "Evaluate after every N interactions (0: only at the end)."})
     eval_at_start: bool = field(
         default=False,
         metadata={"help": "Also evaluate before the first update (interaction 0), where the paper's curves start."},
@@ -197,9 +195,7 @@ class OnlineRunConfig:
         default="./live_eval_results",
         metadata={"help": "Run directory: checkpoints, completions, plot, results."},
     )
-    eval_dir: str | None = field(
-        default=None, metadata={"help": "Where the results JSON goes (default: --out_dir)."}
-    )
+    eval_dir: str | None = field(default=None, metadata={"help": "Where the results JSON goes (default: --out_dir)."})
     run_name: str | None = field(
         default=None,
         metadata={"help": "Name of the run (results file prefix; letters, digits, '.', '_', '-')."},
@@ -270,7 +266,9 @@ class OnlineRunConfig:
     def judged_styles(self) -> tuple[str, ...]:
         """Every scheduled style (or --style), then --eval_styles; the first is the primary judge."""
         schedule = self.schedule
-        return tuple(dict.fromkeys((*schedule.styles, *([] if self.style_schedule else [self.style]), *self.eval_styles)))
+        return tuple(
+            dict.fromkeys((*schedule.styles, *([] if self.style_schedule else [self.style]), *self.eval_styles))
+        )
 
 
 def without_credentials(url: str | None) -> str | None:

@@ -133,7 +133,12 @@ def run_preflight(updater, participants, styles, conversations, requests: list[s
             "unrelated_follow_up": UNRELATED_FOLLOW_UP,
             "verdict": verdict_line(style, metrics),
             "examples": [
-                {"prompt": request[:300], "policy": answer[:300], "follow_up": follow_up[:300], "teacher": teacher[:300]}
+                {
+                    "prompt": request[:300],
+                    "policy": answer[:300],
+                    "follow_up": follow_up[:300],
+                    "teacher": teacher[:300],
+                }
                 for request, answer, follow_up, teacher in list(zip(requests, answers, follow_ups, teacher_answers))[:3]
             ],
         }

@@ -54,7 +54,9 @@ def read_json(path: Path, *required_keys: str) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{path} cannot be read ({type(error).__name__}: {error}); it is not a file this run wrote") from None
+        raise DataError(
+            f"{path} cannot be read ({type(error).__name__}: {error}); it is not a file this run wrote"
+        ) from None
     missing = [key for key in required_keys if not isinstance(value, dict) or key not in value]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}; it is not a file this run wrote")
@@ -129,7 +131,9 @@ def start_or_resume(arguments: OnlineArguments) -> tuple[OnlineArguments, RunFil
     out_dir = Path(run.out_dir)
     if run.resume:
         if not (out_dir / STATE_FILE).is_file():
-            raise DataError(f"--resume needs {out_dir / STATE_FILE} from an earlier run; start a new run without --resume")
+            raise DataError(
+                f"--resume needs {out_dir / STATE_FILE} from an earlier run; start a new run without --resume"
+            )
         state = _stored_state(out_dir)
         stored = state["settings"]
         given = arguments.to_dict()
