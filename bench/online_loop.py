@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-
 import eval_online_sdpo
 from auxiliary import preprocess_mtbench
 from sdpo.online.config import parse_arguments
@@ -59,6 +58,19 @@ class BenchSettings:
     loop_args: tuple[str, ...]
 
 
+# Seconds the loop records per batch of interactions (the same value on every record of the batch).
+PHASE_FIELDS = {"generation": "gen_time_s", "user": "sim_time_s", "update": "train_time_s"}
+
+
+@dataclass(frozen=True)
+class RunTiming:
+    """One loop run: its wall and CPU seconds and the seconds its records attribute to each phase of the interactions."""
+
+    wall_s: float
+    cpu_s: float
+    phases: dict[str, float]
+
+
 @dataclass(frozen=True)
 class Measurement:
     batch_size: int
@@ -66,11 +78,30 @@ class Measurement:
     short_s: float
     long_interactions: int
     long_s: float
+    # This process's CPU seconds (all threads) over the measured interactions: on a shared machine wall time also
+    # counts the time other jobs held the cores, CPU time does not (memory-bandwidth contention still shows in both).
+    cpu_s: float
+    # Per measured interaction (long run minus short run): generation, user, update, and "other" (results files,
+    # resume checkpoints, the loop's own work) as the wall time the three do not account for.
+    phase_s_per_interaction: dict[str, float]
 
     @property
     def interactions_per_s(self) -> float:
         elapsed = self.long_s - self.short_s
         return (self.long_interactions - self.short_interactions) / elapsed if elapsed > 0 else float("nan")
+
+    @property
+    def interactions_per_cpu_s(self) -> float:
+        return (self.long_interactions - self.short_interactions) / self.cpu_s if self.cpu_s > 0 else float("nan")
+
+
+def measurement(batch_size: int, short: tuple[int, RunTiming], long: tuple[int, RunTiming]) -> Measurement:
+    (short_n, short_run), (long_n, long_run) = short, long
+    measured = long_n - short_n
+    phases = {name: (long_run.phases[name] - short_run.phases[name]) / measured for name in PHASE_FIELDS}
+    phases["other"] = (long_run.wall_s - short_run.wall_s) / measured - sum(phases.values())
+    cpu_s = long_run.cpu_s - short_run.cpu_s
+    return Measurement(batch_size, short_n, short_run.wall_s, long_n, long_run.wall_s, cpu_s, phases)
 
 
 def parse_settings(argv=None) -> BenchSettings:
@@ -137,14 +168,14 @@ def loop_argv(settings: BenchSettings, data_dir: Path, batch_size: int, train_n:
     ]  # fmt: skip
 
 
-def timed_run(argv: list[str]) -> float:
-    """Wall seconds of one eval_online_sdpo.main call; its output goes to <out_dir>.log."""
+def timed_run(argv: list[str]) -> RunTiming:
+    """Wall seconds of one eval_online_sdpo.main call and its recorded phases; its output goes to <out_dir>.log."""
     out_dir = Path(argv[argv.index("--out_dir") + 1])
     log = out_dir.with_suffix(".log")
     with open(log, "w") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         code = eval_online_sdpo.main(argv)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if code != 0:
         raise BenchError(
             f"loop run {out_dir.name} failed (exit {code}); its log ends with:\n{log.read_text()[-LOG_TAIL_CHARS:]}"
@@ -154,7 +185,12 @@ def timed_run(argv: list[str]) -> float:
     if len(results["training_metrics"]) != train_n:
         recorded = len(results["training_metrics"])
         raise BenchError(f"loop run {out_dir.name} recorded {recorded} interactions, expected {train_n}")
-    return elapsed
+    batch_size = int(argv[argv.index("--interactions_per_step") + 1])
+    first_of_each_batch = results["training_metrics"][::batch_size]
+    phases = {
+        name: sum(record.get(field, 0.0) for record in first_of_each_batch) for name, field in PHASE_FIELDS.items()
+    }
+    return RunTiming(elapsed, cpu, phases)
 
 
 def measure(settings: BenchSettings, work: Path) -> list[Measurement]:
@@ -170,9 +206,9 @@ def measure(settings: BenchSettings, work: Path) -> list[Measurement]:
         parse_arguments(argv)  # a bad forwarded flag stops here, before any model loads
     first = min(settings.batch_sizes)
     timed_run(loop_argv(settings, data_dir, first, first, work / "warmup"))
-    seconds = {run: timed_run(argv) for run, argv in commands.items()}
+    timings = {run: timed_run(argv) for run, argv in commands.items()}
     return [
-        Measurement(b, b, seconds[(b, b)], b + settings.interactions, seconds[(b, b + settings.interactions)])
+        measurement(b, (b, timings[(b, b)]), (b + settings.interactions, timings[(b, b + settings.interactions)]))
         for b in settings.batch_sizes
     ]
 
@@ -183,14 +219,24 @@ def loads(values) -> str:
 
 def report(settings: BenchSettings, rows: list[Measurement], load_before, load_after) -> dict:
     base = rows[0]
-    print(f"{'B':>4}{'short run':>16}{'long run':>16}{'interactions/s':>16}{'s/interaction':>15}")
+    phase_names = [*PHASE_FIELDS, "other"]
+    print(
+        f"{'B':>4}{'short run':>16}{'long run':>16}{'interactions/s':>16}{'s/interaction':>15}{'CPU s/int.':>12}  "
+        + "".join(f"{name + ' s':>12}" for name in phase_names)
+    )
     for row in rows:
         short, long = f"{row.short_interactions} in {row.short_s:.1f}s", f"{row.long_interactions} in {row.long_s:.1f}s"
         rate = row.interactions_per_s
-        print(f"{row.batch_size:>4}{short:>16}{long:>16}{rate:>16.3f}{1 / rate:>15.2f}")
+        phases = "".join(f"{row.phase_s_per_interaction[name]:>12.2f}" for name in phase_names)
+        cpu_per_interaction = 1 / row.interactions_per_cpu_s
+        print(f"{row.batch_size:>4}{short:>16}{long:>16}{rate:>16.3f}{1 / rate:>15.2f}{cpu_per_interaction:>12.2f}  {phases}")
     for row in rows[1:]:
         ratio = row.interactions_per_s / base.interactions_per_s
-        print(f"B={row.batch_size} vs B={base.batch_size}: {ratio:.2f}x interactions/s")
+        cpu_ratio = row.interactions_per_cpu_s / base.interactions_per_cpu_s
+        print(
+            f"B={row.batch_size} vs B={base.batch_size}: {ratio:.2f}x interactions/s "
+            f"({cpu_ratio:.2f}x interactions per CPU second)"
+        )
     threads = torch.get_num_threads()
     print(
         f"torch threads {threads}; load average (1, 5, 15 min) before {loads(load_before)}, after {loads(load_after)}"
@@ -206,6 +252,7 @@ def report(settings: BenchSettings, rows: list[Measurement], load_before, load_a
             {
                 **asdict(row),
                 "interactions_per_s": row.interactions_per_s,
+                "interactions_per_cpu_s": row.interactions_per_cpu_s,
                 "ratio": row.interactions_per_s / base.interactions_per_s,
             }
             for row in rows

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sdpo.models.generation import autocast_context, encode_chat
+# length_groups (and its bound) live with generation, which groups prompts the same way; the update imports them here.
+from sdpo.models.generation import MAX_PADDING_RATIO, autocast_context, encode_chat, length_groups  # noqa: F401
 
 # --------------------------------------------------------------------------------------------------
 # Hindsight contexts
@@ -240,27 +241,6 @@ def pad_contexts_and_completions(
         completion_ids=input_ids[:, ctx_width:].clone(),
         completion_mask=completion_mask,
     )
-
-
-# A micro-batch pads its sequences to at most this multiple of their real tokens (``length_groups``).
-MAX_PADDING_RATIO = 1.25
-
-
-def length_groups(lengths: Sequence[int], max_padding_ratio: float = MAX_PADDING_RATIO) -> list[list[int]]:
-    """Indices of ``lengths`` in micro-batches of similar length: sorted, and a new group starts whenever padding
-    every member to the group's longest would exceed ``max_padding_ratio`` times their real tokens. A batch of
-    prompts of very different lengths would otherwise be padded (and computed) to its longest one."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
-        candidate = [*current, index]
-        if current and len(candidate) * lengths[index] > max_padding_ratio * sum(lengths[i] for i in candidate):
-            groups.append(current)
-            candidate = [index]
-        current = candidate
-    if current:
-        groups.append(current)
-    return groups
 
 
 # Largest fp32 logit block materialised at once (1 GiB): bounds memory for 150k-token vocabularies.

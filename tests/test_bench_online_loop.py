@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from sdpo.online.config import parse_arguments
 from bench import online_loop
+from sdpo.online.config import parse_arguments
 
 
 def test_settings_defaults_and_forwarded_loop_arguments():
@@ -40,6 +40,14 @@ def test_each_run_is_a_command_the_loop_accepts(tmp_path):
     assert (participants.user_backend, participants.judge_backend, run.out_dir) == ("rule", "rule", str(tmp_path / "run"))
 
 
+def test_phases_per_interaction_are_the_long_run_minus_the_short_run():
+    short = online_loop.RunTiming(wall_s=10.0, cpu_s=9.0, phases={"generation": 2.0, "user": 0.5, "update": 1.0})
+    long = online_loop.RunTiming(wall_s=26.0, cpu_s=21.0, phases={"generation": 10.0, "user": 2.5, "update": 5.0})
+    row = online_loop.measurement(8, (8, short), (16, long))
+    assert row.interactions_per_s == 0.5 and row.interactions_per_cpu_s == 8 / 12
+    assert row.phase_s_per_interaction == {"generation": 1.0, "user": 0.25, "update": 0.5, "other": 0.25}
+
+
 def test_a_bad_forwarded_flag_stops_before_any_model_loads(capsys):
     assert online_loop.main(["--no_such_flag"]) == 2
     assert "--no_such_flag" in capsys.readouterr().err
@@ -70,5 +78,9 @@ def test_tiny_end_to_end_reports_both_batch_sizes(tiny_model_path, tmp_path, cap
         (2, 2, 4),
     ]
     assert summary["torch_threads"] >= 1 and len(summary["load_before"]) == len(summary["load_after"]) == 3
+    for run in summary["runs"]:
+        assert set(run["phase_s_per_interaction"]) == {"generation", "user", "update", "other"}
+        assert isinstance(run["cpu_s"], float)  # a difference of two runs: on a 4-token tiny run it can be < 0
     printed = capsys.readouterr().out
     assert "interactions/s" in printed and "load average" in printed and "torch threads" in printed
+    assert "interactions per CPU second" in printed

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +162,28 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return contextlib.nullcontext()
 
 
+# Prompts prefilled together are padded to at most this multiple of their real tokens (``length_groups``); the
+# update's micro-batches (``sdpo.core``) use the same bound.
+MAX_PADDING_RATIO = 1.25
+
+
+def length_groups(lengths: Sequence[int], max_padding_ratio: float = MAX_PADDING_RATIO) -> list[list[int]]:
+    """Indices of ``lengths`` in groups of similar length: sorted, and a new group starts whenever padding every
+    member to the group's longest would exceed ``max_padding_ratio`` times their real tokens. A batch of prompts of
+    very different lengths would otherwise be padded (and computed) to its longest one."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        candidate = [*current, index]
+        if current and len(candidate) * lengths[index] > max_padding_ratio * sum(lengths[i] for i in candidate):
+            groups.append(current)
+            candidate = [index]
+        current = candidate
+    if current:
+        groups.append(current)
+    return groups
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -169,14 +193,22 @@ def generate(
     *,
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
+    max_padding_ratio: float = MAX_PADDING_RATIO,
     streamer=None,
     adapter_names: list[str] | None = None,
 ) -> list[Generation]:
-    """Sample one completion per context (token-id lists), batched with left padding and a KV cache.
+    """Sample one completion per context (token-id lists); results come back in input order.
 
-    Contexts are grouped by length to limit padding; results come back in input order. With ``streamer`` (a
-    transformers streamer, which receives the batch's tokens as they are sampled) or ``adapter_names`` (PEFT's
-    mixed-adapter batch: one loaded adapter name per context) the contexts run as one batch in the given order.
+    Contexts are sorted by length and decoded ``batch_size`` at a time. Within a batch, the prompts are prefilled
+    in length groups (``length_groups``: each group padded to at most ``max_padding_ratio`` times its real tokens),
+    and the groups' KV caches are joined, left-padded and masked, so the whole batch decodes together. The split is
+    by cost: a prefill computes every padded position, whereas a decode step reads every weight once whatever the
+    batch size, so one decode loop over the batch beats one per group while padding the prefill would not.
+
+    With ``streamer`` (a transformers streamer, which receives the batch's tokens as they are sampled) or
+    ``adapter_names`` (PEFT's mixed-adapter batch: one loaded adapter name per context) the contexts run as one
+    batch in the given order; with ``adapter_names`` transformers prefills it (PEFT routes the adapters inside
+    the model's own forward, which the grouped prefill bypasses).
     """
     if not contexts:
         return []
@@ -196,14 +228,17 @@ def generate(
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            ids, mask = left_pad([contexts[i] for i in chunk], tokenizer.pad_token_id)
+            batch = [contexts[i] for i in chunk]
+            ids, mask = left_pad(batch, tokenizer.pad_token_id)
             with autocast_context(device, autocast_dtype):
+                cache = prefill(model, batch, tokenizer.pad_token_id, max_padding_ratio) if not extra else {}
                 out = model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
                     generation_config=config,
                     streamer=streamer,
                     **extra,
+                    **cache,
                 )
             new_tokens = out[:, ids.shape[1] :].tolist()
             for row, index in enumerate(chunk):
@@ -211,6 +246,73 @@ def generate(
     finally:
         model.train(was_training)
     return results
+
+
+def prefill(model, contexts: list[list[int]], pad_token_id: int, max_padding_ratio: float = MAX_PADDING_RATIO) -> dict:
+    """The KV cache of every context but its last token, as ``model.generate`` would build it for ``contexts``
+    left-padded to the longest, but computed in length groups, so that a short prompt is not computed at a long
+    one's width. Returned as the keyword argument that passes it to ``generate`` (transformers 5.24 renamed
+    ``past_key_values`` to ``cache``); empty when no context has more than one token (nothing to reuse).
+
+    Only the decoder runs (no LM head: ``generate`` computes the first logits from the last token). A model whose
+    cache is not one plain tensor pair per layer (e.g. sliding-window layers) is prefilled as a single group (or
+    left to ``generate`` when a context has a single token).
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    prefixes = [c[:-1] for c in contexts]
+    width = max(map(len, prefixes))
+    if width == 0:
+        return {}
+    device = next(model.parameters()).device
+    config = model.config.get_text_config(decoder=True)
+    keyword = _cache_keyword(model)
+    if not all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers):
+        return {keyword: _decoder_cache(model, prefixes, pad_token_id, device, config)} if all(prefixes) else {}
+    groups = length_groups([len(p) for p in prefixes], max_padding_ratio)
+    if len(groups) == 1:
+        return {keyword: _decoder_cache(model, prefixes, pad_token_id, device, config)}
+    # One-token contexts have no prefix: their rows stay zeros, masked like any padding.
+    groups = [group for group in groups if prefixes[group[-1]]]
+    joined = None
+    for group in groups:
+        cache = _decoder_cache(model, [prefixes[i] for i in group], pad_token_id, device, config)
+        if joined is None:
+            joined = [
+                (layer.keys.new_zeros(_rows(layer.keys, len(prefixes), width)),
+                 layer.values.new_zeros(_rows(layer.values, len(prefixes), width)))
+                for layer in cache.layers
+            ]  # fmt: skip
+        rows = torch.tensor(group, device=device)
+        for (keys, values), layer in zip(joined, cache.layers):
+            group_width = layer.keys.shape[-2]
+            keys[rows, :, width - group_width :] = layer.keys
+            values[rows, :, width - group_width :] = layer.values
+    return {keyword: DynamicCache(joined, config=config)}
+
+
+def _cache_keyword(model) -> str:
+    """How this transformers version names the cache argument of ``forward`` and ``generate``."""
+    return "cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters else "past_key_values"
+
+
+def _rows(states: torch.Tensor, batch_size: int, width: int) -> tuple[int, ...]:
+    """The shape of ``states`` ([group, heads, length, head_dim]) for the whole batch at ``width`` positions."""
+    return (batch_size, states.shape[1], width, states.shape[3])
+
+
+def _decoder_cache(model, prefixes: list[list[int]], pad_token_id: int, device, config):
+    """One left-padded forward of the decoder over ``prefixes``, with the positions ``generate`` gives them."""
+    from transformers import DynamicCache
+
+    ids, mask = left_pad(prefixes, pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = DynamicCache(config=config)
+    arguments = {_cache_keyword(model): cache}
+    model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **arguments)
+    return cache
 
 
 def _cut_at_stop(tokens: list[int], stops: list[int], tokenizer) -> Generation:
