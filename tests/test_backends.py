@@ -76,6 +76,7 @@ def test_anthropic_success_forwards_system_and_sampling():
     assert backend.name == "anthropic:claude-test"
 
 
+@pytest.mark.slow
 def test_anthropic_sends_top_p_only_below_one():
     with FakeAnthropicServer() as server:
         backend = AnthropicBackend("m", api_key="k", base_url=server.base_url)
@@ -356,6 +357,7 @@ def test_openai_check_finds_a_bad_key_and_a_base_url_without_v1():
 # ---- HFChatBackend ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hf_batched_equals_one_by_one_greedy(tiny_model, chat_tokenizer):
     backend = HFChatBackend(tiny_model, chat_tokenizer, batch_size=4)
     conversations = [

@@ -288,6 +288,7 @@ def test_a_completion_labelled_user_is_refused():
         ("wrong_field", "wrong_field.jsonl:1: no 'prompt' field"),
     ],
 )
+@pytest.mark.slow
 def test_online_bad_prompt_files_name_the_line(name, message, files, tiny_model_path, capsys):
     args = online(files, train=files[name], out=files["dir"] / name)
     args[1] = tiny_model_path

@@ -53,6 +53,7 @@ def cli(model, prompt_file, eval_dir, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_oracle_against_baseline_per_style(tiny_model_path, chat_tokenizer, prompt_file, tmp_path, monkeypatch):
     contexts = []
     real_generate = backends.generate

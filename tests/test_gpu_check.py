@@ -28,6 +28,7 @@ def test_full_size_config_is_qwen3_0_6b():
     assert 0.55e9 < sum(p.numel() for p in model.parameters()) < 0.65e9
 
 
+@pytest.mark.slow
 def test_tiny_check_runs_both_steps_on_cpu(capsys):
     result = main(["--tiny", "--device", "cpu", "--batch_size", "2", "--new_tokens", "6", "--matmul_size", "128"])
     printed = capsys.readouterr().out

@@ -185,6 +185,7 @@ def test_full_distillation_update_reduces_kl_to_the_pre_update_teacher(tiny_mode
     assert kl_to_frozen_teacher() < before
 
 
+@pytest.mark.slow
 def test_batched_train_step_loss_is_the_mean_of_single_losses(tiny_model_path, tmp_path):
     conversations = [MESSAGES, [{"role": "user", "content": "Tell me something about the sea, briefly."}]]
     follow_ups = [FOLLOW_UP, "Make it funnier."]
@@ -267,6 +268,7 @@ def test_fp32_master_weights_with_bf16_autocast_by_default(tiny_model_path, tmp_
     assert next(pure.model.parameters()).dtype == torch.bfloat16 and pure.autocast_dtype is None
 
 
+@pytest.mark.slow
 def test_sampling_parameters_are_not_inherited_from_the_model(tiny_model_path, tmp_path):
     """A generation_config with top_k=1 (≈ greedy) must not leak into T=1 sampling."""
     updater = make_updater(tiny_model_path, tmp_path, max_new_tokens=5)

@@ -54,6 +54,7 @@ def test_preflight_reports_per_style_and_leaves_the_run_unchanged(tmp_path, prom
     assert without_timings(results["eval_history"]) == without_timings(reference["eval_history"])
 
 
+@pytest.mark.slow
 def test_preflight_only_trains_nothing_and_needs_a_count(tmp_path, prompt_files, tiny_model_path, capsys):
     train, val = prompt_files
     out = tmp_path / "run"

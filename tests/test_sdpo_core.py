@@ -139,6 +139,7 @@ def scoring_model(request, chat_tokenizer, bundled_model_path):
     return AutoModelForCausalLM.from_pretrained(bundled_model_path, dtype=torch.float32).eval()
 
 
+@pytest.mark.slow
 def test_summed_token_logprobs_equal_transformers_loss(scoring_model, chat_tokenizer):
     contexts, completions = _example_ids(chat_tokenizer)
     for context, completion in zip(contexts, completions):

@@ -368,6 +368,7 @@ def test_a_case_that_stays_short_is_skipped_and_reported(tiny_model_path, tmp_pa
     assert all((out_dir / name).is_file() for name in HEATMAPS) and not (out_dir / "case9_tokens.png").exists()
 
 
+@pytest.mark.slow
 def test_when_every_case_is_too_short_the_run_reports_and_exits_1(
     tiny_model_path, tmp_path, capsys, cut_marked_answers
 ):
