@@ -83,7 +83,12 @@ from sdpo.core import (
     score_hindsight,
 )
 from sdpo.evaluation.evaluation_helpers import seed_everything
-from sdpo.evaluation.plots import SIGNAL_HEATMAP_FILES, SignalFigureSettings, token_figure_name, write_signal_figures
+from sdpo.evaluation.signal_plots import (
+    SIGNAL_HEATMAP_FILES,
+    SignalFigureSettings,
+    token_figure_name,
+    write_signal_figures,
+)
 from sdpo.models.generation import Generation, SamplingParams, encode_chat, generate
 from sdpo.models.model_loading import ModelLoadError, concrete_dtype, load_model_and_tokenizer, resolve_device
 from sdpo.utils.command_line import ConfigParser, UsageError

@@ -10,18 +10,15 @@ from matplotlib import colormaps
 from matplotlib.colors import to_hex, to_rgb
 
 from sdpo.evaluation.evaluation_helpers import compute_metrics
-from sdpo.evaluation.plots import (
+from sdpo.evaluation.plots import plot_profile_grid, plot_winrate, save_figure, styles_in_history
+from sdpo.evaluation.signal_plots import (
     SIGNAL_HEATMAP_FILES,
     SignalFigureSettings,
     plot_heatmap,
-    plot_profile_grid,
     plot_token_boxes,
-    plot_winrate,
-    save_figure,
     signal_color_hex,
     signal_colormap,
     signal_matrix,
-    styles_in_history,
     text_color_hex,
     token_display_text,
     write_signal_figures,

@@ -15,7 +15,7 @@ import torch
 
 from auxiliary import sdpo_signal_analysis as analysis
 from sdpo.core import build_hindsight_messages, pad_contexts_and_completions, score_completions
-from sdpo.evaluation.plots import SIGNAL_HEATMAP_FILES
+from sdpo.evaluation.signal_plots import SIGNAL_HEATMAP_FILES
 from sdpo.models.generation import Generation, SamplingParams, encode_chat
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

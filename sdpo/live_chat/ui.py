@@ -12,7 +12,7 @@ likely, white = unchanged, blue = more likely).
 
 import html
 
-from sdpo.evaluation.plots import signal_color_hex, text_color_hex
+from sdpo.evaluation.signal_plots import signal_color_hex, text_color_hex
 from sdpo.live_chat.api import Identities, api_routes
 from sdpo.live_chat.sessions import Conversation, LiveChatEngine, LiveChatError, UpdateReport, UserStatus
 
