@@ -88,7 +88,13 @@ from sdpo.evaluation.evaluation_helpers import (
 )
 from sdpo.learner.config import check_ranges
 from sdpo.models.generation import SamplingParams
-from sdpo.models.model_loading import ModelLoadError, concrete_dtype, load_tokenizer, resolve_model_path
+from sdpo.models.model_loading import (
+    ModelLoadError,
+    concrete_dtype,
+    is_local_model_path,
+    load_tokenizer,
+    resolve_model_path,
+)
 from sdpo.models.vllm_engines import VLLMPolicyEngine, require_vllm
 from sdpo.online.config import check_run_name, settings_record
 from sdpo.personas.participants import (
@@ -241,11 +247,6 @@ class Checkpoint:
 # --------------------------------------------------------------------------------------------------
 
 
-def _looks_like_local_path(name: str) -> bool:
-    # Hub ids are "org/name"; anything absolute, relative-marked or deeper is a filesystem path.
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1
-
-
 def _checkpoint_hint(path: Path) -> str:
     """Names of checkpoint folders inside ``path`` (or its ``checkpoints/``), for a pointer in the error."""
     folders = [
@@ -279,7 +280,7 @@ def inspect_checkpoint(given: str) -> Checkpoint:
             raise CheckpointError(
                 f"checkpoint {given}: LoRA adapter without weights (no {' or '.join(ADAPTER_WEIGHTS)})"
             )
-        if _looks_like_local_path(base) and not Path(base).expanduser().is_dir():
+        if is_local_model_path(base) and not Path(base).expanduser().is_dir():
             raise CheckpointError(f"checkpoint {given}: its base model {base} (adapter_config.json) does not exist")
         return Checkpoint(given=given, path=path, base_model=base, lora_rank=settings.get("r"))
     if (path / "config.json").is_file():

@@ -231,3 +231,8 @@ def load_model_and_tokenizer(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def is_local_model_path(name: str) -> bool:
+    """``name`` is meant as a model folder, not a Hub id ("org/name"): absolute, relative-marked or deeper."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1

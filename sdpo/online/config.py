@@ -17,6 +17,7 @@ from sdpo.data.data_sources import DataError
 from sdpo.evaluation.evaluation_helpers import load_prompts
 from sdpo.learner import distributed
 from sdpo.learner.config import OnlineSDPOConfig, check_ranges
+from sdpo.models.model_loading import is_local_model_path
 from sdpo.personas.participants import ParticipantsArguments, ParticipantsConfig, StyleSchedule
 from sdpo.personas.style_judge import PROTOCOLS
 from sdpo.personas.user_simulator import resolve_style
@@ -56,14 +57,9 @@ def _check_folder(flag: str, value: str | None) -> None:
         check_output_folder(value, f"--{flag}")
 
 
-def _looks_like_local_path(name: str) -> bool:
-    # Hub ids are "org/name"; anything absolute, relative-marked or deeper is a filesystem path.
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1
-
-
 def check_local_model(flag: str, name: str | None) -> None:
     """A model given as a local path must be an existing folder (checked before any model loads)."""
-    if not name or not _looks_like_local_path(name):
+    if not name or not is_local_model_path(name):
         return
     path = Path(name).expanduser()
     if not path.is_dir():
