@@ -378,7 +378,13 @@ class OnlineRun:
         run, learner = self.run, self.learner
         # Every setting by field name, then what the run derived from them.
         meta = {
-            "settings": self.arguments.to_dict(),
+            # Where the run lives and how it was started are not what it computes: a resumed (or copied) run's meta
+            # equals an uninterrupted one's.
+            "settings": {
+                name: value
+                for name, value in self.arguments.to_dict().items()
+                if name not in ("resume", "out_dir", "eval_dir")
+            },
             "judged_styles": list(self.participants_config.judge_styles),
             "style_segments": [list(segment) for segment in self.schedule.segments] if run.style_schedule else None,
             "switch_points": [list(point) for point in self.schedule.switch_points(len(train_prompts))],
