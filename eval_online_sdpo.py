@@ -48,7 +48,6 @@ seeded; the final evaluation uses --temperature; strict judge parsing with unpar
 (n_unparsed); the ties-as-half win rate stored.
 """
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -85,12 +84,14 @@ from sdpo.models.vllm_engines import require_vllm
 from sdpo.models.vllm_server import VLLMServerPolicyEngine
 from sdpo.online import distributed
 from sdpo.online.config import SYSTEM_PROMPTS, OnlineArguments, check_world_size, parse_arguments
+from sdpo.online.preflight import run_preflight
 from sdpo.online.run_state import (
     RESUME_TAG,
     ResumePoint,
     RunFiles,
     kept_history,
     nothing_pending,
+    read_json,
     resume_point,
     start_or_resume,
 )
@@ -127,7 +128,9 @@ class OnlineRun:
         self.schedule = self.run.schedule
         self.participants_config = arguments.participants_config()
         self.system_prompt = SYSTEM_PROMPTS[self.run.system_prompt]
-        self.eval_sampling = SamplingParams(max_new_tokens=self.run.eval_max_new_tokens, temperature=self.learner.temperature, top_p=1.0)
+        self.eval_sampling = SamplingParams(
+            max_new_tokens=self.run.eval_max_new_tokens, temperature=self.learner.temperature, top_p=1.0
+        )
         self.previous = previous
         self.tracker = Tracker()
         self.parallel = distributed.current()
@@ -148,17 +151,106 @@ class OnlineRun:
         seed_everything(run.seed)
         separate = bool(run.baseline_model) and run.baseline_model != learner.model_name_or_path
         if separate:
-            policy = load_policy(run.baseline_model, dtype=learner.torch_dtype, device=learner.device, batch_size=learner.generation_batch_size)
+            policy = load_policy(
+                run.baseline_model,
+                dtype=learner.torch_dtype,
+                device=learner.device,
+                batch_size=learner.generation_batch_size,
+            )
         texts = distributed.answer_sharded(
-            self.parallel, policy, self.conversations(eval_prompts), self.eval_sampling, batch_size=learner.generation_batch_size, label="baseline"
+            self.parallel,
+            policy,
+            self.conversations(eval_prompts),
+            self.eval_sampling,
+            batch_size=learner.generation_batch_size,
+            label="baseline",
         )
         if separate:
             release(policy)
         del policy
         if self.parallel.is_main_process:
-            write_json_atomic(files.baseline, {"model": run.baseline_model or learner.model_name_or_path, "prompts": eval_prompts, "completions": texts})
+            write_json_atomic(
+                files.baseline,
+                {
+                    "model": run.baseline_model or learner.model_name_or_path,
+                    "prompts": eval_prompts,
+                    "completions": texts,
+                },
+            )
         logger.info("baseline: %d completions, mean %.0f chars", len(texts), average_chars(texts))
         return texts
+
+    def introductions(self, n_interactions: int) -> dict[str, int]:
+        """Interactions done when each judged style gets its baseline: 0 for all under --style_baseline base;
+        under ``introduced`` a scheduled style entering after the first update has its switch point."""
+        batch = self.run.interactions_per_step
+        introduced = {style: 0 for style in self.participants_config.judge_styles}
+        if self.run.style_baseline == "introduced":
+            seen = {self.schedule.segments[0][0]}
+            for point, style in self.schedule.switch_points(n_interactions):
+                if style not in seen and point >= batch:  # within the first update the policy is still the base
+                    introduced[style] = point
+                seen.add(style)
+        return introduced
+
+    def stored_style_baselines(self, records: dict, base: list[str]) -> dict[str, list[str]]:
+        """Every style's baseline answers known so far: the base answers, and those taken at introductions."""
+        baselines = {}
+        for style in self.participants_config.judge_styles:
+            record = records.get(style)
+            if record is None and self.introductions(self.n_train)[style] == 0:
+                records[style] = {"style": style, "interaction": 0, "step": 0, "file": self.files.baseline.name}
+                baselines[style] = base
+            elif record is not None:
+                path = self.files.out_dir / record["file"]
+                baselines[style] = base if record["interaction"] == 0 else read_json(path, "completions")["completions"]
+        return baselines
+
+    def take_style_baselines(self, policy, results: dict, interaction: int, step: int) -> list[str]:
+        """Under --style_baseline introduced: the current policy answers the eval prompts once for every style
+        introduced by the next update; those answers become the style's baseline from now on."""
+        n = results["meta"]["n_train_prompts"]
+        batch = self.run.interactions_per_step
+        new = [
+            style
+            for style, point in self.introductions(n).items()
+            if style not in self.baselines and interaction <= point < interaction + batch
+        ]
+        if not new:
+            return []
+        texts = distributed.answer_sharded(
+            self.parallel,
+            policy,
+            self.conversations(self.eval_prompts),
+            self.eval_sampling,
+            batch_size=self.learner.generation_batch_size,
+            label="baseline at switch",
+        )
+        for style in new:
+            path = self.files.style_baseline(style)
+            if self.parallel.is_main_process:
+                write_json_atomic(
+                    path,
+                    {
+                        "style": style,
+                        "interaction": interaction,
+                        "step": step,
+                        "prompts": self.eval_prompts,
+                        "completions": texts,
+                    },
+                )
+            record = {"style": style, "interaction": interaction, "step": step, "file": path.name}
+            results["meta"]["style_baselines"][style] = record
+            self.pending["baselines"].append(record)
+            self.baselines[style] = texts
+            logger.info(
+                "baseline of %s: the policy after %d interactions (step %d), mean %.0f chars",
+                style,
+                interaction,
+                step,
+                average_chars(texts),
+            )
+        return new
 
     def oracle_metrics(self, policy, participants, eval_prompts: list[str], baseline: list[str]) -> dict:
         """The in-context oracle judged against the baseline, per judged style (stored answers reused on resume)."""
@@ -168,17 +260,29 @@ class OnlineRun:
         else:
             sampling = self.eval_sampling
             shard, _ = oracle_answers(
-                policy, self.parallel.shard(eval_prompts), styles, sampling, batch_size=self.learner.generation_batch_size, seed=self.run.seed, system_prompt=self.system_prompt
+                policy,
+                self.parallel.shard(eval_prompts),
+                styles,
+                sampling,
+                batch_size=self.learner.generation_batch_size,
+                seed=self.run.seed,
+                system_prompt=self.system_prompt,
             )
             answers = {style: self.parallel.gather(shard[style]) for style in styles}
             if self.parallel.is_main_process:
                 write_json_atomic(self.files.oracle, {"prompts": eval_prompts, "completions": answers})
-        return distributed.on_main_then_shared(self.parallel, lambda: self.judge_oracle(participants, eval_prompts, answers, baseline))
+        return distributed.on_main_then_shared(
+            self.parallel, lambda: self.judge_oracle(participants, eval_prompts, answers, baseline)
+        )
 
-    def judge_oracle(self, participants, eval_prompts: list[str], answers: dict[str, list[str]], baseline: list[str]) -> dict:
+    def judge_oracle(
+        self, participants, eval_prompts: list[str], answers: dict[str, list[str]], baseline: list[str]
+    ) -> dict:
         metrics = {}
         for style, texts in answers.items():
-            metrics[style] = judge_every_style({style: participants.judges[style]}, eval_prompts, texts, baseline, seed=self.run.seed, label="oracle")[style]
+            metrics[style] = judge_every_style(
+                {style: participants.judges[style]}, eval_prompts, texts, baseline, seed=self.run.seed, label="oracle"
+            )[style]
             metrics[style]["avg_completion_chars"] = average_chars(texts)
         return metrics
 
@@ -193,7 +297,9 @@ class OnlineRun:
         policy_engine = None
         if learner.use_vllm and run.vllm_mode == "server":
             # A server that cannot serve the policy is one line before any model loads.
-            policy_engine = VLLMServerPolicyEngine(run.vllm_server_url, registers_adapters=self.parallel.is_main_process)
+            policy_engine = VLLMServerPolicyEngine(
+                run.vllm_server_url, registers_adapters=self.parallel.is_main_process
+            )
             policy_engine.check()
         # Remote and rule participants cost nothing to build: built first, a bad key fails before the model loads.
         participants = build_participants(config) if config.user_backend not in ("hf", "vllm") else None
@@ -202,25 +308,68 @@ class OnlineRun:
         seed_everything(run.seed)
         resume = resume_point(files, self.previous)
         checkpoint, done = resume.checkpoint, resume.interactions_done
-        updater = OnlineSDPOUpdater(learner_config(self.arguments, files), resume_from=checkpoint, policy_engine=policy_engine)
+        updater = OnlineSDPOUpdater(
+            learner_config(self.arguments, files), resume_from=checkpoint, policy_engine=policy_engine
+        )
 
-        train_prompts = load_split(run.train_jsonl, updater.tokenizer, run.train_n, max_prompt_tokens=run.max_prompt_tokens, seed=run.seed, label="train")
-        eval_prompts = load_split(run.val_jsonl, updater.tokenizer, run.eval_n, max_prompt_tokens=run.max_prompt_tokens, seed=run.seed, label="eval")
+        train_prompts = load_split(
+            run.train_jsonl,
+            updater.tokenizer,
+            run.train_n,
+            max_prompt_tokens=run.max_prompt_tokens,
+            seed=run.seed,
+            label="train",
+        )
+        eval_prompts = load_split(
+            run.val_jsonl,
+            updater.tokenizer,
+            run.eval_n,
+            max_prompt_tokens=run.max_prompt_tokens,
+            seed=run.seed,
+            label="eval",
+        )
         if not eval_prompts or not train_prompts:
-            raise DataError(f"no prompts left after filtering ({len(train_prompts)} train, {len(eval_prompts)} eval); check the files and --max_prompt_tokens")
+            raise DataError(
+                f"no prompts left after filtering ({len(train_prompts)} train, {len(eval_prompts)} eval); check "
+                "the files and --max_prompt_tokens"
+            )
         policy = TrainingPolicy(updater)
+        self.n_train = len(train_prompts)
         baseline = self.baseline_completions(eval_prompts, policy)
         if participants is None:
             participants = build_participants(config)
         results = self.initial_results(participants, train_prompts, eval_prompts, resume)
+        self.baselines = self.stored_style_baselines(results["meta"]["style_baselines"], baseline)
         if run.oracle and "oracle" not in results["meta"]:
             results["meta"]["oracle"] = self.oracle_metrics(policy, participants, eval_prompts, baseline)
             self.save(results)
+        if run.preflight and "preflight" not in results["meta"]:
+            prompts = train_prompts[: run.preflight]
+            results["meta"]["preflight"] = run_preflight(
+                updater,
+                participants,
+                self.schedule.styles,
+                self.conversations(prompts),
+                [request_text(p) for p in prompts],
+                seed=run.seed,
+            )
+            for check in results["meta"]["preflight"].values():
+                print(check["verdict"])
+            self.save(results)
+        if run.preflight_only:
+            return results
         if checkpoint is None:
             # Training draws from the same stream whether the baseline was generated now or read from disk.
             seed_everything(run.seed)
+            if run.eval_at_start:
+                self.record_evaluation(updater, policy, participants, eval_prompts, baseline, results, 0)
         self.tracker = Tracker.start(
-            run.report_to if self.parallel.is_main_process else "none", project=run.wandb_project, name=run.run_name, config=self.arguments.to_dict(), directory=str(files.out_dir), run_id=f"{run.run_name}-{files.results.stem}"
+            run.report_to if self.parallel.is_main_process else "none",
+            project=run.wandb_project,
+            name=run.run_name,
+            config=self.arguments.to_dict(),
+            directory=str(files.out_dir),
+            run_id=f"{run.run_name}-{files.results.stem}",
         )
         self.train_and_evaluate(updater, policy, participants, train_prompts, eval_prompts, baseline, results, done)
         return results
@@ -229,7 +378,13 @@ class OnlineRun:
         run, learner = self.run, self.learner
         # Every setting by field name, then what the run derived from them.
         meta = {
-            "settings": self.arguments.to_dict(),
+            # Where the run lives and how it was started are not what it computes: a resumed (or copied) run's meta
+            # equals an uninterrupted one's.
+            "settings": {
+                name: value
+                for name, value in self.arguments.to_dict().items()
+                if name not in ("resume", "out_dir", "eval_dir")
+            },
             "judged_styles": list(self.participants_config.judge_styles),
             "style_segments": [list(segment) for segment in self.schedule.segments] if run.style_schedule else None,
             "switch_points": [list(point) for point in self.schedule.switch_points(len(train_prompts))],
@@ -240,6 +395,8 @@ class OnlineRun:
             "baseline": run.baseline_model or learner.model_name_or_path,
             "n_skipped": 0,
             "world_size": self.parallel.world_size,
+            # Per judged style: the interaction its baseline answers were taken at, and their file.
+            "style_baselines": {},
         }
         results = {"meta": meta, "eval_history": [], "training_metrics": []}
         self.eval_prompts = eval_prompts
@@ -248,19 +405,33 @@ class OnlineRun:
         done = resume.interactions_done
         meta["resume_checkpoint_interactions"] = done
         previous = self.previous or {"meta": {}, "training_metrics": [], "eval_history": []}
-        if "oracle" in previous["meta"]:
-            meta["oracle"] = previous["meta"]["oracle"]
+        for stored in ("oracle", "preflight"):
+            if stored in previous["meta"]:
+                meta[stored] = previous["meta"][stored]
         records = previous["training_metrics"]
         if records and records[-1]["interaction"] > done:
             logger.warning(
                 "interactions %d-%d came after the last resume checkpoint (--resume_every %d) and are done again",
-                done + 1, records[-1]["interaction"], run.resume_every,
+                done + 1,
+                records[-1]["interaction"],
+                run.resume_every,
             )
-        completions = json.loads(self.files.completions.read_text()) if self.previous and self.files.completions.is_file() else []
+        completions = (
+            json.loads(self.files.completions.read_text()) if self.previous and self.files.completions.is_file() else []
+        )
         pending = resume.pending or {}
         results["training_metrics"] = kept_history(records, pending.get("records", []), done)
-        results["eval_history"] = kept_history(previous["eval_history"], pending.get("evaluations", []), done)
-        self.completions_log = kept_history(completions, pending.get("completions", []), done)
+        # Without a checkpoint everything is done again, the evaluation at interaction 0 included.
+        results["eval_history"] = (
+            kept_history(previous["eval_history"], pending.get("evaluations", []), done) if done else []
+        )
+        taken = [*previous["meta"].get("style_baselines", {}).values(), *pending.get("baselines", [])]
+        meta["style_baselines"] = {
+            record["style"]: record
+            for record in kept_history(taken, [], done)
+            if record["style"] in meta["judged_styles"]
+        }
+        self.completions_log = kept_history(completions, pending.get("completions", []), done) if done else []
         meta["n_skipped"] = sum(1 for m in results["training_metrics"] if m.get("skipped"))
         if done:
             logger.info("resumed at interaction %d/%d", done, len(train_prompts))
@@ -273,7 +444,7 @@ class OnlineRun:
         write_json_atomic(self.files.completions, self.completions_log)
         write_completions_snapshot(self.files.snapshot, self.completions_log, self.eval_prompts)
         meta = results["meta"]
-        if results["eval_history"] or meta.get("oracle"):
+        if results["eval_history"] or meta.get("oracle") or meta.get("preflight"):
             plot_winrate(
                 results["eval_history"],
                 self.files.plot,
@@ -282,27 +453,59 @@ class OnlineRun:
                 switch_points=[tuple(point) for point in meta["switch_points"]],
                 min_decided=self.run.min_decided,
                 title=f"{self.run.run_name}: {self.learner.model_name_or_path}",
+                baseline_at={style: record["interaction"] for style, record in meta["style_baselines"].items()},
+                preflight=meta.get("preflight"),
             )
 
-    def evaluate(self, policy, participants, eval_prompts, baseline, interaction: int, step: int) -> tuple[dict, list[str]]:
-        """Judge the current policy against the baseline with every style; returns (history entry, completions).
-        Under several processes each answers its share of the prompts; the main process judges, and every process
-        gets the verdicts (all hold the same results; only the main one writes them)."""
+    def evaluate(self, policy, participants, eval_prompts, interaction: int, step: int) -> tuple[dict, list[str]]:
+        """Judge the current policy with every style that has a baseline, each against its own; returns (history
+        entry, completions). A style introduced later is absent from the entries before its introduction. Under
+        several processes each answers its share of the prompts; the main process judges, and every process gets
+        the verdicts (all hold the same results; only the main one writes them)."""
         started = time.perf_counter()
         current = distributed.answer_sharded(
-            self.parallel, policy, self.conversations(eval_prompts), self.eval_sampling, batch_size=self.learner.generation_batch_size, label="eval generation"
+            self.parallel,
+            policy,
+            self.conversations(eval_prompts),
+            self.eval_sampling,
+            batch_size=self.learner.generation_batch_size,
+            label="eval generation",
         )
         gen_time = time.perf_counter() - started
-        per_style = distributed.on_main_then_shared(
-            self.parallel,
-            lambda: judge_every_style(participants.judges, eval_prompts, current, baseline, seed=self.run.seed, label=f"interaction {interaction}"),
-        )
+
+        def judge_introduced_styles() -> dict:
+            per_style = {}
+            for style, judge in participants.judges.items():
+                if style in self.baselines:
+                    per_style.update(
+                        judge_every_style(
+                            {style: judge},
+                            eval_prompts,
+                            current,
+                            self.baselines[style],
+                            seed=self.run.seed,
+                            label=f"interaction {interaction}",
+                        )
+                    )
+            return per_style
+
+        per_style = distributed.on_main_then_shared(self.parallel, judge_introduced_styles)
         primary = self.participants_config.judge_styles[0]
-        entry = {**per_style[primary], **{f"secondary_{style}": metrics for style, metrics in per_style.items() if style != primary}}
-        entry.update(step=step, interaction=interaction, eval_gen_time_s=round(gen_time, 1), avg_completion_chars=average_chars(current))
+        entry = {
+            **per_style[primary],
+            **{f"secondary_{style}": metrics for style, metrics in per_style.items() if style != primary},
+        }
+        entry.update(
+            step=step,
+            interaction=interaction,
+            eval_gen_time_s=round(gen_time, 1),
+            avg_completion_chars=average_chars(current),
+        )
         return entry, current
 
-    def interact(self, updater, participants, prompts: list[Prompt], first: int) -> tuple[list, list[str], list[str], float, float]:
+    def interact(
+        self, updater, participants, prompts: list[Prompt], first: int
+    ) -> tuple[list, list[str], list[str], float, float]:
         """One batch of interactions: responses (one generation call) and follow-ups (one call per persona)."""
         if not prompts:  # this process's share of a short last batch
             return [], [], [], 0.0, 0.0
@@ -314,12 +517,16 @@ class OnlineRun:
         started = time.perf_counter()
         for style in dict.fromkeys(styles):
             rows = [i for i, s in enumerate(styles) if s == style]
-            replies = participants.simulators[style].generate_feedback([request_text(prompts[i]) for i in rows], [responses[i].text for i in rows])
+            replies = participants.simulators[style].generate_feedback(
+                [request_text(prompts[i]) for i in rows], [responses[i].text for i in rows]
+            )
             for row, reply in zip(rows, replies):
                 follow_ups[row] = reply
         return responses, follow_ups, styles, gen_time, time.perf_counter() - started
 
-    def train_and_evaluate(self, updater, policy, participants, train_prompts, eval_prompts, baseline, results, done: int) -> None:
+    def train_and_evaluate(
+        self, updater, policy, participants, train_prompts, eval_prompts, baseline, results, done: int
+    ) -> None:
         run, parallel = self.run, self.parallel
         n = len(train_prompts)
         self.save(results)
@@ -334,7 +541,10 @@ class OnlineRun:
             distributed.seed_step(parallel, run.seed, batch_first)
             responses, follow_ups, styles, gen_time, sim_time = self.interact(updater, participants, prompts, first)
             if run.debug_first_example and first == 0:
-                print(f"[debug] first interaction ({styles[0]}): {request_text(prompts[0])[:500]!r} → {responses[0].text[:500]!r}\n[debug] follow-up: {follow_ups[0]!r}")
+                print(
+                    f"[debug] first interaction ({styles[0]}): {request_text(prompts[0])[:500]!r} → "
+                    f"{responses[0].text[:500]!r}\n[debug] follow-up: {follow_ups[0]!r}"
+                )
             trainable, skipped = [], {}
             for row, response in enumerate(responses):
                 try:
@@ -371,7 +581,9 @@ class OnlineRun:
             results["meta"]["n_skipped"] += sum(1 for record in records if "skipped" in record)
             progress.update(len(batch))
             progress.set_postfix(loss=f"{step_metrics.get('loss', float('nan')):.4f}", style=records[-1]["style"])
-            if run.eval_every > 0 and last // run.eval_every > batch_first // run.eval_every:
+            introduced = self.take_style_baselines(policy, results, last, updater.step) if last < n else []
+            if introduced or (run.eval_every > 0 and last // run.eval_every > batch_first // run.eval_every):
+                # A style enters with a point at its own introduction (≈ 50%: the policy against itself).
                 self.record_evaluation(updater, policy, participants, eval_prompts, baseline, results, last)
             crossed_resume_point = run.resume_every > 0 and last // run.resume_every > batch_first // run.resume_every
             if crossed_resume_point or last == n:
@@ -386,9 +598,11 @@ class OnlineRun:
             self.record_evaluation(updater, policy, participants, eval_prompts, baseline, results, n)
         self.save(results)
 
-    def record_evaluation(self, updater, policy, participants, eval_prompts, baseline, results, interaction: int) -> None:
+    def record_evaluation(
+        self, updater, policy, participants, eval_prompts, baseline, results, interaction: int
+    ) -> None:
         debug = self.run.debug_first_example and not results["eval_history"]
-        entry, current = self.evaluate(policy, participants, eval_prompts, baseline, interaction, updater.step)
+        entry, current = self.evaluate(policy, participants, eval_prompts, interaction, updater.step)
         entry.update(collapse_diagnostics(updater, self.conversations(eval_prompts), current))
         if debug:
             judge = participants.judges[results["meta"]["judged_styles"][0]]
@@ -420,12 +634,16 @@ def print_summary(results: dict) -> None:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         load_project_env()
         arguments = parse_arguments(argv, description=__doc__)
         # The main process chooses (or finds) the run's files; every process continues the same run.
-        arguments, files, previous = distributed.on_main_then_shared(distributed.current(), lambda: start_or_resume(arguments))
+        arguments, files, previous = distributed.on_main_then_shared(
+            distributed.current(), lambda: start_or_resume(arguments)
+        )
         check_world_size(arguments)  # a resumed run's stored settings against this launch
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -439,10 +657,18 @@ def main(argv=None) -> int:
     except (DataError, ModelLoadError, BackendError, ValueError, FileNotFoundError) as error:
         print(f"error: {mask_secrets(str(error))}", file=sys.stderr)
         if files.results.is_file():
-            print(f"results so far: {files.results}; continue with: python eval_online_sdpo.py --resume --out_dir {files.out_dir}", file=sys.stderr)
+            print(
+                f"results so far: {files.results}; continue with: python eval_online_sdpo.py --resume --out_dir "
+                f"{files.out_dir}",
+                file=sys.stderr,
+            )
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted; finished interactions are in {files.results}; continue with: python eval_online_sdpo.py --resume --out_dir {files.out_dir}", file=sys.stderr)
+        print(
+            f"interrupted; finished interactions are in {files.results}; continue with: python eval_online_sdpo.py "
+            f"--resume --out_dir {files.out_dir}",
+            file=sys.stderr,
+        )
         return 130
     finally:
         online_run.tracker.finish()

@@ -59,9 +59,7 @@ class ChatSettings:
     )
     port: int = field(default=7860, metadata={"help": "Port of the page."})
     share: bool = field(default=False, metadata={"help": "Also open a public Gradio share link."})
-    max_history_messages: int = field(
-        default=8, metadata={"help": "Messages of the chat the model sees (0: all)."}
-    )
+    max_history_messages: int = field(default=8, metadata={"help": "Messages of the chat the model sees (0: all)."})
     wait_for_updates: bool = field(
         default=False,
         metadata={"help": "Reply only after the update on the previous reply finished (synchronous)."},
@@ -71,8 +69,10 @@ class ChatSettings:
     seed: int = field(default=42, metadata={"help": "Seeds the initial adapter and the sampling."})
     accounts_file: str | None = field(
         default=None,
-        metadata={"help": "Accounts JSON (`python live_chat.py users add NAME --accounts_file F`): a login and an API "
-                          "key per person. Required for --share or a non-local --host; without it: one local user."},
+        metadata={
+            "help": "Accounts JSON (`python live_chat.py users add NAME --accounts_file F`): a login and an API "
+            "key per person. Required for --share or a non-local --host; without it: one local user."
+        },
     )
     max_message_tokens: int = field(
         default=512, metadata={"help": "Longest user message or follow-up, in tokens (shown in the page)."}
@@ -84,8 +84,10 @@ class ChatSettings:
     )
     max_resident_adapters: int = field(
         default=8,
-        metadata={"help": "Users' adapters kept loaded in the one reply model (transformers copy or vLLM engine; "
-                          "least recently used out); also the most adapters in one reply batch."},
+        metadata={
+            "help": "Users' adapters kept loaded in the one reply model (transformers copy or vLLM engine; "
+            "least recently used out); also the most adapters in one reply batch."
+        },
     )
     reply_batch_size: int = field(
         default=8, metadata={"help": "Replies generated together, each with its own user's adapter (transformers)."}
@@ -98,10 +100,17 @@ class ChatSettings:
     def __post_init__(self):
         if self.accounts_file is None and (self.share or self.host not in LOCAL_HOSTS):
             exposed = "--share" if self.share else f"--host {self.host}"
-            raise ValueError(f"{exposed} serves other people: create accounts (python live_chat.py users add NAME "
-                             "--accounts_file accounts.json) and pass --accounts_file")
-        positive = ("max_message_tokens", "max_queued_updates", "update_workers", "max_resident_adapters",
-                    "reply_batch_size")
+            raise ValueError(
+                f"{exposed} serves other people: create accounts (python live_chat.py users add NAME "
+                "--accounts_file accounts.json) and pass --accounts_file"
+            )
+        positive = (
+            "max_message_tokens",
+            "max_queued_updates",
+            "update_workers",
+            "max_resident_adapters",
+            "reply_batch_size",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -208,11 +217,13 @@ def main(argv=None) -> int:
         print(f"error: cannot serve on {settings.host}:{settings.port} ({error})", file=sys.stderr)
         exit_code = 1
     finally:
-        logger.info("finishing %d queued update(s) before exiting (Ctrl-C again: keep them for the next start)",
-                    engine.queued())
+        logger.info(
+            "finishing %d queued update(s) before exiting (Ctrl-C again: keep them for the next start)", engine.queued()
+        )
         kept = engine.close(settings.shutdown_timeout_s)
         logger.info("stopped; %d queued update(s) kept for the next start", kept)
     return exit_code
+
 
 if __name__ == "__main__":
     sys.exit(main())

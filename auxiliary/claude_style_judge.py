@@ -32,9 +32,15 @@ class ClaudeStyleJudge(LLMStyleJudge):
         max_concurrency: int = 16,
         max_retries: int = DEFAULT_MAX_RETRIES,
         timeout: float = DEFAULT_TIMEOUT,
+        protocol: str = "reasoning",
     ):
         backend = AnthropicBackend(
             model, max_concurrency=max_concurrency, max_retries=max_retries, timeout=timeout,
             api_key=api_key, base_url=base_url,
         )  # fmt: skip
-        super().__init__(backend, style, sampling=SamplingParams(max_new_tokens=max_tokens, temperature=temperature))
+        super().__init__(
+            backend,
+            style,
+            sampling=SamplingParams(max_new_tokens=max_tokens, temperature=temperature),
+            protocol=protocol,
+        )

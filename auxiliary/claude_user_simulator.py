@@ -33,6 +33,7 @@ class ClaudeStyleUserSimulator(LLMUserSimulator):
         max_concurrency: int = 16,
         max_retries: int = DEFAULT_MAX_RETRIES,
         timeout: float = DEFAULT_TIMEOUT,
+        protocol: str = "reasoning",
     ):
         backend = AnthropicBackend(
             model, max_concurrency=max_concurrency, max_retries=max_retries, timeout=timeout,
@@ -42,5 +43,6 @@ class ClaudeStyleUserSimulator(LLMUserSimulator):
             backend,
             style,
             sampling=SamplingParams(max_new_tokens=max_tokens, temperature=temperature),
-            prompt_variant="claude",
+            # The paper's protocol served Qwen3-8B and Claude alike (App. D.3).
+            prompt_variant="paper" if protocol == "paper" else "claude",
         )

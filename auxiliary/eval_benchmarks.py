@@ -19,13 +19,15 @@ reported in the JSON) and the pairwise benchmarks ``alpaca_eval`` (AlpacaEval 2 
 ``arena_hard`` (hard prompts and creative writing, Arena-Hard style); ``table2`` and ``table6`` stand
 for the paper's sets. ``--model hf|vllm``, ``--model_args``, ``--batch_size``, ``--limit``,
 ``--num_fewshot``, ``--gen_kwargs``, ``--apply_chat_template``, ``--fewshot_as_multiturn`` and
-``--device`` mean what they mean to ``lm_eval``; ``--config run.yaml`` takes any flag as a YAML key. The checkpoint is a model folder or a LoRA adapter
-folder (applied to the base its ``adapter_config.json`` names: ``peft=`` under HF, ``lora_local_path=``
-under vLLM); ``--base_model`` defaults to that base for adapters, ``none`` skips the base row.
+``--device`` mean what they mean to ``lm_eval``; ``--config run.yaml`` takes any flag as a YAML key. The
+checkpoint is a model folder or a LoRA adapter folder (applied to the base its ``adapter_config.json`` names:
+``peft=`` under HF, ``lora_local_path=`` under vLLM); ``--base_model`` defaults to that base for adapters,
+``none`` skips the base row.
 
 Judges (``--judge_backend``): ``anthropic`` (Claude; ANTHROPIC_API_KEY), ``openai`` (any
 OpenAI-compatible server at ``--judge_base_url``; OPENAI_API_KEY when it needs one), ``vllm`` (an
-in-process vLLM engine on ``--judge_model``) or ``hf`` (a local transformers model, for CPU runs). Every judge call goes through ``sdpo.chat.backends`` (the
+in-process vLLM engine on ``--judge_model``) or ``hf`` (a local transformers model, for CPU runs). Every
+judge call goes through ``sdpo.chat.backends`` (the
 SDKs' retries). The paper's judges were GPT-4-Turbo (AlpacaEval) and GPT-4.1 (Arena-Hard): numbers
 from another judge are comparable with each other, not with the paper's.
 

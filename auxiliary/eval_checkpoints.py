@@ -15,7 +15,8 @@ CPU (embedded SmolLM2-135M, rule-based judge, 24 MT-Bench prompts; about 2 minut
 on 2 cores), e.g. on checkpoints of a quickstart run made with ``--save_checkpoints``:
     CHECKPOINTS="runs/<id>/checkpoints/step_8 runs/<id>/checkpoints/step_16" PRESET=cpu ./scripts/eval_checkpoints.sh
 Direct:
-    python auxiliary/eval_checkpoints.py --checkpoints runs/x/checkpoints/step_8 --baseline_model smollm2-135m-instruct \
+    python auxiliary/eval_checkpoints.py --checkpoints runs/x/checkpoints/step_8 \
+        --baseline_model smollm2-135m-instruct \
         --val_jsonl data/mtbench_prompts/validation.jsonl --eval_styles short no_lists --judge_backend rule \
         --device cpu --eval_n 24 --eval_max_new_tokens 96 --run_name ckpt_demo --out_dir runs/ckpt_demo
 Every setting is a field of CheckpointEvalConfig (below) or ParticipantsArguments (the judges, as in
@@ -87,7 +88,13 @@ from sdpo.evaluation.evaluation_helpers import (
 )
 from sdpo.learner.config import check_ranges
 from sdpo.models.generation import SamplingParams
-from sdpo.models.model_loading import ModelLoadError, concrete_dtype, load_tokenizer, resolve_model_path
+from sdpo.models.model_loading import (
+    ModelLoadError,
+    concrete_dtype,
+    is_local_model_path,
+    load_tokenizer,
+    resolve_model_path,
+)
 from sdpo.models.vllm_engines import VLLMPolicyEngine, require_vllm
 from sdpo.online.config import check_run_name, settings_record
 from sdpo.personas.participants import (
@@ -240,11 +247,6 @@ class Checkpoint:
 # --------------------------------------------------------------------------------------------------
 
 
-def _looks_like_local_path(name: str) -> bool:
-    # Hub ids are "org/name"; anything absolute, relative-marked or deeper is a filesystem path.
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1
-
-
 def _checkpoint_hint(path: Path) -> str:
     """Names of checkpoint folders inside ``path`` (or its ``checkpoints/``), for a pointer in the error."""
     folders = [
@@ -278,7 +280,7 @@ def inspect_checkpoint(given: str) -> Checkpoint:
             raise CheckpointError(
                 f"checkpoint {given}: LoRA adapter without weights (no {' or '.join(ADAPTER_WEIGHTS)})"
             )
-        if _looks_like_local_path(base) and not Path(base).expanduser().is_dir():
+        if is_local_model_path(base) and not Path(base).expanduser().is_dir():
             raise CheckpointError(f"checkpoint {given}: its base model {base} (adapter_config.json) does not exist")
         return Checkpoint(given=given, path=path, base_model=base, lora_rank=settings.get("r"))
     if (path / "config.json").is_file():
@@ -288,7 +290,8 @@ def inspect_checkpoint(given: str) -> Checkpoint:
             )
         return Checkpoint(given=given, path=path)
     raise CheckpointError(
-        f"checkpoint {given}: neither a model folder (config.json) nor a LoRA adapter (adapter_config.json){_checkpoint_hint(path)}"
+        f"checkpoint {given}: neither a model folder (config.json) nor a LoRA adapter "
+        f"(adapter_config.json){_checkpoint_hint(path)}"
     )
 
 
@@ -305,11 +308,13 @@ def inspect_checkpoints(paths: list[str], use_vllm: bool) -> list[Checkpoint]:
         bases = {resolve_model_path(c.base_model) for c in checkpoints if c.is_adapter}
         if full:
             problems.append(
-                f"--use_vllm evaluates LoRA adapters on one engine; {', '.join(full)} is a full model: drop --use_vllm or pass adapter folders"
+                f"--use_vllm evaluates LoRA adapters on one engine; {', '.join(full)} is a full model: drop "
+                "--use_vllm or pass adapter folders"
             )
         elif len(bases) > 1:
             problems.append(
-                f"--use_vllm needs adapters of one base model, got {', '.join(sorted(bases))}: evaluate each base in its own run"
+                f"--use_vllm needs adapters of one base model, got {', '.join(sorted(bases))}: evaluate each base "
+                "in its own run"
             )
     if problems:
         raise CheckpointError("\n".join(problems))

@@ -317,7 +317,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(
-        f"in-context oracle ({args.model_name_or_path}) vs the same model without the persona; baseline {results['meta']['baseline_avg_completion_len']:.0f} chars"
+        f"in-context oracle ({args.model_name_or_path}) vs the same model without the persona; baseline "
+        f"{results['meta']['baseline_avg_completion_len']:.0f} chars"
     )
     for style, metrics in results["results"].items():
         print(f"  {format_style_line(style, metrics)} oracle {results['oracle_avg_lens'][style]:.0f} chars")

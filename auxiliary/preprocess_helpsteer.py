@@ -22,10 +22,8 @@ import argparse
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from sdpo.data.data_sources import HubSource, describe_source, load_splits
-from sdpo.utils.file_io import write_jsonl_atomic
 from sdpo.data.preprocessing_cli import (
     FilterCounts,
     LengthMeter,
@@ -39,6 +37,7 @@ from sdpo.data.preprocessing_cli import (
     refuse_empty,
     write_stats,
 )
+from sdpo.utils.file_io import write_jsonl_atomic
 
 SOURCE = HubSource("nvidia/HelpSteer2", splits=("train", "validation"))
 TURN_MARKER = re.compile(r"<extra_id_\d+>", re.IGNORECASE)

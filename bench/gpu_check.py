@@ -33,12 +33,9 @@ import argparse
 import json
 import math
 import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
-
 
 from bench.online_step import (
     FOLLOW_UP,
@@ -48,9 +45,9 @@ from bench.online_step import (
     run_step,
     summarise,
 )
-from sdpo.learner.updater import OnlineSDPOUpdater
-from sdpo.learner.config import OnlineSDPOConfig
 from sdpo.core import encode_student_teacher_contexts, pad_contexts_and_completions, sdpo_loss
+from sdpo.learner.config import OnlineSDPOConfig
+from sdpo.learner.updater import OnlineSDPOUpdater
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
@@ -322,9 +319,22 @@ def scaling_figures(updater: OnlineSDPOUpdater, tokenizer, device: torch.device,
         tokenizer.save_pretrained(folder)
         return online_scaling.main(
             [
-                "--model", folder, "--device", device.type, "--dtype", "bfloat16" if device.type == "cuda" else "float32",
-                "--processes", str(processes), "--engines", ",".join(engines), "--batch_size",
-                str(max(args.batch_size, processes)), "--new_tokens", str(args.new_tokens), "--steps", str(args.repeats + 1),
+                "--model",
+                folder,
+                "--device",
+                device.type,
+                "--dtype",
+                "bfloat16" if device.type == "cuda" else "float32",
+                "--processes",
+                str(processes),
+                "--engines",
+                ",".join(engines),
+                "--batch_size",
+                str(max(args.batch_size, processes)),
+                "--new_tokens",
+                str(args.new_tokens),
+                "--steps",
+                str(args.repeats + 1),
             ]
         )
 

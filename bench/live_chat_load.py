@@ -41,8 +41,16 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_USERS = 64
 MAX_MINUTES = 30.0
 REQUEST_TIMEOUT_S = 600
-STYLES = ["no_emojis", "short", "no_lists", "less_formatting", "no_punctuation", "committing",
-          "less_filler_praise_sycophancy", "answer_directly_reduce_formatting"]
+STYLES = [
+    "no_emojis",
+    "short",
+    "no_lists",
+    "less_formatting",
+    "no_punctuation",
+    "committing",
+    "less_filler_praise_sycophancy",
+    "answer_directly_reduce_formatting",
+]
 PROMPTS = [
     "Explain what a hash table is.",
     "Give me three tips for writing clear emails.",
@@ -123,8 +131,10 @@ def simulate_user(base_url: str, user: UserLog, index: int, deadline: float, tur
 def run_phase(base_url: str, users: list[UserLog], minutes: float, turns: int) -> float:
     deadline = time.time() + minutes * 60
     started = time.perf_counter()
-    threads = [threading.Thread(target=simulate_user, args=(base_url, u, i, deadline, turns), daemon=True)
-               for i, u in enumerate(users)]
+    threads = [
+        threading.Thread(target=simulate_user, args=(base_url, u, i, deadline, turns), daemon=True)
+        for i, u in enumerate(users)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -138,16 +148,22 @@ def check_user(base_url: str, user: UserLog, all_tags: set[str]) -> tuple[list[s
     applied = status["applied_updates"]
     problems = [f"{user.name}: {error}" for error in user.errors]
     if [row["follow_up"] for row in applied] != user.follow_ups:
-        problems.append(f"{user.name}: {len(user.follow_ups)} follow-ups sent, applied {len(applied)} "
-                        "(not each exactly once in order)")
+        problems.append(
+            f"{user.name}: {len(user.follow_ups)} follow-ups sent, applied {len(applied)} "
+            "(not each exactly once in order)"
+        )
     if [row["seq"] for row in applied] != list(range(1, len(applied) + 1)):
         problems.append(f"{user.name}: update numbers {[row['seq'] for row in applied]} are not 1..n")
     if status["status"]["step"] != len(user.follow_ups) or status["status"]["failed"]:
-        problems.append(f"{user.name}: adapter step {status['status']['step']}, "
-                        f"{len(status['status']['failed'])} failed")
+        problems.append(
+            f"{user.name}: adapter step {status['status']['step']}, {len(status['status']['failed'])} failed"
+        )
     own = f"[{user.name}#"
-    leaked = [row["follow_up"] for row in applied if own not in row["follow_up"]
-              or any(tag in row["follow_up"] for tag in all_tags - {own})]
+    leaked = [
+        row["follow_up"]
+        for row in applied
+        if own not in row["follow_up"] or any(tag in row["follow_up"] for tag in all_tags - {own})
+    ]
     if leaked:
         problems.append(f"{user.name}: another user's follow-up in this adapter's log: {leaked[:2]}")
     return problems, [row["applied_at"] - row["queued_at"] for row in applied]
@@ -166,18 +182,34 @@ def summarize(label: str, users: list[UserLog], lags: list[float], seconds: floa
     first = [x for u in users for x in u.first_token]
     updates = sum(len(u.follow_ups) for u in users)
     return {
-        "phase": label, "users": len(users), "replies": len(latencies), "updates": updates,
-        "latency_p50_s": percentile(latencies, 50), "latency_p95_s": percentile(latencies, 95),
+        "phase": label,
+        "users": len(users),
+        "replies": len(latencies),
+        "updates": updates,
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p95_s": percentile(latencies, 95),
         "first_token_p50_s": percentile(first, 50),
-        "update_lag_p50_s": percentile(lags, 50), "update_lag_p95_s": percentile(lags, 95),
-        "replies_per_min": len(latencies) / seconds * 60, "updates_per_min": updates / seconds * 60,
+        "update_lag_p50_s": percentile(lags, 50),
+        "update_lag_p95_s": percentile(lags, 95),
+        "replies_per_min": len(latencies) / seconds * 60,
+        "updates_per_min": updates / seconds * 60,
     }
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = [("phase", "{}"), ("users", "{}"), ("replies", "{}"), ("updates", "{}"), ("latency_p50_s", "{:.1f}"),
-               ("latency_p95_s", "{:.1f}"), ("first_token_p50_s", "{:.2f}"), ("update_lag_p50_s", "{:.1f}"),
-               ("update_lag_p95_s", "{:.1f}"), ("replies_per_min", "{:.1f}"), ("updates_per_min", "{:.1f}")]
+    columns = [
+        ("phase", "{}"),
+        ("users", "{}"),
+        ("replies", "{}"),
+        ("updates", "{}"),
+        ("latency_p50_s", "{:.1f}"),
+        ("latency_p95_s", "{:.1f}"),
+        ("first_token_p50_s", "{:.2f}"),
+        ("update_lag_p50_s", "{:.1f}"),
+        ("update_lag_p95_s", "{:.1f}"),
+        ("replies_per_min", "{:.1f}"),
+        ("updates_per_min", "{:.1f}"),
+    ]
     print("| " + " | ".join(name for name, _ in columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:
@@ -185,11 +217,31 @@ def print_table(rows: list[dict]) -> None:
 
 
 def start_server(args, folder: Path, accounts_file: Path, port: int) -> subprocess.Popen:
-    command = [sys.executable, str(REPO / "live_chat.py"), "--model", args.model, "--device", args.device,
-               "--dtype", args.dtype, "--max_new_tokens", str(args.max_new_tokens), "--host", "127.0.0.1",
-               "--port", str(port), "--adapters_dir", str(folder / "adapters"), "--accounts_file", str(accounts_file),
-               "--update_workers", str(args.update_workers), "--max_queued_updates", "64",
-               *shlex.split(args.server_args)]
+    command = [
+        sys.executable,
+        str(REPO / "live_chat.py"),
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--max_new_tokens",
+        str(args.max_new_tokens),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--adapters_dir",
+        str(folder / "adapters"),
+        "--accounts_file",
+        str(accounts_file),
+        "--update_workers",
+        str(args.update_workers),
+        "--max_queued_updates",
+        "64",
+        *shlex.split(args.server_args),
+    ]
     log = open(folder / "server.log", "w")  # noqa: SIM115  (the server's lifetime)
     environment = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     server = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -199,7 +251,9 @@ def start_server(args, folder: Path, accounts_file: Path, port: int) -> subproce
             return server
         except OSError:
             if server.poll() is not None:
-                raise SystemExit(f"error: the server exited ({server.returncode}); see {folder / 'server.log'}")
+                raise SystemExit(
+                    f"error: the server exited ({server.returncode}); see {folder / 'server.log'}"
+                ) from None
             time.sleep(0.5)
     server.kill()
     raise SystemExit("error: the server did not start in 10 minutes")
@@ -237,15 +291,20 @@ def main(argv=None) -> int:
         users.append(UserLog(name, key, STYLES[index % len(STYLES)]))
     accounts.save()
     port = free_port()
-    print(f"[live_chat_load] {os.uname().nodename}: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-          f"load average {os.getloadavg()[0]:.2f}; server log {folder / 'server.log'}", flush=True)
+    print(
+        f"[live_chat_load] {os.uname().nodename}: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"load average {os.getloadavg()[0]:.2f}; server log {folder / 'server.log'}",
+        flush=True,
+    )
     server = start_server(args, folder, folder / "accounts.json", port)
     base_url = f"http://127.0.0.1:{port}"
     rows, problems = [], []
     try:
         all_tags = {f"[{u.name}#" for u in users}
-        for label, group, minutes in (("baseline", users[:1], baseline_minutes), (f"{args.users} users", users[1:],
-                                                                                 args.minutes)):
+        for label, group, minutes in (
+            ("baseline", users[:1], baseline_minutes),
+            (f"{args.users} users", users[1:], args.minutes),
+        ):
             print(f"[live_chat_load] {label}: {len(group)} user(s) for {minutes:g} min", flush=True)
             seconds = run_phase(base_url, group, minutes, args.turns)
             wait_until_applied(base_url, group, timeout_s=600)
@@ -266,9 +325,11 @@ def main(argv=None) -> int:
         problems.append(f"the server did not stop cleanly (exit {server.returncode}); see {folder / 'server.log'}")
     print_table(rows)
     base, loaded = rows[0], rows[-1]
-    print(f"ratios {loaded['phase']} / baseline: latency p50 {loaded['latency_p50_s'] / base['latency_p50_s']:.2f}x, "
-          f"update lag p50 {loaded['update_lag_p50_s'] / base['update_lag_p50_s']:.2f}x, "
-          f"replies/min {loaded['replies_per_min'] / base['replies_per_min']:.2f}x")
+    print(
+        f"ratios {loaded['phase']} / baseline: latency p50 {loaded['latency_p50_s'] / base['latency_p50_s']:.2f}x, "
+        f"update lag p50 {loaded['update_lag_p50_s'] / base['update_lag_p50_s']:.2f}x, "
+        f"replies/min {loaded['replies_per_min'] / base['replies_per_min']:.2f}x"
+    )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     checks = "every update applied exactly once, in order, to its own user only; clean stop"
     print(f"checks: {'PASS' if not problems else 'FAIL'} ({checks})")

@@ -64,7 +64,7 @@ PHASE_FIELDS = {"generation": "gen_time_s", "user": "sim_time_s", "update": "tra
 
 @dataclass(frozen=True)
 class RunTiming:
-    """One loop run: its wall and CPU seconds and the seconds its records attribute to each phase of the interactions."""
+    """One loop run: its wall and CPU seconds, and the seconds its records attribute to each interaction phase."""
 
     wall_s: float
     cpu_s: float
@@ -108,7 +108,11 @@ def parse_settings(argv=None) -> BenchSettings:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="policy (alias, path or Hub id)")
     parser.add_argument("--device", default="cpu", help="policy device: cpu, cuda, auto")
-    parser.add_argument("--dtype", default="auto", help="compute dtype of the policy (auto: bfloat16 where computed natively, else float32)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="compute dtype of the policy (auto: bfloat16 where computed natively, else float32)",
+    )
     parser.add_argument("--style", default="short", help="persona of the rule-based user and judge")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help="interactions per update to compare")
     parser.add_argument(
@@ -229,7 +233,10 @@ def report(settings: BenchSettings, rows: list[Measurement], load_before, load_a
         rate = row.interactions_per_s
         phases = "".join(f"{row.phase_s_per_interaction[name]:>12.2f}" for name in phase_names)
         cpu_per_interaction = 1 / row.interactions_per_cpu_s
-        print(f"{row.batch_size:>4}{short:>16}{long:>16}{rate:>16.3f}{1 / rate:>15.2f}{cpu_per_interaction:>12.2f}  {phases}")
+        print(
+            f"{row.batch_size:>4}{short:>16}{long:>16}{rate:>16.3f}{1 / rate:>15.2f}"
+            f"{cpu_per_interaction:>12.2f}  {phases}"
+        )
     for row in rows[1:]:
         ratio = row.interactions_per_s / base.interactions_per_s
         cpu_ratio = row.interactions_per_cpu_s / base.interactions_per_cpu_s

@@ -143,7 +143,13 @@ def run_setting(name: str, config: OnlineSDPOConfig, args, train_prompts, eval_p
             if (index + 1) % args.eval_every == 0 or index + 1 == len(train_prompts):
                 evaluate(baseline)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    return {"wall_s": wall, "cpu_s": cpu, **clock.seconds, **{f"{k}_tokens": v for k, v in tokens.items()}, "win_rates": win_rates}
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        **clock.seconds,
+        **{f"{k}_tokens": v for k, v in tokens.items()},
+        "win_rates": win_rates,
+    }
 
 
 def main() -> None:
@@ -204,7 +210,8 @@ def main() -> None:
             phases = ", ".join(f"{p} {r[p]:.1f}" for p in PHASES)
             generated = r["train_tokens"] + r["eval_tokens"]
             print(
-                f"{name:<10} wall {r['wall_s']:7.1f} s  CPU {r['cpu_s']:7.1f} s  ({phases} s)  generated {generated} tokens "
+                f"{name:<10} wall {r['wall_s']:7.1f} s  CPU {r['cpu_s']:7.1f} s  ({phases} s)  "
+                f"generated {generated} tokens "
                 f"({r['train_tokens']} training, {r['eval_tokens']} evaluation)  "
                 f"win rates (ties half, %) {r['win_rates']}"
             )

@@ -168,7 +168,8 @@ def run_step(updater: OnlineSDPOUpdater, batch_size: int, new_tokens: int) -> di
         "optimizer_s": metrics["optimizer_time_s"],
         "completion_tokens": metrics["completion_tokens"],
         "student_tokens": student_tokens,
-        "padded_width": max(len(updater.encode_context(c)) for c in conversations) + max(len(r.token_ids) for r in responses),
+        "padded_width": max(len(updater.encode_context(c)) for c in conversations)
+        + max(len(r.token_ids) for r in responses),
     }
 
 
@@ -189,13 +190,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="policy (alias, path or Hub id)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--dtype", default="auto", help="compute dtype (fp32 master weights + autocast when half); auto: bfloat16 where native")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="compute dtype (fp32 master weights + autocast when half); auto: bfloat16 where native",
+    )
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help="interactions per step")
     parser.add_argument("--new_tokens", type=int, default=128, help="max new tokens per response")
     parser.add_argument("--repeats", type=int, default=2, help="measured steps per setting (after one warm-up)")
     parser.add_argument("--loss_mode", default="full_distillation", choices=["full_distillation", "simple_signal"])
     parser.add_argument("--skip_reference", action="store_true", help="do not measure the reference-style step")
-    parser.add_argument("--bf16_lm_head", action="store_true", help="score with the model's own head (fp32_lm_head=False), to price the fp32 head")
+    parser.add_argument(
+        "--bf16_lm_head",
+        action="store_true",
+        help="score with the model's own head (fp32_lm_head=False), to price the fp32 head",
+    )
     parser.add_argument("--skip_vllm", action="store_true", help="do not compare with vLLM even when it is installed")
     args = parser.parse_args()
 
@@ -218,9 +227,13 @@ def main() -> None:
     peak_dtype = updater.autocast_dtype or next(updater.model.parameters()).dtype
     peak = matmul_peak_gflops(peak_dtype, device)
     body, head = linear_parameter_counts(updater.model)
-    print(f"device {device}, threads {torch.get_num_threads()}, model {args.model}: body {body/1e6:.1f}M + head {head/1e6:.1f}M linear params")
     print(
-        f"measured matmul peak ({peak_dtype}, 2048^2): {peak:.0f} GFLOP/s; loss {args.loss_mode}; {args.new_tokens} new tokens; "
+        f"device {device}, threads {torch.get_num_threads()}, model {args.model}: "
+        f"body {body / 1e6:.1f}M + head {head / 1e6:.1f}M linear params"
+    )
+    print(
+        f"measured matmul peak ({peak_dtype}, 2048^2): {peak:.0f} GFLOP/s; loss {args.loss_mode}; "
+        f"{args.new_tokens} new tokens; "
         f"LM head for scoring: {'fp32' if config.fp32_lm_head else 'model dtype'}"
     )
 
@@ -229,10 +242,15 @@ def main() -> None:
         reference = OnlineSDPOUpdater(
             OnlineSDPOConfig(**{**config.to_dict(), "torch_dtype": "float32"}), model=None, tokenizer=None
         )
-        reference.optimizer = torch.optim.AdamW(reference.trainable_parameters, lr=config.learning_rate, eps=config.adam_epsilon, foreach=False)
+        reference.optimizer = torch.optim.AdamW(
+            reference.trainable_parameters, lr=config.learning_rate, eps=config.adam_epsilon, foreach=False
+        )
         settings.append(("reference-style", reference, ReferenceStyleScoring))
 
-    header = f"{'setting':<16}{'batch':>6}{'gen s':>8}{'tok/s':>8}{'teacher':>9}{'student':>9}{'backward':>9}{'optim':>7}{'step s':>8}{'train GF/s':>11}{'MFU':>6}"
+    header = (
+        f"{'setting':<16}{'batch':>6}{'gen s':>8}{'tok/s':>8}{'teacher':>9}{'student':>9}{'backward':>9}"
+        f"{'optim':>7}{'step s':>8}{'train GF/s':>11}{'MFU':>6}"
+    )
     print(header)
     results = {}
     for batch_size in args.batch_sizes:

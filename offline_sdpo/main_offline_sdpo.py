@@ -36,15 +36,14 @@ of the same tuples (``offline_sdpo/sft_baseline.py``), with every other flag mea
 prints its global batch (per device x accumulation x processes); ``--global_batch_size 32`` (Table 5)
 stops before anything loads when the launch gives another.
 
-Defaults are the reference's (spec §11.4) except the batch: lr 2e-6 cosine with 5% warm-up, per-device
-batch 4 × 2 accumulation steps (× 4 processes of the default launch = Table 5's 32), 2 epochs, grad clip 10, activation checkpointing, 8-bit AdamW when bitsandbytes and
-CUDA are available (plain AdamW otherwise; the log says which), full fine-tuning, ``ignore_first_k`` 2,
-``simple_signal`` loss, reporting to wandb. Deliberate simplifications and changes: no KL-to-reference
-term (inactive in every reference config); hindsight variant ``online`` by default (the paper's
-Table-1 template; the reference's offline variants via ``--hindsight_variant``); over-long completions
-skipped and counted instead of silently losing their EOS; weights fp32 with bf16 autocast on CPU (pure
-bf16 loses AdamW updates at lr 2e-6), bf16 weights on GPU as in the reference unless
-``--weights_dtype float32``.
+Defaults are the reference's (spec §11.4) except the batch: lr 2e-6 cosine with 5% warm-up, per-device batch 4 × 2
+accumulation steps (× 4 processes of the default launch = Table 5's 32), 2 epochs, grad clip 10, activation
+checkpointing, 8-bit AdamW when bitsandbytes and CUDA are available (plain AdamW otherwise; the log says which),
+full fine-tuning, ``ignore_first_k`` 2, ``simple_signal`` loss, reporting to wandb. Deliberate simplifications and
+changes: no KL-to-reference term (inactive in every reference config); hindsight variant ``online`` by default (the
+paper's Table-1 template; the reference's offline variants via ``--hindsight_variant``); over-long completions
+skipped and counted instead of silently losing their EOS; weights fp32 with bf16 autocast on CPU (pure bf16 loses
+AdamW updates at lr 2e-6), bf16 weights on GPU as in the reference unless ``--weights_dtype float32``.
 
 Every argument, the output folder, the reporting backend and the data are checked before the model
 loads; a problem is one ``error:`` line and a non-zero exit.
@@ -82,8 +81,8 @@ from sdpo.learner.config import DEFAULT_LORA_TARGET_MODULES
 from sdpo.models.lora import LoRASetupError, attach_lora
 from sdpo.models.model_loading import DTYPES, ModelLoadError, load_model_and_tokenizer, load_tokenizer
 from sdpo.utils.command_line import ConfigParser, UsageError, mask_secrets, mask_secrets_in_logs, remember_secrets
-from sdpo.utils.file_io import OutputFolderError, check_output_folder
 from sdpo.utils.env_file import load_project_env
+from sdpo.utils.file_io import OutputFolderError, check_output_folder
 
 DEFAULT_BASE_MODEL = "Qwen/Qwen3-4B"
 DATA_REPORT_FILE = "data_report.json"

@@ -2,7 +2,8 @@
 # Online SDPO: interleaved training on simulated-user follow-ups and periodic pairwise evaluation.
 #
 #   ./scripts/eval_online_sdpo.sh                      # reference GPU setup (Qwen3-8B policy, Qwen3-32B user/judge, vLLM)
-#   MODEL=Qwen/Qwen3-4B STYLE=concise_casual_beginner DATA_DIR=./data/tldr_prompts_unique ./scripts/eval_online_sdpo.sh
+#   MODEL=Qwen/Qwen3-4B STYLE=concise_casual_beginner DATA_DIR=./data/tldr_prompts_unique SYSTEM_PROMPT=tldr \
+#     ./scripts/eval_online_sdpo.sh
 #   PRESET=cpu ./scripts/eval_online_sdpo.sh           # embedded SmolLM2-135M, rule-based user and judge, MT-Bench prompts
 #   ./scripts/eval_online_sdpo.sh --dry-run --eval_every 5   # print the command; extra arguments go to eval_online_sdpo.py
 #   WORLD_SIZE=2 PRESET=cpu ./scripts/eval_online_sdpo.sh   # 2 CPU processes (DDP over gloo), one results file
@@ -14,6 +15,8 @@
 #   RUN_NAME eval_online_sdpo | RUN_ID eval-online-sdpo-<timestamp> | OUTPUT_DIR $BASE_WORK/eval-online-sdpo/$RUN_ID
 #   INTERACTIONS_PER_STEP 1 (interactions per optimizer step) | STYLE_SCHEDULE (empty; "styleA:N,styleB:M")
 #   ORACLE (empty; 1 = judge the in-context oracle first) | SYSTEM_PROMPT general (or tldr) | REPORT_TO none
+#   STYLE_BASELINE base (or introduced: each scheduled style against the policy of its introduction, Fig. 6)
+#   PROTOCOL reasoning (or paper: one-character A/B/C judge, very brief user, App. D.3)
 #   BASE_WORK ${SCRATCH:-${TMPDIR:-/tmp}} | CACHE_DIR $BASE_WORK/hf-cache | PRESET (empty or cpu)
 #   VLLM_MODE colocate (or server: the policy generates on VLLM_SERVER_URL, which gets each new adapter)
 # Launch (as scripts/train_offline_sdpo.sh): WORLD_SIZE 1 → python; WORLD_SIZE N > 1 → accelerate launch with N
@@ -77,6 +80,8 @@ VLLM_SERVER_URL="${VLLM_SERVER_URL:-}"
 STYLE_SCHEDULE="${STYLE_SCHEDULE:-}"
 ORACLE="${ORACLE:-}"
 SYSTEM_PROMPT="${SYSTEM_PROMPT:-general}"
+STYLE_BASELINE="${STYLE_BASELINE:-base}"
+PROTOCOL="${PROTOCOL:-reasoning}"
 REPORT_TO="${REPORT_TO:-none}"
 export OUTPUT_DIR="${OUTPUT_DIR:-$BASE_WORK/eval-online-sdpo/$RUN_ID}"
 
@@ -86,7 +91,8 @@ cmd=(eval_online_sdpo.py
   --train_jsonl "$DATA_DIR/train.jsonl" --val_jsonl "$DATA_DIR/validation.jsonl"
   --train_n "$TRAIN_N" --eval_n "$EVAL_N" --eval_every "$EVAL_EVERY" --train_steps_per_example "$TRAIN_STEPS_PER_EXAMPLE"
   --out_dir "$OUTPUT_DIR" --run_name "$RUN_NAME" --seed "$SEED" --eval_styles "${eval_styles[@]}"
-  --interactions_per_step "$INTERACTIONS_PER_STEP" --system_prompt "$SYSTEM_PROMPT" --report_to "$REPORT_TO")
+  --interactions_per_step "$INTERACTIONS_PER_STEP" --system_prompt "$SYSTEM_PROMPT" --report_to "$REPORT_TO"
+  --style_baseline "$STYLE_BASELINE" --protocol "$PROTOCOL")
 if [[ -n "$STYLE_SCHEDULE" ]]; then
   cmd+=(--style_schedule "$STYLE_SCHEDULE")
 fi

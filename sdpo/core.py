@@ -43,12 +43,24 @@ from sdpo.models.generation import MAX_PADDING_RATIO, autocast_context, encode_c
 
 FOLLOW_UP_SLOT = "{follow_up}"
 
-HINDSIGHT_ONLINE_TEMPLATE = (
+HINDSIGHT_AFTER_REPLY_TEMPLATE = (
     "\n\n=== HINDSIGHT CONTEXT ===\n"
     "[What follows is the next message this user will send after reading your reply. "
     "Let it shape how you answer the request above.]\n"
     "{follow_up}"
 )
+# Table 1's framing: o is a future message of the user that should guide the answer; it does not say that o
+# reacts to the answer, so an unrelated o need not read as feedback.
+HINDSIGHT_FUTURE_MESSAGE_TEMPLATE = (
+    "\n\n=== HINDSIGHT CONTEXT ===\n"
+    "[Below is a message this user will send in the future. Use it to guide your answer to the request above.]\n"
+    "{follow_up}"
+)
+# The default by measurement (auxiliary/sdpo_signal_analysis.py, bundled cases, SmolLM2-135M, 12 cases, same
+# answers): mean |A_t| on unrelated follow-ups 0.298 (future message) vs 0.305 (after reply), on relevant ones
+# 0.246 vs 0.250, and the part due to the follow-up's content, mean |A_rel − A_unrel|, 0.238 vs 0.234. The
+# differences are within noise at 135M; the paper's framing does not lose on relevant follow-ups, so it is used.
+HINDSIGHT_ONLINE_TEMPLATE = HINDSIGHT_FUTURE_MESSAGE_TEMPLATE
 HINDSIGHT_OFFLINE_V1_TEMPLATE = (
     "\n\n[HINDSIGHT CONTEXT]\n"
     "An earlier assistant reply to this request fell short, and the user reacted to it with the "
@@ -80,6 +92,8 @@ class HindsightVariant:
 
 HINDSIGHT_VARIANTS = {
     "online": HindsightVariant(HINDSIGHT_ONLINE_TEMPLATE, "last_user"),
+    # The earlier online wording, kept so the measurement above can be repeated (--hindsight_variant).
+    "online_after_reply": HindsightVariant(HINDSIGHT_AFTER_REPLY_TEMPLATE, "last_user"),
     "offline_v1": HindsightVariant(HINDSIGHT_OFFLINE_V1_TEMPLATE, "last_message"),
     "offline_assistant": HindsightVariant(HINDSIGHT_ASSISTANT_TURN_TEMPLATE, "assistant_turn"),
 }
@@ -196,7 +210,7 @@ class CompletionBatch:
     def completion_width(self) -> int:
         return self.completion_ids.shape[1]
 
-    def to(self, device) -> "CompletionBatch":
+    def to(self, device) -> CompletionBatch:
         return CompletionBatch(*(t.to(device) for t in vars(self).values()))
 
 
@@ -777,5 +791,8 @@ def format_token_table(tokenizer, token_ids, student_logprobs, teacher_logprobs,
     for index, (token, lp_x, lp_xo) in enumerate(zip(token_ids[:limit], student_logprobs, teacher_logprobs)):
         piece = tokenizer.convert_ids_to_tokens(int(token)).replace("\n", "\\n")
         piece = piece if len(piece) <= 15 else piece[:12] + "..."
-        lines.append(f"{index:>4} {int(token):>7} {piece:<16} {float(lp_x):>8.3f} {float(lp_xo):>8.3f} {float(lp_xo - lp_x):>8.3f}")
+        lines.append(
+            f"{index:>4} {int(token):>7} {piece:<16} {float(lp_x):>8.3f} {float(lp_xo):>8.3f} "
+            f"{float(lp_xo - lp_x):>8.3f}"
+        )
     return "\n".join(lines)

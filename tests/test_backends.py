@@ -60,6 +60,7 @@ def failure_of(backend, conversations=None):
 # ---- AnthropicBackend: requests -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_anthropic_success_forwards_system_and_sampling():
     with FakeAnthropicServer(api_key="sk-test") as server:
         backend = AnthropicBackend("claude-test", api_key="sk-test", base_url=server.base_url)
@@ -75,6 +76,7 @@ def test_anthropic_success_forwards_system_and_sampling():
     assert backend.name == "anthropic:claude-test"
 
 
+@pytest.mark.slow
 def test_anthropic_sends_top_p_only_below_one():
     with FakeAnthropicServer() as server:
         backend = AnthropicBackend("m", api_key="k", base_url=server.base_url)
@@ -355,6 +357,7 @@ def test_openai_check_finds_a_bad_key_and_a_base_url_without_v1():
 # ---- HFChatBackend ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hf_batched_equals_one_by_one_greedy(tiny_model, chat_tokenizer):
     backend = HFChatBackend(tiny_model, chat_tokenizer, batch_size=4)
     conversations = [
@@ -418,7 +421,9 @@ def test_vllm_token_path_matches_hf_rendering(fake_vllm, chat_tokenizer):
     assert prompts == [{"prompt_token_ids": encode_chat(chat_tokenizer, conversation("hello " * 50))[-16:]}]
 
 
-def test_vllm_token_path_returns_the_text_of_the_sampled_ids_and_swaps_adapters(fake_vllm, chat_tokenizer, tmp_path, monkeypatch):
+def test_vllm_token_path_returns_the_text_of_the_sampled_ids_and_swaps_adapters(
+    fake_vllm, chat_tokenizer, tmp_path, monkeypatch
+):
     lora = types.ModuleType("vllm.lora.request")
     lora.LoRARequest = lambda name, id_, path: (id_, path)
     monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))

@@ -25,7 +25,14 @@ def files(tmp_path):
     wrong_field.write_text('{"question": "no prompt field"}\n')
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    found = {"good": good, "broken": broken, "latin1": latin1, "wrong_field": wrong_field, "a_file": a_file, "dir": tmp_path}
+    found = {
+        "good": good,
+        "broken": broken,
+        "latin1": latin1,
+        "wrong_field": wrong_field,
+        "a_file": a_file,
+        "dir": tmp_path,
+    }
     user, assistant = {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}
     prompt_files = {
         "array": json.dumps([{"prompt": "a"}, {"prompt": "b"}], indent=1),
@@ -45,11 +52,12 @@ def files(tmp_path):
     # run folders to --resume: a truncated state, a state of the wrong shape, a results file of the wrong shape
     settings = {"run_name": "bad", "train_jsonl": str(good), "val_jsonl": str(good), "user_backend": "rule",
                 "judge_backend": "rule", "style": "short", "model_name_or_path": "no-such-model-anywhere"}  # fmt: skip
+    complete = json.dumps({"settings": settings, "index": 1, "eval_dir": "."})
     for name, state, results in (
         ("truncated_state", '{"settings": {"run_na', None),
         ("wrong_state", json.dumps({"settings": [], "index": "1", "eval_dir": "."}), None),
-        ("wrong_results", json.dumps({"settings": settings, "index": 1, "eval_dir": "."}), '{"meta": {}, "training_metrics": {"interaction": 1}, "eval_history": []}'),
-        ("truncated_results", json.dumps({"settings": settings, "index": 1, "eval_dir": "."}), '{"meta": {}, "training_met'),
+        ("wrong_results", complete, '{"meta": {}, "training_metrics": {"interaction": 1}, "eval_history": []}'),
+        ("truncated_results", complete, '{"meta": {}, "training_met'),
         ("wrong_setting", json.dumps({"settings": {**settings, "train_n": "ten"}, "index": 1, "eval_dir": "."}), None),
     ):  # fmt: skip
         found[name] = tmp_path / name
@@ -62,9 +70,25 @@ def files(tmp_path):
 
 def online(files, *extra, train=None, out=None):
     return [
-        "--model", "no-such-model-anywhere", "--train_jsonl", str(train or files["good"]), "--val_jsonl", str(files["good"]),
-        "--out_dir", str(out or files["dir"] / "run"), "--run_name", "bad", "--user_backend", "rule", "--judge_backend", "rule",
-        "--style", "short", "--device", "cpu", *extra,
+        "--model",
+        "no-such-model-anywhere",
+        "--train_jsonl",
+        str(train or files["good"]),
+        "--val_jsonl",
+        str(files["good"]),
+        "--out_dir",
+        str(out or files["dir"] / "run"),
+        "--run_name",
+        "bad",
+        "--user_backend",
+        "rule",
+        "--judge_backend",
+        "rule",
+        "--style",
+        "short",
+        "--device",
+        "cpu",
+        *extra,
     ]
 
 
@@ -82,36 +106,142 @@ ONLINE_CASES = {
     "folder as prompt file": (lambda f: online(f, train=f["dir"]), 2, "is a folder, not a file"),
     "output folder is a file": (lambda f: online(f, out=f["a_file"]), 2, "is a file; pass a folder"),
     "negative temperature": (lambda f: online(f, "--temperature=-1"), 2, "--temperature must be a finite number >= 0"),
-    "rule user cannot check the style": (lambda f: online(f, "--style", "poetic"), 1, "rule-based user cannot check poetic"),
+    "rule user cannot check the style": (
+        lambda f: online(f, "--style", "poetic"),
+        1,
+        "rule-based user cannot check poetic",
+    ),
     "local user without a model": (lambda f: online(f, "--user_backend", "hf"), 1, "needs --user_model_name_or_path"),
-    "openai without a server": (lambda f: online(f, "--user_backend", "openai", "--user_model_name_or_path", "m", "--openai_base_url", ""), 1, "needs --openai_base_url"),
+    "openai without a server": (
+        lambda f: online(f, "--user_backend", "openai", "--user_model_name_or_path", "m", "--openai_base_url", ""),
+        1,
+        "needs --openai_base_url",
+    ),
     "vllm not installed": (lambda f: online(f, "--use_vllm"), 1, "--use_vllm needs vLLM"),
-    "8-bit AdamW without bitsandbytes": (lambda f: online(f, "--optim", "adamw_8bit"), 2, "--optim adamw_8bit needs bitsandbytes"),
+    "8-bit AdamW without bitsandbytes": (
+        lambda f: online(f, "--optim", "adamw_8bit"),
+        2,
+        "--optim adamw_8bit needs bitsandbytes",
+    ),
     "unloadable model": (lambda f: online(f), 1, "no-such-model-anywhere"),
     # found before any model loads (the model named cannot load: a check after loading would say so instead)
-    "prompt file is a JSON array": (lambda f: online(f, train=f["array"]), 1, "array.jsonl: a JSON array spread over lines; prompt files are JSON Lines"),
-    "prompt file is a one-line JSON array": (lambda f: online(f, train=f["one_line_array"]), 1, "one_line_array.jsonl:1: expected a JSON object with a 'prompt' field, got a JSON array"),
-    "whitespace-only prompt": (lambda f: online(f, train=f["blank_prompt"]), 1, "blank_prompt.jsonl:2: field 'prompt' is empty"),
-    "conversation ends with the assistant": (lambda f: online(f, train=f["ends_with_assistant"]), 1, "ends_with_assistant.jsonl:1: field 'messages' must end with a non-empty user message"),
-    "conversation starts with the assistant": (lambda f: online(f, train=f["starts_with_assistant"]), 1, "starts_with_assistant.jsonl:1: field 'messages' must start with a user message"),
-    "unknown role": (lambda f: online(f, train=f["unknown_role"]), 1, "unknown_role.jsonl:1: field 'messages[0]' has speaker 'bot'"),
+    "prompt file is a JSON array": (
+        lambda f: online(f, train=f["array"]),
+        1,
+        "array.jsonl: a JSON array spread over lines; prompt files are JSON Lines",
+    ),
+    "prompt file is a one-line JSON array": (
+        lambda f: online(f, train=f["one_line_array"]),
+        1,
+        "one_line_array.jsonl:1: expected a JSON object with a 'prompt' field, got a JSON array",
+    ),
+    "whitespace-only prompt": (
+        lambda f: online(f, train=f["blank_prompt"]),
+        1,
+        "blank_prompt.jsonl:2: field 'prompt' is empty",
+    ),
+    "conversation ends with the assistant": (
+        lambda f: online(f, train=f["ends_with_assistant"]),
+        1,
+        "ends_with_assistant.jsonl:1: field 'messages' must end with a non-empty user message",
+    ),
+    "conversation starts with the assistant": (
+        lambda f: online(f, train=f["starts_with_assistant"]),
+        1,
+        "starts_with_assistant.jsonl:1: field 'messages' must start with a user message",
+    ),
+    "unknown role": (
+        lambda f: online(f, train=f["unknown_role"]),
+        1,
+        "unknown_role.jsonl:1: field 'messages[0]' has speaker 'bot'",
+    ),
     "gzip prompt file": (lambda f: online(f, train=f["gzip"]), 1, "gzip.jsonl: gzip-compressed; decompress it first"),
-    "bad validation prompt file": (lambda f: [*online(f), "--val_jsonl", str(f["array"])], 1, "array.jsonl: a JSON array"),
-    "missing local user model": (lambda f: online(f, "--user_backend", "hf", "--user_model_name_or_path", "./no/user"), 1, "--user_model_name_or_path ./no/user: does not exist"),
-    "missing local judge model": (lambda f: online(f, "--user_backend", "hf", "--judge_backend", "user", "--user_model_name_or_path", "/no/judge", "--style", "poetic"), 1, "--user_model_name_or_path /no/judge: does not exist"),
-    "missing baseline model": (lambda f: online(f, "--baseline_model", "./no/baseline"), 1, "--baseline_model ./no/baseline: does not exist"),
-    "missing local policy model": (lambda f: [*online(f), "--model", "/no/policy"], 1, "--model_name_or_path /no/policy: does not exist"),
-    "batch larger than the training prompts": (lambda f: online(f, "--interactions_per_step", "8"), 1, "--interactions_per_step 8 exceeds the 4 training interactions"),
-    "batch larger than --train_n": (lambda f: online(f, "--interactions_per_step", "3", "--train_n", "2"), 1, "--interactions_per_step 3 exceeds the 2 training interactions"),
-    "float batch size in YAML": (lambda f: online(f, "--config", str(f["float_batch_yaml"])), 2, "interactions_per_step must be a whole number, got 2.5"),
+    "bad validation prompt file": (
+        lambda f: [*online(f), "--val_jsonl", str(f["array"])],
+        1,
+        "array.jsonl: a JSON array",
+    ),
+    "missing local user model": (
+        lambda f: online(f, "--user_backend", "hf", "--user_model_name_or_path", "./no/user"),
+        1,
+        "--user_model_name_or_path ./no/user: does not exist",
+    ),
+    "missing local judge model": (
+        lambda f: online(
+            f,
+            "--user_backend",
+            "hf",
+            "--judge_backend",
+            "user",
+            "--user_model_name_or_path",
+            "/no/judge",
+            "--style",
+            "poetic",
+        ),
+        1,
+        "--user_model_name_or_path /no/judge: does not exist",
+    ),
+    "missing baseline model": (
+        lambda f: online(f, "--baseline_model", "./no/baseline"),
+        1,
+        "--baseline_model ./no/baseline: does not exist",
+    ),
+    "missing local policy model": (
+        lambda f: [*online(f), "--model", "/no/policy"],
+        1,
+        "--model_name_or_path /no/policy: does not exist",
+    ),
+    "batch larger than the training prompts": (
+        lambda f: online(f, "--interactions_per_step", "8"),
+        1,
+        "--interactions_per_step 8 exceeds the 4 training interactions",
+    ),
+    "batch larger than --train_n": (
+        lambda f: online(f, "--interactions_per_step", "3", "--train_n", "2"),
+        1,
+        "--interactions_per_step 3 exceeds the 2 training interactions",
+    ),
+    "float batch size in YAML": (
+        lambda f: online(f, "--config", str(f["float_batch_yaml"])),
+        2,
+        "interactions_per_step must be a whole number, got 2.5",
+    ),
     "output folder below a file": (lambda f: online(f, out=f["a_file"] / "run"), 2, "a_file is a file; pass a folder"),
-    "output folder not writable": (lambda f: online(f, out="/sys/sdpo-bad-input-run"), 1, "--out_dir /sys/sdpo-bad-input-run cannot be written"),
-    "resume a truncated run_state.json": (lambda f: ["--resume", "--out_dir", str(f["truncated_state"])], 1, "run_state.json cannot be read (JSONDecodeError"),
-    "resume a run_state.json of the wrong shape": (lambda f: ["--resume", "--out_dir", str(f["wrong_state"])], 1, "run_state.json: not the shape this run writes"),
-    "resume a results file of the wrong shape": (lambda f: ["--resume", "--out_dir", str(f["wrong_results"])], 1, "bad_1.json: 'training_metrics' is not a list of records"),
-    "resume a truncated results file": (lambda f: ["--resume", "--out_dir", str(f["truncated_results"])], 1, "bad_1.json cannot be read (JSONDecodeError"),
-    "resume a run_state.json with a setting of the wrong type": (lambda f: ["--resume", "--out_dir", str(f["wrong_setting"])], 1, "run_state.json: the stored settings no longer hold"),
-    "new run over a truncated results file": (lambda f: online(f, out=f["truncated_results"]), 1, "bad_1.json cannot be read"),
+    "output folder not writable": (
+        lambda f: online(f, out="/sys/sdpo-bad-input-run"),
+        1,
+        "--out_dir /sys/sdpo-bad-input-run cannot be written",
+    ),
+    "resume a truncated run_state.json": (
+        lambda f: ["--resume", "--out_dir", str(f["truncated_state"])],
+        1,
+        "run_state.json cannot be read (JSONDecodeError",
+    ),
+    "resume a run_state.json of the wrong shape": (
+        lambda f: ["--resume", "--out_dir", str(f["wrong_state"])],
+        1,
+        "run_state.json: not the shape this run writes",
+    ),
+    "resume a results file of the wrong shape": (
+        lambda f: ["--resume", "--out_dir", str(f["wrong_results"])],
+        1,
+        "bad_1.json: 'training_metrics' is not a list of records",
+    ),
+    "resume a truncated results file": (
+        lambda f: ["--resume", "--out_dir", str(f["truncated_results"])],
+        1,
+        "bad_1.json cannot be read (JSONDecodeError",
+    ),
+    "resume a run_state.json with a setting of the wrong type": (
+        lambda f: ["--resume", "--out_dir", str(f["wrong_setting"])],
+        1,
+        "run_state.json: the stored settings no longer hold",
+    ),
+    "new run over a truncated results file": (
+        lambda f: online(f, out=f["truncated_results"]),
+        1,
+        "bad_1.json cannot be read",
+    ),
 }
 
 
@@ -134,7 +264,11 @@ def test_online_binary_env_file_is_one_line(files, tmp_path, capsys, monkeypatch
     (tmp_path / ".env").write_bytes(gzip.compress(b"OPENAI_API_KEY=x\n"))
     assert eval_online_sdpo.main(online(files)) == 2
     err = capsys.readouterr().err
-    assert err.count("error") == 1 and ".env: not UTF-8 text (byte 0x8b at offset 1); write it as NAME=value lines" in err and "Traceback" not in err
+    assert (
+        err.count("error") == 1
+        and ".env: not UTF-8 text (byte 0x8b at offset 1); write it as NAME=value lines" in err
+        and "Traceback" not in err
+    )
 
 
 def test_a_completion_labelled_user_is_refused():
@@ -146,7 +280,15 @@ def test_a_completion_labelled_user_is_refused():
     assert interactions_from_row(row)[0].completion.role == "assistant"
 
 
-@pytest.mark.parametrize(("name", "message"), [("broken", "broken.jsonl:2: not valid JSON"), ("latin1", "latin1.jsonl:2: not UTF-8 text"), ("wrong_field", "wrong_field.jsonl:1: no 'prompt' field")])
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("broken", "broken.jsonl:2: not valid JSON"),
+        ("latin1", "latin1.jsonl:2: not UTF-8 text"),
+        ("wrong_field", "wrong_field.jsonl:1: no 'prompt' field"),
+    ],
+)
+@pytest.mark.slow
 def test_online_bad_prompt_files_name_the_line(name, message, files, tiny_model_path, capsys):
     args = online(files, train=files[name], out=files["dir"] / name)
     args[1] = tiny_model_path
@@ -155,12 +297,43 @@ def test_online_bad_prompt_files_name_the_line(name, message, files, tiny_model_
     assert message in err and "Traceback" not in err
     # The failed start leaves nothing that blocks a corrected rerun in the same folder.
     args[args.index("--train_jsonl") + 1] = str(files["good"])
-    assert eval_online_sdpo.main([*args, "--train_n", "1", "--eval_n", "1", "--max_new_tokens", "4", "--eval_max_new_tokens", "4", "--dtype", "float32"]) == 0
+    assert (
+        eval_online_sdpo.main(
+            [
+                *args,
+                "--train_n",
+                "1",
+                "--eval_n",
+                "1",
+                "--max_new_tokens",
+                "4",
+                "--eval_max_new_tokens",
+                "4",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
 
 
+@pytest.mark.slow
 def test_resume_without_a_complete_checkpoint_never_restarts_over_finished_work(files, tiny_model_path, capsys):
     out = files["dir"] / "run"
-    args = online(files, "--train_n", "2", "--eval_n", "1", "--max_new_tokens", "4", "--eval_max_new_tokens", "4", "--dtype", "float32", out=out)
+    args = online(
+        files,
+        "--train_n",
+        "2",
+        "--eval_n",
+        "1",
+        "--max_new_tokens",
+        "4",
+        "--eval_max_new_tokens",
+        "4",
+        "--dtype",
+        "float32",
+        out=out,
+    )
     args[1] = tiny_model_path
     assert eval_online_sdpo.main(args) == 0
     results = (out / "bad_1.json").read_text()
@@ -180,7 +353,8 @@ def folder_bytes(folder):
 @pytest.mark.slow
 def test_a_copied_run_folder_resumes_in_the_copy_and_leaves_the_original_untouched(files, tiny_model_path, monkeypatch):
     original, copy = files["dir"] / "original", files["dir"] / "copy"
-    args = online(files, "--train_n", "4", "--eval_n", "1", "--eval_every", "2", "--resume_every", "2", "--max_new_tokens", "4", "--eval_max_new_tokens", "4", "--dtype", "float32", out=original)  # fmt: skip
+    args = online(files, "--train_n", "4", "--eval_n", "1", "--eval_every", "2", "--resume_every", "2",
+    "--max_new_tokens", "4", "--eval_max_new_tokens", "4", "--dtype", "float32", out=original)  # fmt: skip
     args[1] = tiny_model_path
     record_evaluation = eval_online_sdpo.OnlineRun.record_evaluation
     evaluations = []
@@ -213,7 +387,10 @@ CHECKPOINT_CASES = {
     "missing checkpoint": (["--checkpoints", "{dir}/nope"], "checkpoint {dir}/nope: no such folder"),
     "file as checkpoint": (["--checkpoints", "{a_file}"], "not a folder"),
     "unknown style": (["--checkpoints", "{dir}", "--eval_styles", "pirate"], "unknown style 'pirate'"),
-    "rule judge cannot check": (["--checkpoints", "{dir}", "--eval_styles", "poetic"], "rule-based judge cannot check poetic"),
+    "rule judge cannot check": (
+        ["--checkpoints", "{dir}", "--eval_styles", "poetic"],
+        "rule-based judge cannot check poetic",
+    ),
 }
 
 
@@ -223,7 +400,18 @@ def test_checkpoint_evaluation_bad_input(case, files, tmp_path, capsys):
     fill = {"dir": tmp_path, "a_file": files["a_file"]}
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_text("")
-    argv = [a.format(**fill) for a in extra] + ["--baseline_model", "no-such-model", "--val_jsonl", str(files["good"]), "--run_name", "r", "--judge_backend", "rule", "--out_dir", str(tmp_path / "eval")]
+    argv = [a.format(**fill) for a in extra] + [
+        "--baseline_model",
+        "no-such-model",
+        "--val_jsonl",
+        str(files["good"]),
+        "--run_name",
+        "r",
+        "--judge_backend",
+        "rule",
+        "--out_dir",
+        str(tmp_path / "eval"),
+    ]
     try:
         returned = eval_checkpoints.main(argv)
     except SystemExit as exited:
@@ -236,14 +424,27 @@ def test_checkpoint_evaluation_bad_input(case, files, tmp_path, capsys):
 ORACLE_CASES = {
     "unknown style": (["--styles", "pirate"], "unknown style 'pirate'"),
     "rule judge cannot check": (["--styles", "poetic"], "rule-based judge cannot check poetic"),
-    "openai judge without a server": (["--judge_backend", "openai", "--openai_base_url", ""], "needs --openai_base_url"),
+    "openai judge without a server": (
+        ["--judge_backend", "openai", "--openai_base_url", ""],
+        "needs --openai_base_url",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(ORACLE_CASES))
 def test_oracle_bad_input(case, files, tmp_path, capsys):
     extra, message = ORACLE_CASES[case]
-    argv = ["--model", "no-such-model", "--val_jsonl", str(files["good"]), "--judge_backend", "rule", "--eval_dir", str(tmp_path / "eval"), *extra]
+    argv = [
+        "--model",
+        "no-such-model",
+        "--val_jsonl",
+        str(files["good"]),
+        "--judge_backend",
+        "rule",
+        "--eval_dir",
+        str(tmp_path / "eval"),
+        *extra,
+    ]
     try:
         returned = eval_incontext_oracle.main(argv)
     except SystemExit as exited:

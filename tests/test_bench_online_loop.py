@@ -37,7 +37,11 @@ def test_each_run_is_a_command_the_loop_accepts(tmp_path):
     arguments = parse_arguments(argv)
     run, participants = arguments.run, arguments.participants
     assert (run.interactions_per_step, run.train_n, run.eval_every, arguments.learner.temperature) == (4, 12, 0, 0.7)
-    assert (participants.user_backend, participants.judge_backend, run.out_dir) == ("rule", "rule", str(tmp_path / "run"))
+    assert (participants.user_backend, participants.judge_backend, run.out_dir) == (
+        "rule",
+        "rule",
+        str(tmp_path / "run"),
+    )
 
 
 def test_phases_per_interaction_are_the_long_run_minus_the_short_run():

@@ -10,7 +10,9 @@ from sdpo.utils.env_file import REPOSITORY_ROOT, load_project_env
 
 def test_dotenv_fills_only_what_the_environment_lacks(tmp_path, monkeypatch):
     env_file = tmp_path / ".env"
-    env_file.write_text('# keys\nSDPO_TEST_KEY="from-file $HOME"\nSDPO_TEST_SET=from-file\nSDPO_TEST_CMD=$(touch pwned)\n')
+    env_file.write_text(
+        '# keys\nSDPO_TEST_KEY="from-file $HOME"\nSDPO_TEST_SET=from-file\nSDPO_TEST_CMD=$(touch pwned)\n'
+    )
     monkeypatch.delenv("SDPO_TEST_KEY", raising=False)
     monkeypatch.setenv("SDPO_TEST_SET", "from-environment")
     monkeypatch.chdir(tmp_path)

@@ -102,8 +102,9 @@ def test_local_task_configs_keep_the_harness_prompts_and_read_the_local_files(tm
 
 @pytest.mark.slow
 def test_cpu_run_on_the_bundled_model_writes_the_table(tmp_path):
-    """lm-eval on a generation task with IFEval's checks and a multiple-choice task, plus AlpacaEval 2 and the Arena-Hard-style judgement answered by the model and judged by a fake
-    OpenAI-compatible server; run as the script, offline."""
+    """lm-eval on a generation task with IFEval's checks and a multiple-choice task, plus AlpacaEval 2 and the
+    Arena-Hard-style judgement answered by the model and judged by a fake OpenAI-compatible server; run as the
+    script, offline."""
 
     def judge(body):
         prompt = body["messages"][-1]["content"]

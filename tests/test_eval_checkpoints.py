@@ -113,6 +113,7 @@ def cli(paths, baseline, prompt_file, out_dir, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_full_and_adapter_checkpoints_are_judged_per_style(
     checkpoints, tiny_model_path, prompt_file, tmp_path, monkeypatch, capsys
 ):
@@ -160,6 +161,7 @@ def test_full_and_adapter_checkpoints_are_judged_per_style(
     assert len(table) == 4 and table[0].startswith("  no_emojis" + " " * (40 - len("no_emojis")) + " winrate=")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_loaded_checkpoint_reproduces_the_trained_policy(checkpoints, tiny_model_path, prompt_file, kind):
     path, trained_logits = checkpoints[kind]
@@ -257,7 +259,8 @@ def test_bad_command_lines_fail_in_one_line_with_status_2_before_any_work(
 def test_a_yaml_config_holds_any_setting_and_the_command_line_wins(checkpoints, prompt_file, tmp_path):
     config = tmp_path / "ckpt.yaml"
     config.write_text(
-        f"checkpoints: [{checkpoints['full'][0]}, {checkpoints['lora'][0]}]\nbaseline_model: b\nval_jsonl: {prompt_file}\n"
+        f"checkpoints: [{checkpoints['full'][0]}, {checkpoints['lora'][0]}]\nbaseline_model: b\nval_jsonl: "
+        f"{prompt_file}\n"
         "run_name: from_yaml\neval_n: 7\njudge_backend: rule\njudge_tp: 2\neval_styles: [short, no_lists]\n"
     )
     args, judges = eval_checkpoints.parse_arguments(["--config", str(config), "--eval_n", "3"])
@@ -281,9 +284,8 @@ def test_unusable_checkpoint_folders_are_named_with_the_reason(checkpoints, tmp_
     weightless.mkdir()
     (weightless / "config.json").write_text("{}")
     cases = {
-        str(
-            run_dir
-        ): "neither a model folder (config.json) nor a LoRA adapter (adapter_config.json); checkpoints inside it: checkpoints/step_1",
+        str(run_dir): "neither a model folder (config.json) nor a LoRA adapter (adapter_config.json); "
+        "checkpoints inside it: checkpoints/step_1",
         str(orphan): f"its base model {tmp_path / 'gone'} (adapter_config.json) does not exist",
         str(weightless): "config.json but no model weights",
         str(lora / "adapter_config.json"): "not a folder",

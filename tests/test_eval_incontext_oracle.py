@@ -53,6 +53,7 @@ def cli(model, prompt_file, eval_dir, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_oracle_against_baseline_per_style(tiny_model_path, chat_tokenizer, prompt_file, tmp_path, monkeypatch):
     contexts = []
     real_generate = backends.generate
@@ -98,6 +99,7 @@ def test_oracle_against_baseline_per_style(tiny_model_path, chat_tokenizer, prom
     assert get_persona("short") in completions["oracle_system_prompts"]["short"]
 
 
+@pytest.mark.slow
 def test_a_local_hf_judge_model_judges_every_style(tiny_model_path, prompt_file, tmp_path):
     """--judge_backend hf --judge_model <path>: the participants' local-model judge (the random tiny model
     writes no verdict line, so every verdict is unparsed and counted)."""

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 
 from sdpo.evaluation.evaluation_helpers import (
-    as_conversation,
-    request_text,
     DataError,
+    as_conversation,
     compute_metrics,
     filter_by_prompt_tokens,
     format_metrics_line,
     load_prompts,
     next_run_index,
-    write_completions_snapshot,
+    request_text,
     select_prompts,
     to_json_safe,
+    write_completions_snapshot,
     write_json_atomic,
 )
 from sdpo.models.generation import encode_chat
@@ -340,7 +340,9 @@ def test_completions_snapshot_is_rewritten_with_truncated_rows(tmp_path):
     baseline = [f"baseline {i}" for i in range(12)]
     first = {"step": 3, "current": current, "baseline": baseline}
     write_completions_snapshot(path, [first], prompts)
-    write_completions_snapshot(path, [first, {"step": 6, "current": current, "baseline": baseline}], prompts, max_chars=5)
+    write_completions_snapshot(
+        path, [first, {"step": 6, "current": current, "baseline": baseline}], prompts, max_chars=5
+    )
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 20  # rewritten, not appended: a redone evaluation never appears twice
     assert rows[0] == {"step": 3, "prompt": "promp", "current": "curre", "baseline": "basel"}
@@ -355,7 +357,14 @@ def test_completions_snapshot_rejects_unequal_lengths(tmp_path):
 def test_prompts_may_be_conversations(tmp_path):
     path = tmp_path / "chat.jsonl"
     rows = [
-        {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be kind."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Name a colour."},
+            ]
+        },
         {"prompt": [{"role": "user", "content": "Yo"}]},
         {"prompt": "  plain  "},
     ]
@@ -363,13 +372,19 @@ def test_prompts_may_be_conversations(tmp_path):
     prompts = load_prompts(path)
     assert prompts[0] == rows[0]["messages"] and prompts[1] == rows[1]["prompt"] and prompts[2] == "plain"
     assert [request_text(p) for p in prompts] == ["Name a colour.", "Yo", "plain"]
-    assert as_conversation("plain") == [{"role": "user", "content": "plain"}] and as_conversation(prompts[0]) == rows[0]["messages"]
+    assert (
+        as_conversation("plain") == [{"role": "user", "content": "plain"}]
+        and as_conversation(prompts[0]) == rows[0]["messages"]
+    )
 
 
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}, "field 'messages' must end with a non-empty user message"),
+        (
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+            "field 'messages' must end with a non-empty user message",
+        ),
         ({"messages": [{"role": "robot", "content": "Hi"}]}, "field 'messages[0]' has speaker 'robot'"),
         ({"messages": []}, "field 'messages' must be a non-empty list of messages"),
         ({"prompt": 7}, "field 'prompt' must be a string or a list of messages, got int"),

@@ -65,6 +65,7 @@ def test_mixed_lengths_need_several_prefill_groups(chat_tokenizer):
     assert max(lengths) > 4 * min(lengths) and len(length_groups(lengths)) >= 3
 
 
+@pytest.mark.slow
 def test_grouped_generation_gives_the_greedy_tokens_of_one_padded_batch_in_the_callers_order(chat_tokenizer):
     model = build_tiny_llama(chat_tokenizer).eval()
     contexts = _mixed_contexts(chat_tokenizer)
@@ -75,6 +76,7 @@ def test_grouped_generation_gives_the_greedy_tokens_of_one_padded_batch_in_the_c
     assert len({tuple(t) for t in grouped}) > 1  # distinct answers, so a mixed-up order would show
 
 
+@pytest.mark.slow
 def test_grouped_generation_samples_what_one_padded_batch_samples_with_the_same_seed(chat_tokenizer):
     model = build_tiny_llama(chat_tokenizer).eval()
     contexts = _mixed_contexts(chat_tokenizer)
@@ -122,6 +124,7 @@ def test_prefill_pads_each_group_within_the_bound(chat_tokenizer):
     assert max(rows for rows, _ in widths[len(prefill_calls) :]) == len(contexts)  # then one decode for all
 
 
+@pytest.mark.slow
 def test_one_token_contexts_generate_beside_long_ones(chat_tokenizer):
     model = build_tiny_llama(chat_tokenizer).eval()
     contexts = [[chat_tokenizer.eos_token_id], *_mixed_contexts(chat_tokenizer)[:2]]
@@ -137,6 +140,7 @@ def _lora(model):
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
 
 
+@pytest.mark.slow
 def test_bf16_copy_of_fp32_master_weights_generates_the_same_greedy_tokens(chat_tokenizer):
     model = build_tiny_llama(chat_tokenizer)
     twin = InferenceCopy(model, torch.bfloat16)
@@ -149,6 +153,7 @@ def test_bf16_copy_of_fp32_master_weights_generates_the_same_greedy_tokens(chat_
     assert _token_ids(twin.model, chat_tokenizer, torch.bfloat16) == _token_ids(model, chat_tokenizer, torch.bfloat16)
 
 
+@pytest.mark.slow
 def test_refresh_follows_an_update_of_the_training_weights(chat_tokenizer):
     model = build_tiny_llama(chat_tokenizer)
     twin = InferenceCopy(model, torch.bfloat16)
@@ -212,6 +217,7 @@ def _updater(model_path, tmp_path, **overrides):
     return OnlineSDPOUpdater(OnlineSDPOConfig(**{**settings, **overrides}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_updater_generates_from_a_copy_that_follows_every_update(tiny_model_path, chat_tokenizer, tmp_path, use_lora):
     updater = _updater(tiny_model_path, tmp_path, use_lora=use_lora, lora_r=4, lora_alpha=8)

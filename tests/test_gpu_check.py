@@ -28,6 +28,7 @@ def test_full_size_config_is_qwen3_0_6b():
     assert 0.55e9 < sum(p.numel() for p in model.parameters()) < 0.65e9
 
 
+@pytest.mark.slow
 def test_tiny_check_runs_both_steps_on_cpu(capsys):
     result = main(["--tiny", "--device", "cpu", "--batch_size", "2", "--new_tokens", "6", "--matmul_size", "128"])
     printed = capsys.readouterr().out
@@ -45,7 +46,8 @@ def test_tiny_check_runs_both_steps_on_cpu(capsys):
 
 @pytest.mark.slow
 def test_tiny_scaling_figures_on_cpu_processes(capsys, monkeypatch):
-    """--scaling on CPU: the tiny model saved, then 1 process and 2 DDP processes measured by bench/online_scaling.py."""
+    """--scaling on CPU: the tiny model saved, then 1 process and 2 DDP processes measured by "
+    "bench/online_scaling.py."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     result = main(
         ["--tiny", "--device", "cpu", "--batch_size", "2", "--new_tokens", "4", "--matmul_size", "128", "--scaling"]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from sdpo.data.interaction_schema import ASSISTANT, SYSTEM, USER, Interaction, Message, interactions_from_row
 from offline_sdpo.offline_sdpo_trainer import InteractionDataset, load_interactions
+from sdpo.data.interaction_schema import ASSISTANT, SYSTEM, USER, Interaction, Message, interactions_from_row
 from tests.conftest import FIXTURES
 
 OFFLINE = FIXTURES / "offline"

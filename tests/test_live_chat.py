@@ -302,10 +302,16 @@ def test_empty_message_and_answer_without_question_are_refused(start_engine):
 
 def test_history_is_capped_and_starts_with_a_user_turn(start_engine):
     engine = start_engine(max_history_messages=3)
-    conversation = Conversation("alice", messages=[
-        {"role": "user", "content": "1"}, {"role": "assistant", "content": "2"},
-        {"role": "user", "content": "3"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "5"},
-    ])
+    conversation = Conversation(
+        "alice",
+        messages=[
+            {"role": "user", "content": "1"},
+            {"role": "assistant", "content": "2"},
+            {"role": "user", "content": "3"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "5"},
+        ],
+    )
     assert [m["content"] for m in engine.conversation_context(conversation)] == ["3", "4", "5"]
     engine.max_history_messages = 2
     assert [m["content"] for m in engine.conversation_context(conversation)] == ["5"]
@@ -347,8 +353,15 @@ def test_signal_colours_follow_the_signal_analysis_colour_map():
 def test_signal_panel_shows_each_token_escaped_with_its_value(start_engine):
     from sdpo.live_chat.sessions import UpdateReport
 
-    report = UpdateReport(step=4, loss=0.5, signal_mean=-1.0, follow_up="too <b>bold</b>",
-                          tokens=["<script>", " ok", "\n"], signal=[-2.0, 0.0, 1.5], train_time_s=0.1)
+    report = UpdateReport(
+        step=4,
+        loss=0.5,
+        signal_mean=-1.0,
+        follow_up="too <b>bold</b>",
+        tokens=["<script>", " ok", "\n"],
+        signal=[-2.0, 0.0, 1.5],
+        train_time_s=0.1,
+    )
     page = render_signal_html(report, -5, 5)
     assert "&lt;script&gt;" in page and "<script>" not in page and "&lt;b&gt;bold" in page
     assert page.count("<span ") == 3 and 'title="-2.000"' in page and 'title="+1.500"' in page
@@ -381,7 +394,11 @@ def test_adapters_of_another_shape_are_refused_before_the_model_loads(tmp_path, 
 
 
 def dry_run(*args, env=None):
-    environment = {k: v for k, v in os.environ.items() if k not in {"MODEL", "PRESET", "HOST", "PORT", "ADAPTERS_DIR", "ACCOUNTS_FILE"}}
+    environment = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"MODEL", "PRESET", "HOST", "PORT", "ADAPTERS_DIR", "ACCOUNTS_FILE"}
+    }
     environment.update(TMPDIR="/tmp/sdpo-test", PYTHON="python", **(env or {}))
     script = str(REPO / "scripts" / "live_chat.sh")
     result = subprocess.run([script, *args], env=environment, capture_output=True, text=True, timeout=60)
@@ -389,7 +406,7 @@ def dry_run(*args, env=None):
     lines = result.stdout.splitlines()
     command = [line for line in lines if line.startswith("[dry-run] ") and "BASE_WORK=" not in line]
     assert len(command) == 1, result.stdout
-    return shlex.split(command[0][len("[dry-run] "):])
+    return shlex.split(command[0][len("[dry-run] ") :])
 
 
 def test_script_defaults_to_the_embedded_model_on_cpu_bound_to_localhost(tmp_path):
@@ -420,11 +437,34 @@ def test_command_line_serves_the_page_and_stops_cleanly_on_sigterm(tiny_model_pa
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, str(REPO / "live_chat.py"), "--model", tiny_model_path, "--device", "cpu",
-               "--dtype", "float32", "--lora_r", "4", "--lora_alpha", "8", "--max_new_tokens", "8",
-               "--port", str(port), "--adapters_dir", str(tmp_path / "adapters")]
-    server = subprocess.Popen(command, cwd=REPO, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [
+        sys.executable,
+        str(REPO / "live_chat.py"),
+        "--model",
+        tiny_model_path,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--max_new_tokens",
+        "8",
+        "--port",
+        str(port),
+        "--adapters_dir",
+        str(tmp_path / "adapters"),
+    ]
+    server = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         page = None
         for _ in range(240):
@@ -458,8 +498,12 @@ def test_signal_panel_is_the_updates_own_signal_at_the_sampling_temperature(star
     engine.wait_until_idle()
     panel = engine.status("alice").last_update
 
-    by_hand = OnlineSDPOUpdater(learner_config(do_sample=True, temperature=0.7), model=build_tiny_llama(chat_tokenizer),
-                                tokenizer=chat_tokenizer, resume_from=engine.root / INITIAL)
+    by_hand = OnlineSDPOUpdater(
+        learner_config(do_sample=True, temperature=0.7),
+        model=build_tiny_llama(chat_tokenizer),
+        tokenizer=chat_tokenizer,
+        resume_from=engine.root / INITIAL,
+    )
     metrics = by_hand.train_step(conversation.messages[:1], first.generation, FOLLOW_UPS[0], return_token_signals=True)
     assert by_hand.scoring_temperature == 0.7
     assert panel.signal == metrics["token_signals"][0] and len(panel.signal) == len(first.generation.token_ids)
@@ -468,8 +512,12 @@ def test_signal_panel_is_the_updates_own_signal_at_the_sampling_temperature(star
     assert all(f'title="{value:+.3f}"' in page for value in panel.signal)
 
     # Scored at T=1 (what the page used to show) the numbers differ: the panel really is the update's.
-    at_one = OnlineSDPOUpdater(learner_config(), model=build_tiny_llama(chat_tokenizer), tokenizer=chat_tokenizer,
-                               resume_from=engine.root / INITIAL)
+    at_one = OnlineSDPOUpdater(
+        learner_config(),
+        model=build_tiny_llama(chat_tokenizer),
+        tokenizer=chat_tokenizer,
+        resume_from=engine.root / INITIAL,
+    )
     other = at_one.train_step(conversation.messages[:1], first.generation, FOLLOW_UPS[0], return_token_signals=True)
     assert other["token_signals"][0] != panel.signal
 

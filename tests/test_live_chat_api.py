@@ -46,8 +46,10 @@ def server(start_engine, tmp_path, monkeypatch, capsys):  # noqa: F811
     """(base URL, engine, accounts, {name: API key}) of a served live chat with accounts alice, bob and ops."""
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     accounts_file = tmp_path / "accounts.json"
-    keys = {name: add_user(accounts_file, name, admin=name == "ops", monkeypatch=monkeypatch, capsys=capsys)
-            for name in PASSWORDS}
+    keys = {
+        name: add_user(accounts_file, name, admin=name == "ops", monkeypatch=monkeypatch, capsys=capsys)
+        for name in PASSWORDS
+    }
     accounts = Accounts.load(accounts_file)
     engine = start_engine()
     identities = Identities(accounts)
@@ -126,9 +128,11 @@ def test_streamed_reply_for_a_bearer_token_and_a_wrong_token_refused(server):
 
     with pytest.raises(openai.BadRequestError, match="the limit is 512"):
         client(url, keys["bob"]).chat.completions.create(
-            model="sdpo-live", messages=[{"role": "user", "content": "word " * 600}])
+            model="sdpo-live", messages=[{"role": "user", "content": "word " * 600}]
+        )
 
 
+@pytest.mark.slow
 def test_admin_exports_and_deletes_a_users_data(server):
     url, engine, accounts, keys = server
     alice = accounts.find("alice")
@@ -164,7 +168,11 @@ def test_service_settings_come_from_the_chat_settings_dataclass_and_yaml(tmp_pat
     )
     config, settings, use_vllm, accounts = live_chat.resolve(["--config", str(config_file)])
     assert (settings.host, settings.update_workers, settings.max_message_tokens, settings.reply_batch_size) == (
-        "0.0.0.0", 2, 64, 4)
+        "0.0.0.0",
+        2,
+        64,
+        4,
+    )
     assert [a.name for a in accounts.accounts] == ["alice"] and not use_vllm and config.use_lora
     with pytest.raises(SystemExit):
         live_chat.main(["--help"])

@@ -171,8 +171,9 @@ def test_two_logged_in_users_each_see_and_change_only_their_own_adapter(browser,
     bob.status_when(lambda text: "reset to the initial adapter" in text)
     bob.click("undo")
     assert engine.wait_until_idle(timeout=WAIT_SECONDS)
-    assert engine.status(alice_id).step == 1 and engine.status(alice_id).fingerprint == FINGERPRINT.search(
-        after).group(1)
+    assert engine.status(alice_id).step == 1 and engine.status(alice_id).fingerprint == FINGERPRINT.search(after).group(
+        1
+    )
     assert engine.status(bob_id).step == 0 and engine.applied_updates(bob_id) == []
     alice.status_when(lambda text: "adapter step 1" in text)
 

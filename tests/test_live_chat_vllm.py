@@ -25,9 +25,19 @@ QUESTION = [{"role": "user", "content": "Explain TCP in two sentences."}]
 
 def config_for(model_path, folder) -> OnlineSDPOConfig:
     return OnlineSDPOConfig(
-        model_name_or_path=model_path, device="cpu", torch_dtype="float32", use_lora=True, lora_r=8, lora_alpha=16,
-        learning_rate=5e-2, do_sample=False, max_new_tokens=16, max_context_length=256,
-        checkpoint_dir=str(folder), checkpoint_every_n_steps=0, max_checkpoints=0,
+        model_name_or_path=model_path,
+        device="cpu",
+        torch_dtype="float32",
+        use_lora=True,
+        lora_r=8,
+        lora_alpha=16,
+        learning_rate=5e-2,
+        do_sample=False,
+        max_new_tokens=16,
+        max_context_length=256,
+        checkpoint_dir=str(folder),
+        checkpoint_every_n_steps=0,
+        max_checkpoints=0,
     )
 
 
@@ -49,13 +59,15 @@ def test_one_engine_serves_every_users_newest_adapter(tiny_vllm_model_path, tmp_
         assert engine.wait_until_idle(timeout=600)
         assert engine.status("alice").step == 2 and engine.status("carol").step == 1
 
-        expected = {u: hf_greedy(tiny_vllm_model_path, engine.adapter_path(u), tmp_path) for u in ("alice", "bob",
-                                                                                                  "carol")}
+        expected = {
+            u: hf_greedy(tiny_vllm_model_path, engine.adapter_path(u), tmp_path) for u in ("alice", "bob", "carol")
+        }
         assert expected["alice"] != expected["bob"], "the updates must change the reply, or nothing is tested"
         # Three adapters, two resident: each user still gets their own, also when asking at the same time.
         replies = {}
-        threads = [threading.Thread(target=lambda u=u: replies.update({u: engine.reply(u, QUESTION)}))
-                   for u in expected]
+        threads = [
+            threading.Thread(target=lambda u=u: replies.update({u: engine.reply(u, QUESTION)})) for u in expected
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -14,6 +14,7 @@ from sdpo.models.model_loading import (
 )
 
 
+@pytest.mark.slow
 def test_embedded_model_loads_offline_from_the_converted_cache(bundled_model_path):
     assert resolve_model_path("smollm2-135m-instruct") == bundled_model_path
     model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct", dtype="bfloat16", device="cpu")

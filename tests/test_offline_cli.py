@@ -25,6 +25,7 @@ def write_yaml(path, text):
     return str(path)
 
 
+@pytest.mark.slow
 def test_help_works_run_as_a_file(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
@@ -92,6 +93,7 @@ def test_yaml_config_sets_values_command_line_wins_and_old_names_work(tmp_path):
     assert os.environ.pop("SDPO_TEST_FROM_YAML") == "yes"
 
 
+@pytest.mark.slow
 def test_yaml_config_run_on_a_messages_dataset(tiny_model_path, tmp_path, capsys):
     out = tmp_path / "out"
     config_file = write_yaml(
@@ -193,6 +195,7 @@ def test_bad_inputs_are_one_line_before_the_model_loads(tmp_path, capsys, monkey
     assert failures == [], "\n".join(failures)
 
 
+@pytest.mark.slow
 def test_bad_input_exit_status_and_stderr_of_the_real_process(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--train_jsonl", str(INTERACTIONS), "--batch_size", "0"],

@@ -335,6 +335,7 @@ def weights(folder):
     return AutoModelForCausalLM.from_pretrained(folder).state_dict()
 
 
+@pytest.mark.slow
 def test_single_process_run_saves_a_loadable_final_model(tiny_model_path, tmp_path):
     summary = run(
         cli_args(tiny_model_path, tmp_path, "--max_steps", "3", "--learning_rate", "1e-3", "--save_steps", "100")
@@ -364,6 +365,7 @@ class InterruptAtStep(TrainerCallback):
             raise KeyboardInterrupt(f"simulated interruption at step {self.step}")
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_continues_the_step_counter_and_matches_an_uninterrupted_run(
     tiny_model_path, tmp_path, capsys
 ):
@@ -390,6 +392,7 @@ def test_resume_after_interruption_continues_the_step_counter_and_matches_an_uni
         torch.testing.assert_close(resumed[name], straight[name])
 
 
+@pytest.mark.slow
 def test_lora_run_with_skipped_rows_saves_adapter_and_merged_model(tiny_model_path, tmp_path):
     args = cli_args(
         tiny_model_path,
@@ -430,6 +433,7 @@ def launcher_env(**overrides):
     return env
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_together(tiny_model_path, tmp_path):
     env = launcher_env(
         TRAIN_JSONL=str(INTERACTIONS),

@@ -30,7 +30,7 @@ WORKER = REPO / "tests" / "distributed_worker.py"
 # results naming it, before step 2's (run_state 2, baseline 2, results 6, checkpoint 3, results 6).
 KILL_AT_COMMIT = 16
 LOSS_TOLERANCE = {"rel": 1e-4, "abs": 1e-6}
-WEIGHT_TOLERANCE_IN_LR = 0.01
+WEIGHT_TOLERANCE_IN_LR = 0.05
 
 
 def free_port() -> int:

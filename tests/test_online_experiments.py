@@ -14,15 +14,52 @@ from sdpo.personas.rule_based_user import RuleBasedUserSimulator
 from tests.conftest import PROMPTS
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 def experiment_args(model, train, val, out_dir, *extra):
     return [
-        "--model", model, "--train_jsonl", str(train), "--val_jsonl", str(val), "--out_dir", str(out_dir), "--run_name", "unit",
-        "--device", "cpu", "--dtype", "float32", "--max_new_tokens", "6", "--eval_max_new_tokens", "6", "--lr", "1e-3",
-        "--seed", "3", "--user_backend", "rule", "--judge_backend", "rule", "--train_n", "4", "--eval_n", "2", "--eval_every", "2",
-        "--interactions_per_step", "2", "--style_schedule", "short:2,no_lists:2", "--oracle", *extra,
+        "--model",
+        model,
+        "--train_jsonl",
+        str(train),
+        "--val_jsonl",
+        str(val),
+        "--out_dir",
+        str(out_dir),
+        "--run_name",
+        "unit",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--max_new_tokens",
+        "6",
+        "--eval_max_new_tokens",
+        "6",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "3",
+        "--user_backend",
+        "rule",
+        "--judge_backend",
+        "rule",
+        "--train_n",
+        "4",
+        "--eval_n",
+        "2",
+        "--eval_every",
+        "2",
+        "--interactions_per_step",
+        "2",
+        "--style_schedule",
+        "short:2,no_lists:2",
+        "--oracle",
+        *extra,
     ]
 
 
+@pytest.mark.slow
 def test_batched_schedule_with_the_oracle(tmp_path, prompt_files, tiny_model_path, monkeypatch):
     asked = []
     real_feedback = RuleBasedUserSimulator.generate_feedback
@@ -48,7 +85,9 @@ def test_batched_schedule_with_the_oracle(tmp_path, prompt_files, tiny_model_pat
     assert meta["judged_styles"] == ["short", "no_lists"] and meta["settings"]["interactions_per_step"] == 2
     assert meta["switch_points"] == [[2, "no_lists"]]
     assert [e["interaction"] for e in results["eval_history"]] == [2, 4]
-    assert all("winrate_inc_ties" in e and "winrate_inc_ties" in e["secondary_no_lists"] for e in results["eval_history"])
+    assert all(
+        "winrate_inc_ties" in e and "winrate_inc_ties" in e["secondary_no_lists"] for e in results["eval_history"]
+    )
     assert set(meta["oracle"]) == {"short", "no_lists"}
     assert all({"winrate_a", "se", "coverage", "n_effective"} <= set(m) for m in meta["oracle"].values())
     oracle_answers = json.loads((out / "oracle_completions.json").read_text())["completions"]
@@ -58,8 +97,14 @@ def test_batched_schedule_with_the_oracle(tmp_path, prompt_files, tiny_model_pat
 
 def test_bad_schedules_fail_before_any_work(tmp_path, prompt_files, capsys):
     train, val = prompt_files
-    for schedule, message in (("short:2,pirate:3", "unknown style 'pirate'"), ("short", "is not \"style:N\""), ("short:0", "N >= 1")):
-        returned = eval_online_sdpo.main(experiment_args("no-such-model", train, val, tmp_path / "x", "--style_schedule", schedule))
+    for schedule, message in (
+        ("short:2,pirate:3", "unknown style 'pirate'"),
+        ("short", 'is not "style:N"'),
+        ("short:0", "N >= 1"),
+    ):
+        returned = eval_online_sdpo.main(
+            experiment_args("no-such-model", train, val, tmp_path / "x", "--style_schedule", schedule)
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert returned == 2 and len(err) == 1 and message in err[0]
     assert not (tmp_path / "x").exists()
@@ -90,31 +135,67 @@ def _results(out: Path) -> dict:
 @pytest.mark.slow
 def test_faults_at_commit_points_then_resume_equal_an_uninterrupted_run(tmp_path, prompt_files, tiny_model_path):
     train, val = prompt_files
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     injector = [str(REPO / "tests" / "fault_injection.py")]
-    reference = _run([*injector, "0", "SIGKILL", "--", "eval_online_sdpo.py", *experiment_args(tiny_model_path, train, val, tmp_path / "ref")], env)
+    reference = _run(
+        [
+            *injector,
+            "0",
+            "SIGKILL",
+            "--",
+            "eval_online_sdpo.py",
+            *experiment_args(tiny_model_path, train, val, tmp_path / "ref"),
+        ],
+        env,
+    )
     n_points = int(reference.stderr.rsplit("commit points: ", 1)[1].split()[0])
     expected = _results(tmp_path / "ref")
     # Every sixth commit point with SIGKILL, two with SIGINT (Ctrl-C: exit 130 with a one-line hint).
     faults = [(k, "SIGKILL") for k in range(1, n_points + 1, 6)] + [(k, "SIGINT") for k in (3, n_points // 2)]
     for k, signal_name in faults:
         out = tmp_path / f"{signal_name}_{k}"
-        faulted = _run([*injector, str(k), signal_name, "--", "eval_online_sdpo.py", *experiment_args(tiny_model_path, train, val, out)], env, check=False)
+        faulted = _run(
+            [
+                *injector,
+                str(k),
+                signal_name,
+                "--",
+                "eval_online_sdpo.py",
+                *experiment_args(tiny_model_path, train, val, out),
+            ],
+            env,
+            check=False,
+        )
         assert faulted.returncode in (-9, 130, 0), faulted.stderr[-2000:]
         if signal_name == "SIGINT" and faulted.returncode == 130:
             assert "Traceback" not in faulted.stderr and "--resume" in faulted.stderr
         kept = _results(out)["training_metrics"] if (out / "unit_1.json").is_file() else []
-        assert kept == expected["training_metrics"][: len(kept)], f"fault {signal_name} at commit point {k} changed finished interactions"
+        assert kept == expected["training_metrics"][: len(kept)], (
+            f"fault {signal_name} at commit point {k} changed finished interactions"
+        )
         if (out / "run_state.json").is_file():
             _run(["eval_online_sdpo.py", "--resume", "--out_dir", str(out)], env)
         else:  # stopped before the run existed: a plain restart
             _run(["eval_online_sdpo.py", *experiment_args(tiny_model_path, train, val, out)], env)
         resumed = _results(out)
-        assert resumed["training_metrics"][: len(kept)] == kept, f"--resume rewrote finished interactions (fault at {k})"
-        assert resumed == expected, f"fault {signal_name} at commit point {k}: the resumed run differs from an uninterrupted one"
+        assert resumed["training_metrics"][: len(kept)] == kept, (
+            f"--resume rewrote finished interactions (fault at {k})"
+        )
+        assert resumed == expected, (
+            f"fault {signal_name} at commit point {k}: the resumed run differs from an uninterrupted one"
+        )
 
 
-def test_conversational_prompt_files_and_the_tldr_system_prompt(tmp_path, prompt_files, tiny_model_path, chat_tokenizer, monkeypatch):
+@pytest.mark.slow
+def test_conversational_prompt_files_and_the_tldr_system_prompt(
+    tmp_path, prompt_files, tiny_model_path, chat_tokenizer, monkeypatch
+):
     from sdpo.models import generation
 
     seen = []
@@ -128,7 +209,9 @@ def test_conversational_prompt_files_and_the_tldr_system_prompt(tmp_path, prompt
     _, val = prompt_files
     train = tmp_path / "chat.jsonl"
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
-    train.write_text("".join(json.dumps({"messages": [*history, {"role": "user", "content": p}]}) + "\n" for p in PROMPTS))
+    train.write_text(
+        "".join(json.dumps({"messages": [*history, {"role": "user", "content": p}]}) + "\n" for p in PROMPTS)
+    )
     out = tmp_path / "run"
     args = experiment_args(tiny_model_path, train, val, out, "--system_prompt", "tldr")
     assert eval_online_sdpo.main(args) == 0

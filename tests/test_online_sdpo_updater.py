@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from sdpo.models.generation import Generation, SamplingParams
-from sdpo.learner.updater import EmptyResponseError, OnlineSDPOUpdater, latest_checkpoint
-from sdpo.learner.config import OnlineSDPOConfig
 from sdpo.core import build_hindsight_messages, pad_contexts_and_completions, score_completions
+from sdpo.learner.config import OnlineSDPOConfig
+from sdpo.learner.updater import EmptyResponseError, OnlineSDPOUpdater, latest_checkpoint
+from sdpo.models.generation import Generation, SamplingParams
 
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 FOLLOW_UP = "Answer in one word, no punctuation."
@@ -120,7 +120,16 @@ def test_bad_responses_fail_clearly(tiny_model_path, tmp_path):
 def test_train_step_metrics_follow_the_reference_schema(tiny_model_path, tmp_path, loss_mode):
     updater = make_updater(tiny_model_path, tmp_path, loss_mode=loss_mode, train_steps_per_example=2)
     metrics = updater.train_step(MESSAGES, fixed_response(updater), FOLLOW_UP)
-    common = {"policy_logp_mean", "completion_tokens", "loss_mode", "step", "grad_norm", "loss", "train_steps_per_example", "train_time_s"}
+    common = {
+        "policy_logp_mean",
+        "completion_tokens",
+        "loss_mode",
+        "step",
+        "grad_norm",
+        "loss",
+        "train_steps_per_example",
+        "train_time_s",
+    }
     mode_keys = {"kl_mean"} if loss_mode == "full_distillation" else {"signal_mean", "signal_std", "teacher_logp_mean"}
     assert common | mode_keys <= set(metrics)
     assert metrics["step"] == 1 and updater.step == 1 and metrics["train_steps_per_example"] == 2
@@ -176,6 +185,7 @@ def test_full_distillation_update_reduces_kl_to_the_pre_update_teacher(tiny_mode
     assert kl_to_frozen_teacher() < before
 
 
+@pytest.mark.slow
 def test_batched_train_step_loss_is_the_mean_of_single_losses(tiny_model_path, tmp_path):
     conversations = [MESSAGES, [{"role": "user", "content": "Tell me something about the sea, briefly."}]]
     follow_ups = [FOLLOW_UP, "Make it funnier."]
@@ -191,6 +201,7 @@ def test_batched_train_step_loss_is_the_mean_of_single_losses(tiny_model_path, t
     assert batched == pytest.approx(sum(singles) / 2, rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_checkpoint_then_resume_gives_the_identical_next_step(tiny_model_path, tmp_path, use_lora):
     extra = dict(use_lora=use_lora, lora_r=4, lora_alpha=8) if use_lora else {}
@@ -222,6 +233,7 @@ def test_periodic_checkpoints_are_pruned_and_found(tiny_model_path, tmp_path):
         OnlineSDPOUpdater(updater.config, resume_from=tmp_path)
 
 
+@pytest.mark.slow
 def test_lora_checkpoint_holds_the_adapter_and_optionally_a_merged_model(tiny_model_path, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -232,7 +244,9 @@ def test_lora_checkpoint_holds_the_adapter_and_optionally_a_merged_model(tiny_mo
     merged = AutoModelForCausalLM.from_pretrained(path / "merged")
     ids = torch.tensor([updater.encode_context(MESSAGES)])
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, updater.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, updater.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+        )
 
 
 def test_lora_only_trains_adapters(tiny_model_path, tmp_path):
@@ -254,6 +268,7 @@ def test_fp32_master_weights_with_bf16_autocast_by_default(tiny_model_path, tmp_
     assert next(pure.model.parameters()).dtype == torch.bfloat16 and pure.autocast_dtype is None
 
 
+@pytest.mark.slow
 def test_sampling_parameters_are_not_inherited_from_the_model(tiny_model_path, tmp_path):
     """A generation_config with top_k=1 (≈ greedy) must not leak into T=1 sampling."""
     updater = make_updater(tiny_model_path, tmp_path, max_new_tokens=5)
@@ -272,7 +287,9 @@ def test_sampling_parameters_are_not_inherited_from_the_model(tiny_model_path, t
 @pytest.mark.slow
 def test_bundled_model_one_online_step(tmp_path):
     """The embedded default end to end: generate, train one step in each mode, loss finite."""
-    updater = make_updater("smollm2-135m-instruct", tmp_path, max_new_tokens=16, learning_rate=5e-6, torch_dtype="bfloat16")
+    updater = make_updater(
+        "smollm2-135m-instruct", tmp_path, max_new_tokens=16, learning_rate=5e-6, torch_dtype="bfloat16"
+    )
     torch.manual_seed(0)
     response = updater.generate_response(MESSAGES)
     metrics = updater.train_step(MESSAGES, response, FOLLOW_UP)

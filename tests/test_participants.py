@@ -42,7 +42,13 @@ def test_style_names_are_canonical_once_parsed():
 
 def test_claude_user_and_judges_for_every_style(monkeypatch):
     monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
-    participants = build_participants(config("--judge_model", "claude-x", judge_styles=["no_emojis", "no_lists", "no_emojis", "answer_direclty_reduce_formatting"]))
+    participants = build_participants(
+        config(
+            "--judge_model",
+            "claude-x",
+            judge_styles=["no_emojis", "no_lists", "no_emojis", "answer_direclty_reduce_formatting"],
+        )
+    )
     assert isinstance(participants.simulator, ClaudeStyleUserSimulator)
     assert participants.simulator.sampling == SamplingParams(max_new_tokens=256, temperature=0.0)
     assert list(participants.judges) == ["no_emojis", "no_lists", "answer_directly_reduce_formatting"]
@@ -52,15 +58,27 @@ def test_claude_user_and_judges_for_every_style(monkeypatch):
 
 def test_rule_based_user_and_judge_need_no_model_or_key(monkeypatch):
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
-    participants = build_participants(config("--user_backend", "rule", "--judge_backend", "rule", user_styles=["no_lists"], judge_styles=["no_lists"]))
+    participants = build_participants(
+        config("--user_backend", "rule", "--judge_backend", "rule", user_styles=["no_lists"], judge_styles=["no_lists"])
+    )
     assert isinstance(participants.simulator, RuleBasedUserSimulator)
     assert isinstance(participants.judges["no_lists"], RuleBasedJudge)
 
 
+@pytest.mark.slow
 def test_local_user_model_shared_by_the_local_judge(tiny_model_path):
     participants = build_participants(
-        config("--user_model_name_or_path", tiny_model_path, "--judge_local", "--user_device", "cpu", "--user_dtype", "float32",
-               user_styles=["short", "no_emojis"], judge_styles=["short", "no_emojis"])
+        config(
+            "--user_model_name_or_path",
+            tiny_model_path,
+            "--judge_local",
+            "--user_device",
+            "cpu",
+            "--user_dtype",
+            "float32",
+            user_styles=["short", "no_emojis"],
+            judge_styles=["short", "no_emojis"],
+        )
     )
     assert participants.simulators["no_emojis"].backend is participants.simulator.backend  # one model for every persona
     assert isinstance(participants.simulator, LLMUserSimulator)
@@ -73,9 +91,23 @@ def test_local_user_model_shared_by_the_local_judge(tiny_model_path):
 
 
 def test_openai_compatible_server_as_user_and_judge():
-    with FakeOpenAIServer(handler=lambda body: Reply("Judgement: A" if "Response A" in str(body) else "Too long.")) as server:
-        participants = build_participants(config("--user_backend", "openai", "--judge_backend", "openai", "--user_model_name_or_path",
-                                                 "served-user", "--judge_model", "served-judge", "--openai_base_url", server.base_url))
+    with FakeOpenAIServer(
+        handler=lambda body: Reply("Judgement: A" if "Response A" in str(body) else "Too long.")
+    ) as server:
+        participants = build_participants(
+            config(
+                "--user_backend",
+                "openai",
+                "--judge_backend",
+                "openai",
+                "--user_model_name_or_path",
+                "served-user",
+                "--judge_model",
+                "served-judge",
+                "--openai_base_url",
+                server.base_url,
+            )
+        )
         assert participants.simulator.generate_feedback(["p"], ["r"]) == ["Too long."]
         assert participants.judges["no_emojis"].choose_batch_generated(["p"], ["a"], ["b"]) == [-1]  # A in both orders
         assert {b["model"] for b in server.bodies} == {"served-user", "served-judge"}
@@ -94,7 +126,9 @@ def test_style_schedule_switches_after_each_segment():
     from sdpo.personas.participants import StyleSchedule
 
     schedule = StyleSchedule.parse("concise_casual_beginner:3,detailed_professional_expert:2", default_style="short")
-    assert [schedule.style_at(i) for i in range(7)] == ["concise_casual_beginner"] * 3 + ["detailed_professional_expert"] * 4
+    assert [schedule.style_at(i) for i in range(7)] == ["concise_casual_beginner"] * 3 + [
+        "detailed_professional_expert"
+    ] * 4
     assert schedule.switch_points(7) == [(3, "detailed_professional_expert")] and schedule.switch_points(3) == []
     assert StyleSchedule.parse(None, default_style="short").style_at(100) == "short"
     with pytest.raises(ValueError, match="unknown style 'pirate'"):

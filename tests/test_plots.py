@@ -10,22 +10,20 @@ from matplotlib import colormaps
 from matplotlib.colors import to_hex, to_rgb
 
 from sdpo.evaluation.evaluation_helpers import compute_metrics
-from sdpo.utils.file_io import to_json_safe
-from sdpo.evaluation.plots import (
+from sdpo.evaluation.plots import plot_profile_grid, plot_winrate, save_figure, styles_in_history
+from sdpo.evaluation.signal_plots import (
     SIGNAL_HEATMAP_FILES,
     SignalFigureSettings,
     plot_heatmap,
     plot_token_boxes,
-    plot_winrate,
-    save_figure,
     signal_color_hex,
     signal_colormap,
     signal_matrix,
-    styles_in_history,
     text_color_hex,
     token_display_text,
     write_signal_figures,
 )
+from sdpo.utils.file_io import to_json_safe
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -244,6 +242,7 @@ def test_token_boxes_are_coloured_by_signal_color_hex(tmp_path):
     assert to_hex(figure.texts[5].get_color()) == "#ffffff"  # white on the dark red of -12
 
 
+@pytest.mark.slow
 def test_write_signal_figures_writes_every_file_and_skips_an_out_of_range_token_case(tmp_path):
     cases = [
         {
@@ -290,3 +289,33 @@ def test_a_history_reloaded_from_json_draws_the_same_points(tmp_path):
         original, again = (by_gid(figure.axes[0 if "winrate" in gid else 1], gid) for figure in figures)
         assert list(original.get_xydata().ravel()) == pytest.approx(list(again.get_xydata().ravel()))
     assert legend_texts(figures[0]) == legend_texts(figures[1])
+
+
+def test_a_style_introduced_later_starts_at_its_introduction_and_says_against_what(tmp_path):
+    history = [
+        entry(0, 0, metrics(4, 4, 16)),
+        entry(2, 4, metrics(6, 2, 16), no_lists=metrics(5, 5, 14)),  # no_lists enters at 4, against the policy there
+        entry(4, 8, metrics(9, 2, 13), no_lists=metrics(9, 3, 12)),
+    ]
+    figure = plot_winrate(
+        history, tmp_path / "w.png", styles=["short", "no_lists"], baseline_at={"short": 0, "no_lists": 4}
+    )
+    assert list(by_gid(figure.axes[0], "winrate-certain:no_lists").get_xdata())[0] == pytest.approx(4, abs=0.2)
+    assert list(by_gid(figure.axes[0], "winrate-certain:short").get_xdata())[0] == pytest.approx(0, abs=0.2)
+    assert "no_lists (vs the policy at interaction 4)" in legend_texts(figure) and "short" in legend_texts(figure)
+
+
+def test_profile_grid_has_one_panel_per_run_with_its_oracle(tmp_path):
+    panels = [(f"style_{i}", HISTORY, ORACLE["short"] if i != 2 else None) for i in range(6)]
+    path = tmp_path / "grid.png"
+    figure = plot_profile_grid(panels, path)
+    visible = [axes for axes in figure.axes if axes.get_visible()]
+    assert len(visible) == 6 and path.read_bytes()[:8] == PNG_MAGIC
+    assert [axes.get_title() for axes in visible] == [f"style / {i}" for i in range(6)]
+    oracle_lines = [
+        [a for a in axes.get_children() if a.get_gid() == f"oracle:style_{i}"] for i, axes in enumerate(visible)
+    ]
+    assert [len(lines) for lines in oracle_lines] == [1, 1, 0, 1, 1, 1]
+    assert list(by_gid(visible[0], "winrate-certain:style_0").get_xdata()) == [0, 8]  # interaction 4 had 3 decided
+    with pytest.raises(ValueError, match="at least one"):
+        plot_profile_grid([], path)

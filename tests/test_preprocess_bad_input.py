@@ -93,7 +93,12 @@ FIXTURES = Path(__file__).parent / "fixtures" / "preprocess"
 
 # (script, its output file, --dataset_path (relative to tmp) or extra flags, input files to create)
 ZERO_ROWS = {
-    "sharegpt garbage": ("sharegpt", "sharegpt_interactions.jsonl", ["--dataset_path", "{tmp}/in.json"], b"garbage %%%"),
+    "sharegpt garbage": (
+        "sharegpt",
+        "sharegpt_interactions.jsonl",
+        ["--dataset_path", "{tmp}/in.json"],
+        b"garbage %%%",
+    ),
     "sharegpt empty file": ("sharegpt", "sharegpt_interactions.jsonl", ["--dataset_path", "{tmp}/in.json"], b""),
     "sharegpt fake gz": ("sharegpt", "sharegpt_interactions.jsonl", ["--dataset_path", "{tmp}/in.json.gz"], b"no gz"),
     "sharegpt no usable conversation": (
@@ -111,13 +116,25 @@ ZERO_ROWS = {
     "helpsteer every prompt too long": (
         "helpsteer",
         "train.jsonl",
-        ["--dataset_path", f"train={FIXTURES}/helpsteer2/train.jsonl", f"validation={FIXTURES}/helpsteer2/validation.jsonl", "--max_prompt_length", "1"],
+        [
+            "--dataset_path",
+            f"train={FIXTURES}/helpsteer2/train.jsonl",
+            f"validation={FIXTURES}/helpsteer2/validation.jsonl",
+            "--max_prompt_length",
+            "1",
+        ],
         None,
     ),
     "tldr every prompt too long": (
         "tldr_dataset",
         "validation.jsonl",
-        ["--dataset_path", f"train={FIXTURES}/tldr/train.jsonl", f"validation={FIXTURES}/tldr/validation.jsonl", "--max_prompt_length", "1"],
+        [
+            "--dataset_path",
+            f"train={FIXTURES}/tldr/train.jsonl",
+            f"validation={FIXTURES}/tldr/validation.jsonl",
+            "--max_prompt_length",
+            "1",
+        ],
         None,
     ),
 }

@@ -17,10 +17,10 @@ from sdpo.data.conversations import (
     normalize_conversation,
 )
 from sdpo.data.data_sources import DataError, HubSource, load_splits
-from sdpo.utils.file_io import write_jsonl_atomic
 from sdpo.data.interaction_schema import ASSISTANT, USER, Message
 from sdpo.data.json_stream import JsonRecordStream
 from sdpo.data.preprocessing_cli import FilterCounts, InteractionExtractor, LengthMeter, stats_path_for
+from sdpo.utils.file_io import write_jsonl_atomic
 
 FIXTURES = Path(__file__).parent / "fixtures" / "preprocess"
 

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from auxiliary import preprocess_helpsteer
 from tests.preprocess_helpers import read_jsonl
 
@@ -62,6 +64,7 @@ def test_per_split_files_give_the_same_output(tmp_path):
         assert read_jsonl(by_folder / f"{split}.jsonl") == read_jsonl(by_files / f"{split}.jsonl")
 
 
+@pytest.mark.slow
 def test_token_limits(tmp_path, bundled_model_path):
     # The 147-character prompt is about 30 tokens: a 40-token limit keeps it, a 120-character one does not.
     out_dir = run(

@@ -77,6 +77,7 @@ def test_help_shows_the_command_and_explains_every_flag(tmp_path, script):
     assert {"--out_dir", "--dataset_path"} <= set(parser._option_string_actions)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", HUB_SCRIPTS)
 def test_no_hub_access_is_one_line_and_a_nonzero_exit(tmp_path, script):
     env = clean_env(tmp_path, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "cache"))

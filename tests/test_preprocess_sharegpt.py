@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 
 from auxiliary import preprocess_sharegpt
+from auxiliary.preprocess_wildfeedback import wildfeedback_rows
 from sdpo.data.conversations import ConversationLimits
 from sdpo.data.json_stream import JsonRecordStream
-from auxiliary.preprocess_wildfeedback import wildfeedback_rows
 from sdpo.data.preprocessing_cli import InteractionExtractor, LengthMeter
 from tests.preprocess_helpers import WILDFEEDBACK_RECORD_FIELDS, read_jsonl
 

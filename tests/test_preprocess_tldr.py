@@ -32,11 +32,12 @@ def test_filters_dedup_and_cross_split_removal(tmp_path):
     train = [row["prompt"] for row in read_jsonl(out_dir / "train.jsonl")]
     validation = [row["prompt"] for row in read_jsonl(out_dir / "validation.jsonl")]
     # post P1 (its upper-cased, re-spaced copy is a duplicate), the news article, post P2
-    assert train == [f"{INSTRUCTION}\n\n{train_texts[i]}" for i in (0, 3, 6)]
+    assert train == [train_texts[i] for i in (0, 3, 6)]
     # P2 already in train is removed; P3 once; P4
-    assert validation == [f"{INSTRUCTION}\n\n{validation_texts[i]}" for i in (1, 3)]
+    assert validation == [validation_texts[i] for i in (1, 3)]
 
     stats = json.loads((out_dir / "preprocess_stats.json").read_text())
+    assert stats["prompt_format"] == "post" and "--system_prompt tldr" in stats["summary_instruction"]
     assert stats["splits"]["train"] == {
         "scanned": 7,
         "written": 3,
@@ -99,4 +100,18 @@ def test_old_suffix_format_and_dedup_key():
     assert dedup_key("Hello   World\n") == dedup_key("hello world")
     assert dedup_key("hello world") != dedup_key("hello worlds")
     args = preprocess_tldr_dataset.build_parser().parse_args([])
-    assert (args.max_prompt_length, args.prompt_format) == (1024, "instruction")
+    assert (args.max_prompt_length, args.prompt_format) == (1024, "post")
+
+
+def test_one_summary_instruction_whichever_format(tmp_path):
+    """post: no cue and no instruction in the prompt (the system prompt asks); instruction: one line, no cue."""
+    from sdpo.online.config import SYSTEM_PROMPTS
+
+    text = fixture_texts("train")[0]
+    assert preprocess_tldr_dataset.make_prompt(text, "post") == text and "TL;DR" not in text
+    assert "TL;DR" not in SYSTEM_PROMPTS["tldr"] and "summar" in SYSTEM_PROMPTS["tldr"].lower()
+    out_dir = run(tmp_path / "tldr", PAIRS, "--prompt_format", "instruction")
+    train = [row["prompt"] for row in read_jsonl(out_dir / "train.jsonl")]
+    assert all(p.startswith(INSTRUCTION + "\n\n") and not p.rstrip().endswith("TL;DR:") for p in train)
+    stats = json.loads((out_dir / "preprocess_stats.json").read_text())
+    assert (stats["prompt_format"], stats["summary_instruction"]) == ("instruction", "the prompt's first line")

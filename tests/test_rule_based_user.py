@@ -128,7 +128,9 @@ def test_judge_weighs_how_far_each_response_breaks_the_rule():
     """Both too long for "short": the clearly shorter one wins; lengths within 10% of each other tie."""
     judge = RuleBasedJudge("short")
     words = lambda n: " ".join(["word"] * n) + "."  # noqa: E731
-    decisions = judge.choose_batch_generated(["p"] * 3, [words(80), words(200), words(100)], [words(150), words(90), words(101)])
+    decisions = judge.choose_batch_generated(
+        ["p"] * 3, [words(80), words(200), words(100)], [words(150), words(90), words(101)]
+    )
     assert decisions == [0, 1, -1]
     assert "severity 0.33" in judge.last_raw_outputs[0]["ab"]  # (80 - 60) / 60
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from sdpo.models.generation import encode_chat
 from sdpo.core import (
     HINDSIGHT_VARIANTS,
     build_hindsight_messages,
@@ -20,6 +19,7 @@ from sdpo.core import (
     tail_logprob,
     topk_reverse_kl,
 )
+from sdpo.models.generation import encode_chat
 
 MESSAGES = [
     {"role": "system", "content": "Be helpful."},
@@ -65,7 +65,7 @@ def test_custom_template_and_bad_inputs():
         build_hindsight_messages(MESSAGES, "o", variant="nope")
     with pytest.raises(ValueError, match="no user message"):
         build_hindsight_messages([{"role": "system", "content": "s"}], "o")
-    assert set(HINDSIGHT_VARIANTS) == {"online", "offline_v1", "offline_assistant"}
+    assert set(HINDSIGHT_VARIANTS) == {"online", "online_after_reply", "offline_v1", "offline_assistant"}
 
 
 def test_follow_up_with_braces_is_inserted_verbatim():
@@ -116,7 +116,9 @@ def _example_ids(tokenizer):
     contexts = [
         tokenizer("Hello there, how are you?", add_special_tokens=False)["input_ids"],
         tokenizer("Hi", add_special_tokens=False)["input_ids"],
-        tokenizer("A much longer context that needs a lot more padding on the other rows.", add_special_tokens=False)["input_ids"],
+        tokenizer("A much longer context that needs a lot more padding on the other rows.", add_special_tokens=False)[
+            "input_ids"
+        ],
     ]
     completions = [
         tokenizer(" I am fine, thanks!", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
@@ -137,6 +139,7 @@ def scoring_model(request, chat_tokenizer, bundled_model_path):
     return AutoModelForCausalLM.from_pretrained(bundled_model_path, dtype=torch.float32).eval()
 
 
+@pytest.mark.slow
 def test_summed_token_logprobs_equal_transformers_loss(scoring_model, chat_tokenizer):
     contexts, completions = _example_ids(chat_tokenizer)
     for context, completion in zip(contexts, completions):
@@ -154,7 +157,9 @@ def test_batched_scores_equal_one_by_one_scores(scoring_model, chat_tokenizer):
     with torch.no_grad():
         batched = score_completions(scoring_model, pad_contexts_and_completions(contexts, completions, pad), topk=5)
         for row, (context, completion) in enumerate(zip(contexts, completions)):
-            single = score_completions(scoring_model, pad_contexts_and_completions([context], [completion], pad), topk=5)
+            single = score_completions(
+                scoring_model, pad_contexts_and_completions([context], [completion], pad), topk=5
+            )
             n = len(completion)
             torch.testing.assert_close(batched.logprobs[row, :n], single.logprobs[0], atol=2e-4, rtol=1e-4)
             torch.testing.assert_close(batched.topk_logprobs[row, :n], single.topk_logprobs[0], atol=2e-4, rtol=1e-4)
@@ -363,8 +368,8 @@ def test_scoring_at_temperature_uses_the_sampling_distribution(tiny_model, chat_
 
 
 def test_online_updater_counts_truncated_contexts_and_warns_once(tiny_model_path, tmp_path, caplog):
-    from sdpo.learner.updater import OnlineSDPOUpdater
     from sdpo.learner.config import OnlineSDPOConfig
+    from sdpo.learner.updater import OnlineSDPOUpdater
 
     config = OnlineSDPOConfig(
         model_name_or_path=tiny_model_path,
@@ -403,16 +408,25 @@ def test_micro_batches_give_the_update_of_one_padded_batch(tiny_model, chat_toke
     import copy
 
     from sdpo import core as sdpo_core
-    from sdpo.learner.updater import OnlineSDPOUpdater
     from sdpo.learner.config import OnlineSDPOConfig
+    from sdpo.learner.updater import OnlineSDPOUpdater
 
     conversations = [[{"role": "user", "content": "Hi " * n}] for n in (2, 3, 60, 4)]
     responses = ["Hello there.", "Sure, here it is.", "A long answer follows now.", "Okay."]
     follow_ups = ["Shorter.", "No lists.", "Too long.", "Fine."]
     results = []
     for ratio in (1.25, 1e9):  # several micro-batches, then one padded batch
-        monkeypatch.setattr("sdpo.learner.updater.length_groups", lambda lengths, r=ratio: sdpo_core.length_groups(lengths, r))
-        config = OnlineSDPOConfig(model_name_or_path="tiny", device="cpu", torch_dtype="float32", learning_rate=1e-3, loss_mode="simple_signal", max_new_tokens=32)
+        monkeypatch.setattr(
+            "sdpo.learner.updater.length_groups", lambda lengths, r=ratio: sdpo_core.length_groups(lengths, r)
+        )
+        config = OnlineSDPOConfig(
+            model_name_or_path="tiny",
+            device="cpu",
+            torch_dtype="float32",
+            learning_rate=1e-3,
+            loss_mode="simple_signal",
+            max_new_tokens=32,
+        )
         updater = OnlineSDPOUpdater(config, model=copy.deepcopy(tiny_model), tokenizer=chat_tokenizer)
         metrics = updater.train_step_batch(conversations, responses, follow_ups)
         weights = torch.cat([p.detach().flatten() for p in updater.model.parameters()])

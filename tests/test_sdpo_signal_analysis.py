@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from auxiliary import sdpo_signal_analysis as analysis
-from sdpo.models.generation import Generation, SamplingParams, encode_chat
-from sdpo.evaluation.plots import SIGNAL_HEATMAP_FILES
 from sdpo.core import build_hindsight_messages, pad_contexts_and_completions, score_completions
+from sdpo.evaluation.signal_plots import SIGNAL_HEATMAP_FILES
+from sdpo.models.generation import Generation, SamplingParams, encode_chat
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -278,6 +278,7 @@ def test_statistics():
 # ------------------------------------------------------------------ full runs on the tiny model
 
 
+@pytest.mark.slow
 def test_full_run_writes_the_schema_the_summary_and_every_figure(tiny_model_path, tmp_path, capsys):
     out_dir = tmp_path / "out"
     cases_json = small_cases_file(tmp_path)
@@ -347,6 +348,7 @@ def cut_marked_answers(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.slow
 def test_a_case_that_stays_short_is_skipped_and_reported(tiny_model_path, tmp_path, capsys, cut_marked_answers):
     out_dir = tmp_path / "out"
     cases_json = small_cases_file(tmp_path, short_marker=SHORT_MARKER)
@@ -366,6 +368,7 @@ def test_a_case_that_stays_short_is_skipped_and_reported(tiny_model_path, tmp_pa
     assert all((out_dir / name).is_file() for name in HEATMAPS) and not (out_dir / "case9_tokens.png").exists()
 
 
+@pytest.mark.slow
 def test_when_every_case_is_too_short_the_run_reports_and_exits_1(
     tiny_model_path, tmp_path, capsys, cut_marked_answers
 ):
@@ -492,6 +495,7 @@ def test_bad_input_is_one_line_exit_2_before_the_model_loads(
     assert not list(tmp_path.rglob("sdpo_signals.json")) and not list(tmp_path.rglob("*.png"))
 
 
+@pytest.mark.slow
 def test_the_script_file_reports_a_bad_out_dir_in_one_line_without_traceback(tmp_path):
     out_file = _make_file(tmp_path / "results")
     result = subprocess.run(

@@ -52,7 +52,10 @@ def test_python_masks_like_the_scripts(words, shown, monkeypatch):
 
 
 MESSAGES = [
-    ("unrecognized arguments: --api_key=sk-1 --hf_token hf_2 (see --help)", "unrecognized arguments: --api_key=**** --hf_token **** (see --help)"),
+    (
+        "unrecognized arguments: --api_key=sk-1 --hf_token hf_2 (see --help)",
+        "unrecognized arguments: --api_key=**** --hf_token **** (see --help)",
+    ),
     ("--openai_base_url 'http://bob:pw@host/v1': bad", "--openai_base_url 'http://bob:****@host/v1': bad"),
     ("['--openai_api_key', 'sk-3']", "['--openai_api_key', ****"),
     ("argument --hf_token: expected one argument", "argument --hf_token: expected one argument"),

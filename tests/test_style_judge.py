@@ -3,18 +3,20 @@
 
 import pytest
 
-from sdpo.chat.backends import ChatBackend
 from auxiliary.claude_style_judge import ClaudeStyleJudge
+from auxiliary.vllm_user_simulator import VLLMStyleJudge
+from sdpo.chat.backends import ChatBackend
 from sdpo.models.generation import SamplingParams, encode_chat
 from sdpo.personas.style_judge import (
+    PAPER_VERDICT_MAX_TOKENS,
     LLMStyleJudge,
     StyleJudge,
     build_judge_messages,
     combine_orders,
     parse_judgement,
+    parse_paper_verdict,
 )
 from sdpo.personas.user_simulator import STYLE_PERSONAS
-from auxiliary.vllm_user_simulator import VLLMStyleJudge
 from tests.fakes import FakeAnthropicServer, FakeLLM, Reply, install_fake_vllm
 
 
@@ -169,3 +171,62 @@ def test_vllm_judge_with_fake_engine(monkeypatch, chat_tokenizer):
     assert judge.choose_batch_generated(["p", "q"], ["a1", "a2"], ["b1", "b2"]) == [-1, -1]  # always slot A
     assert len(llm.calls) == 1 and len(llm.calls[0][1]) == 4
     assert llm.calls[0][2].temperature == 0.0 and llm.calls[0][2].max_tokens == 1024
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("A", 0),
+        ("B", 1),
+        ("C", -1),
+        (" B\n", 1),
+        ("a", None),
+        ("A.", None),
+        ("Judgement: A", None),
+        ("AB", None),
+        ("A because it is shorter", None),
+        ("", None),
+    ],
+)
+def test_paper_verdict_is_one_character_or_unparsed(text, expected):
+    assert parse_paper_verdict(text) == expected
+
+
+def test_paper_protocol_asks_for_one_character_and_parses_strictly():
+    messages = build_judge_messages("no_emojis", "q", "x", "y", protocol="paper")
+    system, user = messages[0]["content"], messages[1]["content"]
+    assert system.startswith(STYLE_PERSONAS["no_emojis"]) and "exactly one character" in system
+    assert "Judgement:" not in system + user and "Response A:\nx" in user and "Response B:\ny" in user
+
+    class PaperRouting(RoutingBackend):
+        """Answers A when response A is the plain one, B otherwise, and an unparseable text for a garbled pair."""
+
+        def generate(self, conversations, sampling):
+            self.calls.append((conversations, sampling))
+            texts = []
+            for conversation in conversations:
+                user = conversation[1]["content"]
+                a = user.split("Response A:\n", 1)[1].split("\n\nResponse B:", 1)[0]
+                texts.append("garbled verdict" if "garbled" in user else ("A" if a.startswith("plain") else "B"))
+            return texts
+
+    judge = LLMStyleJudge(PaperRouting(None), "no_emojis", protocol="paper")
+    decisions = judge.choose_batch_generated(
+        ["p", "q", "r"], ["plain", "fancy 🎉", "garbled"], ["fancy ✨", "plain", "x"]
+    )
+    assert decisions == [0, 1, -1] and judge.last_n_unparsed == 2
+    assert judge.backend.calls[0][1].max_new_tokens == PAPER_VERDICT_MAX_TOKENS
+    with pytest.raises(ValueError, match="protocol"):
+        LLMStyleJudge(PaperRouting(None), "no_emojis", protocol="chatty")
+
+
+def test_claude_judge_with_the_paper_protocol_against_fake_api():
+    def handler(body):
+        first = body["messages"][0]["content"].split("Response A:\n", 1)[1]
+        return Reply(text="A" if first.startswith("plain") else "B")
+
+    with FakeAnthropicServer(handler=handler) as server:
+        judge = ClaudeStyleJudge("no_emojis", api_key="k", base_url=server.base_url, max_retries=0, protocol="paper")
+        assert judge.choose_batch_generated(["p"], ["plain"], ["emoji 🎉"]) == [0]
+    assert {b["max_tokens"] for b in server.bodies} == {PAPER_VERDICT_MAX_TOKENS}
+    assert all("exactly one character" in b["system"] for b in server.bodies)

@@ -163,6 +163,7 @@ def test_a_cut_teacher_context_is_counted_and_still_trains(tiny_model_path, tmp_
     assert metrics["completion_tokens"] > 0 and metrics["loss"] != 0 and metrics["grad_norm"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_resume_with_an_ema_teacher_gives_the_same_next_loss(tiny_model_path, tmp_path, use_lora):
     extra = dict(teacher="ema", teacher_ema_rate=0.5, learning_rate=1e-2, **(LORA if use_lora else {}))
@@ -202,6 +203,7 @@ def test_resuming_with_another_teacher_kind_fails_clearly(tiny_model_path, tmp_p
         OnlineSDPOUpdater(config, resume_from=checkpoint)
 
 
+@pytest.mark.slow
 def test_full_model_base_teacher_after_resume_is_still_the_initial_model(tiny_model_path, tmp_path, chat_tokenizer):
     first = make_updater(tiny_model_path, tmp_path, teacher="base", learning_rate=1e-2)
     first.train_step(MESSAGES, fixed_response(first), FOLLOW_UP)

@@ -5,8 +5,9 @@ import re
 
 import pytest
 
-from sdpo.chat.backends import ChatBackend
 from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
+from auxiliary.vllm_user_simulator import VLLMStyleUserSimulator
+from sdpo.chat.backends import ChatBackend
 from sdpo.models.generation import SamplingParams, encode_chat
 from sdpo.personas.user_simulator import (
     CORE_STYLES,
@@ -20,7 +21,6 @@ from sdpo.personas.user_simulator import (
     get_persona,
     resolve_style,
 )
-from auxiliary.vllm_user_simulator import VLLMStyleUserSimulator
 from tests.fakes import FakeAnthropicServer, FakeLLM, Reply, install_fake_vllm
 
 NEW_TABLE = {
@@ -75,7 +75,7 @@ def test_alias_and_unknown_style():
     assert "pirate_speak" in message and ", ".join(sorted(STYLE_PERSONAS)) in message
 
 
-@pytest.mark.parametrize("variant", ["default", "claude"])
+@pytest.mark.parametrize("variant", ["default", "claude", "paper"])
 def test_simulator_messages_hold_persona_request_and_response(variant):
     messages = build_simulator_messages(
         "no_emojis", "How do I boil an egg?", "Boil it ✅ for 9 minutes.", variant=variant
@@ -156,3 +156,20 @@ def test_vllm_simulator_with_fake_engine(monkeypatch, chat_tokenizer):
     expected = encode_chat(chat_tokenizer, build_simulator_messages("no_emojis", "q1", "a1"))
     assert kind == "generate" and prompts[0] == {"prompt_token_ids": expected}
     assert params.temperature == 0.0 and params.max_tokens == 128
+
+
+def test_paper_variant_is_brief_may_approve_and_never_solves_the_task():
+    system = build_simulator_messages("no_emojis", "q", "a", variant="paper")[0]["content"]
+    rules = system.split("\n\n", 1)[1]
+    assert "very brief" in rules and "fits the profile, you may just say" in rules
+    assert "Never do the task" in rules
+
+
+def test_claude_simulator_with_the_paper_protocol_against_fake_api():
+    with FakeAnthropicServer([Reply(text="Fits me.")]) as server:
+        simulator = ClaudeStyleUserSimulator(
+            "no_emojis", api_key="k", base_url=server.base_url, max_retries=0, protocol="paper"
+        )
+        assert simulator.generate_feedback(["q"], ["plain answer"]) == ["Fits me."]
+    system = server.bodies[0]["system"]
+    assert system == build_simulator_messages("no_emojis", "q", "plain answer", variant="paper")[0]["content"]

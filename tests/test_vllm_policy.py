@@ -63,8 +63,8 @@ def test_vllm_policy_engine_follows_the_adapter_and_keeps_exact_ids(fake_policy_
 
 
 def test_updater_generates_with_vllm_and_publishes_each_update(fake_policy_vllm, tiny_model_path, tmp_path):
-    from sdpo.learner.updater import OnlineSDPOUpdater
     from sdpo.learner.config import OnlineSDPOConfig
+    from sdpo.learner.updater import OnlineSDPOUpdater
 
     config = OnlineSDPOConfig(
         model_name_or_path=tiny_model_path,

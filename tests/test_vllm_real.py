@@ -57,8 +57,8 @@ def engine_processes() -> list:
 class TestPolicyEngine:
     @pytest.fixture(scope="class")
     def updater(self, tiny_vllm_model_path, tmp_path_factory):
-        from sdpo.learner.updater import OnlineSDPOUpdater
         from sdpo.learner.config import OnlineSDPOConfig
+        from sdpo.learner.updater import OnlineSDPOUpdater
 
         config = OnlineSDPOConfig(
             model_name_or_path=tiny_vllm_model_path,

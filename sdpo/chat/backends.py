@@ -91,7 +91,7 @@ class ChatBackend(ABC):
     def generate(self, conversations: list[list[dict]], sampling: SamplingParams) -> list[str]:
         """One stripped reply per conversation, in input order."""
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 - an optional hook: in-process backends have nothing to check
         """Raise ``BackendError`` when the backend cannot work (bad key, endpoint or model), cheaply, before
         expensive work starts. In-process backends hold a loaded model: nothing is left to check."""
 
@@ -154,7 +154,12 @@ class HFChatBackend(ChatBackend):
     def generate(self, conversations: list[list[dict]], sampling: SamplingParams) -> list[str]:
         contexts = [self.encode(conversation) for conversation in conversations]
         generations = generate(
-            self.model, self.tokenizer, contexts, sampling, batch_size=self.batch_size, autocast_dtype=self.autocast_dtype
+            self.model,
+            self.tokenizer,
+            contexts,
+            sampling,
+            batch_size=self.batch_size,
+            autocast_dtype=self.autocast_dtype,
         )
         return [g.text.strip() for g in generations]
 
@@ -461,7 +466,8 @@ class OpenAICompatibleBackend(RemoteChatBackend):
         if served and self.model not in served:
             where = f" at {client.base_url}" if len(self.clients) > 1 else ""
             raise BackendError(
-                f"{self.name}: the server{where} does not serve model {self.model!r}; it serves {', '.join(served[:10])}: "
+                f"{self.name}: the server{where} does not serve model {self.model!r}; it serves "
+                f"{', '.join(served[:10])}: "
                 "pass one of these names"
             )
 

@@ -32,11 +32,11 @@ from sdpo.data.conversations import (
     normalize_conversation,
 )
 from sdpo.data.data_sources import DataError
+from sdpo.data.interaction_schema import Interaction, Message
 from sdpo.utils import file_io
 from sdpo.utils.command_line import ConfigParser, UsageError, mask_secrets
 from sdpo.utils.env_file import load_project_env
 from sdpo.utils.file_io import write_json_atomic, write_jsonl_atomic
-from sdpo.data.interaction_schema import Interaction, Message
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
@@ -152,7 +152,8 @@ def add_history_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_output_folder(out_dir: str) -> Path:
-    """``--out_dir`` checked by the shared ``file_io.check_output_folder`` (nothing created), as a ``PreprocessError``."""
+    """``--out_dir`` checked by the shared ``file_io.check_output_folder`` (nothing created), as a "
+    "``PreprocessError``."""
     try:
         return file_io.check_output_folder(out_dir)
     except file_io.OutputFolderError as error:

@@ -133,7 +133,8 @@ def run_lm_eval(
     seed: int = 1234,
 ) -> dict:
     """Run the harness; returns the JSON part of its output (``results``, ``n-samples``, ``versions``,
-    ``higher_is_better``; not the task configs, which hold functions). ``model_args`` adds to the backend's arguments (e.g. ``max_model_len`` for vLLM)."""
+    ``higher_is_better``; not the task configs, which hold functions). ``model_args`` adds to the backend's
+    arguments (e.g. ``max_model_len`` for vLLM)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 

@@ -32,6 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdpo.data.data_sources import DataError  # noqa: F401 - raised here, re-exported for callers
+from sdpo.data.interaction_schema import SYSTEM, USER, parse_messages
+from sdpo.models.generation import encode_chat
 from sdpo.utils.file_io import (  # noqa: F401 - part of this module's API
     iter_jsonl,
     replace_atomically,
@@ -39,9 +42,6 @@ from sdpo.utils.file_io import (  # noqa: F401 - part of this module's API
     write_json_atomic,
     write_jsonl_atomic,
 )
-from sdpo.data.data_sources import DataError  # noqa: F401 - raised here, re-exported for callers
-from sdpo.models.generation import encode_chat
-from sdpo.data.interaction_schema import SYSTEM, USER, parse_messages
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +116,15 @@ def load_prompts(path: str | os.PathLike, field: str = "prompt") -> list[Prompt]
             if first is None or first.role != USER:
                 raise DataError(f"{where}: field {key!r} must start with a user message (after any system message)")
             if messages[-1].role != USER or not messages[-1].text.strip():
-                raise DataError(f"{where}: field {key!r} must end with a non-empty user message (the request the policy answers)")
+                raise DataError(
+                    f"{where}: field {key!r} must end with a non-empty user message (the request the policy answers)"
+                )
             prompts.append([message.as_chat() for message in messages])
             continue
         if not isinstance(value, str):
-            raise DataError(f"{where}: field {key!r} must be a string or a list of messages, got {type(value).__name__}")
+            raise DataError(
+                f"{where}: field {key!r} must be a string or a list of messages, got {type(value).__name__}"
+            )
         if not value.strip():
             raise DataError(f"{where}: field {key!r} is empty; remove that row")
         prompts.append(value.strip())
@@ -140,8 +144,7 @@ def filter_by_prompt_tokens(prompts: Sequence[Prompt], tokenizer, max_prompt_tok
     kept = [
         prompt
         for prompt in prompts
-        if len(encode_chat(tokenizer, as_conversation(prompt), add_generation_prompt=True))
-        <= max_prompt_tokens
+        if len(encode_chat(tokenizer, as_conversation(prompt), add_generation_prompt=True)) <= max_prompt_tokens
     ]
     return kept, len(prompts) - len(kept)
 
@@ -180,7 +183,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_split(path: str | os.PathLike, tokenizer, n: int, *, max_prompt_tokens: int, seed: int, label: str) -> list[Prompt]:
+def load_split(
+    path: str | os.PathLike, tokenizer, n: int, *, max_prompt_tokens: int, seed: int, label: str
+) -> list[Prompt]:
     """Prompts of one JSONL split: loaded, length-filtered on the whole file, then ``n`` selected (seeded)."""
     kept, dropped = filter_by_prompt_tokens(load_prompts(path), tokenizer, max_prompt_tokens)
     if dropped:
@@ -209,9 +214,7 @@ def compute_metrics(decisions: Sequence[int], *, seed: int, n_bootstrap: int = 1
     """
     invalid = sorted({repr(d) for d in decisions if d not in DECISION_VALUES})
     if invalid:
-        raise ValueError(
-            f"decisions must be 0 (current wins), 1 (baseline wins) or -1 (tie); got {', '.join(invalid)}"
-        )
+        raise ValueError(f"decisions must be 0 (current wins), 1 (baseline wins) or -1 (tie); got {', '.join(invalid)}")
     if len(decisions) == 0:
         raise ValueError("no decisions to score: the evaluation set is empty")
     if n_bootstrap < 2:
@@ -277,7 +280,9 @@ def format_metrics_line(metrics: dict, label: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def judge_against_baseline(judge, prompts: list[Prompt], completions: list[str], baseline: list[str], *, seed: int) -> dict:
+def judge_against_baseline(
+    judge, prompts: list[Prompt], completions: list[str], baseline: list[str], *, seed: int
+) -> dict:
     """Win-rate metrics of ``completions`` (A) over ``baseline`` (B) under one judge, both orders."""
     started = time.perf_counter()
     decisions = judge.choose_batch_generated([request_text(p) for p in prompts], completions, baseline)
@@ -288,7 +293,9 @@ def judge_against_baseline(judge, prompts: list[Prompt], completions: list[str],
     }
 
 
-def judge_every_style(judges: dict, prompts: list[Prompt], completions: list[str], baseline: list[str], *, seed: int, label: str) -> dict[str, dict]:
+def judge_every_style(
+    judges: dict, prompts: list[Prompt], completions: list[str], baseline: list[str], *, seed: int, label: str
+) -> dict[str, dict]:
     """``judge_against_baseline`` for every ``{style: judge}``, each printed as one console line."""
     per_style = {}
     for style, judge in judges.items():

@@ -13,9 +13,9 @@ import time
 from collections.abc import Sequence
 
 from sdpo.chat.backends import ChatBackend
+from sdpo.chat.policies import answer
 from sdpo.evaluation.evaluation_helpers import Prompt, as_conversation, seed_everything
 from sdpo.models.generation import SamplingParams
-from sdpo.chat.policies import answer
 from sdpo.personas.user_simulator import get_persona
 
 

@@ -1,18 +1,16 @@
-"""Every figure of the project, drawn with matplotlib's object API (no pyplot global state) and written
+"""The win-rate figures, drawn with matplotlib's object API (no pyplot global state) and written
 atomically (``file_io.replace_atomically``; the format follows the file extension).
 
 Win rate (the online loop, checkpoint evaluation):
   * ``plot_winrate``: win rate ± s.e. (ties excluded) against interactions, one line per judged style,
     the in-context oracle as a dashed line per style, the simulated user's persona switches as vertical
     lines, and a panel below with the share of decided pairs (coverage). A point decided by fewer than
-    ``min_decided`` pairs is drawn hollow, without an error bar.
+    ``min_decided`` pairs is drawn hollow, without an error bar. A style judged against the policy of its
+    introduction (``--style_baseline introduced``) is drawn from that point on and says so in the legend.
+  * ``plot_profile_grid``: one panel per run (paper Fig. 9): the run's style over interactions with its
+    in-context oracle line.
 
-Per-token SDPO signals (``sdpo_signal_analysis.py``):
-  * ``signal_colormap`` / ``signal_color_hex``: the one colour scale of a signal (RdBu on a
-    TwoSlopeNorm centred on 0; red = the follow-up makes the token less likely, blue = more likely,
-    white ≈ unchanged or missing), shared with anything else that colours tokens by their signal;
-  * ``write_signal_figures``: heatmaps (one row per case), stacked and side-by-side comparisons, and
-    one case's first tokens as coloured boxes.
+Per-token SDPO signals: ``sdpo.evaluation.signal_plots`` (it shares ``save_figure``).
 """
 
 from __future__ import annotations
@@ -26,14 +24,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import TwoSlopeNorm, to_hex, to_rgb
 from matplotlib.figure import Figure
-from matplotlib.font_manager import FontProperties, findfont
-from matplotlib.ft2font import FT2Font
 from matplotlib.lines import Line2D
-from matplotlib.patches import FancyBboxPatch
 from matplotlib.ticker import MaxNLocator
-from matplotlib.transforms import Affine2D
 
 from sdpo.evaluation.diagnostics import draw_diagnostics, has_diagnostics
 from sdpo.utils.file_io import replace_atomically
@@ -61,7 +54,7 @@ HOLLOW_MARKER_SIZE = 7
 SWITCH_COLOR = "0.35"
 
 
-def _finite(value) -> bool:
+def is_finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -78,7 +71,7 @@ def _decided(metrics: Mapping) -> int:
 
 
 def _coverage(metrics: Mapping) -> float | None:
-    if _finite(metrics.get("coverage")):
+    if is_finite(metrics.get("coverage")):
         return float(metrics["coverage"])
     return _decided(metrics) / metrics["n"] if metrics.get("n") else None
 
@@ -123,13 +116,13 @@ def _style_curve(eval_history: Sequence[Mapping], key: str | None, min_decided: 
             curve.coverage_x.append(x)
             curve.coverage.append(100.0 * coverage)
         winrate = metrics.get("winrate_a")
-        if not _finite(winrate) or _decided(metrics) == 0:
+        if not is_finite(winrate) or _decided(metrics) == 0:
             continue
         if _decided(metrics) >= min_decided:
             se = metrics.get("se")
             curve.certain_x.append(x)
             curve.certain_winrate.append(winrate)
-            curve.certain_se.append(se if _finite(se) else 0.0)
+            curve.certain_se.append(se if is_finite(se) else 0.0)
         else:
             curve.uncertain_x.append(x)
             curve.uncertain_winrate.append(winrate)
@@ -198,7 +191,7 @@ def _draw_oracle(axes, coverage_axes, style: str, metrics: Mapping, *, color, mi
     """The in-context oracle's win rate (and coverage) as horizontal lines; returns its legend handle."""
     decided, winrate = _decided(metrics), metrics.get("winrate_a")
     name = f"{style} in-context oracle"
-    if decided == 0 or not _finite(winrate):
+    if decided == 0 or not is_finite(winrate):
         return Line2D([], [], color=color, linestyle=":", alpha=0.45, label=f"{name} (no decided pairs, not drawn)")
     if decided < min_decided:
         line = {"linestyle": ":", "linewidth": 1.4, "alpha": 0.45}
@@ -206,7 +199,7 @@ def _draw_oracle(axes, coverage_axes, style: str, metrics: Mapping, *, color, mi
     else:
         se = metrics.get("se")
         line = {"linestyle": "--", "linewidth": 1.6, "alpha": 0.9}
-        label = f"{name}: {winrate:.0f}%" + (f" ± {se:.0f}" if _finite(se) else "") + f" ({decided} decided)"
+        label = f"{name}: {winrate:.0f}%" + (f" ± {se:.0f}" if is_finite(se) else "") + f" ({decided} decided)"
     artist = axes.axhline(winrate, color=color, label=label, gid=f"oracle:{style}", **line)
     coverage = _coverage(metrics)
     if coverage is not None:
@@ -223,6 +216,8 @@ def plot_winrate(
     switch_points: Sequence[tuple[int, str]] = (),
     min_decided: int = 5,
     title: str | None = None,
+    baseline_at: Mapping[str, int] | None = None,
+    preflight: Mapping[str, Mapping] | None = None,
 ) -> Figure:
     """Draw the win rate of the trained policy against the baseline over interactions; return the figure.
 
@@ -232,6 +227,10 @@ def plot_winrate(
     ``n_effective``, ``n``, ...). ``oracle`` maps a style to the in-context oracle's metrics (a dashed
     line in the style's colour; dotted and faint when fewer than ``min_decided`` pairs were decided).
     ``switch_points`` are ``(interaction, new_style)`` pairs where the simulated user changed persona.
+    ``baseline_at`` maps a style to the interaction its baseline was taken at (results meta
+    ``style_baselines``); a style whose baseline is a later policy is labelled with it (its curve has
+    points only from there, where the history starts judging it). ``preflight`` maps a style to the
+    pre-flight check's teacher-vs-policy metrics (a dash-dot line in the style's colour, beside the oracle's).
 
     A point decided by fewer than ``min_decided`` pairs is drawn hollow and without an error bar; a style
     that had only ties stays in the legend, marked "(no decided pairs)". The lower panel shows each
@@ -248,7 +247,9 @@ def plot_winrate(
 
     diagnostics = has_diagnostics(eval_history)  # a third panel: collapse diagnostics (sdpo.evaluation.diagnostics)
     figure = Figure(figsize=(11, 7.8 if diagnostics else 6.2), layout="constrained")
-    panels = figure.subplots(3 if diagnostics else 2, 1, sharex=True, height_ratios=[3, 1, 1.4][: 3 if diagnostics else 2])
+    panels = figure.subplots(
+        3 if diagnostics else 2, 1, sharex=True, height_ratios=[3, 1, 1.4][: 3 if diagnostics else 2]
+    )
     axes, coverage_axes = panels[0], panels[1]
     reference = axes.axhline(50.0, color="grey", linewidth=1, linestyle=(0, (1, 3)), label="50% = no preference")
 
@@ -260,22 +261,38 @@ def plot_winrate(
         shift = (position - (len(styles) - 1) / 2) * 0.02 * spacing
         key = None if position == 0 else f"{SECONDARY_PREFIX}{style}"
         curve = _style_curve(eval_history, key, min_decided, shift)
-        handles.append(
-            _draw_style(
-                axes,
-                coverage_axes,
-                style,
-                curve,
-                color=colors[style],
-                marker=STYLE_MARKERS[position % len(STYLE_MARKERS)],
-                primary=position == 0,
-                min_decided=min_decided,
-            )
+        handle = _draw_style(
+            axes,
+            coverage_axes,
+            style,
+            curve,
+            color=colors[style],
+            marker=STYLE_MARKERS[position % len(STYLE_MARKERS)],
+            primary=position == 0,
+            min_decided=min_decided,
         )
+        introduced = (baseline_at or {}).get(style, 0)
+        if introduced:
+            handle.set_label(f"{handle.get_label()} (vs the policy at interaction {introduced})")
+        handles.append(handle)
     handles += [
         _draw_oracle(axes, coverage_axes, style, metrics, color=colors[style], min_decided=min_decided)
         for style, metrics in oracle.items()
     ]
+    for style, metrics in (preflight or {}).items():
+        if is_finite(metrics.get("winrate_a")) and _decided(metrics):
+            handles.append(
+                axes.axhline(
+                    metrics["winrate_a"],
+                    color=colors.get(style, "0.3"),
+                    linestyle="-.",
+                    linewidth=1.3,
+                    alpha=0.8,
+                    gid=f"preflight:{style}",
+                    label=f"{style} pre-flight: teacher x⊕o vs policy {metrics['winrate_a']:.0f}% "
+                    f"({_decided(metrics)} decided)",
+                )
+            )
     for interaction, new_style in switch_points:
         for panel in (axes, coverage_axes):
             panel.axvline(interaction, color=SWITCH_COLOR, linestyle="-.", linewidth=1.2, gid=f"switch:{interaction}")
@@ -341,254 +358,60 @@ def plot_winrate(
     return figure
 
 
+GRID_COLUMNS = 3
+
+
+def plot_profile_grid(
+    panels: Sequence[tuple[str, Sequence[Mapping], Mapping | None]],
+    path: str | os.PathLike,
+    *,
+    min_decided: int = 5,
+    title: str | None = None,
+) -> Figure:
+    """One panel per run, three per row (paper Fig. 9): ``(style, eval_history, oracle metrics or None)``.
+
+    Each panel draws the run's primary style (the history's top-level metrics) ± s.e. against interactions and,
+    when given, its in-context oracle as a dashed line; hollow points as in ``plot_winrate``.
+    """
+    if not panels:
+        raise ValueError("plot_profile_grid needs at least one run")
+    rows = math.ceil(len(panels) / GRID_COLUMNS)
+    figure = Figure(figsize=(4.6 * GRID_COLUMNS, 3.6 * rows), layout="constrained")
+    grid = np.atleast_2d(figure.subplots(rows, GRID_COLUMNS, sharey=True, squeeze=False))
+    color = colormaps["tab10"].colors[0]
+    for index, axes in enumerate(grid.flat):
+        if index >= len(panels):
+            axes.set_visible(False)
+            continue
+        style, history, oracle = panels[index]
+        axes.axhline(50.0, color="grey", linewidth=1, linestyle=(0, (1, 3)))
+        # The grid shows win rates only: the coverage artists go to a hidden twin.
+        hidden = axes.twinx()
+        hidden.set_visible(False)
+        curve = _style_curve(history, None, min_decided, 0.0)
+        _draw_style(axes, hidden, style, curve, color=color, marker="o", primary=True, min_decided=min_decided)
+        if oracle:
+            _draw_oracle(axes, hidden, style, oracle, color=color, min_decided=min_decided)
+        axes.set_title(style.replace("_", " / "), fontsize="medium")
+        axes.set_ylim(-3, 103)
+        axes.set_yticks(range(0, 101, 20))
+        axes.grid(alpha=0.3)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+        if index % GRID_COLUMNS == 0:
+            axes.set_ylabel("win rate vs base (%)")
+        if index >= len(panels) - GRID_COLUMNS:
+            axes.set_xlabel("interactions")
+    handles = [
+        Line2D([], [], color=color, marker="o", label="SDPO, ± 1 s.e."),
+        Line2D([], [], color=color, linestyle="--", label="in-context oracle"),
+    ]
+    figure.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
+    if title:
+        figure.suptitle(title)
+    save_figure(figure, path, dpi=WINRATE_DPI)
+    return figure
+
+
 # --------------------------------------------------------------------------------------------------
 # Per-token signals
 # --------------------------------------------------------------------------------------------------
-
-SIGNAL_COLORMAP = "RdBu"
-MISSING_SIGNAL_COLOR = "white"
-FIGURE_DPI = 220
-TICK_STEP = 25
-TICK_FONTSIZE = 14
-SPINE_WIDTH = 2.2
-TOKEN_FONTSIZE = 14
-TOKEN_LABEL_FONTSIZE = 16
-LIGHT_BACKGROUND_LUMINANCE = 0.62
-
-
-def signal_colormap(vmin: float, vmax: float) -> tuple[TwoSlopeNorm, object]:
-    """``(norm, cmap)`` of a signal: RdBu on ``TwoSlopeNorm(vmin, 0, vmax)``, NaN drawn white.
-
-    Red = the follow-up makes the token less likely, white ≈ unchanged, blue = more likely. Needs
-    finite ``vmin < 0 < vmax``; callers clip values to ``[vmin, vmax]``.
-    """
-    if not (_finite(vmin) and _finite(vmax) and vmin < 0 < vmax):
-        raise ValueError(f"the signal colour scale needs finite vmin < 0 < vmax, got {vmin} and {vmax}")
-    return TwoSlopeNorm(vmin=vmin, vcenter=0.0, vmax=vmax), colormaps[SIGNAL_COLORMAP].with_extremes(
-        bad=MISSING_SIGNAL_COLOR
-    )
-
-
-def signal_color_hex(value: float | None, vmin: float, vmax: float) -> str:
-    """``"#rrggbb"`` of one signal value on ``signal_colormap(vmin, vmax)``, clipped; None/NaN → white."""
-    norm, cmap = signal_colormap(vmin, vmax)
-    if not _finite(value):
-        return to_hex(MISSING_SIGNAL_COLOR)
-    return to_hex(cmap(norm(min(max(float(value), vmin), vmax))), keep_alpha=False)
-
-
-def text_color_hex(background: str) -> str:
-    """Black or white, whichever reads better on ``background`` (any matplotlib colour)."""
-    red, green, blue = to_rgb(background)
-    luminance = 0.2126 * red + 0.7152 * green + 0.0722 * blue
-    return "#000000" if luminance > LIGHT_BACKGROUND_LUMINANCE else "#ffffff"
-
-
-@dataclass(frozen=True)
-class SignalFigureSettings:
-    """What the signal figures show: ``max_cols`` tokens per heatmap row, the colour range, and the
-    first ``token_n`` tokens of case ``token_case_index`` (1-based heatmap row) as token boxes."""
-
-    max_cols: int = 120
-    vmin: float = -15.0
-    vmax: float = 3.0
-    token_case_index: int = 1
-    token_n: int = 15
-
-
-def signal_matrix(rows: Sequence[Sequence[float]], max_cols: int, vmin: float, vmax: float) -> np.ndarray:
-    """(len(rows), max_cols) array of the first ``max_cols`` values per row, clipped; shorter rows NaN-padded."""
-    matrix = np.full((len(rows), max_cols), np.nan, dtype=np.float64)
-    for index, row in enumerate(rows):
-        values = np.asarray(row[:max_cols], dtype=np.float64)
-        matrix[index, : values.size] = np.clip(values, vmin, vmax)
-    return matrix
-
-
-def _draw_heatmap(axes, matrix: np.ndarray, norm, cmap):
-    image = axes.imshow(np.ma.masked_invalid(matrix), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-    axes.set_yticks([])
-    ticks = np.arange(0, matrix.shape[1], TICK_STEP)
-    axes.set_xticks(ticks)
-    axes.set_xticklabels([str(t) for t in ticks], fontsize=TICK_FONTSIZE)
-    for spine in axes.spines.values():
-        spine.set_color("black")
-        spine.set_linewidth(SPINE_WIDTH)
-    return image
-
-
-def _style_colorbar(colorbar, vmin: float, vmax: float) -> None:
-    colorbar.set_ticks([vmin, 0.0, vmax])
-    colorbar.set_ticklabels([f"{vmin:g}", "0", f"{vmax:+g}"])
-    colorbar.ax.tick_params(labelsize=TICK_FONTSIZE)
-
-
-def plot_heatmap(matrix: np.ndarray, path: Path, vmin: float, vmax: float) -> Figure:
-    """One signal matrix with its colorbar (``unrelated.png`` / ``followup.png``)."""
-    norm, cmap = signal_colormap(vmin, vmax)
-    figure = Figure(figsize=(12, 2.7))
-    axes = figure.add_subplot()
-    image = _draw_heatmap(axes, matrix, norm, cmap)
-    _style_colorbar(figure.colorbar(image, ax=axes, fraction=0.035, pad=0.02), vmin, vmax)
-    save_figure(figure, path, dpi=FIGURE_DPI)
-    return figure
-
-
-def plot_stacked(unrelated: np.ndarray, followup: np.ndarray, path: Path, vmin: float, vmax: float) -> Figure:
-    """Unrelated above feedback on a shared x axis, one colorbar spanning both rows."""
-    norm, cmap = signal_colormap(vmin, vmax)
-    figure = Figure(figsize=(12, 5.4))
-    grid = figure.add_gridspec(2, 2, width_ratios=[1, 0.045], wspace=0.12, hspace=0.20)
-    top = figure.add_subplot(grid[0, 0])
-    bottom = figure.add_subplot(grid[1, 0], sharex=top)
-    image = _draw_heatmap(top, unrelated, norm, cmap)
-    _draw_heatmap(bottom, followup, norm, cmap)
-    top.tick_params(labelbottom=False)
-    _style_colorbar(figure.colorbar(image, cax=figure.add_subplot(grid[:, 1])), vmin, vmax)
-    save_figure(figure, path, dpi=FIGURE_DPI)
-    return figure
-
-
-def plot_side_by_side(unrelated: np.ndarray, followup: np.ndarray, path: Path, vmin: float, vmax: float) -> Figure:
-    """Unrelated (left) and feedback (right) panels sharing the y axis, colorbar on the right panel."""
-    norm, cmap = signal_colormap(vmin, vmax)
-    figure = Figure(figsize=(12, 2.7))
-    left, right = figure.subplots(1, 2, sharey=True)
-    _draw_heatmap(left, unrelated, norm, cmap)
-    image = _draw_heatmap(right, followup, norm, cmap)
-    _style_colorbar(figure.colorbar(image, ax=right, fraction=0.035, pad=0.02), vmin, vmax)
-    save_figure(figure, path, dpi=FIGURE_DPI)
-    return figure
-
-
-def _monospace_has_glyph(character: str) -> bool:
-    return ord(character) in FT2Font(findfont(FontProperties(family="monospace"))).get_charmap()
-
-
-def token_display_text(piece: str, space_glyph: str = "␠") -> tuple[int, str]:
-    """(number of leading spaces, text to draw in the box) for one decoded token.
-
-    Newlines show as ⏎ and tabs as ⇥; a token of spaces only shows as ``space_glyph``; an empty token as ∅.
-    Leading spaces are returned separately so they can be drawn as a gap before the box.
-    """
-    text = piece.replace("\r", "").replace("\n", "⏎").replace("\t", "⇥")
-    if not text:
-        return 0, "∅"
-    if not text.strip(" "):
-        return 0, space_glyph
-    stripped = text.lstrip(" ")
-    return len(text) - len(stripped), stripped
-
-
-def plot_token_boxes(
-    pieces: Sequence[str],
-    sig_unrel: Sequence[float],
-    sig_follow: Sequence[float],
-    case_number: int,
-    path: Path,
-    vmin: float,
-    vmax: float,
-) -> Figure:
-    """Two labelled rows of rounded token boxes coloured by each token's signal (``case{N}_tokens.png``).
-
-    The figure size follows the measured text extents, so long tokens never overlap.
-    """
-    # DejaVu Sans Mono (matplotlib's default monospace) has no U+2420 "␠"; fall back to "␣".
-    space_glyph = "␠" if _monospace_has_glyph("␠") else "␣"
-    token_font = FontProperties(family="monospace", size=TOKEN_FONTSIZE)
-    label_font = FontProperties(size=TOKEN_LABEL_FONTSIZE)
-    renderer = FigureCanvasAgg(Figure(dpi=FIGURE_DPI)).get_renderer()
-    to_points = 72.0 / FIGURE_DPI
-
-    def measure(text: str, font) -> tuple[float, float, float]:
-        width, height, descent = renderer.get_text_width_height_descent(text, font, ismath=False)
-        return width * to_points, height * to_points, descent * to_points
-
-    margin, box_pad, box_gap, label_gap, row_gap = 10.0, 4.0, 5.0, 6.0, 14.0
-    char_width = measure("M" * 10, token_font)[0] / 10
-    _, line_height, line_descent = measure("Ag|⏎", token_font)
-    box_height = line_height + 2 * box_pad
-    display = [token_display_text(piece, space_glyph) for piece in pieces]
-    widths = [measure(text, token_font)[0] + 2 * box_pad for _, text in display]
-    boxes_width = sum(lead * char_width + width for (lead, _), width in zip(display, widths)) + box_gap * (
-        len(display) - 1
-    )
-    labels = [f"Case {case_number} — {kind} — first {len(pieces)} tokens:" for kind in ("Unrelated", "Follow-up")]
-    label_sizes = [measure(label, label_font) for label in labels]
-    row_heights = [size[1] + label_gap + box_height for size in label_sizes]
-    fig_width = 2 * margin + max(boxes_width, *(size[0] for size in label_sizes))
-    fig_height = 2 * margin + sum(row_heights) + row_gap
-
-    figure = Figure(figsize=(fig_width / 72, fig_height / 72), dpi=FIGURE_DPI)
-    points = Affine2D().scale(1 / 72) + figure.dpi_scale_trans
-    top = fig_height - margin
-    rows = zip(labels, label_sizes, (sig_unrel, sig_follow), row_heights)
-    for label, (_, label_height, label_descent), values, row_height in rows:
-        figure.text(margin, top - label_height + label_descent, label, fontproperties=label_font, transform=points)
-        box_bottom = top - row_height
-        x = margin
-        for (lead, text), width, value in zip(display, widths, values):
-            x += lead * char_width
-            face = signal_color_hex(value, vmin, vmax)
-            figure.add_artist(
-                FancyBboxPatch(
-                    (x, box_bottom),
-                    width,
-                    box_height,
-                    boxstyle="round,pad=0,rounding_size=4",
-                    facecolor=(*to_rgb(face), 0.95),
-                    edgecolor=(0, 0, 0, 0.25),
-                    linewidth=0.8,
-                    transform=points,
-                )
-            )
-            figure.text(
-                x + box_pad,
-                box_bottom + box_pad + line_descent,
-                text,
-                fontproperties=token_font,
-                color=text_color_hex(face),
-                transform=points,
-            )
-            x += width + box_gap
-        top = box_bottom - row_gap
-    save_figure(figure, path, dpi=FIGURE_DPI)
-    return figure
-
-
-SIGNAL_HEATMAP_FILES = ("unrelated.png", "followup.png", "stacked.png", "side_by_side.png")
-
-
-def token_figure_name(case_index: int) -> str:
-    return f"case{case_index}_tokens.png"
-
-
-def write_signal_figures(cases: Sequence[Mapping], out_dir: Path, settings: SignalFigureSettings) -> list[Path]:
-    """Draw every signal figure for the kept cases into ``out_dir``; return the paths written.
-
-    Each case needs ``sig_unrel``, ``sig_follow``, ``n_tokens`` and ``completion_pieces`` (the decoded
-    tokens). The token-box figure is drawn only when ``settings.token_case_index`` names a kept case.
-    """
-    vmin, vmax = settings.vmin, settings.vmax
-    unrelated = signal_matrix([c["sig_unrel"] for c in cases], settings.max_cols, vmin, vmax)
-    followup = signal_matrix([c["sig_follow"] for c in cases], settings.max_cols, vmin, vmax)
-    written = [out_dir / name for name in SIGNAL_HEATMAP_FILES]
-    plot_heatmap(unrelated, written[0], vmin, vmax)
-    plot_heatmap(followup, written[1], vmin, vmax)
-    plot_stacked(unrelated, followup, written[2], vmin, vmax)
-    plot_side_by_side(unrelated, followup, written[3], vmin, vmax)
-    if 1 <= settings.token_case_index <= len(cases):
-        case = cases[settings.token_case_index - 1]
-        n = min(settings.token_n, case["n_tokens"])
-        path = out_dir / token_figure_name(settings.token_case_index)
-        plot_token_boxes(
-            case["completion_pieces"][:n],
-            case["sig_unrel"][:n],
-            case["sig_follow"][:n],
-            settings.token_case_index,
-            path,
-            vmin,
-            vmax,
-        )
-        written.append(path)
-    return written

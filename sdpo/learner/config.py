@@ -182,7 +182,10 @@ class OnlineSDPOConfig(SDPOLossConfig):
     # ---- the model
     model_name_or_path: str = field(
         default="Qwen/Qwen3-8B",
-        metadata={"help": "Policy: Hub id, local folder or bundled alias (smollm2-135m-instruct).", "aliases": ["--model"]},
+        metadata={
+            "help": "Policy: Hub id, local folder or bundled alias (smollm2-135m-instruct).",
+            "aliases": ["--model"],
+        },
     )
     torch_dtype: str = field(
         default="bfloat16",
@@ -200,9 +203,12 @@ class OnlineSDPOConfig(SDPOLossConfig):
             "bf16 weights most AdamW updates at lr ~5e-6 round away (reference bug). LoRA adapters are fp32 either way."
         },
     )
-    device: str = field(default="auto", metadata={"help": "Policy device: auto (first CUDA device, else CPU), cpu, cuda:1, ..."})
+    device: str = field(
+        default="auto", metadata={"help": "Policy device: auto (first CUDA device, else CPU), cpu, cuda:1, ..."}
+    )
     attn_implementation: str = field(
-        default="flash_attention_2", metadata={"help": "Attention kernel; falls back to sdpa without flash-attn or CUDA."}
+        default="flash_attention_2",
+        metadata={"help": "Attention kernel; falls back to sdpa without flash-attn or CUDA."},
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
@@ -241,7 +247,9 @@ class OnlineSDPOConfig(SDPOLossConfig):
         },
     )
     # ---- the optimizer
-    learning_rate: float = field(default=5e-6, metadata={"help": "Constant learning rate (no warm-up, no schedule).", "aliases": ["--lr"]})
+    learning_rate: float = field(
+        default=5e-6, metadata={"help": "Constant learning rate (no warm-up, no schedule).", "aliases": ["--lr"]}
+    )
     optimizer: str = field(
         default="adamw",
         metadata={
@@ -296,7 +304,9 @@ class OnlineSDPOConfig(SDPOLossConfig):
     checkpoint_every_n_steps: int = field(
         default=10, metadata={"help": "Save after every n optimizer steps; 0 disables periodic saving."}
     )
-    max_checkpoints: int = field(default=5, metadata={"help": "Keep only the newest n step_* checkpoints; 0 keeps all."})
+    max_checkpoints: int = field(
+        default=5, metadata={"help": "Keep only the newest n step_* checkpoints; 0 keeps all."}
+    )
     save_merged_model: bool = field(
         default=False, metadata={"help": "With LoRA, also write a merged full model into <checkpoint>/merged."}
     )
@@ -319,7 +329,11 @@ class OnlineSDPOConfig(SDPOLossConfig):
             positive=("learning_rate", "vllm_gpu_memory_utilization"),
             non_negative=("max_grad_norm", "temperature", "weight_decay", "lora_dropout"),
             at_least_one=(
-                "lora_r", "lora_alpha", "train_steps_per_example", "max_new_tokens", "max_context_length",
+                "lora_r",
+                "lora_alpha",
+                "train_steps_per_example",
+                "max_new_tokens",
+                "max_context_length",
                 "generation_batch_size",
             ),
         )

@@ -38,7 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdpo.utils.file_io import write_json_atomic
+from sdpo.core import (
+    encode_hindsight_contexts,
+    format_token_table,
+    length_groups,
+    pad_contexts_and_completions,
+    sdpo_loss,
+)
+from sdpo.learner import distributed
+from sdpo.learner.config import OnlineSDPOConfig
 from sdpo.models.generation import (
     Generation,
     InferenceCopy,
@@ -50,16 +58,8 @@ from sdpo.models.generation import (
 )
 from sdpo.models.lora import attach_lora
 from sdpo.models.model_loading import load_model_and_tokenizer, resolve_device, resolve_dtype
-from sdpo.learner import distributed
-from sdpo.learner.config import OnlineSDPOConfig
-from sdpo.core import (
-    encode_hindsight_contexts,
-    format_token_table,
-    length_groups,
-    pad_contexts_and_completions,
-    sdpo_loss,
-)
 from sdpo.teachers import build_teacher, is_lora_model, load_teacher_state, save_teacher_state
+from sdpo.utils.file_io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,9 @@ class OnlineSDPOUpdater:
             require_vllm(["use_vllm"])
         resume_path = Path(resume_from) if resume_from else None
         if resume_path is not None and not (resume_path / TRAINING_STATE_FILE).is_file():
-            raise FileNotFoundError(f"{resume_path} is not a checkpoint (no {TRAINING_STATE_FILE}); pass a step_<n> folder")
+            raise FileNotFoundError(
+                f"{resume_path} is not a checkpoint (no {TRAINING_STATE_FILE}); pass a step_<n> folder"
+            )
         full_weights_dtype = torch.float32 if config.fp32_master_weights else self.compute_dtype
         storage_dtype = self.compute_dtype if config.use_lora else full_weights_dtype
         model_given = model is not None
@@ -204,7 +206,12 @@ class OnlineSDPOUpdater:
         n_total = sum(p.numel() for p in self.model.parameters())
         logger.info(
             "policy %s on %s: %.1fM / %.1fM trainable params, weights %s, autocast %s",
-            config.model_name_or_path, self.device, n_trainable / 1e6, n_total / 1e6, weights_dtype, self.autocast_dtype,
+            config.model_name_or_path,
+            self.device,
+            n_trainable / 1e6,
+            n_total / 1e6,
+            weights_dtype,
+            self.autocast_dtype,
         )
         self.teacher = build_teacher(
             config.teacher,
@@ -235,7 +242,9 @@ class OnlineSDPOUpdater:
         if resume_path is None or model_given:
             return None
         model, _ = load_model_and_tokenizer(
-            self.config.model_name_or_path, dtype=self.compute_dtype, device=self.device,
+            self.config.model_name_or_path,
+            dtype=self.compute_dtype,
+            device=self.device,
             attn_implementation=self.config.attn_implementation,
         )
         return model
@@ -243,13 +252,18 @@ class OnlineSDPOUpdater:
     def _build_optimizer(self):
         cfg = self.config
         kwargs = dict(
-            lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
         )
         if cfg.optimizer == "adamw_8bit":
             try:
                 import bitsandbytes as bnb
             except ImportError as error:
-                raise ImportError("optimizer 'adamw_8bit' needs bitsandbytes: pip install bitsandbytes (CUDA), or use 'adamw'") from error
+                raise ImportError(
+                    "optimizer 'adamw_8bit' needs bitsandbytes: pip install bitsandbytes (CUDA), or use 'adamw'"
+                ) from error
             return bnb.optim.AdamW8bit(self.trainable_parameters, **kwargs)
         # fused: one kernel over all tensors (on CPU the default per-tensor loop is ~25x slower).
         return torch.optim.AdamW(self.trainable_parameters, fused=True, **kwargs)
@@ -262,11 +276,16 @@ class OnlineSDPOUpdater:
         cfg = self.config
         if not cfg.do_sample:
             return SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-        return SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+        return SamplingParams(
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k
+        )
 
     def encode_context(self, messages: list[dict]) -> list[int]:
         return encode_chat(
-            self.tokenizer, messages, max_length=self.config.max_context_length, chat_template_kwargs=self.config.chat_template_kwargs
+            self.tokenizer,
+            messages,
+            max_length=self.config.max_context_length,
+            chat_template_kwargs=self.config.chat_template_kwargs,
         )
 
     @property
@@ -291,7 +310,9 @@ class OnlineSDPOUpdater:
         """One sampled response per conversation, batched (``generation_batch_size``)."""
         contexts = [self.encode_context(messages) for messages in batch_messages]
         if self.vllm_engine is not None:
-            return self.vllm_engine.generate(contexts, sampling or self.sampling, stop_token_ids(self.model, self.tokenizer))
+            return self.vllm_engine.generate(
+                contexts, sampling or self.sampling, stop_token_ids(self.model, self.tokenizer)
+            )
         return generate(
             self.generation_model(),
             self.tokenizer,
@@ -336,11 +357,19 @@ class OnlineSDPOUpdater:
     ) -> dict:
         """One interaction (x, y, o) → ``train_steps_per_example`` optimizer steps. Returns metrics."""
         return self.train_step_batch(
-            [messages_before_response], [assistant_response], [user_follow_up], return_token_signals=return_token_signals
+            [messages_before_response],
+            [assistant_response],
+            [user_follow_up],
+            return_token_signals=return_token_signals,
         )
 
     def train_step_batch(
-        self, batch_messages: list[list[dict]], responses: list, follow_ups: list[str], *, return_token_signals: bool = False
+        self,
+        batch_messages: list[list[dict]],
+        responses: list,
+        follow_ups: list[str],
+        *,
+        return_token_signals: bool = False,
     ) -> dict:
         """Several interactions in one batch (per-sequence token mean, then batch mean).
 
@@ -352,7 +381,9 @@ class OnlineSDPOUpdater:
         empty share too): one optimizer step on the mean over all processes' interactions.
         """
         parallel = self.parallel
-        if not (len(batch_messages) == len(responses) == len(follow_ups)) or not (batch_messages or parallel.distributed):
+        if not (len(batch_messages) == len(responses) == len(follow_ups)) or not (
+            batch_messages or parallel.distributed
+        ):
             raise ValueError("train_step_batch needs equally many (non-zero) conversations, responses and follow-ups")
         cfg = self.config
         started = time.perf_counter()
@@ -373,7 +404,8 @@ class OnlineSDPOUpdater:
             self._warned_truncation = True
             logger.warning(
                 "a conversation is longer than max_context_length=%d: its oldest tokens are cut from the student and "
-                "teacher contexts alike (counted per step as truncated_contexts; warned once)", cfg.max_context_length
+                "teacher contexts alike (counted per step as truncated_contexts; warned once)",
+                cfg.max_context_length,
             )
         pad = self.tokenizer.pad_token_id
         total = int(parallel.sum(len(completions)))
@@ -384,8 +416,18 @@ class OnlineSDPOUpdater:
         groups = length_groups([len(c.teacher) + len(y) for c, y in zip(contexts, completions)])
         micro_batches = [
             (
-                pad_contexts_and_completions([contexts[i].student for i in group], [completions[i] for i in group], pad, ignore_first_k=cfg.ignore_first_k).to(self.device),
-                pad_contexts_and_completions([contexts[i].teacher for i in group], [completions[i] for i in group], pad, ignore_first_k=cfg.ignore_first_k).to(self.device),
+                pad_contexts_and_completions(
+                    [contexts[i].student for i in group],
+                    [completions[i] for i in group],
+                    pad,
+                    ignore_first_k=cfg.ignore_first_k,
+                ).to(self.device),
+                pad_contexts_and_completions(
+                    [contexts[i].teacher for i in group],
+                    [completions[i] for i in group],
+                    pad,
+                    ignore_first_k=cfg.ignore_first_k,
+                ).to(self.device),
                 # This group's share of the global batch; DDP's mean over processes divides by world_size again.
                 len(group) * parallel.world_size / total,
                 group.index(0) if 0 in group else None,
@@ -481,7 +523,11 @@ class OnlineSDPOUpdater:
         if cfg.print_token_table and table_row is not None:
             n = int(student_batch.completion_mask[table_row].sum().item()) + cfg.ignore_first_k
             ids = student_batch.completion_ids[table_row, :n].tolist()
-            print(format_token_table(self.tokenizer, ids, out.student_logprobs[table_row, :n], out.teacher_logprobs[table_row, :n]))
+            print(
+                format_token_table(
+                    self.tokenizer, ids, out.student_logprobs[table_row, :n], out.teacher_logprobs[table_row, :n]
+                )
+            )
         return out.loss, out
 
     def _clip_gradients(self) -> float:

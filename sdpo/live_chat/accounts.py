@@ -81,15 +81,18 @@ class Accounts:
         """Read and check the file; a missing file is an error (create it with ``users add``)."""
         path = Path(path)
         if not path.is_file():
-            raise AccountsError(f"{path}: no accounts file; create one with: python live_chat.py users add NAME "
-                                f"--accounts_file {path}")
+            raise AccountsError(
+                f"{path}: no accounts file; create one with: python live_chat.py users add NAME --accounts_file {path}"
+            )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             rows = data["accounts"]
             accounts = [Account(**row) for row in rows]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-            raise AccountsError(f"{path}: not an accounts file ({type(error).__name__}: {error}); "
-                                "recreate it with `python live_chat.py users add`") from error
+            raise AccountsError(
+                f"{path}: not an accounts file ({type(error).__name__}: {error}); "
+                "recreate it with `python live_chat.py users add`"
+            ) from error
         seen_names, seen_ids = set(), set()
         for index, account in enumerate(accounts):
             where = f"{path}: account {index + 1}"
@@ -188,8 +191,9 @@ def export_user_data(user_folder: Path, out_zip: Path) -> Path:
 
 
 def build_users_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="live_chat.py users", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="live_chat.py users", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--accounts_file", required=True, help="the accounts JSON file (created by `add`)")
     commands = parser.add_subparsers(dest="command", required=True)
     add = commands.add_parser("add", help="create an account; prints its API key once")
@@ -197,8 +201,10 @@ def build_users_parser() -> argparse.ArgumentParser:
     add.add_argument("--admin", action="store_true", help="may export and delete other users' data via the API")
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin, not the terminal")
     commands.add_parser("list", help="names, ids and admin flags (no secrets)")
-    for name, text in (("remove", "delete the account (its data stays; export or delete it first)"),
-                       ("new-key", "replace the account's API key; prints the new key once")):
+    for name, text in (
+        ("remove", "delete the account (its data stays; export or delete it first)"),
+        ("new-key", "replace the account's API key; prints the new key once"),
+    ):
         commands.add_parser(name, help=text).add_argument("name")
     export = commands.add_parser("export", help="zip the account's stored data")
     export.add_argument("name")

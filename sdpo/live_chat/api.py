@@ -117,8 +117,9 @@ def api_routes(engine: LiveChatEngine, identities: Identities) -> list:
     def caller(request: Request, *, admin: bool = False) -> Account:
         account = identities.from_bearer(request.headers.get("authorization"))
         if account is None:
-            raise APIError(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",
-                           "authentication_error")
+            raise APIError(
+                401, "missing or unknown API key: send 'Authorization: Bearer <key>'", "authentication_error"
+            )
         if admin and not account.admin:
             raise APIError(403, "this needs an admin account's key", "permission_error")
         return account
@@ -165,17 +166,30 @@ def api_routes(engine: LiveChatEngine, identities: Identities) -> list:
             prompt_tokens = len(engine.updater.encode_context(engine.capped_context(messages)))
             completion_tokens = len(reply_stream.reply.generation.token_ids)
             return {
-                "id": completion_id, "object": "chat.completion", "created": created, "model": MODEL_ID,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish_reason}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens},
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": MODEL_ID,
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
                 "sdpo": extra,
             }
 
         def chunk(delta: dict, finish_reason: str | None = None, **extra) -> str:
-            data = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": MODEL_ID,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+            data = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": MODEL_ID,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+                **extra,
+            }
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
         def events():
@@ -208,8 +222,12 @@ def api_routes(engine: LiveChatEngine, identities: Identities) -> list:
                 raise APIError(404, str(error), "not_found_error") from error
         except APIError as error:
             return error_response(error)
-        return FileResponse(archive, filename=archive.name, media_type="application/zip",
-                            background=BackgroundTask(shutil.rmtree, staging, ignore_errors=True))
+        return FileResponse(
+            archive,
+            filename=archive.name,
+            media_type="application/zip",
+            background=BackgroundTask(shutil.rmtree, staging, ignore_errors=True),
+        )
 
     @router.delete("/v1/live/admin/users/{name}/data")
     def delete(name: str, request: Request):

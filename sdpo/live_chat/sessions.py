@@ -660,8 +660,9 @@ class LiveChatEngine:
         limit = self.limits.max_message_tokens
         # Far more characters than any tokenizer packs into the limit: refused without tokenizing.
         if len(text) > limit * 32:
-            raise LiveChatError(f"the message has {len(text)} characters, far more than the limit of {limit} "
-                                "tokens: shorten it")
+            raise LiveChatError(
+                f"the message has {len(text)} characters, far more than the limit of {limit} tokens: shorten it"
+            )
         count = len(self.updater.tokenizer(text, add_special_tokens=False).input_ids)
         if count > limit:
             raise LiveChatError(f"the message has {count} tokens; the limit is {limit}: shorten it")
@@ -878,8 +879,14 @@ class LiveChatEngine:
         job.done.set()
 
     def _work(self, trainer: _Trainer) -> None:
-        handlers = {"update": self._run_update, "undo": self._run_undo, "reset": self._run_reset,
-                    "save": self._run_save, "retry": self._run_retry, "delete": self._run_delete}
+        handlers = {
+            "update": self._run_update,
+            "undo": self._run_undo,
+            "reset": self._run_reset,
+            "save": self._run_save,
+            "retry": self._run_retry,
+            "delete": self._run_delete,
+        }
         while (job := self._next_job()) is not None:
             try:
                 handlers[job.kind](trainer, job)
@@ -945,8 +952,13 @@ class LiveChatEngine:
             "fingerprint": file_fingerprint(path / ADAPTER_WEIGHTS_FILE),
             "last_update": asdict(report),
         }
-        applied = {"seq": job.seq, "step": updater.step, "follow_up": interaction.follow_up,
-                   "queued_at": job.queued_at, "applied_at": time.time()}
+        applied = {
+            "seq": job.seq,
+            "step": updater.step,
+            "follow_up": interaction.follow_up,
+            "queued_at": job.queued_at,
+            "applied_at": time.time(),
+        }
         with self._lock:
             rows = [*self._users[user].applied, applied]
         write_jsonl_atomic(self.user_folder(user) / UPDATES_FILE, rows)
@@ -1002,7 +1014,11 @@ class LiveChatEngine:
             # Version names keep counting, so no worker mistakes a new version for one it held before.
             self._users[job.user] = _UserRecord(
                 head={"current": self._initial_entry(), "previous": None, "next": record.head["next"]},
-                failed=[], applied=[], next_seq=record.next_seq, jobs=record.jobs, running=True,
+                failed=[],
+                applied=[],
+                next_seq=record.next_seq,
+                jobs=record.jobs,
+                running=True,
                 notice="all your stored data was deleted",
             )
         shutil.rmtree(folder, ignore_errors=True)

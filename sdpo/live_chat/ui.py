@@ -12,7 +12,7 @@ likely, white = unchanged, blue = more likely).
 
 import html
 
-from sdpo.evaluation.plots import signal_color_hex, text_color_hex
+from sdpo.evaluation.signal_plots import signal_color_hex, text_color_hex
 from sdpo.live_chat.api import Identities, api_routes
 from sdpo.live_chat.sessions import Conversation, LiveChatEngine, LiveChatError, UpdateReport, UserStatus
 
@@ -41,7 +41,8 @@ def render_signal_html(report: UpdateReport | None, vmin: float, vmax: float) ->
         background = signal_color_hex(value, vmin, vmax)
         text = html.escape(piece).replace("\n", "⏎\n")
         spans.append(
-            f'<span style="background:{background};color:{text_color_hex(background)}" title="{value:+.3f}">{text}</span>'
+            f'<span style="background:{background};color:{text_color_hex(background)}" '
+            f'title="{value:+.3f}">{text}</span>'
         )
     gradient = ", ".join(signal_color_hex(vmin + (vmax - vmin) * i / 8, vmin, vmax) for i in range(9))
     return (
@@ -84,8 +85,7 @@ def chat_display(conversation: Conversation | None) -> list[dict]:
     return shown
 
 
-def build_app(engine: LiveChatEngine, identities: Identities, *, signal_vmin: float = -5.0,
-              signal_vmax: float = 5.0):
+def build_app(engine: LiveChatEngine, identities: Identities, *, signal_vmin: float = -5.0, signal_vmax: float = 5.0):
     """The Gradio Blocks page for ``engine`` (serve with ``launch_app``)."""
     import gradio as gr
 
@@ -106,8 +106,10 @@ def build_app(engine: LiveChatEngine, identities: Identities, *, signal_vmin: fl
 
     def panels(conversation: Conversation, request: gr.Request):
         status = engine.status(conversation.user)
-        return (render_status(status, conversation, request.username),
-                render_signal_html(status.last_update, signal_vmin, signal_vmax))
+        return (
+            render_status(status, conversation, request.username),
+            render_signal_html(status.last_update, signal_vmin, signal_vmax),
+        )
 
     def start(conversation: Conversation | None, request: gr.Request):
         conversation = own(conversation, request)
@@ -157,8 +159,11 @@ def build_app(engine: LiveChatEngine, identities: Identities, *, signal_vmin: fl
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(elem_id="chat", height=420, label="Conversation")
-                message = gr.Textbox(placeholder=f"Type a message (up to {limit} tokens) and press Enter",
-                                     show_label=False, elem_id="message")
+                message = gr.Textbox(
+                    placeholder=f"Type a message (up to {limit} tokens) and press Enter",
+                    show_label=False,
+                    elem_id="message",
+                )
                 gr.Markdown(f"Messages and follow-ups are limited to **{limit} tokens**.", elem_id="limits")
                 with gr.Row():
                     send_button = gr.Button("Send", variant="primary", elem_id="send")
@@ -178,16 +183,28 @@ def build_app(engine: LiveChatEngine, identities: Identities, *, signal_vmin: fl
             sent = trigger(receive, [message, conversation], [message, *chat_outputs])
             sent.success(respond, [conversation], chat_outputs)
         new_button.click(new_conversation, [conversation], chat_outputs)
-        for button, action in ((undo_button, engine.undo), (reset_button, engine.reset), (save_button, engine.save),
-                               (retry_button, engine.retry_failed)):
+        for button, action in (
+            (undo_button, engine.undo),
+            (reset_button, engine.reset),
+            (save_button, engine.save),
+            (retry_button, engine.retry_failed),
+        ):
             button.click(adapter_action(action), [conversation], [conversation, status, signal_panel])
         app.load(start, [conversation], chat_outputs)
         gr.Timer(POLL_SECONDS).tick(refresh, [conversation], [status, signal_panel])
     return app
 
 
-def launch_app(app, engine: LiveChatEngine, identities: Identities, *, host: str, port: int, share: bool = False,
-               block: bool = True) -> str:
+def launch_app(
+    app,
+    engine: LiveChatEngine,
+    identities: Identities,
+    *,
+    host: str,
+    port: int,
+    share: bool = False,
+    block: bool = True,
+) -> str:
     """Serve the page ``app`` with the API beside it, behind the accounts' login when there are accounts; returns
     the local URL (``block=False`` returns at once, for tests)."""
     import gradio as gr

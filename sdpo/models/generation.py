@@ -117,7 +117,9 @@ def encode_chat(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; use an instruct/chat model"
         )
     kwargs = {**DEFAULT_CHAT_TEMPLATE_KWARGS, **(chat_template_kwargs or {})}
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+    )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_length is not None and len(ids) > max_length:
         ids = ids[-max_length:]

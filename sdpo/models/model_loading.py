@@ -169,7 +169,8 @@ def _explain(name_or_path: str, error: Exception) -> str:
     else:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
         tried = (
-            f"no local folder named {name_or_path!r}; Hugging Face Hub id {'not fetched (HF_HUB_OFFLINE=1)' if offline else 'unreachable or unknown'}"
+            f"no local folder named {name_or_path!r}; Hugging Face Hub id "
+            f"{'not fetched (HF_HUB_OFFLINE=1)' if offline else 'unreachable or unknown'}"
             f" ({first_line})"
         )
         todo = (
@@ -186,7 +187,7 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left", trust_remote_c
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         raise ModelLoadError(_explain(name_or_path, error)) from error
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:
@@ -224,9 +225,14 @@ def load_model_and_tokenizer(
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         raise ModelLoadError(_explain(name_or_path, error)) from error
     model.to(torch_device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def is_local_model_path(name: str) -> bool:
+    """``name`` is meant as a model folder, not a Hub id ("org/name"): absolute, relative-marked or deeper."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1

@@ -86,7 +86,8 @@ class VLLMServerPolicyEngine:
             ) from None
         except self.sdk.APIStatusError as error:
             raise VLLMServerError(
-                f"--vllm_server_url {self.root}: GET /v1/models answered HTTP {error.status_code}; is this a vLLM server?"
+                f"--vllm_server_url {self.root}: GET /v1/models answered HTTP {error.status_code}; is this a vLLM "
+                "server?"
             ) from None
         bases = [model.id for model in served if getattr(model, "parent", None) is None]
         if not bases:

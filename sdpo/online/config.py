@@ -17,17 +17,21 @@ from sdpo.data.data_sources import DataError
 from sdpo.evaluation.evaluation_helpers import load_prompts
 from sdpo.learner import distributed
 from sdpo.learner.config import OnlineSDPOConfig, check_ranges
+from sdpo.models.model_loading import is_local_model_path
 from sdpo.personas.participants import ParticipantsArguments, ParticipantsConfig, StyleSchedule
+from sdpo.personas.style_judge import PROTOCOLS
 from sdpo.personas.user_simulator import resolve_style
 from sdpo.utils.command_line import MASK, ConfigParser, UsageError, is_secret_name
 from sdpo.utils.file_io import check_output_folder
 from sdpo.utils.tracking import REPORT_TO
 
+STYLE_BASELINES = ("base", "introduced")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# The reference's TL;DR experiments put this instruction in a system message (--system_prompt tldr).
+# The paper-era TL;DR runs asked for the summary once, in a system message (--system_prompt tldr), over posts
+# whose trailing "TL;DR:" cue was removed (auxiliary/preprocess_tldr_dataset.py --prompt_format post).
 SYSTEM_PROMPTS = {
     "general": None,
-    "tldr": 'Summarize the following post in one or two sentences, starting with "TL;DR:".',
+    "tldr": "Summarize the following post in one or two sentences.",
 }
 # Settings that may differ on --resume without changing what the run computes.
 RESUME_OVERRIDABLE = ("resume", "debug_first_example", "report_to", "wandb", "out_dir", "vllm_server_url")
@@ -53,14 +57,9 @@ def _check_folder(flag: str, value: str | None) -> None:
         check_output_folder(value, f"--{flag}")
 
 
-def _looks_like_local_path(name: str) -> bool:
-    # Hub ids are "org/name"; anything absolute, relative-marked or deeper is a filesystem path.
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1
-
-
 def check_local_model(flag: str, name: str | None) -> None:
     """A model given as a local path must be an existing folder (checked before any model loads)."""
-    if not name or not _looks_like_local_path(name):
+    if not name or not is_local_model_path(name):
         return
     path = Path(name).expanduser()
     if not path.is_dir():
@@ -130,8 +129,40 @@ class OnlineRunConfig:
         default=None,
         metadata={"help": "Model for the baseline completions (default: the policy before training)."},
     )
-    eval_every: int = field(
-        default=1, metadata={"help": "Evaluate after every N interactions (0: only at the end)."}
+    eval_every: int = field(default=1, metadata={"help": "Evaluate after every N interactions (0: only at the end)."})
+    eval_at_start: bool = field(
+        default=False,
+        metadata={"help": "Also evaluate before the first update (interaction 0), where the paper's curves start."},
+    )
+    style_baseline: str = field(
+        default="base",
+        metadata={
+            "help": "What each style is judged against. base: the policy before training, at every evaluation; "
+            "introduced: the policy when the style entered the schedule (its answers are taken at the switch and "
+            "the style is judged from then on; paper Fig. 6).",
+            "choices": list(STYLE_BASELINES),
+        },
+    )
+    preflight: int = field(
+        default=0,
+        metadata={
+            "help": "Before training, check on N training prompts whether the hindsight teacher's answers beat the "
+            "policy's (judged per user style) and how much its follow-ups move token log-probs against an "
+            "unrelated one; one verdict line per style, stored in the results meta (0: no check)."
+        },
+    )
+    preflight_only: bool = field(
+        default=False,
+        metadata={"help": "Stop after the --preflight check (no training, no evaluation); scripts/preflight_check.sh."},
+    )
+    protocol: str = field(
+        default="reasoning",
+        metadata={
+            "help": "Judge and simulated-user prompts. reasoning: the judge may reason and ends with a verdict "
+            "line; paper: the judge answers one character A/B/C, the user replies very briefly and may approve "
+            "(App. D.3).",
+            "choices": list(PROTOCOLS),
+        },
     )
     eval_max_new_tokens: int = field(default=2048, metadata={"help": "Generation budget for evaluation."})
     min_decided: int = field(
@@ -160,9 +191,7 @@ class OnlineRunConfig:
         default="./live_eval_results",
         metadata={"help": "Run directory: checkpoints, completions, plot, results."},
     )
-    eval_dir: str | None = field(
-        default=None, metadata={"help": "Where the results JSON goes (default: --out_dir)."}
-    )
+    eval_dir: str | None = field(default=None, metadata={"help": "Where the results JSON goes (default: --out_dir)."})
     run_name: str | None = field(
         default=None,
         metadata={"help": "Name of the run (results file prefix; letters, digits, '.', '_', '-')."},
@@ -216,9 +245,11 @@ class OnlineRunConfig:
             self,
             at_least_one=("interactions_per_step", "train_n", "eval_n", "max_prompt_tokens", "eval_max_new_tokens"),
         )
-        for name in ("eval_every", "resume_every", "min_decided"):
+        for name in ("eval_every", "resume_every", "min_decided", "preflight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.preflight_only and not self.preflight:
+            raise ValueError("--preflight_only needs --preflight N (the number of training prompts to check)")
         self.style = resolve_style(self.style)
         self.eval_styles = [resolve_style(style) for style in self.eval_styles]
         StyleSchedule.parse(self.style_schedule, self.style)
@@ -231,7 +262,9 @@ class OnlineRunConfig:
     def judged_styles(self) -> tuple[str, ...]:
         """Every scheduled style (or --style), then --eval_styles; the first is the primary judge."""
         schedule = self.schedule
-        return tuple(dict.fromkeys((*schedule.styles, *([] if self.style_schedule else [self.style]), *self.eval_styles)))
+        return tuple(
+            dict.fromkeys((*schedule.styles, *([] if self.style_schedule else [self.style]), *self.eval_styles))
+        )
 
 
 def without_credentials(url: str | None) -> str | None:
@@ -274,9 +307,10 @@ class OnlineArguments:
 
     def participants_config(self) -> ParticipantsConfig:
         """Simulated users for the scheduled styles; judges for those, --style and --eval_styles."""
-        return ParticipantsConfig.from_args(
+        config = ParticipantsConfig.from_args(
             self.participants, user_styles=self.run.schedule.styles, judge_styles=self.run.judged_styles
         )
+        return dataclasses.replace(config, protocol=self.run.protocol)
 
     def check_inputs(self) -> None:
         """Everything about the run's files and models that can be checked before a model loads: both prompt
@@ -350,6 +384,11 @@ def check_world_size(arguments: OnlineArguments) -> None:
             f"--interactions_per_step {arguments.run.interactions_per_step} is smaller than the {world_size} processes "
             f"launched: give each process at least one interaction per step (--interactions_per_step {world_size}) "
             "or launch fewer"
+        )
+    if arguments.run.preflight:
+        raise UsageError(
+            f"--preflight with {world_size} processes: the check runs in one process (scripts/preflight_check.sh "
+            "without accelerate launch); drop --preflight here"
         )
     if arguments.learner.use_vllm and arguments.run.vllm_mode == "colocate":
         raise UsageError(

@@ -38,6 +38,10 @@ class RunFiles:
         self.state = out_dir / STATE_FILE
         self.checkpoints = out_dir / "checkpoints"
 
+    def style_baseline(self, style: str) -> Path:
+        """The answers a style introduced during the run is judged against (--style_baseline introduced)."""
+        return self.out_dir / f"baseline_completions_{style}.json"
+
     def finished_interactions(self) -> int:
         """Interactions recorded in the results file (0 when it does not exist yet)."""
         if not self.results.is_file():
@@ -50,7 +54,9 @@ def read_json(path: Path, *required_keys: str) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{path} cannot be read ({type(error).__name__}: {error}); it is not a file this run wrote") from None
+        raise DataError(
+            f"{path} cannot be read ({type(error).__name__}: {error}); it is not a file this run wrote"
+        ) from None
     missing = [key for key in required_keys if not isinstance(value, dict) or key not in value]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}; it is not a file this run wrote")
@@ -125,7 +131,9 @@ def start_or_resume(arguments: OnlineArguments) -> tuple[OnlineArguments, RunFil
     out_dir = Path(run.out_dir)
     if run.resume:
         if not (out_dir / STATE_FILE).is_file():
-            raise DataError(f"--resume needs {out_dir / STATE_FILE} from an earlier run; start a new run without --resume")
+            raise DataError(
+                f"--resume needs {out_dir / STATE_FILE} from an earlier run; start a new run without --resume"
+            )
         state = _stored_state(out_dir)
         stored = state["settings"]
         given = arguments.to_dict()
@@ -200,18 +208,19 @@ def resume_point(files: RunFiles, previous: dict | None) -> ResumePoint:
 
 
 def nothing_pending() -> dict:
-    """What a run recorded since its last resume checkpoint, before anything was."""
-    return {"records": [], "evaluations": [], "completions": []}
+    """What a run recorded since its last resume checkpoint, before anything was (baselines: the style baselines
+    taken at introductions, see ``eval_online_sdpo.OnlineRun.take_style_baselines``)."""
+    return {"records": [], "evaluations": [], "completions": [], "baselines": []}
 
 
 def entries_between(entries: list[dict], after: int, until: int) -> list[dict]:
-    """The entries whose ``interaction`` lies in (after, until]."""
+    """The entries whose ``interaction`` lies in (after, until] (after = -1 includes interaction 0)."""
     return [e for e in entries if after < e["interaction"] <= until]
 
 
 def kept_history(kept: list[dict], pending: list[dict], done: int) -> list[dict]:
     """What the results file holds up to the checkpoint, then what the checkpoint recorded after that file was
-    written: the history a resumed run continues from."""
-    history = entries_between(kept, 0, done)
-    last = history[-1]["interaction"] if history else 0
+    written: the history a resumed run continues from (an evaluation at interaction 0 included)."""
+    history = entries_between(kept, -1, done)
+    last = history[-1]["interaction"] if history else -1
     return history + entries_between(pending, last, done)

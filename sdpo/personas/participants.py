@@ -78,7 +78,10 @@ class StyleSchedule:
         for part in text.split(","):
             style, _, count = part.strip().rpartition(":")
             if not style or not count.isdigit() or int(count) < 1:
-                raise ValueError(f'--style_schedule: {part.strip()!r} is not "style:N" with N >= 1 (e.g. "short:250,detailed_professional_expert:250")')
+                raise ValueError(
+                    f'--style_schedule: {part.strip()!r} is not "style:N" with N >= 1 (e.g. '
+                    '"short:250,detailed_professional_expert:250")'
+                )
             segments.append((resolve_style(style), int(count)))
         return cls(tuple(segments))
 
@@ -127,7 +130,9 @@ class ParticipantsArguments:
             f"server serves, or the local model of --judge_backend vllm/hf (default {DEFAULT_LOCAL_JUDGE})."
         },
     )
-    judge_local: bool = field(default=False, metadata={"help": "Judge with the user-simulator model instead of Claude."})
+    judge_local: bool = field(
+        default=False, metadata={"help": "Judge with the user-simulator model instead of Claude."}
+    )
     judge_backend: str = field(
         default="auto",
         metadata={
@@ -159,7 +164,8 @@ class ParticipantsArguments:
         metadata={"help": "dtype of a local transformers user/judge model.", "aliases": ["--judge_dtype"]},
     )
     user_device: str = field(
-        default="auto", metadata={"help": "Device of a local transformers user/judge model.", "aliases": ["--judge_device"]}
+        default="auto",
+        metadata={"help": "Device of a local transformers user/judge model.", "aliases": ["--judge_device"]},
     )
     openai_base_url: str | None = field(
         default_factory=lambda: os.environ.get("OPENAI_BASE_URL"),
@@ -216,6 +222,7 @@ class ParticipantsConfig:
     openai_base_url: str | None = None
     api_max_concurrency: int = 16
     api_max_attempts: int = 8
+    protocol: str = "reasoning"  # judge and user prompts (style_judge.PROTOCOLS)
 
     @classmethod
     def from_args(cls, args: ParticipantsArguments, *, user_styles, judge_styles) -> ParticipantsConfig:
@@ -260,32 +267,46 @@ class ParticipantsConfig:
                 f"--judge_backend {self.judge_backend} runs --judge_model only where there is no simulated user; "
                 "here use --judge_local (the user model judges) or --judge_backend anthropic/openai/rule"
             )
-        needs_user_model = (bool(self.user_styles) and self.user_backend in MODEL_BACKENDS) or self.judge_backend == "user"
+        needs_user_model = (
+            bool(self.user_styles) and self.user_backend in MODEL_BACKENDS
+        ) or self.judge_backend == "user"
         if needs_user_model and not self.user_model:
             raise ParticipantsError(
                 f"--user_backend {self.user_backend} / a local judge needs --user_model_name_or_path"
                 " (or choose --user_backend rule/anthropic)"
             )
         if self.judge_backend == "user" and self.user_backend == "openai":
-            raise ParticipantsError("a local judge needs a local user model (hf or vllm); use --judge_backend openai instead")
+            raise ParticipantsError(
+                "a local judge needs a local user model (hf or vllm); use --judge_backend openai instead"
+            )
         if (self.user_backend == "openai" or self.judge_backend == "openai") and not self.openai_base_url:
-            raise ParticipantsError("the openai backend needs --openai_base_url (or OPENAI_BASE_URL), e.g. http://127.0.0.1:8000/v1")
-        for role, backend, styles in (("user", self.user_backend, self.user_styles), ("judge", self.judge_backend, self.judge_styles)):
+            raise ParticipantsError(
+                "the openai backend needs --openai_base_url (or OPENAI_BASE_URL), e.g. http://127.0.0.1:8000/v1"
+            )
+        for role, backend, styles in (
+            ("user", self.user_backend, self.user_styles),
+            ("judge", self.judge_backend, self.judge_styles),
+        ):
             unchecked = [s for s in styles if s not in RULE_BASED_STYLES]
             if backend == "rule" and unchecked:
                 raise ParticipantsError(
-                    f"the rule-based {role} cannot check {', '.join(unchecked)}; rule-based styles: {', '.join(RULE_BASED_STYLES)}"
+                    f"the rule-based {role} cannot check {', '.join(unchecked)}; rule-based styles: "
+                    f"{', '.join(RULE_BASED_STYLES)}"
                 )
         if self.api_max_attempts < 1 or self.api_max_concurrency < 1:
             raise ParticipantsError("--api_max_attempts and --api_max_concurrency must be >= 1")
 
     @property
     def user_label(self) -> str:
-        return {"rule": "rule-based", "anthropic": DEFAULT_ANTHROPIC_MODEL}.get(self.user_backend, self.user_model or "")
+        return {"rule": "rule-based", "anthropic": DEFAULT_ANTHROPIC_MODEL}.get(
+            self.user_backend, self.user_model or ""
+        )
 
     @property
     def judge_label(self) -> str:
-        return {"rule": "rule-based", "anthropic": self.judge_model, "openai": self.judge_model}.get(self.judge_backend, "local")
+        return {"rule": "rule-based", "anthropic": self.judge_model, "openai": self.judge_model}.get(
+            self.judge_backend, "local"
+        )
 
 
 @dataclass
@@ -339,13 +360,14 @@ def _simulator(config: ParticipantsConfig, style: str, backend: ChatBackend | No
         from auxiliary.claude_user_simulator import ClaudeStyleUserSimulator
 
         return ClaudeStyleUserSimulator(
-            style, max_tokens=256, temperature=0.0, **_api(config)
+            style, max_tokens=256, temperature=0.0, protocol=config.protocol, **_api(config)
         )
     greedy = config.user_backend != "hf"  # the reference samples its HF simulator at T=0.7, vLLM/API greedily
     return LLMUserSimulator(
         backend,
         style,
         sampling=SamplingParams(max_new_tokens=128, temperature=0.0 if greedy else 0.7),
+        prompt_variant="paper" if config.protocol == "paper" else "default",
         budget=TokenBudget(tokenizer, USER_MAX_INPUT_TOKENS) if tokenizer is not None else None,
     )
 
@@ -356,12 +378,12 @@ def _judge(config: ParticipantsConfig, style: str, user_backend: ChatBackend | N
     if config.judge_backend == "anthropic":
         from auxiliary.claude_style_judge import ClaudeStyleJudge
 
-        return ClaudeStyleJudge(style, model=config.judge_model, **_api(config))
+        return ClaudeStyleJudge(style, model=config.judge_model, protocol=config.protocol, **_api(config))
     if config.judge_backend == "openai":
         backend = OpenAICompatibleBackend(config.judge_model, base_url=config.openai_base_url, **_api(config))
-        return LLMStyleJudge(backend, style)
+        return LLMStyleJudge(backend, style, protocol=config.protocol)
     budget = TokenBudget(user_tokenizer, JUDGE_MAX_INPUT_TOKENS) if user_tokenizer is not None else None
-    return LLMStyleJudge(user_backend, style, budget=budget)
+    return LLMStyleJudge(user_backend, style, budget=budget, protocol=config.protocol)
 
 
 def build_participants(config: ParticipantsConfig) -> Participants:
@@ -375,12 +397,23 @@ def build_participants(config: ParticipantsConfig) -> Participants:
         user_label=config.user_label if config.user_styles else "",
         judge_label=config.judge_label,
     )
-    logger.info("user: %s (%s); judge: %s; styles: user %s, judged %s", participants.user_label, config.user_backend, participants.judge_label, list(config.user_styles), list(config.judge_styles))
+    logger.info(
+        "user: %s (%s); judge: %s; styles: user %s, judged %s",
+        participants.user_label,
+        config.user_backend,
+        participants.judge_label,
+        list(config.user_styles),
+        list(config.judge_styles),
+    )
     return participants
 
 
 def check_remote_backends(participants: Participants) -> None:
     """One cheap request per distinct remote backend (key, endpoint, model), before any model loads."""
-    backends = {id(b): b for p in (*participants.simulators.values(), *participants.judges.values()) if (b := getattr(p, "backend", None))}
+    backends = {
+        id(b): b
+        for p in (*participants.simulators.values(), *participants.judges.values())
+        if (b := getattr(p, "backend", None))
+    }
     for backend in backends.values():
         backend.check()

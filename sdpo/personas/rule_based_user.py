@@ -206,7 +206,11 @@ def _check_long_list(text: str) -> list[Violation]:
     items = _list_items(_strip_code(text))
     if len(items) < LONG_LIST_ITEMS:
         return []
-    return [Violation(f"has a long list ({len(items)} items)", "keep lists short or use prose", len(items) / LONG_LIST_ITEMS)]
+    return [
+        Violation(
+            f"has a long list ({len(items)} items)", "keep lists short or use prose", len(items) / LONG_LIST_ITEMS
+        )
+    ]
 
 
 def _check_nested_list(text: str) -> list[Violation]:
@@ -265,7 +269,11 @@ def _check_hedges(text: str) -> list[Violation]:
     if not found:
         return []
     return [
-        Violation(f"hedges with {_examples([repr(w) for w in found])}", "commit to an answer without hedging words", len(found))
+        Violation(
+            f"hedges with {_examples([repr(w) for w in found])}",
+            "commit to an answer without hedging words",
+            len(found),
+        )
     ]
 
 
@@ -395,6 +403,12 @@ class RuleBasedJudge(PairwiseJudge):
         for first, second in zip(firsts, seconds):
             violations_a, violations_b = check(self.style, first), check(self.style, second)
             score_a, score_b = severity(violations_a), severity(violations_b)
-            letter = "C" if abs(score_a - score_b) <= self.TIE_MARGIN * max(score_a, score_b) else "A" if score_a < score_b else "B"
+            letter = (
+                "C"
+                if abs(score_a - score_b) <= self.TIE_MARGIN * max(score_a, score_b)
+                else "A"
+                if score_a < score_b
+                else "B"
+            )
             verdicts.append(f"{_describe('A', violations_a)}\n{_describe('B', violations_b)}\nJudgement: {letter}")
         return verdicts

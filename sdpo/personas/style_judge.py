@@ -9,6 +9,11 @@ Protocol (shared by every judge, local, vLLM, API or rule-based):
   mapped back (A↔B) and a winner is kept only when both orders agree; otherwise the pair is a tie.
 * Decisions: 0 = the first response wins, 1 = the second wins, −1 = tie, disagreement or unparsed.
 
+Two protocols (``PROTOCOLS``): ``reasoning`` (above: a short justification may come first, then the verdict
+line) and ``paper`` (App. D.3: the judge answers with exactly one character, A, B or C, and nothing else;
+``parse_paper_verdict`` accepts only that character, surrounding whitespace aside, and anything else is
+unparsed).
+
 ``parse_judgement`` is strict where the reference was noisy: only the last ``Judgement:`` line counts,
 and its letter must stand alone (the reference also scanned the whole text for any A/B/C character,
 and read "Judgment: based on..." as B). Outputs without a verdict line are counted in
@@ -17,6 +22,7 @@ and read "Judgment: based on..." as B). Outputs without a verdict line are count
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from abc import ABC, abstractmethod
 
@@ -36,26 +42,52 @@ _JUDGE_RULES = (
     "`Judgement: C`. Use C when neither response is better or you cannot tell."
 )
 
+# App. D.3 (our wording): the persona decides, and the answer is one character with no reasoning.
+_PAPER_JUDGE_RULES = (
+    "You will see a request this user sent and two candidate responses, A and B. Decide which response this "
+    "user would prefer, judging only style, tone, formatting, length and level of complexity against the "
+    "profile, not factual correctness.\n"
+    "Answer with exactly one character and nothing else: A if response A fits the user better, B if response B "
+    "does, C if they fit equally well or you cannot tell."
+)
+PROTOCOLS = ("reasoning", "paper")
+# One character plus what a tokenizer may add around it; more would only be text the strict parse rejects.
+PAPER_VERDICT_MAX_TOKENS = 4
+
 # The verdict line: optional list/quote/emphasis decoration, "Judgement" or "Judgment" in any case,
 # a colon (possibly inside the emphasis), then a single letter that is not the start of a word.
 _VERDICT_LINE = re.compile(
     r"^[\s>*_#`-]*judge?ment[\s*_`]*:[\s*_`]*([abc])(?![a-z0-9])[\s*_`.!]*$",
     re.IGNORECASE,
 )
-_VERDICT_VALUES = {"a": 0, "b": 1, "c": -1}
+_VERDICT_VALUES = {"a": 0, "b": 1, "c": -1, "A": 0, "B": 1, "C": -1}
 
 
-def build_judge_messages(style: str, prompt: str, response_a: str, response_b: str) -> list[dict]:
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; use one of {list(PROTOCOLS)}")
+
+
+def build_judge_messages(
+    style: str, prompt: str, response_a: str, response_b: str, *, protocol: str = "reasoning"
+) -> list[dict]:
     """Chat messages asking a model which of two responses the profiled user prefers."""
-    system = f"{get_persona(style)}\n\n{_JUDGE_RULES}"
-    user = (
-        f"User prompt:\n{prompt}\n\n"
-        f"Response A:\n{response_a}\n\n"
-        f"Response B:\n{response_b}\n\n"
-        "As this user, which response do you prefer? Explain briefly, then end with the line "
+    check_protocol(protocol)
+    rules = _PAPER_JUDGE_RULES if protocol == "paper" else _JUDGE_RULES
+    question = (
+        "Which response does this user prefer? Answer A, B or C."
+        if protocol == "paper"
+        else "As this user, which response do you prefer? Explain briefly, then end with the line "
         "`Judgement: A`, `Judgement: B` or `Judgement: C`."
     )
+    system = f"{get_persona(style)}\n\n{rules}"
+    user = f"User prompt:\n{prompt}\n\nResponse A:\n{response_a}\n\nResponse B:\n{response_b}\n\n{question}"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def parse_paper_verdict(text: str) -> int | None:
+    """The paper protocol's verdict: the whole answer is one of A, B, C (A → 0, B → 1, C → −1); else None."""
+    return _VERDICT_VALUES.get(text.strip()) if text.strip() in ("A", "B", "C") else None
 
 
 def parse_judgement(text: str) -> int | None:
@@ -83,9 +115,15 @@ class PairwiseJudge(ABC):
         last_raw_outputs: per pair, ``{"ab": text, "ba": text}`` — the judge's raw outputs.
     """
 
-    def __init__(self):
+    def __init__(self, protocol: str = "reasoning"):
+        check_protocol(protocol)
+        self.protocol = protocol
         self.last_n_unparsed = 0
         self.last_raw_outputs: list[dict] = []
+
+    def parse(self, text: str) -> int | None:
+        """The decision in one raw verdict text, by this judge's protocol (None = unparsed)."""
+        return parse_paper_verdict(text) if self.protocol == "paper" else parse_judgement(text)
 
     @abstractmethod
     def _raw_verdicts(self, prompts: list[str], firsts: list[str], seconds: list[str]) -> list[str]:
@@ -101,8 +139,8 @@ class PairwiseJudge(ABC):
         # Both orders in one batch: one engine call for vLLM, a full thread pool for the APIs.
         raw = self._raw_verdicts(prompts + prompts, completions_a + completions_b, completions_b + completions_a)
         raw_ab, raw_ba = raw[:n], raw[n:]
-        ab = [parse_judgement(text) for text in raw_ab]
-        ba = [parse_judgement(text) for text in raw_ba]
+        ab = [self.parse(text) for text in raw_ab]
+        ba = [self.parse(text) for text in raw_ba]
         self.last_n_unparsed = sum(d is None for d in ab + ba)
         self.last_raw_outputs = [{"ab": x, "ba": y} for x, y in zip(raw_ab, raw_ba)]
         return [combine_orders(x, y) for x, y in zip(ab, ba)]
@@ -118,10 +156,14 @@ class LLMStyleJudge(PairwiseJudge):
         *,
         sampling: SamplingParams = SamplingParams(max_new_tokens=1024, temperature=0.0),
         budget: TokenBudget | None = None,
+        protocol: str = "reasoning",
     ):
-        super().__init__()
+        super().__init__(protocol)
         self.backend = backend
         self.style = resolve_style(style)
+        if protocol == "paper":
+            budget_tokens = min(sampling.max_new_tokens, PAPER_VERDICT_MAX_TOKENS)
+            sampling = dataclasses.replace(sampling, max_new_tokens=budget_tokens)
         self.sampling = sampling
         self.budget = budget
 
@@ -129,7 +171,7 @@ class LLMStyleJudge(PairwiseJudge):
         """The judge conversation for one ordered pair (fields clipped to the token budget when one is set)."""
 
         def build(request: str, first: str, second: str) -> list[dict]:
-            return build_judge_messages(self.style, request, first, second)
+            return build_judge_messages(self.style, request, first, second, protocol=self.protocol)
 
         if self.budget is None:
             return build(prompt, response_a, response_b)

@@ -12,8 +12,9 @@ context.
 * ``build_simulator_messages``: system = persona + rules, user = the labelled request and response
   followed by a cue. The ``"claude"`` variant asks for at most two sentences with no preface.
 * ``LLMUserSimulator``: the simulator over any ``ChatBackend``; an empty follow-up is replaced by a
-  neutral fallback and counted. ``StyleUserSimulator`` is the reference's name for the local
-  transformers version.
+  neutral fallback and counted. The ``"paper"`` variant follows App. D.3: a very brief reply that
+  may approve a fitting response and never solves the task. ``StyleUserSimulator`` is the reference's
+  name for the local transformers version.
 """
 
 from __future__ import annotations
@@ -77,12 +78,13 @@ STYLE_PERSONAS: dict[str, str] = {
     "short": "USER PROFILE: You want replies to be extremely short and to the point.",
     "less_filler_praise_sycophancy": (
         'USER PROFILE: You dislike replies that open by complimenting you or your question ("great '
-        'question" and the like) and replies that close with filler such as "I hope this helps" or '
-        '"let me know if you need anything else". You want the answer and nothing around it.'
+        'question" and the like), that agree with you just to please you, or that close with filler such as '
+        '"I hope this helps" or "let me know if you need anything else". You want the answer and nothing '
+        "around it."
     ),
     "answer_directly_reduce_formatting": (
-        "USER PROFILE: You want concise answers in short, plain text. Long lists and heavy markdown such as "
-        "bold text and ### headers put you off."
+        "USER PROFILE: You want the reply to answer your question directly, from its first sentence, in short "
+        "plain text. Long lists and heavy markdown such as bold text and ### headers put you off."
     ),
     "clarification_first": (
         "USER PROFILE: When your request is ambiguous, you want the assistant to ask you a clarifying "
@@ -160,7 +162,7 @@ CORE_STYLES: list[str] = [
 # Styles evaluated by default when checkpoints are compared.
 DEFAULT_EVAL_STYLES: list[str] = ["less_filler_praise_sycophancy", "no_emojis", "answer_directly_reduce_formatting"]
 
-PROMPT_VARIANTS = ("default", "claude")
+PROMPT_VARIANTS = ("default", "claude", "paper")
 
 # Sent in place of an empty simulator output, so training always has a follow-up to condition on.
 FALLBACK_FEEDBACK = "Please rework your answer so it better matches the way I like responses to be written."
@@ -196,6 +198,15 @@ _SIMULATOR_RULES = {
         "- Do not answer the original request yourself.\n"
         "- If the response already suits the profile, you may simply say so.\n"
         "- Output only the message itself, with no label or preface."
+    ),
+    # App. D.3 (our wording): very brief, only the reply against the profile, approval allowed, never the task.
+    "paper": (
+        "You are this user, writing your next chat message to an AI assistant after reading its response.\n"
+        "- React only to how the response fits the preferences in the profile; say nothing about anything else.\n"
+        "- Be very brief: a few words, one short sentence at most.\n"
+        "- If the response already fits the profile, you may just say briefly that it does.\n"
+        "- Never do the task or answer the request yourself, and do not rewrite the response.\n"
+        "- Write only the message, with no label, quotes or preface."
     ),
 }
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import yaml
 from trl import TrlParser
 
-
 # A secret name ends in key, token, secret or password (any case, after leading dashes): ANTHROPIC_API_KEY,
 # HF_TOKEN, --api_key, --hf-token; not MAX_NEW_TOKENS or --max_new_tokens. The same pattern as SDPO_SECRET_NAME
 # in scripts/common.sh (tests/test_secrets.py holds the two to the same answers).

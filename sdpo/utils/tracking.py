@@ -29,7 +29,9 @@ class Tracker:
         try:
             module = importlib.import_module(report_to)
         except ImportError:
-            raise ValueError(f"--report_to {report_to} needs the {report_to} package: pip install {report_to}") from None
+            raise ValueError(
+                f"--report_to {report_to} needs the {report_to} package: pip install {report_to}"
+            ) from None
         if report_to == "wandb":
             # wandb stores the command line in its run files: it sees the one with its secrets masked.
             given = sys.argv
@@ -44,7 +46,11 @@ class Tracker:
 
     def log(self, metrics: dict, *, step: int, prefix: str) -> None:
         if self.module is not None:
-            numeric = {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            numeric = {
+                f"{prefix}/{k}": v
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             self.module.log(numeric, step=step)
 
     def finish(self) -> None:
