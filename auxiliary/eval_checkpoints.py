@@ -79,6 +79,7 @@ from sdpo.evaluation.evaluation_helpers import (
     DataError,
     as_conversation,
     average_chars,
+    check_run_name,
     format_style_line,
     judge_every_style,
     load_split,
@@ -96,7 +97,6 @@ from sdpo.models.model_loading import (
     resolve_model_path,
 )
 from sdpo.models.vllm_engines import VLLMPolicyEngine, require_vllm
-from sdpo.online.config import check_run_name, settings_record
 from sdpo.personas.participants import (
     ParticipantsArguments,
     ParticipantsConfig,
@@ -104,7 +104,7 @@ from sdpo.personas.participants import (
     check_remote_backends,
 )
 from sdpo.personas.user_simulator import DEFAULT_EVAL_STYLES, resolve_style
-from sdpo.utils.command_line import ConfigParser, UsageError
+from sdpo.utils.command_line import ConfigParser, UsageError, settings_record
 from sdpo.utils.env_file import load_project_env
 from sdpo.utils.file_io import check_output_folder
 

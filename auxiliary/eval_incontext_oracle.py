@@ -68,6 +68,7 @@ from sdpo.evaluation.evaluation_helpers import (
     DataError,
     as_conversation,
     average_chars,
+    check_run_name,
     format_style_line,
     judge_against_baseline,
     load_split,
@@ -80,7 +81,6 @@ from sdpo.learner.config import check_ranges
 from sdpo.models.generation import SamplingParams
 from sdpo.models.model_loading import ModelLoadError, concrete_dtype, load_tokenizer
 from sdpo.models.vllm_engines import build_vllm_engine, require_vllm
-from sdpo.online.config import check_run_name, settings_record
 from sdpo.personas.participants import (
     ParticipantsArguments,
     ParticipantsConfig,
@@ -88,7 +88,7 @@ from sdpo.personas.participants import (
     check_remote_backends,
 )
 from sdpo.personas.user_simulator import CORE_STYLES, resolve_style
-from sdpo.utils.command_line import ConfigParser, UsageError
+from sdpo.utils.command_line import ConfigParser, UsageError, settings_record
 from sdpo.utils.env_file import load_project_env
 from sdpo.utils.file_io import check_output_folder
 

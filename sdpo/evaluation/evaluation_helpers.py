@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -374,3 +375,14 @@ def write_completions_snapshot(
                 }
             )
     write_jsonl_atomic(path, rows)
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_run_name(run_name: str, folder_flag: str = "--out_dir") -> None:
+    """One ``ValueError`` line unless ``run_name`` is a plain file-name prefix (it names files in the folder)."""
+    if not RUN_NAME.fullmatch(run_name):
+        raise ValueError(
+            f"--run_name {run_name!r}: use letters, digits, '.', '_' and '-' only (it names files inside {folder_flag})"
+        )

@@ -8,25 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from sdpo.data.data_sources import DataError
-from sdpo.evaluation.evaluation_helpers import load_prompts
+from sdpo.evaluation.evaluation_helpers import check_run_name, load_prompts
 from sdpo.learner import distributed
 from sdpo.learner.config import OnlineSDPOConfig, check_ranges
 from sdpo.models.model_loading import is_local_model_path
 from sdpo.personas.participants import ParticipantsArguments, ParticipantsConfig, StyleSchedule
 from sdpo.personas.style_judge import PROTOCOLS
 from sdpo.personas.user_simulator import resolve_style
-from sdpo.utils.command_line import MASK, ConfigParser, UsageError, is_secret_name
+from sdpo.utils.command_line import ConfigParser, UsageError, settings_record
 from sdpo.utils.file_io import check_output_folder
 from sdpo.utils.tracking import REPORT_TO
 
 STYLE_BASELINES = ("base", "introduced")
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The paper-era TL;DR runs asked for the summary once, in a system message (--system_prompt tldr), over posts
 # whose trailing "TL;DR:" cue was removed (auxiliary/preprocess_tldr_dataset.py --prompt_format post).
 SYSTEM_PROMPTS = {
@@ -36,14 +33,6 @@ SYSTEM_PROMPTS = {
 # Settings that may differ on --resume without changing what the run computes.
 RESUME_OVERRIDABLE = ("resume", "debug_first_example", "report_to", "wandb", "out_dir", "vllm_server_url")
 VLLM_MODES = ("colocate", "server")
-
-
-def check_run_name(run_name: str, folder_flag: str = "--out_dir") -> None:
-    """One ``ValueError`` line unless ``run_name`` is a plain file-name prefix (it names files in the folder)."""
-    if not RUN_NAME.fullmatch(run_name):
-        raise ValueError(
-            f"--run_name {run_name!r}: use letters, digits, '.', '_' and '-' only (it names files inside {folder_flag})"
-        )
 
 
 def _check_file(flag: str, value: str | None) -> None:
@@ -265,36 +254,6 @@ class OnlineRunConfig:
         return tuple(
             dict.fromkeys((*schedule.styles, *([] if self.style_schedule else [self.style]), *self.eval_styles))
         )
-
-
-def without_credentials(url: str | None) -> str | None:
-    """``url`` (or comma-separated URLs) without a user name or password (what results and state files may hold)."""
-    if not url:
-        return url
-    if "," in url:
-        return ",".join(without_credentials(part) for part in url.split(","))
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def stored_value(name: str, value):
-    """What a results or state file may hold of a setting: never a secret-named one, URLs without credentials."""
-    if is_secret_name(name) and value:
-        return MASK
-    if isinstance(value, str) and "://" in value:
-        return without_credentials(value)
-    return value
-
-
-def settings_record(*configs) -> dict:
-    """Every setting of the parsed dataclasses by field name (what results meta and state files record), each as
-    ``stored_value`` keeps it."""
-    settings = {key: value for config in configs for key, value in dataclasses.asdict(config).items()}
-    return {name: stored_value(name, value) for name, value in settings.items()}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 from sdpo.data.data_sources import DataError
 from sdpo.evaluation.evaluation_helpers import next_run_index
 from sdpo.learner.updater import complete_checkpoint, read_extra_state
-from sdpo.online.config import RESUME_OVERRIDABLE, OnlineArguments, without_credentials
+from sdpo.online.config import RESUME_OVERRIDABLE, OnlineArguments
+from sdpo.utils.command_line import without_credentials
 from sdpo.utils.file_io import write_json_atomic
 
 logger = logging.getLogger(__name__)

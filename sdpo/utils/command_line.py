@@ -19,6 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from trl import TrlParser
@@ -260,3 +261,33 @@ def run_main(entry, argv=None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def without_credentials(url: str | None) -> str | None:
+    """``url`` (or comma-separated URLs) without a user name or password (what results and state files may hold)."""
+    if not url:
+        return url
+    if "," in url:
+        return ",".join(without_credentials(part) for part in url.split(","))
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def stored_value(name: str, value):
+    """What a results or state file may hold of a setting: never a secret-named one, URLs without credentials."""
+    if is_secret_name(name) and value:
+        return MASK
+    if isinstance(value, str) and "://" in value:
+        return without_credentials(value)
+    return value
+
+
+def settings_record(*configs) -> dict:
+    """Every setting of the parsed dataclasses by field name (what results meta and state files record), each as
+    ``stored_value`` keeps it."""
+    settings = {key: value for config in configs for key, value in dataclasses.asdict(config).items()}
+    return {name: stored_value(name, value) for name, value in settings.items()}
