@@ -10,16 +10,14 @@ shut down before the next one starts (one engine in memory at a time).
 
 import importlib
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 
 import pytest
 
 from sdpo.models.generation import SamplingParams, generate
 from tests.conftest import build_tiny_llama
+from tests.vllm_server_process import running_vllm_server
 
 if os.environ.get("SDPO_REQUIRE_VLLM") == "1":
     importlib.import_module("vllm")
@@ -162,7 +160,6 @@ def free_port() -> int:
 class TestOpenAICompatibleServer:
     @pytest.fixture(scope="class")
     def server(self, tiny_vllm_model_path, tmp_path_factory):
-        import urllib.request
 
         port = free_port()
         log = tmp_path_factory.mktemp("server") / "server.log"
@@ -185,24 +182,9 @@ class TestOpenAICompatibleServer:
             "--kv-cache-memory-bytes",
             str(ENGINE_KV_BYTES),
         ]
-        with open(log, "w") as sink:
-            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         base_url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + 600
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the vLLM server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base_url}/models", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"the vLLM server did not start in 600 s:\n{log.read_text()[-3000:]}"
-            time.sleep(2)
-        yield base_url
-        os.killpg(process.pid, signal.SIGTERM)  # the server and the engine processes it started
-        process.wait(timeout=60)
+        with running_vllm_server(command, log, f"{base_url}/models", timeout_s=600):
+            yield base_url
 
     def test_backend_answers_like_transformers(self, server, tiny_vllm_model_path):
         from sdpo.chat.backends import HFChatBackend, OpenAICompatibleBackend

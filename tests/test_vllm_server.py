@@ -11,17 +11,15 @@ import http.server
 import importlib
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from sdpo.models.generation import generate
 from sdpo.models.vllm_server import VLLMServerError, VLLMServerPolicyEngine, api_root
+from tests.vllm_server_process import running_vllm_server
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Explain TCP in two sentences."}],
@@ -164,7 +162,6 @@ def _vllm_importable() -> bool:
 class TestRealServer:
     @pytest.fixture(scope="class")
     def server(self, bundled_model_path, tmp_path_factory):
-        import urllib.request
 
         port = free_port()
         log = tmp_path_factory.mktemp("vllm-server") / "server.log"
@@ -193,24 +190,9 @@ class TestRealServer:
             "2",
         ]
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-        with open(log, "w") as sink:
-            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 900
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the vLLM server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"the vLLM server did not start in 900 s:\n{log.read_text()[-3000:]}"
-            time.sleep(2)
-        yield url
-        os.killpg(process.pid, signal.SIGTERM)  # the server and the engine process it started
-        process.wait(timeout=60)
+        with running_vllm_server(command, log, f"{url}/v1/models", timeout_s=900, env=env):
+            yield url
 
     def test_greedy_server_answers_equal_the_hf_policy_after_adapter_updates(self, server, tmp_path):
         from sdpo.learner.config import OnlineSDPOConfig
