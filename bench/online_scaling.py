@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,15 +29,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from sdpo.learner.distributed import accelerate_cpu_launch
+from sdpo.utils.network import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT_S = 900
 KV_CACHE_BYTES = 512 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ------------------------------------------------------------------ one configuration (in its own processes)
@@ -194,24 +190,7 @@ def measure(args: argparse.Namespace, processes: int, engine: str, folder: Path,
     if processes == 1:
         command = [sys.executable, script, *flags]
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            script,
-            *flags,
-        ]
+        command = accelerate_cpu_launch(processes, script, *flags)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""

@@ -4,7 +4,6 @@ caller's own adapter only, admin export/delete, and the ``users`` command (no se
 
 import io
 import json
-import socket
 import stat
 import sys
 import urllib.error
@@ -20,15 +19,10 @@ import live_chat
 from sdpo.live_chat.accounts import Accounts, AccountsError
 from sdpo.live_chat.api import Identities
 from sdpo.live_chat.ui import build_app, launch_app
+from sdpo.utils.network import free_port
 from tests.test_live_chat import PROMPT, start_engine  # noqa: F401  (fixture)
 
 PASSWORDS = {"alice": "alice-password", "bob": "bob-password", "ops": "ops-password"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def add_user(accounts_file, name, *, admin=False, monkeypatch, capsys) -> str:

@@ -9,7 +9,6 @@ screenshot (it is always saved under the test's tmp folder).
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from sdpo.live_chat.accounts import Accounts
 from sdpo.live_chat.api import Identities
 from sdpo.live_chat.sessions import INITIAL
 from sdpo.live_chat.ui import build_app, launch_app
+from sdpo.utils.network import free_port
 from tests.test_live_chat import PROMPT, adapter_weights, start_engine  # noqa: F401  (fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -35,12 +35,6 @@ pytestmark = [
 ]
 FINGERPRINT = re.compile(r"adapter\s+([0-9a-f]{8})")
 WAIT_SECONDS = 120
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture()

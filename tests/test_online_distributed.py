@@ -9,7 +9,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdpo.learner.distributed import accelerate_cpu_launch
 from tests.conftest import build_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,12 +33,6 @@ LOSS_TOLERANCE = {"rel": 1e-4, "abs": 1e-6}
 WEIGHT_TOLERANCE_IN_LR = 0.05
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def environment() -> dict:
     env = dict(os.environ)
     env.update(
@@ -51,28 +45,6 @@ def environment() -> dict:
         WANDB_MODE="offline",
     )
     return env
-
-
-def accelerate_launch(processes: int, script: str, *args: str) -> list[str]:
-    """What scripts/eval_online_sdpo.sh runs on CPU for WORLD_SIZE=processes."""
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        script,
-        *args,
-    ]
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -95,7 +67,9 @@ def test_two_processes_train_like_one(tiny_model_dir, tmp_path):
     for processes in (1, 2):
         out, checkpoints = tmp_path / f"world{processes}.pt", tmp_path / f"ckpt{processes}"
         args = (tiny_model_dir, str(out), str(checkpoints))
-        command = [sys.executable, str(WORKER), *args] if processes == 1 else accelerate_launch(2, str(WORKER), *args)
+        command = (
+            [sys.executable, str(WORKER), *args] if processes == 1 else accelerate_cpu_launch(2, str(WORKER), *args)
+        )
         done = run(command)
         assert done.returncode == 0, done.stderr[-4000:]
         results[processes] = torch.load(out, weights_only=False)
@@ -161,7 +135,7 @@ def test_online_loop_on_two_processes_writes_one_results_file_and_resumes(tiny_m
         "--out_dir",
         str(out_dir),
     ]
-    done = run(accelerate_launch(2, "eval_online_sdpo.py", *args))
+    done = run(accelerate_cpu_launch(2, "eval_online_sdpo.py", *args))
     assert done.returncode == 0, done.stderr[-4000:]
     results_files = sorted(out_dir.glob("ddp_[0-9]*.json"))
     assert [f.name for f in results_files] == ["ddp_1.json"], "one results file, written by the main process"
@@ -177,7 +151,7 @@ def test_online_loop_on_two_processes_writes_one_results_file_and_resumes(tiny_m
 
     # Resume of a finished run: nothing left to train, the results stay as they were.
     before = results_files[0].read_text()
-    done = run(accelerate_launch(2, "eval_online_sdpo.py", "--resume", "--out_dir", str(out_dir)))
+    done = run(accelerate_cpu_launch(2, "eval_online_sdpo.py", "--resume", "--out_dir", str(out_dir)))
     assert done.returncode == 0, done.stderr[-4000:]
     assert json.loads(results_files[0].read_text())["training_metrics"] == json.loads(before)["training_metrics"]
 
@@ -186,12 +160,12 @@ def test_online_loop_on_two_processes_writes_one_results_file_and_resumes(tiny_m
     killed_dir = tmp_path / "killed"
     killed_args = [*args[:-1], str(killed_dir)]
     fault = ["tests/fault_injection.py", str(KILL_AT_COMMIT), "SIGKILL", "--", "eval_online_sdpo.py"]
-    done = run(accelerate_launch(2, *fault, *killed_args))
+    done = run(accelerate_cpu_launch(2, *fault, *killed_args))
     assert done.returncode != 0
     partial = json.loads((killed_dir / "ddp_1.json").read_text())
     assert [r["interaction"] for r in partial["training_metrics"]] == [1, 2, 3]
     assert partial["meta"]["resume_checkpoint_interactions"] == 3
-    done = run(accelerate_launch(2, "eval_online_sdpo.py", "--resume", "--out_dir", str(killed_dir)))
+    done = run(accelerate_cpu_launch(2, "eval_online_sdpo.py", "--resume", "--out_dir", str(killed_dir)))
     assert done.returncode == 0, done.stderr[-4000:]
     resumed = json.loads((killed_dir / "ddp_1.json").read_text())
     compared = ("interaction", "step", "style", "loss", "grad_norm", "prompt", "response", "feedback")

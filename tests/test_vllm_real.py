@@ -10,12 +10,12 @@ shut down before the next one starts (one engine in memory at a time).
 
 import importlib
 import os
-import socket
 import sys
 
 import pytest
 
 from sdpo.models.generation import SamplingParams, generate
+from sdpo.utils.network import free_port
 from tests.conftest import build_tiny_llama
 from tests.vllm_server_process import running_vllm_server
 
@@ -149,12 +149,6 @@ class TestUserAndJudgeOnTheBundledModel:
             hf_judge.choose_batch_generated(*args),
             hf_judge.last_raw_outputs,
         )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class TestOpenAICompatibleServer:

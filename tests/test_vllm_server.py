@@ -11,7 +11,6 @@ import http.server
 import importlib
 import json
 import os
-import socket
 import sys
 import threading
 
@@ -19,6 +18,7 @@ import pytest
 
 from sdpo.models.generation import generate
 from sdpo.models.vllm_server import VLLMServerError, VLLMServerPolicyEngine, api_root
+from sdpo.utils.network import free_port
 from tests.vllm_server_process import running_vllm_server
 
 CONVERSATIONS = [
@@ -26,12 +26,6 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Give me three tips for a job interview."}],
     [{"role": "user", "content": "What is the capital of France?"}],
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_api_root_accepts_urls_with_and_without_v1():

@@ -174,3 +174,17 @@ def current() -> DataParallel:
     if _current is None:
         _current = DataParallel()
     return _current
+
+
+def accelerate_cpu_launch(processes: int, script: str, *args: str) -> list[str]:
+    """The ``accelerate launch`` command that runs ``script`` as ``processes`` DDP processes on CPU (gloo), as
+    ``scripts/eval_online_sdpo.sh`` does for ``WORLD_SIZE=processes`` without a GPU."""
+    import sys
+
+    from sdpo.utils.network import free_port
+
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), script, *args,
+    ]  # fmt: skip
