@@ -7,6 +7,8 @@
 #   PRESET=cpu ./scripts/eval_online_sdpo.sh           # embedded SmolLM2-135M, rule-based user and judge, MT-Bench prompts
 #   ./scripts/eval_online_sdpo.sh --dry-run --eval_every 5   # print the command; extra arguments go to eval_online_sdpo.py
 #   WORLD_SIZE=2 PRESET=cpu ./scripts/eval_online_sdpo.sh   # 2 CPU processes (DDP over gloo), one results file
+#   WORLD_SIZE=2 PRESET=cpu PARALLELISM=fsdp2 ./scripts/eval_online_sdpo.sh   # the same, policy sharded (FSDP2)
+#   WORLD_SIZE=8 ACCELERATE_CONFIG=accelerate_configs/fsdp.yaml ./scripts/eval_online_sdpo.sh   # FSDP2 on 8 GPUs
 #   WORLD_SIZE=4 VLLM_MODE=server VLLM_SERVER_URL=http://gpu-node:8000 ./scripts/eval_online_sdpo.sh   # see docs/scaling.md
 #
 # Env (defaults): MODEL Qwen/Qwen3-8B | USER_MODEL Qwen/Qwen3-32B | STYLE no_emojis | EVAL_STYLES (empty)
@@ -23,7 +25,9 @@
 #   processes, each taking INTERACTIONS_PER_STEP / N interactions of every step (INTERACTIONS_PER_STEP defaults
 #   to WORLD_SIZE): on GPUs with --config_file $ACCELERATE_CONFIG (default multigpu_accelerate_config.yaml, DDP),
 #   without GPUs (or CPU=1) accelerate's multi-GPU launcher on CPU processes (DDP over gloo), $(nproc)/N threads
-#   each. The online loop runs DDP only: an FSDP/DeepSpeed ACCELERATE_CONFIG stops with one line.
+#   each. PARALLELISM (empty = auto) ddp or fsdp2 (--parallelism: the policy sharded with torch's fully_shard, on
+#   GPUs and CPU processes alike); an ACCELERATE_CONFIG with distributed_type FSDP and fsdp_version 2 (e.g.
+#   accelerate_configs/fsdp.yaml) means fsdp2. FSDP1 and DeepSpeed configs stop with one line.
 # PRESET=cpu changes the defaults (each still overridable by its env var): MODEL smollm2-135m-instruct,
 #   rule-based user and judge, STYLE no_punctuation, EVAL_STYLES short, ORACLE 1, --dtype auto,
 #   LR 1e-4 with LoRA r 16, LOSS_MODE simple_signal, TRAIN_N 16, EVAL_N 24, EVAL_EVERY 4, 96 new tokens,
@@ -114,16 +118,37 @@ if [[ "$VLLM_MODE" != colocate || -n "$VLLM_SERVER_URL" ]]; then
   [[ -n "$VLLM_SERVER_URL" ]] && cmd+=(--vllm_server_url "$VLLM_SERVER_URL")
 fi
 
-# One process, or WORLD_SIZE processes under accelerate (DDP; gloo on CPU processes).
+# One process, or WORLD_SIZE processes under accelerate (DDP or FSDP2; gloo on CPU processes).
 if [[ -z "${CPU:-}" ]]; then
   GPU_COUNT=0
   if command -v nvidia-smi > /dev/null 2>&1; then GPU_COUNT="$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)"; fi
   if [[ "$GPU_COUNT" -gt 0 && "$PRESET" != cpu ]]; then CPU=0; else CPU=1; fi
 fi
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$REPO_ROOT/multigpu_accelerate_config.yaml}"
-if [[ -f "$ACCELERATE_CONFIG" ]] && grep -Eq '^distributed_type:[[:space:]]*.?(FSDP|DEEPSPEED)' "$ACCELERATE_CONFIG"; then
-  echo "error: ACCELERATE_CONFIG=$ACCELERATE_CONFIG asks for FSDP/DeepSpeed; the online loop runs DDP only (every process holds the policy): use multigpu_accelerate_config.yaml, or put the policy's generation on a vLLM server (VLLM_MODE=server, docs/scaling.md)" >&2
-  exit 1
+PARALLELISM="${PARALLELISM:-}"
+case "$PARALLELISM" in
+  ""|auto|ddp|fsdp2) ;;
+  *) echo "error: unknown PARALLELISM=$PARALLELISM (use ddp or fsdp2, or leave it empty)" >&2; exit 1 ;;
+esac
+if [[ -f "$ACCELERATE_CONFIG" ]]; then
+  case "$(sed -n 's/^distributed_type:[[:space:]]*//p' "$ACCELERATE_CONFIG" | tr -d "'\" \r")" in
+    DEEPSPEED)
+      echo "error: ACCELERATE_CONFIG=$ACCELERATE_CONFIG asks for DeepSpeed, which the online loop does not run: use accelerate_configs/fsdp.yaml or PARALLELISM=fsdp2 (FSDP2), or multigpu_accelerate_config.yaml (DDP)" >&2
+      exit 1 ;;
+    FSDP)
+      if [[ "$(sed -n 's/^[[:space:]]*fsdp_version:[[:space:]]*//p' "$ACCELERATE_CONFIG" | tr -d "'\" \r")" != 2 ]]; then
+        echo "error: ACCELERATE_CONFIG=$ACCELERATE_CONFIG asks for FSDP1, which the online loop does not run: set fsdp_version: 2 in it (as accelerate_configs/fsdp.yaml does)" >&2
+        exit 1
+      fi
+      if [[ "$PARALLELISM" == ddp ]]; then
+        echo "error: ACCELERATE_CONFIG=$ACCELERATE_CONFIG asks for FSDP2 but PARALLELISM=ddp: unset one of them" >&2
+        exit 1
+      fi
+      PARALLELISM=fsdp2 ;;
+  esac
+fi
+if [[ -n "$PARALLELISM" && "$PARALLELISM" != auto ]]; then
+  cmd+=(--parallelism "$PARALLELISM")
 fi
 if [[ "$WORLD_SIZE" -le 1 ]]; then
   LAUNCH=("$PYTHON")
@@ -140,6 +165,6 @@ else
   LAUNCH=("$PYTHON" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" --num_processes "$WORLD_SIZE")
 fi
 
-echo "[eval_online_sdpo] $(date '+%F %T') model=$MODEL style=$STYLE loss=$LOSS_MODE train_n=$TRAIN_N eval_n=$EVAL_N out=$OUTPUT_DIR preset=${PRESET:-none} processes=$WORLD_SIZE ($([[ "$CPU" == 1 ]] && echo CPU || echo GPU))" >&2
+echo "[eval_online_sdpo] $(date '+%F %T') model=$MODEL style=$STYLE loss=$LOSS_MODE train_n=$TRAIN_N eval_n=$EVAL_N out=$OUTPUT_DIR preset=${PRESET:-none} processes=$WORLD_SIZE ($([[ "$CPU" == 1 ]] && echo CPU || echo GPU)${PARALLELISM:+, $PARALLELISM})" >&2
 sdpo_mkdir "$OUTPUT_DIR"
 sdpo_run "${LAUNCH[@]}" "${cmd[@]}" "${SDPO_ARGS[@]}"

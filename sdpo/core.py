@@ -29,7 +29,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -289,10 +289,38 @@ def _hidden_and_head(model, batch: CompletionBatch, keep: int, fp32_head: bool):
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
     )
     # A DistributedDataParallel wrapper must run its own forward (it prepares the gradient all-reduce there), so
-    # wrapped models keep their head in the compute dtype.
-    if fp32_head and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    # wrapped models keep their head in the compute dtype. An FSDP2 root gathers the head and embeddings in its own
+    # forward: its head runs in fp32 inside it (all kept positions at once, not chunked).
+    sharded = _is_fsdp2(model)
+    if fp32_head and not sharded and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model.get_decoder()(**forward).last_hidden_state[:, -keep:, :], _Fp32Head(model)
-    return model(**forward, logits_to_keep=keep).logits[:, -keep:, :], torch.Tensor.float
+    with _fp32_head_inside_forward(model) if fp32_head and sharded else nullcontext():
+        return model(**forward, logits_to_keep=keep).logits[:, -keep:, :], torch.Tensor.float
+
+
+def _is_fsdp2(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def _fp32_head_inside_forward(model):
+    """Within: ``model``'s output head computes fp32 logits with autocast off (``_Fp32Head``'s arithmetic), run by
+    the model's own forward, where an FSDP2 root has its weight gathered."""
+    head = model.get_output_embeddings()
+    fp32_head = _Fp32Head(model)
+    fp32_head.softcap = None  # the model's forward applies its own soft-capping, to the fp32 logits
+
+    def fp32_forward(hidden: torch.Tensor) -> torch.Tensor:
+        fp32_head.weight, fp32_head.bias = head.weight, head.bias  # the gathered tensors of this forward
+        return fp32_head(hidden)
+
+    head.forward = fp32_forward
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 def score_completions(

@@ -84,6 +84,25 @@ def frozen_copy(model, dtype: torch.dtype):
     return twin
 
 
+# Under FSDP2 (sdpo.learner.fsdp) the student's parameters, and an EMA adapter on the same model, are DTensor shards
+# while a frozen copy stays whole: these two give a tensor in the other's form.
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The full tensor behind a DTensor shard (a collective: every process calls it), else ``tensor``."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _like(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``source`` in ``target``'s form: gathered when only the source is sharded, this process's shard of a whole
+    source (every process holds it) when only the target is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor) and not isinstance(source, DTensor):
+        return distribute_tensor(source, target.device_mesh, target.placements, src_data_rank=None)
+    return source if isinstance(target, DTensor) else _whole(source)
+
+
 class Teacher:
     """The live teacher: the student network itself. Base class of the other kinds."""
 
@@ -205,7 +224,7 @@ class EMATeacher(Teacher):
         if self.optimizer_steps % self.sync_interval:
             return False
         for _, student, teacher in self.pairs:
-            teacher.copy_(teacher.float().lerp_(student.detach().float(), self.rate))
+            teacher.copy_(teacher.float().lerp_(_like(student.detach(), teacher).float(), self.rate))
         self.last_sync_step = self.optimizer_steps
         return True
 
@@ -214,7 +233,7 @@ class EMATeacher(Teacher):
             **super().state_dict(),
             "rate": self.rate,
             "sync_interval": self.sync_interval,
-            "weights": {name: teacher.detach().cpu().clone() for name, _, teacher in self.pairs},
+            "weights": {name: _whole(teacher.detach()).cpu().clone() for name, _, teacher in self.pairs},
         }
 
     @torch.no_grad()
@@ -228,7 +247,7 @@ class EMATeacher(Teacher):
                 f"{len(names)} (a different model or LoRA setting?)"
             )
         for name, _, teacher in self.pairs:
-            teacher.copy_(weights[name])
+            teacher.copy_(_like(weights[name].to(teacher.device), teacher))
 
     def extra_parameters(self) -> int:
         return sum(teacher.numel() for _, _, teacher in self.pairs)
@@ -237,7 +256,7 @@ class EMATeacher(Teacher):
     def reset(self) -> None:
         super().reset()
         for _, student, teacher in self.pairs:
-            teacher.copy_(student)
+            teacher.copy_(_like(student, teacher))
 
 
 class AdapterEMATeacher(EMATeacher):
@@ -323,9 +342,10 @@ def build_teacher(
     return TrustRegionTeacher(student, trust_region_mix, reference)
 
 
-def save_teacher_state(teacher: Teacher, folder) -> None:
-    """Write the teacher's checkpoint state into ``folder`` (next to the weights)."""
-    torch.save(teacher.state_dict(), Path(folder) / TEACHER_STATE_FILE)
+def save_teacher_state(teacher: Teacher, folder, state: dict | None = None) -> None:
+    """Write the teacher's checkpoint state (``state``, else ``teacher.state_dict()``) into ``folder`` (next to the
+    weights)."""
+    torch.save(state if state is not None else teacher.state_dict(), Path(folder) / TEACHER_STATE_FILE)
 
 
 def load_teacher_state(teacher: Teacher, folder) -> bool:

@@ -213,6 +213,15 @@ class OnlineSDPOConfig(SDPOLossConfig):
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
     )
+    parallelism: str = field(
+        default="auto",
+        metadata={
+            "help": "Under a multi-process launch: ddp (every process holds the policy) or fsdp2 (torch fully_shard: "
+            "weights, gradients and AdamW state sharded per decoder layer; generation from a full compute-dtype copy). "
+            "auto: fsdp2 when the accelerate config says distributed_type FSDP with fsdp_version 2, else ddp.",
+            "choices": ["auto", "ddp", "fsdp2"],
+        },
+    )
     chat_template_kwargs: dict = field(
         default_factory=dict,
         metadata={"help": "Extra chat-template variables (YAML mapping), merged over {enable_thinking: false}."},
@@ -321,6 +330,8 @@ class OnlineSDPOConfig(SDPOLossConfig):
             raise ValueError(f"unknown torch_dtype {self.torch_dtype!r}: use auto or one of {sorted(DTYPES)}")
         # The one place "auto" becomes a dtype: the results and checkpoints record the dtype that ran.
         self.torch_dtype = concrete_dtype(self.torch_dtype, self.device)
+        if self.parallelism not in ("auto", "ddp", "fsdp2"):
+            raise ValueError(f"unknown parallelism {self.parallelism!r}: use auto, ddp or fsdp2")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: use one of {list(OPTIMIZERS)}")
         check_hindsight_template(self.hindsight_block_template)

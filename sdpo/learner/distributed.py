@@ -43,20 +43,35 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def check_launch() -> None:
-    """One ``LaunchError`` line for an accelerate launch the online loop cannot run (before any model loads)."""
-    for kind, variable in SHARDED_LAUNCH_ENV.items():
-        if os.environ.get(variable, "").lower() == "true":
-            where = (
-                "this run is on CPU, where accelerate would run plain DDP instead (every process holding the whole "
-                "model)"
-                if not torch.cuda.is_available()
-                else "the online loop generates from and checkpoints unsharded weights"
-            )
-            raise LaunchError(
-                f"the accelerate config asks for {kind}, but {where}: launch without that config "
-                "(WORLD_SIZE=N ./scripts/eval_online_sdpo.sh runs N DDP processes)"
-            )
+def launched_sharding() -> str | None:
+    """What the accelerate launch's config asks for: ``fsdp2``, ``fsdp1``, ``deepspeed`` or None (DDP/none)."""
+    if os.environ.get(SHARDED_LAUNCH_ENV["DeepSpeed"], "").lower() == "true":
+        return "deepspeed"
+    if os.environ.get(SHARDED_LAUNCH_ENV["FSDP"], "").lower() == "true":
+        return "fsdp2" if os.environ.get("FSDP_VERSION", "1").strip() == "2" else "fsdp1"
+    return None
+
+
+def check_launch(config=None) -> str:
+    """The parallelism this launch runs (``ddp`` or ``fsdp2``) for the learner ``config`` (an
+    ``OnlineSDPOConfig``; None: its defaults), or one ``LaunchError`` line, before any model loads.
+
+    ``config.parallelism`` ``auto`` follows the accelerate config (``distributed_type: FSDP`` with ``fsdp_version:
+    2`` means FSDP2, anything else DDP); DeepSpeed and FSDP1 are refused."""
+    requested = getattr(config, "parallelism", "auto")
+    sharding = launched_sharding()
+    if sharding in ("deepspeed", "fsdp1"):
+        kind = "DeepSpeed" if sharding == "deepspeed" else "FSDP1 (fsdp_version: 1)"
+        raise LaunchError(
+            f"the accelerate config asks for {kind}, which the online loop does not run: use an FSDP2 config "
+            "(distributed_type: FSDP, fsdp_version: 2) or --parallelism fsdp2, or DDP (multigpu_accelerate_config.yaml)"
+        )
+    if sharding == "fsdp2" and requested == "ddp":
+        raise LaunchError(
+            "the accelerate config asks for FSDP2 but --parallelism is ddp: drop --parallelism (auto) or launch "
+            "with a DDP config (multigpu_accelerate_config.yaml)"
+        )
+    return "fsdp2" if "fsdp2" in (requested, sharding) else "ddp"
 
 
 class DataParallel:
@@ -125,6 +140,16 @@ class DataParallel:
         """Take part in the gradient all-reduce with a zero gradient (a process with nothing to train on)."""
         logits = wrapped(input_ids=torch.tensor([[token_id]], device=device)).logits
         (logits.float().sum() * 0.0).backward()
+
+    def max(self, value: int) -> int:
+        """The largest ``value`` of any process."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        largest = torch.tensor([int(value)], dtype=torch.int64, device=self.accelerator.device)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        return int(largest.item())
 
     def sum(self, value: float) -> float:
         """``value`` summed over processes."""

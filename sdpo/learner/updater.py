@@ -45,7 +45,7 @@ from sdpo.core import (
     pad_contexts_and_completions,
     sdpo_loss,
 )
-from sdpo.learner import distributed
+from sdpo.learner import distributed, fsdp
 from sdpo.learner.config import OnlineSDPOConfig
 from sdpo.models.generation import (
     Generation,
@@ -149,6 +149,10 @@ class OnlineSDPOUpdater:
         """
         self.config = config
         self.parallel = distributed.current()
+        # ddp or fsdp2 (one process: neither applies, the plain model trains).
+        self.parallelism = distributed.check_launch(config)
+        self.sharded = self.parallelism == "fsdp2" and self.parallel.distributed
+        self._generation_twin: fsdp.GenerationTwin | None = None
         self.device = resolve_device(self.parallel.device(config.device))
         self.compute_dtype = resolve_dtype(config.torch_dtype)
         self.step = 0
@@ -195,9 +199,18 @@ class OnlineSDPOUpdater:
             )
         self.model = model.to(self.device)
         self.model.train()
-        # What the scoring forward passes run: DDP under a multi-process launch (gradients all-reduced), else the
-        # model; self.model stays what generates and is saved.
-        self.training_model = self.parallel.wrap(self.model)
+        if self.sharded:
+            # FSDP2: the teacher first (the copies and adapters it adds must exist before sharding), then a full
+            # compute-dtype twin for HF generation (refreshed after every update); then self.model itself becomes
+            # the sharded module (its parameters DTensor shards).
+            self.teacher = self._build_teacher(resume_path, model_given)
+            self.parallel.set_up()
+            self._generation_twin = fsdp.GenerationTwin(self.model, self.compute_dtype)
+            self.training_model = fsdp.shard_policy(self.model)
+        else:
+            # What the scoring forward passes run: DDP under a multi-process launch (gradients all-reduced), else
+            # the model; self.model stays what generates and is saved.
+            self.training_model = self.parallel.wrap(self.model)
         weights_dtype = next(p.dtype for p in self.model.parameters() if p.requires_grad)
         self.autocast_dtype = self.compute_dtype if weights_dtype != self.compute_dtype else None
         self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -213,15 +226,8 @@ class OnlineSDPOUpdater:
             weights_dtype,
             self.autocast_dtype,
         )
-        self.teacher = build_teacher(
-            config.teacher,
-            self.model,
-            ema_rate=config.teacher_ema_rate,
-            sync_interval=config.teacher_sync_interval,
-            trust_region_mix=config.trust_region_mix,
-            compute_dtype=self.compute_dtype,
-            initial_model=self._initial_weights(resume_path, model_given),
-        )
+        if not self.sharded:
+            self.teacher = self._build_teacher(resume_path, model_given)
         if resume_path is not None:
             self._load_training_state(resume_path)
         self.vllm_engine = policy_engine
@@ -233,6 +239,18 @@ class OnlineSDPOUpdater:
             self._publish_adapter()
 
     # ------------------------------------------------------------------ setup
+
+    def _build_teacher(self, resume_path: Path | None, model_given: bool):
+        config = self.config
+        return build_teacher(
+            config.teacher,
+            self.model,
+            ema_rate=config.teacher_ema_rate,
+            sync_interval=config.teacher_sync_interval,
+            trust_region_mix=config.trust_region_mix,
+            compute_dtype=self.compute_dtype,
+            initial_model=self._initial_weights(resume_path, model_given),
+        )
 
     def _initial_weights(self, resume_path: Path | None, model_given: bool):
         """The untrained full model a ``base``/``trust_region`` teacher copies when the policy was resumed from
@@ -296,7 +314,9 @@ class OnlineSDPOUpdater:
 
     def generation_model(self):
         """The model HF generation runs: the inference copy (built on first use, refreshed after updates)
-        when ``config.inference_copy`` applies, else the training model."""
+        when ``config.inference_copy`` applies, else the training model. Under FSDP2: the full twin."""
+        if self._generation_twin is not None:
+            return self._generation_twin.model
         if not self.config.inference_copy or (self.autocast_dtype is None and not self.config.use_lora):
             return self.model
         if self._inference_copy is None:
@@ -435,6 +455,13 @@ class OnlineSDPOUpdater:
             for group in groups
         ]
 
+        if self.sharded:
+            # Every forward all-gathers each layer's weights (a collective), so all processes run the same number
+            # of micro-batches: a process with fewer pads with one-token micro-batches whose loss counts zero.
+            filler = pad_contexts_and_completions([[pad]], [[pad]], pad).to(self.device)
+            for _ in range(parallel.max(len(micro_batches)) - len(micro_batches)):
+                groups.append([])
+                micro_batches.append((filler, filler, 0.0, None))
         timings = {"student_forward": 0.0, "teacher_forward": 0.0, "backward": 0.0, "optimizer": 0.0}
         token_signals: list[list[float] | None] = [None] * len(completions)
         self.model.train()
@@ -446,21 +473,24 @@ class OnlineSDPOUpdater:
             loss_value, scored = 0.0, []
             for index, (group, micro_batch) in enumerate(zip(groups, micro_batches)):
                 student_batch, teacher_batch, share, first_row = micro_batch
-                with parallel.gradient_sync(self.training_model, last=index == len(micro_batches) - 1):
+                last = index == len(micro_batches) - 1
+                sync = fsdp.gradient_sync(self.model, last) if self.sharded else None
+                with sync or parallel.gradient_sync(self.training_model, last=last):
                     loss, out = self._loss(
                         student_batch, teacher_batch, timings, old_logprobs[index], table_row=first_row
                     )
                     if old_logprobs[index] is None:
                         old_logprobs[index] = out.student_logprobs
-                    if return_token_signals:
+                    if return_token_signals and group:
                         rows = out.scores.signal_rows([len(completions[i]) for i in group])
                         for row_index, row in zip(group, rows):
                             token_signals[row_index] = row
                     tick = time.perf_counter()
                     (loss * share).backward()
                     timings["backward"] += time.perf_counter() - tick
-                loss_value += share * float(loss.detach())
-                scored.append(out)
+                if group:
+                    loss_value += share * float(loss.detach())
+                    scored.append(out)
             if not micro_batches:
                 parallel.join_gradient_sync(self.training_model, pad, self.device)
             loss_value = parallel.sum(loss_value) / parallel.world_size
@@ -471,6 +501,8 @@ class OnlineSDPOUpdater:
             teacher_syncs += self.teacher.update()
             self._inference_copy_stale = True
             timings["optimizer"] += time.perf_counter() - tick
+        if self._generation_twin is not None:
+            self._generation_twin.refresh(self.model)
         step_metrics = token_statistics(scored, is_clip=cfg.is_clip) if scored else {}
 
         self.step += 1
@@ -533,7 +565,7 @@ class OnlineSDPOUpdater:
     def _clip_gradients(self) -> float:
         """Pre-clip global gradient norm (clipping only when max_grad_norm > 0)."""
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm))
+        return float(fsdp.full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm)))
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -541,8 +573,9 @@ class OnlineSDPOUpdater:
         """Write the current adapter where the vLLM engine picks it up for the next generation (the main process
         writes it; every process's engine then points at it, and none generates before all do)."""
         path = Path(self.config.checkpoint_dir) / LIVE_ADAPTER_DIR
+        weights = fsdp.full_model_state(self.model) if self.sharded else None  # every process takes part
         if self.parallel.is_main_process:
-            self.model.save_pretrained(path, **self._policy_save_options())
+            self.model.save_pretrained(path, state_dict=weights, **self._policy_save_options())
         self.parallel.wait()
         self.vllm_engine.load_adapter(path)
         self.parallel.wait()
@@ -551,11 +584,15 @@ class OnlineSDPOUpdater:
         """Write ``<checkpoint_dir>/<tag or step_<n>>`` (``save_state``), then prune old ``step_*`` folders.
 
         Under a multi-process launch every process calls it; the main process writes (the weights are the same
-        on all), and all return once the checkpoint is complete."""
+        on all; under FSDP2 every process first helps gather them), and all return once the checkpoint is
+        complete."""
         root = Path(self.config.checkpoint_dir)
         target = root / (tag or f"step_{self.step}")
-        if self.parallel.is_main_process:
+        if self.sharded:
+            self.save_state(target, extra_state)  # collective gathers; the main process writes
+        elif self.parallel.is_main_process:
             self.save_state(target, extra_state)
+        if self.parallel.is_main_process:
             self._prune_checkpoints(root)
         self.parallel.wait()
         return target
@@ -566,21 +603,31 @@ class OnlineSDPOUpdater:
 
         ``extra_state`` (JSON-like) is stored with the training state and restored as ``self.extra_state``; it is
         also written as ``extra_state.json``, so a caller can read it (``read_extra_state``) without loading weights.
+
+        Under FSDP2 every process calls it: the full weights and optimizer state are gathered to the main process,
+        which writes them in the single-process format.
         """
         target = Path(target)
+        weights, optimizer_state, teacher_state = None, None, None
+        if self.sharded:
+            weights = fsdp.full_model_state(self.model)
+            optimizer_state = fsdp.full_optimizer_state(self.model, self.optimizer)
+            teacher_state = self.teacher.state_dict()  # an EMA adapter is sharded too
+            if not self.parallel.is_main_process:
+                return target
         root = target.parent
         root.mkdir(parents=True, exist_ok=True)
         staging = root / f".{target.name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        self.model.save_pretrained(staging, **self._policy_save_options())
+        self.model.save_pretrained(staging, state_dict=weights, **self._policy_save_options())
         self.tokenizer.save_pretrained(staging)
-        save_teacher_state(self.teacher, staging)
+        save_teacher_state(self.teacher, staging, teacher_state)
         if self.config.use_lora and self.config.save_merged_model:
             self._save_merged(staging / "merged")
         write_json_atomic(staging / EXTRA_STATE_FILE, extra_state or {})
         torch.save(
             {
-                "optimizer_state_dict": self.optimizer.state_dict(),
+                "optimizer_state_dict": optimizer_state or self.optimizer.state_dict(),
                 "step": self.step,
                 "config": asdict(self.config),
                 "extra_state": extra_state or {},
@@ -610,7 +657,9 @@ class OnlineSDPOUpdater:
 
     def _save_merged(self, path: Path) -> None:
         """A standalone full model (adapter merged into a CPU copy), loadable by ``from_pretrained``."""
-        merged = copy.deepcopy(self.model).to("cpu").merge_and_unload()
+        # Under FSDP2 the full generation twin (current after every update) stands in for the sharded policy.
+        source = self._generation_twin.model if self._generation_twin is not None else self.model
+        merged = copy.deepcopy(source).to("cpu").merge_and_unload()
         merged.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
@@ -627,6 +676,8 @@ class OnlineSDPOUpdater:
         loaded at construction with ``resume_from``), the teacher's state, optimizer state, step, ``extra_state``
         and, unless ``restore_rng`` is False, the RNG states."""
         path = Path(path)
+        if self.sharded:
+            raise NotImplementedError("load_state under FSDP2: build a new updater with resume_from=<checkpoint>")
         if self.config.use_lora:
             from peft import load_peft_weights, set_peft_model_state_dict
 
@@ -638,7 +689,10 @@ class OnlineSDPOUpdater:
     def _load_training_state(self, path: Path, *, restore_rng: bool = True) -> None:
         load_teacher_state(self.teacher, path)
         state = torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer_state_dict"])
+        if self.sharded:
+            fsdp.load_optimizer_state(self.model, self.optimizer, state["optimizer_state_dict"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer_state_dict"])
         self.step = int(state["step"])
         self.extra_state = dict(state.get("extra_state", {}))
         rng = state.get("rng") or {}

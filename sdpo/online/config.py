@@ -318,7 +318,7 @@ def parse_arguments(argv: list[str] | None = None, description: str | None = Non
     """Every setting, checked for everything that can be checked before a model loads (one ``UsageError``)."""
     learner, participants, run = build_parser(description).parse(argv)
     try:
-        distributed.check_launch()
+        distributed.check_launch(learner)
     except distributed.LaunchError as error:
         raise UsageError(str(error)) from None
     if not run.resume:  # a resumed run's stored settings are checked once they are read back
