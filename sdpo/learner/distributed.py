@@ -1,22 +1,31 @@
 """Data parallelism for the online learner and loop, on accelerate: one object, a no-op in a single process.
 
-Under ``accelerate launch --num_processes N`` (DDP over NCCL on GPUs, over gloo on CPU processes) every process
-holds the whole policy and trains on its share of each interaction batch. ``DataParallel`` gives the learner
-and the loop what they need from the process group:
+Under ``accelerate launch --num_processes N`` (over NCCL on GPUs, over gloo on CPU processes) every process trains
+on its share of each interaction batch, in one of two ways (``check_launch`` picks, before any model loads):
 
-* ``wrap(model)``: the model in torch's ``DistributedDataParallel`` (through ``Accelerator.prepare_model``) for
-  the scoring forward passes; the plain model stays what generates and is saved.
-* ``gradient_sync(last)``: a context; micro-batches other than a process's last one skip DDP's all-reduce
-  (``no_sync``), so each process reduces once per optimizer step whatever number of micro-batches it has.
-* ``sum(x)``, ``gather(objects)``, ``broadcast(obj)``, ``shard(items)``, ``wait()``: the collectives the loop
-  uses to split interactions and evaluation prompts and to bring results to the main process.
+* ``ddp`` (default): every process holds the whole policy; ``wrap(model)`` puts it in torch's
+  ``DistributedDataParallel`` (through ``Accelerator.prepare_model``) for the scoring forward passes, and the plain
+  model stays what generates and is saved.
+* ``fsdp2`` (``--parallelism fsdp2``, or an accelerate config with ``distributed_type: FSDP`` and ``fsdp_version:
+  2``): ``sdpo.learner.fsdp`` shards the policy with torch's ``fully_shard`` (each decoder layer, then the root), so
+  weights, gradients and AdamW state are 1/N per process. Every forward then all-gathers, a collective, so the
+  learner runs the same number of micro-batches on every process (a shorter share pads with one-token micro-batches
+  of zero weight). HF generation, where processes produce different numbers of tokens, runs on a full
+  compute-dtype copy refreshed from the shards after every update; checkpoints gather the full tensors to the main
+  process, which writes them in the single-process format. Works on CPU processes too (gloo), unlike accelerate's
+  FSDP plugin, which runs plain DDP there. DeepSpeed and FSDP1 configs are refused with one line.
 
-DDP averages gradients over processes; the learner scales each process's loss by its share of the global batch
+What the learner and the loop use from the process group:
+
+* ``gradient_sync(last)``: a context; under DDP, micro-batches other than a process's last one skip the all-reduce
+  (``no_sync``), so each process reduces once per optimizer step whatever number of micro-batches it has (FSDP2
+  reduce-scatters every micro-batch instead: holding a full gradient would cost what sharding saves).
+* ``sum(x)``, ``max(x)``, ``gather(objects)``, ``broadcast(obj)``, ``shard(items)``, ``wait()``: the collectives the
+  loop uses to split interactions and evaluation prompts and to bring results to the main process.
+
+Both average gradients over processes; the learner scales each process's loss by its share of the global batch
 (``len(group) * N / total``), so the reduced gradient is the gradient of the global batch mean whatever the
 shares: the same step as one process on the whole batch.
-
-FSDP and DeepSpeed are refused for the online loop (``check_launch``): on CPU accelerate would silently run
-plain DDP, and on GPUs the online learner's generation and checkpoint code reads unsharded weights.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ gradients and AdamW state live as 1/N shards (``DTensor``), a unit's full weight
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -60,17 +59,6 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-@contextlib.contextmanager
-def gradient_sync(model: FSDPModule, last: bool):
-    """One micro-batch's forward and backward: gradients reduce-scattered only on the ``last`` one (the others
-    accumulate unsharded gradients locally, as DDP's ``no_sync``)."""
-    model.set_requires_gradient_sync(last)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
-
-
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a shard (a collective: every process calls it, in the same order)."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
@@ -79,16 +67,23 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 class GenerationTwin:
     """A plain (unsharded) copy of the policy in the compute dtype that HF generation runs on.
 
-    Built from the full model before it is sharded; ``refresh`` copies the trainable parameters back from their
-    shards (an all-gather of each, so every process calls it at the same point: after the optimizer step). Frozen
-    weights never change and are copied once. Costs one full copy of the model in the compute dtype per process,
-    the memory generation needs anyway.
+    Built from the full model before it is sharded: a weight already in the compute dtype is taken over as it is
+    (sharding copies the training model's weights into new shard storage, so the full tensor would otherwise be
+    freed), any other is cast. ``refresh`` copies the trainable parameters back from their shards (an all-gather
+    of each, so every process calls it at the same point: after the optimizer step); frozen weights never change.
+    Costs one full copy of the model in the compute dtype per process, the memory generation needs anyway.
     """
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
-        from sdpo.teachers import frozen_copy
-
-        self.model = frozen_copy(model, dtype)
+        memo = {
+            id(p): torch.nn.Parameter(
+                p.detach() if p.dtype == dtype or not p.is_floating_point() else p.detach().to(dtype),
+                requires_grad=False,
+            )
+            for p in model.parameters()
+        }
+        self.model = copy.deepcopy(model, memo)
+        self.model.eval()
         self._parameters = dict(self.model.named_parameters())
 
     @torch.no_grad()

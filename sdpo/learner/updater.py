@@ -473,9 +473,10 @@ class OnlineSDPOUpdater:
             loss_value, scored = 0.0, []
             for index, (group, micro_batch) in enumerate(zip(groups, micro_batches)):
                 student_batch, teacher_batch, share, first_row = micro_batch
-                last = index == len(micro_batches) - 1
-                sync = fsdp.gradient_sync(self.model, last) if self.sharded else None
-                with sync or parallel.gradient_sync(self.training_model, last=last):
+                # FSDP2 reduce-scatters every micro-batch's gradients into the shards (holding a full gradient until
+                # the last one would cost what sharding saves); DDP all-reduces once, on the last.
+                last = self.sharded or index == len(micro_batches) - 1
+                with parallel.gradient_sync(self.training_model, last=last):
                     loss, out = self._loss(
                         student_batch, teacher_batch, timings, old_logprobs[index], table_row=first_row
                     )
