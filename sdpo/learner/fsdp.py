@@ -96,10 +96,12 @@ class GenerationTwin:
 _FULL_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def full_model_state(model: torch.nn.Module) -> dict:
-    """The full state dict on the main process (CPU tensors), empty elsewhere; a collective. A parameter registered
+def full_model_state(model: torch.nn.Module, *, trainable_only: bool = False) -> dict:
+    """The full state dict on the main process (CPU tensors), empty elsewhere; a collective. ``trainable_only``:
+    only the parameters that train (a LoRA adapter, without gathering the frozen base). A parameter registered
     under two names (a tied output head) appears once, under its first name, as ``save_pretrained`` writes it."""
-    state = get_model_state_dict(model, options=_FULL_ON_MAIN)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(model, options=options)
     first_name: dict[int, str] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         if first_name.setdefault(id(parameter), name) != name:

@@ -201,11 +201,12 @@ class OnlineSDPOUpdater:
         self.model.train()
         if self.sharded:
             # FSDP2: the teacher first (the copies and adapters it adds must exist before sharding), then a full
-            # compute-dtype twin for HF generation (refreshed after every update); then self.model itself becomes
-            # the sharded module (its parameters DTensor shards).
+            # compute-dtype twin for HF generation and merged saves (refreshed after every update; not needed
+            # when a vLLM server generates); then self.model itself becomes the sharded module (DTensor shards).
             self.teacher = self._build_teacher(resume_path, model_given)
             self.parallel.set_up()
-            self._generation_twin = fsdp.GenerationTwin(self.model, self.compute_dtype)
+            if policy_engine is None or config.save_merged_model:
+                self._generation_twin = fsdp.GenerationTwin(self.model, self.compute_dtype)
             self.training_model = fsdp.shard_policy(self.model)
         else:
             # What the scoring forward passes run: DDP under a multi-process launch (gradients all-reduced), else
@@ -574,7 +575,7 @@ class OnlineSDPOUpdater:
         """Write the current adapter where the vLLM engine picks it up for the next generation (the main process
         writes it; every process's engine then points at it, and none generates before all do)."""
         path = Path(self.config.checkpoint_dir) / LIVE_ADAPTER_DIR
-        weights = fsdp.full_model_state(self.model) if self.sharded else None  # every process takes part
+        weights = fsdp.full_model_state(self.model, trainable_only=True) if self.sharded else None  # all take part
         if self.parallel.is_main_process:
             self.model.save_pretrained(path, state_dict=weights, **self._policy_save_options())
         self.parallel.wait()
@@ -611,7 +612,7 @@ class OnlineSDPOUpdater:
         target = Path(target)
         weights, optimizer_state, teacher_state = None, None, None
         if self.sharded:
-            weights = fsdp.full_model_state(self.model)
+            weights = fsdp.full_model_state(self.model, trainable_only=self.config.use_lora)
             optimizer_state = fsdp.full_optimizer_state(self.model, self.optimizer)
             teacher_state = self.teacher.state_dict()  # an EMA adapter is sharded too
             if not self.parallel.is_main_process:
