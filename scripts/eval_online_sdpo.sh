@@ -154,7 +154,11 @@ if [[ "$WORLD_SIZE" -le 1 ]]; then
   LAUNCH=("$PYTHON")
 elif [[ "$CPU" == 1 ]]; then
   THREADS=$(( $(nproc) / WORLD_SIZE )); [[ "$THREADS" -ge 1 ]] || THREADS=1
-  LAUNCH=(env CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS="${OMP_NUM_THREADS:-$THREADS}"
+  LAUNCH=(env CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS="${OMP_NUM_THREADS:-$THREADS}")
+  # FSDP2 frees each layer's gathered weights after every use; a fixed mmap threshold hands them back to the OS
+  # (with glibc's adaptive one they stay on the heap: +1 GB peak per process measured by bench/fsdp_memory.py).
+  [[ "$PARALLELISM" == fsdp2 ]] && LAUNCH+=(MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-65536}")
+  LAUNCH+=(
     "$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$WORLD_SIZE" --num_machines 1
     --mixed_precision no --dynamo_backend no)
 else

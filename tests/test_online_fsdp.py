@@ -220,6 +220,8 @@ def test_script_launches_fsdp2_on_cpu_processes(env, expected):
     )
     assert "--config_file" not in argv  # on CPU processes the learner shards; accelerate's FSDP plugin is not used
     assert (flag(argv, "--parallelism") if "--parallelism" in argv else None) == expected
+    # FSDP2 on CPU processes: glibc hands each freed gathered layer back to the OS (bench/fsdp_memory.py).
+    assert ("MALLOC_MMAP_THRESHOLD_=65536" in argv) == (expected == "fsdp2")
 
 
 @pytest.mark.parametrize(
