@@ -23,13 +23,16 @@
 # (--advantage_centering sequence), and all weights trained where that fits one 80 GB card (fig4/5/9: Qwen3-4B; the
 # vLLM engine gets the new weights in memory after each update). fig6 trains LoRA adapters: Qwen3-8B's fp32 master
 # weights, gradients and 8-bit AdamW state take ~80 GB during an update by our arithmetic (USE_LORA=0 on a
-# larger card).
+# larger card). An update runs at most TRAIN_MICRO_BATCH_SIZE interactions per forward/backward (same gradient), and
+# all-weights runs recompute activations in the backward pass (--gradient_checkpointing): Qwen3-4B's fp32 weights,
+# gradients and AdamW moments already take 64 GB of the 80.
 #
 # Env: FIGURE (fig4 | fig5 | fig6 | fig9) or TABLE. The figure decides the defaults below; each is overridable by
 #   its env var: MODEL USER_MODEL USER_VLLM_GPU_START JUDGE_MODEL STYLE (fig5) STYLE_SCHEDULE PROFILES (fig9)
 #   TRAIN_N EVAL_N EVAL_EVERY INTERACTIONS_PER_STEP LR OPTIM LOSS_MODE TEMPERATURE MAX_PROMPT_TOKENS MAX_NEW_TOKENS
 #   EVAL_MAX_NEW_TOKENS SYSTEM_PROMPT ORACLE (1/0) STYLE_BASELINE (base | introduced) PROTOCOL (paper | reasoning)
 #   USE_LORA (1: LoRA r 256 / alpha 512, the reference launcher's; 0: all weights) ADVANTAGE_CENTERING (sequence | none)
+#   TRAIN_MICRO_BATCH_SIZE (4)
 #   SEED DATA_DIR REPORT_TO (none | wandb | trackio) RUN_NAME (paper_<figure>) RUN_ID (<figure>-<timestamp>)
 #   OUTPUT_DIR ($BASE_WORK/reproduce-paper/<RUN_ID>; fig9: one sub-folder per profile) | BASE_WORK | CACHE_DIR
 # Table 5's warm-up 0 / constant schedule is the updater's only schedule, and its 1 epoch is the loop's single pass
@@ -116,6 +119,7 @@ EVAL_N="${EVAL_N:-256}"             # App. D.3: 256 held-out prompts (Fig. 6's e
 LOSS_MODE="${LOSS_MODE:-simple_signal}"   # §3: the experiments use the sampled-token policy-gradient form
 PROTOCOL="${PROTOCOL:-paper}"       # App. D.3: one-character verdicts, a very brief user
 ADVANTAGE_CENTERING="${ADVANTAGE_CENTERING:-sequence}"   # paper-era code: each sequence's mean advantage removed
+TRAIN_MICRO_BATCH_SIZE="${TRAIN_MICRO_BATCH_SIZE:-4}"      # memory only: the gradient is the same at any value
 SEED="${SEED:-1234}"                # paper silent: eval_online_sdpo.sh's seed
 REPORT_TO="${REPORT_TO:-none}"
 RUN_NAME="${RUN_NAME:-paper_$FIGURE}"
@@ -134,9 +138,12 @@ figure_command() {
     --train_jsonl "$DATA_DIR/train.jsonl" --val_jsonl "$DATA_DIR/validation.jsonl"
     --train_n "$TRAIN_N" --eval_n "$EVAL_N" --eval_every "$EVAL_EVERY" --eval_at_start --seed "$SEED"
     --out_dir "$out_dir" --run_name "$run_name" --report_to "$REPORT_TO"
-    --advantage_centering "$ADVANTAGE_CENTERING" --use_vllm --debug_first_example)
+    --advantage_centering "$ADVANTAGE_CENTERING" --train_micro_batch_size "$TRAIN_MICRO_BATCH_SIZE"
+    --use_vllm --debug_first_example)
   if [[ "$USE_LORA" == 1 ]]; then
     cmd+=(--use_lora)  # the reference launcher's r 256, alpha 512 (the updater's defaults)
+  else
+    cmd+=(--gradient_checkpointing)
   fi
   if [[ "$persona" == *:* ]]; then
     cmd+=(--style_schedule "$persona")

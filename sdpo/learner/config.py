@@ -282,6 +282,13 @@ class OnlineSDPOConfig(SDPOLossConfig):
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
     do_sample: bool = field(default=True, metadata={"help": "Sample; False decodes greedily."})
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts per batched generate call."})
+    train_micro_batch_size: int = field(
+        default=0,
+        metadata={
+            "help": "Most interactions in one forward/backward of an update (0: no cap, only length groups); the "
+            "gradient is the same at any value, so lower it when a large --interactions_per_step runs out of memory."
+        },
+    )
     inference_copy: bool = field(
         default=True,
         metadata={
@@ -342,8 +349,8 @@ class OnlineSDPOConfig(SDPOLossConfig):
                 "generation_batch_size",
             ),
         )
-        if self.checkpoint_every_n_steps < 0 or self.max_checkpoints < 0 or self.top_k < 0:
-            raise ValueError("checkpoint_every_n_steps, max_checkpoints and top_k must be >= 0")
+        if min(self.checkpoint_every_n_steps, self.max_checkpoints, self.top_k, self.train_micro_batch_size) < 0:
+            raise ValueError("checkpoint_every_n_steps, max_checkpoints, top_k and train_micro_batch_size must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         share = self.vllm_gpu_memory_utilization

@@ -438,6 +438,9 @@ class OnlineSDPOUpdater:
         # Micro-batches of similar length, one backward each (scaled by their share), one optimizer step: the
         # same gradient as one padded batch without computing a short prompt padded to the longest one.
         groups = length_groups([len(c.teacher) + len(y) for c, y in zip(contexts, completions)])
+        if cfg.train_micro_batch_size:
+            size = cfg.train_micro_batch_size
+            groups = [group[i : i + size] for group in groups for i in range(0, len(group), size)]
         micro_batches = [
             (
                 pad_contexts_and_completions(
