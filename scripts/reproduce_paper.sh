@@ -10,7 +10,7 @@
 #   TABLE=table2 ./scripts/reproduce_paper.sh  # runs scripts/reproduce_paper_tables.sh with the same arguments
 #
 # Data first: ./scripts/prepare_data_tldr.sh (fig4, fig5, fig9) or ./scripts/prepare_data_helpsteer.sh (fig6).
-# Hardware: the policy trains and generates (vLLM engine, LoRA hot-swapped) on GPU 0 (80 GB class); fig4/5/9 run the
+# Hardware: the policy trains and generates (a vLLM engine beside training) on GPU 0 (80 GB class); fig4/5/9 run the
 #   Qwen3-8B user and judge in a vLLM engine on GPU $USER_VLLM_GPU_START (default 1); fig6 needs ANTHROPIC_API_KEY
 #   (environment or .env) and bitsandbytes for 8-bit AdamW instead of the second GPU.
 #
@@ -18,12 +18,21 @@
 # one-character A/B/C verdicts in both orders, a very brief simulated user that may approve a fitting reply); an
 # evaluation at interaction 0 (every curve starts at 50%) and then every 3 optimizer steps (48 interactions at batch
 # 16, 96 at batch 32: the figures' "every 50 / every 100"); fig6 judges each preference against the checkpoint taken
-# when it was introduced (--style_baseline introduced), fig4/5/9 against the base model.
+# when it was introduced (--style_baseline introduced), fig4/5/9 against the base model. Like the code behind the
+# figures (spec §1.3b; the paper text says neither): token advantages mean-centred per sequence
+# (--advantage_centering sequence), and all weights trained where that fits one 80 GB card (fig4/5/9: Qwen3-4B; the
+# vLLM engine gets the new weights in memory after each update). fig6 trains LoRA adapters: Qwen3-8B's fp32 master
+# weights, gradients and 8-bit AdamW state take ~80 GB during an update by our arithmetic (USE_LORA=0 on a
+# larger card). An update runs at most TRAIN_MICRO_BATCH_SIZE interactions per forward/backward (same gradient), and
+# all-weights runs recompute activations in the backward pass (--gradient_checkpointing): Qwen3-4B's fp32 weights,
+# gradients and AdamW moments already take 64 GB of the 80.
 #
 # Env: FIGURE (fig4 | fig5 | fig6 | fig9) or TABLE. The figure decides the defaults below; each is overridable by
 #   its env var: MODEL USER_MODEL USER_VLLM_GPU_START JUDGE_MODEL STYLE (fig5) STYLE_SCHEDULE PROFILES (fig9)
 #   TRAIN_N EVAL_N EVAL_EVERY INTERACTIONS_PER_STEP LR OPTIM LOSS_MODE TEMPERATURE MAX_PROMPT_TOKENS MAX_NEW_TOKENS
 #   EVAL_MAX_NEW_TOKENS SYSTEM_PROMPT ORACLE (1/0) STYLE_BASELINE (base | introduced) PROTOCOL (paper | reasoning)
+#   USE_LORA (1: LoRA r 256 / alpha 512, the reference launcher's; 0: all weights) ADVANTAGE_CENTERING (sequence | none)
+#   TRAIN_MICRO_BATCH_SIZE (4)
 #   SEED DATA_DIR REPORT_TO (none | wandb | trackio) RUN_NAME (paper_<figure>) RUN_ID (<figure>-<timestamp>)
 #   OUTPUT_DIR ($BASE_WORK/reproduce-paper/<RUN_ID>; fig9: one sub-folder per profile) | BASE_WORK | CACHE_DIR
 # Table 5's warm-up 0 / constant schedule is the updater's only schedule, and its 1 epoch is the loop's single pass
@@ -47,6 +56,7 @@ case "$FIGURE" in
     MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-258}"                 # Table 5 max completion
     EVAL_MAX_NEW_TOKENS="${EVAL_MAX_NEW_TOKENS:-258}"       # paper silent on the evaluation budget: the training one
     SYSTEM_PROMPT="${SYSTEM_PROMPT:-tldr}"                  # paper-era code: one instruction asks for the summary
+    USE_LORA="${USE_LORA:-0}"                               # paper-era code: all weights (4B fits one 80 GB GPU)
     if [[ "$FIGURE" == fig4 ]]; then
       ORACLE="${ORACLE:-0}"                                 # Fig. 4 has no oracle line; ORACLE=1 adds it
     else
@@ -91,6 +101,7 @@ case "$FIGURE" in
     MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-2048}"                # Table 5
     EVAL_MAX_NEW_TOKENS="${EVAL_MAX_NEW_TOKENS:-2048}"      # paper silent on the evaluation budget: the training one
     SYSTEM_PROMPT="${SYSTEM_PROMPT:-general}"               # HelpSteer2 prompts go to the policy as they are
+    USE_LORA="${USE_LORA:-1}"                               # 8B: all weights need more than one 80 GB GPU here
     ORACLE="${ORACLE:-0}"                                   # Fig. 6 has no oracle line; ORACLE=1 adds it
     EVAL_EVERY="${EVAL_EVERY:-96}"                          # 3 updates of 32: the figure's point every 100
     STYLE_BASELINE="${STYLE_BASELINE:-introduced}"          # Fig. 6 caption: against the checkpoint at introduction
@@ -107,6 +118,8 @@ TEMPERATURE="${TEMPERATURE:-1.0}"   # Table 5, training and evaluation
 EVAL_N="${EVAL_N:-256}"             # App. D.3: 256 held-out prompts (Fig. 6's error bars are s.e. over them)
 LOSS_MODE="${LOSS_MODE:-simple_signal}"   # §3: the experiments use the sampled-token policy-gradient form
 PROTOCOL="${PROTOCOL:-paper}"       # App. D.3: one-character verdicts, a very brief user
+ADVANTAGE_CENTERING="${ADVANTAGE_CENTERING:-sequence}"   # paper-era code: each sequence's mean advantage removed
+TRAIN_MICRO_BATCH_SIZE="${TRAIN_MICRO_BATCH_SIZE:-4}"      # memory only: the gradient is the same at any value
 SEED="${SEED:-1234}"                # paper silent: eval_online_sdpo.sh's seed
 REPORT_TO="${REPORT_TO:-none}"
 RUN_NAME="${RUN_NAME:-paper_$FIGURE}"
@@ -125,9 +138,13 @@ figure_command() {
     --train_jsonl "$DATA_DIR/train.jsonl" --val_jsonl "$DATA_DIR/validation.jsonl"
     --train_n "$TRAIN_N" --eval_n "$EVAL_N" --eval_every "$EVAL_EVERY" --eval_at_start --seed "$SEED"
     --out_dir "$out_dir" --run_name "$run_name" --report_to "$REPORT_TO"
-    # The paper text is silent on LoRA (the code behind its figures trained all weights, which needs the policy
-    # off vLLM here): the reference launcher's LoRA (r 256, alpha 512) with the policy generating on vLLM.
-    --use_lora --use_vllm --debug_first_example)
+    --advantage_centering "$ADVANTAGE_CENTERING" --train_micro_batch_size "$TRAIN_MICRO_BATCH_SIZE"
+    --use_vllm --debug_first_example)
+  if [[ "$USE_LORA" == 1 ]]; then
+    cmd+=(--use_lora)  # the reference launcher's r 256, alpha 512 (the updater's defaults)
+  else
+    cmd+=(--gradient_checkpointing)
+  fi
   if [[ "$persona" == *:* ]]; then
     cmd+=(--style_schedule "$persona")
   else

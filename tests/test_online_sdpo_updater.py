@@ -202,6 +202,34 @@ def test_batched_train_step_loss_is_the_mean_of_single_losses(tiny_model_path, t
 
 
 @pytest.mark.slow
+def test_micro_batch_cap_splits_the_update_without_changing_its_gradient(tiny_model_path, tmp_path):
+    conversations = [MESSAGES, MESSAGES, MESSAGES]
+    texts = [" Blue is a nice colour", " Red is a nice colour", " Green is a fine colour"]
+    follow_ups = [FOLLOW_UP, "Make it funnier.", FOLLOW_UP]
+    figures = {}
+    for cap in (0, 2):
+        updater = make_updater(tiny_model_path, tmp_path / str(cap), train_micro_batch_size=cap)
+        responses = [fixed_response(updater, text) for text in texts]
+        figures[cap] = updater.train_step_batch(conversations, responses, follow_ups)
+    assert (figures[0]["micro_batches"], figures[2]["micro_batches"]) == (1, 2)
+    assert figures[2]["loss"] == pytest.approx(figures[0]["loss"], rel=1e-5)
+    assert figures[2]["grad_norm"] == pytest.approx(figures[0]["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_gradient_checkpointing_recomputes_the_same_gradient(tiny_model_path, tmp_path, use_lora):
+    extra = dict(use_lora=use_lora, lora_r=4, lora_alpha=8) if use_lora else {}
+    figures = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)  # the same LoRA initialisation
+        updater = make_updater(tiny_model_path, tmp_path / str(recompute), gradient_checkpointing=recompute, **extra)
+        figures[recompute] = updater.train_step(MESSAGES, fixed_response(updater), FOLLOW_UP)
+    assert figures[True]["loss"] == pytest.approx(figures[False]["loss"], rel=1e-6)
+    assert figures[True]["grad_norm"] == pytest.approx(figures[False]["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_checkpoint_then_resume_gives_the_identical_next_step(tiny_model_path, tmp_path, use_lora):
     extra = dict(use_lora=use_lora, lora_r=4, lora_alpha=8) if use_lora else {}

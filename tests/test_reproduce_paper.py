@@ -146,7 +146,10 @@ def test_each_recipe_is_a_command_the_loop_accepts(figure, tmp_path, monkeypatch
         )  # fmt: skip
         assert run.interactions_per_step == (32 if figure == "fig6" else 16)
         assert run.eval_every == (96 if figure == "fig6" else 48) and run.eval_at_start and run.protocol == "paper"
-        assert learner.use_lora and learner.use_vllm
+        # All weights where they fit one 80 GB card (the paper-era code), LoRA for the 8B policy of Fig. 6.
+        assert learner.use_lora == (figure == "fig6") and learner.use_vllm
+        assert learner.gradient_checkpointing == (not learner.use_lora)
+        assert learner.advantage_centering == "sequence" and learner.train_micro_batch_size == 4
 
 
 def test_table_hands_over_to_the_tables_script(tmp_path):

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -171,8 +172,15 @@ def test_wandb_run_files_hold_the_masked_command_line(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", list(argv))
     Tracker.start("wandb", project="p", name="n", config={}, directory=str(tmp_path), run_id="secrets").finish()
     assert sys.argv == argv
-    written = b"".join(path.read_bytes() for path in tmp_path.rglob("*") if path.is_file())
-    assert b"u:****@h/v1" in written and b"hunter2" not in written and LONG_SECRET.encode() not in written
+
+    def written() -> bytes:
+        return b"".join(path.read_bytes() for path in tmp_path.rglob("*") if path.is_file())
+
+    # wandb's service process may still be writing the run's metadata record when finish() returns.
+    deadline = time.monotonic() + 30
+    while b"u:****@h/v1" not in written() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert b"u:****@h/v1" in written() and b"hunter2" not in written() and LONG_SECRET.encode() not in written()
 
 
 def test_preprocessing_stats_hold_no_url_password(tmp_path):

@@ -22,10 +22,27 @@ def fake_policy_vllm(monkeypatch, chat_tokenizer):
         def __init__(self, **kwargs):
             self.kwargs = kwargs
             self.calls = []
+            self.events = []  # generate / receive_policy_weights / reset_prefix_cache, in call order
+            self.weights = {}
             FakePolicyLLM.instances.append(self)
+
+        def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+            from sdpo.models.vllm_weight_sync import unpack_weights
+
+            # What vLLM's worker gets: msgpack keeps strings, lists and bytes (not tensors).
+            (packed,) = args
+            assert method == "receive_policy_weights" and self.kwargs["worker_extension_cls"]
+            assert all(isinstance(raw, bytes) for *_, raw in packed)
+            self.weights = dict(unpack_weights(packed))
+            self.events.append("receive_policy_weights")
+            return [len(packed)]
+
+        def reset_prefix_cache(self):
+            self.events.append("reset_prefix_cache")
 
         def generate(self, prompts, params, lora_request=None, use_tqdm=True):
             self.calls.append((prompts, params, lora_request))
+            self.events.append("generate")
             finished = types.SimpleNamespace(token_ids=[42, 43, eos], finish_reason="stop")
             truncated = types.SimpleNamespace(token_ids=[44, 45], finish_reason="length")
             outputs = [finished, truncated] * len(prompts)
@@ -71,6 +88,7 @@ def test_updater_generates_with_vllm_and_publishes_each_update(fake_policy_vllm,
         device="cpu",
         torch_dtype="float32",
         use_vllm=True,
+        use_lora=True,
         lora_r=4,
         lora_alpha=8,
         max_new_tokens=8,
@@ -88,6 +106,65 @@ def test_updater_generates_with_vllm_and_publishes_each_update(fake_policy_vllm,
     assert (tmp_path / "_live_adapter" / "adapter_config.json").is_file()
     updater.generate_response(messages)
     assert engine.calls[-1][2][1] == 1
+
+
+def test_full_fine_tuning_pushes_the_updated_weights_before_the_next_generation(
+    fake_policy_vllm, tiny_model_path, tmp_path
+):
+    """Without LoRA the engine has no adapters: after each update it gets every weight (engine dtype, host
+    memory) once, before its next generation, then drops its prefix cache; nothing is written to disk."""
+    import torch
+
+    from sdpo.learner.config import OnlineSDPOConfig
+    from sdpo.learner.updater import OnlineSDPOUpdater
+
+    config = OnlineSDPOConfig(
+        model_name_or_path=tiny_model_path,
+        device="cpu",
+        torch_dtype="bfloat16",
+        use_vllm=True,
+        learning_rate=1e-2,
+        max_new_tokens=8,
+        checkpoint_dir=str(tmp_path),
+        checkpoint_every_n_steps=0,
+    )
+    assert not config.use_lora
+    updater = OnlineSDPOUpdater(config)
+    engine = fake_policy_vllm.instances[-1]
+    assert "enable_lora" not in engine.kwargs
+    messages = [{"role": "user", "content": "hi"}]
+    response = updater.generate_response(messages)
+    updater.train_step(messages, response, "Shorter.")
+    updater.train_step(messages, response, "Shorter still.")
+    assert engine.events == ["generate"], "weights are pushed when the engine next generates, not at each update"
+    updater.generate_response(messages)
+    assert engine.events == ["generate", "receive_policy_weights", "reset_prefix_cache", "generate"]
+    trained = updater.model.state_dict()
+    assert engine.weights.keys() == trained.keys()
+    for name, tensor in engine.weights.items():
+        assert tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu"
+        assert torch.equal(tensor, trained[name].to(torch.bfloat16)), name
+    assert updater.vllm_engine.weights_version == 2 and engine.calls[-1][2] is None
+    assert not list(tmp_path.iterdir())
+
+
+def test_colocated_memory_share_fits_beside_training_or_names_the_flag():
+    from sdpo.models.vllm_engines import COLOCATED_HEADROOM_SHARE, colocated_memory_share
+
+    gib = 1 << 30
+    # 80 GiB card, 8B policy in bf16 loaded (16 GiB), 8-bit Adam to come (16 GiB), engine weights 16 GiB.
+    fits = dict(
+        total_bytes=80 * gib, free_bytes=64 * gib, training_bytes_to_come=16 * gib, engine_weight_bytes=16 * gib
+    )
+    share = colocated_memory_share(**fits, requested=None)
+    assert share == pytest.approx((64 - 16) / 80 - COLOCATED_HEADROOM_SHARE)
+    assert colocated_memory_share(**fits, requested=0.3) == 0.3
+    with pytest.raises(ValueError, match=r"--vllm_gpu_memory_utilization 0.9 asks .* lower it to at most 0.55"):
+        colocated_memory_share(**fits, requested=0.9)
+    # fp32 master weights and fp32 Adam moments of 8B: the optimizer state alone exceeds what is free.
+    crowded = dict(fits, free_bytes=48 * gib, training_bytes_to_come=64 * gib)
+    with pytest.raises(ValueError, match=r"needs 16\.5 GiB beside training, but only 0\.0 GiB fit .*--use_lora"):
+        colocated_memory_share(**crowded, requested=None)
 
 
 def test_engines_resolve_the_bundled_alias_and_get_the_gpus_asked_for(

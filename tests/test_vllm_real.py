@@ -11,6 +11,7 @@ shut down before the next one starts (one engine in memory at a time).
 import importlib
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,6 +47,15 @@ def tiny_vllm_model_path(tmp_path_factory, chat_tokenizer) -> str:
     return str(folder)
 
 
+def hf_greedy(updater) -> list[list[int]]:
+    """The transformers policy's greedy answers to CONVERSATIONS."""
+    contexts = [updater.encode_context(c) for c in CONVERSATIONS]
+    return [
+        g.token_ids
+        for g in generate(updater.model, updater.tokenizer, contexts, updater.sampling, batch_size=len(contexts))
+    ]
+
+
 def engine_processes() -> list:
     import psutil
 
@@ -63,6 +73,7 @@ class TestPolicyEngine:
             device="cpu",
             torch_dtype="float32",
             use_vllm=True,
+            use_lora=True,
             lora_r=8,
             lora_alpha=16,
             learning_rate=5e-2,
@@ -76,22 +87,15 @@ class TestPolicyEngine:
         yield updater
         updater.vllm_engine.close()
 
-    def hf_greedy(self, updater) -> list[list[int]]:
-        contexts = [updater.encode_context(c) for c in CONVERSATIONS]
-        return [
-            g.token_ids
-            for g in generate(updater.model, updater.tokenizer, contexts, updater.sampling, batch_size=len(contexts))
-        ]
-
     def test_generation_and_lora_hot_swap_equal_hf_greedy(self, updater):
         assert updater.vllm_engine is not None and updater.config.use_lora
         before = [g.token_ids for g in updater.generate(CONVERSATIONS)]
-        assert before == self.hf_greedy(updater)
+        assert before == hf_greedy(updater)
         for step in range(3):
             updater.train_step(
                 CONVERSATIONS[step], "Here is a long answer with lists.", "Too long. One line, no lists."
             )
-        after_hf = self.hf_greedy(updater)
+        after_hf = hf_greedy(updater)
         assert after_hf != before, "the updates must change the greedy answers, or the hot-swap is not tested"
         assert [g.token_ids for g in updater.generate(CONVERSATIONS)] == after_hf
         assert updater.vllm_engine.adapter_version == 3
@@ -100,6 +104,46 @@ class TestPolicyEngine:
         assert engine_processes()
         updater.vllm_engine.close()
         assert not engine_processes()
+
+
+class TestPolicyEngineFullWeights:
+    """Full fine-tuning with the policy on vLLM: after each update the engine gets the new weights in memory."""
+
+    @pytest.fixture(scope="class")
+    def updater(self, tiny_vllm_model_path, tmp_path_factory):
+        from sdpo.learner.config import OnlineSDPOConfig
+        from sdpo.learner.updater import OnlineSDPOUpdater
+
+        config = OnlineSDPOConfig(
+            model_name_or_path=tiny_vllm_model_path,
+            device="cpu",
+            torch_dtype="float32",
+            use_vllm=True,
+            learning_rate=1e-2,
+            do_sample=False,
+            max_new_tokens=16,
+            max_context_length=256,
+            checkpoint_dir=str(tmp_path_factory.mktemp("policy-full-ckpt")),
+            checkpoint_every_n_steps=0,
+        )
+        updater = OnlineSDPOUpdater(config)
+        yield updater
+        updater.vllm_engine.close()
+
+    def test_greedy_answers_equal_hf_after_full_weight_updates(self, updater):
+        assert not updater.config.use_lora and not any(".lora_" in name for name, _ in updater.model.named_parameters())
+        before = [g.token_ids for g in updater.generate(CONVERSATIONS)]
+        assert before == hf_greedy(updater)
+        for step in range(3):
+            updater.train_step(
+                CONVERSATIONS[step], "Here is a long answer with lists.", "Too long. One line, no lists."
+            )
+            after_hf = hf_greedy(updater)
+            # The same prompts again: the engine must not answer from KV blocks the old weights computed.
+            assert [g.token_ids for g in updater.generate(CONVERSATIONS)] == after_hf
+        assert after_hf != before, "the updates must change the greedy answers, or the weight push is not tested"
+        assert updater.vllm_engine.weights_version == 3
+        assert not list(Path(updater.config.checkpoint_dir).iterdir()), "weights go in memory, nothing is written"
 
 
 class TestUserAndJudgeOnTheBundledModel:

@@ -117,6 +117,7 @@ def test_online_loop_refuses_an_unreachable_server_before_any_model_loads(prompt
     [
         (["--vllm_mode", "server", "--use_vllm", "--use_lora"], "needs --vllm_server_url"),
         (["--vllm_mode", "server", "--vllm_server_url", "http://127.0.0.1:1", "--use_lora"], "needs --use_vllm"),
+        (["--vllm_mode", "server", "--vllm_server_url", "http://127.0.0.1:1", "--use_vllm"], "add --use_lora"),
     ],
 )
 def test_server_mode_settings_are_checked(prompt_files, tmp_path, capsys, flags, wanted):

@@ -8,7 +8,6 @@ names), and results files record them with ``dataclasses.asdict``.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -21,8 +20,6 @@ from sdpo.core import (
 )
 from sdpo.models.model_loading import DTYPES, concrete_dtype
 from sdpo.teachers import resolve_teacher_kind
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 OPTIMIZERS = ("adamw", "adamw_8bit")
@@ -294,6 +291,13 @@ class OnlineSDPOConfig(SDPOLossConfig):
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
     do_sample: bool = field(default=True, metadata={"help": "Sample; False decodes greedily."})
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts per batched generate call."})
+    train_micro_batch_size: int = field(
+        default=0,
+        metadata={
+            "help": "Most interactions in one forward/backward of an update (0: no cap, only length groups); the "
+            "gradient is the same at any value, so lower it when a large --interactions_per_step runs out of memory."
+        },
+    )
     inference_copy: bool = field(
         default=True,
         metadata={
@@ -303,10 +307,18 @@ class OnlineSDPOConfig(SDPOLossConfig):
     )
     use_vllm: bool = field(
         default=False,
-        metadata={"help": "Generate with an in-process vLLM engine that loads the trained adapter after every update."},
+        metadata={
+            "help": "Generate with an in-process vLLM engine that follows the policy: with --use_lora it loads the "
+            "new adapter after every update; without, the updated weights are copied into it in memory."
+        },
     )
-    vllm_gpu_memory_utilization: float = field(
-        default=0.9, metadata={"help": "Share of GPU memory the policy vLLM engine may take."}
+    vllm_gpu_memory_utilization: float | None = field(
+        default=None,
+        metadata={
+            "help": "Share of GPU memory the policy's vLLM engine may take; unset: what fits beside training on the "
+            "same GPU (free memory after the policy loads, less the optimizer state still to come and a 5 percent "
+            "headroom)."
+        },
     )
     # ---- checkpoints
     checkpoint_dir: str = field(default="./live_checkpoints", metadata={"help": "Where step_<n> checkpoints go."})
@@ -337,7 +349,7 @@ class OnlineSDPOConfig(SDPOLossConfig):
         check_hindsight_template(self.hindsight_block_template)
         check_ranges(
             self,
-            positive=("learning_rate", "vllm_gpu_memory_utilization"),
+            positive=("learning_rate",),
             non_negative=("max_grad_norm", "temperature", "weight_decay", "lora_dropout"),
             at_least_one=(
                 "lora_r",
@@ -348,15 +360,13 @@ class OnlineSDPOConfig(SDPOLossConfig):
                 "generation_batch_size",
             ),
         )
-        if self.checkpoint_every_n_steps < 0 or self.max_checkpoints < 0 or self.top_k < 0:
-            raise ValueError("checkpoint_every_n_steps, max_checkpoints and top_k must be >= 0")
+        if min(self.checkpoint_every_n_steps, self.max_checkpoints, self.top_k, self.train_micro_batch_size) < 0:
+            raise ValueError("checkpoint_every_n_steps, max_checkpoints, top_k and train_micro_batch_size must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
-        if self.use_vllm and not self.use_lora:
-            logger.info("use_vllm: training LoRA adapters (vLLM follows the policy by hot-swapping the adapter)")
-            self.use_lora = True
+        share = self.vllm_gpu_memory_utilization
+        if share is not None and not (math.isfinite(share) and 0 < share <= 1):
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {share}")
 
     def to_dict(self) -> dict:
         return asdict(self)

