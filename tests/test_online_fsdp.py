@@ -126,7 +126,7 @@ def test_fsdp2_teachers_train_as_under_ddp(tiny_model_dir, tmp_path, teacher):  
 
 
 @pytest.mark.slow
-def test_online_loop_under_fsdp2_writes_one_results_file_and_resumes(tiny_model_dir, tmp_path, prompt_files):  # noqa: F811
+def test_online_loop_under_fsdp2_writes_one_results_file(tiny_model_dir, tmp_path, prompt_files):  # noqa: F811
     out_dir = tmp_path / "run"
     args = [
         "--model", tiny_model_dir, "--device", "cpu", "--dtype", "float32", "--use_lora", "--lora_r", "8",

@@ -214,8 +214,8 @@ class OnlineSDPOConfig(SDPOLossConfig):
         default="auto",
         metadata={
             "help": "Under a multi-process launch: ddp (every process holds the policy) or fsdp2 (torch fully_shard: "
-            "weights, gradients and AdamW state sharded per decoder layer; generation from a full compute-dtype copy). "
-            "auto: fsdp2 when the accelerate config says distributed_type FSDP with fsdp_version 2, else ddp.",
+            "weights, gradients and AdamW state sharded per decoder layer; HF generation from a full compute-dtype "
+            "copy). auto: fsdp2 when the accelerate config says distributed_type FSDP with fsdp_version 2, else ddp.",
             "choices": ["auto", "ddp", "fsdp2"],
         },
     )

@@ -20,7 +20,10 @@ Deliberate choices (and reference traps avoided):
     merged), refreshed lazily after updates;
   * checkpoints hold the LoRA adapter (or the model), tokenizer, ``training_state.pt`` (optimizer,
     step, RNG states) and ``teacher_state.pt`` (the EMA teacher's weights) and are enough to resume; a merged
-    full model is written only on request.
+    full model is written only on request;
+  * under ``--parallelism fsdp2`` (several processes) the policy is sharded (``sdpo.learner.fsdp``): HF generation
+    runs on a full compute-dtype twin refreshed after every update, and checkpoints gather the full tensors to
+    the main process in the same format.
 """
 
 from __future__ import annotations
