@@ -217,6 +217,32 @@ def test_micro_batch_cap_splits_the_update_without_changing_its_gradient(tiny_mo
 
 
 @pytest.mark.slow
+def test_skipping_peft_input_casts_under_autocast_changes_no_number(tiny_model_path, tmp_path, monkeypatch):
+    import contextlib
+
+    from sdpo.learner import updater as updater_module
+
+    figures = {}
+    for skip in (True, False):
+        if not skip:
+            keep_casts = lambda *_, **__: contextlib.nullcontext()  # noqa: E731
+            monkeypatch.setattr(updater_module, "disable_input_dtype_casting", keep_casts)
+        torch.manual_seed(0)
+        updater = make_updater(
+            tiny_model_path, tmp_path / str(skip), torch_dtype="bfloat16", use_lora=True, lora_r=4, lora_alpha=8
+        )
+        assert updater.autocast_dtype == torch.bfloat16
+        for name, parameter in updater.model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.05, generator=torch.Generator().manual_seed(1))
+        metrics = updater.train_step(MESSAGES, fixed_response(updater), FOLLOW_UP)
+        weights = {n: p.detach().clone() for n, p in updater.model.named_parameters() if p.requires_grad}
+        figures[skip] = (metrics["loss"], metrics["grad_norm"], weights)
+    assert figures[True][:2] == figures[False][:2]
+    assert all(torch.equal(figures[True][2][n], figures[False][2][n]) for n in figures[True][2])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_gradient_checkpointing_recomputes_the_same_gradient(tiny_model_path, tmp_path, use_lora):
     extra = dict(use_lora=use_lora, lora_r=4, lora_alpha=8) if use_lora else {}

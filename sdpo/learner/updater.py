@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peft.helpers import disable_input_dtype_casting
 
 from sdpo.core import (
     encode_hindsight_contexts,
@@ -564,26 +565,29 @@ class OnlineSDPOUpdater:
     def _loss(self, student_batch, teacher_batch, timings: dict, old_logprobs=None, *, table_row: int | None = None):
         """Forward passes and the configured loss of one micro-batch; adds seconds per phase into ``timings``."""
         cfg = self.config
-        out = sdpo_loss(
-            self.training_model,
-            student_batch,
-            teacher_batch,
-            loss_mode=cfg.loss_mode,
-            distillation_topk=cfg.distillation_topk,
-            distillation_add_tail=cfg.distillation_add_tail,
-            distillation_alpha=cfg.distillation_alpha,
-            topk_from=cfg.topk_from,
-            signal_clip=cfg.signal_clip,
-            advantage_centering=cfg.advantage_centering,
-            is_clip=cfg.is_clip,
-            old_logprobs=old_logprobs,
-            teacher=self.teacher,
-            autocast_dtype=self.autocast_dtype,
-            temperature=self.scoring_temperature,
-            fp32_head=cfg.fp32_lm_head,
-            entropy=True,
-            timings=timings,
-        )
+        # Under autocast, PEFT's cast of every LoRA input to the adapter's fp32 is undone by autocast's cast back to
+        # the compute dtype (bf16 -> fp32 -> bf16 is exact): skipping it gives the same numbers with two fewer copies.
+        with disable_input_dtype_casting(self.model, active=self.config.use_lora and self.autocast_dtype is not None):
+            out = sdpo_loss(
+                self.training_model,
+                student_batch,
+                teacher_batch,
+                loss_mode=cfg.loss_mode,
+                distillation_topk=cfg.distillation_topk,
+                distillation_add_tail=cfg.distillation_add_tail,
+                distillation_alpha=cfg.distillation_alpha,
+                topk_from=cfg.topk_from,
+                signal_clip=cfg.signal_clip,
+                advantage_centering=cfg.advantage_centering,
+                is_clip=cfg.is_clip,
+                old_logprobs=old_logprobs,
+                teacher=self.teacher,
+                autocast_dtype=self.autocast_dtype,
+                temperature=self.scoring_temperature,
+                fp32_head=cfg.fp32_lm_head,
+                entropy=True,
+                timings=timings,
+            )
         if cfg.print_token_table and table_row is not None:
             n = int(student_batch.completion_mask[table_row].sum().item()) + cfg.ignore_first_k
             ids = student_batch.completion_ids[table_row, :n].tolist()
