@@ -3,7 +3,7 @@
     python tests/distributed_worker.py MODEL_DIR OUT.pt CHECKPOINT_DIR                       # one process
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
         --dynamo_backend no tests/distributed_worker.py MODEL_DIR OUT.pt CHECKPOINT_DIR      # two (gloo on CPU)
-    ... tests/distributed_worker.py MODEL_DIR OUT.pt CHECKPOINT_DIR fsdp2 [TEACHER]          # two, FSDP2
+    ... tests/distributed_worker.py MODEL_DIR OUT.pt CHECKPOINT_DIR fsdp2 [TEACHER [DTYPE]]  # two, FSDP2
 
 Each step's global batch is split between the processes (``DataParallel.shard``); the last step's batch has one
 interaction, so a second process trains on nothing and only joins the gradient reduction. The main process
@@ -38,12 +38,12 @@ FOLLOW_UPS = ["Too long.", "No lists, please.", "Skip the exclamation marks.", "
 STEP_BATCHES = [[0, 1, 2, 3], [3, 0, 1], [2]]
 
 
-def train(model_dir: str, checkpoint_dir: str, *, use_lora: bool, parallelism: str, teacher: str) -> dict:
+def train(model_dir: str, checkpoint_dir: str, *, use_lora: bool, parallelism: str, teacher: str, dtype: str) -> dict:
     torch.manual_seed(0)
     config = OnlineSDPOConfig(
         model_name_or_path=model_dir,
         device="cpu",
-        torch_dtype="float32",
+        torch_dtype=dtype,
         use_lora=use_lora,
         lora_r=8,
         lora_alpha=16,
@@ -98,10 +98,22 @@ def trainable_weights(updater: OnlineSDPOUpdater) -> dict:
     return {name: full_tensor(p.detach()).clone() for name, p in updater.model.named_parameters() if p.requires_grad}
 
 
-def main(model_dir: str, out: str, checkpoint_dir: str, parallelism: str = "auto", teacher: str = "live") -> None:
+def main(
+    model_dir: str,
+    out: str,
+    checkpoint_dir: str,
+    parallelism: str = "auto",
+    teacher: str = "live",
+    dtype: str = "float32",
+) -> None:
     results = {
         mode: train(
-            model_dir, f"{checkpoint_dir}/{mode}", use_lora=mode == "lora", parallelism=parallelism, teacher=teacher
+            model_dir,
+            f"{checkpoint_dir}/{mode}",
+            use_lora=mode == "lora",
+            parallelism=parallelism,
+            teacher=teacher,
+            dtype=dtype,
         )
         for mode in ("lora", "full")
     }
@@ -110,4 +122,4 @@ def main(model_dir: str, out: str, checkpoint_dir: str, parallelism: str = "auto
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:7])
