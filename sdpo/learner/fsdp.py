@@ -10,7 +10,7 @@ gradients and AdamW state live as 1/N shards (``DTensor``), a unit's full weight
   reduced in fp32.
 * ``GenerationTwin``: a plain full copy in the compute dtype for HF generation (processes generate different
   numbers of tokens, and per-layer all-gathers inside ``generate`` would deadlock), refreshed from the shards after
-  every update, when all processes are in step anyway.
+  every update, when all processes are in step anyway (not built where a vLLM server generates).
 * ``full_model_state`` / ``full_optimizer_state`` / ``load_optimizer_state``: checkpoints hold the full tensors,
   written by the main process in the single-process format (optimizer state keyed by trainable-parameter order), so
   a checkpoint resumes under 1 process, DDP or FSDP2 alike.
@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 
@@ -53,10 +53,6 @@ def shard_policy(model: torch.nn.Module) -> torch.nn.Module:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
-
-
-def is_sharded(model) -> bool:
-    return isinstance(model, FSDPModule)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -93,9 +89,6 @@ class GenerationTwin:
                 self._parameters[name].copy_(full_tensor(parameter.detach()))
 
 
-_FULL_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
 def full_model_state(model: torch.nn.Module, *, trainable_only: bool = False) -> dict:
     """The full state dict on the main process (CPU tensors), empty elsewhere; a collective. ``trainable_only``:
     only the parameters that train (a LoRA adapter, without gathering the frozen base). A parameter registered
@@ -117,7 +110,8 @@ def _trainable_names(model: torch.nn.Module) -> list[str]:
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's full state on the main process in ``optimizer.state_dict()`` form (parameters numbered in
     trainable order, as one process saves it), empty elsewhere; a collective."""
-    by_name = get_optimizer_state_dict(model, optimizer, options=_FULL_ON_MAIN)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
     if not by_name:
         return {}
     index = {name: i for i, name in enumerate(_trainable_names(model))}
