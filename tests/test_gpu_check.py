@@ -46,14 +46,14 @@ def test_tiny_check_runs_both_steps_on_cpu(capsys):
 
 @pytest.mark.slow
 def test_tiny_scaling_figures_on_cpu_processes(capsys, monkeypatch):
-    """--scaling on CPU: the tiny model saved, then 1 process and 2 DDP processes measured by "
-    "bench/online_scaling.py."""
+    """--scaling on CPU: the tiny model saved, then 1 process, 2 DDP and 2 FSDP2 processes measured by
+    bench/online_scaling.py."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     result = main(
         ["--tiny", "--device", "cpu", "--batch_size", "2", "--new_tokens", "4", "--matmul_size", "128", "--scaling"]
     )
     printed = capsys.readouterr().out
-    assert "hf        x1" in printed and "hf        x2" in printed
-    figures = {(r["engine"], r["processes"]): r for r in result["scaling"]}
-    assert set(figures) >= {("hf", 1), ("hf", 2)}
+    assert "hf        x1" in printed and "hf        x2 ddp" in printed and "hf        x2 fsdp2" in printed
+    figures = {(r["engine"], r["processes"], r["parallelism"]): r for r in result["scaling"]}
+    assert set(figures) >= {("hf", 1, "none"), ("hf", 2, "ddp"), ("hf", 2, "fsdp2")}
     assert all(r["interactions_per_s"] > 0 and r["train_s"] > 0 for r in figures.values())
