@@ -180,7 +180,8 @@ def test_wandb_run_files_hold_the_masked_command_line(tmp_path, monkeypatch):
     deadline = time.monotonic() + 30
     while b"u:****@h/v1" not in written() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert b"u:****@h/v1" in written() and b"hunter2" not in written() and LONG_SECRET.encode() not in written()
+    content = written()
+    assert b"u:****@h/v1" in content and b"hunter2" not in content and LONG_SECRET.encode() not in content
 
 
 def test_preprocessing_stats_hold_no_url_password(tmp_path):

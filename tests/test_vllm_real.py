@@ -10,13 +10,11 @@ shut down before the next one starts (one engine in memory at a time).
 
 import importlib
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from sdpo.models.generation import SamplingParams, generate
-from sdpo.utils.network import free_port
 from tests.conftest import build_tiny_llama
 from tests.vllm_server_process import running_vllm_server
 
@@ -47,6 +45,26 @@ def tiny_vllm_model_path(tmp_path_factory, chat_tokenizer) -> str:
     return str(folder)
 
 
+def policy_on_vllm(model_path: str, checkpoint_dir, **overrides):
+    """An updater whose policy generates greedily on its own vLLM engine (the caller closes the engine)."""
+    from sdpo.learner.config import OnlineSDPOConfig
+    from sdpo.learner.updater import OnlineSDPOUpdater
+
+    config = OnlineSDPOConfig(
+        model_name_or_path=model_path,
+        device="cpu",
+        torch_dtype="float32",
+        use_vllm=True,
+        do_sample=False,
+        max_new_tokens=16,
+        max_context_length=256,
+        checkpoint_dir=str(checkpoint_dir),
+        checkpoint_every_n_steps=0,
+        **overrides,
+    )
+    return OnlineSDPOUpdater(config)
+
+
 def hf_greedy(updater) -> list[list[int]]:
     """The transformers policy's greedy answers to CONVERSATIONS."""
     contexts = [updater.encode_context(c) for c in CONVERSATIONS]
@@ -65,25 +83,10 @@ def engine_processes() -> list:
 class TestPolicyEngine:
     @pytest.fixture(scope="class")
     def updater(self, tiny_vllm_model_path, tmp_path_factory):
-        from sdpo.learner.config import OnlineSDPOConfig
-        from sdpo.learner.updater import OnlineSDPOUpdater
-
-        config = OnlineSDPOConfig(
-            model_name_or_path=tiny_vllm_model_path,
-            device="cpu",
-            torch_dtype="float32",
-            use_vllm=True,
-            use_lora=True,
-            lora_r=8,
-            lora_alpha=16,
+        updater = policy_on_vllm(
+            tiny_vllm_model_path, tmp_path_factory.mktemp("policy-ckpt"), use_lora=True, lora_r=8, lora_alpha=16,
             learning_rate=5e-2,
-            do_sample=False,
-            max_new_tokens=16,
-            max_context_length=256,
-            checkpoint_dir=str(tmp_path_factory.mktemp("policy-ckpt")),
-            checkpoint_every_n_steps=0,
-        )
-        updater = OnlineSDPOUpdater(config)
+        )  # fmt: skip
         yield updater
         updater.vllm_engine.close()
 
@@ -111,22 +114,7 @@ class TestPolicyEngineFullWeights:
 
     @pytest.fixture(scope="class")
     def updater(self, tiny_vllm_model_path, tmp_path_factory):
-        from sdpo.learner.config import OnlineSDPOConfig
-        from sdpo.learner.updater import OnlineSDPOUpdater
-
-        config = OnlineSDPOConfig(
-            model_name_or_path=tiny_vllm_model_path,
-            device="cpu",
-            torch_dtype="float32",
-            use_vllm=True,
-            learning_rate=1e-2,
-            do_sample=False,
-            max_new_tokens=16,
-            max_context_length=256,
-            checkpoint_dir=str(tmp_path_factory.mktemp("policy-full-ckpt")),
-            checkpoint_every_n_steps=0,
-        )
-        updater = OnlineSDPOUpdater(config)
+        updater = policy_on_vllm(tiny_vllm_model_path, tmp_path_factory.mktemp("policy-full-ckpt"), learning_rate=1e-2)
         yield updater
         updater.vllm_engine.close()
 
@@ -198,31 +186,16 @@ class TestUserAndJudgeOnTheBundledModel:
 class TestOpenAICompatibleServer:
     @pytest.fixture(scope="class")
     def server(self, tiny_vllm_model_path, tmp_path_factory):
-
-        port = free_port()
         log = tmp_path_factory.mktemp("server") / "server.log"
-        command = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
+        with running_vllm_server(
             tiny_vllm_model_path,
-            "--served-model-name",
             "tiny-policy",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "512",
-            "--kv-cache-memory-bytes",
-            str(ENGINE_KV_BYTES),
-        ]
-        base_url = f"http://127.0.0.1:{port}/v1"
-        with running_vllm_server(command, log, f"{base_url}/models", timeout_s=600):
-            yield base_url
+            log,
+            max_model_len=512,
+            kv_cache_bytes=ENGINE_KV_BYTES,
+            timeout_s=600,
+        ) as url:
+            yield f"{url}/v1"
 
     def test_backend_answers_like_transformers(self, server, tiny_vllm_model_path):
         from sdpo.chat.backends import HFChatBackend, OpenAICompatibleBackend

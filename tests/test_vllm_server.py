@@ -11,7 +11,6 @@ import http.server
 import importlib
 import json
 import os
-import sys
 import threading
 
 import pytest
@@ -157,36 +156,19 @@ def _vllm_importable() -> bool:
 class TestRealServer:
     @pytest.fixture(scope="class")
     def server(self, bundled_model_path, tmp_path_factory):
-
-        port = free_port()
         log = tmp_path_factory.mktemp("vllm-server") / "server.log"
-        command = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            bundled_model_path,
-            "--served-model-name",
-            "smollm2",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "1024",
-            "--kv-cache-memory-bytes",
-            str(256 << 20),
-            "--enable-lora",
-            "--max-lora-rank",
-            "8",
-            "--max-loras",
-            "2",
-        ]
+        lora = ("--enable-lora", "--max-lora-rank", "8", "--max-loras", "2")
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-        url = f"http://127.0.0.1:{port}"
-        with running_vllm_server(command, log, f"{url}/v1/models", timeout_s=900, env=env):
+        with running_vllm_server(
+            bundled_model_path,
+            "smollm2",
+            log,
+            max_model_len=1024,
+            kv_cache_bytes=256 << 20,
+            timeout_s=900,
+            extra_args=lora,
+            env=env,
+        ) as url:
             yield url
 
     def test_greedy_server_answers_equal_the_hf_policy_after_adapter_updates(self, server, tmp_path):

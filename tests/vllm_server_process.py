@@ -4,17 +4,39 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from sdpo.utils.network import free_port
+
 
 @contextlib.contextmanager
-def running_vllm_server(command: list[str], log: Path, models_url: str, *, timeout_s: int, env: dict | None = None):
-    """Run ``command`` (output in ``log``) until ``models_url`` answers 200, yield, then stop the server and its
-    engine process (one process group); the test fails with the log's tail when the server exits or is late."""
+def running_vllm_server(
+    model: str,
+    served_name: str,
+    log: Path,
+    *,
+    max_model_len: int,
+    kv_cache_bytes: int,
+    timeout_s: int,
+    extra_args: tuple[str, ...] = (),
+    env: dict | None = None,
+):
+    """Serve ``model`` (fp32) as ``served_name`` on a free 127.0.0.1 port (output in ``log``) until its model list
+    answers 200, yield ``http://127.0.0.1:PORT``, then stop the server and its engine process (one process group);
+    the test fails with the log's tail when the server exits or is late. ``extra_args`` go to the server."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    models_url = f"{url}/v1/models"
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+        "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+        "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(kv_cache_bytes), *extra_args,
+    ]  # fmt: skip
     with open(log, "w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + timeout_s
@@ -32,7 +54,7 @@ def running_vllm_server(command: list[str], log: Path, models_url: str, *, timeo
         )
         time.sleep(2)
     try:
-        yield
+        yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
