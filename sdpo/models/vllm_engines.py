@@ -359,7 +359,7 @@ class VLLMPolicyEngine(VLLMGenerator):
             **engine_kwargs,
         )
         super().__init__(llm, tokenizer, sleeps=sleeps)
-        self.weights_dtype = dtype
+        self.weights_dtype = getattr(torch, dtype)
         self.weights_version = 0
         self._pending_weights: Callable[[], Iterable] | None = None
         if self.sleeps:
@@ -390,7 +390,7 @@ class VLLMPolicyEngine(VLLMGenerator):
     def before_generation(self) -> None:
         if self._pending_weights is None:
             return
-        packed = pack_weights(self._pending_weights(), getattr(torch, self.weights_dtype))
+        packed = pack_weights(self._pending_weights(), self.weights_dtype)
         self.llm.collective_rpc("receive_policy_weights", args=(packed,))
         self.llm.reset_prefix_cache()  # its blocks were computed by the old weights
         self._pending_weights = None
